@@ -1,0 +1,50 @@
+# The single entry point. `make demo` and `make test` work on a fresh machine with Python 3.11+.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop lint format typecheck clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the whole loop on the embedded default (SQLite, local artifacts under ./var/demo)
+	$(BIN)/driftloop demo $(DEMO_ARGS)
+
+test: $(STAMP)  ## SQLite + a real PostgreSQL cluster + promtool, when their binaries are installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+serve: $(STAMP)
+	$(BIN)/driftloop bootstrap
+	$(BIN)/driftloop serve --host 127.0.0.1 --port 8000
+
+worker: $(STAMP)
+	$(BIN)/driftloop worker --host 127.0.0.1 --port 9100
+
+bench: bench-serve bench-monitor bench-loop
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py
+
+bench-monitor: $(STAMP)
+	$(BIN)/python bench/monitor.py
+
+bench-loop: $(STAMP)
+	$(BIN)/python bench/loop.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Shared pieces: settings, feature spec, database schema, registry, example data."""

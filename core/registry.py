@@ -1,0 +1,229 @@
+"""Model registry (rows in model_version) over an artifact store (a local directory).
+
+Each version directory holds the CatBoost model, its reference snapshot (parquet) and metadata. A version is
+written to a temporary directory and renamed into place, so a crash never leaves a half-written version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from catboost import CatBoostRegressor
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import utcnow
+from core.schema import ModelStatus, ModelVersion
+
+MODEL_FILE = "model.cbm"
+REFERENCE_FILE = "reference.parquet"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked; the message says why."""
+
+
+class ArtifactIntegrityError(RegistryError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactStore:
+    root: Path
+
+    def version_dir(self, version: int) -> Path:
+        return self.root / f"v{version}"
+
+    def save(
+        self, *, version: int, model: CatBoostRegressor, reference: pd.DataFrame, metadata: dict[str, Any]
+    ) -> tuple[Path, str, Path]:
+        """Write model + reference + metadata atomically; return (model path, sha256, reference path)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.version_dir(version)
+        if final.exists():
+            raise RegistryError(f"artifact directory {final} already exists")
+        tmp = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=self.root))
+        try:
+            model.save_model(str(tmp / MODEL_FILE))
+            reference.to_parquet(tmp / REFERENCE_FILE, index=False)
+            digest = sha256_file(tmp / MODEL_FILE)
+            meta = {**metadata, "version": version, "sha256": digest}
+            (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final / MODEL_FILE, digest, final / REFERENCE_FILE
+
+    @staticmethod
+    def load_model(path: str | Path, sha256: str) -> CatBoostRegressor:
+        p = Path(path)
+        actual = sha256_file(p)
+        if actual != sha256:
+            raise ArtifactIntegrityError(f"{p}: sha256 {actual} does not match the registry's {sha256}")
+        model = CatBoostRegressor()
+        model.load_model(str(p))
+        return model
+
+    @staticmethod
+    def load_reference(path: str | Path) -> pd.DataFrame:
+        return pd.read_parquet(path)
+
+
+@dataclass(frozen=True, slots=True)
+class NewVersion:
+    """Everything that makes a model version answerable: data, trigger, report, metrics, parent."""
+
+    model: CatBoostRegressor
+    reference: pd.DataFrame
+    trigger: str
+    metrics: dict[str, Any]
+    params: dict[str, Any]
+    train_rows: int
+    train_start: datetime | None = None
+    train_end: datetime | None = None
+    feature_importance: dict[str, float] = field(default_factory=dict)
+    data_sources: dict[str, Any] = field(default_factory=dict)
+    parent_version: int | None = None
+    report_id: int | None = None
+    retrain_run_id: int | None = None
+    note: str = ""
+
+
+class Registry:
+    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore) -> None:
+        self.sessions = sessions
+        self.store = store
+
+    def register(self, new: NewVersion) -> ModelVersion:
+        """Store the artifacts and add a `candidate` row; returns the row."""
+        with self.sessions.begin() as session:
+            version = (session.scalar(select(func.max(ModelVersion.version))) or 0) + 1
+            existing = {p.name for p in self.store.root.glob("v*")} if self.store.root.exists() else set()
+            while f"v{version}" in existing:  # artifacts of a crashed registration: never reuse them
+                version += 1
+            meta = {
+                "trigger": new.trigger,
+                "metrics": new.metrics,
+                "params": new.params,
+                "train_rows": new.train_rows,
+                "train_start": new.train_start,
+                "train_end": new.train_end,
+                "parent_version": new.parent_version,
+            }
+            model_path, digest, ref_path = self.store.save(
+                version=version, model=new.model, reference=new.reference, metadata=meta
+            )
+            row = ModelVersion(
+                version=version,
+                created_at=utcnow(),
+                status=ModelStatus.candidate,
+                trigger=new.trigger,
+                artifact_path=str(model_path),
+                sha256=digest,
+                reference_path=str(ref_path),
+                train_start=new.train_start,
+                train_end=new.train_end,
+                train_rows=new.train_rows,
+                metrics=new.metrics,
+                params=new.params,
+                feature_importance=new.feature_importance,
+                data_sources=new.data_sources,
+                parent_version=new.parent_version,
+                report_id=new.report_id,
+                retrain_run_id=new.retrain_run_id,
+                note=new.note,
+            )
+            session.add(row)
+        return row
+
+    def champion(self, session: Session | None = None) -> ModelVersion | None:
+        if session is not None:
+            return session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.champion))
+        with self.sessions() as s:
+            return s.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.champion))
+
+    def get(self, version: int) -> ModelVersion | None:
+        with self.sessions() as s:
+            return s.get(ModelVersion, version)
+
+    def list(self) -> list[ModelVersion]:
+        with self.sessions() as s:
+            return list(s.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())))
+
+    def promote(self, *, version: int, reason: str = "") -> ModelVersion:
+        """Make `version` the champion; the old champion is archived in the same transaction."""
+        with self.sessions.begin() as session:
+            row = session.get(ModelVersion, version, with_for_update=True)
+            if row is None:
+                raise RegistryError(f"model version {version} does not exist")
+            if row.status == ModelStatus.champion:
+                return row
+            if row.status == ModelStatus.rejected and not reason:
+                raise RegistryError(
+                    f"model version {version} was rejected by the gate; give a reason to force it"
+                )
+            session.execute(
+                update(ModelVersion)
+                .where(ModelVersion.status == ModelStatus.champion)
+                .values(status=ModelStatus.archived)
+            )
+            session.flush()
+            row.status = ModelStatus.champion
+            row.promoted_at = utcnow()
+            if reason:
+                row.note = (row.note + "\n" if row.note else "") + f"promoted: {reason}"
+        return row
+
+    def reject(self, *, version: int, reason: str) -> None:
+        with self.sessions.begin() as session:
+            row = session.get(ModelVersion, version)
+            if row is None:
+                raise RegistryError(f"model version {version} does not exist")
+            row.status = ModelStatus.rejected
+            row.note = (row.note + "\n" if row.note else "") + f"rejected: {reason}"
+
+    def rollback(self, *, reason: str = "rollback") -> ModelVersion:
+        """Re-promote the previous champion: the archived version promoted most recently."""
+        with self.sessions() as s:
+            current = s.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.champion))
+            previous = s.scalar(
+                select(ModelVersion)
+                .where(ModelVersion.status == ModelStatus.archived, ModelVersion.promoted_at.is_not(None))
+                .order_by(ModelVersion.promoted_at.desc())
+                .limit(1)
+            )
+        if previous is None:
+            raise RegistryError("no previous champion to roll back to")
+        promoted = self.promote(version=previous.version, reason=reason)
+        if current is not None:
+            with self.sessions.begin() as session:
+                row = session.get(ModelVersion, current.version)
+                if row is not None:
+                    # Demoted by a rollback: it must not be chosen by the next rollback.
+                    row.promoted_at = None
+                    row.note = (row.note + "\n" if row.note else "") + f"rolled back: {reason}"
+        return promoted
+
+    def load(self, row: ModelVersion) -> CatBoostRegressor:
+        return self.store.load_model(row.artifact_path, row.sha256)
+
+    def reference(self, row: ModelVersion) -> pd.DataFrame:
+        return self.store.load_reference(row.reference_path)

@@ -1,0 +1,217 @@
+"""Database schema (SQLAlchemy 2.x). Alembic migrations in core/migrations mirror this file."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on the way in and out, on SQLite (which drops tzinfo) as on PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime stored; use core.db.utcnow()")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        list[Any]: JSON,
+        datetime: UTCDateTime(),
+    }
+
+
+class ModelStatus(StrEnum):
+    candidate = "candidate"
+    champion = "champion"
+    archived = "archived"
+    rejected = "rejected"
+
+
+class Trigger(StrEnum):
+    bootstrap = "bootstrap"
+    drift = "drift"
+    accuracy = "accuracy"
+    manual = "manual"
+    schedule = "schedule"
+
+
+class RunStatus(StrEnum):
+    running = "running"
+    promoted = "promoted"
+    rejected = "rejected"
+    failed = "failed"
+
+
+class PredictionLog(Base):
+    __tablename__ = "prediction_log"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    model_version: Mapped[int]
+    features: Mapped[dict[str, Any]]
+    prediction: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+
+
+class GroundTruth(Base):
+    __tablename__ = "ground_truth"
+
+    prediction_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("prediction_log.id", ondelete="CASCADE"), primary_key=True
+    )
+    actual: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[datetime]
+
+
+class LabelledRow(Base):
+    __tablename__ = "labelled_row"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    features: Mapped[dict[str, Any]]
+    target: Mapped[float] = mapped_column(Float)
+    event_time: Mapped[datetime] = mapped_column(index=True)
+    source: Mapped[str] = mapped_column(String(200))
+    ingested_at: Mapped[datetime]
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_version"
+    __table_args__ = (
+        # Exactly one champion: a partial unique index that both SQLite and PostgreSQL enforce.
+        Index(
+            "uq_model_version_one_champion",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'champion'"),
+            postgresql_where=text("status = 'champion'"),
+        ),
+    )
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    created_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(String(20))
+    trigger: Mapped[str] = mapped_column(String(20))
+    artifact_path: Mapped[str] = mapped_column(String(500))
+    sha256: Mapped[str] = mapped_column(String(64))
+    reference_path: Mapped[str] = mapped_column(String(500))
+    train_start: Mapped[datetime | None]
+    train_end: Mapped[datetime | None]
+    train_rows: Mapped[int]
+    metrics: Mapped[dict[str, Any]]
+    params: Mapped[dict[str, Any]]
+    feature_importance: Mapped[dict[str, Any]]
+    data_sources: Mapped[dict[str, Any]]
+    parent_version: Mapped[int | None]
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("drift_report.id"))
+    retrain_run_id: Mapped[int | None]
+    promoted_at: Mapped[datetime | None]
+    note: Mapped[str] = mapped_column(Text, default="")
+
+
+class DriftReport(Base):
+    __tablename__ = "drift_report"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    champion_version: Mapped[int | None]
+    window_start: Mapped[datetime | None]
+    window_end: Mapped[datetime | None]
+    rows: Mapped[int]
+    labelled_rows: Mapped[int]
+    sampled_rows: Mapped[int]
+    features: Mapped[dict[str, Any]]
+    drift_share: Mapped[float | None] = mapped_column(Float)
+    weighted_drift_score: Mapped[float | None] = mapped_column(Float)
+    prediction_drift: Mapped[dict[str, Any]]
+    mae: Mapped[float | None] = mapped_column(Float)
+    rmse: Mapped[float | None] = mapped_column(Float)
+    mape: Mapped[float | None] = mapped_column(Float)
+    champion_mae: Mapped[float | None] = mapped_column(Float)
+    breach: Mapped[bool] = mapped_column(Boolean, default=False)
+    reasons: Mapped[list[Any]]
+    decision: Mapped[dict[str, Any]]
+    html_path: Mapped[str | None] = mapped_column(String(500))
+    duration_s: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class RetrainRun(Base):
+    __tablename__ = "retrain_run"
+    __table_args__ = (
+        Index(
+            "uq_retrain_run_one_running",
+            "status",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    trigger: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    report_id: Mapped[int | None]
+    champion_version: Mapped[int | None]
+    candidate_version: Mapped[int | None]
+    metrics: Mapped[dict[str, Any]]
+    steps: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None]
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    finished_at: Mapped[datetime | None]
+
+
+class Notification(Base):
+    __tablename__ = "notification"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(40))
+    dedup_key: Mapped[str] = mapped_column(String(200), index=True, unique=True)  # one alert per episode
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+
+
+class Lease(Base):
+    """A named lock held by one process until it expires; the worker renews it."""
+
+    __tablename__ = "lease"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime]
+    expires_at: Mapped[datetime]

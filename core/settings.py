@@ -1,0 +1,129 @@
+"""Settings: environment (DRIFTLOOP_*) over an optional YAML file over defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", env_file=".env", extra="ignore")
+
+    # --- state -------------------------------------------------------------------------
+    database_url: str = "sqlite:///./var/driftloop.db"
+    artifact_dir: Path = Path("./var/artifacts")
+    spool_dir: Path = Path("./var/spool")
+    report_dir: Path = Path("./var/reports")
+    spec_path: Path | None = None  # None: the shipped apartment spec
+    admin_token: SecretStr | None = None
+    auto_migrate: bool = True  # serve/worker/bootstrap upgrade the schema; off when a migrate job does it
+
+    # --- serving -----------------------------------------------------------------------
+    max_batch_size: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=2_000_000, ge=1024)
+    champion_poll_s: float = Field(default=2.0, gt=0)
+    log_queue_size: int = Field(default=100_000, ge=100)
+    log_batch_size: int = Field(default=500, ge=1)
+    log_flush_interval_s: float = Field(default=0.2, gt=0)
+    spool_replay_interval_s: float = Field(default=2.0, gt=0)
+
+    # --- monitor -----------------------------------------------------------------------
+    scheduler: bool = True  # run the monitor scheduler in this process (embedded mode)
+    lease_ttl_s: float = Field(default=30.0, gt=0)  # the scheduler lease; renewed every third of it
+    monitor_interval_s: int = Field(default=300, ge=1)
+    window_rows: int = Field(default=5000, ge=1)
+    window_seconds: int | None = Field(default=None, ge=1)
+    min_window_rows: int = Field(default=500, ge=1)
+    evidently_max_rows: int = Field(default=50_000, ge=100)
+    drift_stattest_threshold: float | None = None
+    sample_seed: int = 0
+
+    # --- policy ------------------------------------------------------------------------
+    drift_share_threshold: float = Field(default=0.5, gt=0, le=1)
+    weighted_drift_threshold: float = Field(default=0.3, gt=0, le=1)
+    mae_degradation_ratio: float = Field(default=1.25, gt=1)
+    min_labelled_rows: int = Field(default=200, ge=1)
+    consecutive_breaches: int = Field(default=2, ge=1)
+    retrain_cooldown_s: int = Field(default=3600, ge=0)
+    max_retrains_per_day: int = Field(default=4, ge=0)
+    auto_retrain: bool = True
+
+    # --- notifications -----------------------------------------------------------------
+    webhook_url: str | None = None
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=5, ge=1)
+    webhook_backoff_s: float = Field(default=1.0, ge=0)
+
+    # --- retraining --------------------------------------------------------------------
+    train_iterations: int = Field(default=300, ge=1)
+    train_depth: int = Field(default=6, ge=1, le=16)
+    train_learning_rate: float = Field(default=0.1, gt=0)
+    train_task_type: Literal["CPU", "GPU"] = "CPU"
+    train_thread_count: int = Field(default=1, ge=-1)
+    train_window_days: int | None = Field(default=None, ge=1)
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    # Share of the training weight carried by new labelled rows (production + ingested) when the champion's
+    # reference outnumbers them; 0 trains on the plain union. Lets a candidate learn a changed market.
+    new_data_weight_share: float = Field(default=0.7, ge=0, lt=1)
+    gate_margin: float = Field(default=0.02, ge=0, lt=1)
+    retrain_timeout_s: int = Field(default=1800, ge=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            _YamlSource(settings_cls),
+            file_secret_settings,
+        )
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the file named by DRIFTLOOP_CONFIG, if any; keys are the field names."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("DRIFTLOOP_CONFIG")
+        if not path:
+            return {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of setting names to values")
+        return {str(k).lower(): v for k, v in data.items()}
+
+
+def to_env(settings: Settings) -> dict[str, str]:
+    """The DRIFTLOOP_* environment that reproduces `settings` in a child process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        if name == "admin_token" and settings.admin_token is not None:
+            value = settings.admin_token.get_secret_value()
+        env[f"DRIFTLOOP_{name.upper()}"] = value if isinstance(value, str) else _json(value)
+    return env
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, bool) else ("true" if value else "false")

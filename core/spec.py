@@ -1,0 +1,223 @@
+"""Feature spec: the single source of feature names, order, types, bounds and categories."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+
+class FeatureType(StrEnum):
+    numeric = "numeric"
+    integer = "integer"
+    categorical = "categorical"
+
+
+class SpecError(ValueError):
+    """The spec file itself is wrong; the message names the file and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Feature:
+    name: str
+    type: FeatureType
+    min: float | None = None
+    max: float | None = None
+    categories: tuple[str, ...] = ()
+    nullable: bool = False
+    description: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Return why `value` violates this feature, or None when it is acceptable."""
+        if value is None or (isinstance(value, float) and math.isnan(value) and self.nullable):
+            return None if self.nullable else "is required (not nullable)"
+        if self.type is FeatureType.categorical:
+            if not isinstance(value, str):
+                return "must be a string"
+            if self.categories and value not in self.categories:
+                return f"unknown category {value!r}"
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
+        if self.type is FeatureType.integer and float(value) != int(value):
+            return "must be an integer"
+        if self.min is not None and value < self.min:
+            return f"must be >= {self.min:g}"
+        if self.max is not None and value > self.max:
+            return f"must be <= {self.max:g}"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureSpec:
+    dataset: str
+    target: str
+    features: tuple[Feature, ...]
+    time_column: str | None = None
+    description: str = ""
+    target_min: float | None = None
+    _by_name: dict[str, Feature] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_name.update({f.name: f for f in self.features})
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [f.name for f in self.features if f.type is FeatureType.categorical]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        return [f.name for f in self.features if f.type is not FeatureType.categorical]
+
+    def feature(self, name: str) -> Feature:
+        return self._by_name[name]
+
+    def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
+        """Rows of feature dicts as a DataFrame in spec order with spec dtypes."""
+        df = pd.DataFrame.from_records(rows, columns=self.feature_names)
+        return self.coerce(df)
+
+    def coerce(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Spec column order and dtypes (categoricals as str, numbers as float)."""
+        out = df[self.feature_names].copy()
+        for f in self.features:
+            if f.type is FeatureType.categorical:
+                out[f.name] = out[f.name].astype("string").fillna("").astype(object)
+            else:
+                out[f.name] = pd.to_numeric(out[f.name], errors="coerce").astype(float)
+        return out
+
+    def row_errors(self, row: dict[str, Any]) -> list[str]:
+        """Every violation in one raw row, each naming its field."""
+        errors = [f"{name}: unknown field" for name in row if name not in self._by_name]
+        for f in self.features:
+            if f.name not in row:
+                errors.append(f"{f.name}: missing")
+                continue
+            problem = f.check(row[f.name])
+            if problem:
+                errors.append(f"{f.name}: {problem}")
+        return errors
+
+    def request_model(self) -> type[BaseModel]:
+        """A pydantic model for one instance: unknown fields are rejected, bounds enforced."""
+        fields: dict[str, Any] = {}
+        for f in self.features:
+            fields[f.name] = _pydantic_field(f)
+        model: type[BaseModel] = create_model(
+            f"{_camel(self.dataset)}Features",
+            __config__=ConfigDict(extra="forbid", allow_inf_nan=False, strict=False),
+            __validators__=_category_validators(self),
+            **fields,
+        )
+        return model
+
+
+def _pydantic_field(f: Feature) -> tuple[Any, Any]:
+    if f.type is FeatureType.categorical:
+        annotation: Any = Literal[tuple(f.categories)] if f.categories else str
+        constraints: dict[str, Any] = {}
+    else:
+        annotation = int if f.type is FeatureType.integer else float
+        constraints = {k: v for k, v in (("ge", f.min), ("le", f.max)) if v is not None}
+        constraints["strict"] = True  # no true -> 1.0, no "84" -> 84: JSON types as declared
+    if f.nullable:
+        annotation = annotation | None
+    default = None if f.nullable else ...
+    return annotation, Field(default, description=f.description or None, **constraints)
+
+
+def _category_validators(spec: FeatureSpec) -> dict[str, Any]:
+    integer_names = [f.name for f in spec.features if f.type is FeatureType.integer]
+    if not integer_names:
+        return {}
+
+    def _whole(cls: type, value: Any) -> Any:  # 84.0 is fine for an integer field, 84.5 is not
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    return {"_whole_numbers": field_validator(*integer_names, mode="before")(classmethod(_whole))}
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Spec"
+
+
+def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
+    def need(mapping: dict[str, Any], key: str, where: str) -> Any:
+        if key not in mapping:
+            raise SpecError(f"{source}: {where} is missing '{key}'")
+        return mapping[key]
+
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping at the top level")
+    raw_features = need(raw, "features", "spec")
+    if not isinstance(raw_features, list) or not raw_features:
+        raise SpecError(f"{source}: 'features' must be a non-empty list")
+    features: list[Feature] = []
+    for i, item in enumerate(raw_features):
+        where = f"features[{i}]"
+        name = str(need(item, "name", where))
+        try:
+            ftype = FeatureType(need(item, "type", where))
+        except ValueError as exc:
+            raise SpecError(
+                f"{source}: {where} ({name}) type must be one of numeric, integer, categorical"
+            ) from exc
+        categories = tuple(str(c) for c in item.get("categories", ()))
+        if ftype is FeatureType.categorical and not categories:
+            raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")
+        features.append(
+            Feature(
+                name=name,
+                type=ftype,
+                min=item.get("min"),
+                max=item.get("max"),
+                categories=categories,
+                nullable=bool(item.get("nullable", False)),
+                description=str(item.get("description", "")),
+            )
+        )
+    names = [f.name for f in features]
+    if len(set(names)) != len(names):
+        raise SpecError(f"{source}: feature names must be unique")
+    target = str(need(raw, "target", "spec"))
+    if target in names:
+        raise SpecError(f"{source}: target '{target}' is also listed as a feature")
+    return FeatureSpec(
+        dataset=str(need(raw, "dataset", "spec")),
+        target=target,
+        features=tuple(features),
+        time_column=raw.get("time_column"),
+        description=str(raw.get("description", "")),
+        target_min=raw.get("target_min"),
+    )
+
+
+def load_spec(path: str | Path | None = None) -> FeatureSpec:
+    """Load a spec file; None means the shipped apartment spec."""
+    if path is None:
+        text = resources.files("core.specs").joinpath("apartments.yaml").read_text(encoding="utf-8")
+        return parse_spec(yaml.safe_load(text), source="apartments.yaml")
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SpecError(f"spec file not found: {p}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{p}: not valid YAML: {exc}") from exc
+    return parse_spec(raw, source=str(p))

@@ -1,0 +1,71 @@
+"""First champion: train v1 on generated (or given) labelled data, register it and promote it. Idempotent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from core.generator import generate_transactions
+from core.registry import NewVersion, Registry
+from core.schema import ModelVersion, Trigger
+from core.spec import FeatureSpec
+from retrain.data import read_labelled_csv, time_split
+from retrain.train import (
+    TrainParams,
+    feature_importance,
+    predict,
+    reference_snapshot,
+    regression_metrics,
+    train_model,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapResult:
+    version: ModelVersion
+    created: bool
+
+
+def bootstrap(
+    *,
+    registry: Registry,
+    spec: FeatureSpec,
+    params: TrainParams,
+    holdout_fraction: float = 0.2,
+    data: pd.DataFrame | None = None,
+    csv_path: Path | None = None,
+    rows: int = 20_000,
+    seed: int = 0,
+) -> BootstrapResult:
+    """Return the existing champion, or train, register and promote v1."""
+    existing = registry.champion()
+    if existing is not None:
+        return BootstrapResult(existing, created=False)
+    if data is None:
+        data = read_labelled_csv(csv_path, spec) if csv_path else generate_transactions(rows, seed=seed)
+    train, holdout = time_split(data, spec, holdout_fraction=holdout_fraction)
+    model = train_model(train, spec, params)
+    metrics = {
+        "val_" + k: v
+        for k, v in regression_metrics(holdout[spec.target].to_numpy(), predict(model, holdout, spec)).items()
+    }
+    times = data[spec.time_column] if spec.time_column and spec.time_column in data else None
+    row = registry.register(
+        NewVersion(
+            model=model,
+            reference=reference_snapshot(model, data, spec, seed=seed),
+            trigger=Trigger.bootstrap,
+            metrics=metrics,
+            params=params.as_dict(),
+            train_rows=len(train),
+            train_start=times.min().to_pydatetime() if times is not None else None,
+            train_end=times.max().to_pydatetime() if times is not None else None,
+            feature_importance=feature_importance(model, spec),
+            data_sources={
+                "bootstrap": str(csv_path) if csv_path else f"generated:none seed={seed} rows={rows}"
+            },
+        )
+    )
+    return BootstrapResult(registry.promote(version=row.version, reason="bootstrap"), created=True)

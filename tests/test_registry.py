@@ -1,0 +1,87 @@
+import pytest
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from core.registry import ArtifactIntegrityError, NewVersion, Registry, RegistryError
+from core.schema import ModelStatus, ModelVersion, Trigger
+from core.spec import FeatureSpec
+from retrain.bootstrap import bootstrap
+from retrain.train import predict, reference_snapshot
+from tests.conftest import TINY
+
+
+def _candidate(registry: Registry, champion: ModelVersion, spec: FeatureSpec, **kw) -> ModelVersion:
+    model = registry.load(champion)
+    ref = registry.reference(champion)
+    return registry.register(
+        NewVersion(
+            model=model,
+            reference=reference_snapshot(model, ref, spec),
+            trigger=kw.pop("trigger", Trigger.manual),
+            metrics={"val_mae": 1.0},
+            params={},
+            train_rows=len(ref),
+            parent_version=champion.version,
+            **kw,
+        )
+    )
+
+
+def test_bootstrap_registers_and_promotes_v1_once(registry: Registry, champion: ModelVersion, spec) -> None:
+    assert champion.version == 1
+    assert champion.status == ModelStatus.champion
+    assert champion.trigger == Trigger.bootstrap
+    assert champion.train_rows == 2400  # 80 % of 3,000, the most recent 20 % held out
+    assert set(champion.metrics) == {"val_mae", "val_rmse", "val_mape", "val_rows"}
+    assert champion.metrics["val_rows"] == 600
+    assert sum(champion.feature_importance.values()) == pytest.approx(1.0)
+    again = bootstrap(registry=registry, spec=spec, params=TINY, rows=3000, seed=1)
+    assert (again.created, again.version.version) == (False, 1)
+    assert [r.version for r in registry.list()] == [1]
+
+
+def test_loaded_champion_predicts_like_the_trained_model(
+    registry: Registry, champion: ModelVersion, spec
+) -> None:
+    reference = registry.reference(champion)
+    assert list(reference.columns) == [*spec.feature_names, spec.target, "prediction"]
+    again = predict(registry.load(champion), reference, spec)
+    assert again.tolist() == pytest.approx(reference["prediction"].tolist())
+
+
+def test_promote_archives_the_old_champion_and_rollback_restores_it(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    assert (v2.version, v2.status, v2.parent_version) == (2, ModelStatus.candidate, 1)
+    registry.promote(version=2, reason="better")
+    assert registry.champion().version == 2
+    assert registry.get(1).status == ModelStatus.archived
+    restored = registry.rollback(reason="v2 misbehaves")
+    assert restored.version == 1
+    assert registry.champion().version == 1
+    assert registry.get(2).status == ModelStatus.archived
+    with pytest.raises(RegistryError, match="no previous champion"):
+        registry.rollback()  # v2 was rolled back from: never chosen again by a rollback
+
+
+def test_database_refuses_two_champions(registry: Registry, champion, spec) -> None:
+    _candidate(registry, champion, spec)
+    with pytest.raises(IntegrityError), registry.sessions.begin() as session:
+        session.execute(update(ModelVersion).where(ModelVersion.version == 2).values(status="champion"))
+    assert registry.champion().version == 1
+
+
+def test_promoting_unknown_or_rejected_versions_is_refused(registry, champion, spec) -> None:
+    with pytest.raises(RegistryError, match="model version 9 does not exist"):
+        registry.promote(version=9)
+    v2 = _candidate(registry, champion, spec)
+    registry.reject(version=v2.version, reason="worse than champion")
+    with pytest.raises(RegistryError, match="was rejected by the gate"):
+        registry.promote(version=v2.version)
+    assert registry.champion().version == 1
+
+
+def test_tampered_artifact_is_refused(registry: Registry, champion: ModelVersion) -> None:
+    with open(champion.artifact_path, "ab") as fh:
+        fh.write(b"x")
+    with pytest.raises(ArtifactIntegrityError, match="does not match"):
+        registry.load(champion)

@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from core.spec import FeatureSpec, FeatureType, SpecError, load_spec
+
+
+def test_default_spec_is_the_apartment_dataset(spec: FeatureSpec) -> None:
+    assert spec.dataset == "seoul_apartments"
+    assert spec.target == "price_10k_krw"
+    assert spec.time_column == "contract_date"
+    assert spec.feature_names == [
+        "district",
+        "area_m2",
+        "floor",
+        "build_year",
+        "households",
+        "subway_distance_m",
+    ]
+    assert spec.categorical_features == ["district"]
+    assert len(spec.feature("district").categories) == 25
+
+
+def test_request_model_enforces_bounds_types_and_extra_fields(spec: FeatureSpec, make_features) -> None:
+    model = spec.request_model()
+    ok = model(**make_features(floor=12.0))
+    assert ok.floor == 12 and isinstance(ok.floor, int)
+    cases = {
+        "area_m2": make_features(area_m2=351),
+        "floor": make_features(floor=3.5),
+        "district": make_features(district="Atlantis-gu"),
+        "households": make_features(households="many"),
+        "extra": make_features(extra=1),
+        "subway_distance_m": make_features(subway_distance_m=float("nan")),
+    }
+    for field, payload in cases.items():
+        with pytest.raises(ValidationError) as info:
+            model(**payload)
+        assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_row_errors_name_every_field(spec: FeatureSpec, make_features, DROP) -> None:
+    row = make_features(floor=DROP, area_m2=-1, build_year=1999.5, colour="red")
+    assert spec.row_errors(row) == [
+        "colour: unknown field",
+        "area_m2: must be >= 5",
+        "floor: missing",
+        "build_year: must be an integer",
+    ]
+    assert spec.row_errors(make_features()) == []
+
+
+def test_users_bring_their_own_spec(tmp_path: Path) -> None:
+    path = tmp_path / "bikes.yaml"
+    path.write_text(
+        "dataset: bike_rentals\ntarget: rentals\nfeatures:\n"
+        "  - {name: temp_c, type: numeric, min: -30, max: 50}\n"
+        "  - {name: weekday, type: categorical, categories: [mon, tue]}\n"
+        "  - {name: hour, type: integer, min: 0, max: 23, nullable: true}\n"
+    )
+    spec = load_spec(path)
+    assert [f.type for f in spec.features] == [
+        FeatureType.numeric,
+        FeatureType.categorical,
+        FeatureType.integer,
+    ]
+    model = spec.request_model()
+    assert model(temp_c=20, weekday="mon").hour is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dataset: x\ntarget: y\n", "spec is missing 'features'"),
+        ("dataset: x\ntarget: y\nfeatures: [{name: a, type: text}]\n", "type must be one of numeric"),
+        ("dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical}]\n", "(a) is categorical and needs"),
+        ("dataset: x\ntarget: a\nfeatures: [{name: a, type: numeric}]\n", "target 'a' is also listed"),
+        ("dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric}, {name: a, type: numeric}]\n", "unique"),
+        ("dataset: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=r"spec\.yaml") as info:
+        load_spec(path)
+    assert message in str(info.value)
+
+
+def test_missing_spec_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
