@@ -1,0 +1,311 @@
+"""The loop: scheduled monitor runs, breach alerts and automatic retraining, under a DB-held lease."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pandas as pd
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import utcnow
+from core.lease import release, try_acquire
+from core.metrics import Metrics
+from core.registry import Registry
+from core.schema import DriftReport, ModelVersion
+from core.settings import Settings
+from core.spec import FeatureSpec
+from monitor.notify import WebhookNotifier, breach_key, enqueue, format_breach, format_retrain_outcome
+from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
+from monitor.report import DriftResult, compute_drift
+from monitor.window import load_window
+from retrain.runner import RunHandle, RunInProgress, launch, recover_stale
+
+log = logging.getLogger("driftloop.loop")
+LEASE_NAME = "driftloop.scheduler"
+DELIVERY_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorOutcome:
+    verdict: str  # insufficient | ok | breach
+    report_id: int | None
+    decision: Decision | None
+    result: DriftResult | None
+    retrain_run_id: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "report_id": self.report_id,
+            "breach": bool(self.decision and self.decision.breach),
+            "retrain": bool(self.decision and self.decision.retrain),
+            "reasons": list(self.decision.reasons) if self.decision else list(self.notes),
+            "held_by": self.decision.held_by if self.decision else None,
+            "retrain_run_id": self.retrain_run_id,
+            "drift": self.result.to_json() if self.result else None,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(slots=True)
+class Loop:
+    """Monitor + policy + alerts + retrain launching. `start()` schedules it; methods also run on demand."""
+
+    settings: Settings
+    spec: FeatureSpec
+    sessions: sessionmaker[Session]
+    registry: Registry
+    metrics: Metrics
+    clock: Callable[[], datetime] = utcnow
+    holder_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}")
+    leader: bool = False
+    _scheduler: BackgroundScheduler | None = None
+    _reference: tuple[int, pd.DataFrame] | None = None
+    _notifier: WebhookNotifier | None = None
+    _watchers: list[threading.Thread] = field(default_factory=list)
+
+    # --- scheduling --------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        self.metrics.monitor_interval.set(s.monitor_interval_s)
+        self.metrics.drift_share_threshold.set(s.drift_share_threshold)
+        self.metrics.drift_weighted_threshold.set(s.weighted_drift_threshold)
+        scheduler = BackgroundScheduler(timezone=UTC)
+        common: dict[str, Any] = {"max_instances": 1, "coalesce": True, "replace_existing": True}
+        now = datetime.now(UTC)
+        scheduler.add_job(self.renew_lease, "interval", seconds=s.lease_ttl_s / 3, id="lease.renew",
+                          next_run_time=now, **common)  # fmt: skip
+        scheduler.add_job(
+            self._scheduled_monitor, "interval", seconds=s.monitor_interval_s, id="monitor.run", **common
+        )
+        scheduler.add_job(
+            self.deliver, "interval", seconds=DELIVERY_INTERVAL_S, id="notify.deliver", **common
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+
+    def stop(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        if self.leader:
+            release(self.sessions, name=LEASE_NAME, holder=self.holder_id)
+            self.leader = False
+
+    def renew_lease(self) -> bool:
+        """Take or keep the scheduler lease; the first time it is taken, fail runs a crashed owner left."""
+        try:
+            held = try_acquire(
+                self.sessions,
+                name=LEASE_NAME,
+                holder=self.holder_id,
+                ttl_s=self.settings.lease_ttl_s,
+                now=self.clock(),
+            )
+        except Exception:
+            log.exception("could not renew the scheduler lease")
+            held = False
+        if held and not self.leader:
+            log.info("scheduler lease taken by %s", self.holder_id)
+            for run_id in recover_stale(self.sessions, now=self.clock()):
+                log.warning("retrain run %s was left running by a crashed process: marked failed", run_id)
+        elif not held and self.leader:
+            log.warning("scheduler lease lost; this process idles")
+        self.leader = held
+        return held
+
+    def _scheduled_monitor(self) -> None:
+        if not self.leader:
+            return
+        try:
+            self.run_monitor()
+        except Exception:
+            log.exception("monitor run failed")
+
+    # --- the monitor run ---------------------------------------------------------------
+    def run_monitor(self, now: datetime | None = None) -> MonitorOutcome:
+        started = time.perf_counter()
+        try:
+            outcome = self._run_monitor(now or self.clock())
+        except Exception:
+            self.metrics.monitor_runs.labels(outcome="error").inc()
+            raise
+        finally:
+            self.metrics.monitor_seconds.observe(time.perf_counter() - started)
+        self.metrics.monitor_runs.labels(outcome=outcome.verdict).inc()
+        self.metrics.monitor_last_run.set(time.time())
+        return outcome
+
+    def _run_monitor(self, now: datetime) -> MonitorOutcome:
+        s = self.settings
+        champion = self.registry.champion()
+        if champion is None:
+            return MonitorOutcome("insufficient", None, None, None, notes=("no champion model yet",))
+        with self.sessions() as session:
+            window = load_window(
+                session, self.spec, max_rows=s.window_rows, seconds=s.window_seconds, now=now,
+                model_version=champion.version,
+            )  # fmt: skip
+            history = load_history(session, champion_version=champion.version, now=now)
+        config = PolicyConfig.from_settings(s)
+        result: DriftResult | None = None
+        html_path: Path | None = None
+        if window.rows >= config.min_window_rows:
+            html_path = (
+                s.report_dir / f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
+            )
+            result = compute_drift(
+                self._reference_for(champion), window.frame, self.spec,
+                importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
+                stattest_threshold=s.drift_stattest_threshold, html_path=html_path,
+            )  # fmt: skip
+        observation = Observation(
+            at=now,
+            rows=window.rows,
+            labelled_rows=window.labelled_rows,
+            drift_share=result.drift_share if result else None,
+            weighted_score=result.weighted_score if result else None,
+            mae=result.accuracy.mae if result and result.accuracy else None,
+            champion_mae=champion.metrics.get("val_mae"),
+            drifted_features=tuple(result.drifted()) if result else (),
+        )
+        decision = decide(observation, history, config)
+        self.metrics.drift_breach.set(int(decision.breach))
+        report_id = self._store_report(champion, window, result, decision, html_path, now)
+        self._publish(result, observation, champion)
+        notes: list[str] = []
+        if decision.breach:
+            with self.sessions.begin() as session:
+                enqueue(
+                    session, kind="drift_breach",
+                    dedup_key=breach_key(
+                        champion_version=champion.version,
+                        streak_start_report_id=history.streak_start_report_id or report_id,
+                    ),
+                    payload=format_breach(
+                        decision=decision, champion_version=champion.version, report_id=report_id,
+                        obs=observation,
+                    ),
+                    now=now, metrics=self.metrics,
+                )  # fmt: skip
+        run_id = None
+        if decision.retrain and decision.trigger:
+            try:
+                run_id = self.launch_retrain(
+                    trigger=decision.trigger, reason="; ".join(decision.reasons), report_id=report_id
+                ).run_id
+            except RunInProgress as exc:
+                notes.append(f"retrain run {exc.run_id} already running")
+        self.deliver()
+        return MonitorOutcome(decision.verdict, report_id, decision, result, run_id, tuple(notes))
+
+    def _reference_for(self, champion: ModelVersion) -> pd.DataFrame:
+        if self._reference is None or self._reference[0] != champion.version:
+            self._reference = (champion.version, self.registry.reference(champion))
+        return self._reference[1]
+
+    def _store_report(
+        self,
+        champion: ModelVersion,
+        window: Any,
+        result: DriftResult | None,
+        decision: Decision,
+        html_path: Path | None,
+        now: datetime,
+    ) -> int:
+        payload = result.to_json() if result else {}
+        row = DriftReport(
+            created_at=now,
+            champion_version=champion.version,
+            window_start=window.start,
+            window_end=window.end,
+            rows=window.rows,
+            labelled_rows=window.labelled_rows,
+            sampled_rows=result.sampled_rows if result else 0,
+            features=payload.get("features", {}),
+            drift_share=result.drift_share if result else None,
+            weighted_drift_score=result.weighted_score if result else None,
+            prediction_drift=payload.get("prediction") or {},
+            mae=result.accuracy.mae if result and result.accuracy else None,
+            rmse=result.accuracy.rmse if result and result.accuracy else None,
+            mape=result.accuracy.mape if result and result.accuracy else None,
+            champion_mae=champion.metrics.get("val_mae"),
+            breach=decision.breach,
+            reasons=list(decision.reasons),
+            decision=decision.as_dict(),
+            html_path=str(html_path) if html_path and html_path.exists() else None,
+            duration_s=0.0,
+        )
+        with self.sessions.begin() as session:
+            session.add(row)
+            session.flush()
+            return row.id
+
+    def _publish(self, result: DriftResult | None, obs: Observation, champion: ModelVersion) -> None:
+        m = self.metrics
+        nan = float("nan")
+        m.window_rows.set(obs.rows)
+        m.window_labelled_rows.set(obs.labelled_rows)
+        m.champion_validation_mae.set(champion.metrics.get("val_mae", nan))
+        if result is None:
+            return
+        m.drift_share.set(result.drift_share)
+        m.drift_weighted_score.set(result.weighted_score)
+        for f in result.features:
+            m.feature_drift_score.labels(feature=f.feature).set(f.score)
+            m.feature_drift_detected.labels(feature=f.feature).set(int(f.detected))
+        m.prediction_drift_score.set(result.prediction.score if result.prediction else nan)
+        accuracy = result.accuracy
+        m.window_mae.set(accuracy.mae if accuracy else nan)
+        m.window_rmse.set(accuracy.rmse if accuracy else nan)
+        m.window_mape.set(accuracy.mape if accuracy else nan)
+
+    # --- retraining and alerts ---------------------------------------------------------
+    def launch_retrain(self, *, trigger: str, reason: str = "", report_id: int | None = None) -> RunHandle:
+        """Start a run in a child process (raises RunInProgress); its outcome is announced when it ends."""
+        handle = launch(
+            settings=self.settings, trigger=trigger, reason=reason, report_id=report_id,
+            sessions=self.sessions, metrics=self.metrics, clock=self.clock,
+        )  # fmt: skip
+        watcher = threading.Thread(target=self._announce, args=(handle, trigger), daemon=True)
+        watcher.start()
+        self._watchers = [w for w in self._watchers if w.is_alive()] + [watcher]
+        return handle
+
+    def _announce(self, handle: RunHandle, trigger: str) -> None:
+        status = handle.wait(self.settings.retrain_timeout_s + 60)
+        try:
+            with self.sessions.begin() as session:
+                enqueue(
+                    session, kind="retrain_outcome", dedup_key=f"retrain:{handle.run_id}",
+                    payload=format_retrain_outcome(session=session, run_id=handle.run_id),
+                    now=self.clock(), metrics=self.metrics,
+                )  # fmt: skip
+            self.deliver()
+        except Exception:
+            log.exception("could not announce the outcome (%s) of retrain run %s", status, handle.run_id)
+
+    def deliver(self) -> None:
+        if self._notifier is None:
+            s = self.settings
+            self._notifier = WebhookNotifier(
+                self.sessions, url=s.webhook_url, timeout_s=s.webhook_timeout_s,
+                max_attempts=s.webhook_max_attempts, backoff_s=s.webhook_backoff_s,
+                metrics=self.metrics, clock=self.clock,
+            )  # fmt: skip
+        try:
+            self._notifier.deliver_due()
+        except Exception:
+            log.exception("notification delivery failed")

@@ -1,0 +1,240 @@
+"""The drift policy: one pure function from a monitor observation and recent history to a decision.
+
+`decide` is pure; `load_history` is the one function here that reads the database (for `History`).
+
+Rules, in order:
+
+1. A window with fewer than `min_window_rows` rows gets no verdict ("insufficient").
+2. A window breaches when any of these holds (each adds one reason sentence with the figures):
+   drift share ≥ `drift_share_threshold`; weighted drift score ≥ `weighted_drift_threshold`;
+   at least `min_labelled_rows` labelled rows and MAE > champion MAE × `mae_degradation_ratio`.
+   When accuracy and drift both breach the trigger is "accuracy": a measured loss of accuracy is
+   stronger evidence than a shift in the inputs, which a model may well tolerate.
+3. A breach launches retraining only when every gate is open, checked in this order (the first
+   closed gate is reported in `held_by`): `auto_retrain` ("alert-only mode"); hysteresis, at least
+   `consecutive_breaches` breaches in a row ("hysteresis 1/2"); cooldown since the last run started
+   ("cooldown: 1234 s left"); daily budget ("daily budget 4/4").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.schema import DriftReport, RetrainRun
+
+Verdict = Literal["insufficient", "ok", "breach"]
+PolicyTrigger = Literal["drift", "accuracy"]
+
+
+class _PolicySettings(Protocol):
+    drift_share_threshold: float
+    weighted_drift_threshold: float
+    mae_degradation_ratio: float
+    min_labelled_rows: int
+    min_window_rows: int
+    consecutive_breaches: int
+    retrain_cooldown_s: int
+    max_retrains_per_day: int
+    auto_retrain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    drift_share_threshold: float = 0.5
+    weighted_drift_threshold: float = 0.3
+    mae_degradation_ratio: float = 1.25
+    min_labelled_rows: int = 200
+    min_window_rows: int = 500
+    consecutive_breaches: int = 2
+    retrain_cooldown_s: int = 3600
+    max_retrains_per_day: int = 4
+    auto_retrain: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: _PolicySettings) -> PolicyConfig:
+        return cls(
+            drift_share_threshold=settings.drift_share_threshold,
+            weighted_drift_threshold=settings.weighted_drift_threshold,
+            mae_degradation_ratio=settings.mae_degradation_ratio,
+            min_labelled_rows=settings.min_labelled_rows,
+            min_window_rows=settings.min_window_rows,
+            consecutive_breaches=settings.consecutive_breaches,
+            retrain_cooldown_s=settings.retrain_cooldown_s,
+            max_retrains_per_day=settings.max_retrains_per_day,
+            auto_retrain=settings.auto_retrain,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What one monitor run measured over its window. None: not measured (e.g. no labels yet)."""
+
+    at: datetime
+    rows: int
+    labelled_rows: int
+    drift_share: float | None
+    weighted_score: float | None
+    mae: float | None
+    champion_mae: float | None
+    drifted_features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What happened before this observation, for the same champion."""
+
+    previous_breaches: int  # breaching reports in a row immediately before this one
+    last_retrain_at: datetime | None  # start of the most recent retrain run, any trigger or outcome
+    retrains_last_24h: int
+    streak_start_report_id: int | None = None  # first report of that run of breaches; None if there is none
+
+
+NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    breach: bool
+    retrain: bool
+    trigger: PolicyTrigger | None
+    reasons: tuple[str, ...]
+    held_by: str | None  # why a breach did not retrain; None when it did, or when there was no breach
+    consecutive: int  # breaches in a row including this one; 0 when this is not a breach
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for drift_report.decision."""
+        out = asdict(self)
+        out["reasons"] = list(self.reasons)
+        return out
+
+
+def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision:
+    if obs.rows < config.min_window_rows:
+        reason = f"window has {obs.rows} rows, fewer than the {config.min_window_rows} needed for a verdict"
+        return Decision(
+            verdict="insufficient",
+            breach=False,
+            retrain=False,
+            trigger=None,
+            reasons=(reason,),
+            held_by=None,
+            consecutive=0,
+        )
+    drift = _drift_reasons(obs, config)
+    accuracy = _accuracy_reason(obs, config)
+    reasons = (*drift, *((accuracy,) if accuracy else ()))
+    if not reasons:
+        return Decision(
+            verdict="ok", breach=False, retrain=False, trigger=None, reasons=(), held_by=None, consecutive=0
+        )
+    trigger: PolicyTrigger = "accuracy" if accuracy else "drift"
+    consecutive = history.previous_breaches + 1
+    held_by = _held_by(obs.at, consecutive, history, config)
+    return Decision(
+        verdict="breach",
+        breach=True,
+        retrain=held_by is None,
+        trigger=trigger,
+        reasons=reasons,
+        held_by=held_by,
+        consecutive=consecutive,
+    )
+
+
+def _drift_reasons(obs: Observation, config: PolicyConfig) -> list[str]:
+    reasons = []
+    if obs.drift_share is not None and obs.drift_share >= config.drift_share_threshold:
+        drifted = f" (drifted: {', '.join(obs.drifted_features)})" if obs.drifted_features else ""
+        reasons.append(
+            f"drift share {obs.drift_share:.3f} ≥ threshold {config.drift_share_threshold:.3f}{drifted}"
+        )
+    if obs.weighted_score is not None and obs.weighted_score >= config.weighted_drift_threshold:
+        reasons.append(
+            f"weighted drift score {obs.weighted_score:.3f} ≥ threshold {config.weighted_drift_threshold:.3f}"
+        )
+    return reasons
+
+
+def _accuracy_reason(obs: Observation, config: PolicyConfig) -> str | None:
+    if obs.mae is None or obs.champion_mae is None or obs.labelled_rows < config.min_labelled_rows:
+        return None
+    limit = obs.champion_mae * config.mae_degradation_ratio
+    if obs.mae <= limit:
+        return None
+    return (
+        f"MAE {obs.mae:,.2f} on {obs.labelled_rows} labelled rows > {limit:,.2f} "
+        f"(champion MAE {obs.champion_mae:,.2f} × {config.mae_degradation_ratio:g})"
+    )
+
+
+def _held_by(at: datetime, consecutive: int, history: History, config: PolicyConfig) -> str | None:
+    if not config.auto_retrain:
+        return "alert-only mode"
+    if consecutive < config.consecutive_breaches:
+        return f"hysteresis {consecutive}/{config.consecutive_breaches}"
+    if history.last_retrain_at is not None:
+        left = config.retrain_cooldown_s - (at - history.last_retrain_at).total_seconds()
+        if left > 0:
+            return f"cooldown: {math.ceil(left)} s left"
+    if history.retrains_last_24h >= config.max_retrains_per_day:
+        return f"daily budget {history.retrains_last_24h}/{config.max_retrains_per_day}"
+    return None
+
+
+# --- history (the one function here that does I/O) ---------------------------------------------
+
+DAY = timedelta(hours=24)
+
+
+def load_history(session: Session, *, champion_version: int | None, now: datetime) -> History:
+    """History as of `now`: only reports created and runs started strictly before `now` count.
+
+    Breaches in a row: walking back from `now`, breaching reports of this champion are counted until a
+    report that did not breach or was made for another champion. Reports whose stored decision has
+    verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
+    whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
+    """
+    previous, streak_start = _breach_streak(session, champion_version=champion_version, now=now)
+    last_retrain_at, recent = session.execute(
+        select(
+            func.max(RetrainRun.started_at),
+            func.count(RetrainRun.id).filter(RetrainRun.started_at > now - DAY),
+        ).where(RetrainRun.started_at < now)
+    ).one()
+    return History(
+        previous_breaches=previous,
+        last_retrain_at=last_retrain_at,
+        retrains_last_24h=recent,
+        streak_start_report_id=streak_start,
+    )
+
+
+def _breach_streak(
+    session: Session, *, champion_version: int | None, now: datetime
+) -> tuple[int, int | None]:
+    rows = session.execute(
+        select(DriftReport.id, DriftReport.champion_version, DriftReport.breach, DriftReport.decision)
+        .where(DriftReport.created_at < now)
+        .order_by(DriftReport.created_at.desc(), DriftReport.id.desc())
+        .execution_options(yield_per=50)
+    )
+    count, start = 0, None
+    try:
+        for report_id, version, breach, decision in rows:
+            if version != champion_version:
+                break
+            if (decision or {}).get("verdict") == "insufficient":
+                continue
+            if not breach:
+                break
+            count, start = count + 1, report_id
+    finally:
+        rows.close()
+    return count, start

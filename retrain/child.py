@@ -1,0 +1,52 @@
+"""Child-process entry: `python -m retrain.child RUN_ID` does one run started by retrain.runner.launch.
+
+Settings come from the parent as JSON in DRIFTLOOP_RETRAIN_SETTINGS, so the child sees exactly the
+parent's configuration (not whatever .env or DRIFTLOOP_CONFIG its working directory happens to hold).
+Exit code 0 when the run's row was finished (promoted, rejected or failed), 1 when it could not be, 2 on
+bad usage; the parent marks an unfinished run failed from the exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from core.db import make_engine, make_sessions, utcnow
+from core.registry import ArtifactStore, Registry
+from core.settings import Settings
+from core.spec import load_spec
+from retrain.runner import SETTINGS_ENV, execute_run, fail_run
+
+
+def settings_from_env(environ: Mapping[str, str]) -> Settings:
+    raw = environ.get(SETTINGS_ENV)
+    if raw is None:
+        raise RuntimeError(f"{SETTINGS_ENV} is not set; start runs with retrain.runner.launch")
+    return Settings(_env_file=None, **json.loads(raw))  # type: ignore[call-arg]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m retrain.child RUN_ID", file=sys.stderr)
+        return 2
+    run_id = int(args[0])
+    settings = settings_from_env(os.environ)
+    engine = make_engine(settings.database_url)
+    try:
+        registry = Registry(make_sessions(engine), ArtifactStore(settings.artifact_dir))
+        try:
+            spec = load_spec(settings.spec_path)
+        except Exception as exc:
+            fail_run(registry.sessions, run_id, error=f"{type(exc).__name__}: {exc}", now=utcnow())
+            return 0
+        execute_run(run_id, settings=settings, spec=spec, registry=registry)
+        return 0
+    finally:
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

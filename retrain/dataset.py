@@ -1,0 +1,197 @@
+"""Training data for a retrain: the champion's reference snapshot plus every labelled row seen since.
+
+Three sources, one frame (spec features, target, `event_time` in UTC, `source`):
+
+- ``reference``: the rows of the champion's reference snapshot (up to 20k rows) that came from its own
+  reference lineage. Snapshots written by `candidate_reference` keep each row's event time and source;
+  rows that came from the database are dropped here because they are read afresh from it below (no row
+  twice, and no holdout row hiding in the training part). A snapshot without times (bootstrap) has its
+  rows stamped with the champion's ``train_end`` (else its ``created_at``).
+- ``production_labelled``: logged predictions that received ground truth; event time = the prediction's
+  ``created_at``.
+- ``ingested``: ``labelled_row`` rows; event time = their ``event_time``.
+
+Window: with ``window_days`` set, only rows whose event time lies in ``[now - window_days, now]`` are kept,
+and that applies to reference rows too, by their own or stamped time: data older than the window never
+trains a windowed retrain, however many generations of references it passed through. Without a window
+every row up to ``now`` is kept and the reference always is. Database rows stamped after ``now`` are left
+for a later assembly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from catboost import CatBoostRegressor
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.registry import Registry
+from core.schema import GroundTruth, LabelledRow, ModelVersion, PredictionLog
+from core.spec import FeatureSpec
+from retrain.train import REFERENCE_MAX_ROWS, reference_snapshot
+
+EVENT_TIME = "event_time"
+SOURCE = "source"
+REFERENCE = "reference"
+PRODUCTION = "production_labelled"
+INGESTED = "ingested"
+SOURCES = (REFERENCE, PRODUCTION, INGESTED)
+# Fewer new labelled rows than this and the holdout falls back to the most recent rows of any source.
+MIN_NEW_ROWS_FOR_HOLDOUT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingData:
+    frame: pd.DataFrame
+    sources: dict[str, int]
+    start: datetime | None
+    end: datetime | None
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+
+def assemble(
+    *,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    window_days: int | None,
+    now: datetime,
+) -> TrainingData:
+    """All labelled data for a retrain, sorted by event time (ties keep source order), index 0..n-1."""
+    since = now - timedelta(days=window_days) if window_days is not None else None
+    parts = [
+        part
+        for part in (
+            _reference(registry, champion, spec, since=since),
+            _production(sessions, spec, since=since, until=now),
+            _ingested(sessions, spec, since=since, until=now),
+        )
+        if len(part)
+    ]
+    frame = pd.concat(parts, ignore_index=True) if parts else _empty(spec)
+    frame = frame.sort_values(EVENT_TIME, kind="stable").reset_index(drop=True)
+    counts = frame[SOURCE].value_counts()
+    times = frame[EVENT_TIME]
+    return TrainingData(
+        frame=frame,
+        sources={name: int(counts.get(name, 0)) for name in SOURCES},
+        start=times.min().to_pydatetime() if len(frame) else None,
+        end=times.max().to_pydatetime() if len(frame) else None,
+    )
+
+
+def holdout(data: TrainingData, spec: FeatureSpec, *, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, holdout): the holdout is the most recent `fraction` of the new labelled rows.
+
+    New rows are production_labelled + ingested; with fewer than MIN_NEW_ROWS_FOR_HOLDOUT of them the
+    holdout is the most recent `fraction` of all rows. Train is every other row. Both keep time order.
+    """
+    frame = data.frame
+    new = frame.index[frame[SOURCE] != REFERENCE]
+    pool = new if len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT else frame.index
+    size = min(max(math.ceil(round(len(pool) * fraction, 9)), 1), len(pool)) if len(pool) else 0
+    held = pool[len(pool) - size :]
+    return frame.drop(index=held), frame.loc[held]
+
+
+def sample_weights(train: pd.DataFrame, *, new_share: float) -> np.ndarray | None:
+    """Weights that give new labelled rows `new_share` of the total when the reference outweighs them.
+
+    None (equal weights) when there is nothing to rebalance: no new rows, no reference rows, share 0, or
+    new rows already carrying at least that share. Weights average 1, so CatBoost's learning rate holds.
+    """
+    is_new = (train[SOURCE] != REFERENCE).to_numpy()
+    n_new, n_ref = int(is_new.sum()), int((~is_new).sum())
+    if new_share <= 0 or n_new == 0 or n_ref == 0 or n_new / len(train) >= new_share:
+        return None
+    weights = np.where(is_new, new_share / n_new, (1 - new_share) / n_ref)
+    return weights * (len(weights) / weights.sum())
+
+
+def candidate_reference(model: CatBoostRegressor, data: TrainingData, spec: FeatureSpec) -> pd.DataFrame:
+    """The candidate's reference snapshot (train.reference_snapshot) plus each row's event time and source."""
+    frame = data.frame
+    if len(frame) > REFERENCE_MAX_ROWS:
+        frame = frame.sample(REFERENCE_MAX_ROWS, random_state=0).sort_values(EVENT_TIME, kind="stable")
+    reference = reference_snapshot(model, frame, spec)
+    reference[EVENT_TIME] = frame[EVENT_TIME].to_numpy()
+    reference[SOURCE] = frame[SOURCE].to_numpy()
+    return reference
+
+
+def _reference(
+    registry: Registry, champion: ModelVersion, spec: FeatureSpec, *, since: datetime | None
+) -> pd.DataFrame:
+    stamp = champion.train_end or champion.created_at
+    reference = registry.reference(champion)
+    if spec.target not in reference.columns:
+        return _empty(spec)
+    if SOURCE in reference.columns:
+        reference = reference[reference[SOURCE] == REFERENCE]
+    times = reference[EVENT_TIME] if EVENT_TIME in reference.columns else [stamp] * len(reference)
+    out = _tidy(reference, spec, target=reference[spec.target], times=times, source=REFERENCE)
+    return out if since is None else out[out[EVENT_TIME] >= since]
+
+
+def _production(
+    sessions: sessionmaker[Session], spec: FeatureSpec, *, since: datetime | None, until: datetime
+) -> pd.DataFrame:
+    query = (
+        select(PredictionLog.features, GroundTruth.actual, PredictionLog.created_at)
+        .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id)
+        .where(PredictionLog.created_at <= until)
+        .order_by(PredictionLog.created_at, PredictionLog.id)
+    )
+    if since is not None:
+        query = query.where(PredictionLog.created_at >= since)
+    return _from_rows(sessions, query, spec, source=PRODUCTION)
+
+
+def _ingested(
+    sessions: sessionmaker[Session], spec: FeatureSpec, *, since: datetime | None, until: datetime
+) -> pd.DataFrame:
+    query = (
+        select(LabelledRow.features, LabelledRow.target, LabelledRow.event_time)
+        .where(LabelledRow.event_time <= until)
+        .order_by(LabelledRow.event_time, LabelledRow.id)
+    )
+    if since is not None:
+        query = query.where(LabelledRow.event_time >= since)
+    return _from_rows(sessions, query, spec, source=INGESTED)
+
+
+def _from_rows(
+    sessions: sessionmaker[Session], query: Select[Any], spec: FeatureSpec, *, source: str
+) -> pd.DataFrame:
+    with sessions() as session:
+        rows = session.execute(query).all()
+    if not rows:
+        return _empty(spec)
+    features = spec.frame([r[0] for r in rows])
+    return _tidy(features, spec, target=[r[1] for r in rows], times=[r[2] for r in rows], source=source)
+
+
+def _tidy(features: pd.DataFrame, spec: FeatureSpec, *, target: Any, times: Any, source: str) -> pd.DataFrame:
+    out = spec.coerce(features).reset_index(drop=True)
+    out[spec.target] = pd.to_numeric(pd.Series(list(target), dtype=object), errors="coerce").astype(float)
+    out[EVENT_TIME] = pd.to_datetime(pd.Series(list(times), dtype=object), utc=True)
+    out[SOURCE] = source
+    # A label that is not a finite number cannot train anything.
+    return out[out[spec.target].notna() & (out[spec.target].abs() != float("inf"))]
+
+
+def _empty(spec: FeatureSpec) -> pd.DataFrame:
+    out = spec.frame([])
+    out[spec.target] = pd.Series(dtype=float)
+    out[EVENT_TIME] = pd.Series(dtype="datetime64[ns, UTC]")
+    out[SOURCE] = pd.Series(dtype=object)
+    return out

@@ -1,0 +1,110 @@
+"""The validation gate: a candidate replaces the champion only if it is clearly better and sane."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from catboost import CatBoostRegressor
+
+from core.spec import FeatureSpec
+from retrain.train import predict, regression_metrics
+
+# Predictions whose spread is far from the actuals' spread are a collapsed or exploded model.
+MIN_SPREAD_RATIO = 0.2
+MAX_SPREAD_RATIO = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    candidate_metrics: dict[str, float]
+    champion_metrics: dict[str, float]
+    margin: float = 0.0
+    checks: dict[str, bool] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for model_version.metrics and retrain_run.metrics."""
+        return {
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "margin": self.margin,
+            "checks": dict(self.checks),
+            "candidate": dict(self.candidate_metrics),
+            "champion": dict(self.champion_metrics),
+        }
+
+
+def evaluate_gate(
+    *,
+    candidate: CatBoostRegressor,
+    champion: CatBoostRegressor,
+    holdout: pd.DataFrame,
+    spec: FeatureSpec,
+    margin: float,
+) -> GateResult:
+    """Pass only if candidate MAE <= champion MAE × (1 − margin) on `holdout` and every sanity check holds.
+
+    Each failed check adds one reason that names it and its figures.
+    """
+    if len(holdout) == 0:
+        return GateResult(False, ["holdout: no rows to validate on"], {}, {}, margin, {"holdout": False})
+    actual = holdout[spec.target].to_numpy(dtype=float)
+    cand_pred = predict(candidate, holdout, spec)
+    champ_pred = predict(champion, holdout, spec)
+    cand = _metrics(actual, cand_pred)
+    champ = _metrics(actual, champ_pred)
+
+    checks: dict[str, bool] = {}
+    reasons: list[str] = []
+    threshold = champ["mae"] * (1 - margin)
+    checks["mae"] = bool(cand["mae"] <= threshold)  # NaN on either side fails
+    if not checks["mae"]:
+        reasons.append(
+            f"mae: candidate MAE {cand['mae']:.6g} is not <= champion MAE {champ['mae']:.6g} "
+            f"× (1 − {margin:g}) = {threshold:.6g} on {actual.size} holdout rows"
+        )
+    for name, reason in sanity_reasons(cand_pred, actual, spec).items():
+        checks[name] = reason is None
+        if reason is not None:
+            reasons.append(reason)
+    return GateResult(not reasons, reasons, cand, champ, margin, checks)
+
+
+def sanity_reasons(predicted: np.ndarray, actual: np.ndarray, spec: FeatureSpec) -> dict[str, str | None]:
+    """Each sanity check by name → why it failed, or None when it holds."""
+    predicted = np.asarray(predicted, dtype=float)
+    actual = np.asarray(actual, dtype=float)
+    out: dict[str, str | None] = {"finite": None, "spread": None}
+    bad = int((~np.isfinite(predicted)).sum())
+    if bad:
+        out["finite"] = f"finite: {bad} of {predicted.size} candidate predictions are not finite"
+    finite = predicted[np.isfinite(predicted)]
+    pred_std = float(np.std(finite)) if finite.size else 0.0
+    actual_std = float(np.std(actual))
+    low, high = MIN_SPREAD_RATIO * actual_std, MAX_SPREAD_RATIO * actual_std
+    if pred_std <= 0:
+        out["spread"] = "spread: candidate predictions are constant (std 0)"
+    elif actual_std > 0 and not low <= pred_std <= high:
+        out["spread"] = (
+            f"spread: candidate prediction std {pred_std:.6g} is outside [{MIN_SPREAD_RATIO:g}, "
+            f"{MAX_SPREAD_RATIO:g}] × actual std {actual_std:.6g} = [{low:.6g}, {high:.6g}]"
+        )
+    if spec.target_min is not None:
+        below = int((finite < spec.target_min).sum())
+        out["target_min"] = (
+            f"target_min: {below} of {predicted.size} candidate predictions are below {spec.target_min:g}"
+            if below
+            else None
+        )
+    return out
+
+
+def _metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    metrics = regression_metrics(actual, predicted)
+    finite = predicted[np.isfinite(predicted)]
+    metrics["prediction_std"] = float(np.std(finite)) if finite.size else 0.0
+    return metrics

@@ -1,0 +1,512 @@
+"""Single-flight retraining: at most one `running` retrain_run row (a unique index the database enforces),
+the work done in a child OS process so CatBoost never competes with request handling.
+
+A run: assemble → split → train → validate (gate) → register → promote or reject. Promotion is the last
+step and one transaction, so a crash or kill anywhere leaves the previous champion serving. The parent
+watches the child; a child that dies without finishing its row has the run marked failed by the parent,
+and a process that starts after a crash of both marks leftovers failed with `recover_stale`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import pandas as pd
+from catboost import CatBoostRegressor
+from pydantic import SecretStr
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_sessions, utcnow
+from core.metrics import Metrics
+from core.registry import ArtifactStore, NewVersion, Registry
+from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
+from core.settings import Settings
+from core.spec import FeatureSpec
+from retrain.dataset import (
+    EVENT_TIME,
+    REFERENCE,
+    SOURCE,
+    TrainingData,
+    assemble,
+    candidate_reference,
+    holdout,
+    sample_weights,
+)
+from retrain.gate import GateResult, evaluate_gate
+from retrain.train import TrainParams, feature_importance, train_model
+
+log = logging.getLogger("driftloop.retrain")
+
+CHILD_MODULE = "retrain.child"
+SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
+MIN_TRAIN_ROWS = 10
+Clock = Callable[[], datetime]
+
+
+class RunInProgress(Exception):
+    """Another retrain run holds the single-flight slot."""
+
+    def __init__(self, run_id: int | None) -> None:
+        super().__init__(f"retrain run {run_id} is already running")
+        self.run_id = run_id
+
+
+class RunAborted(RuntimeError):
+    """The run's row stopped being `running` under it (timed out or recovered by another process)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    run_id: int
+    status: str
+    candidate_version: int | None = None
+    gate: GateResult | None = None
+    error: str | None = None
+
+
+def start_run(
+    sessions: sessionmaker[Session],
+    *,
+    trigger: str,
+    reason: str = "",
+    report_id: int | None = None,
+    now: datetime,
+) -> int:
+    """Insert the `running` row and return its id; RunInProgress if one is running (any process)."""
+    trigger = Trigger(trigger).value
+    champion = select(ModelVersion.version).where(ModelVersion.status == ModelStatus.champion)
+    row: dict[str, Any] = {
+        "trigger": trigger,
+        "status": RunStatus.running.value,
+        "reason": reason,
+        "report_id": report_id,
+        "champion_version": champion.scalar_subquery(),  # read and insert in one statement
+        "metrics": {},
+        "steps": {},
+        "pid": os.getpid(),
+        "started_at": now,
+    }
+    for _ in range(3):  # the running run may finish between our insert and our look-up: try again
+        try:
+            with sessions.begin() as session:
+                inserted = session.execute(insert(RetrainRun).values(**row).returning(RetrainRun.id))
+                return int(inserted.scalar_one())
+        except IntegrityError:
+            with sessions() as session:
+                running = session.scalar(select(RetrainRun.id).where(RetrainRun.status == RunStatus.running))
+            if running is not None:
+                raise RunInProgress(running) from None
+    raise RunInProgress(None)
+
+
+def recover_stale(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
+    """Mark every `running` row failed. Only for the one process that owns retraining, at its startup."""
+    with sessions.begin() as session:
+        ids = list(
+            session.scalars(
+                select(RetrainRun.id).where(RetrainRun.status == RunStatus.running).with_for_update()
+            )
+        )
+        if ids:
+            session.execute(
+                update(RetrainRun)
+                .where(RetrainRun.id.in_(ids), RetrainRun.status == RunStatus.running)
+                .values(status=RunStatus.failed, error="left running by a crashed process", finished_at=now)
+            )
+    return ids
+
+
+def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:
+    """Mark the run failed if it is still running; False when it had already finished."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(RetrainRun)
+            .where(RetrainRun.id == run_id, RetrainRun.status == RunStatus.running)
+            .values(status=RunStatus.failed, error=error, finished_at=now)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def execute_run(
+    run_id: int,
+    *,
+    settings: Settings,
+    spec: FeatureSpec,
+    registry: Registry | None = None,
+    metrics: Metrics | None = None,
+    clock: Clock = utcnow,
+) -> RunOutcome:
+    """Do run `run_id` in this process and record its outcome on the run row.
+
+    A failure of the run itself is recorded (status failed, error text) and returned, not raised; LookupError
+    or RunAborted mean the row is missing or not running, and it is left alone. Without `registry`, one is
+    built from settings (database_url, artifact_dir) and disposed afterwards.
+    """
+    engine = None
+    if registry is None:
+        engine = make_engine(settings.database_url)
+        registry = Registry(make_sessions(engine), ArtifactStore(settings.artifact_dir))
+    try:
+        if metrics is not None:
+            metrics.retrain_running.set(1)
+        outcome = _Run(run_id, settings=settings, spec=spec, registry=registry, clock=clock).execute()
+        if metrics is not None:
+            _observe(metrics, registry.sessions, run_id)
+        return outcome
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+class _Run:
+    def __init__(
+        self, run_id: int, *, settings: Settings, spec: FeatureSpec, registry: Registry, clock: Clock
+    ) -> None:
+        self.run_id = run_id
+        self.settings = settings
+        self.spec = spec
+        self.registry = registry
+        self.sessions = registry.sessions
+        self.clock = clock
+        self.steps: dict[str, dict[str, Any]] = {}
+        self.candidate_version: int | None = None
+
+    def execute(self) -> RunOutcome:
+        with self.sessions() as session:
+            run = session.get(RetrainRun, self.run_id)
+        if run is None:
+            raise LookupError(f"retrain run {self.run_id} does not exist")
+        if run.status != RunStatus.running:
+            raise RunAborted(f"retrain run {self.run_id} is {run.status}, not running")
+        try:
+            return self._work(run)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.exception("retrain run %s failed", self.run_id)
+            try:
+                self._reject_undecided(error)
+            except Exception:
+                log.exception("retrain run %s: could not reject its candidate", self.run_id)
+            self._finish(status=RunStatus.failed, error=error)
+            return RunOutcome(self.run_id, RunStatus.failed.value, self.candidate_version, error=error)
+
+    def _work(self, run: RetrainRun) -> RunOutcome:
+        champion = self.registry.champion()
+        if champion is None:
+            raise RuntimeError("no champion to retrain against; bootstrap one first")
+        with self._step("assemble"):
+            data = assemble(
+                sessions=self.sessions,
+                registry=self.registry,
+                champion=champion,
+                spec=self.spec,
+                window_days=self.settings.train_window_days,
+                now=self.clock(),
+            )
+            train, held = holdout(data, self.spec, fraction=self.settings.holdout_fraction)
+            if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
+                raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
+        with self._step("train"):
+            params = TrainParams.from_settings(self.settings)
+            weights = sample_weights(train, new_share=self.settings.new_data_weight_share)
+            model = train_model(train, self.spec, params, sample_weight=weights)
+        with self._step("validate"):
+            gate = evaluate_gate(
+                candidate=model,
+                champion=self.registry.load(champion),
+                holdout=held,
+                spec=self.spec,
+                margin=self.settings.gate_margin,
+            )
+            metrics = _jsonable(_version_metrics(gate))
+        with self._step("register"):
+            version = self.registry.register(
+                self._new_version(run, champion, model, params, data, train, held, metrics)
+            )
+            self.candidate_version = version.version
+            self._save(candidate_version=version.version)
+        with self._step("promote"):
+            status = self._decide(version.version, champion.version, gate)
+        self._finish(status=status, metrics=metrics)
+        return RunOutcome(self.run_id, status.value, version.version, gate)
+
+    def _decide(self, version: int, parent: int, gate: GateResult) -> RunStatus:
+        current = self.registry.champion()
+        if current is None or current.version != parent:
+            now_serving = current.version if current else None
+            self.registry.reject(
+                version=version, reason=f"champion changed during the run (v{parent} → v{now_serving})"
+            )
+            return RunStatus.rejected
+        if not gate.passed:
+            self.registry.reject(version=version, reason="; ".join(gate.reasons))
+            return RunStatus.rejected
+        cand, champ = gate.candidate_metrics["mae"], gate.champion_metrics["mae"]
+        self.registry.promote(
+            version=version,
+            reason=f"retrain run {self.run_id}: holdout MAE {cand:.6g} vs champion {champ:.6g}",
+        )
+        return RunStatus.promoted
+
+    def _new_version(
+        self,
+        run: RetrainRun,
+        champion: ModelVersion,
+        model: CatBoostRegressor,
+        params: TrainParams,
+        data: TrainingData,
+        train: pd.DataFrame,
+        held: pd.DataFrame,
+        metrics: dict[str, Any],
+    ) -> NewVersion:
+        times = train[EVENT_TIME]
+        return NewVersion(
+            model=model,
+            reference=candidate_reference(model, data, self.spec),
+            trigger=run.trigger,
+            metrics=metrics,
+            params=params.as_dict(),
+            train_rows=len(train),
+            train_start=times.min().to_pydatetime(),
+            train_end=times.max().to_pydatetime(),
+            feature_importance=feature_importance(model, self.spec),
+            data_sources={
+                "rows": dict(data.sources),
+                "reference_version": champion.version,
+                "window_days": self.settings.train_window_days,
+                "start": data.start.isoformat() if data.start else None,
+                "end": data.end.isoformat() if data.end else None,
+                "train_rows": len(train),
+                "holdout_rows": len(held),
+                "new_data_weight_share": self.settings.new_data_weight_share,
+                "holdout_basis": "all" if (held[SOURCE] == REFERENCE).any() else "new",
+            },
+            parent_version=champion.version,
+            report_id=run.report_id,
+            retrain_run_id=self.run_id,
+            note=run.reason,
+        )
+
+    @contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        entry: dict[str, Any] = {"started_at": self.clock().isoformat(), "seconds": None}
+        self.steps[name] = entry
+        self._save(steps=dict(self.steps))
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = {**entry, "seconds": round(time.perf_counter() - t0, 3)}
+        self._save(steps=dict(self.steps))
+
+    def _save(self, **values: Any) -> None:
+        """Update our row while it is still running; if it is not, someone took the run away: stop."""
+        with self.sessions.begin() as session:
+            result = session.execute(
+                update(RetrainRun)
+                .where(RetrainRun.id == self.run_id, RetrainRun.status == RunStatus.running)
+                .values(**values)
+            )
+            if not result.rowcount:  # type: ignore[attr-defined]
+                raise RunAborted(f"retrain run {self.run_id} is no longer running")
+
+    def _finish(self, *, status: RunStatus, **values: Any) -> None:
+        try:
+            self._save(
+                status=status,
+                candidate_version=self.candidate_version,
+                steps=dict(self.steps),
+                finished_at=self.clock(),
+                **values,
+            )
+        except RunAborted:
+            log.warning(
+                "retrain run %s was finished by another process; outcome %s not recorded", self.run_id, status
+            )
+
+    def _reject_undecided(self, error: str) -> None:
+        """A candidate registered by a run that then failed must not stay a candidate."""
+        if self.candidate_version is None:
+            return
+        row = self.registry.get(self.candidate_version)
+        if row is not None and row.status == ModelStatus.candidate:
+            self.registry.reject(
+                version=self.candidate_version, reason=f"retrain run {self.run_id} failed: {error}"
+            )
+
+
+def _version_metrics(gate: GateResult) -> dict[str, Any]:
+    return {
+        **{f"val_{k}": v for k, v in gate.candidate_metrics.items()},
+        **{f"champion_val_{k}": v for k, v in gate.champion_metrics.items()},
+        "gate": gate.as_dict(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN and ±inf become None: PostgreSQL's JSON rejects them."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# --- the child process ---------------------------------------------------------------------------------
+
+
+class RunHandle:
+    """A launched run: its id, the child's pid, and the parent's view of when it ended."""
+
+    def __init__(self, run_id: int, process: subprocess.Popen[bytes]) -> None:
+        self.run_id = run_id
+        self.pid = process.pid
+        self._process = process
+        self._done = threading.Event()
+        self._status: str = RunStatus.running.value
+
+    def poll(self) -> str | None:
+        """The run's final status, or None while the child is still running."""
+        return self._status if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the run ends (or `timeout` s pass); the run's status, `running` if not yet ended."""
+        self._done.wait(timeout)
+        return self._status
+
+    def _finished(self, status: str) -> None:
+        self._status = status
+        self._done.set()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The child's environment: ours without DRIFTLOOP_* overrides, plus our settings as JSON (no secrets)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
+    secrets = {name for name, value in settings if isinstance(value, SecretStr)}
+    env[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json", exclude=secrets))
+    return env
+
+
+def launch(
+    *,
+    settings: Settings,
+    trigger: str,
+    reason: str = "",
+    report_id: int | None = None,
+    sessions: sessionmaker[Session] | None = None,
+    metrics: Metrics | None = None,
+    clock: Clock = utcnow,
+) -> RunHandle:
+    """Claim the single-flight slot here (RunInProgress at once if taken), then run it in a child process.
+
+    A daemon thread waits on the child: past settings.retrain_timeout_s it kills it; a child that exits
+    without finishing its row gets the run marked failed with its exit code or signal.
+    """
+    engine = None
+    if sessions is None:
+        engine = make_engine(settings.database_url)
+        sessions = make_sessions(engine)
+    try:
+        run_id = start_run(sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, str(run_id)],
+                env=child_env(settings),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            fail_run(sessions, run_id, error=f"could not start the child process: {exc}", now=clock())
+            raise
+    except BaseException:
+        if engine is not None:
+            engine.dispose()
+        raise
+    with sessions.begin() as session:
+        session.execute(update(RetrainRun).where(RetrainRun.id == run_id).values(pid=process.pid))
+    if metrics is not None:
+        metrics.retrain_running.set(1)
+    handle = RunHandle(run_id, process)
+    watcher = threading.Thread(
+        target=_watch,
+        kwargs={
+            "handle": handle,
+            "process": process,
+            "sessions": sessions,
+            "timeout_s": settings.retrain_timeout_s,
+            "metrics": metrics,
+            "clock": clock,
+            "on_done": engine.dispose if engine is not None else None,
+        },
+        name=f"retrain-watch-{run_id}",
+        daemon=True,
+    )
+    watcher.start()
+    return handle
+
+
+def _watch(
+    *,
+    handle: RunHandle,
+    process: subprocess.Popen[bytes],
+    sessions: sessionmaker[Session],
+    timeout_s: float,
+    metrics: Metrics | None,
+    clock: Clock,
+    on_done: Callable[[], None] | None,
+) -> None:
+    status = RunStatus.failed.value
+    try:
+        try:
+            code = process.wait(timeout=timeout_s)
+            error = f"child process {process.pid} {_describe_exit(code)} before finishing the run"
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            error = f"timed out after {timeout_s:g} s; child process {process.pid} killed"
+        fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op when the child finished it
+        with sessions() as session:
+            status = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id)) or status
+        if metrics is not None:
+            _observe(metrics, sessions, handle.run_id)
+    except Exception:
+        log.exception("watching retrain run %s failed", handle.run_id)
+    finally:
+        handle._finished(status)
+        if on_done is not None:
+            on_done()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _observe(metrics: Metrics, sessions: sessionmaker[Session], run_id: int) -> None:
+    with sessions() as session:
+        run = session.get(RetrainRun, run_id)
+    metrics.retrain_running.set(0)
+    if run is None or run.status == RunStatus.running:
+        return
+    metrics.retrain_runs.labels(trigger=run.trigger, status=run.status).inc()
+    metrics.retrain_last_finished.set((run.finished_at or utcnow()).timestamp())

@@ -1,0 +1,116 @@
+"""The app factory: builds every collaborator from settings; starts and stops them in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_sessions
+from core.metrics import Metrics, build_metrics
+from core.registry import ArtifactStore, Registry
+from core.settings import Settings
+from core.spec import FeatureSpec, load_spec
+from monitor.jobs import Loop
+from service import errors
+from service.holder import ModelHolder
+from service.logger import PredictionLogger
+from service.middleware import BodyLimit, RequestMetrics
+from service.routes import feedback, loop, models, ops, predict
+from service.spool import Spool
+
+log = logging.getLogger("driftloop.service")
+
+
+@dataclass(slots=True)
+class ServiceContext:
+    settings: Settings
+    spec: FeatureSpec
+    engine: Engine
+    sessions: sessionmaker[Session]
+    registry: Registry
+    prom_registry: CollectorRegistry
+    metrics: Metrics
+    holder: ModelHolder
+    logger: PredictionLogger
+    loop: Loop
+
+
+def build_context(settings: Settings, *, prom_registry: CollectorRegistry | None = None) -> ServiceContext:
+    spec = load_spec(settings.spec_path)
+    engine = make_engine(settings.database_url)
+    sessions = make_sessions(engine)
+    registry = Registry(sessions, ArtifactStore(settings.artifact_dir))
+    prom = prom_registry or CollectorRegistry()
+    metrics = build_metrics(prom)
+    logger = PredictionLogger(
+        sessions,
+        Spool(settings.spool_dir),
+        metrics,
+        queue_size=settings.log_queue_size,
+        batch_size=settings.log_batch_size,
+        flush_interval_s=settings.log_flush_interval_s,
+        replay_interval_s=settings.spool_replay_interval_s,
+    )
+    return ServiceContext(
+        settings=settings,
+        spec=spec,
+        engine=engine,
+        sessions=sessions,
+        registry=registry,
+        prom_registry=prom,
+        metrics=metrics,
+        holder=ModelHolder(registry, metrics, poll_s=settings.champion_poll_s),
+        logger=logger,
+        loop=Loop(settings=settings, spec=spec, sessions=sessions, registry=registry, metrics=metrics),
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    scheduler: bool | None = None,
+    prom_registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """`scheduler` overrides settings.scheduler: False for API replicas in scale-out mode."""
+    settings = settings or Settings()
+    ctx = build_context(settings, prom_registry=prom_registry)
+    run_scheduler = settings.scheduler if scheduler is None else scheduler
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.logger.start()
+        ctx.holder.start()
+        if run_scheduler:
+            ctx.loop.start()
+        try:
+            yield
+        finally:
+            if run_scheduler:
+                ctx.loop.stop()
+            ctx.holder.stop()
+            ctx.logger.stop()  # drain: every answered prediction reaches the DB or the spool
+            ctx.engine.dispose()
+
+    app = FastAPI(
+        title="driftloop",
+        version="0.1.0",
+        summary=f"Predictions for {ctx.spec.dataset}, with drift monitoring and gated retraining.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    errors.install(app)
+    app.include_router(predict.build_router(ctx.spec, max_batch=settings.max_batch_size))
+    app.include_router(feedback.build_router(ctx.spec, max_batch=settings.max_batch_size))
+    app.include_router(ops.router)
+    app.include_router(models.router)
+    app.include_router(loop.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=ctx.metrics)
+    return app

@@ -1,0 +1,303 @@
+"""The `driftloop` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.settings import Settings
+
+cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _registry(settings: Settings) -> Any:
+    from core.db import make_engine, make_sessions, migrate
+    from core.registry import ArtifactStore, Registry
+
+    if settings.auto_migrate:
+        migrate(settings.database_url)
+    return Registry(make_sessions(make_engine(settings.database_url)), ArtifactStore(settings.artifact_dir))
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database schema up to date (alembic upgrade head)."""
+    from core.db import migrate as do_migrate
+
+    settings = _settings()
+    do_migrate(settings.database_url)
+    console.print("[green]schema is up to date[/]")
+
+
+@cli.command()
+def bootstrap(
+    csv: Annotated[
+        Path | None, typer.Option(help="Labelled CSV to train v1 on (default: generated data).")
+    ] = None,
+    rows: Annotated[int, typer.Option(help="Generated rows when no CSV is given.")] = 20_000,
+    seed: int = 0,
+) -> None:
+    """Train, register and promote v1 if there is no champion yet (idempotent)."""
+    from core.spec import load_spec
+    from retrain.bootstrap import bootstrap as do_bootstrap
+    from retrain.train import TrainParams
+
+    settings = _settings()
+    with console.status("training v1…"):
+        result = do_bootstrap(
+            registry=_registry(settings),
+            spec=load_spec(settings.spec_path),
+            params=TrainParams.from_settings(settings),
+            holdout_fraction=settings.holdout_fraction,
+            csv_path=csv,
+            rows=rows,
+            seed=seed,
+        )
+    row = result.version
+    verb = "trained and promoted" if result.created else "already the champion:"
+    console.print(
+        f"[green]{verb} v{row.version}[/] (validation MAE {row.metrics.get('val_mae', float('nan')):,.1f})"
+    )
+
+
+@cli.command()
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    no_scheduler: Annotated[
+        bool, typer.Option("--no-scheduler", help="API replica: no monitor jobs.")
+    ] = False,
+    log_level: str = "info",
+    access_log: Annotated[bool, typer.Option(help="Log every request (metrics count them anyway).")] = False,
+) -> None:
+    """Run the API (and, unless --no-scheduler, the monitor scheduler) in this process."""
+    import uvicorn
+
+    from core.db import migrate as do_migrate
+    from service.app import create_app
+
+    settings = _settings()
+    if settings.auto_migrate:
+        do_migrate(settings.database_url)
+    app = create_app(settings, scheduler=not no_scheduler)
+    uvicorn.run(
+        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
+    )
+
+
+@cli.command()
+def worker(host: str = "127.0.0.1", port: int = 9100, log_level: str = "info") -> None:
+    """Scale-out worker: monitor scheduler + retrain runner, /metrics and /health on --port."""
+    import uvicorn
+
+    from core.db import migrate as do_migrate
+    from service.worker import create_worker_app
+
+    settings = _settings()
+    if settings.auto_migrate:
+        do_migrate(settings.database_url)
+    uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level)
+
+
+@cli.command()
+def ingest(
+    file: Path,
+    source: Annotated[str | None, typer.Option(help="Source label stored with the rows.")] = None,
+    show: Annotated[int, typer.Option(help="How many rejected rows to list.")] = 20,
+) -> None:
+    """Load labelled transactions from a CSV into labelled_row; rows that violate the spec are reported."""
+    from core.db import make_engine, make_sessions
+    from core.db import migrate as do_migrate
+    from core.ingest import IngestError, count_rows, ingest_csv
+    from core.spec import load_spec
+
+    settings = _settings()
+    spec = load_spec(settings.spec_path)
+    if settings.auto_migrate:
+        do_migrate(settings.database_url)
+    sessions = make_sessions(make_engine(settings.database_url))
+    try:
+        total = count_rows(file)
+    except FileNotFoundError:
+        console.print(f"[red]file not found: {file}[/]")
+        raise typer.Exit(2) from None
+    try:
+        with _progress() as progress:
+            task = progress.add_task("ingesting", total=total)
+            report = ingest_csv(
+                file,
+                spec=spec,
+                sessions=sessions,
+                source=source,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+    except IngestError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+    console.print(f"[green]{report.accepted} row(s) loaded[/], {len(report.rejected)} rejected")
+    for line, problems in report.rejected[:show]:
+        console.print(f"  line {line}: " + "; ".join(problems))
+    if len(report.rejected) > show:
+        console.print(f"  … and {len(report.rejected) - show} more")
+    if report.rejected:
+        raise typer.Exit(1)
+
+
+@cli.command()
+def models() -> None:
+    """List model versions."""
+    registry = _registry(_settings())
+    table = Table("version", "status", "trigger", "created", "val MAE", "parent")
+    for row in registry.list():
+        mae = row.metrics.get("val_mae")
+        table.add_row(
+            f"v{row.version}", row.status, row.trigger, f"{row.created_at:%Y-%m-%d %H:%M}",
+            f"{mae:,.1f}" if mae is not None else "-",
+            f"v{row.parent_version}" if row.parent_version else "-",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@cli.command()
+def promote(version: int, reason: str = "manual promote via CLI") -> None:
+    """Make VERSION the champion; serving processes swap within their poll interval."""
+    from core.registry import RegistryError
+
+    try:
+        row = _registry(_settings()).promote(version=version, reason=reason)
+    except RegistryError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]v{row.version} is the champion[/]")
+
+
+@cli.command()
+def rollback() -> None:
+    """Re-promote the previous champion."""
+    from core.registry import RegistryError
+
+    try:
+        row = _registry(_settings()).rollback(reason="rollback via CLI")
+    except RegistryError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from None
+    console.print(f"[green]rolled back: v{row.version} is the champion[/]")
+
+
+@cli.command()
+def retrain(wait: bool = True) -> None:
+    """Start a manual retrain run (single-flight across processes)."""
+    from prometheus_client import CollectorRegistry
+
+    from core.metrics import build_metrics
+    from core.schema import Trigger
+    from core.spec import load_spec
+    from monitor.jobs import Loop
+    from retrain.runner import RunInProgress
+
+    settings = _settings()
+    registry = _registry(settings)
+    loop = Loop(
+        settings=settings,
+        spec=load_spec(settings.spec_path),
+        sessions=registry.sessions,
+        registry=registry,
+        metrics=build_metrics(CollectorRegistry()),
+    )
+    try:
+        handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
+    except RunInProgress as exc:
+        console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
+        raise typer.Exit(1) from None
+    console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
+    if wait:
+        with console.status("training and validating…"):
+            status = handle.wait(settings.retrain_timeout_s + 60)
+        console.print(f"run {handle.run_id}: [bold]{status}[/]")
+
+
+@cli.command()
+def monitor() -> None:
+    """Run the monitor once now and print its verdict."""
+    from prometheus_client import CollectorRegistry
+
+    from core.metrics import build_metrics
+    from core.spec import load_spec
+    from monitor.jobs import Loop
+
+    settings = _settings()
+    registry = _registry(settings)
+    loop = Loop(
+        settings=settings,
+        spec=load_spec(settings.spec_path),
+        sessions=registry.sessions,
+        registry=registry,
+        metrics=build_metrics(CollectorRegistry()),
+    )
+    typer.echo(json.dumps(loop.run_monitor().to_json(), indent=2, default=str))
+
+
+@cli.command()
+def generate(
+    out: Path,
+    rows: int = 10_000,
+    scenario: str = "none",
+    start: str = "2019-01-01",
+    end: str = "2021-12-31",
+    change_at: str | None = None,
+    seed: int = 0,
+) -> None:
+    """Write generated apartment transactions (with a drift scenario) to a CSV."""
+    from core.generator import generate_transactions
+
+    frame = generate_transactions(
+        rows, start=start, end=end, scenario=scenario, change_at=change_at, seed=seed
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    console.print(f"wrote {len(frame)} rows to {out}")
+
+
+@cli.command()
+def demo(
+    scenario: Annotated[str, typer.Option(help="none, rate_shock, new_town or unit_bug.")] = "rate_shock",
+    state: Annotated[Path, typer.Option(help="Where the demo keeps its (wiped) state.")] = Path("var/demo"),
+    seed: int = 0,
+) -> None:
+    """The whole loop on the embedded default: drift, alert, retrain, gate, hot swap."""
+    from service.demo import run_demo
+
+    raise typer.Exit(run_demo(scenario=scenario, state=state, seed=seed))
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "alembic", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cli()
+
+
+if __name__ == "__main__":
+    main()

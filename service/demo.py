@@ -1,0 +1,380 @@
+"""`driftloop demo`: the whole loop on the embedded default, narrated.
+
+bootstrap v1 on 2019–2021 → serve → stable traffic → a drift scenario with delayed feedback → the monitor
+flags it → an alert reaches a local webhook receiver → a candidate is trained, gated and swapped in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import httpx
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from core.generator import generate_transactions
+from core.settings import Settings, to_env
+from core.spec import load_spec
+
+BATCH = 50
+FEEDBACK_DELAY_BATCHES = 3  # labels arrive three batches after their predictions
+
+
+@dataclass
+class Timeline:
+    start: float = field(default_factory=time.monotonic)
+    events: list[tuple[float, str]] = field(default_factory=list)
+    console: Console = field(default_factory=Console)
+
+    def mark(self, text: str) -> float:
+        at = time.monotonic() - self.start
+        self.events.append((at, text))
+        self.console.print(f"[dim]{at:6.1f}s[/]  {text}")
+        return at
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    alerts: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        type(self).alerts.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        return
+
+
+@dataclass
+class Served:
+    index: int
+    version: int
+    prediction: float
+    actual: float
+    phase: str
+
+
+def demo_settings(state: Path, webhook_url: str) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        database_url=f"sqlite:///{state / 'driftloop.db'}",
+        artifact_dir=state / "artifacts",
+        spool_dir=state / "spool",
+        report_dir=state / "reports",
+        admin_token="demo-admin-token",
+        webhook_url=webhook_url,
+        webhook_backoff_s=0.5,
+        monitor_interval_s=3,
+        window_rows=1000,
+        min_window_rows=400,
+        min_labelled_rows=200,
+        consecutive_breaches=2,
+        retrain_cooldown_s=900,
+        champion_poll_s=0.5,
+        train_iterations=300,
+        train_thread_count=2,
+    )
+
+
+def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), seed: int = 0) -> int:
+    console = Console()
+    shutil.rmtree(state, ignore_errors=True)
+    state.mkdir(parents=True)
+    spec = load_spec()
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    _Receiver.alerts = []
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    settings = demo_settings(state, f"http://127.0.0.1:{receiver.server_address[1]}/hook")
+    env = {**os.environ, **to_env(settings)}
+    tl = Timeline(console=console)
+    console.rule(f"[bold]driftloop demo[/] — scenario [cyan]{scenario}[/]")
+
+    cli = [sys.executable, "-m", "service.cli"]
+    subprocess.run([*cli, "bootstrap", "--rows", "20000", "--seed", str(seed)], env=env, check=True)
+    tl.mark("v1 bootstrapped on 20,000 transactions from 2019–2021")
+    port = _free_port()
+    log = (state / "server.log").open("wb")
+    server = subprocess.Popen(
+        [*cli, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    served: list[Served] = []
+    try:
+        _wait_ready(url, server)
+        tl.mark(
+            f"service up at {url} (monitor every {settings.monitor_interval_s}s, webhook receiver listening)"
+        )
+        stable = generate_transactions(1500, start="2022-01-01", end="2022-06-30", seed=seed + 1)
+        drifted = generate_transactions(
+            6000,
+            start="2022-07-01",
+            end="2023-06-30",
+            scenario=scenario,
+            change_at="2022-07-01",
+            seed=seed + 2,
+        )
+        with httpx.Client(base_url=url, timeout=30) as client, _progress(console) as progress:
+            _stream(client, stable, spec, served, "stable", progress, pace_s=0.12)
+            tl.mark(f"streamed {len(stable):,} stable transactions with delayed feedback")
+            _wait_reports(client, 1, console)
+            tl.mark(_latest_verdict(client))
+            tl.mark(f"[yellow]drift begins: {scenario}[/]")
+            swap_at = _stream_until_swap(client, drifted, spec, served, progress, tl, settings)
+        if swap_at is None:
+            console.print("[red]no swap happened within the demo's time budget[/]")
+        _finish(console, tl, url, state, served, spec, scenario, seed)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()
+        receiver.shutdown()
+    return 0 if any(s.version > 1 for s in served) else 1
+
+
+def _stream(
+    client: httpx.Client,
+    frame: pd.DataFrame,
+    spec: Any,
+    served: list[Served],
+    phase: str,
+    progress: Progress,
+    *,
+    pace_s: float,
+) -> None:
+    task = progress.add_task(f"{phase} traffic", total=len(frame))
+    pending: list[list[tuple[str, float]]] = []
+    for start in range(0, len(frame), BATCH):
+        _send_batch(client, frame.iloc[start : start + BATCH], spec, served, phase, pending)
+        progress.advance(task, min(BATCH, len(frame) - start))
+        time.sleep(pace_s)
+    for labels in pending:
+        client.post("/feedback", json=[{"prediction_id": i, "actual": a} for i, a in labels])
+    progress.remove_task(task)
+
+
+def _send_batch(
+    client: httpx.Client,
+    chunk: pd.DataFrame,
+    spec: Any,
+    served: list[Served],
+    phase: str,
+    pending: list[list[tuple[str, float]]],
+) -> None:
+    instances = chunk[spec.feature_names].to_dict("records")
+    body = client.post("/predict/batch", json={"instances": instances}).raise_for_status().json()
+    actuals = chunk[spec.target].tolist()
+    for p, actual in zip(body["predictions"], actuals, strict=True):
+        served.append(Served(len(served), p["model_version"], p["prediction"], actual, phase))
+    pending.append([(p["prediction_id"], a) for p, a in zip(body["predictions"], actuals, strict=True)])
+    if len(pending) > FEEDBACK_DELAY_BATCHES:
+        labels = pending.pop(0)
+        client.post(
+            "/feedback", json=[{"prediction_id": i, "actual": a} for i, a in labels]
+        ).raise_for_status()
+
+
+def _stream_until_swap(
+    client: httpx.Client,
+    frame: pd.DataFrame,
+    spec: Any,
+    served: list[Served],
+    progress: Progress,
+    tl: Timeline,
+    settings: Settings,
+) -> float | None:
+    task = progress.add_task("drifted traffic", total=len(frame))
+    pending: list[list[tuple[str, float]]] = []
+    seen_reports: set[int] = set()
+    seen_runs: dict[int, str] = {}
+    alerts_seen = 0
+    swap_at = None
+    after_swap = 0
+    for start in range(0, len(frame), BATCH):
+        _send_batch(client, frame.iloc[start : start + BATCH], spec, served, "drift", pending)
+        progress.advance(task, min(BATCH, len(frame) - start))
+        time.sleep(0.12)
+        for report in reversed(client.get("/reports", params={"limit": 5}).json()):
+            if report["id"] not in seen_reports:
+                seen_reports.add(report["id"])
+                if report["verdict"] != "insufficient":
+                    tl.mark(_describe(report))
+        for alert in _Receiver.alerts[alerts_seen:]:
+            tl.mark(f"[magenta]webhook received[/]: {alert['text'].splitlines()[0]}")
+        alerts_seen = len(_Receiver.alerts)
+        for run in client.get("/retrain/runs").json():
+            if seen_runs.get(run["id"]) != run["status"]:
+                seen_runs[run["id"]] = run["status"]
+                tl.mark(_describe_run(run))
+        if swap_at is None and served[-1].version > 1:
+            swap_at = tl.mark(
+                f"[green]service now answers with v{served[-1].version}[/] (hot swap, no failed request)"
+            )
+        if swap_at is not None:
+            after_swap += BATCH
+            if after_swap >= 1500:
+                break
+    for labels in pending:
+        client.post("/feedback", json=[{"prediction_id": i, "actual": a} for i, a in labels])
+    progress.remove_task(task)
+    return swap_at
+
+
+def _describe(report: dict[str, Any]) -> str:
+    mae = f"{report['mae']:,.0f}" if report["mae"] is not None else "n/a"
+    share = f"{report['drift_share']:.2f}" if report["drift_share"] is not None else "n/a"
+    verdict = "[red]BREACH[/]" if report["breach"] else "ok"
+    labelled = report["labelled_rows"]
+    head = f"monitor report {report['id']}: "
+    return head + f"{verdict} drift share {share}, window MAE {mae} ({labelled} labelled)"
+
+
+def _describe_run(run: dict[str, Any]) -> str:
+    if run["status"] == "running":
+        return f"retrain run {run['id']} started (trigger: {run['trigger']})"
+    metrics = run.get("metrics") or {}
+    gate = metrics.get("gate", metrics)
+    cand = gate.get("candidate_metrics", {}).get("mae") if isinstance(gate, dict) else None
+    champ = gate.get("champion_metrics", {}).get("mae") if isinstance(gate, dict) else None
+    figures = f" — holdout MAE candidate {cand:,.0f} vs champion {champ:,.0f}" if cand and champ else ""
+    return f"retrain run {run['id']}: [bold]{run['status']}[/] candidate v{run['candidate_version']}{figures}"
+
+
+def _finish(
+    console: Console,
+    tl: Timeline,
+    url: str,
+    state: Path,
+    served: list[Served],
+    spec: Any,
+    scenario: str,
+    seed: int,
+) -> None:
+    from catboost import CatBoostRegressor
+
+    with httpx.Client(base_url=url, timeout=30) as client:
+        models = client.get("/models").json()
+        latest = client.get("/reports/latest").json()
+        reports = client.get("/reports", params={"limit": 500}).json()
+    test = generate_transactions(
+        3000, start="2023-07-01", end="2023-12-31", scenario=scenario, change_at="2022-07-01", seed=seed + 3
+    )
+    table = Table(title="MAE on post-drift transactions (10k KRW)")
+    for col in ("model", "status", "live traffic MAE", "fresh post-drift sample MAE"):
+        table.add_column(col, justify="right")
+    drift_rows = [s for s in served if s.phase == "drift"]
+    for m in sorted(models, key=lambda m: m["version"]):
+        model = CatBoostRegressor()
+        model.load_model(str(state / "artifacts" / f"v{m['version']}" / "model.cbm"))
+        fresh = float(np.mean(np.abs(model.predict(spec.coerce(test)) - test[spec.target])))
+        live = [abs(s.prediction - s.actual) for s in drift_rows if s.version == m["version"]]
+        table.add_row(
+            f"v{m['version']}", m["status"], f"{np.mean(live):,.0f}" if live else "-", f"{fresh:,.0f}"
+        )
+    console.print(table)
+    plot = state / "demo.png"
+    _plot(served, reports, plot)
+    console.print(f"plot of error and drift over time: [bold]{plot}[/]")
+    if latest.get("html_path"):
+        console.print(
+            f"latest Evidently report: [bold]{latest['html_path']}[/] "
+            f"(also GET {url}/reports/{latest['id']}/html)"
+        )
+    console.print(f"alerts delivered to the webhook receiver: {len(_Receiver.alerts)}")
+
+
+def _plot(served: list[Served], reports: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    err = pd.Series([abs(s.prediction - s.actual) for s in served]).rolling(100, min_periods=20).mean()
+    versions = np.array([s.version for s in served])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=False)
+    for v in sorted(set(versions)):
+        mask = versions == v
+        top.plot(np.flatnonzero(mask), err[mask], ".", markersize=2, label=f"served by v{v}")
+    drift_start = next((s.index for s in served if s.phase == "drift"), None)
+    if drift_start is not None:
+        top.axvline(drift_start, color="grey", linestyle="--", label="drift begins")
+    top.set_title("Rolling absolute error of served predictions (100 requests)")
+    top.set_xlabel("request")
+    top.set_ylabel("MAE (10k KRW)")
+    top.legend()
+    rows = [r for r in reversed(reports) if r["drift_share"] is not None]
+    if rows:
+        ids = [r["id"] for r in rows]
+        bottom.plot(ids, [r["drift_share"] for r in rows], "o-", label="drift share")
+        bottom.plot(ids, [r["weighted_drift_score"] for r in rows], "s-", label="weighted drift score")
+        twin = bottom.twinx()
+        twin.plot(ids, [r["mae"] or np.nan for r in rows], "^-", color="tab:red", label="window MAE")
+        twin.set_ylabel("window MAE")
+        for r in rows:
+            if r["breach"]:
+                bottom.axvline(r["id"], color="tab:red", alpha=0.15)
+        bottom.legend(loc="upper left")
+        twin.legend(loc="upper right")
+    bottom.set_title("Monitor reports (shaded: breach)")
+    bottom.set_xlabel("report id")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _latest_verdict(client: httpx.Client) -> str:
+    report = client.get("/reports/latest").json()
+    return _describe(report) if report.get("id") else "no monitor report yet"
+
+
+def _wait_reports(client: httpx.Client, count: int, console: Console) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        reports = client.get("/reports").json()
+        if len([r for r in reports if r["verdict"] != "insufficient"]) >= count:
+            return
+        time.sleep(0.5)
+    console.print("[yellow]the monitor has not produced a verdict yet[/]")
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the service exited during start-up; see var/demo/server.log")
+        try:
+            if httpx.get(url + "/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the service did not become ready within 60 s")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )  # fmt: skip

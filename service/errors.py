@@ -1,0 +1,63 @@
+"""Error bodies that name the field: {"error", "message", "errors": [{"field", "message"}]}."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+def field_path(loc: Sequence[Any]) -> str:
+    """('body', 'instances', 3, 'area_m2') -> 'instances[3].area_m2'; the body itself -> 'body'."""
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    path = ""
+    for part in parts:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "body"
+
+
+def describe(error: dict[str, Any]) -> dict[str, str]:
+    kind = error.get("type", "")
+    loc = error.get("loc", ())
+    if kind == "json_invalid":
+        ctx = error.get("ctx", {})
+        return {"field": "body", "message": f"malformed JSON: {ctx.get('error', error.get('msg'))}"}
+    field = field_path(loc)
+    if kind == "extra_forbidden":
+        return {"field": field, "message": "unknown field"}
+    if kind == "missing":
+        return {"field": field, "message": "required"}
+    if kind == "finite_number":
+        return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
+    return {"field": field, "message": error.get("msg", "invalid")}
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [describe(e) for e in exc.errors()]
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
+    if len(errors) > 10:
+        message += f"; and {len(errors) - 10} more"
+    return JSONResponse({"error": "invalid_request", "message": message, "errors": errors}, status_code=422)
+
+
+async def http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    names = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
+    return JSONResponse(
+        {"error": names.get(exc.status_code, "error"), "message": exc.detail},
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

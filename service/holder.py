@@ -1,0 +1,103 @@
+"""The model holder: one reference to the served champion, swapped atomically when the registry changes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+
+from catboost import CatBoostRegressor
+
+from core.metrics import Metrics
+from core.registry import Registry
+
+log = logging.getLogger("driftloop.holder")
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What a request reads once, at its start: the model and the version that will answer it."""
+
+    version: int
+    model: CatBoostRegressor
+    created_at: datetime
+
+
+class ModelHolder:
+    """Polls the registry for the champion and loads a new one off the request path.
+
+    Requests read `current` exactly once; assigning it is a single reference swap, so a request that
+    started on the old model finishes on it and the next one gets the new one.
+    """
+
+    def __init__(self, registry: Registry, metrics: Metrics, *, poll_s: float) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.poll_s = poll_s
+        self.current: Served | None = None
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def refresh(self) -> bool:
+        """Load the registry's champion if it differs from the served one; True when a swap happened."""
+        with self._lock:
+            try:
+                row = self.registry.champion()
+            except Exception as exc:  # DB unreachable: keep serving what we have
+                self.last_error = f"registry unreachable: {exc.__class__.__name__}"
+                return False
+            current = self.current
+            if row is None or (current is not None and current.version == row.version):
+                self.last_error = None if row is not None else "no champion in the registry"
+                return False
+            try:
+                model = self.registry.load(row)
+            except Exception as exc:
+                self.last_error = f"could not load v{row.version}: {exc}"
+                log.error("champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc)
+                return False
+            self.current = Served(version=row.version, model=model, created_at=row.created_at)
+            self.last_error = None
+            self._publish(previous=current)
+            log.info("now serving v%s (was %s)", row.version, _v(current))
+            return True
+
+    def _publish(self, previous: Served | None) -> None:
+        served = self.current
+        assert served is not None
+        if previous is not None:
+            self.metrics.model_info.labels(version=str(previous.version)).set(0)
+            self.metrics.model_swaps.inc()
+        self.metrics.model_info.labels(version=str(served.version)).set(1)
+        self.metrics.model_loaded.set(1)
+        self.metrics.champion_created.set(served.created_at.timestamp())
+
+    def poke(self) -> None:
+        """Check the registry now instead of at the next poll (after a promote through this process)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread = threading.Thread(target=self._run, name="driftloop-holder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            if not self._stop.is_set():
+                self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+
+def _v(served: Served | None) -> str:
+    return f"v{served.version}" if served else "nothing"

@@ -1,0 +1,419 @@
+"""The prediction logger: every answered prediction reaches prediction_log, batched off the request path.
+
+`submit` only enqueues; one writer thread inserts batches (one executemany, one transaction). When the
+database fails, the batch goes to the disk spool and later batches follow it there; every
+`replay_interval_s` the writer tries the database again by replaying the oldest segment. Inserts are
+idempotent (ON CONFLICT DO NOTHING), so a commit whose acknowledgement was lost, or a crash between
+commit and segment removal, never duplicates a row. A full queue spills the row to the spool instead of
+blocking or dropping it.
+
+Counters: each submitted row is counted once as `logged` (inserted directly) or `spooled`; a spooled
+row is later counted `replayed` once it is confirmed in the database. `dropped` counts rows the spool
+could not store, torn spool lines, and rows the database refuses (kept in the spool's rejected/ folder).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, Insert, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.metrics import Metrics
+from core.schema import PredictionLog
+from service.spool import Spool
+
+log = logging.getLogger("driftloop.logger")
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    id: str
+    created_at: datetime
+    model_version: int
+    features: dict[str, Any]
+    prediction: float
+    latency_ms: float
+
+
+class PredictionLogger:
+    """Batched, loss-free writer of prediction_log rows; see the module docstring for the contract.
+
+    Ids of spooled rows stay in memory (about 120 bytes each) until replayed, so `is_pending` can
+    answer for them during an outage.
+    """
+
+    def __init__(
+        self,
+        engine_or_sessions: Engine | sessionmaker[Session],
+        spool: Spool,
+        metrics: Metrics,
+        *,
+        queue_size: int,
+        batch_size: int,
+        flush_interval_s: float,
+        replay_interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` (monotonic seconds) times the database retries and the batch-fill deadline."""
+        self._engine = _engine_of(engine_or_sessions)
+        self._upsert = _idempotent_insert(self._engine)
+        self._spool = spool
+        self._queue: queue.Queue[LogRow] = queue.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._replay_interval_s = replay_interval_s
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: set[str] = set()  # submitted, not yet in the database
+        self._enqueued = 0  # rows put on the queue; incremented in queue order, under _cond
+        self._settled = 0  # queued rows the writer has put in the database or on the spool
+        self._closed = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: list[LogRow] = []
+        self._next_db_attempt = float("-inf")
+        self._degraded = False
+        self._last_spill_warning = float("-inf")
+        self._logged = metrics.logger_rows.labels(outcome="logged")
+        self._spooled = metrics.logger_rows.labels(outcome="spooled")
+        self._replayed = metrics.logger_rows.labels(outcome="replayed")
+        self._dropped = metrics.logger_rows.labels(outcome="dropped")
+        metrics.logger_queue_depth.set_function(self._queue.qsize)
+        metrics.logger_spool_rows.set_function(spool.pending_rows)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def spooled_pending(self) -> int:
+        return self._spool.pending_rows()
+
+    def start(self) -> None:
+        """Start the writer; it first replays any segments a previous process left on the spool."""
+        if self._thread is not None:
+            raise RuntimeError("PredictionLogger.start() called twice")
+        self._thread = threading.Thread(target=self._run, name="prediction-logger", daemon=True)
+        self._thread.start()
+
+    def submit(self, row: LogRow) -> None:
+        """Enqueue a row; never blocks on the database. A full queue spills it to the spool (slow, rare)."""
+        with self._cond:
+            self._pending.add(row.id)
+            if not self._closed:
+                try:
+                    self._queue.put_nowait(row)
+                except queue.Full:
+                    pass
+                else:
+                    self._enqueued += 1
+                    return
+        now = self._clock()
+        if now - self._last_spill_warning > 10:
+            self._last_spill_warning = now
+            log.warning("prediction log queue full (%d rows): spilling to the spool", self._queue.maxsize)
+        self._finish(0, self._to_spool([_to_doc(_params(row))]))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every row submitted before this call is in the database or on the spool."""
+        with self._cond:
+            target = self._enqueued
+            return self._cond.wait_for(lambda: self._settled >= target, timeout)
+
+    def is_pending(self, prediction_id: str) -> bool:
+        """Submitted to this logger but not yet in the database (queued, being written, or spooled)."""
+        with self._cond:
+            return prediction_id in self._pending
+
+    def wait_written(self, ids: Iterable[str], timeout: float) -> set[str]:
+        """The `ids` still pending after waiting up to `timeout` s; an id never submitted is not pending."""
+        wanted = set(ids)
+        with self._cond:
+            self._cond.wait_for(lambda: not wanted & self._pending, timeout)
+            return wanted & self._pending
+
+    def stop(self, timeout: float = 30) -> None:
+        """Drain: when this returns, every submitted row is in the database or on the spool."""
+        self._stopping.set()
+        if self._thread is None:
+            self._run()  # never started: drain in the caller
+        else:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("prediction logger did not drain within %.1f s; spooling what it holds", timeout)
+                self._settle_on_spool(self._inflight)
+        with self._cond:
+            self._closed = True  # from here on, submit() spills straight to the spool
+        self._settle_on_spool(_drain(self._queue))
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                stopping = self._stopping.is_set()
+                progressed = False
+                if not stopping and self._db_due() and self._spool.pending_rows() > 0:
+                    progressed = self._replay_one()
+                batch = self._take(0 if stopping or progressed else self._idle_wait())
+                if batch:
+                    self._write(batch)
+                    self._inflight = []
+                elif stopping:
+                    return
+            except Exception:  # never let the writer die; count what it held instead of losing it silently
+                lost, self._inflight = self._inflight, []
+                self._dropped.inc(len(lost))
+                self._finish(len(lost), [str(getattr(r, "id", "")) for r in lost])
+                log.exception("prediction logger: unexpected error; DROPPED %d rows", len(lost))
+                self._stopping.wait(self._flush_interval_s)
+
+    def _idle_wait(self) -> float:
+        if self._degraded and self._spool.pending_rows() > 0:
+            return max(0.0, min(self._flush_interval_s, self._next_db_attempt - self._clock()))
+        return self._flush_interval_s
+
+    def _take(self, wait: float) -> list[LogRow]:
+        """Up to batch_size rows: waits `wait` s for the first, then at most flush_interval_s for the rest."""
+        try:
+            first = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return []
+        batch = self._inflight = [first]
+        deadline = self._clock() + self._flush_interval_s
+        while len(batch) < self._batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - self._clock()
+            if remaining <= 0 or self._stopping.is_set():
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _write(self, batch: list[LogRow]) -> None:
+        rows = [_params(r) for r in batch]
+        if self._db_due():
+            try:
+                refused = self._insert_or_isolate(rows)
+            except Exception as exc:
+                self._degrade(exc)
+            else:
+                self._recovered()
+                self._reject(refused)
+                self._logged.inc(len(rows) - len(refused))
+                self._finish(len(batch), [r["id"] for r in rows])
+                return
+        self._settle_on_spool(batch)
+
+    def _replay_one(self) -> bool:
+        """Replay the oldest segment in one transaction; True when it is gone from the spool."""
+        segments = self._spool.segments()
+        if not segments:
+            return False
+        segment = segments[0]
+        try:
+            docs = self._spool.read(segment)
+        except OSError as exc:
+            log.error("spool segment %s unreadable: %s", segment, exc)
+            self._next_db_attempt = self._clock() + self._replay_interval_s
+            return False
+        rows: list[Row] = []
+        refused: list[tuple[Any, Exception]] = []
+        for doc in docs:
+            try:
+                rows.append(_from_doc(doc))
+            except (KeyError, TypeError, ValueError) as exc:
+                refused.append((doc, exc))
+        try:
+            refused += self._insert_or_isolate(rows)
+        except Exception as exc:
+            self._degrade(exc)
+            return False
+        self._recovered()
+        self._reject(refused)
+        torn = self._spool.rows(segment) - len(docs)  # lines that never became rows; read() logged them
+        self._spool.remove(segment)
+        self._replayed.inc(len(docs) - len(refused))
+        self._dropped.inc(max(0, torn))
+        self._finish(0, [str(d.get("id")) for d in docs])
+        return True
+
+    # --- database ----------------------------------------------------------------------------
+
+    def _insert_or_isolate(self, rows: list[Row]) -> list[tuple[Any, Exception]]:
+        """Insert rows in one transaction; if the database refuses some, insert one by one and return those.
+
+        Raises on an unreachable database; rows already inserted then are harmless, inserts being idempotent.
+        """
+        try:
+            self._insert(rows)
+            return []
+        except Exception as exc:
+            if not _is_refusal(exc):
+                raise
+        refused: list[tuple[Any, Exception]] = []
+        for row in rows:
+            try:
+                self._insert([row])
+            except Exception as exc:
+                if not _is_refusal(exc):
+                    raise
+                refused.append((row, exc))
+        return refused
+
+    def _insert(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        with self._engine.begin() as conn:
+            if self._upsert is not None:
+                conn.execute(self._upsert, rows)
+                return
+            ids = [r["id"] for r in rows]  # a dialect without ON CONFLICT: skip ids already present
+            present = set(conn.scalars(select(PredictionLog.id).where(PredictionLog.id.in_(ids))))
+            fresh = [r for r in rows if r["id"] not in present]
+            if fresh:
+                conn.execute(insert(PredictionLog), fresh)
+
+    def _db_due(self) -> bool:
+        return self._clock() >= self._next_db_attempt
+
+    def _degrade(self, exc: Exception) -> None:
+        self._next_db_attempt = self._clock() + self._replay_interval_s
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "prediction log: database unavailable (%s: %s); spooling to %s, retrying every %g s",
+                exc.__class__.__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+                self._spool.directory,
+                self._replay_interval_s,
+            )
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            self._next_db_attempt = float("-inf")
+            log.info("prediction log: database reachable; %d rows to replay", self._spool.pending_rows())
+
+    # --- spool and bookkeeping ------------------------------------------------------------------
+
+    def _settle_on_spool(self, batch: list[LogRow]) -> None:
+        self._finish(len(batch), self._to_spool([_to_doc(_params(r)) for r in batch]))
+
+    def _to_spool(self, docs: list[Row]) -> list[str]:
+        """Store rows on the spool; returns the ids that could not be kept (counted dropped)."""
+        if not docs:
+            return []
+        try:
+            self._spool.append(docs)
+        except (TypeError, ValueError) as exc:  # a row that is not JSON: keep the others
+            if len(docs) > 1:
+                return [pid for doc in docs for pid in self._to_spool([doc])]
+            self._reject([(docs[0], exc)])
+            return [str(docs[0].get("id"))]
+        except Exception as exc:
+            self._dropped.inc(len(docs))
+            log.error("prediction log: DROPPED %d rows, the spool write failed: %s", len(docs), exc)
+            return [str(d.get("id")) for d in docs]
+        self._spooled.inc(len(docs))
+        return []
+
+    def _reject(self, refused: list[tuple[Any, Exception]]) -> None:
+        if not refused:
+            return
+        self._dropped.inc(len(refused))
+        reason = f"{refused[0][1].__class__.__name__}: {refused[0][1]}"
+        try:
+            kept = str(self._spool.reject([row for row, _ in refused], reason))
+        except Exception as exc:
+            kept = f"nowhere ({exc})"
+        log.error("prediction log: database refused %d rows, kept in %s: %s", len(refused), kept, reason)
+
+    def _finish(self, settled: int, gone: list[str]) -> None:
+        """`settled` queued rows are written or spooled; ids in `gone` are in the database or lost."""
+        with self._cond:
+            self._settled += settled
+            self._pending.difference_update(gone)
+            self._cond.notify_all()
+
+
+def _is_refusal(exc: Exception) -> bool:
+    """The database refused the rows, or they could not be encoded for it: retrying them cannot help.
+
+    Encoding fails inside SQLAlchemy's bind step (StatementError) on SQLite, but inside the driver
+    (a bare TypeError/ValueError from psycopg's JSON dump) on PostgreSQL.
+    """
+    if isinstance(exc, IntegrityError | DataError | TypeError | ValueError):
+        return True
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
+def _engine_of(target: Engine | sessionmaker[Session]) -> Engine:
+    if isinstance(target, Engine):
+        return target
+    bind = target.kw.get("bind")
+    if not isinstance(bind, Engine):
+        raise TypeError("PredictionLogger needs an Engine or a sessionmaker bound to one")
+    return bind
+
+
+def _idempotent_insert(engine: Engine) -> Insert | None:
+    if engine.dialect.name == "sqlite":
+        return sqlite.insert(PredictionLog).on_conflict_do_nothing(index_elements=["id"])
+    if engine.dialect.name == "postgresql":
+        return postgresql.insert(PredictionLog).on_conflict_do_nothing(index_elements=["id"])
+    return None
+
+
+def _params(row: LogRow) -> Row:
+    return {
+        "id": row.id,
+        "created_at": row.created_at,
+        "model_version": row.model_version,
+        "features": row.features,
+        "prediction": row.prediction,
+        "latency_ms": row.latency_ms,
+    }
+
+
+def _to_doc(row: Row) -> Row:
+    created = row["created_at"]
+    return {**row, "created_at": created.isoformat() if isinstance(created, datetime) else created}
+
+
+def _from_doc(doc: Row) -> Row:
+    return {
+        "id": str(doc["id"]),
+        "created_at": datetime.fromisoformat(doc["created_at"]),
+        "model_version": int(doc["model_version"]),
+        "features": dict(doc["features"]),
+        "prediction": float(doc["prediction"]),
+        "latency_ms": float(doc["latency_ms"]),
+    }
+
+
+def _drain(q: queue.Queue[LogRow]) -> list[LogRow]:
+    rows = []
+    while True:
+        try:
+            rows.append(q.get_nowait())
+        except queue.Empty:
+            return rows

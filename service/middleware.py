@@ -1,0 +1,110 @@
+"""Pure-ASGI middleware: request metrics by route template, and a request-body size limit."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from core.metrics import Metrics
+
+
+class BodyLimit:
+    """Answer 413 before the app sees a body larger than `max_bytes` (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                await _error(send, 400, "content-length: not a number")
+                return
+            if size > self.max_bytes:
+                await _error(send, 413, self._too_large(size))
+                return
+            await self.app(scope, receive, send)
+            return
+        # Chunked upload: read it whole (bounded), then hand the app one message.
+        chunks: list[bytes] = []
+        total = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                await _error(send, 413, self._too_large(total))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self, size: int) -> str:
+        return f"body: {size} bytes is over the limit of {self.max_bytes} bytes (DRIFTLOOP_MAX_BODY_BYTES)"
+
+
+class RequestMetrics:
+    """Counts and times every request under its route template (`/models/{version}`), never the raw path."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            code = str(status)
+            self.metrics.http_requests.labels(endpoint=endpoint, status=code).inc()
+            if status >= 400:
+                self.metrics.http_errors.labels(endpoint=endpoint, status=code).inc()
+            self.metrics.http_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    body = json.dumps({"error": _ERROR_NAMES.get(status, "error"), "message": message}).encode()
+    headers: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+_ERROR_NAMES = {400: "bad_request", 413: "body_too_large"}

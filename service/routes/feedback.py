@@ -1,0 +1,90 @@
+"""POST /feedback: ground truth for earlier predictions, upserted idempotently."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from core.db import utcnow
+from core.schema import GroundTruth, PredictionLog
+from core.spec import FeatureSpec
+
+IN_FLIGHT_WAIT_S = 5.0
+CHUNK = 500
+
+
+class FeedbackResult(BaseModel):
+    accepted: int = Field(description="New labels stored.")
+    updated: int = Field(description="Labels that replaced a different earlier value.")
+    duplicate: int = Field(
+        description="Labels already stored with the same value (or repeated in this request)."
+    )
+    unknown: list[str] = Field(description="prediction_ids this service has no record of.")
+
+
+def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
+    bound = {"ge": spec.target_min} if spec.target_min is not None else {}
+
+    class FeedbackItem(BaseModel):
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+        prediction_id: str = Field(min_length=1, max_length=36)
+        actual: float = Field(description=f"Observed {spec.target}.", **bound)
+
+    router = APIRouter(tags=["feedback"])
+
+    @router.post("/feedback", response_model=FeedbackResult, summary="Ground truth for earlier predictions")
+    def feedback(
+        request: Request,
+        items: Annotated[list[FeedbackItem], Body(min_length=1, max_length=max_batch)],
+    ) -> FeedbackResult:
+        ctx = request.app.state.ctx
+        labels: dict[str, float] = {}
+        repeated = 0
+        for item in items:
+            repeated += item.prediction_id in labels
+            labels[item.prediction_id] = item.actual
+        in_flight = [pid for pid in labels if ctx.logger.is_pending(pid)]
+        if in_flight:
+            ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)
+        try:
+            result = _upsert(ctx.sessions, labels)
+        except OperationalError as exc:
+            raise HTTPException(
+                503, "database unavailable: nothing was stored; retry the same request"
+            ) from exc
+        result.duplicate += repeated
+        for outcome in ("accepted", "updated", "duplicate"):
+            ctx.metrics.feedback.labels(outcome=outcome).inc(getattr(result, outcome))
+        ctx.metrics.feedback.labels(outcome="unknown").inc(len(result.unknown))
+        return result
+
+    return router
+
+
+def _upsert(sessions: object, labels: dict[str, float]) -> FeedbackResult:
+    result = FeedbackResult(accepted=0, updated=0, duplicate=0, unknown=[])
+    ids = list(labels)
+    now = utcnow()
+    with sessions.begin() as session:  # type: ignore[attr-defined]
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            known = set(session.scalars(select(PredictionLog.id).where(PredictionLog.id.in_(chunk))))
+            existing = {
+                gt.prediction_id: gt
+                for gt in session.scalars(select(GroundTruth).where(GroundTruth.prediction_id.in_(known)))
+            }
+            for pid in chunk:
+                if pid not in known:
+                    result.unknown.append(pid)
+                elif pid not in existing:
+                    session.add(GroundTruth(prediction_id=pid, actual=labels[pid], received_at=now))
+                    result.accepted += 1
+                elif existing[pid].actual == labels[pid]:
+                    result.duplicate += 1
+                else:
+                    existing[pid].actual = labels[pid]
+                    existing[pid].received_at = now
+                    result.updated += 1
+    return result

@@ -1,0 +1,104 @@
+"""The loop's endpoints: retrain runs, monitor runs and drift reports."""
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from core.schema import DriftReport, RetrainRun, Trigger
+from retrain.runner import RunInProgress
+from service.auth import Admin
+from service.views import report_summary, row_dict
+
+router = APIRouter(tags=["loop"])
+MAX_LIST = 500
+
+
+class RetrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="manual trigger", max_length=500)
+
+
+@router.post("/retrain", status_code=202, summary="Start a retrain run now (admin)")
+def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(default=None)) -> JSONResponse:
+    ctx = request.app.state.ctx
+    try:
+        handle = ctx.loop.launch_retrain(trigger=Trigger.manual, reason=(body or RetrainRequest()).reason)
+    except RunInProgress as exc:
+        raise HTTPException(
+            409, f"retrain run {exc.run_id} is already running; at most one runs at a time"
+        ) from exc
+    return JSONResponse(
+        {"run_id": handle.run_id, "status": "running", "url": f"/retrain/runs/{handle.run_id}"},
+        status_code=202,
+    )
+
+
+@router.get("/retrain/runs", summary="Retrain runs, newest first")
+def list_runs(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+    with request.app.state.ctx.sessions() as session:
+        rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(_limit(limit)))
+        return [row_dict(r) for r in rows]
+
+
+@router.get("/retrain/runs/{run_id}", summary="One retrain run with step timings")
+def get_run(request: Request, run_id: int) -> dict[str, Any]:
+    with request.app.state.ctx.sessions() as session:
+        row = session.get(RetrainRun, run_id)
+    if row is None:
+        raise HTTPException(404, f"retrain run {run_id} does not exist")
+    return row_dict(row)
+
+
+@router.post("/monitor/run", summary="Run the monitor now and return its report (admin)")
+async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    outcome = await run_in_threadpool(ctx.loop.run_monitor)
+    return outcome.to_json()
+
+
+@router.get("/reports", summary="Drift reports, newest first")
+def list_reports(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+    with request.app.state.ctx.sessions() as session:
+        rows = session.scalars(select(DriftReport).order_by(DriftReport.id.desc()).limit(_limit(limit)))
+        return [report_summary(r) for r in rows]
+
+
+@router.get("/reports/latest", summary="The newest drift report")
+def latest_report(request: Request) -> dict[str, Any]:
+    with request.app.state.ctx.sessions() as session:
+        row = session.scalar(select(DriftReport).order_by(DriftReport.id.desc()).limit(1))
+    if row is None:
+        raise HTTPException(404, "no drift report yet: the monitor has not run (POST /monitor/run)")
+    return row_dict(row)
+
+
+@router.get("/reports/{report_id}", summary="One drift report (JSON)")
+def get_report(request: Request, report_id: int) -> dict[str, Any]:
+    return row_dict(_report(request, report_id))
+
+
+@router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
+def get_report_html(request: Request, report_id: int) -> FileResponse:
+    row = _report(request, report_id)
+    if not row.html_path or not Path(row.html_path).is_file():
+        raise HTTPException(
+            404, f"report {report_id} has no HTML page (too few rows for a verdict, or file removed)"
+        )
+    return FileResponse(row.html_path, media_type="text/html")
+
+
+def _report(request: Request, report_id: int) -> DriftReport:
+    with request.app.state.ctx.sessions() as session:
+        row = session.get(DriftReport, report_id)
+    if row is None:
+        raise HTTPException(404, f"drift report {report_id} does not exist")
+    return row
+
+
+def _limit(limit: int) -> int:
+    return max(1, min(limit, MAX_LIST))

@@ -1,0 +1,59 @@
+"""Registry endpoints: list, lineage, promote and roll back (admin)."""
+
+from typing import Any
+
+from fastapi import APIRouter, Body, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.registry import RegistryError
+from core.schema import DriftReport, RetrainRun
+from service.auth import Admin
+from service.views import model_lineage, model_summary
+
+router = APIRouter(tags=["models"])
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(default="manual promote", max_length=500)
+
+
+@router.get("/models", summary="All model versions, newest first")
+def list_models(request: Request) -> list[dict[str, Any]]:
+    return [model_summary(row) for row in request.app.state.ctx.registry.list()]
+
+
+@router.get("/models/{version}", summary="One version with its lineage")
+def get_model(request: Request, version: int) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    row = ctx.registry.get(version)
+    if row is None:
+        raise HTTPException(404, f"model version {version} does not exist")
+    with ctx.sessions() as session:
+        report = session.get(DriftReport, row.report_id) if row.report_id else None
+        run = session.get(RetrainRun, row.retrain_run_id) if row.retrain_run_id else None
+    return model_lineage(row, report=report, run=run)
+
+
+@router.post("/models/{version}/promote", summary="Make a version the champion (admin)")
+def promote(
+    request: Request, version: int, _: Admin, body: PromoteRequest | None = Body(default=None)
+) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    try:
+        row = ctx.registry.promote(version=version, reason=(body or PromoteRequest()).reason)
+    except RegistryError as exc:
+        raise HTTPException(404 if "does not exist" in str(exc) else 409, str(exc)) from exc
+    ctx.holder.poke()
+    return model_summary(row)
+
+
+@router.post("/models/rollback", summary="Re-promote the previous champion (admin)")
+def rollback(request: Request, _: Admin) -> dict[str, Any]:
+    ctx = request.app.state.ctx
+    try:
+        row = ctx.registry.rollback(reason="rollback via API")
+    except RegistryError as exc:
+        raise HTTPException(409, str(exc)) from exc
+    ctx.holder.poke()
+    return model_summary(row)

@@ -1,0 +1,39 @@
+"""Liveness, readiness and the Prometheus endpoint."""
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="Liveness: the process answers")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="Readiness: a champion is loaded and the database answers")
+def ready(request: Request) -> JSONResponse:
+    ctx = request.app.state.ctx
+    problems = []
+    served = ctx.holder.current
+    if served is None:
+        problems.append(ctx.holder.last_error or "no champion loaded")
+    try:
+        with ctx.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        problems.append(f"database unreachable: {exc.__class__.__name__}")
+    body = {
+        "ready": not problems,
+        "model_version": served.version if served else None,
+        "problems": problems,
+        "logger": {"queue_depth": ctx.logger.queue_depth, "spooled_pending": ctx.logger.spooled_pending},
+    }
+    return JSONResponse(body, status_code=200 if not problems else 503)
+
+
+@router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.ctx.prom_registry), media_type=CONTENT_TYPE_LATEST)

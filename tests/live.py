@@ -1,0 +1,97 @@
+"""A real driftloop process on a loopback port, started and stopped by a test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from core.settings import Settings, to_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LiveServer:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def get(self, path: str, **kw: object) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
+
+    def post(self, path: str, **kw: object) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kw)  # type: ignore[arg-type]
+
+    def metric(self, name: str) -> float:
+        """The value of one sample line (`name` includes labels exactly as exported)."""
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def terminate(self, timeout: float = 60) -> bool:
+        """SIGTERM, as an orchestrator sends it; True when the process shut down gracefully.
+
+        uvicorn re-raises the signal after a graceful shutdown, so the exit status is -SIGTERM, not 0.
+        """
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    settings: Settings, log_dir: Path, *, command: tuple[str, ...] = ("serve",), timeout: float = 60
+) -> LiveServer:
+    port = free_port()
+    env = {**os.environ, **to_env(settings)}
+    log_path = log_dir / f"server-{port}.log"
+    with log_path.open("wb") as fh:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *command, "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    server.terminate()
+    raise RuntimeError(f"server did not answer /health within {timeout}s:\n{server.log()[-3000:]}")
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll `predicate` until it returns a truthy value (returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,227 @@
+"""The HTTP contract in-process (httpx over ASGI): bad input names the field, nothing is logged."""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from core.schema import GroundTruth, PredictionLog
+from service.app import create_app
+from tests.conftest import make_settings
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+@pytest.fixture
+def client(champion, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    settings = make_settings(db_url, tmp_path, max_batch_size=5, max_body_bytes=4096)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        yield client
+
+
+def logged_rows(client: TestClient) -> int:
+    ctx = client.app.state.ctx
+    assert ctx.logger.flush(timeout=30)
+    with ctx.sessions() as session:
+        return session.scalar(select(func.count()).select_from(PredictionLog))
+
+
+def post_raw(client: TestClient, path: str, body: str):
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def test_predict_answers_with_id_and_version_and_logs_the_row(client, make_features) -> None:
+    response = client.post("/predict", json=make_features())
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"prediction", "prediction_id", "model_version"}
+    assert body["model_version"] == 1
+    assert body["prediction"] > 0
+    assert logged_rows(client) == 1
+    with client.app.state.ctx.sessions() as session:
+        row = session.get(PredictionLog, body["prediction_id"])
+    assert row.features == make_features()
+    assert row.prediction == body["prediction"]
+    assert row.model_version == 1
+
+
+def test_batch_predicts_each_instance_in_order(client, make_features) -> None:
+    instances = [make_features(area_m2=a) for a in (40.0, 84.0, 135.0)]
+    response = client.post("/predict/batch", json={"instances": instances})
+    assert response.status_code == 200
+    body = response.json()
+    values = [p["prediction"] for p in body["predictions"]]
+    single = [client.post("/predict", json=i).json()["prediction"] for i in instances]
+    assert values == pytest.approx(single)
+    assert len({p["prediction_id"] for p in body["predictions"]}) == 3
+    assert logged_rows(client) == 6
+
+
+BAD_PREDICT = [
+    ("missing field", {"floor": None}, "floor: required"),
+    ("extra field", {"colour": "red"}, "colour: unknown field"),
+    ("wrong type", {"households": "many"}, "households: Input should be a valid integer"),
+    ("fractional integer", {"floor": 3.5}, "floor: Input should be a valid integer"),
+    ("out of bounds", {"area_m2": 351}, "area_m2: Input should be less than or equal to 350"),
+    ("below bounds", {"build_year": 1900}, "build_year: Input should be greater than or equal to 1960"),
+    ("unknown category", {"district": "Atlantis-gu"}, "district: Input should be 'Gangnam-gu'"),
+    ("boolean for a number", {"area_m2": True}, "area_m2: Input should be a valid number"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "message"), BAD_PREDICT, ids=[c[0] for c in BAD_PREDICT])
+def test_bad_instance_is_rejected_naming_the_field(
+    client, make_features, DROP, case, change, message
+) -> None:
+    payload = make_features(**{k: (DROP if v is None else v) for k, v in change.items()})
+    response = client.post("/predict", json=payload)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "invalid_request"
+    assert body["message"].startswith(message)
+    assert body["errors"][0]["field"] == next(iter(change))
+    assert logged_rows(client) == 0
+    assert client.post("/predict", json=make_features()).status_code == 200
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_rejected(client, make_features, literal) -> None:
+    body = json.dumps(make_features()).replace('"area_m2": 84.5', f'"area_m2": {literal}')
+    response = post_raw(client, "/predict", body)
+    assert response.status_code == 422
+    assert response.json()["message"] == "area_m2: must be a finite number (NaN/Infinity are not allowed)"
+    assert logged_rows(client) == 0
+
+
+def test_malformed_json_and_wrong_shapes(client, make_features) -> None:
+    response = post_raw(client, "/predict", '{"district": "Mapo-gu", ')
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("body: malformed JSON")
+    response = client.post("/predict", json=[make_features()])
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("body: Input should be a valid dictionary")
+    response = client.post("/predict", content=b"")
+    assert response.status_code == 422
+    assert response.json()["message"] == "body: required"
+    assert logged_rows(client) == 0
+
+
+def test_batch_errors_name_the_instance_and_field(client, make_features) -> None:
+    response = client.post("/predict/batch", json={"instances": [make_features(), make_features(area_m2=-1)]})
+    assert response.status_code == 422
+    assert response.json()["message"] == "instances[1].area_m2: Input should be greater than or equal to 5"
+    response = client.post("/predict/batch", json={"instances": []})
+    assert response.json()["message"] == "instances: List should have at least 1 item after validation, not 0"
+    response = client.post("/predict/batch", json={"instances": [make_features()] * 6})
+    assert response.status_code == 422
+    assert response.json()["message"].startswith("instances: List should have at most 5 items")
+    assert logged_rows(client) == 0
+
+
+def test_body_over_the_limit_is_refused_before_parsing(client, make_features) -> None:
+    big = json.dumps({"instances": [make_features()] * 40})
+    assert len(big) > 4096
+    response = post_raw(client, "/predict/batch", big)
+    assert response.status_code == 413
+    assert response.json() == {
+        "error": "body_too_large",
+        "message": f"body: {len(big)} bytes is over the limit of 4096 bytes (DRIFTLOOP_MAX_BODY_BYTES)",
+    }
+    assert logged_rows(client) == 0
+    assert client.post("/predict", json=make_features()).status_code == 200
+
+
+def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> None:
+    ids = [client.post("/predict", json=make_features(floor=f)).json()["prediction_id"] for f in (1, 2, 3)]
+    first = client.post("/feedback", json=[{"prediction_id": i, "actual": 90000.0} for i in ids[:2]])
+    assert first.json() == {"accepted": 2, "updated": 0, "duplicate": 0, "unknown": []}
+    again = client.post(
+        "/feedback",
+        json=[
+            {"prediction_id": ids[0], "actual": 90000.0},
+            {"prediction_id": ids[1], "actual": 95000.0},
+            {"prediction_id": ids[2], "actual": 70000.0},
+            {"prediction_id": ids[2], "actual": 70000.0},
+            {"prediction_id": "no-such-id", "actual": 1.0},
+        ],
+    )
+    assert again.json() == {"accepted": 1, "updated": 1, "duplicate": 2, "unknown": ["no-such-id"]}
+    with client.app.state.ctx.sessions() as session:
+        stored = {g.prediction_id: g.actual for g in session.scalars(select(GroundTruth))}
+    assert stored == {ids[0]: 90000.0, ids[1]: 95000.0, ids[2]: 70000.0}
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([], "body: List should have at least 1 item after validation, not 0"),
+        ([{"prediction_id": "x", "actual": -5}], "[0].actual: Input should be greater than or equal to 0"),
+        ([{"prediction_id": "x"}], "[0].actual: required"),
+        ([{"prediction_id": "x", "actual": 1, "note": "y"}], "[0].note: unknown field"),
+        ({"prediction_id": "x", "actual": 1}, "body: Input should be a valid list"),
+    ],
+)
+def test_bad_feedback_names_the_field(client, body, message) -> None:
+    response = client.post("/feedback", json=body)
+    assert response.status_code == 422
+    assert response.json()["message"] == message
+
+
+def test_feedback_nan_actual_is_rejected(client) -> None:
+    response = post_raw(client, "/feedback", '[{"prediction_id": "x", "actual": NaN}]')
+    assert response.status_code == 422
+    assert response.json()["message"] == "[0].actual: must be a finite number (NaN/Infinity are not allowed)"
+
+
+def test_health_ready_and_metrics(client, make_features) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["model_version"] == 1
+    client.post("/predict", json=make_features())
+    client.post("/predict", json=make_features(area_m2=-1))
+    text = client.get("/metrics").text
+    assert 'driftloop_predictions_total{model_version="1"} 1.0' in text
+    assert 'driftloop_http_requests_total{endpoint="/predict",status="200"} 1.0' in text
+    assert 'driftloop_http_errors_total{endpoint="/predict",status="422"} 1.0' in text
+    assert 'driftloop_model_info{version="1"} 1.0' in text
+    assert "driftloop_predict_seconds_count 1.0" in text
+    assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
+
+
+def test_admin_endpoints_need_the_token(client) -> None:
+    assert client.post("/models/rollback").status_code == 401
+    wrong = client.post("/models/rollback", headers={"Authorization": "Bearer nope"})
+    assert (wrong.status_code, wrong.json()["message"]) == (401, "invalid bearer token")
+    conflict = client.post("/models/rollback", headers=ADMIN)
+    assert (conflict.status_code, conflict.json()["message"]) == (409, "no previous champion to roll back to")
+
+
+def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path) -> None:
+    settings = make_settings(db_url, tmp_path, admin_token=None)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        response = client.post("/models/1/promote", headers=ADMIN)
+    assert response.status_code == 403
+    assert "set DRIFTLOOP_ADMIN_TOKEN" in response.json()["message"]
+
+
+def test_models_list_and_lineage(client) -> None:
+    assert [m["version"] for m in client.get("/models").json()] == [1]
+    v1 = client.get("/models/1").json()
+    assert v1["status"] == "champion"
+    assert v1["lineage"]["trigger"] == "bootstrap"
+    assert v1["lineage"]["training_window"]["rows"] == 2400
+    assert v1["lineage"]["replaced_version"] is None
+    missing = client.get("/models/7")
+    assert (missing.status_code, missing.json()["message"]) == (404, "model version 7 does not exist")
+
+
+def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:
+    with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
+        response = client.post("/predict", json=make_features())
+        assert response.status_code == 503
+        assert "driftloop bootstrap" in response.json()["message"]
+        assert client.get("/ready").status_code == 503

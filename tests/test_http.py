@@ -1,0 +1,158 @@
+"""Real HTTP through uvicorn: every answered prediction is logged (bursts, DB outages, SIGTERM, swaps)."""
+
+import itertools
+import json
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from bench.loadgen import LoadResult, json_payloads, run_load
+from core.db import make_engine, make_sessions
+from core.generator import generate_transactions
+from core.registry import NewVersion, Registry
+from core.schema import PredictionLog, Trigger
+from retrain.train import reference_snapshot
+from tests.conftest import make_settings
+from tests.live import start_server, wait_until
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+@pytest.fixture
+def payloads(spec) -> list[bytes]:
+    rows = generate_transactions(500, start="2022-01-01", end="2022-03-31", seed=21)[spec.feature_names]
+    return json_payloads(rows.to_dict("records"))
+
+
+def logged_ids(db_url: str) -> list[str]:
+    engine = make_engine(db_url)
+    try:
+        with make_sessions(engine)() as session:
+            return list(session.scalars(select(PredictionLog.id)))
+    finally:
+        engine.dispose()
+
+
+def in_background(target, *args, **kwargs) -> threading.Thread:
+    thread = threading.Thread(target=target, args=args, kwargs=kwargs, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_burst_every_answered_prediction_is_logged_once(champion, db_url, tmp_path, payloads) -> None:
+    server = start_server(make_settings(db_url, tmp_path), tmp_path)
+    try:
+        result = run_load(server.url + "/predict", payloads, total=5000, concurrency=16, max_seconds=120,
+                          keep_bodies=True)  # fmt: skip
+        assert (result.sent, result.ok, result.errors) == (5000, 5000, [])
+        assert server.metric('driftloop_logger_rows_total{outcome="dropped"}') == 0
+    finally:
+        assert server.terminate()
+    ids = logged_ids(db_url)
+    assert len(ids) == 5000
+    assert set(ids) == set(result.prediction_ids())
+
+
+@pytest.mark.slow
+def test_sigterm_mid_burst_loses_no_answered_prediction(champion, db_url, tmp_path, payloads) -> None:
+    server = start_server(make_settings(db_url, tmp_path), tmp_path)
+    result = LoadResult()
+    load = in_background(
+        run_load, server.url + "/predict", payloads, total=50_000, concurrency=16, max_seconds=120,
+        keep_bodies=True, result=result,
+    )  # fmt: skip
+    wait_until(lambda: result.ok >= 2000, timeout=60, what="2,000 answered predictions")
+    assert server.terminate()
+    load.join(timeout=120)
+    answered = set(result.prediction_ids())
+    ids = logged_ids(db_url)
+    assert len(ids) == len(set(ids))
+    assert answered <= set(ids)  # a request cut off mid-answer may be logged without being answered
+    assert len(answered) >= 2000
+    assert "Waiting for application shutdown" in server.log()
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_database_down_mid_burst_spools_then_replays_exactly_once(
+    champion, db_url, pg_cluster, tmp_path, payloads
+) -> None:
+    server = start_server(make_settings(db_url, tmp_path, spool_replay_interval_s=0.2), tmp_path)
+    try:
+        result = LoadResult()
+        load = in_background(
+            run_load, server.url + "/predict", payloads, total=6000, concurrency=8, max_seconds=180,
+            keep_bodies=True, result=result,
+        )  # fmt: skip
+        wait_until(lambda: result.ok >= 1500, timeout=60, what="1,500 answered predictions")
+        pg_cluster.stop()
+        try:
+            wait_until(lambda: result.ok >= 3500, timeout=60, what="predictions while PostgreSQL is down")
+            assert server.get("/ready").status_code == 503
+        finally:
+            pg_cluster.start()
+        load.join(timeout=180)
+        assert (result.sent, result.ok) == (6000, 6000)
+        spooled = wait_until(
+            lambda: (
+                server.metric('driftloop_logger_rows_total{outcome="replayed"}')
+                == server.metric('driftloop_logger_rows_total{outcome="spooled"}')
+                and server.metric("driftloop_logger_spool_rows") == 0
+                and server.metric('driftloop_logger_rows_total{outcome="spooled"}')
+            ),
+            timeout=60,
+            what="the spool to be replayed",
+        )
+        assert spooled
+        assert server.metric('driftloop_logger_rows_total{outcome="dropped"}') == 0
+    finally:
+        assert server.terminate()
+    ids = logged_ids(db_url)
+    assert len(ids) == 6000
+    assert set(ids) == set(result.prediction_ids())
+
+
+@pytest.mark.slow
+def test_promote_and_rollback_swap_under_load_without_a_failed_request(
+    champion, registry: Registry, db_url, tmp_path, payloads, spec
+) -> None:
+    model = registry.load(champion)
+    v2 = registry.register(
+        NewVersion(
+            model=model, reference=reference_snapshot(model, registry.reference(champion), spec),
+            trigger=Trigger.manual, metrics={"val_mae": 1.0}, params={}, train_rows=1, parent_version=1,
+        )
+    )  # fmt: skip
+    server = start_server(make_settings(db_url, tmp_path, champion_poll_s=0.2), tmp_path)
+    try:
+        result = LoadResult()
+        load = in_background(
+            run_load, server.url + "/predict", payloads, total=200_000, concurrency=8, max_seconds=60,
+            keep_bodies=True, result=result,
+        )  # fmt: skip
+        wait_until(lambda: result.ok >= 500, timeout=60, what="traffic")
+        assert server.post(f"/models/{v2.version}/promote", headers=ADMIN).status_code == 200
+        wait_until(lambda: served_version(result) == 2, timeout=10, what="the service to answer with v2")
+        assert server.post("/models/rollback", headers=ADMIN).json()["version"] == 1
+        wait_until(
+            lambda: served_version(result) == 1, timeout=10, what="the service to answer with v1 again"
+        )
+        seen = result.ok
+        wait_until(lambda: result.ok >= seen + 200, timeout=30, what="more traffic after the rollback")
+    finally:
+        result.stop()
+        load.join(timeout=120)
+        assert server.terminate()
+    assert result.errors == []
+    assert result.failed == 0
+    versions = [json.loads(b)["model_version"] for b in result.bodies]
+    assert versions[0] == 1 and versions[-1] == 1 and 2 in versions
+    swaps = sum(1 for a, b in itertools.pairwise(versions) if a != b)
+    assert swaps >= 2
+
+
+def served_version(result: LoadResult) -> int | None:
+    return json.loads(result.bodies[-1])["model_version"] if result.bodies else None

@@ -1,0 +1,349 @@
+"""The drift policy: exact decisions for each rule and gate, and History read from both databases."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.schema import DriftReport, RetrainRun
+from core.settings import Settings
+from monitor.policy import (
+    NO_HISTORY,
+    Decision,
+    History,
+    Observation,
+    PolicyConfig,
+    decide,
+    load_history,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+CONFIG = PolicyConfig(
+    drift_share_threshold=0.5,
+    weighted_drift_threshold=0.3,
+    mae_degradation_ratio=1.25,
+    min_labelled_rows=100,
+    min_window_rows=200,
+    consecutive_breaches=2,
+    retrain_cooldown_s=3600,
+    max_retrains_per_day=4,
+    auto_retrain=True,
+)
+STABLE = Observation(
+    at=T0,
+    rows=1000,
+    labelled_rows=300,
+    drift_share=0.1,
+    weighted_score=0.05,
+    mae=100.0,
+    champion_mae=100.0,
+    drifted_features=(),
+)
+ONE_BEFORE = History(previous_breaches=1, last_retrain_at=None, retrains_last_24h=0)
+OK = Decision(
+    verdict="ok", breach=False, retrain=False, trigger=None, reasons=(), held_by=None, consecutive=0
+)
+SHARE = "drift share 0.500 ≥ threshold 0.500 (drifted: area_m2, floor, district)"
+WEIGHTED = "weighted drift score 0.420 ≥ threshold 0.300"
+MAE = "MAE 130.00 on 300 labelled rows > 125.00 (champion MAE 100.00 × 1.25)"
+
+
+def obs(**changes: Any) -> Observation:
+    return dataclasses.replace(STABLE, **changes)
+
+
+def history(**changes: Any) -> History:
+    return dataclasses.replace(ONE_BEFORE, **changes)
+
+
+def breach(
+    trigger: str,
+    reasons: tuple[str, ...],
+    *,
+    retrain: bool = True,
+    held_by: str | None = None,
+    consecutive: int = 2,
+) -> Decision:
+    return Decision(
+        verdict="breach",
+        breach=True,
+        retrain=retrain,
+        trigger=trigger,  # type: ignore[arg-type]
+        reasons=reasons,
+        held_by=held_by,
+        consecutive=consecutive,
+    )
+
+
+def held(trigger: str, reasons: tuple[str, ...], held_by: str, consecutive: int = 2) -> Decision:
+    return breach(trigger, reasons, retrain=False, held_by=held_by, consecutive=consecutive)
+
+
+CASES = [
+    pytest.param(
+        obs(rows=199, drift_share=0.9),
+        ONE_BEFORE,
+        CONFIG,
+        Decision(
+            verdict="insufficient",
+            breach=False,
+            retrain=False,
+            trigger=None,
+            reasons=("window has 199 rows, fewer than the 200 needed for a verdict",),
+            held_by=None,
+            consecutive=0,
+        ),
+        id="insufficient-rows",
+    ),
+    pytest.param(STABLE, ONE_BEFORE, CONFIG, OK, id="stable-ok"),
+    pytest.param(
+        obs(drift_share=None, weighted_score=None, mae=None, champion_mae=None, labelled_rows=0),
+        ONE_BEFORE,
+        CONFIG,
+        OK,
+        id="nothing-measured-ok",
+    ),
+    pytest.param(
+        obs(drift_share=0.5, drifted_features=("area_m2", "floor", "district")),
+        ONE_BEFORE,
+        CONFIG,
+        breach("drift", (SHARE,)),
+        id="drift-share-breach-at-threshold",
+    ),
+    pytest.param(obs(drift_share=0.499), ONE_BEFORE, CONFIG, OK, id="drift-share-below-threshold"),
+    pytest.param(
+        obs(weighted_score=0.42), ONE_BEFORE, CONFIG, breach("drift", (WEIGHTED,)), id="weighted-breach"
+    ),
+    pytest.param(obs(mae=130.0), ONE_BEFORE, CONFIG, breach("accuracy", (MAE,)), id="accuracy-breach"),
+    pytest.param(obs(mae=125.0), ONE_BEFORE, CONFIG, OK, id="accuracy-at-limit-ok"),
+    pytest.param(obs(mae=130.0, labelled_rows=99), ONE_BEFORE, CONFIG, OK, id="accuracy-gated-by-labels"),
+    pytest.param(
+        obs(mae=130.0, champion_mae=None), ONE_BEFORE, CONFIG, OK, id="accuracy-without-champion-mae"
+    ),
+    pytest.param(
+        obs(
+            drift_share=0.5,
+            drifted_features=("area_m2", "floor", "district"),
+            weighted_score=0.42,
+            mae=130.0,
+        ),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (SHARE, WEIGHTED, MAE)),
+        id="accuracy-outranks-drift",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        NO_HISTORY,
+        CONFIG,
+        held("drift", (WEIGHTED,), "hysteresis 1/2", consecutive=1),
+        id="hysteresis-first-breach-held",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(last_retrain_at=T0 - timedelta(seconds=1000.5)),
+        CONFIG,
+        held("drift", (WEIGHTED,), "cooldown: 2600 s left"),
+        id="cooldown",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(last_retrain_at=T0 - timedelta(seconds=3600)),
+        CONFIG,
+        breach("drift", (WEIGHTED,)),
+        id="cooldown-just-elapsed",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(retrains_last_24h=4),
+        CONFIG,
+        held("drift", (WEIGHTED,), "daily budget 4/4"),
+        id="daily-budget",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(retrains_last_24h=3),
+        CONFIG,
+        breach("drift", (WEIGHTED,)),
+        id="daily-budget-one-left",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(previous_breaches=5),
+        dataclasses.replace(CONFIG, auto_retrain=False),
+        held("drift", (WEIGHTED,), "alert-only mode", consecutive=6),
+        id="alert-only",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        History(previous_breaches=0, last_retrain_at=T0, retrains_last_24h=9),
+        dataclasses.replace(CONFIG, auto_retrain=False),
+        held("drift", (WEIGHTED,), "alert-only mode", consecutive=1),
+        id="alert-only-reported-before-other-gates",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(last_retrain_at=T0 - timedelta(seconds=10), retrains_last_24h=4),
+        CONFIG,
+        held("drift", (WEIGHTED,), "cooldown: 3590 s left"),
+        id="cooldown-reported-before-budget",
+    ),
+]
+
+
+@pytest.mark.parametrize(("observation", "past", "config", "expected"), CASES)
+def test_decide(observation: Observation, past: History, config: PolicyConfig, expected: Decision) -> None:
+    assert decide(observation, past, config) == expected
+
+
+def test_second_breach_in_a_row_retrains() -> None:
+    shifted = obs(drift_share=0.8, drifted_features=("area_m2",))
+    first = decide(shifted, NO_HISTORY, CONFIG)
+    second = decide(shifted, History(first.consecutive, None, 0), CONFIG)
+    assert (first.retrain, first.held_by, first.consecutive) == (False, "hysteresis 1/2", 1)
+    assert (second.retrain, second.held_by, second.consecutive) == (True, None, 2)
+
+
+def test_defaults_never_retrain_on_a_stable_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [k for k in os.environ if k.startswith("DRIFTLOOP_")]:
+        monkeypatch.delenv(name)
+    config = PolicyConfig.from_settings(Settings(_env_file=None))  # type: ignore[call-arg]
+    assert config == PolicyConfig()
+    past = NO_HISTORY
+    for minute in range(20):
+        decision = decide(obs(at=T0 + timedelta(minutes=minute)), past, config)
+        assert decision == OK
+        past = History(decision.consecutive, None, 0)
+    # One spurious breach on a stable stream alerts but does not retrain.
+    assert decide(obs(drift_share=0.6), NO_HISTORY, config).held_by == "hysteresis 1/2"
+
+
+def test_from_settings_copies_every_field() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        drift_share_threshold=0.4,
+        weighted_drift_threshold=0.2,
+        mae_degradation_ratio=1.5,
+        min_labelled_rows=7,
+        min_window_rows=8,
+        consecutive_breaches=3,
+        retrain_cooldown_s=60,
+        max_retrains_per_day=1,
+        auto_retrain=False,
+    )
+    assert PolicyConfig.from_settings(settings) == PolicyConfig(0.4, 0.2, 1.5, 7, 8, 3, 60, 1, False)
+
+
+def test_decision_as_dict_is_json_ready() -> None:
+    decision = decide(obs(weighted_score=0.42), NO_HISTORY, CONFIG)
+    assert decision.as_dict() == {
+        "verdict": "breach",
+        "breach": True,
+        "retrain": False,
+        "trigger": "drift",
+        "reasons": [WEIGHTED],
+        "held_by": "hysteresis 1/2",
+        "consecutive": 1,
+    }
+
+
+# --- load_history on SQLite and PostgreSQL --------------------------------------------------------
+
+
+def minutes(m: float) -> datetime:
+    return T0 + timedelta(minutes=m)
+
+
+def _report(at: datetime, champion: int | None, *, breach: bool, verdict: str | None = None) -> DriftReport:
+    verdict = verdict or ("breach" if breach else "ok")
+    return DriftReport(
+        created_at=at,
+        champion_version=champion,
+        window_start=None,
+        window_end=None,
+        rows=1000,
+        labelled_rows=0,
+        sampled_rows=1000,
+        features={},
+        drift_share=None,
+        weighted_drift_score=None,
+        prediction_drift={},
+        mae=None,
+        rmse=None,
+        mape=None,
+        champion_mae=None,
+        breach=breach,
+        reasons=[],
+        decision={"verdict": verdict},
+        html_path=None,
+        duration_s=0.0,
+    )
+
+
+def _run(started: datetime, status: str) -> RetrainRun:
+    return RetrainRun(
+        trigger="drift",
+        status=status,
+        reason="",
+        report_id=None,
+        champion_version=3,
+        candidate_version=None,
+        metrics={},
+        steps={},
+        error=None,
+        pid=None,
+        started_at=started,
+        finished_at=started + timedelta(minutes=5),
+    )
+
+
+def test_load_history_empty_database(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        assert load_history(session, champion_version=None, now=T0) == NO_HISTORY
+
+
+def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessionmaker[Session]) -> None:
+    with sessions.begin() as session:
+        session.add_all(
+            [
+                _report(minutes(-60), 2, breach=True),  # another champion
+                _report(minutes(-50), 3, breach=False),  # ends the streak
+                first := _report(minutes(-40), 3, breach=True),
+                _report(minutes(-30), 3, breach=False, verdict="insufficient"),  # neither counts nor ends it
+                _report(minutes(-20), 3, breach=True),
+                _report(minutes(-10), 3, breach=True),
+                _report(T0, 3, breach=True),  # not before now
+                _run(T0 - timedelta(hours=30), "failed"),
+                _run(T0 - timedelta(hours=24), "rejected"),  # exactly 24 h ago: outside the day
+                _run(T0 - timedelta(hours=5), "rejected"),
+                _run(T0 - timedelta(hours=2), "promoted"),
+                _run(T0 + timedelta(minutes=1), "failed"),  # after now
+            ]
+        )
+    with sessions() as session:
+        v3 = load_history(session, champion_version=3, now=T0)
+        v2 = load_history(session, champion_version=2, now=T0)
+        earlier = load_history(session, champion_version=3, now=minutes(-15))
+    assert v3 == History(
+        previous_breaches=3,
+        last_retrain_at=T0 - timedelta(hours=2),
+        retrains_last_24h=2,
+        streak_start_report_id=first.id,
+    )
+    assert v2 == History(
+        previous_breaches=0,
+        last_retrain_at=T0 - timedelta(hours=2),
+        retrains_last_24h=2,
+        streak_start_report_id=None,
+    )
+    assert earlier == History(
+        previous_breaches=2,
+        last_retrain_at=T0 - timedelta(hours=2),
+        retrains_last_24h=3,  # the run 24 h before T0 is inside the day before T0 − 15 min
+        streak_start_report_id=first.id,
+    )

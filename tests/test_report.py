@@ -1,0 +1,237 @@
+"""compute_drift on a tiny real champion, real Evidently, windows from the generator's scenarios."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from catboost import CatBoostRegressor
+
+from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.registry import Registry
+from core.schema import ModelVersion
+from core.spec import FeatureSpec
+from monitor.report import DriftResult, compute_drift
+from retrain.train import PREDICTION, predict
+
+JS = "Jensen-Shannon distance"
+WASSERSTEIN = "Wasserstein distance (normed)"
+
+
+@pytest.fixture
+def db_url(sqlite_url: str) -> str:
+    """The database is not the subject here: SQLite only (overrides the sqlite/postgresql pair)."""
+    return sqlite_url
+
+
+@dataclass(frozen=True, slots=True)
+class Champion:
+    model: CatBoostRegressor
+    reference: pd.DataFrame
+    importance: dict[str, float]
+    val_mae: float
+
+
+@pytest.fixture
+def v1(registry: Registry, champion: ModelVersion) -> Champion:
+    return Champion(
+        model=registry.load(champion),
+        reference=registry.reference(champion),
+        importance=dict(champion.feature_importance),
+        val_mae=float(champion.metrics["val_mae"]),
+    )
+
+
+def make_window(
+    v1: Champion, spec: FeatureSpec, *, scenario: str = "none", rows: int = 3000, labelled_every: int = 2
+) -> pd.DataFrame:
+    """2022 traffic (the champion saw 2019–2021), all of it after the scenario's change; every
+    `labelled_every`-th row has its label, the rest NaN."""
+    raw = generate_transactions(
+        rows, start="2022-01-01", end="2022-12-31", scenario=scenario, change_at="2022-01-01", seed=7
+    )
+    return served(v1, spec, raw, labelled_every=labelled_every)
+
+
+def served(v1: Champion, spec: FeatureSpec, raw: pd.DataFrame, *, labelled_every: int = 2) -> pd.DataFrame:
+    window = spec.coerce(raw)
+    window[PREDICTION] = predict(v1.model, window, spec)
+    window[spec.target] = raw[spec.target].astype(float).where(np.arange(len(raw)) % labelled_every == 0)
+    return window
+
+
+def drift(v1: Champion, spec: FeatureSpec, window: pd.DataFrame, **kwargs: object) -> DriftResult:
+    return compute_drift(v1.reference, window, spec, importance=v1.importance, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_stable_window_is_not_flagged(v1: Champion, spec: FeatureSpec) -> None:
+    result = drift(v1, spec, make_window(v1, spec))
+
+    assert result.drifted() == []
+    assert (result.drift_share, result.weighted_score) == (0.0, 0.0)
+    assert [(f.feature, f.method, f.threshold) for f in result.features] == [
+        ("district", JS, 0.1),
+        ("area_m2", WASSERSTEIN, 0.1),
+        ("floor", WASSERSTEIN, 0.1),
+        ("build_year", WASSERSTEIN, 0.1),
+        ("households", WASSERSTEIN, 0.1),
+        ("subway_distance_m", WASSERSTEIN, 0.1),
+    ]
+    assert all(0 <= f.score < 0.1 for f in result.features)
+    assert [f.importance for f in result.features] == [v1.importance[n] for n in spec.feature_names]
+    assert result.prediction is not None and not result.prediction.detected
+    assert (result.rows, result.sampled_rows, result.labelled_rows) == (3000, 3000, 1500)
+    assert result.accuracy is not None and result.accuracy.rows == 1500
+
+
+def test_new_town_flags_the_moved_features(v1: Champion, spec: FeatureSpec) -> None:
+    result = drift(v1, spec, make_window(v1, spec, scenario="new_town"))
+
+    assert set(DRIFTED_FEATURES["new_town"]) <= set(result.drifted())
+    assert {"floor", "subway_distance_m"}.isdisjoint(result.drifted())
+    assert result.drift_share >= 0.5
+    assert result.prediction is not None and result.prediction.detected
+
+
+def test_unit_bug_flags_area_only(v1: Champion, spec: FeatureSpec) -> None:
+    result = drift(v1, spec, make_window(v1, spec, scenario="unit_bug"))
+
+    assert result.drifted() == list(DRIFTED_FEATURES["unit_bug"]) == ["area_m2"]
+    assert result.drift_share == pytest.approx(1 / 6)
+    assert result.weighted_score == pytest.approx(v1.importance["area_m2"] / sum(v1.importance.values()))
+    assert result.prediction is not None and result.prediction.detected
+
+
+def test_rate_shock_moves_no_feature_but_accuracy_drops(v1: Champion, spec: FeatureSpec) -> None:
+    stable = drift(v1, spec, make_window(v1, spec))
+    shocked = drift(v1, spec, make_window(v1, spec, scenario="rate_shock"))
+
+    assert shocked.drifted() == []
+    assert shocked.prediction is not None and not shocked.prediction.detected
+    assert stable.accuracy is not None and shocked.accuracy is not None
+    assert shocked.accuracy.mae > 1.5 * v1.val_mae
+    assert shocked.accuracy.mae > 1.5 * stable.accuracy.mae
+    assert shocked.accuracy.mape > 1.5 * stable.accuracy.mape
+
+
+def test_accuracy_is_evidently_mae_rmse_mape_on_the_labelled_rows(v1: Champion, spec: FeatureSpec) -> None:
+    window = make_window(v1, spec, labelled_every=3)
+    result = drift(v1, spec, window)
+
+    labelled = window[window[spec.target].notna()]
+    err = labelled[PREDICTION] - labelled[spec.target]
+    assert result.accuracy is not None
+    assert result.labelled_rows == result.accuracy.rows == 1000
+    assert result.accuracy.mae == pytest.approx(err.abs().mean())
+    assert result.accuracy.rmse == pytest.approx(np.sqrt((err**2).mean()))
+    assert result.accuracy.mape == pytest.approx((err / labelled[spec.target]).abs().mean() * 100)
+
+
+def test_a_window_without_labels_has_no_accuracy(v1: Champion, spec: FeatureSpec) -> None:
+    window = make_window(v1, spec, rows=1500)
+    window[spec.target] = np.nan
+
+    result = drift(v1, spec, window)
+
+    assert (result.accuracy, result.labelled_rows, result.rows) == (None, 0, 1500)
+    assert result.to_json()["accuracy"] is None
+
+
+def test_weighted_score_ranks_an_important_feature_above_an_unimportant_one(
+    v1: Champion, spec: FeatureSpec
+) -> None:
+    assert v1.importance["area_m2"] > 10 * v1.importance["floor"]
+    raw = generate_transactions(3000, start="2022-01-01", end="2022-12-31", seed=7)
+    floor_moved = served(v1, spec, raw.assign(floor=(raw["floor"] + 15).clip(upper=60)))
+    area_moved = served(v1, spec, raw.assign(area_m2=raw["area_m2"] * 1.5))
+
+    floor_only = drift(v1, spec, floor_moved)
+    area_only = drift(v1, spec, area_moved)
+
+    assert floor_only.drifted() == ["floor"]
+    assert area_only.drifted() == ["area_m2"]
+    assert floor_only.drift_share == area_only.drift_share == pytest.approx(1 / 6)
+    total = sum(v1.importance.values())
+    assert floor_only.weighted_score == pytest.approx(v1.importance["floor"] / total)
+    assert area_only.weighted_score == pytest.approx(v1.importance["area_m2"] / total)
+    assert area_only.weighted_score > 10 * floor_only.weighted_score
+
+
+@pytest.mark.parametrize("scenario", ["none", "unit_bug"])
+def test_a_window_over_max_rows_is_sampled_with_the_same_verdicts(
+    v1: Champion, spec: FeatureSpec, scenario: str
+) -> None:
+    window = make_window(v1, spec, scenario=scenario, rows=4000)
+    full = drift(v1, spec, window)
+
+    sampled = drift(v1, spec, window, max_rows=1500, seed=3)
+    again = drift(v1, spec, window, max_rows=1500, seed=3)
+
+    assert (sampled.rows, sampled.sampled_rows, sampled.labelled_rows) == (4000, 1500, 2000)
+    assert sampled.accuracy is not None and sampled.accuracy.rows == 1500
+    assert sampled.drifted() == full.drifted() == list(DRIFTED_FEATURES[scenario])
+    assert sampled == again
+    assert sampled.features != full.features  # the scores did come from a sample
+
+
+def test_stattest_threshold_applies_to_every_column(v1: Champion, spec: FeatureSpec) -> None:
+    result = drift(v1, spec, make_window(v1, spec, rows=1500), stattest_threshold=0.001)
+
+    assert {f.threshold for f in result.features} == {0.001}
+    assert result.prediction is not None and result.prediction.threshold == 0.001
+    assert result.drifted() == spec.feature_names  # any difference at all counts now
+
+
+def test_missing_columns_are_named(v1: Champion, spec: FeatureSpec) -> None:
+    window = make_window(v1, spec, rows=500)
+
+    with pytest.raises(ValueError, match=r"current is missing columns: floor, prediction$"):
+        drift(v1, spec, window.drop(columns=["floor", PREDICTION]))
+    with pytest.raises(ValueError, match=rf"current is missing columns: {spec.target}$"):
+        drift(v1, spec, window.drop(columns=[spec.target]))
+    with pytest.raises(ValueError, match=r"reference is missing columns: district$"):
+        compute_drift(v1.reference.drop(columns=["district"]), window, spec, importance=v1.importance)
+    with pytest.raises(ValueError, match=r"current has no rows"):
+        drift(v1, spec, window.iloc[:0])
+
+
+def test_html_report_is_written(v1: Champion, spec: FeatureSpec, tmp_path: Path) -> None:
+    path = tmp_path / "reports" / "r1.html"
+
+    drift(v1, spec, make_window(v1, spec, scenario="unit_bug", rows=1500), html_path=path)
+
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<html>") or page.lstrip().lower().startswith(("<!doctype", "<html"))
+    for text in (
+        "Drift by feature",
+        "Value Drift for column area_m2",
+        "Mean Absolute Error",
+        "RMSE",
+        "DRIFT",
+    ):
+        assert text in page
+    for name in spec.feature_names:
+        assert name in page
+
+
+def test_to_json_is_plain_json(v1: Champion, spec: FeatureSpec) -> None:
+    result = drift(v1, spec, make_window(v1, spec, scenario="unit_bug", rows=1500))
+
+    doc = json.loads(json.dumps(result.to_json(), allow_nan=False))
+
+    assert list(doc["features"]) == spec.feature_names
+    assert doc["drifted"] == ["area_m2"]
+    assert doc["features"]["area_m2"] == {
+        "method": WASSERSTEIN,
+        "score": result.features[1].score,
+        "threshold": 0.1,
+        "detected": True,
+        "importance": v1.importance["area_m2"],
+    }
+    assert doc["prediction"]["detected"] is True
+    assert doc["accuracy"]["rows"] == 750
+    assert (doc["rows"], doc["sampled_rows"], doc["labelled_rows"]) == (1500, 1500, 750)

@@ -1,0 +1,466 @@
+"""Dataset assembly, the validation gate and whole retrain runs in-process, on both databases."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pandas as pd
+import pytest
+from catboost import CatBoostRegressor
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import utcnow
+from core.generator import generate_transactions
+from core.registry import Registry
+from core.schema import (
+    DriftReport,
+    GroundTruth,
+    LabelledRow,
+    ModelStatus,
+    ModelVersion,
+    PredictionLog,
+    RetrainRun,
+)
+from core.spec import FeatureSpec, load_spec
+from retrain.dataset import EVENT_TIME, SOURCE, assemble, holdout
+from retrain.gate import evaluate_gate, sanity_reasons
+from retrain.runner import execute_run, start_run
+from retrain.train import predict, train_model
+from tests.conftest import TINY, make_settings
+
+NOW = datetime(2022, 7, 1, tzinfo=UTC)
+STEPS = ["assemble", "train", "validate", "register", "promote"]
+
+
+def log_predictions(
+    sessions: sessionmaker[Session],
+    frame: pd.DataFrame,
+    spec: FeatureSpec,
+    *,
+    times: list[datetime] | None = None,
+    labelled: int | None = None,
+) -> list[str]:
+    """Log `frame` as predictions (at `times`, default the contract dates); label the first `labelled`."""
+    times = [t.to_pydatetime() for t in frame[spec.time_column]] if times is None else times
+    labelled = len(frame) if labelled is None else labelled
+    ids = [str(uuid4()) for _ in range(len(frame))]
+    rows = frame[spec.feature_names].to_dict("records")
+    targets = frame[spec.target].tolist()
+    with sessions.begin() as session:
+        for i, (pid, features, at) in enumerate(zip(ids, rows, times, strict=True)):
+            session.add(
+                PredictionLog(
+                    id=pid, created_at=at, model_version=1, features=features, prediction=1.0, latency_ms=1.0
+                )
+            )
+            if i < labelled:
+                session.flush()
+                session.add(GroundTruth(prediction_id=pid, actual=targets[i], received_at=at))
+    return ids
+
+
+def ingest(
+    sessions: sessionmaker[Session], frame: pd.DataFrame, spec: FeatureSpec, *, times: list[datetime]
+) -> None:
+    rows = frame[spec.feature_names].to_dict("records")
+    with sessions.begin() as session:
+        for features, target, at in zip(rows, frame[spec.target].tolist(), times, strict=True):
+            session.add(
+                LabelledRow(
+                    features=features, target=target, event_time=at, source="deals.csv", ingested_at=at
+                )
+            )
+
+
+def add_report(sessions: sessionmaker[Session]) -> int:
+    with sessions.begin() as session:
+        report = DriftReport(
+            created_at=utcnow(),
+            champion_version=1,
+            window_start=None,
+            window_end=None,
+            rows=0,
+            labelled_rows=0,
+            sampled_rows=0,
+            features={},
+            prediction_drift={},
+            breach=True,
+            reasons=["test"],
+            decision={},
+        )
+        session.add(report)
+        session.flush()
+        return report.id
+
+
+def run_row(sessions: sessionmaker[Session], run_id: int) -> RetrainRun:
+    with sessions() as session:
+        row = session.get(RetrainRun, run_id)
+        assert row is not None
+        return row
+
+
+def versions(registry: Registry) -> dict[int, str]:
+    return {row.version: row.status for row in registry.list()}
+
+
+# --- assembly ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed(sessions: sessionmaker[Session], spec: FeatureSpec, champion: ModelVersion) -> pd.DataFrame:
+    """40 logged predictions 1..40 days before NOW (the 30 newest labelled), 2 labelled ones after NOW;
+    25 ingested rows 1.5, 3.5, .., 49.5 days before NOW and one after NOW."""
+    logged = generate_transactions(42, start="2022-01-01", end="2022-06-30", seed=3)
+    times = [NOW - timedelta(days=i) for i in range(1, 41)]
+    log_predictions(sessions, logged.iloc[:40], spec, times=times, labelled=30)
+    log_predictions(sessions, logged.iloc[40:], spec, times=[NOW + timedelta(days=1)] * 2)
+    ingested = generate_transactions(26, start="2022-01-01", end="2022-06-30", seed=4)
+    ingest(
+        sessions,
+        ingested,
+        spec,
+        times=[NOW - timedelta(days=2 * i) + timedelta(hours=12) for i in range(1, 26)]
+        + [NOW + timedelta(hours=1)],
+    )
+    return logged
+
+
+def test_assemble_counts_rows_per_source_up_to_now(
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    mixed: pd.DataFrame,
+) -> None:
+    data = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
+    )
+
+    assert data.sources == {"reference": 3000, "production_labelled": 30, "ingested": 25}
+    assert list(data.frame.columns) == [*spec.feature_names, spec.target, EVENT_TIME, SOURCE]
+    assert len(data) == 3055
+    assert data.frame[EVENT_TIME].is_monotonic_increasing
+    assert champion.train_end is not None
+    assert data.start == champion.train_end
+    assert data.end == NOW - timedelta(days=1)
+    newest = data.frame.iloc[-1]
+    first = mixed.iloc[0]
+    assert newest[SOURCE] == "production_labelled"
+    assert newest[spec.target] == first[spec.target]
+    assert [newest[name] for name in spec.feature_names] == [first[name] for name in spec.feature_names]
+
+
+def test_assemble_with_a_window_keeps_only_recent_rows_and_drops_an_old_reference(
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    mixed: pd.DataFrame,
+) -> None:
+    data = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=20, now=NOW
+    )
+
+    assert data.sources == {"reference": 0, "production_labelled": 20, "ingested": 10}
+    assert data.start == NOW - timedelta(days=20)
+    assert data.end == NOW - timedelta(days=1)
+
+
+def test_holdout_is_the_most_recent_slice_of_new_rows(
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    mixed: pd.DataFrame,
+) -> None:
+    data = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
+    )
+    train, held = holdout(data, spec, fraction=0.2)
+
+    assert len(held) == 11  # ceil(0.2 × 55 new rows)
+    assert len(train) == 3055 - 11
+    assert set(held[SOURCE]) == {"production_labelled", "ingested"}
+    assert held[EVENT_TIME].min() > train[EVENT_TIME].max()
+    assert held[EVENT_TIME].tolist() == sorted(data.frame[EVENT_TIME])[-11:]
+
+
+def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
+    sessions: sessionmaker[Session], registry: Registry, champion: ModelVersion, spec: FeatureSpec
+) -> None:
+    log_predictions(sessions, generate_transactions(5, start="2022-01-01", end="2022-06-30", seed=3), spec)
+    data = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
+    )
+    train, held = holdout(data, spec, fraction=0.2)
+
+    assert data.sources == {"reference": 3000, "production_labelled": 5, "ingested": 0}
+    assert len(held) == 601  # ceil(0.2 × 3005)
+    assert held[SOURCE].value_counts().to_dict() == {"reference": 596, "production_labelled": 5}
+    assert len(train) == 2404
+
+
+# --- the gate ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def old_model() -> CatBoostRegressor:
+    """A tiny champion-like model on 2019–2021 data; the gate needs no database."""
+    spec = load_spec()
+    return train_model(generate_transactions(2400, seed=1), spec, TINY)
+
+
+def test_gate_rejects_a_candidate_no_better_than_the_champion(
+    old_model: CatBoostRegressor, spec: FeatureSpec
+) -> None:
+    model = old_model
+    held = generate_transactions(400, start="2022-01-01", end="2022-06-30", seed=9)
+
+    result = evaluate_gate(candidate=model, champion=model, holdout=held, spec=spec, margin=0.02)
+
+    mae = result.champion_metrics["mae"]
+    assert result.candidate_metrics == result.champion_metrics
+    assert not result.passed
+    assert result.reasons == [
+        f"mae: candidate MAE {mae:.6g} is not <= champion MAE {mae:.6g} × (1 − 0.02) = {mae * 0.98:.6g} "
+        "on 400 holdout rows"
+    ]
+    assert result.checks == {"mae": False, "finite": True, "spread": True, "target_min": True}
+
+
+def test_gate_passes_a_clearly_better_candidate(old_model: CatBoostRegressor, spec: FeatureSpec) -> None:
+    shocked = generate_transactions(
+        2000, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=6
+    )
+    recent = shocked[shocked["contract_date"] >= "2022-04-01"]
+    train, held = recent.iloc[:-300], recent.iloc[-300:]
+
+    result = evaluate_gate(
+        candidate=train_model(train, spec, TINY),
+        champion=old_model,
+        holdout=held,
+        spec=spec,
+        margin=0.02,
+    )
+
+    assert result.reasons == []
+    assert result.passed
+    assert result.candidate_metrics["mae"] <= 0.98 * result.champion_metrics["mae"]
+
+
+def test_gate_rejects_negative_predictions_for_a_non_negative_target(
+    old_model: CatBoostRegressor, spec: FeatureSpec
+) -> None:
+    data = generate_transactions(1000, seed=2)
+    shifted = data.assign(**{spec.target: data[spec.target] - 1_000_000})
+    broken = train_model(shifted, spec, TINY)
+    held = data.iloc[-200:]
+
+    result = evaluate_gate(candidate=broken, champion=old_model, holdout=held, spec=spec, margin=0.0)
+
+    below = int((predict(broken, held, spec) < 0).sum())
+    assert below == 200
+    assert not result.passed
+    assert result.checks["target_min"] is False
+    assert "target_min: 200 of 200 candidate predictions are below 0" in result.reasons
+
+
+def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None:
+    actual = np.array([1.0, 2.0, 3.0, 4.0])  # std 1.118034
+    assert sanity_reasons(np.array([1.0, 2.0, 3.0, 4.0]), actual, spec) == {
+        "finite": None,
+        "spread": None,
+        "target_min": None,
+    }
+    assert sanity_reasons(np.array([1.0, np.nan, 3.0, np.inf]), actual, spec)["finite"] == (
+        "finite: 2 of 4 candidate predictions are not finite"
+    )
+    assert sanity_reasons(np.full(4, 2.5), actual, spec)["spread"] == (
+        "spread: candidate predictions are constant (std 0)"
+    )
+    assert sanity_reasons(np.array([2.4, 2.5, 2.5, 2.6]), actual, spec)["spread"] == (
+        "spread: candidate prediction std 0.0707107 is outside [0.2, 5] × actual std 1.11803 "
+        "= [0.223607, 5.59017]"
+    )
+    assert sanity_reasons(np.array([-1.0, 2.0, 3.0, 4.0]), actual, spec)["target_min"] == (
+        "target_min: 1 of 4 candidate predictions are below 0"
+    )
+
+
+# --- whole runs, in-process ----------------------------------------------------------------------------
+
+
+def test_a_better_candidate_is_promoted_with_its_lineage(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    shocked = generate_transactions(
+        1500, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=5
+    )
+    log_predictions(sessions, shocked, spec)
+    report_id = add_report(sessions)
+    now = datetime(2023, 1, 1, tzinfo=UTC)
+    run_id = start_run(sessions, trigger="drift", reason="rate shock", report_id=report_id, now=now)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=spec, registry=registry, clock=lambda: now
+    )
+
+    assert (outcome.status, outcome.candidate_version, outcome.error) == ("promoted", 2, None)
+    assert versions(registry) == {1: ModelStatus.archived, 2: ModelStatus.champion}
+    v2 = registry.get(2)
+    assert v2 is not None
+    times = shocked["contract_date"]
+    assert (v2.parent_version, v2.trigger, v2.retrain_run_id, v2.report_id) == (1, "drift", run_id, report_id)
+    assert (v2.train_start, v2.train_end, v2.train_rows) == (
+        champion.train_end,
+        times.iloc[1199].to_pydatetime(),
+        4200,
+    )
+    assert v2.data_sources == {
+        "rows": {"reference": 3000, "production_labelled": 1500, "ingested": 0},
+        "reference_version": 1,
+        "window_days": None,
+        "start": champion.train_end.isoformat() if champion.train_end else None,
+        "end": times.iloc[-1].isoformat(),
+        "train_rows": 4200,
+        "holdout_rows": 300,
+        "holdout_basis": "new",
+        "new_data_weight_share": 0.7,
+    }
+    assert v2.metrics["val_rows"] == 300
+    assert v2.metrics["val_mae"] <= 0.98 * v2.metrics["champion_val_mae"]
+    assert v2.metrics["gate"]["passed"] is True
+    assert set(v2.feature_importance) == set(spec.feature_names)
+    reference = registry.reference(v2)
+    assert list(reference.columns) == [*spec.feature_names, spec.target, "prediction", EVENT_TIME, SOURCE]
+    assert reference[SOURCE].value_counts().to_dict() == {"reference": 3000, "production_labelled": 1500}
+    assert len(reference) == 4500
+    assert reference[EVENT_TIME].iloc[-1] == times.iloc[-1]
+
+    # The next generation reads v2's database-born reference rows afresh from the database, never twice.
+    again = assemble(sessions=sessions, registry=registry, champion=v2, spec=spec, window_days=None, now=now)
+    assert again.sources == {"reference": 3000, "production_labelled": 1500, "ingested": 0}
+    recent = assemble(sessions=sessions, registry=registry, champion=v2, spec=spec, window_days=180, now=now)
+    in_window = int((times >= now - timedelta(days=180)).sum())
+    assert recent.sources == {"reference": 0, "production_labelled": in_window, "ingested": 0}
+
+    run = run_row(sessions, run_id)
+    assert (run.status, run.champion_version, run.candidate_version, run.error) == ("promoted", 1, 2, None)
+    assert run.finished_at == now
+    assert run.metrics == v2.metrics
+    assert list(run.steps) == STEPS
+    assert all(step["started_at"] == now.isoformat() and step["seconds"] >= 0 for step in run.steps.values())
+
+
+def test_a_worse_candidate_is_rejected_and_the_champion_kept(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    log_predictions(sessions, generate_transactions(600, start="2022-01-01", end="2022-06-30", seed=7), spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+    settings = make_settings(db_url, tmp_path, train_iterations=1)
+
+    outcome = execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=lambda: NOW)
+
+    assert (outcome.status, outcome.candidate_version) == ("rejected", 2)
+    assert outcome.gate is not None
+    cand, champ = outcome.gate.candidate_metrics["mae"], outcome.gate.champion_metrics["mae"]
+    mae_reason = (
+        f"mae: candidate MAE {cand:.6g} is not <= champion MAE {champ:.6g} × (1 − 0.02) = {champ * 0.98:.6g} "
+        "on 120 holdout rows"
+    )
+    assert outcome.gate.reasons[0] == mae_reason
+    assert versions(registry) == {1: ModelStatus.champion, 2: ModelStatus.rejected}
+    v2 = registry.get(2)
+    assert v2 is not None
+    assert v2.note == "rejected: " + "; ".join(outcome.gate.reasons)
+    run = run_row(sessions, run_id)
+    assert (run.status, run.candidate_version, run.error) == ("rejected", 2, None)
+    assert run.metrics["gate"]["reasons"] == outcome.gate.reasons
+
+
+def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    log_predictions(sessions, generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=7), spec)
+    Path(champion.artifact_path).write_bytes(b"not a model")  # the gate cannot load the champion
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=spec, registry=registry, clock=lambda: NOW
+    )
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None and outcome.error.startswith("ArtifactIntegrityError: ")
+    assert versions(registry) == {1: ModelStatus.champion}
+    run = run_row(sessions, run_id)
+    assert (run.status, run.candidate_version, run.error, run.finished_at) == (
+        "failed",
+        None,
+        outcome.error,
+        NOW,
+    )
+    assert list(run.steps) == ["assemble", "train", "validate"]
+    with sessions() as session:
+        assert session.scalars(select(ModelVersion.version)).all() == [1]
+
+
+def test_metrics_are_json_safe(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """A NaN (e.g. MAPE over all-zero actuals) is stored as null: PostgreSQL's JSON rejects NaN."""
+    data = generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=8)
+    log_predictions(sessions, data.assign(**{spec.target: 0.0}), spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=spec, registry=registry, clock=lambda: NOW
+    )
+
+    assert outcome.gate is not None
+    assert math.isnan(outcome.gate.candidate_metrics["mape"])
+    run = run_row(sessions, run_id)
+    assert run.status == outcome.status
+    assert run.metrics["val_mape"] is None
+
+
+def test_sample_weights_give_new_rows_their_share() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from retrain.dataset import REFERENCE, SOURCE, sample_weights
+
+    train = pd.DataFrame({SOURCE: [REFERENCE] * 8 + ["production_labelled"] * 2})
+    weights = sample_weights(train, new_share=0.7)
+    assert weights is not None
+    assert weights.mean() == pytest.approx(1.0)
+    assert weights[8:].sum() / weights.sum() == pytest.approx(0.7)
+    assert np.allclose(weights[:8], weights[0]) and np.allclose(weights[8:], weights[8])
+    assert sample_weights(train, new_share=0.0) is None
+    assert sample_weights(train, new_share=0.2) is None  # new rows already carry 20 %
+    assert sample_weights(train.iloc[:8], new_share=0.7) is None  # no new rows

@@ -1,0 +1,245 @@
+"""The single-flight runner: the database lock, stale-run recovery and the child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.generator import generate_transactions
+from core.metrics import Metrics, build_metrics
+from core.registry import Registry
+from core.schema import ModelStatus, ModelVersion, RetrainRun
+from core.spec import FeatureSpec
+from retrain.child import settings_from_env
+from retrain.runner import SETTINGS_ENV, RunInProgress, child_env, fail_run, launch, recover_stale, start_run
+from tests.conftest import make_settings
+from tests.test_retrain import log_predictions, run_row, versions
+
+NOW = datetime(2023, 1, 1, tzinfo=UTC)
+CHILD_TIMEOUT_S = 300  # a bound on a broken test, never an assertion
+
+
+@pytest.fixture
+def prometheus() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def metrics(prometheus: CollectorRegistry) -> Metrics:
+    return build_metrics(prometheus)
+
+
+def running_count(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return int(session.scalar(select(func.count()).where(RetrainRun.status == "running")) or 0)
+
+
+def test_two_simultaneous_starts_make_exactly_one_run(
+    sessions: sessionmaker[Session], champion: ModelVersion
+) -> None:
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+
+    def start() -> None:
+        barrier.wait()
+        try:
+            results.append(start_run(sessions, trigger="drift", now=NOW))
+        except RunInProgress as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    started = [r for r in results if isinstance(r, int)]
+    refused = [r for r in results if isinstance(r, RunInProgress)]
+    assert len(started) == 1 and len(refused) == 1
+    assert refused[0].run_id == started[0]
+    assert str(refused[0]) == f"retrain run {started[0]} is already running"
+    with sessions() as session:
+        runs = session.scalars(select(RetrainRun)).all()
+    assert [(r.id, r.status, r.trigger, r.champion_version) for r in runs] == [
+        (started[0], "running", "drift", champion.version)
+    ]
+
+
+def test_the_slot_frees_when_the_run_finishes(
+    sessions: sessionmaker[Session], champion: ModelVersion
+) -> None:
+    first = start_run(sessions, trigger="manual", now=NOW)
+    with pytest.raises(RunInProgress) as refused:
+        start_run(sessions, trigger="schedule", now=NOW)
+    assert refused.value.run_id == first
+
+    assert fail_run(sessions, first, error="test", now=NOW) is True
+    assert fail_run(sessions, first, error="again", now=NOW) is False
+    second = start_run(sessions, trigger="schedule", now=NOW)
+
+    assert second != first
+    assert run_row(sessions, first).error == "test"
+    assert running_count(sessions) == 1
+
+
+def test_start_run_refuses_an_unknown_trigger(sessions: sessionmaker[Session]) -> None:
+    with pytest.raises(ValueError, match="'sometimes' is not a valid Trigger"):
+        start_run(sessions, trigger="sometimes", now=NOW)
+    assert running_count(sessions) == 0
+
+
+def test_recover_stale_marks_leftover_running_rows_failed(sessions: sessionmaker[Session]) -> None:
+    run_id = start_run(sessions, trigger="drift", now=NOW)
+    later = datetime(2023, 1, 2, tzinfo=UTC)
+
+    assert recover_stale(sessions, now=later) == [run_id]
+    assert recover_stale(sessions, now=later) == []
+
+    run = run_row(sessions, run_id)
+    assert (run.status, run.error, run.finished_at) == ("failed", "left running by a crashed process", later)
+    assert start_run(sessions, trigger="drift", now=later) != run_id
+
+
+def test_the_child_gets_our_settings_without_secrets_or_stray_overrides(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_TRAIN_ITERATIONS", "999")  # must not leak into the child
+    settings = make_settings(db_url, tmp_path, train_window_days=30, spec_path=tmp_path / "spec.yaml")
+
+    env = child_env(settings)
+
+    assert sorted(k for k in env if k.startswith("DRIFTLOOP_")) == [SETTINGS_ENV]
+    assert "test-admin-token" not in env[SETTINGS_ENV]
+    assert isinstance(settings.admin_token, SecretStr)
+    child = settings_from_env(env)
+    assert child.admin_token is None
+    assert child.model_dump(exclude={"admin_token"}) == settings.model_dump(exclude={"admin_token"})
+
+
+# --- the child process ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shocked(sessions: sessionmaker[Session], spec: FeatureSpec, champion: ModelVersion) -> None:
+    """A year of labelled predictions after a rate shock: a retrained candidate beats v1 on them."""
+    data = generate_transactions(
+        1500, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=5
+    )
+    log_predictions(sessions, data, spec)
+
+
+def test_launch_runs_in_a_child_that_records_the_outcome(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    prometheus: CollectorRegistry,
+    metrics: Metrics,
+    shocked: None,
+) -> None:
+    handle = launch(
+        settings=make_settings(db_url, tmp_path),
+        trigger="manual",
+        reason="operator asked",
+        sessions=sessions,
+        metrics=metrics,
+    )
+
+    assert handle.pid != os.getpid()
+    status = handle.wait(CHILD_TIMEOUT_S)
+
+    assert status == "promoted"
+    assert handle.poll() == "promoted"
+    run = run_row(sessions, handle.run_id)
+    assert (run.status, run.pid, run.reason, run.candidate_version, run.error) == (
+        "promoted",
+        handle.pid,
+        "operator asked",
+        2,
+        None,
+    )
+    assert list(run.steps) == ["assemble", "train", "validate", "register", "promote"]
+    assert versions(registry) == {1: ModelStatus.archived, 2: ModelStatus.champion}
+    assert run.finished_at is not None
+    sample = prometheus.get_sample_value
+    assert sample("driftloop_retrain_runs_total", {"trigger": "manual", "status": "promoted"}) == 1
+    assert sample("driftloop_retrain_running") == 0
+    assert sample("driftloop_retrain_last_finished_timestamp_seconds") == run.finished_at.timestamp()
+
+
+def _wait_for_step(sessions: sessionmaker[Session], run_id: int, step: str) -> None:
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while step not in run_row(sessions, run_id).steps:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the child never reached the {step} step")
+        time.sleep(0.05)
+
+
+def test_a_child_killed_mid_training_leaves_the_champion_and_a_failed_run(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    prometheus: CollectorRegistry,
+    metrics: Metrics,
+    shocked: None,
+) -> None:
+    slow = make_settings(db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=CHILD_TIMEOUT_S)
+    handle = launch(settings=slow, trigger="drift", sessions=sessions, metrics=metrics)
+    _wait_for_step(sessions, handle.run_id, "train")
+    assert handle.poll() is None
+
+    os.kill(handle.pid, signal.SIGKILL)
+    status = handle.wait(CHILD_TIMEOUT_S)
+
+    assert status == "failed"
+    run = run_row(sessions, handle.run_id)
+    assert run.error == f"child process {handle.pid} was killed by SIGKILL before finishing the run"
+    assert run.candidate_version is None
+    assert run.steps["train"]["seconds"] is None
+    assert versions(registry) == {1: ModelStatus.champion}
+    sample = prometheus.get_sample_value
+    assert sample("driftloop_retrain_runs_total", {"trigger": "drift", "status": "failed"}) == 1
+    assert sample("driftloop_retrain_running") == 0
+    assert running_count(sessions) == 0
+
+
+def test_a_child_past_the_timeout_is_killed_and_the_run_failed(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    shocked: None,
+) -> None:
+    slow = make_settings(db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=1)
+    handle = launch(settings=slow, trigger="schedule", sessions=sessions)
+
+    assert handle.wait(CHILD_TIMEOUT_S) == "failed"
+
+    run = run_row(sessions, handle.run_id)
+    assert run.error == f"timed out after 1 s; child process {handle.pid} killed"
+    assert versions(registry) == {1: ModelStatus.champion}
+
+
+def test_launch_while_a_run_is_in_progress_is_refused_at_once(
+    db_url: str, tmp_path: Path, sessions: sessionmaker[Session], champion: ModelVersion
+) -> None:
+    running = start_run(sessions, trigger="drift", now=NOW)
+
+    with pytest.raises(RunInProgress) as refused:
+        launch(settings=make_settings(db_url, tmp_path), trigger="manual", sessions=sessions)
+
+    assert refused.value.run_id == running
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(RetrainRun)) == 1
