@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import pandas as pd
@@ -27,9 +27,11 @@ from core.settings import Settings
 from core.spec import FeatureSpec
 from monitor.notify import WebhookNotifier, breach_key, enqueue, format_breach, format_retrain_outcome
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
-from monitor.report import DriftResult, compute_drift
 from monitor.window import load_window
 from retrain.runner import RunHandle, RunInProgress, launch, recover_stale
+
+if TYPE_CHECKING:
+    from monitor.report import DriftResult
 
 log = logging.getLogger("driftloop.loop")
 LEASE_NAME = "driftloop.scheduler"
@@ -163,6 +165,10 @@ class Loop:
         result: DriftResult | None = None
         html_path: Path | None = None
         if window.rows >= config.min_window_rows:
+            # Imported here, not at the top: Evidently takes seconds to import, and API replicas
+            # (--no-scheduler) never monitor, so they should not pay for it at start-up.
+            from monitor.report import compute_drift
+
             html_path = (
                 s.report_dir / f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
             )

@@ -71,6 +71,8 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Label lookups take a lock and hash the labels; routes and statuses are few, so keep the children.
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,13 +90,23 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            code = str(status)
-            self.metrics.http_requests.labels(endpoint=endpoint, status=code).inc()
-            if status >= 400:
-                self.metrics.http_errors.labels(endpoint=endpoint, status=code).inc()
-            self.metrics.http_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+            children = self._children.get((endpoint, status)) or self._child(endpoint, status)
+            requests, errors, seconds = children
+            requests.inc()
+            if errors is not None:
+                errors.inc()
+            seconds.observe(time.perf_counter() - start)
+
+    def _child(self, endpoint: str, status: int) -> tuple[Any, Any, Any]:
+        m, code = self.metrics, str(status)
+        children = (
+            m.http_requests.labels(endpoint=endpoint, status=code),
+            m.http_errors.labels(endpoint=endpoint, status=code) if status >= 400 else None,
+            m.http_seconds.labels(endpoint=endpoint),
+        )
+        self._children[(endpoint, status)] = children
+        return children
 
 
 async def _error(send: Send, status: int, message: str) -> None:
