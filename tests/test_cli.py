@@ -1,0 +1,76 @@
+"""The command line, in-process through typer's runner, against a real SQLite file."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from core.generator import generate_transactions
+from core.settings import Settings
+from service.cli import cli
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {
+        "DRIFTLOOP_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "DRIFTLOOP_ARTIFACT_DIR": str(tmp_path / "artifacts"),
+        "DRIFTLOOP_TRAIN_ITERATIONS": "30",
+        "DRIFTLOOP_TRAIN_THREAD_COUNT": "2",
+        "COLUMNS": "250",  # rich wraps at the terminal width; keep messages on one line
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_bootstrap_is_idempotent_and_models_lists_v1(env) -> None:
+    first = run("bootstrap", "--rows", "2000")
+    assert first.exit_code == 0
+    assert "trained and promoted v1" in first.output
+    again = run("bootstrap", "--rows", "2000")
+    assert "already the champion: v1" in again.output
+    listing = run("models")
+    assert "v1" in listing.output and "champion" in listing.output
+
+
+def test_ingest_reports_each_rejected_row_and_exits_1(env, tmp_path: Path) -> None:
+    frame = generate_transactions(30, seed=9)
+    frame["floor"] = frame["floor"].astype(object)
+    frame.loc[4, "floor"] = "tenth"
+    path = tmp_path / "new.csv"
+    frame.to_csv(path, index=False)
+    result = run("ingest", str(path))
+    assert result.exit_code == 1
+    assert "29 row(s) loaded, 1 rejected" in result.output
+    assert "line 6: floor: 'tenth' is not a number" in result.output
+
+
+def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path) -> None:
+    missing = run("ingest", str(tmp_path / "nope.csv"))
+    assert (missing.exit_code, "file not found" in missing.output) == (2, True)
+    path = tmp_path / "short.csv"
+    generate_transactions(3).drop(columns=["district"]).to_csv(path, index=False)
+    result = run("ingest", str(path))
+    assert result.exit_code == 2
+    assert "header is missing column(s): district" in result.output
+
+
+def test_promote_and_rollback_explain_refusals(env) -> None:
+    run("bootstrap", "--rows", "2000")
+    assert "model version 5 does not exist" in run("promote", "5").output
+    assert "no previous champion to roll back to" in run("rollback").output
+
+
+def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeypatch) -> None:
+    config = tmp_path / "driftloop.yaml"
+    config.write_text("monitor_interval_s: 60\nwindow_rows: 1234\nWEBHOOK_URL: http://127.0.0.1:9/hook\n")
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(config))
+    monkeypatch.setenv("DRIFTLOOP_WINDOW_ROWS", "999")
+    settings = Settings(_env_file=None)
+    assert (settings.monitor_interval_s, settings.window_rows) == (60, 999)  # the environment wins
+    assert settings.webhook_url == "http://127.0.0.1:9/hook"
