@@ -40,7 +40,7 @@ PYEONG_M2 = 3.3058
 DRIFTED_FEATURES: dict[str, tuple[str, ...]] = {
     "none": (),
     "rate_shock": (),
-    "new_town": ("district", "build_year", "households"),
+    "new_town": ("district", "area_m2", "build_year", "households"),
     "unit_bug": ("area_m2",),
 }
 RATE_SHOCK_DROP = 0.20

@@ -141,6 +141,18 @@ def test_a_window_without_labels_has_no_accuracy(v1: Champion, spec: FeatureSpec
     assert result.to_json()["accuracy"] is None
 
 
+def test_one_labelled_row_is_enough_for_accuracy(v1: Champion, spec: FeatureSpec) -> None:
+    window = make_window(v1, spec, rows=1500, labelled_every=1500)
+
+    result = drift(v1, spec, window)
+
+    actual, predicted = window.loc[0, spec.target], window.loc[0, PREDICTION]
+    assert result.labelled_rows == 1
+    assert result.accuracy is not None and result.accuracy.rows == 1
+    assert result.accuracy.mae == pytest.approx(abs(predicted - actual))
+    assert result.accuracy.rmse == pytest.approx(abs(predicted - actual))
+
+
 def test_weighted_score_ranks_an_important_feature_above_an_unimportant_one(
     v1: Champion, spec: FeatureSpec
 ) -> None:
