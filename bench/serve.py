@@ -13,10 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
@@ -27,37 +25,16 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import LoadResult, json_payloads, run_load  # noqa: E402
 from core.generator import generate_transactions  # noqa: E402
 from core.spec import load_spec  # noqa: E402
+from service.process import free_port, wait_http_ok  # noqa: E402
 
 console = Console()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not become healthy")
 
 
 def start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url, proc)
+    wait_http_ok(url + "/health", proc, timeout=60)
     return proc, url
 
 

@@ -31,6 +31,24 @@ def _registry(settings: Settings) -> Any:
     return Registry(make_sessions(make_engine(settings.database_url)), ArtifactStore(settings.artifact_dir))
 
 
+def _loop(settings: Settings) -> Any:
+    """The loop on its own (no scheduler), for one-shot CLI runs."""
+    from prometheus_client import CollectorRegistry
+
+    from core.metrics import build_metrics
+    from core.spec import load_spec
+    from monitor.jobs import Loop
+
+    registry = _registry(settings)
+    return Loop(
+        settings=settings,
+        spec=load_spec(settings.spec_path),
+        sessions=registry.sessions,
+        registry=registry,
+        metrics=build_metrics(CollectorRegistry()),
+    )
+
+
 @cli.command()
 def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
@@ -199,23 +217,11 @@ def rollback() -> None:
 @cli.command()
 def retrain(wait: bool = True) -> None:
     """Start a manual retrain run (single-flight across processes)."""
-    from prometheus_client import CollectorRegistry
-
-    from core.metrics import build_metrics
     from core.schema import Trigger
-    from core.spec import load_spec
-    from monitor.jobs import Loop
     from retrain.runner import RunInProgress
 
     settings = _settings()
-    registry = _registry(settings)
-    loop = Loop(
-        settings=settings,
-        spec=load_spec(settings.spec_path),
-        sessions=registry.sessions,
-        registry=registry,
-        metrics=build_metrics(CollectorRegistry()),
-    )
+    loop = _loop(settings)
     try:
         handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
     except RunInProgress as exc:
@@ -231,21 +237,8 @@ def retrain(wait: bool = True) -> None:
 @cli.command()
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
-    from prometheus_client import CollectorRegistry
-
-    from core.metrics import build_metrics
-    from core.spec import load_spec
-    from monitor.jobs import Loop
-
     settings = _settings()
-    registry = _registry(settings)
-    loop = Loop(
-        settings=settings,
-        spec=load_spec(settings.spec_path),
-        sessions=registry.sessions,
-        registry=registry,
-        metrics=build_metrics(CollectorRegistry()),
-    )
+    loop = _loop(settings)
     typer.echo(json.dumps(loop.run_monitor().to_json(), indent=2, default=str))
 
 

@@ -29,6 +29,7 @@ from rich.table import Table
 from core.generator import generate_transactions
 from core.settings import Settings, to_env
 from core.spec import load_spec
+from service.process import free_port, wait_http_ok
 
 BATCH = 50
 FEEDBACK_DELAY_BATCHES = 3  # labels arrive three batches after their predictions
@@ -107,7 +108,7 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
     cli = [sys.executable, "-m", "service.cli"]
     subprocess.run([*cli, "bootstrap", "--rows", "20000", "--seed", str(seed)], env=env, check=True)
     tl.mark("v1 bootstrapped on 20,000 transactions from 2019–2021")
-    port = _free_port()
+    port = free_port()
     log = (state / "server.log").open("wb")
     server = subprocess.Popen(
         [*cli, "serve", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -115,7 +116,7 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
     url = f"http://127.0.0.1:{port}"
     served: list[Served] = []
     try:
-        _wait_ready(url, server)
+        wait_http_ok(url + "/ready", server, timeout=60)
         tl.mark(
             f"service up at {url} (monitor every {settings.monitor_interval_s}s, webhook receiver listening)"
         )
@@ -349,28 +350,6 @@ def _wait_reports(client: httpx.Client, count: int, console: Console) -> None:
             return
         time.sleep(0.5)
     console.print("[yellow]the monitor has not produced a verdict yet[/]")
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the service exited during start-up; see var/demo/server.log")
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the service did not become ready within 60 s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _progress(console: Console) -> Progress:
