@@ -126,14 +126,15 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
             start="2022-07-01",
             end="2023-06-30",
             scenario=scenario,
-            change_at="2022-07-01",
+            change_at="2022-05-01",  # landed in full (rate_shock ramps 60 days) before the stream starts
             seed=seed + 2,
         )
         with httpx.Client(base_url=url, timeout=30) as client, _progress(console) as progress:
             _stream(client, stable, spec, served, "stable", progress, pace_s=0.12)
             tl.mark(f"streamed {len(stable):,} stable transactions with delayed feedback")
             _wait_reports(client, 1, console)
-            tl.mark(_latest_verdict(client))
+            first = client.get("/reports/latest").json()
+            tl.mark(_describe(first))
             tl.mark(f"[yellow]drift begins: {scenario}[/]")
             swap_at = _stream_until_swap(client, drifted, spec, served, progress, tl, settings)
         if swap_at is None:
@@ -144,7 +145,26 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
         server.wait(timeout=60)
         log.close()
         receiver.shutdown()
-    return 0 if any(s.version > 1 for s in served) else 1
+    logged = _count_logged(settings.database_url)
+    verdict = "every answered prediction is logged" if logged == len(served) else "[red]MISMATCH[/]"
+    console.print(
+        f"prediction log after shutdown: {logged:,} rows for {len(served):,} answered predictions: {verdict}"
+    )
+    return 0 if any(s.version > 1 for s in served) and logged == len(served) else 1
+
+
+def _count_logged(database_url: str) -> int:
+    from sqlalchemy import func, select
+
+    from core.db import make_engine
+    from core.schema import PredictionLog
+
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(PredictionLog)) or 0)
+    finally:
+        engine.dispose()
 
 
 def _stream(
@@ -200,7 +220,7 @@ def _stream_until_swap(
 ) -> float | None:
     task = progress.add_task("drifted traffic", total=len(frame))
     pending: list[list[tuple[str, float]]] = []
-    seen_reports: set[int] = set()
+    seen_reports: set[int] = {r["id"] for r in client.get("/reports").json()}
     seen_runs: dict[int, str] = {}
     alerts_seen = 0
     swap_at = None
@@ -248,9 +268,7 @@ def _describe_run(run: dict[str, Any]) -> str:
     if run["status"] == "running":
         return f"retrain run {run['id']} started (trigger: {run['trigger']})"
     metrics = run.get("metrics") or {}
-    gate = metrics.get("gate", metrics)
-    cand = gate.get("candidate_metrics", {}).get("mae") if isinstance(gate, dict) else None
-    champ = gate.get("champion_metrics", {}).get("mae") if isinstance(gate, dict) else None
+    cand, champ = metrics.get("val_mae"), metrics.get("champion_val_mae")
     figures = f" — holdout MAE candidate {cand:,.0f} vs champion {champ:,.0f}" if cand and champ else ""
     return f"retrain run {run['id']}: [bold]{run['status']}[/] candidate v{run['candidate_version']}{figures}"
 
@@ -272,7 +290,7 @@ def _finish(
         latest = client.get("/reports/latest").json()
         reports = client.get("/reports", params={"limit": 500}).json()
     test = generate_transactions(
-        3000, start="2023-07-01", end="2023-12-31", scenario=scenario, change_at="2022-07-01", seed=seed + 3
+        3000, start="2023-07-01", end="2023-12-31", scenario=scenario, change_at="2022-05-01", seed=seed + 3
     )
     table = Table(title="MAE on post-drift transactions (10k KRW)")
     for col in ("model", "status", "live traffic MAE", "fresh post-drift sample MAE"):
@@ -287,6 +305,17 @@ def _finish(
             f"v{m['version']}", m["status"], f"{np.mean(live):,.0f}" if live else "-", f"{fresh:,.0f}"
         )
     console.print(table)
+    live = {
+        m["version"]: [abs(s.prediction - s.actual) for s in drift_rows if s.version == m["version"]]
+        for m in models
+    }
+    if live.get(1) and len(live) > 1:
+        newest = max(v for v in live if live[v])
+        before, after = float(np.mean(live[1])), float(np.mean(live[newest]))
+        console.print(
+            f"[bold]v{newest} cuts the MAE on post-drift traffic from {before:,.0f} to {after:,.0f} "
+            f"({(after - before) / before:+.0%})[/]"
+        )
     plot = state / "demo.png"
     _plot(served, reports, plot)
     console.print(f"plot of error and drift over time: [bold]{plot}[/]")
@@ -335,11 +364,6 @@ def _plot(served: list[Served], reports: list[dict[str, Any]], path: Path) -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _latest_verdict(client: httpx.Client) -> str:
-    report = client.get("/reports/latest").json()
-    return _describe(report) if report.get("id") else "no monitor report yet"
 
 
 def _wait_reports(client: httpx.Client, count: int, console: Console) -> None:
