@@ -1,0 +1,369 @@
+"""The automatic loop end to end: monitor → policy → alert → retrain → gate → hot swap, on real parts."""
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import httpx
+import pandas as pd
+import pytest
+from sqlalchemy import func, insert, select
+
+from bench.loadgen import LoadResult, json_payloads, run_load
+from core.db import utcnow
+from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.registry import Registry
+from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
+from core.spec import FeatureSpec
+from monitor.jobs import Loop
+from retrain.train import predict
+from tests.conftest import make_settings
+from tests.live import start_server, wait_until
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+
+
+class Receiver:
+    """A real webhook receiver on loopback; answers 500 to the first `fail_first` POSTs."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.attempts = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                receiver.attempts += 1
+                if receiver.attempts <= fail_first:
+                    self.send_response(500)
+                else:
+                    receiver.bodies.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def kinds(self) -> list[str]:
+        return [b["kind"] for b in self.bodies]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def traffic(scenario: str, n: int, seed: int) -> pd.DataFrame:
+    """2022 transactions; for a drift scenario the change has fully landed before the first row."""
+    return generate_transactions(
+        n, start="2022-07-01", end="2022-12-31", scenario=scenario, change_at="2022-04-01", seed=seed
+    )
+
+
+def log_traffic(
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    frame: pd.DataFrame,
+    *,
+    labelled: bool = True,
+) -> None:
+    """What the service would have logged: the champion's predictions, one second apart, ending now."""
+    predictions = predict(registry.load(champion), frame, spec)
+    now = utcnow()
+    ids = [str(uuid4()) for _ in range(len(frame))]
+    rows = [
+        {
+            "id": pid,
+            "created_at": now - timedelta(seconds=len(frame) - i),
+            "model_version": champion.version,
+            "features": features,
+            "prediction": float(p),
+            "latency_ms": 1.0,
+        }
+        for i, (pid, features, p) in enumerate(
+            zip(ids, frame[spec.feature_names].to_dict("records"), predictions, strict=True)
+        )
+    ]
+    with registry.sessions.begin() as session:
+        session.execute(insert(PredictionLog), rows)
+        if labelled:
+            labels = [
+                {"prediction_id": pid, "actual": float(a), "received_at": now}
+                for pid, a in zip(ids, frame[spec.target], strict=True)
+            ]
+            session.execute(insert(GroundTruth), labels)
+
+
+def make_loop(registry, spec, metrics, db_url, tmp_path, **overrides) -> Loop:
+    settings = make_settings(
+        db_url, tmp_path, min_window_rows=300, window_rows=1200, min_labelled_rows=100, **overrides
+    )
+    return Loop(settings=settings, spec=spec, sessions=registry.sessions, registry=registry, metrics=metrics)
+
+
+def report_row(registry: Registry, report_id: int) -> DriftReport:
+    with registry.sessions() as session:
+        return session.get(DriftReport, report_id)
+
+
+def runs(registry: Registry) -> list[RetrainRun]:
+    with registry.sessions() as session:
+        return list(session.scalars(select(RetrainRun).order_by(RetrainRun.id)))
+
+
+def test_a_stable_window_is_not_flagged(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+    log_traffic(registry, champion, spec, traffic("none", 1200, seed=3))
+    loop = make_loop(registry, spec, metrics, db_url, tmp_path)
+    outcome = loop.run_monitor()
+    assert (outcome.verdict, outcome.decision.breach, outcome.retrain_run_id) == ("ok", False, None)
+    row = report_row(registry, outcome.report_id)
+    assert (row.rows, row.labelled_rows, row.champion_version, row.breach) == (1200, 1200, 1, False)
+    assert Path(row.html_path).is_file()
+    assert not [f for f in ("district", "area_m2", "build_year") if row.features[f]["detected"]]
+    sample = metrics_value(metrics)
+    assert sample("driftloop_drift_breach") == 0
+    assert sample("driftloop_window_mae") == pytest.approx(row.mae)
+    assert sample("driftloop_drift_share") == pytest.approx(row.drift_share)
+    assert sample("driftloop_monitor_last_run_timestamp_seconds") > 0
+    assert sample("driftloop_monitor_runs_total", outcome="ok") == 1
+    assert runs(registry) == []
+
+
+@pytest.mark.parametrize("scenario", ["new_town", "unit_bug"])
+def test_covariate_drift_is_flagged_naming_the_features(
+    registry, champion, spec, metrics, db_url, tmp_path, scenario
+) -> None:
+    log_traffic(registry, champion, spec, traffic(scenario, 1200, seed=4), labelled=False)
+    loop = make_loop(registry, spec, metrics, db_url, tmp_path, auto_retrain=False)
+    outcome = loop.run_monitor()
+    assert outcome.verdict == "breach"
+    assert outcome.decision.held_by == "alert-only mode"
+    row = report_row(registry, outcome.report_id)
+    detected = {f for f, v in row.features.items() if v["detected"]}
+    assert set(DRIFTED_FEATURES[scenario]) <= detected
+    assert row.breach and row.labelled_rows == 0 and row.mae is None
+    sample = metrics_value(metrics)
+    assert sample("driftloop_drift_breach") == 1
+    for feature in DRIFTED_FEATURES[scenario]:
+        assert sample("driftloop_feature_drift_detected", feature=feature) == 1
+        assert sample("driftloop_feature_drift_score", feature=feature) == pytest.approx(
+            row.features[feature]["score"]
+        )
+
+
+def test_concept_drift_is_an_accuracy_breach(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=5))
+    outcome = make_loop(registry, spec, metrics, db_url, tmp_path, auto_retrain=False).run_monitor()
+    assert (outcome.verdict, outcome.decision.trigger) == ("breach", "accuracy")
+    row = report_row(registry, outcome.report_id)
+    assert row.drift_share < 0.5  # the features did not move; the prices did
+    assert row.mae > 1.25 * champion.metrics["val_mae"]
+
+
+def test_one_alert_per_breach_then_a_gated_retrain_promotes(
+    registry, champion, spec, metrics, db_url, tmp_path, receiver
+) -> None:
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=6))
+    loop = make_loop(
+        registry, spec, metrics, db_url, tmp_path, consecutive_breaches=2, webhook_url=receiver.url
+    )
+    first = loop.run_monitor()
+    assert (first.verdict, first.decision.retrain, first.decision.held_by) == (
+        "breach",
+        False,
+        "hysteresis 1/2",
+    )
+    second = loop.run_monitor()
+    assert second.decision.retrain and second.retrain_run_id is not None
+    run = wait_until(lambda: finished(registry, second.retrain_run_id), timeout=120, what="the retrain run")
+    assert run.status == "promoted"
+    assert registry.champion().version == 2
+    v2 = registry.get(2)
+    assert (v2.parent_version, v2.trigger, v2.report_id, v2.retrain_run_id) == (
+        1,
+        "accuracy",
+        second.report_id,
+        run.id,
+    )
+    assert set(run.steps) == {"assemble", "train", "validate", "register", "promote"}
+    wait_until(lambda: "retrain_outcome" in receiver.kinds(), timeout=30, what="the retrain outcome message")
+    loop.deliver()
+    assert receiver.kinds().count("drift_breach") == 1  # two breaching reports, one episode, one alert
+    assert "text" in receiver.bodies[0] and "breach" in receiver.bodies[0]["text"]
+    with registry.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Notification)) == 2
+
+
+def test_a_worse_candidate_is_rejected_and_cooldown_holds(
+    registry, champion, spec, metrics, db_url, tmp_path
+) -> None:
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=7))
+    loop = make_loop(registry, spec, metrics, db_url, tmp_path, consecutive_breaches=1, gate_margin=0.99)
+    first = loop.run_monitor()
+    run = wait_until(lambda: finished(registry, first.retrain_run_id), timeout=120, what="the retrain run")
+    assert run.status == "rejected"
+    assert "rejected: mae: candidate MAE" in registry.get(run.candidate_version).note
+    assert registry.champion().version == 1  # the champion keeps serving
+    again = loop.run_monitor()
+    assert again.decision.breach and not again.decision.retrain
+    assert again.decision.held_by.startswith("cooldown")
+    assert len(runs(registry)) == 1
+
+
+def test_a_failing_receiver_is_retried_until_delivered(
+    registry, champion, spec, metrics, db_url, tmp_path
+) -> None:
+    flaky = Receiver(fail_first=1)
+    try:
+        log_traffic(registry, champion, spec, traffic("unit_bug", 600, seed=8), labelled=False)
+        loop = make_loop(
+            registry, spec, metrics, db_url, tmp_path, auto_retrain=False, webhook_url=flaky.url,
+            webhook_backoff_s=0,
+        )  # fmt: skip
+        loop.run_monitor()  # delivers once: the receiver answers 500
+        assert (flaky.attempts, flaky.kinds()) == (1, [])
+        loop.deliver()
+        assert (flaky.attempts, flaky.kinds()) == (2, ["drift_breach"])
+        with registry.sessions() as session:
+            note = session.scalars(select(Notification)).one()
+        assert (note.status, note.attempts) == ("delivered", 2)
+    finally:
+        flaky.close()
+
+
+def test_scheduler_lease_one_leader_and_takeover(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+    with registry.sessions.begin() as session:
+        session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=utcnow()))
+    a = make_loop(registry, spec, metrics, db_url, tmp_path)
+    b = make_loop(registry, spec, metrics, db_url, tmp_path)
+    assert a.renew_lease() is True
+    assert b.renew_lease() is False
+    assert [r.status for r in runs(registry)] == ["failed"]  # the first leader cleared what a crash left
+    assert a.renew_lease() is True  # renewal by the holder
+    a.stop()  # releases the lease
+    assert b.renew_lease() is True
+
+
+@pytest.mark.slow
+def test_two_simultaneous_manual_triggers_start_one_run(champion, db_url, tmp_path) -> None:
+    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    try:
+        answers: list[httpx.Response] = []
+        barrier = threading.Barrier(2)
+
+        def trigger() -> None:
+            barrier.wait()
+            answers.append(server.post("/retrain", headers=ADMIN))
+
+        threads = [threading.Thread(target=trigger) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(a.status_code for a in answers) == [202, 409]
+        conflict = next(a for a in answers if a.status_code == 409)
+        assert "already running" in conflict.json()["message"]
+        run_id = next(a for a in answers if a.status_code == 202).json()["run_id"]
+        wait_until(
+            lambda: server.get(f"/retrain/runs/{run_id}").json()["status"] != "running",
+            timeout=120, what="the manual run to finish",
+        )  # fmt: skip
+        assert len(server.get("/retrain/runs").json()) == 1
+    finally:
+        assert server.terminate()
+
+
+@pytest.mark.slow
+def test_drift_is_detected_retrained_and_swapped_under_load_without_a_failed_request(
+    champion, db_url, tmp_path, spec, receiver
+) -> None:
+    settings = make_settings(
+        db_url, tmp_path, monitor_interval_s=1, min_window_rows=300, window_rows=800, min_labelled_rows=100,
+        consecutive_breaches=1, champion_poll_s=0.2, webhook_url=receiver.url,
+    )  # fmt: skip
+    server = start_server(settings, tmp_path)
+    burst = LoadResult()
+    background = json_payloads(traffic("none", 300, seed=9)[spec.feature_names].to_dict("records"))
+    load = threading.Thread(
+        target=run_load, args=(server.url + "/predict", background),
+        kwargs={"total": 1_000_000, "concurrency": 4, "max_seconds": 240, "keep_bodies": True,
+                "result": burst},
+        daemon=True,
+    )  # fmt: skip
+    try:
+        load.start()
+        drifted = traffic("rate_shock", 3000, seed=10)
+        sent = 0
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            while served_version(burst) != 2:
+                assert sent < len(drifted), "the loop did not swap in a new champion"
+                chunk = drifted.iloc[sent : sent + 100]
+                sent += len(chunk)
+                body = client.post(
+                    "/predict/batch", json={"instances": chunk[spec.feature_names].to_dict("records")}
+                ).json()
+                labels = [
+                    {"prediction_id": p["prediction_id"], "actual": float(a)}
+                    for p, a in zip(body["predictions"], chunk[spec.target], strict=True)
+                ]
+                assert client.post("/feedback", json=labels).json()["accepted"] == len(labels)
+                if sent >= 1200:
+                    wait_until(lambda: served_version(burst) == 2, timeout=120, what="v2 to be served")
+        seen = burst.ok
+        wait_until(lambda: burst.ok >= seen + 200, timeout=30, what="traffic on v2")
+        v2 = server.get("/models/2").json()
+        assert (v2["status"], v2["lineage"]["trigger"], v2["lineage"]["replaced_version"]) == (
+            "champion", "accuracy", 1,
+        )  # fmt: skip
+        assert v2["lineage"]["report"]["breach"] is True
+    finally:
+        burst.stop()
+        load.join(timeout=60)
+        assert server.terminate()
+    assert burst.errors == [] and burst.failed == 0
+    assert "drift_breach" in receiver.kinds()
+
+
+def served_version(result: LoadResult) -> int | None:
+    return json.loads(result.bodies[-1])["model_version"] if result.bodies else None
+
+
+def finished(registry: Registry, run_id: int) -> RetrainRun | None:
+    with registry.sessions() as session:
+        run = session.get(RetrainRun, run_id)
+    return run if run is not None and run.status != "running" else None
+
+
+def metrics_value(metrics):  # type: ignore[no-untyped-def]
+    """Read one sample of the loop's metrics by name and labels."""
+
+    def sample(name: str, **labels: str) -> float | None:
+        for family in _collect(metrics):
+            for s in family.samples:
+                if s.name == name and s.labels == labels:
+                    return s.value
+        return None
+
+    return sample
+
+
+def _collect(metrics):  # type: ignore[no-untyped-def]
+    for field in metrics.__dataclass_fields__:
+        yield from getattr(metrics, field).collect()
