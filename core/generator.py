@@ -56,7 +56,7 @@ class Timeline:
     change_at: datetime | None
 
 
-def _ts(value: str | datetime | pd.Timestamp) -> datetime:
+def to_utc(value: str | datetime | pd.Timestamp) -> datetime:
     ts = pd.Timestamp(value)
     ts = ts.tz_localize(UTC) if ts.tzinfo is None else ts.tz_convert(UTC)
     out: datetime = ts.to_pydatetime()
@@ -81,10 +81,10 @@ def generate_transactions(
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {', '.join(SCENARIOS)}")
     if n < 0:
         raise ValueError("n must be >= 0")
-    t0, t1 = _ts(start), _ts(end)
+    t0, t1 = to_utc(start), to_utc(end)
     if t1 <= t0:
         raise ValueError("end must be after start")
-    change = _ts(change_at) if change_at is not None else t0 + (t1 - t0) / 2
+    change = to_utc(change_at) if change_at is not None else t0 + (t1 - t0) / 2
     rng = np.random.default_rng(seed)
 
     seconds = np.sort(rng.uniform(0, (t1 - t0).total_seconds(), n))

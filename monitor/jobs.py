@@ -73,6 +73,10 @@ class Loop:
     clock: Callable[[], datetime] = utcnow
     holder_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}")
     leader: bool = False
+    # Runs a retrain and returns its run id; None: a child OS process via `launch_retrain`. The backtest
+    # passes one that runs in-process on its simulated clock.
+    launcher: Callable[..., int] | None = None
+    write_html: bool = True  # the Evidently page of each report; the backtest skips it
     _scheduler: BackgroundScheduler | None = None
     _reference: tuple[int, pd.DataFrame] | None = None
     _notifier: WebhookNotifier | None = None
@@ -169,9 +173,9 @@ class Loop:
             # (--no-scheduler) never monitor, so they should not pay for it at start-up.
             from monitor.report import compute_drift
 
-            html_path = (
-                s.report_dir / f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
-            )
+            if self.write_html:
+                name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
+                html_path = s.report_dir / name
             result = compute_drift(
                 self._reference_for(champion), window.frame, self.spec,
                 importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
@@ -209,9 +213,9 @@ class Loop:
         run_id = None
         if decision.retrain and decision.trigger:
             try:
-                run_id = self.launch_retrain(
+                run_id = self._launch(
                     trigger=decision.trigger, reason="; ".join(decision.reasons), report_id=report_id
-                ).run_id
+                )
             except RunInProgress as exc:
                 notes.append(f"retrain run {exc.run_id} already running")
         self.deliver()
@@ -279,6 +283,11 @@ class Loop:
         m.window_mape.set(accuracy.mape if accuracy else nan)
 
     # --- retraining and alerts ---------------------------------------------------------
+    def _launch(self, *, trigger: str, reason: str, report_id: int | None) -> int:
+        if self.launcher is not None:
+            return self.launcher(trigger=trigger, reason=reason, report_id=report_id)
+        return self.launch_retrain(trigger=trigger, reason=reason, report_id=report_id).run_id
+
     def launch_retrain(self, *, trigger: str, reason: str = "", report_id: int | None = None) -> RunHandle:
         """Start a run in a child process (raises RunInProgress); its outcome is announced when it ends."""
         handle = launch(

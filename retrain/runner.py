@@ -233,7 +233,7 @@ class _Run:
                 spec=self.spec,
                 margin=self.settings.gate_margin,
             )
-            metrics = _jsonable(_version_metrics(gate))
+            metrics = jsonable(_version_metrics(gate))
         with self._step("register"):
             version = self.registry.register(
                 self._new_version(run, champion, model, params, data, train, held, metrics)
@@ -350,6 +350,25 @@ class _Run:
             )
 
 
+def run_inline(
+    *,
+    settings: Settings,
+    spec: FeatureSpec,
+    registry: Registry,
+    trigger: str,
+    reason: str = "",
+    report_id: int | None = None,
+    clock: Clock = utcnow,
+) -> RunOutcome:
+    """Claim the single-flight slot and do the run in this process, on `clock`'s time.
+
+    For callers that own their process and their time (the backtest's simulated clock); the live loop
+    uses `launch`, which keeps CatBoost out of the serving interpreter.
+    """
+    run_id = start_run(registry.sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
+    return execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=clock)
+
+
 def _version_metrics(gate: GateResult) -> dict[str, Any]:
     return {
         **{f"val_{k}": v for k, v in gate.candidate_metrics.items()},
@@ -358,12 +377,12 @@ def _version_metrics(gate: GateResult) -> dict[str, Any]:
     }
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN and ±inf become None: PostgreSQL's JSON rejects them."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -275,6 +275,110 @@ def demo(
     raise typer.Exit(run_demo(scenario=scenario, state=state, seed=seed))
 
 
+@cli.command()
+def backtest(
+    data: Annotated[str, typer.Option(help="A labelled CSV, or generated:SCENARIO (none, rate_shock, …).")],
+    spec: Annotated[
+        Path | None, typer.Option(help="Feature spec (default: DRIFTLOOP_SPEC_PATH or shipped).")
+    ] = None,
+    time_column: Annotated[str | None, typer.Option(help="Orders the history (default: the spec's).")] = None,
+    label_delay: Annotated[str, typer.Option(help="How long after a prediction its label arrives.")] = "30d",
+    policies: Annotated[str, typer.Option(help="Comma-separated: never, periodic, drift, oracle.")] = (
+        "never,periodic,drift,oracle"
+    ),
+    initial_train_until: Annotated[
+        str | None,
+        typer.Option(help="v1 trains on rows before this (default: 40 % in; generated: 2022-01-01)."),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="summary.json, periods.csv, backtest.png and scratch state.")
+    ] = Path("var/backtest"),
+    step: Annotated[str, typer.Option(help="Simulated time per step (serve, labels, policy).")] = "7d",
+    monitor_every: Annotated[
+        str | None, typer.Option(help="Drift monitor cadence (default: --step).")
+    ] = None,
+    period: Annotated[str, typer.Option(help="The periodic policy's retrain interval.")] = "90d",
+    rows: Annotated[int, typer.Option(help="Rows of generated data.")] = 36_000,
+    seed: int = 0,
+) -> None:
+    """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
+    import shutil
+
+    from core.spec import SpecError, load_spec
+    from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
+    from monitor.backtest.results import summarize, write_outputs
+    from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
+
+    settings = _settings()
+    chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
+    try:
+        unknown = [p for p in chosen if p not in POLICIES]
+        if unknown or not chosen:
+            raise BacktestInputError(
+                f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
+                f"choose from {', '.join(POLICIES)}"
+            )
+        config = ReplayConfig(
+            step=parse_duration(step, option="--step"),
+            label_delay=parse_duration(label_delay, option="--label-delay"),
+            monitor_every=parse_duration(monitor_every or step, option="--monitor-every"),
+            period=parse_duration(period, option="--period"),
+        )
+        stream = load_stream(
+            data, load_spec(spec or settings.spec_path), time_column=time_column, rows=rows, seed=seed
+        )
+        until = (
+            parse_time(initial_train_until, option="--initial-train-until")
+            if initial_train_until
+            else stream.default_train_until()
+        )
+        stream.split(until)
+    except (BacktestInputError, SpecError, ValueError) as exc:
+        console.print(f"[red]backtest: {exc}[/]")
+        raise typer.Exit(2) from None
+
+    workdir = out / "work"
+    shutil.rmtree(workdir, ignore_errors=True)
+    console.print(
+        f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {until:%Y-%m-%d}; "
+        f"policies {', '.join(chosen)}"
+    )
+    with _progress() as progress:
+        task = progress.add_task("training v1", total=None)
+
+        def on_step(now: Any, k: int, n: int) -> None:
+            progress.update(task, total=n, completed=k, description=f"replaying {now:%Y-%m-%d}")
+
+        replay = run_replay(
+            stream, settings=settings, config=config, policies=chosen, until=until, workdir=workdir,
+            on_step=on_step,
+        )  # fmt: skip
+    summaries, periods = summarize(replay)
+    paths = write_outputs(replay, summaries, periods, out)
+    Console().print(_backtest_table(summaries))
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
+def _backtest_table(summaries: list[Any]) -> Table:
+    table = Table("policy", "cum. MAE", "vs never", "MAE after change", "retrains (promoted)", "train s",
+                  "detection delay", "swap delay", "false retrains", title="backtest")  # fmt: skip
+
+    def num(value: float | None, fmt: str = ",.0f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for x in summaries:
+        first = x.detections[0] if x.detections else None
+        table.add_row(
+            x.policy, num(x.cumulative_mae), num(x.mae_vs_never, ".3f"), num(x.mae_after_change),
+            f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
+            f"{first.delay_days:g} d" if first and first.delay_days is not None else "-",
+            f"{first.swap_delay_days:g} d" if first and first.swap_delay_days is not None else "-",
+            str(x.false_retrains),
+        )  # fmt: skip
+    return table
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -1,0 +1,330 @@
+"""Replaying history through retraining policies, on simulated time, with the live loop's own code.
+
+Each policy gets a scratch SQLite database and artifact store. Every step of simulated time, each policy's
+champion predicts the step's rows, which are logged to prediction_log as the service would; labels reach
+ground_truth once `label_delay` has passed; then the policy acts:
+
+- ``never``: nothing — v1 serves to the end.
+- ``periodic``: a retrain run every `period`.
+- ``drift``: `monitor.jobs.Loop.run_monitor` on the monitor cadence — window, Evidently, `policy.decide`,
+  alert outbox — whose retrain decisions run `retrain.runner.run_inline`.
+- ``oracle``: a retrain run at every monitor time from the first known change point on (every monitor
+  time when change points are unknown), on all labels seen so far: the most retraining can buy.
+
+Every retrain, whatever the policy, is `run_inline`: the same assemble → train → gate → promote as live.
+No HTTP and no sleeping; the clock is the replayed data's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pandas as pd
+from catboost import CatBoostRegressor
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, insert
+
+from core.db import make_engine, make_sessions, migrate
+from core.metrics import build_metrics
+from core.registry import ArtifactStore, NewVersion, Registry
+from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
+from core.settings import Settings
+from core.spec import FeatureSpec
+from monitor.backtest.stream import Stream, ns_times
+from monitor.jobs import Loop
+from retrain.bootstrap import bootstrap
+from retrain.runner import run_inline
+from retrain.train import TrainParams, predict
+
+POLICIES = ("never", "periodic", "drift", "oracle")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    step: timedelta = timedelta(days=7)  # simulated time between serving, label and policy turns
+    label_delay: timedelta = timedelta(days=30)
+    monitor_every: timedelta = timedelta(days=7)  # the drift monitor's (and the oracle's) cadence
+    period: timedelta = timedelta(days=90)  # the periodic policy's retrain interval
+
+    def __post_init__(self) -> None:
+        for name in ("step", "monitor_every", "period"):
+            if getattr(self, name) <= timedelta(0):
+                raise ValueError(f"{name} must be positive")
+        if self.label_delay < timedelta(0):
+            raise ValueError("label_delay must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class RetrainRecord:
+    at: datetime
+    trigger: str
+    status: str  # promoted | rejected | failed
+    seconds: float
+    candidate_version: int | None
+    candidate_mae: float | None
+    champion_mae: float | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorRecord:
+    at: datetime
+    verdict: str
+    breach: bool
+    retrain: bool
+    drift_share: float | None
+    weighted_score: float | None
+    mae: float | None
+    reasons: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class PolicyTrace:
+    """What one policy served and did over the replay."""
+
+    name: str
+    predictions: np.ndarray
+    versions: np.ndarray
+    retrains: list[RetrainRecord] = field(default_factory=list)
+    monitors: list[MonitorRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    stream: Stream
+    replay: pd.DataFrame  # the replayed rows (spec features, target, time)
+    until: datetime
+    config: ReplayConfig
+    settings: Settings
+    traces: dict[str, PolicyTrace]
+    v1_validation_mae: float | None
+    workdir: Path
+
+
+class SimClock:
+    """The backtest's time: the replay sets it, the loop and retrain runs read it."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def run_replay(
+    stream: Stream,
+    *,
+    settings: Settings,
+    config: ReplayConfig,
+    policies: tuple[str, ...],
+    until: datetime,
+    workdir: Path,
+    on_step: Callable[[datetime, int, int], None] | None = None,
+) -> Replay:
+    """Train v1 on rows before `until`, then replay the rest through each policy; `on_step(now, k, n)`."""
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise ValueError(
+            f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}"
+        )
+    initial, replay = stream.split(until)
+    spec = stream.spec
+    clock = SimClock(until)
+    players = [
+        _Player.create(name, settings, spec, workdir / name, clock, config, stream) for name in policies
+    ]
+    v1 = players[0].bootstrap(initial, settings)
+    for player in players[1:]:
+        player.adopt(players[0].registry, v1)
+
+    times = ns_times(replay[stream.time_column])
+    ids = [str(uuid4()) for _ in range(len(replay))]
+    bounds = _step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
+    cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
+    for k in range(1, len(bounds)):
+        clock.now = bounds[k]
+        rows = slice(int(cuts[k - 1]), int(cuts[k]))
+        monitor_due = _due(bounds[k], until, config.monitor_every, config.step)
+        for player in players:
+            player.serve(replay.iloc[rows], ids[rows], rows)
+            player.release_labels(clock.now)
+            player.act(clock.now, monitor_due=monitor_due)
+        if on_step is not None:
+            on_step(clock.now, k, len(bounds) - 1)
+    for player in players:
+        player.close()
+    return Replay(
+        stream=stream,
+        replay=replay,
+        until=until,
+        config=config,
+        settings=settings,
+        traces={p.trace.name: p.trace for p in players},
+        v1_validation_mae=v1.metrics.get("val_mae"),
+        workdir=workdir,
+    )
+
+
+def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
+    """start, start + step, …, up to the first bound after `last` (so every row falls in a step)."""
+    count = int((last - start) / step) + 1
+    return [start + step * i for i in range(count + 1)]
+
+
+def _due(now: datetime, start: datetime, every: timedelta, step: timedelta) -> bool:
+    """True at the step ending at or first past each multiple of `every` since `start`."""
+    elapsed = now - start
+    return int(elapsed / every) > int((elapsed - step) / every)
+
+
+class _Player:
+    """One policy's world: its database, registry, served predictions and actions."""
+
+    def __init__(
+        self, name: str, settings: Settings, spec: FeatureSpec, registry: Registry, engine: Engine,
+        clock: SimClock, config: ReplayConfig, stream: Stream, rows: int,
+    ) -> None:  # fmt: skip
+        self.name, self.settings, self.spec, self.registry = name, settings, spec, registry
+        self._engine = engine
+        self.clock, self.config, self.stream = clock, config, stream
+        self.trace = PolicyTrace(name, np.full(rows, np.nan), np.zeros(rows, dtype=int))
+        self._models: dict[int, CatBoostRegressor] = {}
+        self._pending: list[tuple[np.ndarray, list[str], np.ndarray]] = []  # (times, ids, actuals) per step
+        self._last_retrain = clock.now
+        self._loop: Loop | None = None
+        if name == "drift":
+            self._loop = Loop(
+                settings=settings, spec=spec, sessions=registry.sessions, registry=registry,
+                metrics=build_metrics(CollectorRegistry()), clock=clock, launcher=self._retrain,
+                write_html=False,
+            )  # fmt: skip
+
+    @classmethod
+    def create(
+        cls, name: str, settings: Settings, spec: FeatureSpec, root: Path, clock: SimClock,
+        config: ReplayConfig, stream: Stream,
+    ) -> _Player:  # fmt: skip
+        root.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite:///{root / 'backtest.db'}"
+        migrate(url)
+        own = settings.model_copy(
+            update={
+                "database_url": url, "artifact_dir": root / "artifacts", "report_dir": root / "reports",
+                "spool_dir": root / "spool", "webhook_url": None,
+            }
+        )  # fmt: skip
+        engine = make_engine(url)
+        registry = Registry(make_sessions(engine), ArtifactStore(own.artifact_dir))
+        rows = len(stream.frame) - int((stream.times < pd.Timestamp(clock.now)).sum())
+        return cls(name, own, spec, registry, engine, clock, config, stream, rows)
+
+    def bootstrap(self, initial: pd.DataFrame, settings: Settings) -> ModelVersion:
+        return bootstrap(
+            registry=self.registry, spec=self.spec, params=TrainParams.from_settings(settings),
+            holdout_fraction=settings.holdout_fraction, data=initial,
+        ).version  # fmt: skip
+
+    def adopt(self, source: Registry, v1: ModelVersion) -> None:
+        """Start from the very same v1 as the first policy (trained once, not once per policy)."""
+        row = self.registry.register(
+            NewVersion(
+                model=source.load(v1), reference=source.reference(v1), trigger=v1.trigger, metrics=v1.metrics,
+                params=v1.params, train_rows=v1.train_rows, train_start=v1.train_start,
+                train_end=v1.train_end, feature_importance=v1.feature_importance,
+                data_sources=v1.data_sources,
+            )
+        )  # fmt: skip
+        self.registry.promote(version=row.version, reason="backtest: the shared v1")
+
+    def serve(self, rows: pd.DataFrame, ids: list[str], where: slice) -> None:
+        """The champion predicts the step's rows; each is logged as the service logs a prediction."""
+        if rows.empty:
+            return
+        champion = self.registry.champion()
+        assert champion is not None
+        model = self._models.get(champion.version)
+        if model is None:
+            model = self._models[champion.version] = self.registry.load(champion)
+        predictions = predict(model, rows, self.spec)
+        self.trace.predictions[where] = predictions
+        self.trace.versions[where] = champion.version
+        times = rows[self.stream.time_column]
+        features = self.spec.coerce(rows).astype(object).where(rows[self.spec.feature_names].notna(), None)
+        records: list[dict[str, Any]] = [
+            {"id": i, "created_at": t.to_pydatetime(), "model_version": champion.version,
+             "features": f, "prediction": float(p), "latency_ms": 0.0}
+            for i, t, f, p in zip(ids, times, features.to_dict("records"), predictions, strict=True)
+        ]  # fmt: skip
+        with self.registry.sessions.begin() as session:
+            session.execute(insert(PredictionLog), records)
+        self._pending.append((ns_times(times), ids, rows[self.spec.target].to_numpy(dtype=float)))
+
+    def release_labels(self, now: datetime) -> None:
+        """Ground truth for every served row whose label delay has passed by `now`."""
+        visible = ns_times(pd.Series([now - self.config.label_delay]))[0]
+        records: list[dict[str, Any]] = []
+        keep: list[tuple[np.ndarray, list[str], np.ndarray]] = []
+        for times, ids, actuals in self._pending:
+            ready = int(np.searchsorted(times, visible, side="right"))
+            records += [
+                {"prediction_id": ids[i], "actual": float(actuals[i]),
+                 "received_at": pd.Timestamp(times[i], tz="UTC").to_pydatetime() + self.config.label_delay}
+                for i in range(ready)
+            ]  # fmt: skip
+            if ready < len(ids):
+                keep.append((times[ready:], ids[ready:], actuals[ready:]))
+        self._pending = keep
+        if records:
+            with self.registry.sessions.begin() as session:
+                session.execute(insert(GroundTruth), records)
+
+    def act(self, now: datetime, *, monitor_due: bool) -> None:
+        if self.name == "periodic" and now - self._last_retrain >= self.config.period:
+            self._retrain(trigger=Trigger.schedule.value, reason="backtest: periodic policy")
+        elif self.name == "oracle" and monitor_due and self._oracle_due(now):
+            self._retrain(trigger=Trigger.manual.value, reason="backtest: oracle policy")
+        elif self._loop is not None and monitor_due:
+            outcome = self._loop.run_monitor(now)
+            decision, result = outcome.decision, outcome.result
+            self.trace.monitors.append(
+                MonitorRecord(
+                    at=now, verdict=outcome.verdict, breach=bool(decision and decision.breach),
+                    retrain=bool(decision and decision.retrain),
+                    drift_share=result.drift_share if result else None,
+                    weighted_score=result.weighted_score if result else None,
+                    mae=result.accuracy.mae if result and result.accuracy else None,
+                    reasons=decision.reasons if decision else outcome.notes,
+                )
+            )  # fmt: skip
+
+    def _oracle_due(self, now: datetime) -> bool:
+        changes = self.stream.change_points
+        return changes is None or any(c <= now for c in changes)
+
+    def _retrain(self, *, trigger: str, reason: str, report_id: int | None = None) -> int:
+        started = time.perf_counter()
+        outcome = run_inline(
+            settings=self.settings, spec=self.spec, registry=self.registry, trigger=trigger, reason=reason,
+            report_id=report_id, clock=self.clock,
+        )  # fmt: skip
+        self._last_retrain = self.clock.now
+        gate = outcome.gate
+        self.trace.retrains.append(
+            RetrainRecord(
+                at=self.clock.now, trigger=trigger, status=outcome.status,
+                seconds=time.perf_counter() - started, candidate_version=outcome.candidate_version,
+                candidate_mae=gate.candidate_metrics.get("mae") if gate else None,
+                champion_mae=gate.champion_metrics.get("mae") if gate else None, error=outcome.error,
+            )
+        )  # fmt: skip
+        return outcome.run_id
+
+    def close(self) -> None:
+        self._engine.dispose()

@@ -1,0 +1,254 @@
+"""What a replay shows: error per period and in total, retrains, compute, detection delay, false retrains."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from monitor.backtest.replay import PolicyTrace, Replay
+from monitor.backtest.stream import ns_times
+from retrain.runner import jsonable
+
+
+@dataclass(frozen=True, slots=True)
+class Detection:
+    """How the drift policy met one known change point."""
+
+    change_at: datetime
+    first_breach_at: datetime | None
+    delay_days: float | None
+    # Monitor runs, counted from the first one at which the window could hold `min_window_rows` post-change
+    # rows (1 = that very run), until the first breach; None when it never breached.
+    cycles_after_ready: int | None
+    first_swap_at: datetime | None
+    swap_delay_days: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySummary:
+    policy: str
+    rows: int
+    cumulative_mae: float
+    mae_vs_never: float | None  # cumulative MAE / never's
+    mae_before_change: float | None
+    mae_after_change: float | None
+    retrains: int
+    promotions: int
+    retrain_seconds: float
+    false_retrains: int  # retrains started before the first change point (all of them on a stable stream)
+    false_breaches: int  # drift only: breaching monitor runs before the first change point
+    post_swap_mae: float | None  # drift only: MAE from its first post-change swap on
+    post_swap_oracle_mae: float | None  # the oracle's MAE on the same rows
+    detections: tuple[Detection, ...]
+
+
+def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
+    """Per-policy summaries and the per-period table (one row per policy and step)."""
+    spec = replay.stream.spec
+    actual = replay.replay[spec.target].to_numpy(dtype=float)
+    times = ns_times(replay.replay[replay.stream.time_column])
+    changes = replay.stream.change_points or ()
+    first_change = np.datetime64(pd.Timestamp(changes[0]).tz_convert(None), "ns") if changes else None
+    after = times >= first_change if first_change is not None else np.zeros(len(times), dtype=bool)
+    errors = {name: np.abs(trace.predictions - actual) for name, trace in replay.traces.items()}
+    never = float(errors["never"].mean()) if "never" in errors else None
+    summaries = [
+        _summary(replay, trace, errors, after, never, times, changes) for trace in replay.traces.values()
+    ]
+    return summaries, _periods(replay, errors, times)
+
+
+def _summary(
+    replay: Replay,
+    trace: PolicyTrace,
+    errors: dict[str, np.ndarray],
+    after: np.ndarray,
+    never: float | None,
+    times: np.ndarray,
+    changes: tuple[datetime, ...],
+) -> PolicySummary:
+    err = errors[trace.name]
+    first_change = changes[0] if changes else None
+    post_swap, post_swap_oracle = None, None
+    detections: tuple[Detection, ...] = ()
+    if trace.name == "drift":
+        detections = tuple(_detection(replay, trace, c, times) for c in changes)
+        swap = next((d.first_swap_at for d in detections if d.first_swap_at), None)
+        if swap is not None:
+            rows = times >= np.datetime64(pd.Timestamp(swap).tz_convert(None), "ns")
+            if rows.any():
+                post_swap = float(err[rows].mean())
+                if "oracle" in errors:
+                    post_swap_oracle = float(errors["oracle"][rows].mean())
+    cumulative = float(err.mean())
+    return PolicySummary(
+        policy=trace.name,
+        rows=int(err.size),
+        cumulative_mae=cumulative,
+        mae_vs_never=cumulative / never if never else None,
+        mae_before_change=float(err[~after].mean()) if (~after).any() and changes else None,
+        mae_after_change=float(err[after].mean()) if after.any() else None,
+        retrains=len(trace.retrains),
+        promotions=sum(r.status == "promoted" for r in trace.retrains),
+        retrain_seconds=round(sum(r.seconds for r in trace.retrains), 2),
+        false_retrains=sum(first_change is None or r.at < first_change for r in trace.retrains),
+        false_breaches=sum(m.breach and (first_change is None or m.at < first_change) for m in trace.monitors)
+        if changes is not None
+        else 0,
+        post_swap_mae=post_swap,
+        post_swap_oracle_mae=post_swap_oracle,
+        detections=detections,
+    )
+
+
+def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.ndarray) -> Detection:
+    need = replay.settings.min_window_rows
+    post = np.flatnonzero(times >= np.datetime64(pd.Timestamp(change).tz_convert(None), "ns"))
+    ready = pd.Timestamp(times[post[need - 1]], tz="UTC").to_pydatetime() if post.size >= need else None
+    breach = next((m.at for m in trace.monitors if m.breach and m.at >= change), None)
+    cycles = None
+    if breach is not None and ready is not None:
+        cycles = sum(1 for m in trace.monitors if ready <= m.at <= breach) if breach >= ready else 0
+    swap = next((r.at for r in trace.retrains if r.status == "promoted" and r.at >= change), None)
+    return Detection(
+        change_at=change,
+        first_breach_at=breach,
+        delay_days=_days(breach - change) if breach else None,
+        cycles_after_ready=cycles,
+        first_swap_at=swap,
+        swap_delay_days=_days(swap - change) if swap else None,
+    )
+
+
+def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -> pd.DataFrame:
+    step = replay.config.step
+    since = times - np.datetime64(pd.Timestamp(replay.until).tz_convert(None), "ns")
+    index = (since // np.timedelta64(step)).astype(int)
+    frames = []
+    for name, trace in replay.traces.items():
+        frame = pd.DataFrame({"k": index, "error": errors[name], "version": trace.versions})
+        grouped = frame.groupby("k").agg(
+            rows=("error", "size"), mae=("error", "mean"), champion_version=("version", "max")
+        )
+        start = [replay.until + step * int(k) for k in grouped.index]
+        events = {r.at: r.status for r in trace.retrains}
+        breaches = {m.at for m in trace.monitors if m.breach}
+        frames.append(
+            pd.DataFrame(
+                {
+                    "policy": name,
+                    "period_start": start,
+                    "period_end": [s + step for s in start],
+                    "rows": grouped["rows"].to_numpy(),
+                    "mae": grouped["mae"].round(3).to_numpy(),
+                    "champion_version": grouped["champion_version"].to_numpy(),
+                    "retrain": [events.get(s + step, "") for s in start],
+                    "breach": [(s + step) in breaches for s in start],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def write_outputs(
+    replay: Replay, summaries: list[PolicySummary], periods: pd.DataFrame, out: Path
+) -> dict[str, Path]:
+    """summary.json, periods.csv and backtest.png in `out`; returns their paths by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"summary": out / "summary.json", "periods": out / "periods.csv", "plot": out / "backtest.png"}
+    paths["summary"].write_text(json.dumps(_summary_json(replay, summaries), indent=2, default=str))
+    periods.to_csv(paths["periods"], index=False)
+    _plot(replay, periods, paths["plot"])
+    return paths
+
+
+def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, Any]:
+    config = replay.config
+    s = replay.settings
+    return {
+        "data": replay.stream.source,
+        "rows": {"initial": len(replay.stream.frame) - len(replay.replay), "replayed": len(replay.replay)},
+        "initial_train_until": replay.until,
+        "change_points": list(replay.stream.change_points)
+        if replay.stream.change_points is not None
+        else None,
+        "step_days": config.step.total_seconds() / 86400,
+        "label_delay_days": config.label_delay.total_seconds() / 86400,
+        "monitor_every_days": config.monitor_every.total_seconds() / 86400,
+        "periodic_every_days": config.period.total_seconds() / 86400,
+        "v1_validation_mae": replay.v1_validation_mae,
+        "policy_config": {
+            k: getattr(s, k)
+            for k in (
+                "window_rows",
+                "window_seconds",
+                "min_window_rows",
+                "min_labelled_rows",
+                "drift_share_threshold",
+                "weighted_drift_threshold",
+                "mae_degradation_ratio",
+                "consecutive_breaches",
+                "retrain_cooldown_s",
+                "max_retrains_per_day",
+                "gate_margin",
+                "holdout_fraction",
+                "new_data_weight_share",
+                "train_iterations",
+            )
+        },
+        "policies": {x.policy: jsonable(asdict(x)) for x in summaries},
+        "workdir": str(replay.workdir),
+    }
+
+
+def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drift = replay.traces.get("drift")
+    rows = 2 if drift is not None and drift.monitors else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 4.2 * rows), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    for name, frame in periods.groupby("policy", sort=False):
+        ends = pd.to_datetime(frame["period_end"], utc=True)
+        (line,) = ax.plot(ends, frame["mae"], label=str(name), lw=1.6)
+        swaps = frame["retrain"] == "promoted"
+        ax.scatter(ends[swaps], frame["mae"][swaps], marker="^", s=40, color=line.get_color(), zorder=3)
+    for change in replay.stream.change_points or ():
+        ax.axvline(change, color="black", ls="--", lw=1)
+    if drift is not None:
+        for m in drift.monitors:
+            if m.breach:
+                ax.axvline(m.at, color="tab:red", alpha=0.15, lw=3)
+    ax.set_ylabel(f"MAE per {replay.config.step.days or 1}-day period")
+    ax.set_title(
+        f"Backtest on {replay.stream.source}: error per policy (▲ swap, red band drift breach, -- change)"
+    )
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    if rows == 2 and drift is not None:
+        ax2 = axes[1][0]
+        at = [m.at for m in drift.monitors]
+        ax2.plot(at, [m.drift_share for m in drift.monitors], marker=".", label="drift share")
+        ax2.plot(at, [m.weighted_score for m in drift.monitors], marker=".", label="weighted drift score")
+        ax2.axhline(replay.settings.drift_share_threshold, color="tab:blue", ls=":", lw=1)
+        ax2.axhline(replay.settings.weighted_drift_threshold, color="tab:orange", ls=":", lw=1)
+        ax2.set_ylabel("drift policy's monitor")
+        ax2.set_ylim(-0.02, 1.02)
+        ax2.legend(loc="upper left")
+        ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _days(delta: Any) -> float:
+    return round(delta.total_seconds() / 86400, 2)

@@ -1,0 +1,184 @@
+"""The history a backtest replays: a time-ordered labelled data set, checked whole before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from core.generator import SCENARIOS, generate_transactions
+from core.generator import to_utc as _utc
+from core.spec import Feature, FeatureSpec, FeatureType
+from retrain.data import DataError, read_labelled_csv
+
+GENERATED_PREFIX = "generated:"
+# The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
+# scenario's change lands on 2022-04-01.
+GENERATED_START = "2020-01-01"
+GENERATED_END = "2023-01-01"
+GENERATED_CHANGE_AT = "2022-04-01"
+GENERATED_TRAIN_UNTIL = "2022-01-01"
+GENERATED_ROWS = 36_000
+MIN_INITIAL_ROWS = 50
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class BacktestInputError(ValueError):
+    """The backtest's input cannot be used; the message names the file, column, row or option."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    frame: pd.DataFrame  # spec features, target, the time column (UTC); sorted by time, index 0..n-1
+    spec: FeatureSpec  # its time_column is the stream's time column
+    source: str
+    change_points: tuple[datetime, ...] | None  # None: unknown (a user's CSV); () a stable stream
+
+    @property
+    def times(self) -> pd.Series:
+        return self.frame[self.time_column]
+
+    @property
+    def time_column(self) -> str:
+        assert self.spec.time_column is not None
+        return self.spec.time_column
+
+    def split(self, until: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(initial training rows before `until`, rows replayed from `until` on); neither may be empty."""
+        before = self.times < pd.Timestamp(until)
+        initial, replay = self.frame[before], self.frame[~before]
+        if len(initial) < MIN_INITIAL_ROWS:
+            raise BacktestInputError(
+                f"--initial-train-until {until:%Y-%m-%d %H:%M}: only {len(initial)} row(s) before it; "
+                f"the initial champion needs at least {MIN_INITIAL_ROWS}"
+            )
+        if replay.empty:
+            raise BacktestInputError(f"--initial-train-until {until:%Y-%m-%d %H:%M}: no rows left to replay")
+        return initial, replay.reset_index(drop=True)
+
+    def default_train_until(self) -> datetime:
+        """Generated data: 2022-01-01; otherwise the time of the row at 40 % of the history."""
+        if self.source.startswith(GENERATED_PREFIX):
+            return _utc(GENERATED_TRAIN_UNTIL)
+        return _utc(self.times.iloc[int(len(self.frame) * 0.4)])
+
+
+def ns_times(times: pd.Series) -> np.ndarray:
+    """UTC times as naive datetime64[ns], for numpy comparisons and searches."""
+    return pd.to_datetime(times, utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+
+
+def parse_duration(text: str, *, option: str) -> timedelta:
+    """'30d', '12h', '2w', '90m', '45s' (or a plain number of days) → timedelta."""
+    match = _DURATION.match(text) or re.match(r"^\s*(\d+(?:\.\d+)?)\s*()$", text)
+    if match is None:
+        raise BacktestInputError(f"{option} {text!r}: expected a duration such as 30d, 12h, 2w or 90m")
+    value, unit = float(match.group(1)), match.group(2) or "d"
+    return timedelta(seconds=value * _UNIT_SECONDS[unit])
+
+
+def parse_time(text: str, *, option: str) -> datetime:
+    try:
+        return _utc(text)
+    except (ValueError, TypeError) as exc:
+        raise BacktestInputError(f"{option} {text!r}: not a date or time ({exc})") from None
+
+
+def load_stream(
+    data: str, spec: FeatureSpec, *, time_column: str | None = None, rows: int = GENERATED_ROWS, seed: int = 0
+) -> Stream:
+    """`generated:SCENARIO` (the apartment generator, change points known) or a CSV path (unknown)."""
+    column = time_column or spec.time_column
+    if not column:
+        raise BacktestInputError("no time column: pass --time-column, or set time_column in the spec")
+    if column in spec.feature_names or column == spec.target:
+        raise BacktestInputError(f"--time-column {column!r} is a feature or the target in the spec")
+    spec = dataclasses.replace(spec, time_column=column, _by_name={})
+    if data.startswith(GENERATED_PREFIX):
+        return _generated(data.removeprefix(GENERATED_PREFIX), spec, rows=rows, seed=seed)
+    path = Path(data)
+    try:
+        frame = read_labelled_csv(path, spec)
+    except DataError as exc:
+        raise BacktestInputError(str(exc)) from None
+    _check(frame, spec, source=str(path))
+    return Stream(frame.reset_index(drop=True), spec, str(path), change_points=None)
+
+
+def _generated(scenario: str, spec: FeatureSpec, *, rows: int, seed: int) -> Stream:
+    if scenario not in SCENARIOS:
+        raise BacktestInputError(
+            f"--data generated:{scenario}: unknown scenario; choose one of {', '.join(SCENARIOS)}"
+        )
+    frame = generate_transactions(
+        rows, start=GENERATED_START, end=GENERATED_END, scenario=scenario,
+        change_at=GENERATED_CHANGE_AT, seed=seed,
+    )  # fmt: skip
+    frame = frame.rename(columns={"contract_date": spec.time_column})
+    source = f"{GENERATED_PREFIX}{scenario}"
+    missing = [c for c in [*spec.feature_names, spec.target] if c not in frame.columns]
+    if missing:
+        raise BacktestInputError(
+            f"--data {source} makes the apartment columns; the spec asks for {', '.join(missing)}"
+        )
+    _check(frame, spec, source=source)
+    change = () if scenario == "none" else (_utc(GENERATED_CHANGE_AT),)
+    return Stream(frame, spec, source, change_points=change)
+
+
+def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
+    """Time order, finite target and every feature value against the spec; the first problem is raised."""
+    times = frame[spec.time_column]
+    back = np.flatnonzero(np.diff(ns_times(times).astype(np.int64)) < 0)
+    if back.size:
+        i = int(back[0]) + 1
+        raise BacktestInputError(
+            f"{source}: not sorted by {spec.time_column!r}: row {i + 2} ({times.iloc[i]}) comes after "
+            f"row {i + 1} ({times.iloc[i - 1]}); sort the file by time"
+        )
+    target = pd.to_numeric(frame[spec.target], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(target))
+    if bad.size:
+        raise BacktestInputError(
+            f"{source}: target {spec.target!r} is missing or not finite in {bad.size} row(s), "
+            f"first at row {bad[0] + 2}"
+        )
+    problems = [p for f in spec.features if (p := _column_problem(frame[f.name], f, source))]
+    if problems:
+        raise BacktestInputError("; ".join(problems))
+
+
+def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | None:
+    missing = values.isna().to_numpy()
+    if feature.type is FeatureType.categorical:
+        text = values.astype("string")
+        bad = ~missing & ~text.isin(feature.categories).fillna(False).to_numpy(dtype=bool)
+        what = "unknown categories"
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+        bad = ~missing & ~np.isfinite(numbers)
+        what = "values that are not finite numbers"
+        if not bad.any():
+            low = feature.min if feature.min is not None else -np.inf
+            high = feature.max if feature.max is not None else np.inf
+            with np.errstate(invalid="ignore"):
+                bad = ~missing & ((numbers < low) | (numbers > high))
+            what = f"values outside [{feature.min}, {feature.max}]"
+        if not bad.any() and feature.type is FeatureType.integer:
+            bad = ~missing & (numbers != np.round(numbers))
+            what = "values that are not whole numbers"
+    if not feature.nullable and missing.any():
+        bad, what = missing, "empty values (the feature is not nullable)"
+    if not bad.any():
+        return None
+    first = int(np.flatnonzero(bad)[0])
+    return (
+        f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
+        f"first at row {first + 2} ({values.iloc[first]!r})"
+    )
