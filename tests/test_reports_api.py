@@ -1,0 +1,241 @@
+"""Monitor runs and drift reports over HTTP: the admin gate, verdicts, report views, no token in logs."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from fastapi.testclient import TestClient
+
+from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.spec import FeatureSpec
+from service.app import create_app
+from tests.conftest import make_settings
+from tests.live import start_server
+
+ADMIN = {"Authorization": "Bearer test-admin-token"}
+MISSING_TOKEN = "missing bearer token: send 'Authorization: Bearer <DRIFTLOOP_ADMIN_TOKEN>'"
+ADMIN_OFF = (
+    "admin endpoints are disabled: set DRIFTLOOP_ADMIN_TOKEN, then send 'Authorization: Bearer <token>'"
+)
+NO_REPORT_YET = "no drift report yet: the monitor has not run (POST /monitor/run)"
+
+
+@pytest.fixture
+def client(champion, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    settings = make_settings(db_url, tmp_path, auto_retrain=False)  # a breach alerts; no child retrain
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        yield client
+
+
+def serve_traffic(
+    client: TestClient, spec: FeatureSpec, scenario: str, n: int, *, seed: int, labelled: bool
+) -> float | None:
+    """Predict `n` generated late-2022 transactions through the API (a drift scenario has fully landed),
+    optionally label them via /feedback; returns the champion's MAE on them when labelled."""
+    frame = generate_transactions(
+        n, start="2022-07-01", end="2022-12-31", scenario=scenario, change_at="2022-04-01", seed=seed
+    )
+    response = client.post("/predict/batch", json={"instances": frame[spec.feature_names].to_dict("records")})
+    assert response.status_code == 200
+    predictions = response.json()["predictions"]
+    assert client.app.state.ctx.logger.flush(timeout=30)
+    if not labelled:
+        return None
+    actuals = frame[spec.target].astype(float).tolist()
+    labels = [
+        {"prediction_id": p["prediction_id"], "actual": a} for p, a in zip(predictions, actuals, strict=True)
+    ]
+    assert client.post("/feedback", json=labels).json()["accepted"] == n
+    return sum(abs(p["prediction"] - a) for p, a in zip(predictions, actuals, strict=True)) / n
+
+
+def run_monitor(client: TestClient) -> dict[str, Any]:
+    response = client.post("/monitor/run", headers=ADMIN)
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_monitor_run_needs_the_admin_token(client) -> None:
+    missing = client.post("/monitor/run")
+    assert (missing.status_code, missing.json()["message"]) == (401, MISSING_TOKEN)
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = client.post("/monitor/run", headers={"Authorization": "Bearer nope"})
+    assert (wrong.status_code, wrong.json()) == (
+        401,
+        {"error": "unauthorized", "message": "invalid bearer token"},
+    )
+    basic = client.post("/monitor/run", headers={"Authorization": "Basic test-admin-token"})
+    assert (basic.status_code, basic.json()["message"]) == (401, MISSING_TOKEN)
+    assert client.get("/reports").json() == []  # a refused run stores nothing
+
+
+def test_monitor_run_is_off_without_a_token(champion, db_url, tmp_path) -> None:
+    settings = make_settings(db_url, tmp_path, admin_token=None)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        response = client.post("/monitor/run", headers=ADMIN)
+        assert (response.status_code, response.json()) == (403, {"error": "forbidden", "message": ADMIN_OFF})
+        assert client.get("/reports").json() == []
+
+
+def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) -> None:
+    serve_traffic(client, spec, "none", 20, seed=31, labelled=False)
+    reason = "window has 20 rows, fewer than the 200 needed for a verdict"
+    assert run_monitor(client) == {
+        "verdict": "insufficient",
+        "report_id": 1,
+        "breach": False,
+        "retrain": False,
+        "reasons": [reason],
+        "held_by": None,
+        "retrain_run_id": None,
+        "drift": None,
+        "notes": [],
+    }
+    report = client.get("/reports/1").json()
+    assert (report["rows"], report["labelled_rows"], report["sampled_rows"], report["champion_version"]) == (
+        20, 0, 0, 1,
+    )  # fmt: skip
+    assert (report["features"], report["drift_share"], report["weighted_drift_score"], report["mae"]) == (
+        {}, None, None, None,
+    )  # fmt: skip
+    assert (report["breach"], report["reasons"], report["html_path"]) == (False, [reason], None)
+    assert report["decision"]["verdict"] == "insufficient"
+    page = client.get("/reports/1/html")
+    assert (page.status_code, page.json()) == (
+        404,
+        {
+            "error": "not_found",
+            "message": "report 1 has no HTML page (too few rows for a verdict, or file removed)",
+        },
+    )
+
+
+def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figures(
+    client, spec, champion
+) -> None:
+    mae = serve_traffic(client, spec, "unit_bug", 600, seed=32, labelled=True)
+    outcome = run_monitor(client)
+    assert (outcome["verdict"], outcome["breach"], outcome["retrain"], outcome["held_by"]) == (
+        "breach", True, False, "alert-only mode",
+    )  # fmt: skip
+    drift = outcome["drift"]
+    assert set(DRIFTED_FEATURES["unit_bug"]) <= set(drift["drifted"])
+    report = client.get(f"/reports/{outcome['report_id']}").json()
+    assert (report["id"], report["rows"], report["labelled_rows"], report["champion_version"]) == (
+        outcome["report_id"], 600, 600, 1,
+    )  # fmt: skip
+    features = report["features"]
+    assert features == drift["features"]
+    assert list(features) == spec.feature_names
+    assert [f for f, v in features.items() if v["detected"]] == drift["drifted"]
+    assert report["drift_share"] == pytest.approx(len(drift["drifted"]) / len(features))
+    assert report["drift_share"] < 0.5  # too few features for the share rule: the weighted score breaches
+    importance = {f: v["importance"] for f, v in features.items()}
+    weighted = sum(importance[f] for f in drift["drifted"]) / sum(importance.values())
+    assert report["weighted_drift_score"] == pytest.approx(weighted)
+    assert report["mae"] == pytest.approx(mae)
+    champion_mae = champion.metrics["val_mae"]
+    assert report["champion_mae"] == pytest.approx(champion_mae)
+    assert report["breach"] is True
+    assert report["reasons"] == [
+        f"weighted drift score {weighted:.3f} ≥ threshold 0.300",
+        f"MAE {mae:,.2f} on 600 labelled rows > {champion_mae * 1.25:,.2f} "
+        f"(champion MAE {champion_mae:,.2f} × 1.25)",
+    ]
+    assert outcome["reasons"] == report["reasons"]
+    assert report["decision"]["trigger"] == "accuracy"
+
+
+def test_a_new_town_breach_names_the_drifted_features(client, spec) -> None:
+    serve_traffic(client, spec, "new_town", 600, seed=33, labelled=False)
+    outcome = run_monitor(client)
+    drifted = outcome["drift"]["drifted"]
+    assert set(DRIFTED_FEATURES["new_town"]) <= set(drifted)
+    report = client.get(f"/reports/{outcome['report_id']}").json()
+    assert (report["labelled_rows"], report["mae"], report["decision"]["trigger"]) == (0, None, "drift")
+    assert report["reasons"] == [
+        f"drift share {report['drift_share']:.3f} ≥ threshold 0.500 (drifted: {', '.join(drifted)})",
+        f"weighted drift score {report['weighted_drift_score']:.3f} ≥ threshold 0.300",
+    ]
+
+
+def test_the_report_page_is_evidentlys_dashboard_of_that_window(client, spec) -> None:
+    serve_traffic(client, spec, "unit_bug", 600, seed=34, labelled=False)
+    report_id = run_monitor(client)["report_id"]
+    report = client.get(f"/reports/{report_id}").json()
+    page = client.get(f"/reports/{report_id}/html")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "window.drawDashboard(" in page.text  # Evidently's page template
+    assert '"Drift by feature"' in page.text
+    assert f'"{report["features"]["area_m2"]["score"]:.4f}"' in page.text  # this report's figures
+    Path(report["html_path"]).unlink()
+    gone = client.get(f"/reports/{report_id}/html")
+    assert (gone.status_code, gone.json()["message"]) == (
+        404,
+        f"report {report_id} has no HTML page (too few rows for a verdict, or file removed)",
+    )
+
+
+def test_reports_are_listed_newest_first_and_latest_is_the_newest(client) -> None:
+    assert client.get("/reports").json() == []
+    none_yet = client.get("/reports/latest")
+    assert (none_yet.status_code, none_yet.json()) == (404, {"error": "not_found", "message": NO_REPORT_YET})
+    for _ in range(3):
+        run_monitor(client)  # an empty window: an insufficient report, no Evidently run
+    listed = client.get("/reports").json()
+    assert [r["id"] for r in listed] == [3, 2, 1]
+    assert set(listed[0]) == {
+        "id", "created_at", "champion_version", "rows", "labelled_rows", "drift_share",
+        "weighted_drift_score", "mae", "breach", "verdict", "reasons",
+    }  # fmt: skip
+    assert (listed[0]["verdict"], listed[0]["rows"], listed[0]["breach"]) == ("insufficient", 0, False)
+    assert [r["id"] for r in client.get("/reports", params={"limit": 2}).json()] == [3, 2]
+    assert [r["id"] for r in client.get("/reports", params={"limit": 0}).json()] == [3]  # clamped to 1
+    assert [r["id"] for r in client.get("/reports", params={"limit": 10_000}).json()] == [3, 2, 1]
+    latest = client.get("/reports/latest")
+    assert latest.status_code == 200
+    assert latest.json() == client.get("/reports/3").json()
+
+
+def test_unknown_and_malformed_report_ids(client) -> None:
+    for path in ("/reports/99", "/reports/99/html"):
+        response = client.get(path)
+        assert (response.status_code, response.json()) == (
+            404,
+            {"error": "not_found", "message": "drift report 99 does not exist"},
+        )
+    not_an_int = "Input should be a valid integer, unable to parse string as an integer"
+    for path in ("/reports/abc", "/reports/abc/html", "/reports/1.5"):
+        bad = client.get(path)
+        assert (bad.status_code, bad.json()) == (
+            422,
+            {
+                "error": "invalid_request",
+                "message": f"path.report_id: {not_an_int}",
+                "errors": [{"field": "path.report_id", "message": not_an_int}],
+            },
+        )
+    bad_limit = client.get("/reports", params={"limit": "many"})
+    assert (bad_limit.status_code, bad_limit.json()["message"]) == (422, f"query.limit: {not_an_int}")
+
+
+def test_the_admin_token_never_reaches_the_server_log(sqlite_url, tmp_path) -> None:
+    token, wrong = f"admin-{uuid4().hex}", f"guess-{uuid4().hex}"
+    settings = make_settings(sqlite_url, tmp_path, admin_token=token)
+    server = start_server(settings, tmp_path, command=("serve", "--access-log", "--log-level", "debug"))
+    right, guess = {"Authorization": f"Bearer {token}"}, {"Authorization": f"Bearer {wrong}"}
+    try:
+        run = server.post("/monitor/run", headers=right)
+        assert (run.status_code, run.json()["reasons"]) == (200, ["no champion model yet"])
+        assert server.post("/monitor/run", headers=guess).status_code == 401
+        assert server.post("/models/rollback", headers=right).status_code == 409
+    finally:
+        assert server.terminate()
+    log = server.log()
+    for line in ('"POST /monitor/run HTTP/1.1" 200', '"POST /monitor/run HTTP/1.1" 401'):
+        assert line in log  # the requests did reach the log
+    assert token not in log
+    assert wrong not in log
