@@ -161,11 +161,16 @@ def unknown_metrics(queries: Iterable[tuple[str, str]], known: set[str]) -> list
 
 
 def evaluate_all(
-    prom_base_url: str, queries: Iterable[tuple[str, str]], *, timeout_s: float = 10.0
+    prom_base_url: str,
+    queries: Iterable[tuple[str, str]],
+    *,
+    require_series: bool = True,
+    timeout_s: float = 10.0,
 ) -> list[str]:
     """Run each query on Prometheus's /api/v1/query now; a message naming the panel for each that fails.
 
-    A query fails when Prometheus rejects it (parse or execution error) or when it returns no series.
+    A query fails when Prometheus rejects it (parse or execution error) or, with `require_series`, when it
+    returns no series. Alert expressions pass `require_series=False`: a quiet alert selects nothing.
     """
     failures = []
     with httpx.Client(base_url=prom_base_url.rstrip("/"), timeout=timeout_s) as client:
@@ -175,13 +180,37 @@ def evaluate_all(
             except httpx.HTTPError as exc:
                 failures.append(f"{title}: request failed ({exc.__class__.__name__}: {exc}) for {expr}")
                 continue
-            failure = _failure(response)
+            failure = _failure(response, require_series=require_series)
             if failure:
                 failures.append(f"{title}: {failure} for {expr}")
     return failures
 
 
-def _failure(response: httpx.Response) -> str | None:
+def dashboard_failures(prom_base_url: str, paths: Iterable[Path]) -> list[str]:
+    """Every panel query of the dashboards that errors or returns no series, as `file: panel title: why`."""
+    queries = [(f"{path.name}: {title}", expr) for path in paths for title, expr in dashboard_queries(path)]
+    return evaluate_all(prom_base_url, queries)
+
+
+def rule_failures(prom_base_url: str, path: Path) -> list[str]:
+    """Every rule expression of a rules file that Prometheus cannot evaluate, as `file: rule name: why`."""
+    queries = [(f"{path.name}: {name}", expr) for name, expr in rule_expressions(path)]
+    return evaluate_all(prom_base_url, queries, require_series=False)
+
+
+def instant_query(prom_base_url: str, expr: str, *, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """The result of an instant query now: the vector's samples; ValueError when Prometheus rejects it."""
+    response = httpx.get(
+        f"{prom_base_url.rstrip('/')}/api/v1/query", params={"query": expr}, timeout=timeout_s
+    )
+    failure = _failure(response, require_series=False)
+    if failure:
+        raise ValueError(f"{failure} for {expr}")
+    result: list[dict[str, Any]] = response.json()["data"]["result"]
+    return result
+
+
+def _failure(response: httpx.Response, *, require_series: bool) -> str | None:
     try:
         body = response.json()
     except ValueError:
@@ -190,21 +219,9 @@ def _failure(response: httpx.Response) -> str | None:
         return f"{body.get('errorType', 'error')}: {body.get('error', f'HTTP {response.status_code}')}"
     data = body.get("data") or {}
     result = data.get("result")
-    if data.get("resultType") in ("vector", "matrix") and not result:
+    if require_series and data.get("resultType") in ("vector", "matrix") and not result:
         return "empty result"
     return None
-
-
-def evaluate_until_clean(
-    prom_base_url: str, queries: Sequence[tuple[str, str]], *, deadline_s: float = 30.0, pause_s: float = 0.5
-) -> list[str]:
-    """evaluate_all, repeated until nothing fails or `deadline_s` passes (scrapes take a few intervals)."""
-    give_up = time.monotonic() + deadline_s
-    while True:
-        failures = evaluate_all(prom_base_url, queries)
-        if not failures or time.monotonic() > give_up:
-            return failures
-        time.sleep(pause_s)
 
 
 @contextmanager

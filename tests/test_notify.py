@@ -6,10 +6,8 @@ import json
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -27,77 +25,16 @@ from monitor.notify import (
     format_retrain_outcome,
 )
 from monitor.policy import Decision, Observation
+from tests.webhook import Receiver, running_receiver
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 PAYLOAD = {"text": "champion v3 breached", "champion_version": 3, "report_id": 17}
 
 
-# --- a real webhook receiver -------------------------------------------------------------------
-
-
-@dataclass
-class Receiver:
-    """Answers POSTs with the scripted statuses (then 200); `hang` requests get no answer until released."""
-
-    url: str = ""
-    statuses: list[int] = field(default_factory=list)
-    hang: int = 0
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def next_answer(self, body: dict[str, Any], key: str) -> int | None:
-        with self.lock:
-            self.bodies.append(body)
-            self.keys.append(key)
-            if self.hang:
-                self.hang -= 1
-                return None
-            return self.statuses.pop(0) if self.statuses else 200
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        status = self.server.receiver.next_answer(body, self.headers.get("Idempotency-Key", ""))
-        if status is None:
-            self.server.receiver.release.wait(10)
-            self.close_connection = True
-            return
-        text = b"ok" if status < 300 else b"boom"
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(text)))
-        self.end_headers()
-        self.wfile.write(text)
-
-    def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() joins handler threads
-
-    def __init__(self, receiver: Receiver) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.receiver = receiver
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    receiver = Receiver()
-    server = _Server(receiver)
-    receiver.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    thread = threading.Thread(target=server.serve_forever, name="webhook-receiver")
-    thread.start()
-    yield receiver
-    receiver.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    with running_receiver() as receiver:
+        yield receiver
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""promtool on the Prometheus config, the rules and their unit tests; dashboard PromQL on a real Prometheus.
+"""promtool on the Prometheus config, the rules and their unit tests; dashboard and alert PromQL on a real
+Prometheus scraping a real driftloop service that has served traffic, seen drift and retrained.
 
 Needs the `prometheus` package's binaries (promtool, prometheus); .ci/run installs them. Without them these
 tests skip and say so. The alert-coverage check is static and always runs.
@@ -6,25 +7,38 @@ tests skip and say so. The alert-coverage check is static and always runs.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pandas as pd
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry, start_http_server
 
-from core.metrics import build_metrics
+from core.db import make_engine, make_sessions, migrate
+from core.registry import ArtifactStore, Registry
+from core.spec import FeatureSpec, load_spec
+from retrain.bootstrap import bootstrap
+from tests.conftest import TINY, make_settings
+from tests.live import LiveServer, start_server, wait_until
 from tests.promql import (
+    dashboard_failures,
     dashboard_queries,
-    evaluate_all,
-    evaluate_until_clean,
+    instant_query,
+    iter_panels,
     prometheus_server,
     rule_expressions,
+    rule_failures,
 )
+from tests.test_loop_integration import traffic
+from tests.webhook import Receiver, running_receiver
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "prometheus"
@@ -134,91 +148,173 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     assert sorted(cases) == sorted(alerts), "test cases for alerts that do not exist"
 
 
-# --- the dashboards on a real Prometheus --------------------------------------------------------------
+# --- the dashboards and alerts on a real Prometheus scraping a real service ----------------------------
+
+BATCH = 100
+SINGLES = 20
 
 
-def exercise(registry: CollectorRegistry) -> None:
-    """Move every metric as a service does after serving traffic, a drifting monitor run and a retrain."""
-    m = build_metrics(registry)
-    for endpoint, status in (
-        ("/predict", "200"),
-        ("/predict/batch", "200"),
-        ("/predict", "422"),
-        ("/feedback", "200"),
-    ):
-        m.http_requests.labels(endpoint=endpoint, status=status).inc()
-        m.http_seconds.labels(endpoint=endpoint).observe(0.004)
-    m.http_errors.labels(endpoint="/predict", status="422").inc()
-    for version, value in (("1", 650_000.0), ("2", 720_000.0)):
-        m.predictions.labels(model_version=version).inc()
-        m.prediction_value.observe(value)
-        m.predict_seconds.observe(0.002)
-    m.model_info.labels(version="1").set(0)
-    m.model_info.labels(version="2").set(1)
-    m.model_loaded.set(1)
-    m.model_swaps.inc()
-    m.champion_created.set(time.time() - 60)
-    m.feedback.labels(outcome="accepted").inc(2)
-    m.logger_rows.labels(outcome="logged").inc(3)
-    m.monitor_interval.set(60)
-    m.drift_share_threshold.set(0.5)
-    m.drift_weighted_threshold.set(0.3)
-    m.drift_share.set(0.67)
-    m.drift_weighted_score.set(0.71)
-    m.drift_breach.set(1)
-    for feature, score in (("area_m2", 0.31), ("district", 0.02)):
-        m.feature_drift_score.labels(feature=feature).set(score)
-        m.feature_drift_detected.labels(feature=feature).set(int(score > 0.1))
-    m.prediction_drift_score.set(0.4)
-    m.window_rows.set(1000)
-    m.window_labelled_rows.set(400)
-    m.window_mae.set(61_000.0)
-    m.window_rmse.set(80_000.0)
-    m.window_mape.set(9.5)
-    m.champion_validation_mae.set(40_000.0)
-    m.monitor_runs.labels(outcome="breach").inc()
-    m.monitor_seconds.observe(3.2)
-    m.monitor_last_run.set(time.time())
-    m.retrain_runs.labels(trigger="drift", status="promoted").inc()
-    m.retrain_last_finished.set(time.time())
-    m.notifications.labels(kind="drift_breach", outcome="delivered").inc()
+@dataclass(frozen=True, slots=True)
+class LiveStack:
+    """A `driftloop serve` (API + scheduler) after a drifting burst and a finished retrain, and a Prometheus
+    that has scraped it since."""
+
+    prometheus: str  # base URL
+    server: LiveServer
+    retrain: dict[str, Any]  # the finished run, as GET /retrain/runs/{id} shows it
+    notified: list[str]  # kinds of the notifications the webhook receiver got
 
 
-@pytest.fixture
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveStack]:
+    binary = shutil.which("prometheus")
+    if binary is None:
         pytest.skip(MISSING.format("prometheus"))
-    return path
+    tmp = tmp_path_factory.mktemp("live")
+    db_url = f"sqlite:///{tmp / 'driftloop.db'}"
+    spec = load_spec()
+    bootstrap_champion(db_url, tmp / "artifacts", spec)
+    with running_receiver() as receiver:
+        yield from live_stack(tmp, spec, db_url, receiver, binary)
 
 
-@pytest.fixture
-def exporter() -> Any:
-    """A prometheus_client HTTP server on 127.0.0.1 serving an exercised driftloop registry."""
-    registry = CollectorRegistry()
-    exercise(registry)
-    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    yield f"127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
+def live_stack(
+    tmp: Path, spec: FeatureSpec, db_url: str, receiver: Receiver, binary: str
+) -> Iterator[LiveStack]:
+    """The service with the receiver as its webhook, Prometheus scraping it, traffic and a retrain done."""
+    settings = make_settings(
+        db_url, tmp, monitor_interval_s=2, window_rows=800, min_window_rows=300, min_labelled_rows=100,
+        consecutive_breaches=1, webhook_url=receiver.url, webhook_backoff_s=0,
+    )  # fmt: skip
+    server = start_server(settings, tmp)
+    try:
+        target = server.url.removeprefix("http://")
+        with prometheus_server(tmp / "prometheus", [target], binary=binary) as prometheus:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                # Stable sales, then sales whose area arrives in pyeong (the unit bug); a scrape between
+                # the two, so every endpoint's counters rise between scrapes and rates see the traffic.
+                for sales in (traffic("none", 400, seed=11), traffic("unit_bug", 800, seed=12)):
+                    serve_sales(client, spec, sales)
+                    wait_for_scrape(prometheus, after=time.time())
+            run = wait_for_retrain(server, receiver)
+            wait_for_scrape(prometheus, after=time.time())  # every metric has moved by now
+            yield LiveStack(prometheus, server, run, receiver.kinds())
+    finally:
+        assert server.terminate()
+
+
+def bootstrap_champion(db_url: str, artifact_dir: Path, spec: FeatureSpec) -> None:
+    """v1 in a fresh database: the tiny CatBoost model the `champion` fixture trains."""
+    migrate(db_url)
+    engine = make_engine(db_url)
+    try:
+        registry = Registry(make_sessions(engine), ArtifactStore(artifact_dir))
+        bootstrap(registry=registry, spec=spec, params=TINY, rows=3000, seed=1)
+    finally:
+        engine.dispose()
+
+
+def serve_sales(client: httpx.Client, spec: FeatureSpec, sales: pd.DataFrame) -> None:
+    """The sales as predictions (a few one by one, the rest in batches) each labelled through /feedback,
+    and three requests the service rejects."""
+    singles = sales.iloc[:SINGLES]
+    ids = [
+        answer(client.post("/predict", json=row))["prediction_id"]
+        for row in singles[spec.feature_names].to_dict("records")
+    ]
+    label(client, ids, singles[spec.target])
+    assert client.post("/predict", json={"district": "Mapo-gu"}).status_code == 422
+    assert client.post("/predict/batch", json={"instances": []}).status_code == 422
+    assert client.get("/models/999").status_code == 404
+    for start in range(SINGLES, len(sales), BATCH):
+        chunk = sales.iloc[start : start + BATCH]
+        instances = chunk[spec.feature_names].to_dict("records")
+        body = answer(client.post("/predict/batch", json={"instances": instances}))
+        label(client, [p["prediction_id"] for p in body["predictions"]], chunk[spec.target])
+
+
+def wait_for_scrape(prometheus: str, *, after: float) -> None:
+    """Until Prometheus holds a successful scrape of the service that started after `after` (a Unix time)."""
+    # timestamp() gives the sample's time only around a bare selector; around `up == 1` it gives now.
+    up = 'up{job="driftloop"}'
+    wait_until(
+        lambda: instant_query(prometheus, f"timestamp({up}) > {after} and {up} == 1"),
+        timeout=30, interval=0.2, what=f"a scrape of the service after {after}",
+    )  # fmt: skip
+
+
+def answer(response: httpx.Response) -> Any:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def label(client: httpx.Client, prediction_ids: list[str], actuals: pd.Series) -> None:
+    labels = [{"prediction_id": p, "actual": float(a)} for p, a in zip(prediction_ids, actuals, strict=True)]
+    assert answer(client.post("/feedback", json=labels))["accepted"] == len(labels)
+
+
+def wait_for_retrain(server: LiveServer, receiver: Receiver) -> dict[str, Any]:
+    """The run the monitor launched on the drift, once finished, announced and (if promoted) served."""
+    run = wait_until(
+        lambda: next((r for r in server.get("/retrain/runs").json() if r["status"] != "running"), None),
+        timeout=120, interval=0.2, what="the monitor to launch a retrain run and the run to finish",
+    )  # fmt: skip
+    # The outcome is announced after the process has counted the run in its metrics.
+    wait_until(lambda: "retrain_outcome" in receiver.kinds(), timeout=30, what="the retrain outcome message")
+    if run["status"] == "promoted":
+        version = run["candidate_version"]
+        wait_until(
+            lambda: server.get("/ready").json()["model_version"] == version,
+            timeout=30, what=f"v{version} to be served",
+        )  # fmt: skip
+    return run
 
 
 @pytest.mark.slow
-def test_every_panel_returns_data_and_failures_name_the_panel(
-    prometheus_binary: str, exporter: str, tmp_path: Path
+def test_the_live_service_breached_retrained_and_notified(stack: LiveStack) -> None:
+    """What the panels are checked against: a monitor breach on the unit bug, the retrain it launched
+    promoting v2, both announced on the webhook, rejected requests counted."""
+    run = stack.retrain
+    report = stack.server.get(f"/reports/{run['report_id']}").json()
+    assert (run["status"], run["candidate_version"], report["breach"]) == ("promoted", 2, True)
+    assert run["trigger"] in ("drift", "accuracy")  # which breaches first depends on where the window falls
+    assert {"drift_breach", "retrain_outcome"} <= set(stack.notified)
+    assert stack.server.metric('driftloop_http_errors_total{endpoint="/predict",status="422"}') == 2.0
+
+
+@pytest.mark.slow
+def test_every_dashboard_panel_returns_data_from_a_live_service(stack: LiveStack) -> None:
+    assert dashboard_failures(stack.prometheus, DASHBOARDS) == []
+
+
+@pytest.mark.slow
+def test_every_alert_expression_evaluates_on_a_live_service(stack: LiveStack) -> None:
+    assert rule_failures(stack.prometheus, RULES) == []
+
+
+@pytest.mark.slow
+def test_a_panel_reading_a_missing_metric_fails_naming_that_panel(stack: LiveStack, tmp_path: Path) -> None:
+    original = ROOT / "dashboards" / "serving.json"
+    assert dashboard_failures(stack.prometheus, [original]) == []
+    dashboard = json.loads(original.read_text(encoding="utf-8"))
+    panel = next(p for p in iter_panels(dashboard) if p.get("title") == "Hot swaps")
+    for target in panel["targets"]:
+        target["expr"] = target["expr"].replace("driftloop_model_swaps_total", "driftloop_model_swapz_total")
+    broken = tmp_path / "serving.json"
+    broken.write_text(json.dumps(dashboard), encoding="utf-8")
+    assert dashboard_failures(stack.prometheus, [broken]) == [
+        "serving.json: Hot swaps: empty result for sum(driftloop_model_swapz_total)"
+    ]
+
+
+@pytest.mark.slow
+def test_an_alert_expression_that_does_not_parse_fails_naming_the_alert(
+    stack: LiveStack, tmp_path: Path
 ) -> None:
-    queries = [(f"{p.name}: {title}", expr) for p in DASHBOARDS for title, expr in dashboard_queries(p)]
-    with prometheus_server(tmp_path / "prom", [exporter], binary=prometheus_binary) as base_url:
-        assert evaluate_until_clean(base_url, queries) == []
-        failures = evaluate_all(
-            base_url,
-            [
-                ("Broken panel", "sum(rate(driftloop_http_requests_total[1m])"),
-                ("Typo panel", "driftloop_predictons_total"),
-                ("Fine panel", "sum(driftloop_model_loaded)"),
-            ],
-        )
-    assert len(failures) == 2
-    assert failures[0].startswith("Broken panel: bad_data: ")
-    assert failures[1] == "Typo panel: empty result for driftloop_predictons_total"
+    rules = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    rule = next(r for r in rules["groups"][0]["rules"] if r["alert"] == "HighErrorRate")
+    rule["expr"] = rule["expr"].replace("[5m]))", "[5m])", 1)
+    broken = tmp_path / "driftloop.yml"
+    broken.write_text(yaml.safe_dump(rules), encoding="utf-8")
+    failures = rule_failures(stack.prometheus, broken)
+    assert [f.partition(": bad_data: ")[0] for f in failures] == ["driftloop.yml: HighErrorRate"]
