@@ -13,7 +13,10 @@ Rules, in order:
 3. A breach launches retraining only when every gate is open, checked in this order (the first
    closed gate is reported in `held_by`): `auto_retrain` ("alert-only mode"); hysteresis, at least
    `consecutive_breaches` breaches in a row ("hysteresis 1/2"); cooldown since the last run started
-   ("cooldown: 1234 s left"); daily budget ("daily budget 4/4").
+   ("cooldown: 1234 s left"); daily budget ("daily budget 4/4"); and, for a drift-only breach, no
+   drift-triggered run of this champion rejected by the gate yet ("drift retrain of v3 rejected …"):
+   inputs that moved without costing accuracy, where a candidate could not beat the champion, keep
+   alerting but stop spending compute; an accuracy breach still retrains.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.schema import DriftReport, RetrainRun
+from core.schema import DriftReport, RetrainRun, RunStatus, Trigger
 
 Verdict = Literal["insufficient", "ok", "breach"]
 PolicyTrigger = Literal["drift", "accuracy"]
@@ -93,6 +96,7 @@ class History:
     last_retrain_at: datetime | None  # start of the most recent retrain run, any trigger or outcome
     retrains_last_24h: int
     streak_start_report_id: int | None = None  # first report of that run of breaches; None if there is none
+    rejected_drift_run: int | None = None  # a drift-triggered run of this champion the gate rejected
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -136,7 +140,7 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
         )
     trigger: PolicyTrigger = "accuracy" if accuracy else "drift"
     consecutive = history.previous_breaches + 1
-    held_by = _held_by(obs.at, consecutive, history, config)
+    held_by = _held_by(obs.at, consecutive, history, config, drift_only=trigger == "drift")
     return Decision(
         verdict="breach",
         breach=True,
@@ -174,7 +178,9 @@ def _accuracy_reason(obs: Observation, config: PolicyConfig) -> str | None:
     )
 
 
-def _held_by(at: datetime, consecutive: int, history: History, config: PolicyConfig) -> str | None:
+def _held_by(
+    at: datetime, consecutive: int, history: History, config: PolicyConfig, *, drift_only: bool
+) -> str | None:
     if not config.auto_retrain:
         return "alert-only mode"
     if consecutive < config.consecutive_breaches:
@@ -185,6 +191,11 @@ def _held_by(at: datetime, consecutive: int, history: History, config: PolicyCon
             return f"cooldown: {math.ceil(left)} s left"
     if history.retrains_last_24h >= config.max_retrains_per_day:
         return f"daily budget {history.retrains_last_24h}/{config.max_retrains_per_day}"
+    if drift_only and history.rejected_drift_run is not None:
+        return (
+            f"drift retrain run {history.rejected_drift_run} of this champion was rejected by the gate; "
+            "drift alone will not retrain it again (an accuracy breach will)"
+        )
     return None
 
 
@@ -200,6 +211,7 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     report that did not breach or was made for another champion. Reports whose stored decision has
     verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
+    `rejected_drift_run`: the newest drift-triggered run of this champion that the gate rejected.
     """
     previous, streak_start = _breach_streak(session, champion_version=champion_version, now=now)
     last_retrain_at, recent = session.execute(
@@ -208,11 +220,20 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
             func.count(RetrainRun.id).filter(RetrainRun.started_at > now - DAY),
         ).where(RetrainRun.started_at < now)
     ).one()
+    rejected = session.scalar(
+        select(func.max(RetrainRun.id)).where(
+            RetrainRun.champion_version == champion_version,
+            RetrainRun.trigger == Trigger.drift,
+            RetrainRun.status == RunStatus.rejected,
+            RetrainRun.started_at < now,
+        )
+    )
     return History(
         previous_breaches=previous,
         last_retrain_at=last_retrain_at,
         retrains_last_24h=recent,
         streak_start_report_id=streak_start,
+        rejected_drift_run=rejected,
     )
 
 

@@ -193,6 +193,32 @@ CASES = [
         held("drift", (WEIGHTED,), "cooldown: 3590 s left"),
         id="cooldown-reported-before-budget",
     ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(rejected_drift_run=7),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "drift retrain run 7 of this champion was rejected by the gate; drift alone will not retrain it "
+            "again (an accuracy breach will)",
+        ),
+        id="drift-only-after-a-rejected-drift-run",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42, mae=130.0),
+        history(rejected_drift_run=7),
+        CONFIG,
+        breach("accuracy", (WEIGHTED, MAE)),
+        id="accuracy-retrains-after-a-rejected-drift-run",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(rejected_drift_run=7, retrains_last_24h=4),
+        CONFIG,
+        held("drift", (WEIGHTED,), "daily budget 4/4"),
+        id="budget-reported-before-the-rejected-drift-run",
+    ),
 ]
 
 
@@ -285,9 +311,9 @@ def _report(at: datetime, champion: int | None, *, breach: bool, verdict: str | 
     )
 
 
-def _run(started: datetime, status: str) -> RetrainRun:
+def _run(started: datetime, status: str, trigger: str = "drift") -> RetrainRun:
     return RetrainRun(
-        trigger="drift",
+        trigger=trigger,
         status=status,
         reason="",
         report_id=None,
@@ -320,7 +346,8 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
                 _report(T0, 3, breach=True),  # not before now
                 _run(T0 - timedelta(hours=30), "failed"),
                 _run(T0 - timedelta(hours=24), "rejected"),  # exactly 24 h ago: outside the day
-                _run(T0 - timedelta(hours=5), "rejected"),
+                rejected := _run(T0 - timedelta(hours=5), "rejected"),
+                _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # not a drift run
                 _run(T0 - timedelta(hours=2), "promoted"),
                 _run(T0 + timedelta(minutes=1), "failed"),  # after now
             ]
@@ -332,18 +359,21 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
     assert v3 == History(
         previous_breaches=3,
         last_retrain_at=T0 - timedelta(hours=2),
-        retrains_last_24h=2,
+        retrains_last_24h=3,
         streak_start_report_id=first.id,
+        rejected_drift_run=rejected.id,
     )
     assert v2 == History(
         previous_breaches=0,
         last_retrain_at=T0 - timedelta(hours=2),
-        retrains_last_24h=2,
+        retrains_last_24h=3,
         streak_start_report_id=None,
+        rejected_drift_run=None,  # the runs were of v3
     )
     assert earlier == History(
         previous_breaches=2,
         last_retrain_at=T0 - timedelta(hours=2),
-        retrains_last_24h=3,  # the run 24 h before T0 is inside the day before T0 − 15 min
+        retrains_last_24h=4,  # the run 24 h before T0 is inside the day before T0 − 15 min
         streak_start_report_id=first.id,
+        rejected_drift_run=rejected.id,
     )
