@@ -41,7 +41,8 @@ def summary(out: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def unit_bug(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("unit_bug")
-    result = backtest(out, "--data", "generated:unit_bug", "--policies", "never,drift,periodic", *STEP_ARGS)
+    policies = "never,drift,periodic,oracle"
+    result = backtest(out, "--data", "generated:unit_bug", "--policies", policies, *STEP_ARGS)
     assert result.exit_code == 0, result.output
     yield out
 
@@ -65,9 +66,20 @@ def test_drift_is_detected_after_the_change_and_the_drift_policy_recovers(unit_b
     assert drift["mae_before_change"] == never["mae_before_change"]  # the same v1 until the change
 
 
+def test_the_oracle_retrains_once_post_change_labels_can_exist(unit_bug: Path) -> None:
+    s = summary(unit_bug)
+    oracle, never, drift = s["policies"]["oracle"], s["policies"]["never"], s["policies"]["drift"]
+    periods = pd.read_csv(unit_bug / "periods.csv", parse_dates=["period_end"])
+    retrained = periods[(periods["policy"] == "oracle") & periods["retrain"].notna()]["period_end"]
+    first_turn = pd.Timestamp(s["change_points"][0]) + pd.Timedelta(days=s["label_delay_days"])
+    assert retrained.min() >= first_turn and oracle["retrains"] == len(retrained) >= 10
+    assert oracle["mae_after_change"] < 0.8 * never["mae_after_change"]
+    assert drift["post_swap_oracle_mae"] > 0  # the drift policy's post-swap rows, scored for the oracle
+
+
 def test_outputs_are_json_csv_and_a_png(unit_bug: Path) -> None:
     s = summary(unit_bug)
-    assert set(s["policies"]) == {"never", "drift", "periodic"}
+    assert set(s["policies"]) == {"never", "drift", "periodic", "oracle"}
     assert s["rows"]["replayed"] + s["rows"]["initial"] == 12000
     periods = pd.read_csv(unit_bug / "periods.csv")
     assert list(periods.columns) == [

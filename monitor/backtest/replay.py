@@ -8,8 +8,9 @@ ground_truth once `label_delay` has passed; then the policy acts:
 - ``periodic``: a retrain run every `period`.
 - ``drift``: `monitor.jobs.Loop.run_monitor` on the monitor cadence — window, Evidently, `policy.decide`,
   alert outbox — whose retrain decisions run `retrain.runner.run_inline`.
-- ``oracle``: a retrain run at every monitor time from the first known change point on (every monitor
-  time when change points are unknown), on all labels seen so far: the most retraining can buy.
+- ``oracle``: knows the change points. A retrain run at every monitor time once labels from after a
+  change can have arrived (change + label delay), trained on the labels since that change only; with
+  change points unknown, at every monitor time on all labels seen so far. Near the most retraining can buy.
 
 Every retrain, whatever the policy, is `run_inline`: the same assemble → train → gate → promote as live.
 No HTTP and no sleeping; the clock is the replayed data's.
@@ -17,6 +18,7 @@ No HTTP and no sleeping; the clock is the replayed data's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -288,8 +290,9 @@ class _Player:
     def act(self, now: datetime, *, monitor_due: bool) -> None:
         if self.name == "periodic" and now - self._last_retrain >= self.config.period:
             self._retrain(trigger=Trigger.schedule.value, reason="backtest: periodic policy")
-        elif self.name == "oracle" and monitor_due and self._oracle_due(now):
-            self._retrain(trigger=Trigger.manual.value, reason="backtest: oracle policy")
+        elif self.name == "oracle" and monitor_due and self._oracle_turn(now):
+            since = self._last_labelled_change(now)
+            self._retrain(trigger=Trigger.manual.value, reason="backtest: oracle policy", since=since)
         elif self._loop is not None and monitor_due:
             outcome = self._loop.run_monitor(now)
             decision, result = outcome.decision, outcome.result
@@ -304,14 +307,25 @@ class _Player:
                 )
             )  # fmt: skip
 
-    def _oracle_due(self, now: datetime) -> bool:
-        changes = self.stream.change_points
-        return changes is None or any(c <= now for c in changes)
+    def _oracle_turn(self, now: datetime) -> bool:
+        return self.stream.change_points is None or self._last_labelled_change(now) is not None
 
-    def _retrain(self, *, trigger: str, reason: str, report_id: int | None = None) -> int:
+    def _last_labelled_change(self, now: datetime) -> datetime | None:
+        """The latest known change whose labels can have arrived by `now`."""
+        changes = self.stream.change_points or ()
+        seen = [c for c in changes if c + self.config.label_delay <= now]
+        return seen[-1] if seen else None
+
+    def _retrain(
+        self, *, trigger: str, reason: str, report_id: int | None = None, since: datetime | None = None
+    ) -> int:
+        settings = self.settings
+        if since is not None:  # train on the rows since `since` only
+            days = math.ceil((self.clock.now - since).total_seconds() / 86400)
+            settings = settings.model_copy(update={"train_window_days": days})
         started = time.perf_counter()
         outcome = run_inline(
-            settings=self.settings, spec=self.spec, registry=self.registry, trigger=trigger, reason=reason,
+            settings=settings, spec=self.spec, registry=self.registry, trigger=trigger, reason=reason,
             report_id=report_id, clock=self.clock,
         )  # fmt: skip
         self._last_retrain = self.clock.now

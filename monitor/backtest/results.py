@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,11 @@ class Detection:
     first_breach_at: datetime | None
     delay_days: float | None
     # Monitor runs, counted from the first one at which the window could hold `min_window_rows` post-change
-    # rows (1 = that very run), until the first breach; None when it never breached.
+    # rows (1 = that very run; 0 = the breach came even earlier), until the first breach; None: no breach.
     cycles_after_ready: int | None
+    # The same, counted from the first run that could see `min_labelled_rows` post-change labels: the
+    # evidence a change that only moves the target (concept drift) is detected on.
+    cycles_after_labels_ready: int | None
     first_swap_at: datetime | None
     swap_delay_days: float | None
 
@@ -108,19 +111,25 @@ def _summary(
 
 
 def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.ndarray) -> Detection:
-    need = replay.settings.min_window_rows
     post = np.flatnonzero(times >= np.datetime64(pd.Timestamp(change).tz_convert(None), "ns"))
-    ready = pd.Timestamp(times[post[need - 1]], tz="UTC").to_pydatetime() if post.size >= need else None
+
+    def nth_post_change_row(n: int) -> datetime | None:
+        return pd.Timestamp(times[post[n - 1]], tz="UTC").to_pydatetime() if post.size >= n else None
+
+    def cycles_after(ready: datetime | None) -> int | None:
+        if breach is None or ready is None:
+            return None
+        return sum(1 for m in trace.monitors if ready <= m.at <= breach) if breach >= ready else 0
+
     breach = next((m.at for m in trace.monitors if m.breach and m.at >= change), None)
-    cycles = None
-    if breach is not None and ready is not None:
-        cycles = sum(1 for m in trace.monitors if ready <= m.at <= breach) if breach >= ready else 0
+    labelled = nth_post_change_row(replay.settings.min_labelled_rows)
     swap = next((r.at for r in trace.retrains if r.status == "promoted" and r.at >= change), None)
     return Detection(
         change_at=change,
         first_breach_at=breach,
         delay_days=_days(breach - change) if breach else None,
-        cycles_after_ready=cycles,
+        cycles_after_ready=cycles_after(nth_post_change_row(replay.settings.min_window_rows)),
+        cycles_after_labels_ready=cycles_after(labelled + replay.config.label_delay if labelled else None),
         first_swap_at=swap,
         swap_delay_days=_days(swap - change) if swap else None,
     )
@@ -250,5 +259,5 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def _days(delta: Any) -> float:
+def _days(delta: timedelta) -> float:
     return round(delta.total_seconds() / 86400, 2)

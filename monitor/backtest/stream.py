@@ -71,7 +71,8 @@ class Stream:
 
 def ns_times(times: pd.Series) -> np.ndarray:
     """UTC times as naive datetime64[ns], for numpy comparisons and searches."""
-    return pd.to_datetime(times, utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    naive = pd.to_datetime(times, utc=True).dt.tz_localize(None)
+    return np.asarray(naive.to_numpy(dtype="datetime64[ns]"))
 
 
 def parse_duration(text: str, *, option: str) -> timedelta:
