@@ -43,21 +43,23 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=60)
 
 
-def load(url: str, payloads: list[bytes], args: argparse.Namespace) -> LoadResult:
-    run_load(
+def load(url: str, payloads: list[bytes], args: argparse.Namespace) -> tuple[LoadResult, int]:
+    """(the measured load, requests answered during the warm-up before it)."""
+    warmup = run_load(
         url + "/predict",
         payloads,
         total=min(1000, args.requests),
         concurrency=args.concurrency,
         max_seconds=10,
     )
-    return run_load(
+    measured = run_load(
         url + "/predict",
         payloads,
         total=args.requests,
         concurrency=args.concurrency,
         max_seconds=args.seconds,
     )
+    return measured, warmup.ok
 
 
 def main() -> None:
@@ -93,13 +95,13 @@ def main() -> None:
                  "--log-level", "warning", "--no-access-log"],
                 {**env, "BENCH_MODEL_PATH": str(model_path)},
             )  # fmt: skip
-            plain = load(url, payloads, args)
+            plain, _ = load(url, payloads, args)
             stop(proc)
         with console.status("driftloop serve…"):
             proc, url = start([*driftloop, "serve", "--no-scheduler", "--log-level", "warning"], env)
-            ours = load(url, payloads, args)
+            ours, warmed = load(url, payloads, args)
             stop(proc)  # SIGTERM: the logger drains before exit
-        answered_total = ours.ok + min(1000, args.requests)  # warm-up requests are answered and logged too
+        answered_total = ours.ok + warmed  # warm-up answers are logged too
         engine = create_engine(f"sqlite:///{db}")
         with engine.connect() as conn:
             logged = conn.execute(text("SELECT count(*) FROM prediction_log")).scalar_one()
