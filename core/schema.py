@@ -189,6 +189,7 @@ class RetrainRun(Base):
     pid: Mapped[int | None]
     started_at: Mapped[datetime] = mapped_column(index=True)
     finished_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]  # renewed by the process doing the run while it is alive
 
 
 class Notification(Base):

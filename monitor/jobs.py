@@ -111,7 +111,7 @@ class Loop:
             self.leader = False
 
     def renew_lease(self) -> bool:
-        """Take or keep the scheduler lease; the first time it is taken, fail runs a crashed owner left."""
+        """Take or keep the scheduler lease; while held, fail retrain runs whose process died."""
         try:
             held = try_acquire(
                 self.sessions,
@@ -125,12 +125,22 @@ class Loop:
             held = False
         if held and not self.leader:
             log.info("scheduler lease taken by %s", self.holder_id)
-            for run_id in recover_stale(self.sessions, now=self.clock()):
-                log.warning("retrain run %s was left running by a crashed process: marked failed", run_id)
-        elif not held and self.leader:
+        if held:
+            self._recover_stale_runs()
+        elif self.leader:
             log.warning("scheduler lease lost; this process idles")
         self.leader = held
         return held
+
+    def _recover_stale_runs(self) -> None:
+        """Fail runs whose process stopped renewing their heartbeat (crashed), so the slot frees."""
+        try:
+            stale = recover_stale(self.sessions, now=self.clock(), stale_after_s=self.settings.lease_ttl_s)
+        except Exception:
+            log.exception("could not check for stale retrain runs")
+            return
+        for run_id in stale:
+            log.warning("retrain run %s lost its process (no heartbeat): marked failed", run_id)
 
     def _scheduled_monitor(self) -> None:
         if not self.leader:

@@ -17,7 +17,7 @@ from core.db import make_engine, make_sessions, utcnow
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import load_spec
-from retrain.runner import SETTINGS_ENV, execute_run, fail_run
+from retrain.runner import SETTINGS_ENV, Heartbeat, execute_run, fail_run
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
@@ -42,7 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             fail_run(registry.sessions, run_id, error=f"{type(exc).__name__}: {exc}", now=utcnow())
             return 0
-        execute_run(run_id, settings=settings, spec=spec, registry=registry)
+        with Heartbeat(registry.sessions, run_id, interval_s=settings.lease_ttl_s / 3):
+            execute_run(run_id, settings=settings, spec=spec, registry=registry)
         return 0
     finally:
         engine.dispose()

@@ -4,7 +4,8 @@ the work done in a child OS process so CatBoost never competes with request hand
 A run: assemble → split → train → validate (gate) → register → promote or reject. Promotion is the last
 step and one transaction, so a crash or kill anywhere leaves the previous champion serving. The parent
 watches the child; a child that dies without finishing its row has the run marked failed by the parent,
-and a process that starts after a crash of both marks leftovers failed with `recover_stale`.
+and should the parent die too, the scheduler's leader fails the run once its heartbeat goes stale
+(`recover_stale`).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 from catboost import CatBoostRegressor
 from pydantic import SecretStr
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -100,6 +101,7 @@ def start_run(
         "steps": {},
         "pid": os.getpid(),
         "started_at": now,
+        "heartbeat_at": now,
     }
     for _ in range(3):  # the running run may finish between our insert and our look-up: try again
         try:
@@ -114,21 +116,63 @@ def start_run(
     raise RunInProgress(None)
 
 
-def recover_stale(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
-    """Mark every `running` row failed. Only for the one process that owns retraining, at its startup."""
+def recover_stale(sessions: sessionmaker[Session], *, now: datetime, stale_after_s: float) -> list[int]:
+    """Mark failed every `running` row whose heartbeat (or start) is older than `stale_after_s`.
+
+    The process doing a run renews its heartbeat (see `Heartbeat`), wherever it runs: a run an API
+    replica started is left alone while that replica's child lives, and one whose process died goes
+    stale and is failed by whichever process checks next (the scheduler's leader, every lease renewal).
+    """
+    horizon = now - timedelta(seconds=stale_after_s)
+    alive_at = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
     with sessions.begin() as session:
         ids = list(
             session.scalars(
-                select(RetrainRun.id).where(RetrainRun.status == RunStatus.running).with_for_update()
+                select(RetrainRun.id)
+                .where(RetrainRun.status == RunStatus.running, alive_at < horizon)
+                .with_for_update()
             )
         )
         if ids:
             session.execute(
                 update(RetrainRun)
                 .where(RetrainRun.id.in_(ids), RetrainRun.status == RunStatus.running)
-                .values(status=RunStatus.failed, error="left running by a crashed process", finished_at=now)
+                .values(
+                    status=RunStatus.failed,
+                    error=f"no heartbeat for over {stale_after_s:g} s: its process died",
+                    finished_at=now,
+                )
             )
     return ids
+
+
+class Heartbeat:
+    """Renews a run's heartbeat every `interval_s` from a daemon thread while the `with` block runs."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, *, interval_s: float) -> None:
+        self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"retrain-heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                with self._sessions.begin() as session:
+                    session.execute(
+                        update(RetrainRun)
+                        .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # the database may be briefly away; the next beat tries again
+                log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
 
 
 def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:

@@ -19,6 +19,7 @@ from core.registry import Registry
 from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import FeatureSpec
 from monitor.jobs import Loop
+from retrain.runner import start_run
 from retrain.train import predict
 from tests.conftest import make_settings
 from tests.live import start_server, wait_until
@@ -210,14 +211,18 @@ def test_a_failing_receiver_is_retried_until_delivered(
 
 
 def test_scheduler_lease_one_leader_and_takeover(registry, champion, spec, metrics, db_url, tmp_path) -> None:
-    with registry.sessions.begin() as session:
-        session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=utcnow()))
+    long_ago = utcnow() - timedelta(minutes=5)
+    with registry.sessions.begin() as session:  # a run whose process died: no heartbeat for 5 minutes
+        session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=long_ago))
     a = make_loop(registry, spec, metrics, db_url, tmp_path)
     b = make_loop(registry, spec, metrics, db_url, tmp_path)
     assert a.renew_lease() is True
     assert b.renew_lease() is False
-    assert [r.status for r in runs(registry)] == ["failed"]  # the first leader cleared what a crash left
+    assert [r.status for r in runs(registry)] == ["failed"]  # the leader cleared what a crash left
+    # A run another process (an API replica) is doing and keeping alive is left alone.
+    alive = start_run(registry.sessions, trigger="manual", now=utcnow())
     assert a.renew_lease() is True  # renewal by the holder
+    assert [(r.id, r.status) for r in runs(registry)][-1] == (alive, "running")
     a.stop()  # releases the lease
     assert b.renew_lease() is True
 

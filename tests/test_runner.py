@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,25 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import utcnow
 from core.generator import generate_transactions
 from core.metrics import Metrics, build_metrics
 from core.registry import Registry
 from core.schema import ModelStatus, ModelVersion, RetrainRun
 from core.spec import FeatureSpec
 from retrain.child import settings_from_env
-from retrain.runner import SETTINGS_ENV, RunInProgress, child_env, fail_run, launch, recover_stale, start_run
+from retrain.runner import (
+    SETTINGS_ENV,
+    Heartbeat,
+    RunInProgress,
+    child_env,
+    fail_run,
+    launch,
+    recover_stale,
+    start_run,
+)
 from tests.conftest import make_settings
+from tests.live import wait_until
 from tests.test_retrain import log_predictions, run_row, versions
 
 NOW = datetime(2023, 1, 1, tzinfo=UTC)
@@ -99,16 +110,28 @@ def test_start_run_refuses_an_unknown_trigger(sessions: sessionmaker[Session]) -
     assert running_count(sessions) == 0
 
 
-def test_recover_stale_marks_leftover_running_rows_failed(sessions: sessionmaker[Session]) -> None:
-    run_id = start_run(sessions, trigger="drift", now=NOW)
-    later = datetime(2023, 1, 2, tzinfo=UTC)
+def test_recover_stale_fails_only_runs_whose_heartbeat_stopped(sessions: sessionmaker[Session]) -> None:
+    run_id = start_run(sessions, trigger="drift", now=NOW)  # the heartbeat starts at the start
 
-    assert recover_stale(sessions, now=later) == [run_id]
-    assert recover_stale(sessions, now=later) == []
+    assert recover_stale(sessions, now=NOW + timedelta(seconds=30), stale_after_s=30) == []  # still alive
+    later = NOW + timedelta(seconds=30.5)
+    assert recover_stale(sessions, now=later, stale_after_s=30) == [run_id]
+    assert recover_stale(sessions, now=later, stale_after_s=30) == []
 
     run = run_row(sessions, run_id)
-    assert (run.status, run.error, run.finished_at) == ("failed", "left running by a crashed process", later)
+    assert (run.status, run.error, run.finished_at) == (
+        "failed", "no heartbeat for over 30 s: its process died", later,
+    )  # fmt: skip
     assert start_run(sessions, trigger="drift", now=later) != run_id
+
+
+def test_a_heartbeat_keeps_a_long_run_alive(sessions: sessionmaker[Session]) -> None:
+    run_id = start_run(sessions, trigger="manual", now=utcnow() - timedelta(minutes=10))
+    with Heartbeat(sessions, run_id, interval_s=0.05):
+        wait_until(lambda: run_row(sessions, run_id).heartbeat_at > utcnow() - timedelta(seconds=5),
+                   timeout=10, what="a heartbeat")  # fmt: skip
+    assert recover_stale(sessions, now=utcnow(), stale_after_s=30) == []
+    assert run_row(sessions, run_id).status == "running"
 
 
 def test_the_child_gets_our_settings_without_secrets_or_stray_overrides(
@@ -195,10 +218,17 @@ def test_a_child_killed_mid_training_leaves_the_champion_and_a_failed_run(
     metrics: Metrics,
     shocked: None,
 ) -> None:
-    slow = make_settings(db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=CHILD_TIMEOUT_S)
+    slow = make_settings(
+        db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=CHILD_TIMEOUT_S, lease_ttl_s=0.6
+    )
     handle = launch(settings=slow, trigger="drift", sessions=sessions, metrics=metrics)
     _wait_for_step(sessions, handle.run_id, "train")
     assert handle.poll() is None
+    started = run_row(sessions, handle.run_id).started_at
+    wait_until(  # the child renews the run's heartbeat while CatBoost trains (it releases the GIL)
+        lambda: run_row(sessions, handle.run_id).heartbeat_at > started + timedelta(seconds=0.5),
+        timeout=CHILD_TIMEOUT_S, what="the child's heartbeat during training",
+    )  # fmt: skip
 
     os.kill(handle.pid, signal.SIGKILL)
     status = handle.wait(CHILD_TIMEOUT_S)
