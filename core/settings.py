@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     # Share of the training weight carried by new labelled rows (production + ingested) when the champion's
     # reference outnumbers them; 0 trains on the plain union. Lets a candidate learn a changed market.
     new_data_weight_share: float = Field(default=0.7, ge=0, lt=1)
+    # A training row's weight halves for every this many days it is older than the newest; None: no decay.
+    train_half_life_days: float | None = Field(default=None, gt=0)
     gate_margin: float = Field(default=0.02, ge=0, lt=1)
     retrain_timeout_s: int = Field(default=1800, ge=1)
 

@@ -103,18 +103,34 @@ def holdout(data: TrainingData, spec: FeatureSpec, *, fraction: float) -> tuple[
     return frame.drop(index=held), frame.loc[held]
 
 
-def sample_weights(train: pd.DataFrame, *, new_share: float) -> np.ndarray | None:
-    """Weights that give new labelled rows `new_share` of the total when the reference outweighs them.
+def sample_weights(
+    train: pd.DataFrame, *, new_share: float, half_life_days: float | None = None
+) -> np.ndarray | None:
+    """Training weights that average 1 (so CatBoost's learning rate holds), or None for equal weights.
 
-    None (equal weights) when there is nothing to rebalance: no new rows, no reference rows, share 0, or
-    new rows already carrying at least that share. Weights average 1, so CatBoost's learning rate holds.
+    Two adjustments, each optional: new labelled rows get `new_share` of the total when the reference
+    outweighs them (nothing to do with no new rows, no reference rows, share 0, or new rows already
+    carrying that share); and with `half_life_days`, a row's weight halves for every that many days it is
+    older than the newest row, so that after a change in the market the candidate learns its new level
+    rather than the average of old and new.
     """
+    weights = _share_weights(train, new_share=new_share)
+    if half_life_days is not None and len(train):
+        times = pd.to_datetime(train[EVENT_TIME], utc=True)
+        age_days = ((times.max() - times).dt.total_seconds() / 86400).to_numpy(dtype=float)
+        decay = np.power(0.5, age_days / half_life_days)
+        weights = decay if weights is None else weights * decay
+    if weights is None:
+        return None
+    return np.asarray(weights * (len(weights) / weights.sum()), dtype=float)
+
+
+def _share_weights(train: pd.DataFrame, *, new_share: float) -> np.ndarray | None:
     is_new = (train[SOURCE] != REFERENCE).to_numpy()
     n_new, n_ref = int(is_new.sum()), int((~is_new).sum())
     if new_share <= 0 or n_new == 0 or n_ref == 0 or n_new / len(train) >= new_share:
         return None
-    weights = np.where(is_new, new_share / n_new, (1 - new_share) / n_ref)
-    return weights * (len(weights) / weights.sum())
+    return np.where(is_new, new_share / n_new, (1 - new_share) / n_ref)
 
 
 def candidate_reference(model: CatBoostRegressor, data: TrainingData, spec: FeatureSpec) -> pd.DataFrame:

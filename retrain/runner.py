@@ -267,7 +267,11 @@ class _Run:
                 raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
         with self._step("train"):
             params = TrainParams.from_settings(self.settings)
-            weights = sample_weights(train, new_share=self.settings.new_data_weight_share)
+            weights = sample_weights(
+                train,
+                new_share=self.settings.new_data_weight_share,
+                half_life_days=self.settings.train_half_life_days,
+            )
             model = train_model(train, self.spec, params, sample_weight=weights)
         with self._step("validate"):
             gate = evaluate_gate(
@@ -338,6 +342,7 @@ class _Run:
                 "train_rows": len(train),
                 "holdout_rows": len(held),
                 "new_data_weight_share": self.settings.new_data_weight_share,
+                "half_life_days": self.settings.train_half_life_days,
                 "holdout_basis": "all" if (held[SOURCE] == REFERENCE).any() else "new",
             },
             parent_version=champion.version,

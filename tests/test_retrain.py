@@ -464,3 +464,21 @@ def test_sample_weights_give_new_rows_their_share() -> None:
     assert sample_weights(train, new_share=0.0) is None
     assert sample_weights(train, new_share=0.2) is None  # new rows already carry 20 %
     assert sample_weights(train.iloc[:8], new_share=0.7) is None  # no new rows
+
+
+def test_sample_weights_halve_with_each_half_life_of_age() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE, sample_weights
+
+    days = pd.to_datetime(["2022-01-01", "2022-01-31", "2022-03-02", "2022-03-02"], utc=True)
+    train = pd.DataFrame({SOURCE: [REFERENCE, "ingested", "ingested", "ingested"], EVENT_TIME: days})
+    decayed = sample_weights(train, new_share=0.0, half_life_days=30)
+    assert decayed is not None
+    assert decayed.mean() == pytest.approx(1.0)
+    assert np.allclose(decayed / decayed[-1], [0.25, 0.5, 1.0, 1.0])  # 60 and 30 days older than the newest
+    both = sample_weights(train, new_share=0.9, half_life_days=30)  # the new rows' share, then the decay
+    assert both is not None
+    share = np.array([0.1 / 1, 0.9 / 3, 0.9 / 3, 0.9 / 3]) * [0.25, 0.5, 1.0, 1.0]
+    assert np.allclose(both, share * 4 / share.sum())

@@ -84,6 +84,7 @@ class MonitorRecord:
     drift_share: float | None
     weighted_score: float | None
     mae: float | None
+    champion_mae: float | None  # the serving champion's validation MAE, the accuracy rule's yardstick
     reasons: tuple[str, ...]
 
 
@@ -294,6 +295,7 @@ class _Player:
             since = self._last_labelled_change(now)
             self._retrain(trigger=Trigger.manual.value, reason="backtest: oracle policy", since=since)
         elif self._loop is not None and monitor_due:
+            champion = self.registry.champion()
             outcome = self._loop.run_monitor(now)
             decision, result = outcome.decision, outcome.result
             self.trace.monitors.append(
@@ -303,6 +305,7 @@ class _Player:
                     drift_share=result.drift_share if result else None,
                     weighted_score=result.weighted_score if result else None,
                     mae=result.accuracy.mae if result and result.accuracy else None,
+                    champion_mae=champion.metrics.get("val_mae") if champion else None,
                     reasons=decision.reasons if decision else outcome.notes,
                 )
             )  # fmt: skip
