@@ -1,0 +1,69 @@
+"""Scale-out mode on real processes: API replicas (`serve --no-scheduler`) and workers sharing one database;
+exactly one worker leads, monitors what the replicas logged, and a standby takes over when it stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.generator import generate_transactions
+from core.schema import DriftReport, ModelVersion
+from core.spec import FeatureSpec
+from tests.conftest import make_settings
+from tests.live import LiveServer, start_server, wait_until
+
+
+def leader(worker: LiveServer) -> bool:
+    return bool(worker.get("/health").json()["leader"])
+
+
+def monitor_runs(server: LiveServer) -> float:
+    text = server.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("driftloop_monitor_runs_total{")
+    )
+
+
+def reports(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return int(session.scalar(select(func.count(DriftReport.id))) or 0)
+
+
+def test_one_worker_leads_monitors_the_replicas_traffic_and_a_standby_takes_over(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    settings = make_settings(db_url, tmp_path, monitor_interval_s=1, lease_ttl_s=1.5)
+    api = start_server(settings, tmp_path, command=("serve", "--no-scheduler"))
+    first = start_server(settings, tmp_path, command=("worker",))
+    standby: LiveServer | None = None
+    try:
+        wait_until(lambda: leader(first), timeout=30, what="the first worker to take the lease")
+        standby = start_server(settings, tmp_path, command=("worker",))
+        sales = generate_transactions(400, start="2022-01-01", end="2022-06-30", seed=5)
+        instances = sales[spec.feature_names].to_dict("records")
+        answer = httpx.post(api.url + "/predict/batch", json={"instances": instances}, timeout=60)
+        assert answer.status_code == 200
+
+        wait_until(lambda: reports(sessions) >= 2, timeout=60, what="the leader to monitor logged traffic")
+        assert leader(standby) is False  # the lease is held: the standby idles
+        assert monitor_runs(first) >= 2
+        assert monitor_runs(standby) == 0
+        assert monitor_runs(api) == 0  # a replica never monitors on its own
+
+        assert first.terminate()  # releases the lease on the way out
+        wait_until(lambda: leader(standby), timeout=30, what="the standby to take over the lease")
+        before = monitor_runs(standby)
+        wait_until(lambda: monitor_runs(standby) > before, timeout=30, what="the new leader to monitor")
+    finally:
+        for server in (api, first, standby):
+            if server is not None:
+                server.terminate()
