@@ -302,8 +302,6 @@ def backtest(
     seed: int = 0,
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
-    import shutil
-
     from core.spec import SpecError, load_spec
     from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
     from monitor.backtest.results import summarize, write_outputs
@@ -338,7 +336,6 @@ def backtest(
         raise typer.Exit(2) from None
 
     workdir = out / "work"
-    shutil.rmtree(workdir, ignore_errors=True)
     console.print(
         f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {until:%Y-%m-%d}; "
         f"policies {', '.join(chosen)}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ from typer.testing import CliRunner
 
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
+from core.spec import load_spec
+from monitor.backtest.replay import ReplayConfig, run_replay
+from monitor.backtest.results import summarize
+from monitor.backtest.stream import load_stream
 from service.cli import cli
+from tests.conftest import make_settings
 
 # Small and fast: 12,000 generated rows (4,000 a year), two-week steps, tiny CatBoost models; the policy's
 # window settings are the defaults.
@@ -229,3 +235,24 @@ def test_a_spec_that_does_not_match_the_data_is_refused(tmp_path: Path, history_
     )
     assert result.exit_code == 2
     assert "missing column(s): balcony" in " ".join(result.output.split())
+
+
+def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:
+    """Replaying twice into the same work directory gives the same answer: nothing of the first leaks in."""
+    settings = make_settings("sqlite://", tmp_path, min_window_rows=500, min_labelled_rows=200)
+    stream = load_stream("generated:unit_bug", load_spec(), rows=6000)
+    config = ReplayConfig(step=timedelta(days=28), label_delay=timedelta(days=14))
+    until = stream.default_train_until()
+    answers = []
+    for _ in range(2):
+        replay = run_replay(
+            stream, settings=settings, config=config, policies=("drift",), until=until, workdir=tmp_path / "w"
+        )
+        (drift,), _ = summarize(replay)
+        engine = create_engine(f"sqlite:///{tmp_path / 'w' / 'drift' / 'backtest.db'}")
+        with engine.connect() as db:
+            logged = db.scalar(select(func.count(PredictionLog.id)))
+        engine.dispose()
+        answers.append((drift.cumulative_mae, drift.retrains, logged))
+    assert answers[0] == answers[1]
+    assert answers[0][2] == len(replay.replay)

@@ -19,6 +19,7 @@ No HTTP and no sleeping; the clock is the replayed data's.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -131,7 +132,10 @@ def run_replay(
     workdir: Path,
     on_step: Callable[[datetime, int, int], None] | None = None,
 ) -> Replay:
-    """Train v1 on rows before `until`, then replay the rest through each policy; `on_step(now, k, n)`."""
+    """Train v1 on rows before `until`, then replay the rest through each policy; `on_step(now, k, n)`.
+
+    `workdir` is scratch space: whatever it holds is removed first, so no earlier replay leaks in.
+    """
     unknown = [p for p in policies if p not in POLICIES]
     if unknown or not policies:
         raise ValueError(
@@ -139,6 +143,7 @@ def run_replay(
         )
     initial, replay = stream.split(until)
     spec = stream.spec
+    shutil.rmtree(workdir, ignore_errors=True)
     clock = SimClock(until)
     players = [
         _Player.create(name, settings, spec, workdir / name, clock, config, stream) for name in policies
