@@ -2,7 +2,10 @@
 
 Both run as one uvicorn worker on 127.0.0.1 with the same model, loaded by the same bounded load generator.
 Prints req/s and p50/p99 for each, the throughput ratio, and logged rows versus answered requests.
-    .venv/bin/python bench/serve.py [--requests 20000] [--concurrency 16] [--seconds 30]
+    .venv/bin/python bench/serve.py [--requests 20000] [--concurrency 8] [--rounds 4] [--seconds 60]
+
+Both servers run at once; the load alternates between them in rounds, so that whatever else the machine does
+falls on both rather than on whichever would have run second.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, text
@@ -43,23 +48,49 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=60)
 
 
-def load(url: str, payloads: list[bytes], args: argparse.Namespace) -> tuple[LoadResult, int]:
-    """(the measured load, requests answered during the warm-up before it)."""
-    warmup = run_load(
-        url + "/predict",
-        payloads,
-        total=min(1000, args.requests),
-        concurrency=args.concurrency,
-        max_seconds=10,
-    )
-    measured = run_load(
-        url + "/predict",
-        payloads,
-        total=args.requests,
-        concurrency=args.concurrency,
-        max_seconds=args.seconds,
-    )
-    return measured, warmup.ok
+def warm(url: str, payloads: list[bytes], args: argparse.Namespace) -> int:
+    """Requests answered while warming up (they are logged too)."""
+    total = min(1000, args.requests)
+    return run_load(url + "/predict", payloads, total=total, concurrency=args.concurrency, max_seconds=10).ok
+
+
+def rounds(urls: dict[str, str], payloads: list[bytes], args: argparse.Namespace) -> dict[str, LoadResult]:
+    """Alternate the servers for `args.rounds` rounds of requests/rounds each, merging each server's
+    rounds: a noisy moment of the machine then falls on both, not on whichever ran second."""
+    merged = {name: LoadResult() for name in urls}
+    per_round = max(1, args.requests // args.rounds)
+    for _ in range(args.rounds):
+        for name, url in urls.items():
+            r = run_load(
+                url + "/predict", payloads, total=per_round, concurrency=args.concurrency,
+                max_seconds=args.seconds / args.rounds,
+            )  # fmt: skip
+            into = merged[name]
+            into.sent += r.sent
+            for status, count in r.statuses.items():
+                into.statuses[status] = into.statuses.get(status, 0) + count
+            into.latencies_s += r.latencies_s
+            into.seconds += r.seconds
+            if name == "driftloop":
+                wait_drained(url)  # its writer's tail must not run during the other server's round
+    return merged
+
+
+def wait_drained(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = httpx.get(url + "/metrics", timeout=5).text
+        depth = next(
+            (
+                float(line.split()[-1])
+                for line in metrics.splitlines()
+                if line.startswith("driftloop_logger_queue_depth ")
+            ),
+            0.0,
+        )
+        if depth == 0:
+            return
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -68,7 +99,8 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seconds", type=float, default=60.0, help="time bound per server, all rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per server")
     args = parser.parse_args()
 
     spec = load_spec()
@@ -89,18 +121,24 @@ def main() -> None:
             subprocess.run([*driftloop, "bootstrap"], env=env, cwd=ROOT, check=True, capture_output=True)
         model_path = next(Path(tmp, "artifacts").glob("v1/model.cbm"))
 
-        with console.status("plain FastAPI + CatBoost…"):
-            proc, url = start(
+        with console.status("starting both servers…"):
+            plain_proc, plain_url = start(
                 [sys.executable, "-m", "uvicorn", "--factory", "bench.plain_app:app",
                  "--log-level", "warning", "--no-access-log"],
                 {**env, "BENCH_MODEL_PATH": str(model_path)},
             )  # fmt: skip
-            plain, _ = load(url, payloads, args)
-            stop(proc)
-        with console.status("driftloop serve…"):
-            proc, url = start([*driftloop, "serve", "--no-scheduler", "--log-level", "warning"], env)
-            ours, warmed = load(url, payloads, args)
-            stop(proc)  # SIGTERM: the logger drains before exit
+            ours_proc, ours_url = start(
+                [*driftloop, "serve", "--no-scheduler", "--log-level", "warning"], env
+            )
+        try:
+            with console.status(f"{args.rounds} alternating rounds of load…"):
+                warm(plain_url, payloads, args)
+                warmed = warm(ours_url, payloads, args)
+                results = rounds({"plain": plain_url, "driftloop": ours_url}, payloads, args)
+        finally:
+            stop(plain_proc)
+            stop(ours_proc)  # SIGTERM: the logger drains before exit
+        plain, ours = results["plain"], results["driftloop"]
         answered_total = ours.ok + warmed  # warm-up answers are logged too
         engine = create_engine(f"sqlite:///{db}")
         with engine.connect() as conn:
