@@ -351,6 +351,7 @@ def _plot(served: list[Served], reports: list[dict[str, Any]], path: Path) -> No
         ids = [r["id"] for r in rows]
         bottom.plot(ids, [r["drift_share"] for r in rows], "o-", label="drift share")
         bottom.plot(ids, [r["weighted_drift_score"] for r in rows], "s-", label="weighted drift score")
+        bottom.set_ylim(-0.02, 1.02)  # shares and scores live in [0, 1]; an all-zero line is not noise
         twin = bottom.twinx()
         twin.plot(ids, [r["mae"] or np.nan for r in rows], "^-", color="tab:red", label="window MAE")
         twin.set_ylabel("window MAE")
