@@ -1,0 +1,92 @@
+"""The model holder: one poll after another process promotes swaps the served model; a champion that cannot
+be loaded, or a registry that cannot be reached, leaves the current one serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from core.db import make_engine, make_sessions
+from core.metrics import build_metrics
+from core.registry import ArtifactStore, NewVersion, Registry
+from core.schema import ModelVersion
+from service.holder import ModelHolder
+from tests.live import wait_until
+
+
+def second_version(registry: Registry, champion: ModelVersion) -> ModelVersion:
+    """v2: the same model under a new version, as a retrain in another process would register it."""
+    return registry.register(
+        NewVersion(
+            model=registry.load(champion), reference=registry.reference(champion), trigger="manual",
+            metrics=champion.metrics, params={}, train_rows=champion.train_rows,
+        )
+    )  # fmt: skip
+
+
+def holder_for(registry: Registry, prom: CollectorRegistry, poll_s: float = 60) -> ModelHolder:
+    return ModelHolder(registry, build_metrics(prom), poll_s=poll_s)
+
+
+def test_one_refresh_after_a_promotion_elsewhere_swaps_the_model(
+    registry: Registry, champion: ModelVersion
+) -> None:
+    prom = CollectorRegistry()
+    holder = holder_for(registry, prom)
+    assert holder.refresh() is True and holder.current is not None and holder.current.version == 1
+    first = holder.current
+    v2 = second_version(registry, champion)
+    assert holder.refresh() is False  # a candidate is not served
+    registry.promote(version=v2.version, reason="another process promoted it")
+
+    assert holder.refresh() is True  # what one poll does
+    assert holder.current is not None and holder.current.version == 2
+    assert first.version == 1  # a request holding the old reference finishes on the old model
+    sample = prom.get_sample_value
+    assert sample("driftloop_model_info", {"version": "2"}) == 1
+    assert sample("driftloop_model_info", {"version": "1"}) == 0
+    assert sample("driftloop_model_swaps_total") == 1
+    assert holder.refresh() is False  # nothing new
+
+
+def test_the_polling_thread_picks_up_a_new_champion(registry: Registry, champion: ModelVersion) -> None:
+    holder = holder_for(registry, CollectorRegistry(), poll_s=0.05)
+    holder.start()
+    try:
+        v2 = second_version(registry, champion)
+        registry.promote(version=v2.version, reason="test")
+        wait_until(lambda: holder.current and holder.current.version == 2, timeout=30, what="the swap to v2")
+    finally:
+        holder.stop()
+
+
+def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
+    registry: Registry, champion: ModelVersion
+) -> None:
+    holder = holder_for(registry, CollectorRegistry())
+    holder.refresh()
+    v2 = second_version(registry, champion)
+    Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume
+    registry.promote(version=v2.version, reason="test")
+
+    assert holder.refresh() is False
+    assert holder.current is not None and holder.current.version == 1
+    assert holder.last_error is not None
+    assert holder.last_error.startswith("could not load v2: ")
+    assert "does not match the registry's" in holder.last_error  # the sha256 check caught it
+
+
+def test_an_unreachable_registry_leaves_the_model_serving(
+    registry: Registry, champion: ModelVersion, tmp_path: Path
+) -> None:
+    holder = holder_for(registry, CollectorRegistry())
+    holder.refresh()
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every query fails
+    holder.registry = Registry(make_sessions(engine), ArtifactStore(tmp_path / "artifacts"))
+    try:
+        assert holder.refresh() is False
+    finally:
+        engine.dispose()
+    assert holder.current is not None and holder.current.version == 1
+    assert holder.last_error == "registry unreachable: OperationalError"
