@@ -68,21 +68,26 @@ def bootstrap(
     seed: int = 0,
 ) -> None:
     """Train, register and promote v1 if there is no champion yet (idempotent)."""
-    from core.spec import load_spec
+    from core.spec import SpecError, load_spec
     from retrain.bootstrap import bootstrap as do_bootstrap
+    from retrain.data import DataError
     from retrain.train import TrainParams
 
     settings = _settings()
-    with console.status("training v1…"):
-        result = do_bootstrap(
-            registry=_registry(settings),
-            spec=load_spec(settings.spec_path),
-            params=TrainParams.from_settings(settings),
-            holdout_fraction=settings.holdout_fraction,
-            csv_path=csv,
-            rows=rows,
-            seed=seed,
-        )
+    try:
+        with console.status("training v1…"):
+            result = do_bootstrap(
+                registry=_registry(settings),
+                spec=load_spec(settings.spec_path),
+                params=TrainParams.from_settings(settings),
+                holdout_fraction=settings.holdout_fraction,
+                csv_path=csv,
+                rows=rows,
+                seed=seed,
+            )
+    except (DataError, SpecError) as exc:
+        console.print(f"[red]bootstrap: {exc}[/]")
+        raise typer.Exit(2) from None
     row = result.version
     verb = "trained and promoted" if result.created else "already the champion:"
     console.print(

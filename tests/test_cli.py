@@ -74,3 +74,30 @@ def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeyp
     settings = Settings(_env_file=None)
     assert (settings.monitor_interval_s, settings.window_rows) == (60, 999)  # the environment wins
     assert settings.webhook_url == "http://127.0.0.1:9/hook"
+
+
+def test_bootstrap_from_a_csv_trains_on_it_and_records_where_it_came_from(env, tmp_path: Path) -> None:
+    path = tmp_path / "history.csv"
+    generate_transactions(800, start="2020-01-01", end="2021-12-31", seed=4).to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 0, result.output
+    assert "trained and promoted v1" in result.output
+    from core.db import make_engine, make_sessions
+    from core.registry import ArtifactStore, Registry
+
+    engine = make_engine(env["DRIFTLOOP_DATABASE_URL"])
+    v1 = Registry(make_sessions(engine), ArtifactStore(Path(env["DRIFTLOOP_ARTIFACT_DIR"]))).champion()
+    engine.dispose()
+    assert v1 is not None
+    assert (v1.version, v1.trigger, v1.train_rows) == (1, "bootstrap", 640)  # 80 % of 800, by time
+    assert v1.data_sources == {"bootstrap": str(path)}
+    assert v1.train_start is not None and v1.train_start.year == 2020
+
+
+def test_bootstrap_from_a_csv_without_a_spec_column_is_refused(env, tmp_path: Path) -> None:
+    path = tmp_path / "history.csv"
+    generate_transactions(100, seed=4).drop(columns=["households"]).to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    assert f"bootstrap: {path}: missing column(s): households" in result.output
+    assert "Traceback" not in result.output
