@@ -337,6 +337,7 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
         "holdout_rows": 300,
         "holdout_basis": "new",
         "new_data_weight_share": 0.7,
+        "half_life_days": None,
     }
     assert v2.metrics["val_rows"] == 300
     assert v2.metrics["val_mae"] <= 0.98 * v2.metrics["champion_val_mae"]
