@@ -84,7 +84,7 @@ def _table(results: dict[str, dict[str, PolicySummary]]) -> Table:
                 f"{d.delay_days:g} d" if d and d.delay_days is not None else "-",
                 f"{_n(d.cycles_after_ready)} / {_n(d.cycles_after_labels_ready)}" if d else "-",
                 f"{d.swap_delay_days:g} d" if d and d.swap_delay_days is not None else "-",
-                str(x.false_retrains),
+                _n(x.false_retrains),
             )  # fmt: skip
         table.add_section()
     return table

@@ -376,7 +376,7 @@ def _backtest_table(summaries: list[Any]) -> Table:
             f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
             f"{first.delay_days:g} d" if first and first.delay_days is not None else "-",
             f"{first.swap_delay_days:g} d" if first and first.swap_delay_days is not None else "-",
-            str(x.false_retrains),
+            "-" if x.false_retrains is None else str(x.false_retrains),
         )  # fmt: skip
     return table
 

@@ -158,6 +158,7 @@ def test_a_csv_with_its_own_time_column_replays(tmp_path: Path, history_csv: Pat
     assert s["initial_train_until"].startswith("2021-01-01")
     assert s["policies"]["periodic"]["retrains"] == 3  # every 120 days of 2021
     assert s["policies"]["never"]["retrains"] == 0
+    assert s["policies"]["periodic"]["false_retrains"] is None  # unknowable without change points
 
 
 def _broken(history_csv: Path, change: str) -> Path:

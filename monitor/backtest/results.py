@@ -44,8 +44,10 @@ class PolicySummary:
     retrains: int
     promotions: int
     retrain_seconds: float
-    false_retrains: int  # retrains started before the first change point (all of them on a stable stream)
-    false_breaches: int  # drift only: breaching monitor runs before the first change point
+    # Retrains started, and breaching monitor runs, before the first change point (all of them on a stable
+    # stream); None when the change points are unknown (a user's CSV).
+    false_retrains: int | None
+    false_breaches: int | None
     post_swap_mae: float | None  # drift only: MAE from its first post-change swap on
     post_swap_oracle_mae: float | None  # the oracle's MAE on the same rows
     detections: tuple[Detection, ...]
@@ -78,6 +80,7 @@ def _summary(
 ) -> PolicySummary:
     err = errors[trace.name]
     first_change = changes[0] if changes else None
+    known = replay.stream.change_points is not None
     post_swap, post_swap_oracle = None, None
     detections: tuple[Detection, ...] = ()
     if trace.name == "drift":
@@ -100,14 +103,19 @@ def _summary(
         retrains=len(trace.retrains),
         promotions=sum(r.status == "promoted" for r in trace.retrains),
         retrain_seconds=round(sum(r.seconds for r in trace.retrains), 2),
-        false_retrains=sum(first_change is None or r.at < first_change for r in trace.retrains),
-        false_breaches=sum(m.breach and (first_change is None or m.at < first_change) for m in trace.monitors)
-        if changes is not None
-        else 0,
+        false_retrains=_before(first_change, [r.at for r in trace.retrains], known=known),
+        false_breaches=_before(first_change, [m.at for m in trace.monitors if m.breach], known=known),
         post_swap_mae=post_swap,
         post_swap_oracle_mae=post_swap_oracle,
         detections=detections,
     )
+
+
+def _before(change: datetime | None, times: list[datetime], *, known: bool) -> int | None:
+    """How many of `times` come before `change` (all of them with no change); None when unknowable."""
+    if not known:
+        return None
+    return sum(change is None or t < change for t in times)
 
 
 def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.ndarray) -> Detection:
