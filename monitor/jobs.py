@@ -165,6 +165,7 @@ class Loop:
         return outcome
 
     def _run_monitor(self, now: datetime) -> MonitorOutcome:
+        started = time.perf_counter()
         s = self.settings
         champion = self.registry.champion()
         if champion is None:
@@ -203,7 +204,9 @@ class Loop:
         )
         decision = decide(observation, history, config)
         self.metrics.drift_breach.set(int(decision.breach))
-        report_id = self._store_report(champion, window, result, decision, html_path, now)
+        report_id = self._store_report(
+            champion, window, result, decision, html_path, now, seconds=time.perf_counter() - started
+        )
         self._publish(result, observation, champion)
         notes: list[str] = []
         if decision.breach:
@@ -244,7 +247,10 @@ class Loop:
         decision: Decision,
         html_path: Path | None,
         now: datetime,
+        *,
+        seconds: float,
     ) -> int:
+        """The drift_report row; `seconds`: window query, Evidently and the decision, until now."""
         payload = result.to_json() if result else {}
         row = DriftReport(
             created_at=now,
@@ -266,7 +272,7 @@ class Loop:
             reasons=list(decision.reasons),
             decision=decision.as_dict(),
             html_path=str(html_path) if html_path and html_path.exists() else None,
-            duration_s=0.0,
+            duration_s=round(seconds, 3),
         )
         with self.sessions.begin() as session:
             session.add(row)
