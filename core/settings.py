@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     train_half_life_days: float | None = Field(default=None, gt=0)
     gate_margin: float = Field(default=0.02, ge=0, lt=1)
     retrain_timeout_s: int = Field(default=1800, ge=1)
+    # A retrain run (trigger "schedule") this often, whatever the monitor says; None: drift/accuracy only.
+    scheduled_retrain_s: int | None = Field(default=None, ge=1)
 
     @classmethod
     def settings_customise_sources(

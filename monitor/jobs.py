@@ -99,6 +99,11 @@ class Loop:
         scheduler.add_job(
             self.deliver, "interval", seconds=DELIVERY_INTERVAL_S, id="notify.deliver", **common
         )
+        if s.scheduled_retrain_s is not None:
+            scheduler.add_job(
+                self.scheduled_retrain, "interval", seconds=s.scheduled_retrain_s, id="retrain.schedule",
+                **common,
+            )  # fmt: skip
         scheduler.start()
         self._scheduler = scheduler
 
@@ -141,6 +146,21 @@ class Loop:
             return
         for run_id in stale:
             log.warning("retrain run %s lost its process (no heartbeat): marked failed", run_id)
+
+    def scheduled_retrain(self) -> int | None:
+        """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only; its run id, or None."""
+        if not self.leader:
+            return None
+        try:
+            every = self.settings.scheduled_retrain_s
+            return self.launch_retrain(
+                trigger="schedule", reason=f"scheduled retrain (every {every} s)"
+            ).run_id
+        except RunInProgress as exc:
+            log.info("scheduled retrain skipped: run %s is in progress", exc.run_id)
+        except Exception:
+            log.exception("scheduled retrain could not start")
+        return None
 
     def _scheduled_monitor(self) -> None:
         if not self.leader:

@@ -335,3 +335,22 @@ def metrics_value(metrics):  # type: ignore[no-untyped-def]
 def _collect(metrics):  # type: ignore[no-untyped-def]
     for field in metrics.__dataclass_fields__:
         yield from getattr(metrics, field).collect()
+
+
+def test_a_scheduled_retrain_runs_on_the_leader_only_and_is_gated(
+    registry, champion, spec, metrics, db_url, tmp_path, receiver
+) -> None:
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=12))
+    loop = make_loop(
+        registry, spec, metrics, db_url, tmp_path, scheduled_retrain_s=3600, webhook_url=receiver.url
+    )
+    assert loop.scheduled_retrain() is None  # not the leader: a standby never retrains
+    assert runs(registry) == []
+    assert loop.renew_lease() is True
+    run_id = loop.scheduled_retrain()
+    assert run_id is not None
+    wait_until(lambda: "retrain_outcome" in receiver.kinds(), timeout=120, what="the scheduled run's outcome")
+    (run,) = runs(registry)
+    assert (run.id, run.trigger, run.reason) == (run_id, "schedule", "scheduled retrain (every 3600 s)")
+    assert run.status in ("promoted", "rejected") and "validate" in run.steps  # through the gate like any run
+    loop.stop()
