@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("driftloop.loop")
 LEASE_NAME = "driftloop.scheduler"
 DELIVERY_INTERVAL_S = 2.0
+# A run's process beats every lease TTL / 3; it is taken for dead after this many TTLs without a beat (nine
+# beats: a database failover of tens of seconds must not fail a healthy run), or once it has run this long
+# past the retrain timeout (a hung child whose parent, which enforces the timeout, died).
+HEARTBEATS_MISSED = 3
+RUN_GRACE_S = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +145,11 @@ class Loop:
     def _recover_stale_runs(self) -> None:
         """Fail runs whose process stopped renewing their heartbeat (crashed), so the slot frees."""
         try:
-            stale = recover_stale(self.sessions, now=self.clock(), stale_after_s=self.settings.lease_ttl_s)
+            s = self.settings
+            stale = recover_stale(
+                self.sessions, now=self.clock(), stale_after_s=HEARTBEATS_MISSED * s.lease_ttl_s,
+                max_run_s=s.retrain_timeout_s + RUN_GRACE_S,
+            )  # fmt: skip
         except Exception:
             log.exception("could not check for stale retrain runs")
             return

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 from catboost import CatBoostRegressor
 from pydantic import SecretStr
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -116,45 +116,47 @@ def start_run(
     raise RunInProgress(None)
 
 
-def recover_stale(sessions: sessionmaker[Session], *, now: datetime, stale_after_s: float) -> list[int]:
-    """Mark failed every `running` row whose heartbeat (or start) is older than `stale_after_s`.
+def recover_stale(
+    sessions: sessionmaker[Session], *, now: datetime, stale_after_s: float, max_run_s: float
+) -> list[int]:
+    """Mark failed every `running` run whose process died or that outlived any allowed run time.
 
-    The process doing a run renews its heartbeat (see `Heartbeat`), wherever it runs: a run an API
-    replica started is left alone while that replica's child lives, and one whose process died goes
-    stale and is failed by whichever process checks next (the scheduler's leader, every lease renewal).
+    Dead: its heartbeat (or start, before the first beat) is older than `stale_after_s` — the process doing
+    a run renews it (see `Heartbeat`) wherever it runs, so a run an API replica started is left alone while
+    that replica's child lives. Outlived: started more than `max_run_s` ago — a hung child whose parent,
+    the one enforcing the timeout, died. One UPDATE … RETURNING, so a beat that lands meanwhile wins.
     """
-    horizon = now - timedelta(seconds=stale_after_s)
     alive_at = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
+    dead = alive_at < now - timedelta(seconds=stale_after_s)
+    outlived = RetrainRun.started_at < now - timedelta(seconds=max_run_s)
     with sessions.begin() as session:
-        ids = list(
-            session.scalars(
-                select(RetrainRun.id)
-                .where(RetrainRun.status == RunStatus.running, alive_at < horizon)
-                .with_for_update()
+        failed = session.execute(
+            update(RetrainRun)
+            .where(RetrainRun.status == RunStatus.running, dead | outlived)
+            .values(
+                status=RunStatus.failed,
+                error=case(
+                    (dead, f"no heartbeat for over {stale_after_s:g} s: its process died"),
+                    else_=f"still running after {max_run_s:g} s, past any timeout: its process hung",
+                ),
+                finished_at=now,
             )
+            .returning(RetrainRun.id)
         )
-        if ids:
-            session.execute(
-                update(RetrainRun)
-                .where(RetrainRun.id.in_(ids), RetrainRun.status == RunStatus.running)
-                .values(
-                    status=RunStatus.failed,
-                    error=f"no heartbeat for over {stale_after_s:g} s: its process died",
-                    finished_at=now,
-                )
-            )
-    return ids
+        return sorted(failed.scalars())
 
 
 class Heartbeat:
-    """Renews a run's heartbeat every `interval_s` from a daemon thread while the `with` block runs."""
+    """Renews a run's heartbeat at once and then every `interval_s` from a daemon thread, while the `with`
+    block runs."""
 
     def __init__(self, sessions: sessionmaker[Session], run_id: int, *, interval_s: float) -> None:
         self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"retrain-heartbeat-{run_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"retrain-heartbeat-{run_id}", daemon=True)
 
     def __enter__(self) -> Heartbeat:
+        self._beat()
         self._thread.start()
         return self
 
@@ -162,17 +164,20 @@ class Heartbeat:
         self._stop.set()
         self._thread.join()
 
-    def _beat(self) -> None:
+    def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
-            try:
-                with self._sessions.begin() as session:
-                    session.execute(
-                        update(RetrainRun)
-                        .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
-                        .values(heartbeat_at=utcnow())
-                    )
-            except Exception:  # the database may be briefly away; the next beat tries again
-                log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(RetrainRun)
+                    .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
+                    .values(heartbeat_at=utcnow())
+                )
+        except Exception:  # the database may be briefly away; the next beat tries again
+            log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
 
 
 def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:

@@ -112,11 +112,12 @@ def test_start_run_refuses_an_unknown_trigger(sessions: sessionmaker[Session]) -
 
 def test_recover_stale_fails_only_runs_whose_heartbeat_stopped(sessions: sessionmaker[Session]) -> None:
     run_id = start_run(sessions, trigger="drift", now=NOW)  # the heartbeat starts at the start
+    kwargs: dict[str, Any] = {"stale_after_s": 30, "max_run_s": 3600}
 
-    assert recover_stale(sessions, now=NOW + timedelta(seconds=30), stale_after_s=30) == []  # still alive
+    assert recover_stale(sessions, now=NOW + timedelta(seconds=30), **kwargs) == []  # still alive
     later = NOW + timedelta(seconds=30.5)
-    assert recover_stale(sessions, now=later, stale_after_s=30) == [run_id]
-    assert recover_stale(sessions, now=later, stale_after_s=30) == []
+    assert recover_stale(sessions, now=later, **kwargs) == [run_id]
+    assert recover_stale(sessions, now=later, **kwargs) == []
 
     run = run_row(sessions, run_id)
     assert (run.status, run.error, run.finished_at) == (
@@ -125,13 +126,21 @@ def test_recover_stale_fails_only_runs_whose_heartbeat_stopped(sessions: session
     assert start_run(sessions, trigger="drift", now=later) != run_id
 
 
-def test_a_heartbeat_keeps_a_long_run_alive(sessions: sessionmaker[Session]) -> None:
+def test_a_heartbeat_keeps_a_long_run_alive_until_it_outlives_any_timeout(
+    sessions: sessionmaker[Session],
+) -> None:
     run_id = start_run(sessions, trigger="manual", now=utcnow() - timedelta(minutes=10))
-    with Heartbeat(sessions, run_id, interval_s=0.05):
-        wait_until(lambda: run_row(sessions, run_id).heartbeat_at > utcnow() - timedelta(seconds=5),
-                   timeout=10, what="a heartbeat")  # fmt: skip
-    assert recover_stale(sessions, now=utcnow(), stale_after_s=30) == []
-    assert run_row(sessions, run_id).status == "running"
+    with Heartbeat(sessions, run_id, interval_s=60):  # the first beat comes at once
+        assert run_row(sessions, run_id).heartbeat_at > utcnow() - timedelta(seconds=5)
+        assert recover_stale(sessions, now=utcnow(), stale_after_s=30, max_run_s=3600) == []
+        assert run_row(sessions, run_id).status == "running"
+        # Beating but running for longer than any timeout allows: hung, with nobody left to kill it.
+        assert recover_stale(sessions, now=utcnow(), stale_after_s=30, max_run_s=300) == [run_id]
+    run = run_row(sessions, run_id)
+    assert (run.status, run.error) == (
+        "failed",
+        "still running after 300 s, past any timeout: its process hung",
+    )
 
 
 def test_the_child_gets_our_settings_without_secrets_or_stray_overrides(
