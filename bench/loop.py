@@ -119,6 +119,8 @@ def _targets(results: dict[str, dict[str, PolicySummary]]) -> list[str]:
             lines.append(
                 _check(ratio <= 1.1, f"{scenario}: post-swap MAE {ratio:.2f}× the oracle's (target ≤ 1.1×)")
             )
+        else:
+            lines.append(_check(False, f"{scenario}: no swap after the change to compare with the oracle"))
     return lines
 
 

@@ -38,8 +38,12 @@ def bootstrap(
     csv_path: Path | None = None,
     rows: int = 20_000,
     seed: int = 0,
+    source: str | None = None,
 ) -> BootstrapResult:
-    """Return the existing champion, or train, register and promote v1."""
+    """Return the existing champion, or train, register and promote v1.
+
+    `source` names the training data in v1's lineage when it is passed in as `data`.
+    """
     existing = registry.champion()
     if existing is not None:
         return BootstrapResult(existing, created=False)
@@ -64,7 +68,8 @@ def bootstrap(
             train_end=times.max().to_pydatetime() if times is not None else None,
             feature_importance=feature_importance(model, spec),
             data_sources={
-                "bootstrap": str(csv_path) if csv_path else f"generated:none seed={seed} rows={rows}"
+                "bootstrap": source
+                or (str(csv_path) if csv_path else f"generated:none seed={seed} rows={rows}")
             },
         )
     )

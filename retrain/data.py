@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from core.spec import FeatureSpec
+from core.spec import Feature, FeatureSpec, FeatureType
 
 
 class DataError(ValueError):
@@ -42,7 +43,48 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
             f"first at row {bad[0] + 2}"
         )
     frame[spec.target] = target.astype(float)
+    check_features(frame, spec, source=str(path))
     return frame
+
+
+def check_features(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
+    """Every feature column against the spec (categories, numbers, bounds, whole numbers, nullability).
+
+    Raises DataError naming each offending column, how many rows, and the first (as a CSV line number).
+    """
+    problems = [p for f in spec.features if (p := _column_problem(frame[f.name], f, source))]
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | None:
+    missing = values.isna().to_numpy()
+    if feature.type is FeatureType.categorical:
+        text = values.astype("string")
+        bad = ~missing & ~text.isin(feature.categories).fillna(False).to_numpy(dtype=bool)
+        what = "unknown categories"
+    else:
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
+        bad = ~missing & ~np.isfinite(numbers)
+        what = "values that are not finite numbers"
+        if not bad.any():
+            low = feature.min if feature.min is not None else -np.inf
+            high = feature.max if feature.max is not None else np.inf
+            with np.errstate(invalid="ignore"):
+                bad = ~missing & ((numbers < low) | (numbers > high))
+            what = f"values outside [{feature.min}, {feature.max}]"
+        if not bad.any() and feature.type is FeatureType.integer:
+            bad = ~missing & (numbers != np.round(numbers))
+            what = "values that are not whole numbers"
+    if not feature.nullable and missing.any():
+        bad, what = missing, "empty values (the feature is not nullable)"
+    if not bad.any():
+        return None
+    first = int(np.flatnonzero(bad)[0])
+    return (
+        f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
+        f"first at row {first + 2} ({values.iloc[first]!r})"
+    )
 
 
 def time_split(

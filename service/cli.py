@@ -308,7 +308,7 @@ def backtest(
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
     from core.spec import SpecError, load_spec
-    from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
+    from monitor.backtest.replay import POLICIES, ReplayConfig, check_workdir, run_replay
     from monitor.backtest.results import summarize, write_outputs
     from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
 
@@ -336,6 +336,7 @@ def backtest(
             else stream.default_train_until()
         )
         stream.split(until)
+        check_workdir(out / "work")
     except (BacktestInputError, SpecError, ValueError) as exc:
         console.print(f"[red]backtest: {exc}[/]")
         raise typer.Exit(2) from None

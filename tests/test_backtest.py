@@ -121,6 +121,11 @@ def test_the_replay_ran_the_live_monitor_policy_and_retrain_code(unit_bug: Path)
     assert all(trigger in ("drift", "accuracy") and report_id is not None for trigger, _, report_id in runs)
     assert len(promoted) == s["policies"]["drift"]["promotions"]
     assert all(parent is not None for _, _, parent in promoted)
+    engine = create_engine(f"sqlite:///{unit_bug / 'work' / 'drift' / 'backtest.db'}")
+    with engine.connect() as db:
+        v1_sources = db.scalar(select(ModelVersion.data_sources).where(ModelVersion.version == 1))
+    engine.dispose()
+    assert v1_sources == {"bootstrap": "generated:unit_bug, rows before 2022-01-01 00:00"}
 
 
 def test_a_stable_stream_gets_no_retrain(tmp_path: Path) -> None:
@@ -257,3 +262,13 @@ def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:
         answers.append((drift.cumulative_mae, drift.retrains, logged))
     assert answers[0] == answers[1]
     assert answers[0][2] == len(replay.replay)
+
+
+def test_an_out_directory_the_backtest_did_not_make_is_never_wiped(tmp_path: Path) -> None:
+    mine = tmp_path / "work" / "thesis.tex"
+    mine.parent.mkdir()
+    mine.write_text("months of work")
+    result = backtest(tmp_path, "--data", "generated:none", *STEP_ARGS)
+    assert result.exit_code == 2
+    assert "was not made by a backtest, which would wipe it" in " ".join(result.output.split())
+    assert mine.read_text() == "months of work"

@@ -101,3 +101,19 @@ def test_bootstrap_from_a_csv_without_a_spec_column_is_refused(env, tmp_path: Pa
     assert result.exit_code == 2
     assert f"bootstrap: {path}: missing column(s): households" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_path: Path) -> None:
+    frame = generate_transactions(100, seed=4)
+    frame.loc[6, "district"] = "Atlantis-gu"
+    frame["build_year"] = frame["build_year"].astype(float)
+    frame.loc[9, "build_year"] = 1999.5
+    path = tmp_path / "history.csv"
+    frame.to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "column 'district' has 1 row(s) with unknown categories, first at row 8 ('Atlantis-gu')" in output
+    assert "column 'build_year' has 1 row(s) with values that are not whole numbers, first at row 11" in (
+        output
+    )

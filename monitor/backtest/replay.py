@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID
 
 import numpy as np
 import pandas as pd
@@ -40,13 +40,14 @@ from core.registry import ArtifactStore, NewVersion, Registry
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
-from monitor.backtest.stream import Stream, ns_times
+from monitor.backtest.stream import BacktestInputError, Stream, ns_times
 from monitor.jobs import Loop
 from retrain.bootstrap import bootstrap
 from retrain.runner import run_inline
 from retrain.train import TrainParams, predict
 
 POLICIES = ("never", "periodic", "drift", "oracle")
+SCRATCH_MARKER = ".driftloop-backtest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +144,7 @@ def run_replay(
         )
     initial, replay = stream.split(until)
     spec = stream.spec
-    shutil.rmtree(workdir, ignore_errors=True)
+    _fresh_workdir(workdir)
     clock = SimClock(until)
     players = [
         _Player.create(name, settings, spec, workdir / name, clock, config, stream) for name in policies
@@ -153,7 +154,7 @@ def run_replay(
         player.adopt(players[0].registry, v1)
 
     times = ns_times(replay[stream.time_column])
-    ids = [str(uuid4()) for _ in range(len(replay))]
+    ids = [str(UUID(int=i + 1)) for i in range(len(replay))]  # deterministic: the window breaks ties by id
     bounds = _step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
     cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
     for k in range(1, len(bounds)):
@@ -189,7 +190,24 @@ def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datet
 def _due(now: datetime, start: datetime, every: timedelta, step: timedelta) -> bool:
     """True at the step ending at or first past each multiple of `every` since `start`."""
     elapsed = now - start
-    return int(elapsed / every) > int((elapsed - step) / every)
+    return elapsed // every > (elapsed - step) // every
+
+
+def check_workdir(workdir: Path) -> None:
+    """Refuse a directory the backtest did not make: its scratch directory is wiped at every run."""
+    if workdir.exists() and (
+        not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / SCRATCH_MARKER).exists())
+    ):
+        raise BacktestInputError(
+            f"{workdir} exists and was not made by a backtest, which would wipe it: choose another --out"
+        )
+
+
+def _fresh_workdir(workdir: Path) -> None:
+    check_workdir(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    (workdir / SCRATCH_MARKER).write_text("scratch state of `driftloop backtest`; the next run wipes it\n")
 
 
 class _Player:
@@ -205,7 +223,7 @@ class _Player:
         self.trace = PolicyTrace(name, np.full(rows, np.nan), np.zeros(rows, dtype=int))
         self._models: dict[int, CatBoostRegressor] = {}
         self._pending: list[tuple[np.ndarray, list[str], np.ndarray]] = []  # (times, ids, actuals) per step
-        self._last_retrain = clock.now
+        self._start = clock.now
         self._loop: Loop | None = None
         if name == "drift":
             self._loop = Loop(
@@ -237,6 +255,7 @@ class _Player:
         return bootstrap(
             registry=self.registry, spec=self.spec, params=TrainParams.from_settings(settings),
             holdout_fraction=settings.holdout_fraction, data=initial,
+            source=f"{self.stream.source}, rows before {self.clock.now:%Y-%m-%d %H:%M}",
         ).version  # fmt: skip
 
     def adopt(self, source: Registry, v1: ModelVersion) -> None:
@@ -294,11 +313,14 @@ class _Player:
                 session.execute(insert(GroundTruth), records)
 
     def act(self, now: datetime, *, monitor_due: bool) -> None:
-        if self.name == "periodic" and now - self._last_retrain >= self.config.period:
+        if self.name == "periodic" and _due(now, self._start, self.config.period, self.config.step):
             self._retrain(trigger=Trigger.schedule.value, reason="backtest: periodic policy")
         elif self.name == "oracle" and monitor_due and self._oracle_turn(now):
-            since = self._last_labelled_change(now)
-            self._retrain(trigger=Trigger.manual.value, reason="backtest: oracle policy", since=since)
+            since = self._last_labelled_change(now)  # train on the labels since it; all of them if unknown
+            days = math.ceil((now - since).total_seconds() / 86400) if since else None
+            self._retrain(
+                trigger=Trigger.manual.value, reason="backtest: oracle policy", train_window_days=days
+            )
         elif self._loop is not None and monitor_due:
             champion = self.registry.champion()
             outcome = self._loop.run_monitor(now)
@@ -324,19 +346,14 @@ class _Player:
         seen = [c for c in changes if c + self.config.label_delay <= now]
         return seen[-1] if seen else None
 
-    def _retrain(
-        self, *, trigger: str, reason: str, report_id: int | None = None, since: datetime | None = None
-    ) -> int:
-        settings = self.settings
-        if since is not None:  # train on the rows since `since` only
-            days = math.ceil((self.clock.now - since).total_seconds() / 86400)
-            settings = settings.model_copy(update={"train_window_days": days})
+    def _retrain(self, *, trigger: str, reason: str, report_id: int | None = None, **overrides: Any) -> int:
+        """A run in this process on the simulated clock; `overrides` change settings for this run only."""
+        settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         started = time.perf_counter()
         outcome = run_inline(
             settings=settings, spec=self.spec, registry=self.registry, trigger=trigger, reason=reason,
             report_id=report_id, clock=self.clock,
         )  # fmt: skip
-        self._last_retrain = self.clock.now
         gate = outcome.gate
         self.trace.retrains.append(
             RetrainRecord(

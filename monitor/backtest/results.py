@@ -127,7 +127,8 @@ def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.n
     def cycles_after(ready: datetime | None) -> int | None:
         if breach is None or ready is None:
             return None
-        return sum(1 for m in trace.monitors if ready <= m.at <= breach) if breach >= ready else 0
+        # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
+        return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
     breach = next((m.at for m in trace.monitors if m.breach and m.at >= change), None)
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)

@@ -13,8 +13,8 @@ import pandas as pd
 
 from core.generator import SCENARIOS, generate_transactions
 from core.generator import to_utc as _utc
-from core.spec import Feature, FeatureSpec, FeatureType
-from retrain.data import DataError, read_labelled_csv
+from core.spec import FeatureSpec
+from retrain.data import DataError, check_features, read_labelled_csv
 
 GENERATED_PREFIX = "generated:"
 # The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
@@ -134,7 +134,7 @@ def _generated(scenario: str, spec: FeatureSpec, *, rows: int, seed: int) -> Str
 
 
 def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
-    """Time order, finite target and every feature value against the spec; the first problem is raised."""
+    """Time order, finite target and every feature value against the spec (retrain.data.check_features)."""
     times = frame[spec.time_column]
     back = np.flatnonzero(np.diff(ns_times(times).astype(np.int64)) < 0)
     if back.size:
@@ -150,36 +150,7 @@ def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
             f"{source}: target {spec.target!r} is missing or not finite in {bad.size} row(s), "
             f"first at row {bad[0] + 2}"
         )
-    problems = [p for f in spec.features if (p := _column_problem(frame[f.name], f, source))]
-    if problems:
-        raise BacktestInputError("; ".join(problems))
-
-
-def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | None:
-    missing = values.isna().to_numpy()
-    if feature.type is FeatureType.categorical:
-        text = values.astype("string")
-        bad = ~missing & ~text.isin(feature.categories).fillna(False).to_numpy(dtype=bool)
-        what = "unknown categories"
-    else:
-        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-        bad = ~missing & ~np.isfinite(numbers)
-        what = "values that are not finite numbers"
-        if not bad.any():
-            low = feature.min if feature.min is not None else -np.inf
-            high = feature.max if feature.max is not None else np.inf
-            with np.errstate(invalid="ignore"):
-                bad = ~missing & ((numbers < low) | (numbers > high))
-            what = f"values outside [{feature.min}, {feature.max}]"
-        if not bad.any() and feature.type is FeatureType.integer:
-            bad = ~missing & (numbers != np.round(numbers))
-            what = "values that are not whole numbers"
-    if not feature.nullable and missing.any():
-        bad, what = missing, "empty values (the feature is not nullable)"
-    if not bad.any():
-        return None
-    first = int(np.flatnonzero(bad)[0])
-    return (
-        f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
-        f"first at row {first + 2} ({values.iloc[first]!r})"
-    )
+    try:
+        check_features(frame, spec, source=source)
+    except DataError as exc:
+        raise BacktestInputError(str(exc)) from None
