@@ -101,8 +101,8 @@ def test_a_stable_window_is_not_flagged(registry, champion, spec, metrics, db_ur
     row = report_row(registry, outcome.report_id)
     assert (row.rows, row.labelled_rows, row.champion_version, row.breach) == (1200, 1200, 1, False)
     assert Path(row.html_path).is_file()
-    # The run's own time (Evidently on 1,200 rows is far above a millisecond), within the monitor's histogram.
-    assert 0.001 < row.duration_s <= metrics_value(metrics)("driftloop_monitor_seconds_sum")
+    # The run's own time is recorded (no longer 0), and it is part of what the monitor's histogram counted.
+    assert 0 < row.duration_s <= metrics_value(metrics)("driftloop_monitor_seconds_sum")
     assert not [f for f in ("district", "area_m2", "build_year") if row.features[f]["detected"]]
     sample = metrics_value(metrics)
     assert sample("driftloop_drift_breach") == 0
