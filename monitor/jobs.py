@@ -143,7 +143,7 @@ class Loop:
         return held
 
     def _recover_stale_runs(self) -> None:
-        """Fail runs whose process stopped renewing their heartbeat (crashed), so the slot frees."""
+        """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees."""
         try:
             s = self.settings
             stale = recover_stale(
@@ -154,7 +154,7 @@ class Loop:
             log.exception("could not check for stale retrain runs")
             return
         for run_id in stale:
-            log.warning("retrain run %s lost its process (no heartbeat): marked failed", run_id)
+            log.warning("retrain run %s marked failed: its process died or hung (see its error)", run_id)
 
     def scheduled_retrain(self) -> int | None:
         """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only; its run id, or None."""
