@@ -26,7 +26,7 @@ from core.generator import SCENARIOS
 from core.settings import Settings
 from core.spec import load_spec
 from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
-from monitor.backtest.results import PolicySummary, summarize, write_outputs
+from monitor.backtest.results import TABLE_COLUMNS, PolicySummary, summarize, table_row, write_outputs
 from monitor.backtest.stream import load_stream
 
 BENCH_DEFAULTS = {"DRIFTLOOP_RETRAIN_COOLDOWN_S": str(28 * 86400), "DRIFTLOOP_TRAIN_HALF_LIFE_DAYS": "30"}
@@ -69,23 +69,10 @@ def main() -> int:
 
 
 def _table(results: dict[str, dict[str, PolicySummary]]) -> Table:
-    table = Table("scenario", "policy", "cum. MAE", "vs never", "MAE after change", "retrains (promoted)",
-                  "train s", "detection delay", "runs after rows/labels ready", "swap delay",
-                  "false retrains",
-                  title="backtest: every built-in scenario")  # fmt: skip
+    table = Table("scenario", *TABLE_COLUMNS, title="backtest: every built-in scenario")
     for scenario, by_policy in results.items():
         for x in by_policy.values():
-            d = x.detections[0] if x.detections else None
-            table.add_row(
-                scenario, x.policy, f"{x.cumulative_mae:,.0f}",
-                f"{x.mae_vs_never:.3f}" if x.mae_vs_never else "-",
-                f"{x.mae_after_change:,.0f}" if x.mae_after_change is not None else "-",
-                f"{x.retrains} ({x.promotions})", f"{x.retrain_seconds:.1f}",
-                f"{d.delay_days:g} d" if d and d.delay_days is not None else "-",
-                f"{_n(d.cycles_after_ready)} / {_n(d.cycles_after_labels_ready)}" if d else "-",
-                f"{d.swap_delay_days:g} d" if d and d.swap_delay_days is not None else "-",
-                _n(x.false_retrains),
-            )  # fmt: skip
+            table.add_row(scenario, *table_row(x))
         table.add_section()
     return table
 
@@ -122,10 +109,6 @@ def _targets(results: dict[str, dict[str, PolicySummary]]) -> list[str]:
         else:
             lines.append(_check(False, f"{scenario}: no swap after the change to compare with the oracle"))
     return lines
-
-
-def _n(value: int | None) -> str:
-    return "-" if value is None else str(value)
 
 
 def _check(ok: bool, text: str) -> str:

@@ -308,19 +308,14 @@ def backtest(
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
     from core.spec import SpecError, load_spec
-    from monitor.backtest.replay import POLICIES, ReplayConfig, check_workdir, run_replay
+    from monitor.backtest.replay import ReplayConfig, check_policies, check_workdir, run_replay
     from monitor.backtest.results import summarize, write_outputs
     from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
 
     settings = _settings()
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     try:
-        unknown = [p for p in chosen if p not in POLICIES]
-        if unknown or not chosen:
-            raise BacktestInputError(
-                f"--policies: unknown {', '.join(unknown) or '(none given)'}; "
-                f"choose from {', '.join(POLICIES)}"
-            )
+        check_policies(chosen)
         config = ReplayConfig(
             step=parse_duration(step, option="--step"),
             label_delay=parse_duration(label_delay, option="--label-delay"),
@@ -364,21 +359,11 @@ def backtest(
 
 
 def _backtest_table(summaries: list[Any]) -> Table:
-    table = Table("policy", "cum. MAE", "vs never", "MAE after change", "retrains (promoted)", "train s",
-                  "detection delay", "swap delay", "false retrains", title="backtest")  # fmt: skip
+    from monitor.backtest.results import TABLE_COLUMNS, table_row
 
-    def num(value: float | None, fmt: str = ",.0f") -> str:
-        return "-" if value is None else format(value, fmt)
-
+    table = Table(*TABLE_COLUMNS, title="backtest")
     for x in summaries:
-        first = x.detections[0] if x.detections else None
-        table.add_row(
-            x.policy, num(x.cumulative_mae), num(x.mae_vs_never, ".3f"), num(x.mae_after_change),
-            f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
-            f"{first.delay_days:g} d" if first and first.delay_days is not None else "-",
-            f"{first.swap_delay_days:g} d" if first and first.swap_delay_days is not None else "-",
-            "-" if x.false_retrains is None else str(x.false_retrains),
-        )  # fmt: skip
+        table.add_row(*table_row(x))
     return table
 
 

@@ -137,11 +137,7 @@ def run_replay(
 
     `workdir` is scratch space: whatever it holds is removed first, so no earlier replay leaks in.
     """
-    unknown = [p for p in policies if p not in POLICIES]
-    if unknown or not policies:
-        raise ValueError(
-            f"unknown policy {', '.join(unknown) or '(none)'}; choose from {', '.join(POLICIES)}"
-        )
+    check_policies(policies)
     initial, replay = stream.split(until)
     spec = stream.spec
     _fresh_workdir(workdir)
@@ -179,6 +175,14 @@ def run_replay(
         v1_validation_mae=v1.metrics.get("val_mae"),
         workdir=workdir,
     )
+
+
+def check_policies(policies: tuple[str, ...]) -> None:
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise BacktestInputError(
+            f"--policies: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(POLICIES)}"
+        )
 
 
 def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:

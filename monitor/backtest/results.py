@@ -53,6 +53,29 @@ class PolicySummary:
     detections: tuple[Detection, ...]
 
 
+TABLE_COLUMNS = (
+    "policy", "cum. MAE", "vs never", "MAE after change", "retrains (promoted)", "train s",
+    "detection delay", "runs after rows/labels ready", "swap delay", "false retrains",
+)  # fmt: skip
+
+
+def table_row(x: PolicySummary) -> list[str]:
+    """One policy's summary as the printed table shows it (TABLE_COLUMNS); '-' where nothing applies."""
+    d = x.detections[0] if x.detections else None
+
+    def num(value: float | int | None, fmt: str = ",.0f") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    return [
+        x.policy, num(x.cumulative_mae), num(x.mae_vs_never, ".3f"), num(x.mae_after_change),
+        f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
+        f"{num(d.delay_days, 'g')} d" if d and d.delay_days is not None else "-",
+        f"{num(d.cycles_after_ready, 'd')} / {num(d.cycles_after_labels_ready, 'd')}" if d else "-",
+        f"{num(d.swap_delay_days, 'g')} d" if d and d.swap_delay_days is not None else "-",
+        num(x.false_retrains, "d"),
+    ]  # fmt: skip
+
+
 def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
     """Per-policy summaries and the per-period table (one row per policy and step)."""
     spec = replay.stream.spec

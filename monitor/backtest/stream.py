@@ -129,12 +129,16 @@ def _generated(scenario: str, spec: FeatureSpec, *, rows: int, seed: int) -> Str
             f"--data {source} makes the apartment columns; the spec asks for {', '.join(missing)}"
         )
     _check(frame, spec, source=source)
+    try:
+        check_features(frame, spec, source=source)  # a CSV gets this from read_labelled_csv
+    except DataError as exc:
+        raise BacktestInputError(str(exc)) from None
     change = () if scenario == "none" else (_utc(GENERATED_CHANGE_AT),)
     return Stream(frame, spec, source, change_points=change)
 
 
 def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
-    """Time order, finite target and every feature value against the spec (retrain.data.check_features)."""
+    """Time order and a finite target: what the backtest needs beyond read_labelled_csv's checks."""
     times = frame[spec.time_column]
     back = np.flatnonzero(np.diff(ns_times(times).astype(np.int64)) < 0)
     if back.size:
@@ -150,7 +154,3 @@ def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
             f"{source}: target {spec.target!r} is missing or not finite in {bad.size} row(s), "
             f"first at row {bad[0] + 2}"
         )
-    try:
-        check_features(frame, spec, source=source)
-    except DataError as exc:
-        raise BacktestInputError(str(exc)) from None
