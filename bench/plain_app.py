@@ -9,7 +9,8 @@ from fastapi import Body, FastAPI
 from core.spec import FeatureType, load_spec
 
 
-def build(model_path: str, spec_path: str | None = None) -> FastAPI:
+def build(model_path: str, spec_path: str | None = None, threads: int = 1) -> FastAPI:
+    """`threads`: CatBoost's thread_count per predict, set to driftloop's so only the overheads differ."""
     spec = load_spec(spec_path)
     model = CatBoostRegressor()
     model.load_model(model_path)
@@ -21,7 +22,7 @@ def build(model_path: str, spec_path: str | None = None) -> FastAPI:
     async def predict(instance: instance_model = Body()) -> dict[str, Any]:  # type: ignore[valid-type]
         features = instance.model_dump()  # type: ignore[attr-defined]
         row = [features[n] if cat else float(features[n]) for n, cat in layout]
-        return {"prediction": float(model.predict(row))}
+        return {"prediction": float(model.predict(row, thread_count=threads))}
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -31,4 +32,8 @@ def build(model_path: str, spec_path: str | None = None) -> FastAPI:
 
 
 def app() -> FastAPI:  # uvicorn --factory bench.plain_app:app
-    return build(os.environ["BENCH_MODEL_PATH"], os.environ.get("DRIFTLOOP_SPEC_PATH"))
+    return build(
+        os.environ["BENCH_MODEL_PATH"],
+        os.environ.get("DRIFTLOOP_SPEC_PATH"),
+        int(os.environ.get("DRIFTLOOP_PREDICT_THREADS", "1")),
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     # --- serving -----------------------------------------------------------------------
     max_batch_size: int = Field(default=1000, ge=1)
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
+    # CatBoost threads per predict call (-1: all cores). One row gains nothing from a pool, whose
+    # spinning workers would take a core from the event loop and the log writer.
+    predict_threads: int = Field(default=1, ge=-1)
     champion_poll_s: float = Field(default=2.0, gt=0)
     log_queue_size: int = Field(default=100_000, ge=100)
     log_batch_size: int = Field(default=500, ge=1)
@@ -80,6 +83,13 @@ class Settings(BaseSettings):
     retrain_timeout_s: int = Field(default=1800, ge=1)
     # A retrain run (trigger "schedule") this often, whatever the monitor says; None: drift/accuracy only.
     scheduled_retrain_s: int | None = Field(default=None, ge=1)
+
+    @field_validator("predict_threads")
+    @classmethod
+    def _threads(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (all cores) or a thread count of at least 1")
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -106,7 +106,9 @@ def create_app(
     )
     app.state.ctx = ctx
     errors.install(app)
-    app.include_router(predict.build_router(ctx.spec, max_batch=settings.max_batch_size))
+    predict.add_routes(
+        app.router, ctx.spec, max_batch=settings.max_batch_size, threads=settings.predict_threads
+    )
     app.include_router(feedback.build_router(ctx.spec, max_batch=settings.max_batch_size))
     app.include_router(ops.router)
     app.include_router(models.router)

@@ -32,6 +32,8 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
     field = field_path(loc)
     if kind == "extra_forbidden":
         return {"field": field, "message": "unknown field"}
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return {"field": field, "message": "must be a JSON object"}
     if kind == "missing":
         return {"field": field, "message": "required"}
     if kind == "finite_number":

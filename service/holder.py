@@ -6,6 +6,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from catboost import CatBoostRegressor
 
@@ -22,6 +23,7 @@ class Served:
     version: int
     model: CatBoostRegressor
     created_at: datetime
+    predictions: Any  # this version's child of driftloop_predictions_total, looked up once
 
 
 class ModelHolder:
@@ -60,7 +62,12 @@ class ModelHolder:
                 self.last_error = f"could not load v{row.version}: {exc}"
                 log.error("champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc)
                 return False
-            self.current = Served(version=row.version, model=model, created_at=row.created_at)
+            self.current = Served(
+                version=row.version,
+                model=model,
+                created_at=row.created_at,
+                predictions=self.metrics.predictions.labels(model_version=str(row.version)),
+            )
             self.last_error = None
             self._publish(previous=current)
             log.info("now serving v%s (was %s)", row.version, _v(current))

@@ -102,11 +102,44 @@ def test_malformed_json_and_wrong_shapes(client, make_features) -> None:
     assert response.json()["message"].startswith("body: malformed JSON")
     response = client.post("/predict", json=[make_features()])
     assert response.status_code == 422
-    assert response.json()["message"].startswith("body: Input should be a valid dictionary")
+    assert response.json()["message"] == "body: must be a JSON object"
+    response = client.post("/predict/batch", json={"instances": [make_features(), 7]})
+    assert response.status_code == 422
+    assert response.json()["message"] == "instances[1]: must be a JSON object"
     response = client.post("/predict", content=b"")
     assert response.status_code == 422
     assert response.json()["message"] == "body: required"
     assert logged_rows(client) == 0
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_predict_body_must_be_declared_json(client, make_features, content_type) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/predict", content=json.dumps(make_features()), headers=headers)
+    assert response.status_code == 422
+    assert (
+        response.json()["message"]
+        == f"body: Content-Type must be application/json, got {content_type or 'none'}"
+    )
+    assert logged_rows(client) == 0
+    response = post_raw(client, "/predict", json.dumps(make_features()))
+    assert response.status_code == 200
+    vendor = client.post(
+        "/predict",
+        content=json.dumps(make_features()),
+        headers={"content-type": "application/vnd.api+json; charset=utf-8"},
+    )
+    assert vendor.status_code == 200
+
+
+def test_openapi_documents_the_predict_body_from_the_spec(client, spec) -> None:
+    operation = client.get("/openapi.json").json()["paths"]["/predict"]["post"]
+    schema = operation["requestBody"]["content"]["application/json"]["schema"]
+    assert operation["requestBody"]["required"] is True
+    assert list(schema["properties"]) == spec.feature_names
+    assert schema["additionalProperties"] is False
+    assert set(schema["required"]) == {f.name for f in spec.features if not f.nullable}
+    assert "200" in operation["responses"]
 
 
 def test_batch_errors_name_the_instance_and_field(client, make_features) -> None:
@@ -225,3 +258,19 @@ def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> N
         assert response.status_code == 503
         assert "driftloop bootstrap" in response.json()["message"]
         assert client.get("/ready").status_code == 503
+
+
+def test_predict_threads_change_speed_not_answers(
+    champion, db_url: str, tmp_path: Path, make_features
+) -> None:
+    answers = []
+    for threads in (1, -1, 3):
+        settings = make_settings(db_url, tmp_path, predict_threads=threads)
+        with TestClient(create_app(settings, scheduler=False)) as client:
+            single = client.post("/predict", json=make_features()).json()["prediction"]
+            batch = client.post("/predict/batch", json={"instances": [make_features()] * 3}).json()
+            answers.append((single, [p["prediction"] for p in batch["predictions"]]))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][1] == [answers[0][0]] * 3
+    with pytest.raises(ValueError, match="must be -1 \\(all cores\\) or a thread count of at least 1"):
+        make_settings(db_url, tmp_path, predict_threads=0)

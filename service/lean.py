@@ -1,0 +1,67 @@
+"""A lean route for the hot path: FastAPI documents it, but the endpoint reads its own body.
+
+A `LeanRoute` endpoint is a plain `async (request) -> Response`: no dependency resolution, and the body
+is parsed and validated in one pass by pydantic-core instead of json.loads plus field-by-field checks.
+On POST /predict that framework work was a fifth of the time per request. Errors are the same
+RequestValidationError FastAPI raises, so they reach the same handler and read the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from fastapi import Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class LeanRoute(APIRoute):
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return self.endpoint  # type: ignore[no-any-return]
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The request's JSON body as `model`; error locations start with 'body', as FastAPI's do.
+
+    Like FastAPI's strict default, a body must be declared application/json (or +json).
+    """
+    body = await request.body()
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    declared = _content_type(request.scope["headers"])
+    if not _is_json(declared):
+        got = declared.decode("latin-1") if declared else "none"
+        message = f"Content-Type must be application/json, got {got}"
+        raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": message}])
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI `requestBody` for a lean route: what a `Body()` parameter of type `model` would document."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
+    for name, value in headers:
+        if name == b"content-type":
+            return value
+    return b""
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
