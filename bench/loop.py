@@ -3,10 +3,12 @@ training seconds and the drift policy's detection delay, with the issue's target
 
     python bench/loop.py [--rows 36000] [--out var/bench-loop]
 
-Settings come from DRIFTLOOP_* like everywhere else, except two defaults set here (say so when quoting the
-figures): the retrain cooldown is 28 days (the live default, 1 h, is shorter than one weekly step), and
-training rows lose half their weight per 30 days of age (live default: no decay), so that a candidate learns
-a market that moved rather than the average of old and new. Set either variable to override.
+Settings come from DRIFTLOOP_* like everywhere else, except three defaults set here (say so when quoting the
+figures): the retrain cooldown is 28 days (the live default, 1 h, is shorter than one weekly step); the drift
+window holds the last 28 days (about 900 rows of this stream; the live default, the newest 5,000 rows, would
+span five months here, and a change would stay a minority of it for months); and training rows lose half
+their weight per 30 days of age (live default: no decay), so that a candidate learns a market that moved
+rather than the average of old and new. Set any of the variables to override.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
 from monitor.backtest.results import TABLE_COLUMNS, PolicySummary, summarize, table_row, write_outputs
 from monitor.backtest.stream import load_stream
 
-BENCH_DEFAULTS = {"DRIFTLOOP_RETRAIN_COOLDOWN_S": str(28 * 86400), "DRIFTLOOP_TRAIN_HALF_LIFE_DAYS": "30"}
+BENCH_DEFAULTS = {
+    "DRIFTLOOP_RETRAIN_COOLDOWN_S": str(28 * 86400),
+    "DRIFTLOOP_WINDOW_SECONDS": str(28 * 86400),
+    "DRIFTLOOP_TRAIN_HALF_LIFE_DAYS": "30",
+}
 
 
 def main() -> int:
@@ -46,7 +52,9 @@ def main() -> int:
         f"{args.rows:,} generated rows per scenario (2020–2022; v1 learns 2020–2021; change on 2022-04-01); "
         f"step {config.step.days} d, label delay {config.label_delay.days} d, monitor every "
         f"{config.monitor_every.days} d, periodic every {config.period.days} d; cooldown "
-        f"{settings.retrain_cooldown_s / 86400:g} d, train window {settings.train_window_days} d, half-life "
+        f"{settings.retrain_cooldown_s / 86400:g} d, drift window {settings.window_rows:,} rows / "
+        f"{(settings.window_seconds or 0) / 86400:g} d, accuracy window {settings.accuracy_window_rows:,} "
+        f"labelled rows, train window {settings.train_window_days} d, half-life "
         f"{settings.train_half_life_days} d, "
         f"{settings.train_iterations} iterations"
     )

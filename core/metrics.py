@@ -157,13 +157,13 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         window_rows=Gauge("driftloop_window_rows", "Rows in the last monitored window.", registry=r),
         window_labelled_rows=Gauge(
-            "driftloop_window_labelled_rows", "Labelled rows in the last monitored window.", registry=r
+            "driftloop_window_labelled_rows",
+            "Rows in the last accuracy window (the champion's newest labelled predictions).",
+            registry=r,
         ),
-        window_mae=Gauge("driftloop_window_mae", "MAE on the labelled part of the window.", registry=r),
-        window_rmse=Gauge("driftloop_window_rmse", "RMSE on the labelled part of the window.", registry=r),
-        window_mape=Gauge(
-            "driftloop_window_mape", "MAPE (%) on the labelled part of the window.", registry=r
-        ),
+        window_mae=Gauge("driftloop_window_mae", "MAE on the accuracy window.", registry=r),
+        window_rmse=Gauge("driftloop_window_rmse", "RMSE on the accuracy window.", registry=r),
+        window_mape=Gauge("driftloop_window_mape", "MAPE (%) on the accuracy window.", registry=r),
         champion_validation_mae=Gauge(
             "driftloop_champion_validation_mae", "The champion's MAE on its validation holdout.", registry=r
         ),

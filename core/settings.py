@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     window_rows: int = Field(default=5000, ge=1)
     window_seconds: int | None = Field(default=None, ge=1)
     min_window_rows: int = Field(default=500, ge=1)
+    accuracy_window_rows: int = Field(default=500, ge=1)  # the newest labelled predictions, for MAE
     evidently_max_rows: int = Field(default=50_000, ge=100)
     drift_stattest_threshold: float | None = None
     sample_seed: int = 0

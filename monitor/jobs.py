@@ -204,6 +204,12 @@ class Loop:
                 session, self.spec, max_rows=s.window_rows, seconds=s.window_seconds, now=now,
                 model_version=champion.version,
             )  # fmt: skip
+            # Labels arrive late, so the newest labelled rows are older than the drift window's: accuracy is
+            # measured on its own window, the champion's newest `accuracy_window_rows` labelled predictions.
+            labelled = load_window(
+                session, self.spec, max_rows=s.accuracy_window_rows, seconds=None, now=now,
+                model_version=champion.version, labelled_only=True,
+            )  # fmt: skip
             history = load_history(session, champion_version=champion.version, now=now)
         config = PolicyConfig.from_settings(s)
         result: DriftResult | None = None
@@ -219,12 +225,12 @@ class Loop:
             result = compute_drift(
                 self._reference_for(champion), window.frame, self.spec,
                 importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
-                stattest_threshold=s.drift_stattest_threshold, html_path=html_path,
+                stattest_threshold=s.drift_stattest_threshold, html_path=html_path, labelled=labelled.frame,
             )  # fmt: skip
         observation = Observation(
             at=now,
             rows=window.rows,
-            labelled_rows=window.labelled_rows,
+            labelled_rows=labelled.rows,
             drift_share=result.drift_share if result else None,
             weighted_score=result.weighted_score if result else None,
             mae=result.accuracy.mae if result and result.accuracy else None,
@@ -234,8 +240,9 @@ class Loop:
         decision = decide(observation, history, config)
         self.metrics.drift_breach.set(int(decision.breach))
         report_id = self._store_report(
-            champion, window, result, decision, html_path, now, seconds=time.perf_counter() - started
-        )
+            champion, window, observation, result, decision, html_path, now,
+            seconds=time.perf_counter() - started,
+        )  # fmt: skip
         self._publish(result, observation, champion)
         notes: list[str] = []
         if decision.breach:
@@ -272,6 +279,7 @@ class Loop:
         self,
         champion: ModelVersion,
         window: Any,
+        obs: Observation,
         result: DriftResult | None,
         decision: Decision,
         html_path: Path | None,
@@ -287,7 +295,7 @@ class Loop:
             window_start=window.start,
             window_end=window.end,
             rows=window.rows,
-            labelled_rows=window.labelled_rows,
+            labelled_rows=obs.labelled_rows,
             sampled_rows=result.sampled_rows if result else 0,
             features=payload.get("features", {}),
             drift_share=result.drift_share if result else None,

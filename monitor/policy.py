@@ -16,7 +16,10 @@ Rules, in order:
    ("cooldown: 1234 s left"); daily budget ("daily budget 4/4"); and, for a drift-only breach, no
    drift-triggered run of this champion rejected by the gate yet ("drift retrain of v3 rejected …"):
    inputs that moved without costing accuracy, where a candidate could not beat the champion, keep
-   alerting but stop spending compute; an accuracy breach still retrains.
+   alerting but stop spending compute; an accuracy breach still retrains. Last, a drift-only breach
+   waits for `min_labelled_rows` labelled rows from the drifted traffic, counted from the first breach
+   of the streak ("waiting for labels: 37/200 …"): a candidate trained before the moved inputs have
+   labels has nothing new to learn from, so it would only spend compute and be rejected.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.schema import DriftReport, RetrainRun, RunStatus, Trigger
+from core.schema import (
+    DriftReport,
+    GroundTruth,
+    LabelledRow,
+    PredictionLog,
+    RetrainRun,
+    RunStatus,
+    Trigger,
+)
 
 Verdict = Literal["insufficient", "ok", "breach"]
 PolicyTrigger = Literal["drift", "accuracy"]
@@ -97,6 +108,9 @@ class History:
     retrains_last_24h: int
     streak_start_report_id: int | None = None  # first report of that run of breaches; None if there is none
     rejected_drift_run: int | None = None  # a drift-triggered run of this champion the gate rejected
+    # Labelled rows (predictions with their actual, and ingested rows) dated at or after the streak's first
+    # breach: what a drift retrain would have to learn the moved inputs from.
+    labelled_since_streak: int = 0
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -196,6 +210,11 @@ def _held_by(
             f"drift retrain run {history.rejected_drift_run} of this champion was rejected by the gate; "
             "drift alone will not retrain it again (an accuracy breach will)"
         )
+    if drift_only and history.labelled_since_streak < config.min_labelled_rows:
+        return (
+            f"waiting for labels: {history.labelled_since_streak}/{config.min_labelled_rows} labelled rows "
+            "since the drift was first seen, for a candidate to learn the moved inputs from"
+        )
     return None
 
 
@@ -212,8 +231,13 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
     `rejected_drift_run`: the newest drift-triggered run of this champion that the gate rejected.
+    `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
     previous, streak_start = _breach_streak(session, champion_version=champion_version, now=now)
+    labelled_since = 0
+    if streak_start is not None:
+        since = session.scalar(select(DriftReport.created_at).where(DriftReport.id == streak_start))
+        labelled_since = _labelled_since(session, since=since, now=now) if since else 0
     last_retrain_at, recent = session.execute(
         select(
             func.max(RetrainRun.started_at),
@@ -234,7 +258,23 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
         retrains_last_24h=recent,
         streak_start_report_id=streak_start,
         rejected_drift_run=rejected,
+        labelled_since_streak=labelled_since,
     )
+
+
+def _labelled_since(session: Session, *, since: datetime, now: datetime) -> int:
+    predictions = session.scalar(
+        select(func.count())
+        .select_from(GroundTruth)
+        .join(PredictionLog, PredictionLog.id == GroundTruth.prediction_id)
+        .where(PredictionLog.created_at >= since, GroundTruth.received_at <= now)
+    )
+    ingested = session.scalar(
+        select(func.count())
+        .select_from(LabelledRow)
+        .where(LabelledRow.event_time >= since, LabelledRow.ingested_at <= now)
+    )
+    return int(predictions or 0) + int(ingested or 0)
 
 
 def _breach_streak(

@@ -114,13 +114,16 @@ def compute_drift(
     seed: int = 0,
     stattest_threshold: float | None = None,
     html_path: Path | None = None,
+    labelled: pd.DataFrame | None = None,
 ) -> DriftResult:
-    """Drift of each spec feature and of the prediction, and accuracy on the labelled rows of `current`.
+    """Drift of each spec feature and of the prediction in `current`, and accuracy on `labelled` (by
+    default the labelled rows of `current`).
 
     `reference` holds the spec features, the target and "prediction"; `current` the same, with the target NaN
-    where no label has arrived. Frames over `max_rows` rows are sampled uniformly (with `seed`) before
-    Evidently sees them; the labelled rows are sampled separately. `importance` weighs drifted features in
-    `weighted_score` (features it lacks weigh 0; all-zero weights fall back to equal weights).
+    where no label has arrived; `labelled` the same. Frames over `max_rows` rows are sampled uniformly (with
+    `seed`) before Evidently sees them; the labelled rows are sampled separately. `importance` weighs
+    drifted features in `weighted_score` (features it lacks weigh 0; all-zero weights fall back to equal
+    weights).
     Raises ValueError naming missing columns, or when a frame is empty.
     """
     if max_rows < 1:
@@ -131,14 +134,17 @@ def compute_drift(
     if reference.empty or current.empty:
         raise ValueError(f"{'reference' if reference.empty else 'current'} has no rows")
 
-    labelled = np.flatnonzero(current[spec.target].notna().to_numpy())
+    if labelled is not None:
+        _require_columns(labelled, needed, "labelled")
+    source = current if labelled is None else labelled
+    with_actual = np.flatnonzero(source[spec.target].notna().to_numpy())
     ref = _prepare(_sample(reference, max_rows, seed), spec)
     cur = _prepare(_sample(current, max_rows, seed), spec)
     features, prediction, drift = _drift(ref, cur, spec, importance, stattest_threshold)
 
     accuracy, accuracy_snapshot = None, None
-    if labelled.size:
-        labelled_sample = _prepare(_sample(current, max_rows, seed, rows=labelled), spec)
+    if with_actual.size:
+        labelled_sample = _prepare(_sample(source, max_rows, seed, rows=with_actual), spec)
         accuracy, accuracy_snapshot = _accuracy(ref, labelled_sample, spec)
 
     result = DriftResult(
@@ -149,7 +155,7 @@ def compute_drift(
         accuracy=accuracy,
         rows=len(current),
         sampled_rows=len(cur),
-        labelled_rows=int(labelled.size),
+        labelled_rows=int(with_actual.size),
     )
     if html_path is not None:
         _save_html(html_path, result, drift, accuracy_snapshot)

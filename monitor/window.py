@@ -37,9 +37,11 @@ def load_window(
     seconds: int | None,
     now: datetime,
     model_version: int | None = None,
+    labelled_only: bool = False,
 ) -> Window:
     """The newest `max_rows` predictions logged at or before `now` (and, with `seconds`, not before
     `now - seconds`), optionally only those served by `model_version`, each with its actual or NaN.
+    `labelled_only`: only predictions whose actual has arrived (the accuracy window).
 
     Frame columns: the spec features (spec order and dtypes), "prediction", the spec target, "prediction_id",
     "created_at" (UTC), "model_version"; rows ordered by created_at, oldest first. One query.
@@ -55,7 +57,7 @@ def load_window(
             PredictionLog.prediction,
             GroundTruth.actual,
         )
-        .outerjoin(GroundTruth, GroundTruth.prediction_id == PredictionLog.id)
+        .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id, isouter=not labelled_only)
         .where(PredictionLog.created_at <= now)
         .order_by(PredictionLog.created_at.desc(), PredictionLog.id.desc())
         .limit(max_rows)

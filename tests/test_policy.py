@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.schema import DriftReport, RetrainRun
+from core.schema import DriftReport, GroundTruth, LabelledRow, PredictionLog, RetrainRun
 from core.settings import Settings
 from monitor.policy import (
     NO_HISTORY,
@@ -44,7 +44,9 @@ STABLE = Observation(
     champion_mae=100.0,
     drifted_features=(),
 )
-ONE_BEFORE = History(previous_breaches=1, last_retrain_at=None, retrains_last_24h=0)
+ONE_BEFORE = History(
+    previous_breaches=1, last_retrain_at=None, retrains_last_24h=0, labelled_since_streak=500
+)
 OK = Decision(
     verdict="ok", breach=False, retrain=False, trigger=None, reasons=(), held_by=None, consecutive=0
 )
@@ -219,6 +221,32 @@ CASES = [
         held("drift", (WEIGHTED,), "daily budget 4/4"),
         id="budget-reported-before-the-rejected-drift-run",
     ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(labelled_since_streak=37),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "waiting for labels: 37/100 labelled rows since the drift was first seen, for a candidate to "
+            "learn the moved inputs from",
+        ),
+        id="drift-only-waits-for-labels-of-the-drifted-traffic",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        history(labelled_since_streak=100),
+        CONFIG,
+        breach("drift", (WEIGHTED,)),
+        id="drift-retrains-once-the-labels-are-there",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42, mae=130.0),
+        history(labelled_since_streak=0),
+        CONFIG,
+        breach("accuracy", (WEIGHTED, MAE)),
+        id="accuracy-breach-does-not-wait-for-labels",
+    ),
 ]
 
 
@@ -230,7 +258,7 @@ def test_decide(observation: Observation, past: History, config: PolicyConfig, e
 def test_second_breach_in_a_row_retrains() -> None:
     shifted = obs(drift_share=0.8, drifted_features=("area_m2",))
     first = decide(shifted, NO_HISTORY, CONFIG)
-    second = decide(shifted, History(first.consecutive, None, 0), CONFIG)
+    second = decide(shifted, History(first.consecutive, None, 0, labelled_since_streak=100), CONFIG)
     assert (first.retrain, first.held_by, first.consecutive) == (False, "hysteresis 1/2", 1)
     assert (second.retrain, second.held_by, second.consecutive) == (True, None, 2)
 
@@ -377,3 +405,53 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         streak_start_report_id=first.id,
         rejected_drift_run=rejected.id,
     )
+
+
+def test_load_history_counts_labels_of_the_traffic_since_the_streak_began(
+    sessions: sessionmaker[Session], make_features: Any
+) -> None:
+    def prediction(pid: int, at: datetime, label_at: datetime | None) -> list[Any]:
+        row = PredictionLog(
+            id=f"{pid:08d}-0000-0000-0000-000000000000", created_at=at, model_version=3,
+            features=make_features(), prediction=1.0, latency_ms=1.0,
+        )  # fmt: skip
+        if label_at is None:
+            return [row]
+        return [row, GroundTruth(prediction_id=row.id, actual=2.0, received_at=label_at)]
+
+    with sessions.begin() as session:
+        session.add_all(
+            [_report(minutes(-50), 3, breach=False), first := _report(minutes(-40), 3, breach=True)]
+        )
+        session.add_all([_report(minutes(-20), 3, breach=True)])
+        rows = [
+            *prediction(1, minutes(-45), minutes(-30)),  # logged before the streak began
+            *prediction(2, minutes(-40), minutes(-30)),  # at its first report: counts
+            *prediction(3, minutes(-35), minutes(-5)),
+            *prediction(4, minutes(-30), None),  # no label yet
+            *prediction(5, minutes(-25), minutes(5)),  # labelled after now
+        ]
+        for row in rows:
+            session.add(row)
+            session.flush()
+        session.add_all(
+            [
+                LabelledRow(
+                    features={}, target=1.0, event_time=minutes(-38), source="s", ingested_at=minutes(-1)
+                ),
+                LabelledRow(
+                    features={}, target=1.0, event_time=minutes(-90), source="s", ingested_at=minutes(-1)
+                ),
+                LabelledRow(
+                    features={}, target=1.0, event_time=minutes(-30), source="s", ingested_at=minutes(1)
+                ),
+            ]
+        )
+    with sessions() as session:
+        now = load_history(session, champion_version=3, now=T0)
+        later = load_history(session, champion_version=3, now=minutes(10))
+        before_streak = load_history(session, champion_version=3, now=minutes(-30))
+    assert now.streak_start_report_id == first.id
+    assert now.labelled_since_streak == 3  # predictions 2 and 3, one ingested row
+    assert later.labelled_since_streak == 5  # + prediction 5 and the ingested row that arrived by then
+    assert (before_streak.previous_breaches, before_streak.labelled_since_streak) == (1, 1)  # prediction 2

@@ -24,7 +24,8 @@ NO_REPORT_YET = "no drift report yet: the monitor has not run (POST /monitor/run
 
 @pytest.fixture
 def client(champion, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
-    settings = make_settings(db_url, tmp_path, auto_retrain=False)  # a breach alerts; no child retrain
+    # A breach alerts, no child retrain; every served row is inside the accuracy window.
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, accuracy_window_rows=1000)
     with TestClient(create_app(settings, scheduler=False)) as client:
         yield client
 

@@ -100,6 +100,28 @@ def test_max_rows_keeps_the_most_recent(sessions: sessionmaker[Session], spec: F
     assert window.start == T0 + timedelta(minutes=6)
 
 
+def test_the_accuracy_window_is_the_newest_labelled_rows(
+    sessions: sessionmaker[Session], spec: FeatureSpec, log: Log
+) -> None:
+    # Labels arrive late: the newest rows have none, so the labelled window reaches back past them.
+    ids = [log(m, actual=100.0 * m if m < 6 else None) for m in range(10)]
+    log(1, actual=5.0, version=2)  # another model's row
+
+    with sessions() as session:
+        labelled = load_window(
+            session, spec, max_rows=4, seconds=None, now=T0 + timedelta(hours=1), model_version=1,
+            labelled_only=True,
+        )  # fmt: skip
+        recent = load_window(
+            session, spec, max_rows=4, seconds=None, now=T0 + timedelta(hours=1), model_version=1
+        )
+
+    assert list(labelled.frame["prediction_id"]) == ids[2:6]
+    assert list(labelled.frame[spec.target]) == [200.0, 300.0, 400.0, 500.0]
+    assert (labelled.rows, labelled.labelled_rows) == (4, 4)
+    assert (recent.rows, recent.labelled_rows) == (4, 0)
+
+
 def test_seconds_bounds_the_window_and_later_rows_are_left_out(
     sessions: sessionmaker[Session], spec: FeatureSpec, log: Log
 ) -> None:
@@ -232,3 +254,19 @@ def test_a_loaded_window_feeds_compute_drift(
     assert (result.rows, result.labelled_rows) == (1200, 300)
     assert result.accuracy is not None and result.accuracy.rows == 300
     assert result.drifted() == ["area_m2"]
+
+    # Accuracy from a separate labelled window: the newest 100 labelled rows, drift still on `window`.
+    with sessions() as session:
+        labelled = load_window(
+            session, spec, max_rows=100, seconds=None, now=T0 + timedelta(hours=1),
+            model_version=champion.version, labelled_only=True,
+        )  # fmt: skip
+    apart = compute_drift(
+        registry.reference(champion), window.frame, spec, importance=champion.feature_importance,
+        labelled=labelled.frame,
+    )  # fmt: skip
+    newest = [i for i in range(0, len(raw), 4)][-100:]
+    expected_mae = float(np.mean(np.abs(served[newest] - raw[spec.target].to_numpy()[newest])))
+    assert (apart.rows, apart.labelled_rows) == (1200, 100)
+    assert apart.accuracy is not None and apart.accuracy.mae == pytest.approx(expected_mae)
+    assert apart.drifted() == ["area_m2"]
