@@ -233,11 +233,8 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     `rejected_drift_run`: the newest drift-triggered run of this champion that the gate rejected.
     `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
-    previous, streak_start = _breach_streak(session, champion_version=champion_version, now=now)
-    labelled_since = 0
-    if streak_start is not None:
-        since = session.scalar(select(DriftReport.created_at).where(DriftReport.id == streak_start))
-        labelled_since = _labelled_since(session, since=since, now=now) if since else 0
+    previous, streak_start, since = _breach_streak(session, champion_version=champion_version, now=now)
+    labelled_since = _labelled_since(session, since=since, now=now) if since else 0
     last_retrain_at, recent = session.execute(
         select(
             func.max(RetrainRun.started_at),
@@ -279,23 +276,30 @@ def _labelled_since(session: Session, *, since: datetime, now: datetime) -> int:
 
 def _breach_streak(
     session: Session, *, champion_version: int | None, now: datetime
-) -> tuple[int, int | None]:
+) -> tuple[int, int | None, datetime | None]:
+    """Breaches in a row before `now`, and the id and time of the streak's first report (None: no streak)."""
     rows = session.execute(
-        select(DriftReport.id, DriftReport.champion_version, DriftReport.breach, DriftReport.decision)
+        select(
+            DriftReport.id,
+            DriftReport.created_at,
+            DriftReport.champion_version,
+            DriftReport.breach,
+            DriftReport.decision,
+        )
         .where(DriftReport.created_at < now)
         .order_by(DriftReport.created_at.desc(), DriftReport.id.desc())
         .execution_options(yield_per=50)
     )
-    count, start = 0, None
+    count, start, since = 0, None, None
     try:
-        for report_id, version, breach, decision in rows:
+        for report_id, created_at, version, breach, decision in rows:
             if version != champion_version:
                 break
             if (decision or {}).get("verdict") == "insufficient":
                 continue
             if not breach:
                 break
-            count, start = count + 1, report_id
+            count, start, since = count + 1, report_id, created_at
     finally:
         rows.close()
-    return count, start
+    return count, start, since

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from service.middleware import header
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -32,7 +34,7 @@ async def read_json(request: Request, model: type[M]) -> M:
     body = await request.body()
     if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
-    declared = _content_type(request.scope["headers"])
+    declared = header(request.scope, b"content-type") or b""
     if not _is_json(declared):
         got = declared.decode("latin-1") if declared else "none"
         message = f"Content-Type must be application/json, got {got}"
@@ -53,13 +55,6 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
-
-
-def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes:
-    for name, value in headers:
-        if name == b"content-type":
-            return value
-    return b""
 
 
 def _is_json(content_type: bytes) -> bool:

@@ -22,7 +22,7 @@ class BodyLimit:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        declared = header(scope, b"content-length")
         if declared is not None:
             try:
                 size = int(declared)
@@ -107,6 +107,11 @@ class RequestMetrics:
         )
         self._children[(endpoint, status)] = children
         return children
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a (lower-case) header in an ASGI scope, without building a dict of them all."""
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 async def _error(send: Send, status: int, message: str) -> None:
