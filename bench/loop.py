@@ -54,8 +54,8 @@ def main() -> int:
         f"{config.monitor_every.days} d, periodic every {config.period.days} d; cooldown "
         f"{settings.retrain_cooldown_s / 86400:g} d, drift window {settings.window_rows:,} rows / "
         f"{(settings.window_seconds or 0) / 86400:g} d, accuracy window {settings.accuracy_window_rows:,} "
-        f"labelled rows, train window {settings.train_window_days} d, half-life "
-        f"{settings.train_half_life_days} d, "
+        f"labelled rows, train window {_days(settings.train_window_days, 'all rows')}, half-life "
+        f"{_days(settings.train_half_life_days, 'off')}, "
         f"{settings.train_iterations} iterations"
     )
     results: dict[str, dict[str, PolicySummary]] = {}
@@ -74,6 +74,10 @@ def main() -> int:
     for line in _targets(results):
         console.print(line)
     return 0
+
+
+def _days(value: float | None, unset: str) -> str:
+    return unset if value is None else f"{value:g} d"
 
 
 def _table(results: dict[str, dict[str, PolicySummary]]) -> Table:

@@ -53,6 +53,7 @@ class Metrics:
     window_rmse: Gauge
     window_mape: Gauge
     champion_validation_mae: Gauge
+    champion_baseline_mae: Gauge
     monitor_runs: Counter
     monitor_seconds: Histogram
     monitor_last_run: Gauge
@@ -166,6 +167,11 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         window_mape=Gauge("driftloop_window_mape", "MAPE (%) on the accuracy window.", registry=r),
         champion_validation_mae=Gauge(
             "driftloop_champion_validation_mae", "The champion's MAE on its validation holdout.", registry=r
+        ),
+        champion_baseline_mae=Gauge(
+            "driftloop_champion_baseline_mae",
+            "The best validation MAE of the champion's model line: the accuracy rule's second yardstick.",
+            registry=r,
         ),
         monitor_runs=Counter(
             "driftloop_monitor_runs_total", "Monitor runs by outcome.", ["outcome"], registry=r

@@ -28,6 +28,13 @@ MODEL_FILE = "model.cbm"
 REFERENCE_FILE = "reference.parquet"
 
 
+def baseline_mae(version: ModelVersion) -> float | None:
+    """The best validation MAE of the version's line of models (itself and the champions it was trained
+    from, as recorded when it was trained); a version from before that record, or a bootstrap, has its own."""
+    value = version.metrics.get("baseline_mae", version.metrics.get("val_mae"))
+    return float(value) if value is not None else None
+
+
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked; the message says why."""
 

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     retrain_cooldown_s: int = Field(default=3600, ge=0)
     max_retrains_per_day: int = Field(default=4, ge=0)
     auto_retrain: bool = True
+    # Also hold the champion to the best validation MAE of its line of models (see monitor/policy.py).
+    lineage_baseline: bool = True
 
     # --- notifications -----------------------------------------------------------------
     webhook_url: str | None = None
@@ -81,6 +83,8 @@ class Settings(BaseSettings):
     # A training row's weight halves for every this many days it is older than the newest; None: no decay.
     train_half_life_days: float | None = Field(default=None, gt=0)
     gate_margin: float = Field(default=0.02, ge=0, lt=1)
+    # After the gate passes, train once more on every row, holdout included, and promote that model.
+    refit: bool = True
     retrain_timeout_s: int = Field(default=1800, ge=1)
     # A retrain run (trigger "schedule") this often, whatever the monitor says; None: drift/accuracy only.
     scheduled_retrain_s: int | None = Field(default=None, ge=1)

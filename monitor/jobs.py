@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import utcnow
 from core.lease import release, try_acquire
 from core.metrics import Metrics
-from core.registry import Registry
+from core.registry import Registry, baseline_mae
 from core.schema import DriftReport, ModelVersion
 from core.settings import Settings
 from core.spec import FeatureSpec
@@ -236,6 +236,7 @@ class Loop:
             mae=result.accuracy.mae if result and result.accuracy else None,
             champion_mae=champion.metrics.get("val_mae"),
             drifted_features=tuple(result.drifted()) if result else (),
+            baseline_mae=baseline_mae(champion),
         )
         decision = decide(observation, history, config)
         self.metrics.drift_breach.set(int(decision.breach))
@@ -322,6 +323,8 @@ class Loop:
         m.window_rows.set(obs.rows)
         m.window_labelled_rows.set(obs.labelled_rows)
         m.champion_validation_mae.set(champion.metrics.get("val_mae", nan))
+        baseline = baseline_mae(champion)
+        m.champion_baseline_mae.set(nan if baseline is None else baseline)
         if result is None:
             return
         m.drift_share.set(result.drift_share)

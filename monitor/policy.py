@@ -7,19 +7,29 @@ Rules, in order:
 1. A window with fewer than `min_window_rows` rows gets no verdict ("insufficient").
 2. A window breaches when any of these holds (each adds one reason sentence with the figures):
    drift share ≥ `drift_share_threshold`; weighted drift score ≥ `weighted_drift_threshold`;
-   at least `min_labelled_rows` labelled rows and MAE > champion MAE × `mae_degradation_ratio`.
+   at least `min_labelled_rows` labelled rows and MAE > champion MAE × `mae_degradation_ratio`;
+   or, with `lineage_baseline`, MAE > baseline MAE × `mae_degradation_ratio`, where the baseline is the
+   best validation MAE of the champion's line of models (it and the champions it was trained from).
+   The second yardstick catches a champion promoted in the middle of a change: its own validation MAE
+   was measured on the change and is lax, while its line has shown what this data allows.
    When accuracy and drift both breach the trigger is "accuracy": a measured loss of accuracy is
    stronger evidence than a shift in the inputs, which a model may well tolerate.
 3. A breach launches retraining only when every gate is open, checked in this order (the first
-   closed gate is reported in `held_by`): `auto_retrain` ("alert-only mode"); hysteresis, at least
-   `consecutive_breaches` breaches in a row ("hysteresis 1/2"); cooldown since the last run started
-   ("cooldown: 1234 s left"); daily budget ("daily budget 4/4"); and, for a drift-only breach, no
-   drift-triggered run of this champion rejected by the gate yet ("drift retrain of v3 rejected …"):
-   inputs that moved without costing accuracy, where a candidate could not beat the champion, keep
-   alerting but stop spending compute; an accuracy breach still retrains. Last, a drift-only breach
-   waits for `min_labelled_rows` labelled rows from the drifted traffic, counted from the first breach
-   of the streak ("waiting for labels: 37/200 …"): a candidate trained before the moved inputs have
-   labels has nothing new to learn from, so it would only spend compute and be rejected.
+   closed gate is reported in `held_by`):
+   - `auto_retrain` ("alert-only mode");
+   - hysteresis: at least `consecutive_breaches` breaches in a row ("hysteresis 1/2");
+   - cooldown since the last run started ("cooldown: 1234 s left");
+   - daily budget ("daily budget 4/4");
+   - for a drift-only breach, no drift-triggered run of this champion rejected by the gate yet
+     ("drift retrain run 3 of this champion was rejected …"): inputs that moved without costing
+     accuracy, where a candidate could not beat the champion, keep alerting but stop spending compute;
+   - for a breach of the baseline alone (MAE within the champion's own yardstick), no accuracy-triggered
+     run of this champion rejected yet ("accuracy retrain run 7 …"): fresh data could not beat it, so
+     the baseline is out of this data's reach for now;
+   - last, a drift-only breach waits for `min_labelled_rows` labelled rows from the drifted traffic,
+     counted from the first breach of the streak ("waiting for labels: 37/200 …"): a candidate trained
+     before the moved inputs have labels has nothing new to learn from.
+   An accuracy breach over the champion's own yardstick always retrains once the first four are open.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ class _PolicySettings(Protocol):
     retrain_cooldown_s: int
     max_retrains_per_day: int
     auto_retrain: bool
+    lineage_baseline: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,7 @@ class PolicyConfig:
     retrain_cooldown_s: int = 3600
     max_retrains_per_day: int = 4
     auto_retrain: bool = True
+    lineage_baseline: bool = True
 
     @classmethod
     def from_settings(cls, settings: _PolicySettings) -> PolicyConfig:
@@ -82,6 +94,7 @@ class PolicyConfig:
             retrain_cooldown_s=settings.retrain_cooldown_s,
             max_retrains_per_day=settings.max_retrains_per_day,
             auto_retrain=settings.auto_retrain,
+            lineage_baseline=settings.lineage_baseline,
         )
 
 
@@ -97,6 +110,7 @@ class Observation:
     mae: float | None
     champion_mae: float | None
     drifted_features: tuple[str, ...] = ()
+    baseline_mae: float | None = None  # best validation MAE of the champion's line; None: its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +125,7 @@ class History:
     # Labelled rows (predictions with their actual, and ingested rows) dated at or after the streak's first
     # breach: what a drift retrain would have to learn the moved inputs from.
     labelled_since_streak: int = 0
+    rejected_accuracy_run: int | None = None  # an accuracy-triggered run of this champion the gate rejected
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -146,7 +161,7 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
             consecutive=0,
         )
     drift = _drift_reasons(obs, config)
-    accuracy = _accuracy_reason(obs, config)
+    accuracy, baseline_only = _accuracy_reason(obs, config)
     reasons = (*drift, *((accuracy,) if accuracy else ()))
     if not reasons:
         return Decision(
@@ -154,7 +169,9 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
         )
     trigger: PolicyTrigger = "accuracy" if accuracy else "drift"
     consecutive = history.previous_breaches + 1
-    held_by = _held_by(obs.at, consecutive, history, config, drift_only=trigger == "drift")
+    held_by = _held_by(
+        obs.at, consecutive, history, config, drift_only=trigger == "drift", baseline_only=baseline_only
+    )
     return Decision(
         verdict="breach",
         breach=True,
@@ -180,20 +197,33 @@ def _drift_reasons(obs: Observation, config: PolicyConfig) -> list[str]:
     return reasons
 
 
-def _accuracy_reason(obs: Observation, config: PolicyConfig) -> str | None:
+def _accuracy_reason(obs: Observation, config: PolicyConfig) -> tuple[str | None, bool]:
+    """(reason, baseline_only): the reason names the tightest yardstick the MAE is over; baseline_only
+    when it is within the champion's own."""
     if obs.mae is None or obs.champion_mae is None or obs.labelled_rows < config.min_labelled_rows:
-        return None
-    limit = obs.champion_mae * config.mae_degradation_ratio
-    if obs.mae <= limit:
-        return None
-    return (
-        f"MAE {obs.mae:,.2f} on {obs.labelled_rows} labelled rows > {limit:,.2f} "
-        f"(champion MAE {obs.champion_mae:,.2f} × {config.mae_degradation_ratio:g})"
-    )
+        return None, False
+    ratio = config.mae_degradation_ratio
+    own = obs.champion_mae * ratio
+    lead = f"MAE {obs.mae:,.2f} on {obs.labelled_rows} labelled rows"
+    baseline = obs.baseline_mae if config.lineage_baseline else None
+    if baseline is not None and baseline < obs.champion_mae and obs.mae > baseline * ratio:
+        return (
+            f"{lead} > {baseline * ratio:,.2f} (baseline MAE {baseline:,.2f}, the best validation MAE of "
+            f"this model line, × {ratio:g}; champion's own validation MAE {obs.champion_mae:,.2f})"
+        ), obs.mae <= own
+    if obs.mae <= own:
+        return None, False
+    return f"{lead} > {own:,.2f} (champion MAE {obs.champion_mae:,.2f} × {ratio:g})", False
 
 
 def _held_by(
-    at: datetime, consecutive: int, history: History, config: PolicyConfig, *, drift_only: bool
+    at: datetime,
+    consecutive: int,
+    history: History,
+    config: PolicyConfig,
+    *,
+    drift_only: bool,
+    baseline_only: bool = False,
 ) -> str | None:
     if not config.auto_retrain:
         return "alert-only mode"
@@ -209,6 +239,11 @@ def _held_by(
         return (
             f"drift retrain run {history.rejected_drift_run} of this champion was rejected by the gate; "
             "drift alone will not retrain it again (an accuracy breach will)"
+        )
+    if baseline_only and history.rejected_accuracy_run is not None:
+        return (
+            f"accuracy retrain run {history.rejected_accuracy_run} of this champion was rejected by the "
+            "gate; the baseline alone will not retrain it again (MAE over its own yardstick will)"
         )
     if drift_only and history.labelled_since_streak < config.min_labelled_rows:
         return (
@@ -230,7 +265,8 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     report that did not breach or was made for another champion. Reports whose stored decision has
     verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
-    `rejected_drift_run`: the newest drift-triggered run of this champion that the gate rejected.
+    `rejected_drift_run` / `rejected_accuracy_run`: the newest drift- / accuracy-triggered run of this
+    champion that the gate rejected.
     `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
     previous, streak_start, since = _breach_streak(session, champion_version=champion_version, now=now)
@@ -241,21 +277,25 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
             func.count(RetrainRun.id).filter(RetrainRun.started_at > now - DAY),
         ).where(RetrainRun.started_at < now)
     ).one()
-    rejected = session.scalar(
-        select(func.max(RetrainRun.id)).where(
-            RetrainRun.champion_version == champion_version,
-            RetrainRun.trigger == Trigger.drift,
-            RetrainRun.status == RunStatus.rejected,
-            RetrainRun.started_at < now,
+    rejected_drift, rejected_accuracy = (
+        session.scalar(
+            select(func.max(RetrainRun.id)).where(
+                RetrainRun.champion_version == champion_version,
+                RetrainRun.trigger == trigger,
+                RetrainRun.status == RunStatus.rejected,
+                RetrainRun.started_at < now,
+            )
         )
+        for trigger in (Trigger.drift, Trigger.accuracy)
     )
     return History(
         previous_breaches=previous,
         last_retrain_at=last_retrain_at,
         retrains_last_24h=recent,
         streak_start_report_id=streak_start,
-        rejected_drift_run=rejected,
+        rejected_drift_run=rejected_drift,
         labelled_since_streak=labelled_since,
+        rejected_accuracy_run=rejected_accuracy,
     )
 
 

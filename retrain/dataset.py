@@ -90,16 +90,20 @@ def assemble(
 
 
 def holdout(data: TrainingData, spec: FeatureSpec, *, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout): the holdout is the most recent `fraction` of the new labelled rows.
+    """(train, holdout): the holdout is `fraction` of the new labelled rows, taken from the newest ones.
 
-    New rows are production_labelled + ingested; with fewer than MIN_NEW_ROWS_FOR_HOLDOUT of them the
-    holdout is the most recent `fraction` of all rows. Train is every other row. Both keep time order.
+    New rows are production_labelled + ingested; with fewer than MIN_NEW_ROWS_FOR_HOLDOUT of them the pool
+    is all rows. Of the newest 2 × `fraction` of the pool, every other row (the newest first) is held out
+    and the rest train; with `fraction` over one half the holdout is simply the newest rows. Held out
+    from the recent past, not cut off at its end: right after a change in the data, a plain time tail
+    would hold out every post-change row, and the gate would judge a candidate that never saw the new
+    data on nothing but the new data. Train is every row not held out. Both keep time order.
     """
     frame = data.frame
     new = frame.index[frame[SOURCE] != REFERENCE]
     pool = new if len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT else frame.index
     size = min(max(math.ceil(round(len(pool) * fraction, 9)), 1), len(pool)) if len(pool) else 0
-    held = pool[len(pool) - size :]
+    held = pool[len(pool) - 2 * size :][1::2] if 2 * size <= len(pool) else pool[len(pool) - size :]
     return frame.drop(index=held), frame.loc[held]
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessions, utcnow
 from core.metrics import Metrics
-from core.registry import ArtifactStore, NewVersion, Registry
+from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
@@ -48,8 +48,8 @@ from retrain.dataset import (
     holdout,
     sample_weights,
 )
-from retrain.gate import GateResult, evaluate_gate
-from retrain.train import TrainParams, feature_importance, train_model
+from retrain.gate import GateResult, evaluate_gate, sanity_reasons
+from retrain.train import TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger("driftloop.retrain")
 
@@ -272,12 +272,7 @@ class _Run:
                 raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
         with self._step("train"):
             params = TrainParams.from_settings(self.settings)
-            weights = sample_weights(
-                train,
-                new_share=self.settings.new_data_weight_share,
-                half_life_days=self.settings.train_half_life_days,
-            )
-            model = train_model(train, self.spec, params, sample_weight=weights)
+            model = self._train(train, params)
         with self._step("validate"):
             gate = evaluate_gate(
                 candidate=model,
@@ -286,10 +281,14 @@ class _Run:
                 spec=self.spec,
                 margin=self.settings.gate_margin,
             )
-            metrics = jsonable(_version_metrics(gate))
+            metrics = jsonable(_version_metrics(gate, baseline_mae(champion)))
+        fitted = train
+        if gate.passed and self.settings.refit:
+            with self._step("refit"):
+                model, fitted, metrics["refit"] = self._refit(model, data, held, params)
         with self._step("register"):
             version = self.registry.register(
-                self._new_version(run, champion, model, params, data, train, held, metrics)
+                self._new_version(run, champion, model, params, data, fitted, held, metrics)
             )
             self.candidate_version = version.version
             self._save(candidate_version=version.version)
@@ -297,6 +296,35 @@ class _Run:
             status = self._decide(version.version, champion.version, gate)
         self._finish(status=status, metrics=metrics)
         return RunOutcome(self.run_id, status.value, version.version, gate)
+
+    def _refit(
+        self, validated: CatBoostRegressor, data: TrainingData, held: pd.DataFrame, params: TrainParams
+    ) -> tuple[CatBoostRegressor, pd.DataFrame, dict[str, Any]]:
+        """The same training on every row, holdout included: the newest labels are the ones the holdout
+        kept back, and after a change in the market they are the ones that matter most. The gate's figures
+        stay those of the validated model (an honest out-of-sample estimate); the refit model must still
+        pass the sanity checks on the holdout, else the validated model is the one registered.
+        """
+        frame = data.frame
+        refit = self._train(frame, params)
+        checks = sanity_reasons(predict(refit, held, self.spec), held[self.spec.target], self.spec)
+        problems = [reason for reason in checks.values() if reason]
+        if problems:
+            log.warning(
+                "retrain run %s: refit model failed sanity checks, keeping the validated one: %s",
+                self.run_id,
+                "; ".join(problems),
+            )
+            return validated, frame.drop(index=held.index), {"used": False, "reasons": problems}
+        return refit, frame, {"used": True, "rows": len(frame)}
+
+    def _train(self, frame: pd.DataFrame, params: TrainParams) -> CatBoostRegressor:
+        weights = sample_weights(
+            frame,
+            new_share=self.settings.new_data_weight_share,
+            half_life_days=self.settings.train_half_life_days,
+        )
+        return train_model(frame, self.spec, params, sample_weight=weights)
 
     def _decide(self, version: int, parent: int, gate: GateResult) -> RunStatus:
         current = self.registry.champion()
@@ -349,6 +377,7 @@ class _Run:
                 "new_data_weight_share": self.settings.new_data_weight_share,
                 "half_life_days": self.settings.train_half_life_days,
                 "holdout_basis": "all" if (held[SOURCE] == REFERENCE).any() else "new",
+                "refit": bool(metrics.get("refit", {}).get("used")),
             },
             parent_version=champion.version,
             report_id=run.report_id,
@@ -423,9 +452,12 @@ def run_inline(
     return execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=clock)
 
 
-def _version_metrics(gate: GateResult) -> dict[str, Any]:
+def _version_metrics(gate: GateResult, champion_baseline: float | None) -> dict[str, Any]:
+    own = gate.candidate_metrics.get("mae")
+    known = [m for m in (own, champion_baseline) if m is not None and math.isfinite(m)]
     return {
         **{f"val_{k}": v for k, v in gate.candidate_metrics.items()},
+        "baseline_mae": min(known) if known else None,
         **{f"champion_val_{k}": v for k, v in gate.champion_metrics.items()},
         "gate": gate.as_dict(),
     }

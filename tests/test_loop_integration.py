@@ -170,7 +170,7 @@ def test_one_alert_per_breach_then_a_gated_retrain_promotes(
         second.report_id,
         run.id,
     )
-    assert set(run.steps) == {"assemble", "train", "validate", "register", "promote"}
+    assert set(run.steps) == {"assemble", "train", "validate", "refit", "register", "promote"}
     wait_until(lambda: "retrain_outcome" in receiver.kinds(), timeout=30, what="the retrain outcome message")
     loop.deliver()
     assert receiver.kinds().count("drift_breach") == 1  # two breaching reports, one episode, one alert

@@ -53,6 +53,10 @@ OK = Decision(
 SHARE = "drift share 0.500 ≥ threshold 0.500 (drifted: area_m2, floor, district)"
 WEIGHTED = "weighted drift score 0.420 ≥ threshold 0.300"
 MAE = "MAE 130.00 on 300 labelled rows > 125.00 (champion MAE 100.00 × 1.25)"
+BASELINE = (
+    "MAE 110.00 on 300 labelled rows > 100.00 (baseline MAE 80.00, the best validation MAE of this model "
+    "line, × 1.25; champion's own validation MAE 100.00)"
+)
 
 
 def obs(**changes: Any) -> Observation:
@@ -247,6 +251,62 @@ CASES = [
         breach("accuracy", (WEIGHTED, MAE)),
         id="accuracy-breach-does-not-wait-for-labels",
     ),
+    pytest.param(
+        obs(mae=110.0, baseline_mae=80.0),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (BASELINE,)),
+        id="baseline-breach-within-the-champions-own-yardstick",
+    ),
+    pytest.param(obs(mae=100.0, baseline_mae=80.0), ONE_BEFORE, CONFIG, OK, id="baseline-at-limit-ok"),
+    pytest.param(
+        obs(mae=110.0, baseline_mae=80.0),
+        ONE_BEFORE,
+        dataclasses.replace(CONFIG, lineage_baseline=False),
+        OK,
+        id="baseline-rule-off",
+    ),
+    pytest.param(
+        obs(mae=130.0, baseline_mae=120.0),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (MAE,)),
+        id="a-baseline-laxer-than-the-champions-own-is-not-used",
+    ),
+    pytest.param(
+        obs(mae=110.0, baseline_mae=80.0),
+        history(rejected_accuracy_run=9),
+        CONFIG,
+        held(
+            "accuracy",
+            (BASELINE,),
+            "accuracy retrain run 9 of this champion was rejected by the gate; the baseline alone will not "
+            "retrain it again (MAE over its own yardstick will)",
+        ),
+        id="baseline-only-after-a-rejected-accuracy-run",
+    ),
+    pytest.param(
+        obs(mae=130.0, baseline_mae=80.0),
+        history(rejected_accuracy_run=9),
+        CONFIG,
+        breach(
+            "accuracy",
+            (BASELINE.replace("110.00", "130.00"),),
+        ),
+        id="own-yardstick-breach-retrains-after-a-rejected-accuracy-run",
+    ),
+    pytest.param(
+        obs(mae=110.0, baseline_mae=80.0, weighted_score=0.42),
+        history(rejected_accuracy_run=9, labelled_since_streak=0),
+        CONFIG,
+        held(
+            "accuracy",
+            (WEIGHTED, BASELINE),
+            "accuracy retrain run 9 of this champion was rejected by the gate; the baseline alone will not "
+            "retrain it again (MAE over its own yardstick will)",
+        ),
+        id="baseline-and-drift-after-a-rejected-accuracy-run",
+    ),
 ]
 
 
@@ -289,8 +349,9 @@ def test_from_settings_copies_every_field() -> None:
         retrain_cooldown_s=60,
         max_retrains_per_day=1,
         auto_retrain=False,
+        lineage_baseline=False,
     )
-    assert PolicyConfig.from_settings(settings) == PolicyConfig(0.4, 0.2, 1.5, 7, 8, 3, 60, 1, False)
+    assert PolicyConfig.from_settings(settings) == PolicyConfig(0.4, 0.2, 1.5, 7, 8, 3, 60, 1, False, False)
 
 
 def test_decision_as_dict_is_json_ready() -> None:
@@ -375,7 +436,7 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
                 _run(T0 - timedelta(hours=30), "failed"),
                 _run(T0 - timedelta(hours=24), "rejected"),  # exactly 24 h ago: outside the day
                 rejected := _run(T0 - timedelta(hours=5), "rejected"),
-                _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # not a drift run
+                accuracy := _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # not a drift run
                 _run(T0 - timedelta(hours=2), "promoted"),
                 _run(T0 + timedelta(minutes=1), "failed"),  # after now
             ]
@@ -390,6 +451,7 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         retrains_last_24h=3,
         streak_start_report_id=first.id,
         rejected_drift_run=rejected.id,
+        rejected_accuracy_run=accuracy.id,
     )
     assert v2 == History(
         previous_breaches=0,
@@ -397,6 +459,7 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         retrains_last_24h=3,
         streak_start_report_id=None,
         rejected_drift_run=None,  # the runs were of v3
+        rejected_accuracy_run=None,
     )
     assert earlier == History(
         previous_breaches=2,
@@ -404,6 +467,7 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         retrains_last_24h=4,  # the run 24 h before T0 is inside the day before T0 − 15 min
         streak_start_report_id=first.id,
         rejected_drift_run=rejected.id,
+        rejected_accuracy_run=accuracy.id,
     )
 
 

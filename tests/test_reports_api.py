@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.schema import ModelVersion
 from core.spec import FeatureSpec
 from service.app import create_app
 from tests.conftest import make_settings
@@ -147,6 +148,24 @@ def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figu
     ]
     assert outcome["reasons"] == report["reasons"]
     assert report["decision"]["trigger"] == "accuracy"
+
+
+def test_the_accuracy_rule_holds_the_champion_to_the_best_mae_of_its_line(
+    client, spec, champion, registry
+) -> None:
+    mae = serve_traffic(client, spec, "none", 600, seed=35, labelled=True)
+    assert mae is not None
+    # A champion promoted mid-change: its own validation MAE is lax, its line once did better.
+    own, baseline = mae, mae / 1.25 * 0.9
+    with registry.sessions.begin() as session:
+        row = session.get(ModelVersion, champion.version)
+        row.metrics = {**row.metrics, "val_mae": own, "baseline_mae": baseline}
+    outcome = run_monitor(client)
+    assert outcome["reasons"][-1] == (
+        f"MAE {mae:,.2f} on 600 labelled rows > {baseline * 1.25:,.2f} (baseline MAE {baseline:,.2f}, the "
+        f"best validation MAE of this model line, × 1.25; champion's own validation MAE {own:,.2f})"
+    )
+    assert client.get(f"/reports/{outcome['report_id']}").json()["decision"]["trigger"] == "accuracy"
 
 
 def test_a_new_town_breach_names_the_drifted_features(client, spec) -> None:

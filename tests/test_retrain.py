@@ -34,7 +34,7 @@ from retrain.train import predict, train_model
 from tests.conftest import TINY, make_settings
 
 NOW = datetime(2022, 7, 1, tzinfo=UTC)
-STEPS = ["assemble", "train", "validate", "register", "promote"]
+STEPS = ["assemble", "train", "validate", "refit", "register", "promote"]
 
 
 def log_predictions(
@@ -172,7 +172,7 @@ def test_assemble_with_a_window_keeps_only_recent_rows_and_drops_an_old_referenc
     assert data.end == NOW - timedelta(days=1)
 
 
-def test_holdout_is_the_most_recent_slice_of_new_rows(
+def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_half(
     sessions: sessionmaker[Session],
     registry: Registry,
     champion: ModelVersion,
@@ -184,11 +184,19 @@ def test_holdout_is_the_most_recent_slice_of_new_rows(
     )
     train, held = holdout(data, spec, fraction=0.2)
 
+    new = data.frame.index[data.frame[SOURCE] != "reference"]
     assert len(held) == 11  # ceil(0.2 × 55 new rows)
+    assert (
+        held.index.tolist() == new[-22:][1::2].tolist()
+    )  # the newest row is held out, the one before trains
+    assert new[-22:][0::2].isin(train.index).all()  # the candidate learns from the recent past too
     assert len(train) == 3055 - 11
     assert set(held[SOURCE]) == {"production_labelled", "ingested"}
-    assert held[EVENT_TIME].min() > train[EVENT_TIME].max()
-    assert held[EVENT_TIME].tolist() == sorted(data.frame[EVENT_TIME])[-11:]
+    assert held[EVENT_TIME].min() > data.frame.loc[new[:-22], EVENT_TIME].max()
+    # Over half of the rows: no room to interleave, so the newest rows.
+    train, held = holdout(data, spec, fraction=0.6)
+    assert held.index.tolist() == new[-33:].tolist()  # ceil(0.6 × 55)
+    assert len(train) == 3055 - 33
 
 
 def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
@@ -201,8 +209,8 @@ def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
     train, held = holdout(data, spec, fraction=0.2)
 
     assert data.sources == {"reference": 3000, "production_labelled": 5, "ingested": 0}
-    assert len(held) == 601  # ceil(0.2 × 3005)
-    assert held[SOURCE].value_counts().to_dict() == {"reference": 596, "production_labelled": 5}
+    assert len(held) == 601  # ceil(0.2 × 3005), every other row of the newest 1,202
+    assert held[SOURCE].value_counts().to_dict() == {"reference": 598, "production_labelled": 3}
     assert len(train) == 2404
 
 
@@ -296,6 +304,16 @@ def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None
 # --- whole runs, in-process ----------------------------------------------------------------------------
 
 
+@pytest.fixture
+def shocked(sessions: sessionmaker[Session], spec: FeatureSpec, champion: ModelVersion) -> pd.DataFrame:
+    """1,500 logged and labelled 2022 predictions of a market 20 % down: a retrain has much to gain."""
+    frame = generate_transactions(
+        1500, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=5
+    )
+    log_predictions(sessions, frame, spec)
+    return frame
+
+
 def test_a_better_candidate_is_promoted_with_its_lineage(
     db_url: str,
     tmp_path: Path,
@@ -303,11 +321,8 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
     registry: Registry,
     champion: ModelVersion,
     spec: FeatureSpec,
+    shocked: pd.DataFrame,
 ) -> None:
-    shocked = generate_transactions(
-        1500, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=5
-    )
-    log_predictions(sessions, shocked, spec)
     report_id = add_report(sessions)
     now = datetime(2023, 1, 1, tzinfo=UTC)
     run_id = start_run(sessions, trigger="drift", reason="rate shock", report_id=report_id, now=now)
@@ -322,10 +337,11 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
     assert v2 is not None
     times = shocked["contract_date"]
     assert (v2.parent_version, v2.trigger, v2.retrain_run_id, v2.report_id) == (1, "drift", run_id, report_id)
+    # The gate judged a model trained on 4,200 rows; the one promoted was refit on all 4,500.
     assert (v2.train_start, v2.train_end, v2.train_rows) == (
         champion.train_end,
-        times.iloc[1199].to_pydatetime(),
-        4200,
+        times.iloc[-1].to_pydatetime(),
+        4500,
     )
     assert v2.data_sources == {
         "rows": {"reference": 3000, "production_labelled": 1500, "ingested": 0},
@@ -333,13 +349,16 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
         "window_days": None,
         "start": champion.train_end.isoformat() if champion.train_end else None,
         "end": times.iloc[-1].isoformat(),
-        "train_rows": 4200,
+        "train_rows": 4500,
         "holdout_rows": 300,
         "holdout_basis": "new",
         "new_data_weight_share": 0.7,
         "half_life_days": None,
+        "refit": True,
     }
     assert v2.metrics["val_rows"] == 300
+    assert v2.metrics["refit"] == {"used": True, "rows": 4500}
+    assert v2.metrics["baseline_mae"] == min(v2.metrics["val_mae"], champion.metrics["val_mae"])
     assert v2.metrics["val_mae"] <= 0.98 * v2.metrics["champion_val_mae"]
     assert v2.metrics["gate"]["passed"] is True
     assert set(v2.feature_importance) == set(spec.feature_names)
@@ -362,6 +381,25 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
     assert run.metrics == v2.metrics
     assert list(run.steps) == STEPS
     assert all(step["started_at"] == now.isoformat() and step["seconds"] >= 0 for step in run.steps.values())
+
+
+def test_without_refit_the_validated_model_is_promoted(
+    db_url: str, tmp_path: Path, sessions: sessionmaker[Session], registry: Registry, shocked: pd.DataFrame
+) -> None:
+    spec = load_spec()
+    now = datetime(2023, 1, 1, tzinfo=UTC)
+    run_id = start_run(sessions, trigger="manual", now=now)
+    settings = make_settings(db_url, tmp_path, refit=False)
+
+    outcome = execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=lambda: now)
+
+    assert outcome.status == "promoted"
+    v2 = registry.get(2)
+    assert v2 is not None
+    assert (v2.train_rows, v2.data_sources["refit"], "refit" in v2.metrics) == (4200, False, False)
+    # The newest row was held out; the one before it trained.
+    assert v2.train_end == shocked["contract_date"].iloc[-2].to_pydatetime()
+    assert list(run_row(sessions, run_id).steps) == [s for s in STEPS if s != "refit"]
 
 
 def test_a_worse_candidate_is_rejected_and_the_champion_kept(

@@ -201,7 +201,7 @@ def test_launch_runs_in_a_child_that_records_the_outcome(
         2,
         None,
     )
-    assert list(run.steps) == ["assemble", "train", "validate", "register", "promote"]
+    assert list(run.steps) == ["assemble", "train", "validate", "refit", "register", "promote"]
     assert versions(registry) == {1: ModelStatus.archived, 2: ModelStatus.champion}
     assert run.finished_at is not None
     sample = prometheus.get_sample_value
