@@ -244,7 +244,7 @@ class Loop:
             champion, window, observation, result, decision, html_path, now,
             seconds=time.perf_counter() - started,
         )  # fmt: skip
-        self._publish(result, observation, champion)
+        self._publish(result, observation)
         notes: list[str] = []
         if decision.breach:
             with self.sessions.begin() as session:
@@ -305,7 +305,7 @@ class Loop:
             mae=result.accuracy.mae if result and result.accuracy else None,
             rmse=result.accuracy.rmse if result and result.accuracy else None,
             mape=result.accuracy.mape if result and result.accuracy else None,
-            champion_mae=champion.metrics.get("val_mae"),
+            champion_mae=obs.champion_mae,
             breach=decision.breach,
             reasons=list(decision.reasons),
             decision=decision.as_dict(),
@@ -317,14 +317,13 @@ class Loop:
             session.flush()
             return row.id
 
-    def _publish(self, result: DriftResult | None, obs: Observation, champion: ModelVersion) -> None:
+    def _publish(self, result: DriftResult | None, obs: Observation) -> None:
         m = self.metrics
         nan = float("nan")
         m.window_rows.set(obs.rows)
         m.window_labelled_rows.set(obs.labelled_rows)
-        m.champion_validation_mae.set(champion.metrics.get("val_mae", nan))
-        baseline = baseline_mae(champion)
-        m.champion_baseline_mae.set(nan if baseline is None else baseline)
+        m.champion_validation_mae.set(nan if obs.champion_mae is None else obs.champion_mae)
+        m.champion_baseline_mae.set(nan if obs.baseline_mae is None else obs.baseline_mae)
         if result is None:
             return
         m.drift_share.set(result.drift_share)
