@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -44,6 +44,7 @@ INGESTED = "ingested"
 SOURCES = (REFERENCE, PRODUCTION, INGESTED)
 # Fewer new labelled rows than this and the holdout falls back to the most recent rows of any source.
 MIN_NEW_ROWS_FOR_HOLDOUT = 50
+HoldoutBasis = Literal["unseen", "new", "all"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,22 +90,35 @@ def assemble(
     )
 
 
-def holdout(data: TrainingData, spec: FeatureSpec, *, fraction: float) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, holdout): the holdout is `fraction` of the new labelled rows, taken from the newest ones.
+def holdout(
+    data: TrainingData, spec: FeatureSpec, *, fraction: float, seen_until: datetime | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, HoldoutBasis]:
+    """(train, holdout, basis): the holdout is `fraction` of a pool of labelled rows, taken from its newest.
 
-    New rows are production_labelled + ingested; with fewer than MIN_NEW_ROWS_FOR_HOLDOUT of them the pool
-    is all rows. Of the newest 2 × `fraction` of the pool, every other row (the newest first) is held out
-    and the rest train; with `fraction` over one half the holdout is simply the newest rows. Held out
-    from the recent past, not cut off at its end: right after a change in the data, a plain time tail
-    would hold out every post-change row, and the gate would judge a candidate that never saw the new
-    data on nothing but the new data. Train is every row not held out. Both keep time order.
+    The pool is, by preference, the new rows (production_labelled + ingested) stamped after `seen_until`,
+    the end of the champion's training data ("unseen"): the gate compares candidate and champion on rows
+    that neither trained on, where a champion scored on its own training rows would look better than it
+    is. With fewer than MIN_NEW_ROWS_FOR_HOLDOUT of those it is every new row ("new"), and with fewer new
+    rows than that, every row ("all"). Of the newest 2 × `fraction` of the pool, every other row (the
+    newest first) is held out and the rest train; with `fraction` over one half the holdout is simply the
+    newest rows. Held out from the recent past, not cut off at its end: right after a change in the data, a
+    plain time tail would hold out every post-change row, and the gate would judge a candidate that never
+    saw the new data on nothing but the new data. Train is every row not held out. Both keep time order.
     """
     frame = data.frame
-    new = frame.index[frame[SOURCE] != REFERENCE]
-    pool = new if len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT else frame.index
+    is_new = frame[SOURCE] != REFERENCE
+    unseen = frame.index[is_new & (frame[EVENT_TIME] > seen_until)] if seen_until is not None else None
+    new = frame.index[is_new]
+    basis: HoldoutBasis
+    if unseen is not None and len(unseen) >= MIN_NEW_ROWS_FOR_HOLDOUT:
+        pool, basis = unseen, "unseen"
+    elif len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT:
+        pool, basis = new, "new"
+    else:
+        pool, basis = frame.index, "all"
     size = min(max(math.ceil(round(len(pool) * fraction, 9)), 1), len(pool)) if len(pool) else 0
     held = pool[len(pool) - 2 * size :][1::2] if 2 * size <= len(pool) else pool[len(pool) - size :]
-    return frame.drop(index=held), frame.loc[held]
+    return frame.drop(index=held), frame.loc[held], basis
 
 
 def sample_weights(

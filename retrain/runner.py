@@ -40,8 +40,7 @@ from core.settings import Settings
 from core.spec import FeatureSpec
 from retrain.dataset import (
     EVENT_TIME,
-    REFERENCE,
-    SOURCE,
+    HoldoutBasis,
     TrainingData,
     assemble,
     candidate_reference,
@@ -267,7 +266,9 @@ class _Run:
                 window_days=self.settings.train_window_days,
                 now=self.clock(),
             )
-            train, held = holdout(data, self.spec, fraction=self.settings.holdout_fraction)
+            train, held, basis = holdout(
+                data, self.spec, fraction=self.settings.holdout_fraction, seen_until=champion.train_end
+            )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
                 raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
         with self._step("train"):
@@ -288,7 +289,7 @@ class _Run:
                 model, fitted, metrics["refit"] = self._refit(model, data, held, params)
         with self._step("register"):
             version = self.registry.register(
-                self._new_version(run, champion, model, params, data, fitted, held, metrics)
+                self._new_version(run, champion, model, params, data, fitted, held, basis, metrics)
             )
             self.candidate_version = version.version
             self._save(candidate_version=version.version)
@@ -353,6 +354,7 @@ class _Run:
         data: TrainingData,
         train: pd.DataFrame,
         held: pd.DataFrame,
+        basis: HoldoutBasis,
         metrics: dict[str, Any],
     ) -> NewVersion:
         times = train[EVENT_TIME]
@@ -376,7 +378,7 @@ class _Run:
                 "holdout_rows": len(held),
                 "new_data_weight_share": self.settings.new_data_weight_share,
                 "half_life_days": self.settings.train_half_life_days,
-                "holdout_basis": "all" if (held[SOURCE] == REFERENCE).any() else "new",
+                "holdout_basis": basis,
                 "refit": bool(metrics.get("refit", {}).get("used")),
             },
             parent_version=champion.version,

@@ -27,7 +27,7 @@ from core.schema import (
     RetrainRun,
 )
 from core.spec import FeatureSpec, load_spec
-from retrain.dataset import EVENT_TIME, SOURCE, assemble, holdout
+from retrain.dataset import EVENT_TIME, SOURCE, TrainingData, assemble, holdout
 from retrain.gate import evaluate_gate, sanity_reasons
 from retrain.runner import execute_run, start_run
 from retrain.train import predict, train_model
@@ -182,8 +182,9 @@ def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_ha
     data = assemble(
         sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
     )
-    train, held = holdout(data, spec, fraction=0.2)
+    train, held, basis = holdout(data, spec, fraction=0.2)
 
+    assert basis == "new"  # no champion data end given
     new = data.frame.index[data.frame[SOURCE] != "reference"]
     assert len(held) == 11  # ceil(0.2 × 55 new rows)
     assert (
@@ -194,9 +195,33 @@ def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_ha
     assert set(held[SOURCE]) == {"production_labelled", "ingested"}
     assert held[EVENT_TIME].min() > data.frame.loc[new[:-22], EVENT_TIME].max()
     # Over half of the rows: no room to interleave, so the newest rows.
-    train, held = holdout(data, spec, fraction=0.6)
+    train, held, _ = holdout(data, spec, fraction=0.6)
     assert held.index.tolist() == new[-33:].tolist()  # ceil(0.6 × 55)
     assert len(train) == 3055 - 33
+
+
+def test_holdout_comes_from_rows_the_champion_never_trained_on_when_there_are_enough(
+    spec: FeatureSpec,
+) -> None:
+    # 100 reference rows, then 300 new rows a day apart; the champion trained on data up to day 200.
+    days = [NOW - timedelta(days=400 - i) for i in range(400)]
+    frame = pd.DataFrame({EVENT_TIME: days, SOURCE: ["reference"] * 100 + ["production_labelled"] * 300})
+    data = TrainingData(frame=frame, sources={}, start=days[0], end=days[-1])
+    seen_until = days[299]
+
+    train, held, basis = holdout(data, spec, fraction=0.2, seen_until=seen_until)
+
+    # ceil(0.2 × 100 unseen rows), every other one of the newest 40; counted over all 300 new rows the
+    # holdout would be 60 rows from the newest 120, a fifth of them rows the champion was scored on after
+    # training on them.
+    assert basis == "unseen"
+    assert held.index.tolist() == list(range(360, 400))[1::2]
+    assert held[EVENT_TIME].min() > seen_until
+    assert len(train) == 380
+    # With fewer unseen rows than MIN_NEW_ROWS_FOR_HOLDOUT (50) the pool is every new row again.
+    train, held, basis = holdout(data, spec, fraction=0.2, seen_until=days[350])
+    assert basis == "new"
+    assert held.index.tolist() == list(range(280, 400))[1::2]
 
 
 def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
@@ -206,8 +231,9 @@ def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
     data = assemble(
         sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
     )
-    train, held = holdout(data, spec, fraction=0.2)
+    train, held, basis = holdout(data, spec, fraction=0.2, seen_until=champion.train_end)
 
+    assert basis == "all"
     assert data.sources == {"reference": 3000, "production_labelled": 5, "ingested": 0}
     assert len(held) == 601  # ceil(0.2 × 3005), every other row of the newest 1,202
     assert held[SOURCE].value_counts().to_dict() == {"reference": 598, "production_labelled": 3}
@@ -351,7 +377,7 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
         "end": times.iloc[-1].isoformat(),
         "train_rows": 4500,
         "holdout_rows": 300,
-        "holdout_basis": "new",
+        "holdout_basis": "unseen",
         "new_data_weight_share": 0.7,
         "half_life_days": None,
         "refit": True,
