@@ -20,16 +20,17 @@ Rules, in order:
    - hysteresis: at least `consecutive_breaches` breaches in a row ("hysteresis 1/2");
    - cooldown since the last run started ("cooldown: 1234 s left");
    - daily budget ("daily budget 4/4");
-   - for a drift-only breach, no drift-triggered run of this champion rejected by the gate yet
-     ("drift retrain run 3 of this champion was rejected …"): inputs that moved without costing
-     accuracy, where a candidate could not beat the champion, keep alerting but stop spending compute;
-   - for a breach of the baseline alone (MAE within the champion's own yardstick), no accuracy-triggered
-     run of this champion rejected yet ("accuracy retrain run 7 …"): fresh data could not beat it, so
-     the baseline is out of this data's reach for now;
+   - backoff, for a soft breach (drift only, or the baseline alone: MAE within the champion's own
+     yardstick): after n runs in a row launched by soft breaches, the next one waits
+     `retrain_cooldown_s` × 2ⁿ since the last run ("backoff after 2 soft-breach runs in a row …").
+     A soft breach that outlives its retrains is one that retraining does not quickly cure (inputs that
+     moved without costing accuracy, a baseline this data no longer allows), so it keeps alerting but
+     spends compute ever more rarely; a run for a hard breach (MAE over the champion's own yardstick)
+     or an operator's run starts the count afresh;
    - last, a drift-only breach waits for `min_labelled_rows` labelled rows from the drifted traffic,
      counted from the first breach of the streak ("waiting for labels: 37/200 …"): a candidate trained
      before the moved inputs have labels has nothing new to learn from.
-   An accuracy breach over the champion's own yardstick always retrains once the first four are open.
+   A hard breach retrains once the first four are open.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from core.schema import (
     LabelledRow,
     PredictionLog,
     RetrainRun,
-    RunStatus,
     Trigger,
 )
 
@@ -121,11 +121,11 @@ class History:
     last_retrain_at: datetime | None  # start of the most recent retrain run, any trigger or outcome
     retrains_last_24h: int
     streak_start_report_id: int | None = None  # first report of that run of breaches; None if there is none
-    rejected_drift_run: int | None = None  # a drift-triggered run of this champion the gate rejected
     # Labelled rows (predictions with their actual, and ingested rows) dated at or after the streak's first
     # breach: what a drift retrain would have to learn the moved inputs from.
     labelled_since_streak: int = 0
-    rejected_accuracy_run: int | None = None  # an accuracy-triggered run of this champion the gate rejected
+    # Retrain runs in a row, newest first, that soft breaches launched (see the module docstring).
+    soft_runs: int = 0
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -140,6 +140,7 @@ class Decision:
     reasons: tuple[str, ...]
     held_by: str | None  # why a breach did not retrain; None when it did, or when there was no breach
     consecutive: int  # breaches in a row including this one; 0 when this is not a breach
+    soft: bool = False  # a breach of drift alone or of the baseline alone (see the module docstring)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for drift_report.decision."""
@@ -169,9 +170,8 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
         )
     trigger: PolicyTrigger = "accuracy" if accuracy else "drift"
     consecutive = history.previous_breaches + 1
-    held_by = _held_by(
-        obs.at, consecutive, history, config, drift_only=trigger == "drift", baseline_only=baseline_only
-    )
+    soft = trigger == "drift" or baseline_only
+    held_by = _held_by(obs.at, consecutive, history, config, drift_only=trigger == "drift", soft=soft)
     return Decision(
         verdict="breach",
         breach=True,
@@ -180,6 +180,7 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
         reasons=reasons,
         held_by=held_by,
         consecutive=consecutive,
+        soft=soft,
     )
 
 
@@ -223,7 +224,7 @@ def _held_by(
     config: PolicyConfig,
     *,
     drift_only: bool,
-    baseline_only: bool = False,
+    soft: bool,
 ) -> str | None:
     if not config.auto_retrain:
         return "alert-only mode"
@@ -235,16 +236,16 @@ def _held_by(
             return f"cooldown: {math.ceil(left)} s left"
     if history.retrains_last_24h >= config.max_retrains_per_day:
         return f"daily budget {history.retrains_last_24h}/{config.max_retrains_per_day}"
-    if drift_only and history.rejected_drift_run is not None:
-        return (
-            f"drift retrain run {history.rejected_drift_run} of this champion was rejected by the gate; "
-            "drift alone will not retrain it again (an accuracy breach will)"
-        )
-    if baseline_only and history.rejected_accuracy_run is not None:
-        return (
-            f"accuracy retrain run {history.rejected_accuracy_run} of this champion was rejected by the "
-            "gate; the baseline alone will not retrain it again (MAE over its own yardstick will)"
-        )
+    if soft and history.soft_runs and history.last_retrain_at is not None:
+        n = min(history.soft_runs, MAX_BACKOFF_DOUBLINGS)
+        wait = config.retrain_cooldown_s * 2**n
+        left = wait - (at - history.last_retrain_at).total_seconds()
+        if left > 0:
+            runs = "run" if history.soft_runs == 1 else "runs"
+            return (
+                f"backoff after {history.soft_runs} soft-breach {runs} in a row: the next waits {wait} s "
+                f"(cooldown × 2^{n}), {math.ceil(left)} s left"
+            )
     if drift_only and history.labelled_since_streak < config.min_labelled_rows:
         return (
             f"waiting for labels: {history.labelled_since_streak}/{config.min_labelled_rows} labelled rows "
@@ -256,6 +257,8 @@ def _held_by(
 # --- history (the one function here that does I/O) ---------------------------------------------
 
 DAY = timedelta(hours=24)
+# The backoff stops doubling here (with a 1 h cooldown, ~2.7 months).
+MAX_BACKOFF_DOUBLINGS = 11
 
 
 def load_history(session: Session, *, champion_version: int | None, now: datetime) -> History:
@@ -265,8 +268,8 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     report that did not breach or was made for another champion. Reports whose stored decision has
     verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
-    `rejected_drift_run` / `rejected_accuracy_run`: the newest drift- / accuracy-triggered run of this
-    champion that the gate rejected.
+    `soft_runs`: walking back from `now` over runs of any champion, those launched by a soft breach (drift
+    triggered, or accuracy triggered by a report whose decision says soft) until one that was not.
     `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
     previous, streak_start, since = _breach_streak(session, champion_version=champion_version, now=now)
@@ -277,26 +280,33 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
             func.count(RetrainRun.id).filter(RetrainRun.started_at > now - DAY),
         ).where(RetrainRun.started_at < now)
     ).one()
-    rejected_drift, rejected_accuracy = (
-        session.scalar(
-            select(func.max(RetrainRun.id)).where(
-                RetrainRun.champion_version == champion_version,
-                RetrainRun.trigger == trigger,
-                RetrainRun.status == RunStatus.rejected,
-                RetrainRun.started_at < now,
-            )
-        )
-        for trigger in (Trigger.drift, Trigger.accuracy)
-    )
     return History(
         previous_breaches=previous,
         last_retrain_at=last_retrain_at,
         retrains_last_24h=recent,
         streak_start_report_id=streak_start,
-        rejected_drift_run=rejected_drift,
         labelled_since_streak=labelled_since,
-        rejected_accuracy_run=rejected_accuracy,
+        soft_runs=_soft_runs(session, now=now),
     )
+
+
+def _soft_runs(session: Session, *, now: datetime) -> int:
+    runs = session.execute(
+        select(RetrainRun.trigger, DriftReport.decision)
+        .outerjoin(DriftReport, DriftReport.id == RetrainRun.report_id)
+        .where(RetrainRun.started_at < now)
+        .order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
+        .limit(MAX_BACKOFF_DOUBLINGS + 1)
+    ).all()
+    count = 0
+    for trigger, decision in runs:
+        soft = trigger == Trigger.drift or (
+            trigger == Trigger.accuracy and (decision or {}).get("soft") is True
+        )
+        if not soft:
+            break
+        count += 1
+    return count
 
 
 def _labelled_since(session: Session, *, since: datetime, now: datetime) -> int:

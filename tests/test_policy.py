@@ -74,7 +74,9 @@ def breach(
     retrain: bool = True,
     held_by: str | None = None,
     consecutive: int = 2,
+    soft: bool | None = None,
 ) -> Decision:
+    """A breach; soft defaults to what a drift-only breach is (pass it for a baseline-only one)."""
     return Decision(
         verdict="breach",
         breach=True,
@@ -83,11 +85,19 @@ def breach(
         reasons=reasons,
         held_by=held_by,
         consecutive=consecutive,
+        soft=trigger == "drift" if soft is None else soft,
     )
 
 
-def held(trigger: str, reasons: tuple[str, ...], held_by: str, consecutive: int = 2) -> Decision:
-    return breach(trigger, reasons, retrain=False, held_by=held_by, consecutive=consecutive)
+def held(
+    trigger: str, reasons: tuple[str, ...], held_by: str, consecutive: int = 2, soft: bool | None = None
+) -> Decision:
+    return breach(trigger, reasons, retrain=False, held_by=held_by, consecutive=consecutive, soft=soft)
+
+
+def backoff(soft_runs: int, *, hours_ago: float, **changes: Any) -> History:
+    """`soft_runs` soft-breach runs in a row, the last started `hours_ago` (the cooldown is 1 h)."""
+    return history(soft_runs=soft_runs, last_retrain_at=T0 - timedelta(hours=hours_ago), **changes)
 
 
 CASES = [
@@ -201,29 +211,70 @@ CASES = [
     ),
     pytest.param(
         obs(weighted_score=0.42),
-        history(rejected_drift_run=7),
+        backoff(1, hours_ago=1),
         CONFIG,
         held(
             "drift",
             (WEIGHTED,),
-            "drift retrain run 7 of this champion was rejected by the gate; drift alone will not retrain it "
-            "again (an accuracy breach will)",
+            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
         ),
-        id="drift-only-after-a-rejected-drift-run",
-    ),
-    pytest.param(
-        obs(weighted_score=0.42, mae=130.0),
-        history(rejected_drift_run=7),
-        CONFIG,
-        breach("accuracy", (WEIGHTED, MAE)),
-        id="accuracy-retrains-after-a-rejected-drift-run",
+        id="drift-only-backs-off-after-a-soft-run",
     ),
     pytest.param(
         obs(weighted_score=0.42),
-        history(rejected_drift_run=7, retrains_last_24h=4),
+        backoff(1, hours_ago=2),
+        CONFIG,
+        breach("drift", (WEIGHTED,)),
+        id="drift-only-retrains-once-the-backoff-passed",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(3, hours_ago=2),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "backoff after 3 soft-breach runs in a row: the next waits 28800 s (cooldown × 2^3), "
+            "21600 s left",
+        ),
+        id="backoff-doubles-with-each-soft-run",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(40, hours_ago=2),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "backoff after 40 soft-breach runs in a row: the next waits 7372800 s (cooldown × 2^11), "
+            "7365600 s left",
+        ),
+        id="backoff-stops-doubling-at-eleven",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42, mae=130.0),
+        backoff(3, hours_ago=1),
+        CONFIG,
+        breach("accuracy", (WEIGHTED, MAE)),
+        id="hard-accuracy-breach-ignores-the-backoff",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(1, hours_ago=1, retrains_last_24h=4),
         CONFIG,
         held("drift", (WEIGHTED,), "daily budget 4/4"),
-        id="budget-reported-before-the-rejected-drift-run",
+        id="budget-reported-before-the-backoff",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(1, hours_ago=1, labelled_since_streak=0),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
+        ),
+        id="backoff-reported-before-waiting-for-labels",
     ),
     pytest.param(
         obs(weighted_score=0.42),
@@ -255,7 +306,7 @@ CASES = [
         obs(mae=110.0, baseline_mae=80.0),
         ONE_BEFORE,
         CONFIG,
-        breach("accuracy", (BASELINE,)),
+        breach("accuracy", (BASELINE,), soft=True),
         id="baseline-breach-within-the-champions-own-yardstick",
     ),
     pytest.param(obs(mae=100.0, baseline_mae=80.0), ONE_BEFORE, CONFIG, OK, id="baseline-at-limit-ok"),
@@ -275,37 +326,41 @@ CASES = [
     ),
     pytest.param(
         obs(mae=110.0, baseline_mae=80.0),
-        history(rejected_accuracy_run=9),
+        backoff(2, hours_ago=3),
         CONFIG,
         held(
             "accuracy",
             (BASELINE,),
-            "accuracy retrain run 9 of this champion was rejected by the gate; the baseline alone will not "
-            "retrain it again (MAE over its own yardstick will)",
+            "backoff after 2 soft-breach runs in a row: the next waits 14400 s (cooldown × 2^2), 3600 s left",
+            soft=True,
         ),
-        id="baseline-only-after-a-rejected-accuracy-run",
+        id="baseline-only-backs-off",
     ),
     pytest.param(
         obs(mae=130.0, baseline_mae=80.0),
-        history(rejected_accuracy_run=9),
+        backoff(2, hours_ago=1),
         CONFIG,
-        breach(
-            "accuracy",
-            (BASELINE.replace("110.00", "130.00"),),
-        ),
-        id="own-yardstick-breach-retrains-after-a-rejected-accuracy-run",
+        breach("accuracy", (BASELINE.replace("110.00", "130.00"),)),
+        id="own-yardstick-breach-is-hard-though-the-reason-names-the-baseline",
     ),
     pytest.param(
         obs(mae=110.0, baseline_mae=80.0, weighted_score=0.42),
-        history(rejected_accuracy_run=9, labelled_since_streak=0),
+        backoff(1, hours_ago=1, labelled_since_streak=0),
         CONFIG,
         held(
             "accuracy",
             (WEIGHTED, BASELINE),
-            "accuracy retrain run 9 of this champion was rejected by the gate; the baseline alone will not "
-            "retrain it again (MAE over its own yardstick will)",
+            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
+            soft=True,
         ),
-        id="baseline-and-drift-after-a-rejected-accuracy-run",
+        id="baseline-and-drift-is-soft",
+    ),
+    pytest.param(
+        obs(mae=110.0, baseline_mae=80.0, weighted_score=0.42),
+        backoff(1, hours_ago=2, labelled_since_streak=0),
+        CONFIG,
+        breach("accuracy", (WEIGHTED, BASELINE), soft=True),
+        id="baseline-and-drift-does-not-wait-for-labels",
     ),
 ]
 
@@ -364,6 +419,7 @@ def test_decision_as_dict_is_json_ready() -> None:
         "reasons": [WEIGHTED],
         "held_by": "hysteresis 1/2",
         "consecutive": 1,
+        "soft": True,
     }
 
 
@@ -435,9 +491,9 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
                 _report(T0, 3, breach=True),  # not before now
                 _run(T0 - timedelta(hours=30), "failed"),
                 _run(T0 - timedelta(hours=24), "rejected"),  # exactly 24 h ago: outside the day
-                rejected := _run(T0 - timedelta(hours=5), "rejected"),
-                accuracy := _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # not a drift run
-                _run(T0 - timedelta(hours=2), "promoted"),
+                _run(T0 - timedelta(hours=5), "rejected"),
+                _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # no report saying soft: hard
+                _run(T0 - timedelta(hours=2), "promoted"),  # drift: soft
                 _run(T0 + timedelta(minutes=1), "failed"),  # after now
             ]
         )
@@ -450,25 +506,53 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=3,
         streak_start_report_id=first.id,
-        rejected_drift_run=rejected.id,
-        rejected_accuracy_run=accuracy.id,
+        soft_runs=1,
     )
     assert v2 == History(
         previous_breaches=0,
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=3,
         streak_start_report_id=None,
-        rejected_drift_run=None,  # the runs were of v3
-        rejected_accuracy_run=None,
+        soft_runs=1,  # runs of any champion count
     )
     assert earlier == History(
         previous_breaches=2,
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=4,  # the run 24 h before T0 is inside the day before T0 − 15 min
         streak_start_report_id=first.id,
-        rejected_drift_run=rejected.id,
-        rejected_accuracy_run=accuracy.id,
+        soft_runs=1,
     )
+
+
+def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Session]) -> None:
+    def report(at: datetime, soft: bool) -> DriftReport:
+        out = _report(at, 3, breach=True)
+        out.decision = {"verdict": "breach", "trigger": "accuracy", "soft": soft}
+        return out
+
+    with sessions.begin() as session:
+        session.add_all([soft := report(minutes(-700), True), hard := report(minutes(-500), False)])
+        session.flush()
+        runs = [
+            _run(T0 - timedelta(hours=12), "promoted", trigger="drift"),
+            _run(T0 - timedelta(hours=10), "promoted", trigger="manual"),  # an operator's run: hard
+            _run(T0 - timedelta(hours=8), "rejected", trigger="drift"),
+            _run(T0 - timedelta(hours=6), "promoted", trigger="accuracy"),  # its report says hard
+            _run(T0 - timedelta(hours=4), "failed", trigger="drift"),  # any outcome counts
+            _run(T0 - timedelta(hours=2), "promoted", trigger="accuracy"),  # its report says soft
+        ]
+        runs[3].report_id, runs[5].report_id = hard.id, soft.id
+        session.add_all(runs)
+
+    def soft_runs(now: datetime) -> int:
+        with sessions() as session:
+            return load_history(session, champion_version=3, now=now).soft_runs
+
+    assert soft_runs(T0) == 2
+    assert soft_runs(T0 - timedelta(hours=3)) == 1
+    assert soft_runs(T0 - timedelta(hours=5)) == 0
+    assert soft_runs(T0 - timedelta(hours=7)) == 1
+    assert soft_runs(T0 - timedelta(hours=9)) == 0
 
 
 def test_load_history_counts_labels_of_the_traffic_since_the_streak_began(
