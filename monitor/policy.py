@@ -243,8 +243,8 @@ def _held_by(
         if left > 0:
             runs = "run" if history.soft_runs == 1 else "runs"
             return (
-                f"backoff after {history.soft_runs} soft-breach {runs} in a row: the next waits {wait} s "
-                f"(cooldown × 2^{n}), {math.ceil(left)} s left"
+                f"backoff after {history.soft_runs} soft-breach {runs} in a row: the next waits "
+                f"{_span(wait)} (cooldown × 2^{n}), {_span(left)} left"
             )
     if drift_only and history.labelled_since_streak < config.min_labelled_rows:
         return (
@@ -252,6 +252,14 @@ def _held_by(
             "since the drift was first seen, for a candidate to learn the moved inputs from"
         )
     return None
+
+
+def _span(seconds: float) -> str:
+    """A duration for a person: '56 d', '2 h', '20.6 min', '45 s' (the largest unit it fills, one decimal)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{math.ceil(seconds)} s"
 
 
 # --- history (the one function here that does I/O) ---------------------------------------------

@@ -216,7 +216,7 @@ CASES = [
         held(
             "drift",
             (WEIGHTED,),
-            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
+            "backoff after 1 soft-breach run in a row: the next waits 2 h (cooldown × 2^1), 1 h left",
         ),
         id="drift-only-backs-off-after-a-soft-run",
     ),
@@ -234,8 +234,7 @@ CASES = [
         held(
             "drift",
             (WEIGHTED,),
-            "backoff after 3 soft-breach runs in a row: the next waits 28800 s (cooldown × 2^3), "
-            "21600 s left",
+            "backoff after 3 soft-breach runs in a row: the next waits 8 h (cooldown × 2^3), 6 h left",
         ),
         id="backoff-doubles-with-each-soft-run",
     ),
@@ -246,10 +245,32 @@ CASES = [
         held(
             "drift",
             (WEIGHTED,),
-            "backoff after 40 soft-breach runs in a row: the next waits 7372800 s (cooldown × 2^11), "
-            "7365600 s left",
+            "backoff after 40 soft-breach runs in a row: the next waits 85.3 d (cooldown × 2^11), "
+            "85.2 d left",
         ),
         id="backoff-stops-doubling-at-eleven",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(1, hours_ago=5964 / 3600),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "backoff after 1 soft-breach run in a row: the next waits 2 h (cooldown × 2^1), 20.6 min left",
+        ),
+        id="backoff-left-in-minutes",
+    ),
+    pytest.param(
+        obs(weighted_score=0.42),
+        backoff(1, hours_ago=7155 / 3600),
+        CONFIG,
+        held(
+            "drift",
+            (WEIGHTED,),
+            "backoff after 1 soft-breach run in a row: the next waits 2 h (cooldown × 2^1), 45 s left",
+        ),
+        id="backoff-left-in-seconds",
     ),
     pytest.param(
         obs(weighted_score=0.42, mae=130.0),
@@ -272,7 +293,7 @@ CASES = [
         held(
             "drift",
             (WEIGHTED,),
-            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
+            "backoff after 1 soft-breach run in a row: the next waits 2 h (cooldown × 2^1), 1 h left",
         ),
         id="backoff-reported-before-waiting-for-labels",
     ),
@@ -331,7 +352,7 @@ CASES = [
         held(
             "accuracy",
             (BASELINE,),
-            "backoff after 2 soft-breach runs in a row: the next waits 14400 s (cooldown × 2^2), 3600 s left",
+            "backoff after 2 soft-breach runs in a row: the next waits 4 h (cooldown × 2^2), 1 h left",
             soft=True,
         ),
         id="baseline-only-backs-off",
@@ -350,7 +371,7 @@ CASES = [
         held(
             "accuracy",
             (WEIGHTED, BASELINE),
-            "backoff after 1 soft-breach run in a row: the next waits 7200 s (cooldown × 2^1), 3600 s left",
+            "backoff after 1 soft-breach run in a row: the next waits 2 h (cooldown × 2^1), 1 h left",
             soft=True,
         ),
         id="baseline-and-drift-is-soft",
