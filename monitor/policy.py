@@ -267,6 +267,7 @@ def _span(seconds: float) -> str:
 DAY = timedelta(hours=24)
 # The backoff stops doubling here (with a 1 h cooldown, ~2.7 months).
 MAX_BACKOFF_DOUBLINGS = 11
+SOFT_RUNS_COUNTED = 100  # soft runs in a row are counted up to this many
 
 
 def load_history(session: Session, *, champion_version: int | None, now: datetime) -> History:
@@ -304,7 +305,7 @@ def _soft_runs(session: Session, *, now: datetime) -> int:
         .outerjoin(DriftReport, DriftReport.id == RetrainRun.report_id)
         .where(RetrainRun.started_at < now)
         .order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
-        .limit(MAX_BACKOFF_DOUBLINGS + 1)
+        .limit(SOFT_RUNS_COUNTED)
     ).all()
     count = 0
     for trigger, decision in runs:
