@@ -60,6 +60,7 @@ class MonitorOutcome:
             "retrain": bool(self.decision and self.decision.retrain),
             "reasons": list(self.decision.reasons) if self.decision else list(self.notes),
             "held_by": self.decision.held_by if self.decision else None,
+            "soft": bool(self.decision and self.decision.soft),
             "retrain_run_id": self.retrain_run_id,
             "drift": self.result.to_json() if self.result else None,
             "notes": list(self.notes),

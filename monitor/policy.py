@@ -21,12 +21,13 @@ Rules, in order:
    - cooldown since the last run started ("cooldown: 1234 s left");
    - daily budget ("daily budget 4/4");
    - backoff, for a soft breach (drift only, or the baseline alone: MAE within the champion's own
-     yardstick): after n runs in a row launched by soft breaches, the next one waits
-     `retrain_cooldown_s` × 2ⁿ since the last run ("backoff after 2 soft-breach runs in a row …").
-     A soft breach that outlives its retrains is one that retraining does not quickly cure (inputs that
-     moved without costing accuracy, a baseline this data no longer allows), so it keeps alerting but
-     spends compute ever more rarely; a run for a hard breach (MAE over the champion's own yardstick)
-     or an operator's run starts the count afresh;
+     yardstick): after n runs in a row launched by soft breaches since the monitor last found the traffic
+     within policy (an "ok" verdict), the next one waits `retrain_cooldown_s` × 2ⁿ since the last run
+     ("backoff after 2 soft-breach runs in a row …"; no backoff with a cooldown of 0). A soft breach
+     that outlives its retrains is one that retraining does not quickly cure (inputs that moved without
+     costing accuracy, a baseline this data no longer allows), so it keeps alerting but spends compute
+     ever more rarely. Any other run (one a hard breach launched, an operator's, a scheduled one) and
+     any "ok" report start the count afresh;
    - last, a drift-only breach waits for `min_labelled_rows` labelled rows from the drifted traffic,
      counted from the first breach of the streak ("waiting for labels: 37/200 …"): a candidate trained
      before the moved inputs have labels has nothing new to learn from.
@@ -115,7 +116,7 @@ class Observation:
 
 @dataclass(frozen=True, slots=True)
 class History:
-    """What happened before this observation, for the same champion."""
+    """What happened before this observation: the breach streak is the champion's, the runs any champion's."""
 
     previous_breaches: int  # breaching reports in a row immediately before this one
     last_retrain_at: datetime | None  # start of the most recent retrain run, any trigger or outcome
@@ -256,16 +257,17 @@ def _held_by(
 
 def _span(seconds: float) -> str:
     """A duration for a person: '56 d', '2 h', '20.6 min', '45 s' (the largest unit it fills, one decimal)."""
+    seconds = math.ceil(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f}".removesuffix(".0") + f" {unit}"
-    return f"{math.ceil(seconds)} s"
+    return f"{seconds} s"
 
 
 # --- history (the one function here that does I/O) ---------------------------------------------
 
 DAY = timedelta(hours=24)
-# The backoff stops doubling here (with a 1 h cooldown, ~2.7 months).
+# The backoff stops doubling here (with a 1 h cooldown, 2¹¹ h ≈ 85 d).
 MAX_BACKOFF_DOUBLINGS = 11
 SOFT_RUNS_COUNTED = 100  # soft runs in a row are counted up to this many
 
@@ -277,8 +279,10 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     report that did not breach or was made for another champion. Reports whose stored decision has
     verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
-    `soft_runs`: walking back from `now` over runs of any champion, those launched by a soft breach (drift
-    triggered, or accuracy triggered by a report whose decision says soft) until one that was not.
+    `soft_runs`: walking back from `now` over runs of any champion started after the newest report with
+    an "ok" verdict, those launched by a soft breach (drift triggered, or accuracy triggered by a report
+    whose decision says soft) until one that was not, counted up to SOFT_RUNS_COUNTED. An accuracy run
+    whose report is gone or predates the `soft` field counts as hard.
     `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
     previous, streak_start, since = _breach_streak(session, champion_version=champion_version, now=now)
@@ -300,13 +304,21 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
 
 
 def _soft_runs(session: Session, *, now: datetime) -> int:
-    runs = session.execute(
+    settled = session.scalar(
+        select(func.max(DriftReport.created_at)).where(
+            DriftReport.created_at < now, DriftReport.decision["verdict"].as_string() == "ok"
+        )
+    )
+    query = (
         select(RetrainRun.trigger, DriftReport.decision)
         .outerjoin(DriftReport, DriftReport.id == RetrainRun.report_id)
         .where(RetrainRun.started_at < now)
         .order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
         .limit(SOFT_RUNS_COUNTED)
-    ).all()
+    )
+    if settled is not None:
+        query = query.where(RetrainRun.started_at > settled)
+    runs = session.execute(query).all()
     count = 0
     for trigger, decision in runs:
         soft = trigger == Trigger.drift or (

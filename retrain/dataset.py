@@ -42,7 +42,8 @@ REFERENCE = "reference"
 PRODUCTION = "production_labelled"
 INGESTED = "ingested"
 SOURCES = (REFERENCE, PRODUCTION, INGESTED)
-# Fewer new labelled rows than this and the holdout falls back to the most recent rows of any source.
+# The smallest holdout pool: with fewer unseen new rows than this the pool is every new row, and with
+# fewer new rows than this it is every row (see `holdout`).
 MIN_NEW_ROWS_FOR_HOLDOUT = 50
 HoldoutBasis = Literal["unseen", "new", "all"]
 

@@ -267,7 +267,10 @@ class _Run:
                 now=self.clock(),
             )
             train, held, basis = holdout(
-                data, self.spec, fraction=self.settings.holdout_fraction, seen_until=champion.train_end
+                data,
+                self.spec,
+                fraction=self.settings.holdout_fraction,
+                seen_until=champion.train_end or champion.created_at,
             )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
                 raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")

@@ -19,6 +19,7 @@ from core.registry import Registry
 from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import FeatureSpec
 from monitor.jobs import Loop
+from monitor.policy import load_history
 from retrain.runner import start_run
 from retrain.train import predict
 from tests.conftest import make_settings
@@ -127,6 +128,7 @@ def test_covariate_drift_is_flagged_naming_the_features(
     detected = {f for f, v in row.features.items() if v["detected"]}
     assert set(DRIFTED_FEATURES[scenario]) <= detected
     assert row.breach and row.labelled_rows == 0 and row.mae is None
+    assert (outcome.decision.soft, row.decision["soft"]) == (True, True)  # drift alone: the backoff applies
     sample = metrics_value(metrics)
     assert sample("driftloop_drift_breach") == 1
     for feature in DRIFTED_FEATURES[scenario]:
@@ -171,6 +173,10 @@ def test_one_alert_per_breach_then_a_gated_retrain_promotes(
         run.id,
     )
     assert set(run.steps) == {"assemble", "train", "validate", "refit", "register", "promote"}
+    # MAE over the champion's own yardstick: a hard breach, and its run starts the backoff count afresh.
+    assert report_row(registry, second.report_id).decision["soft"] is False
+    with registry.sessions() as session:
+        assert load_history(session, champion_version=2, now=utcnow()).soft_runs == 0
     wait_until(lambda: "retrain_outcome" in receiver.kinds(), timeout=30, what="the retrain outcome message")
     loop.deliver()
     assert receiver.kinds().count("drift_breach") == 1  # two breaching reports, one episode, one alert

@@ -527,21 +527,21 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=3,
         streak_start_report_id=first.id,
-        soft_runs=1,
+        soft_runs=0,  # the "ok" report 50 min before T0 came after every run
     )
     assert v2 == History(
         previous_breaches=0,
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=3,
         streak_start_report_id=None,
-        soft_runs=1,  # runs of any champion count
+        soft_runs=0,
     )
     assert earlier == History(
         previous_breaches=2,
         last_retrain_at=T0 - timedelta(hours=2),
         retrains_last_24h=4,  # the run 24 h before T0 is inside the day before T0 − 15 min
         streak_start_report_id=first.id,
-        soft_runs=1,
+        soft_runs=0,
     )
 
 
@@ -553,16 +553,20 @@ def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Se
 
     with sessions.begin() as session:
         session.add_all([soft := report(minutes(-700), True), hard := report(minutes(-500), False)])
+        # Too few rows for a verdict: it neither breached nor found the traffic within policy.
+        session.add(_report(T0 - timedelta(hours=3), 2, breach=False, verdict="insufficient"))
         session.flush()
         runs = [
-            _run(T0 - timedelta(hours=12), "promoted", trigger="drift"),
-            _run(T0 - timedelta(hours=10), "promoted", trigger="manual"),  # an operator's run: hard
+            _run(T0 - timedelta(hours=14), "promoted", trigger="manual"),  # an operator's run: hard
+            _run(T0 - timedelta(hours=13), "promoted", trigger="drift"),
+            _run(T0 - timedelta(hours=12), "promoted", trigger="schedule"),  # a scheduled run: hard
+            _run(T0 - timedelta(hours=10), "rejected", trigger="drift"),
             _run(T0 - timedelta(hours=8), "rejected", trigger="drift"),
             _run(T0 - timedelta(hours=6), "promoted", trigger="accuracy"),  # its report says hard
             _run(T0 - timedelta(hours=4), "failed", trigger="drift"),  # any outcome counts
             _run(T0 - timedelta(hours=2), "promoted", trigger="accuracy"),  # its report says soft
         ]
-        runs[3].report_id, runs[5].report_id = hard.id, soft.id
+        runs[5].report_id, runs[7].report_id = hard.id, soft.id
         session.add_all(runs)
 
     def soft_runs(now: datetime) -> int:
@@ -572,8 +576,17 @@ def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Se
     assert soft_runs(T0) == 2
     assert soft_runs(T0 - timedelta(hours=3)) == 1
     assert soft_runs(T0 - timedelta(hours=5)) == 0
+    assert soft_runs(T0 - timedelta(hours=7)) == 2
+    assert soft_runs(T0 - timedelta(hours=11)) == 0
+    assert soft_runs(T0 - timedelta(hours=12.5)) == 1
+    # The monitor found the traffic within policy (another champion's report counts too): afresh.
+    with sessions.begin() as session:
+        session.add(_report(T0 - timedelta(hours=9), 2, breach=False))
     assert soft_runs(T0 - timedelta(hours=7)) == 1
-    assert soft_runs(T0 - timedelta(hours=9)) == 0
+    assert soft_runs(T0) == 2  # the runs after it
+    with sessions.begin() as session:
+        session.add(_report(T0 - timedelta(hours=1), 3, breach=False))
+    assert soft_runs(T0) == 0
 
 
 def test_load_history_counts_labels_of_the_traffic_since_the_streak_began(

@@ -91,6 +91,7 @@ def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) 
         "retrain": False,
         "reasons": [reason],
         "held_by": None,
+        "soft": False,
         "retrain_run_id": None,
         "drift": None,
         "notes": [],

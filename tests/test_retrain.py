@@ -340,6 +340,39 @@ def shocked(sessions: sessionmaker[Session], spec: FeatureSpec, champion: ModelV
     return frame
 
 
+def test_the_next_run_holds_out_only_rows_its_refit_champion_never_trained_on(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    shocked: pd.DataFrame,
+) -> None:
+    settings = make_settings(db_url, tmp_path)
+    first_at, second_at = datetime(2023, 1, 1, tzinfo=UTC), datetime(2023, 4, 1, tzinfo=UTC)
+    first = start_run(sessions, trigger="manual", reason="first", now=first_at)
+    assert execute_run(
+        first, settings=settings, spec=spec, registry=registry, clock=lambda: first_at
+    ).status == ("promoted")
+    v2 = registry.champion()
+    assert v2 is not None and v2.version == 2 and v2.train_rows == 4500  # refit on all 1,500 new rows
+    later = generate_transactions(
+        400, start="2023-01-02", end="2023-03-31", scenario="rate_shock", change_at="2022-01-01", seed=6
+    )
+    log_predictions(sessions, later, spec)
+
+    second = start_run(sessions, trigger="manual", reason="second", now=second_at)
+    execute_run(second, settings=settings, spec=spec, registry=registry, clock=lambda: second_at)
+
+    v3 = registry.get(3)
+    assert v3 is not None
+    # ceil(0.2 × 400 rows dated after v2's training data); over all 1,900 new rows it would be 380, half
+    # of them rows v2 trained on.
+    assert (v3.data_sources["holdout_basis"], v3.data_sources["holdout_rows"]) == ("unseen", 80)
+    assert v3.metrics["val_rows"] == 80
+
+
 def test_a_better_candidate_is_promoted_with_its_lineage(
     db_url: str,
     tmp_path: Path,
