@@ -42,9 +42,10 @@ REFERENCE = "reference"
 PRODUCTION = "production_labelled"
 INGESTED = "ingested"
 SOURCES = (REFERENCE, PRODUCTION, INGESTED)
-# The smallest holdout pool: with fewer unseen new rows than this the pool is every new row, and with
-# fewer new rows than this it is every row (see `holdout`).
+# With fewer new rows than this the holdout pool is every row (see `holdout`).
 MIN_NEW_ROWS_FOR_HOLDOUT = 50
+# An unseen holdout of fewer rows than this is too noisy for the gate's margin (see `holdout`).
+MIN_UNSEEN_HOLDOUT_ROWS = 50
 HoldoutBasis = Literal["unseen", "new", "all"]
 
 
@@ -99,27 +100,35 @@ def holdout(
     The pool is, by preference, the new rows (production_labelled + ingested) stamped after `seen_until`,
     the end of the champion's training data ("unseen"): the gate compares candidate and champion on rows
     that neither trained on, where a champion scored on its own training rows would look better than it
-    is. With fewer than MIN_NEW_ROWS_FOR_HOLDOUT of those it is every new row ("new"), and with fewer new
-    rows than that, every row ("all"). Of the newest 2 × `fraction` of the pool, every other row (the
-    newest first) is held out and the rest train; with `fraction` over one half the holdout is simply the
-    newest rows. Held out from the recent past, not cut off at its end: right after a change in the data, a
-    plain time tail would hold out every post-change row, and the gate would judge a candidate that never
-    saw the new data on nothing but the new data. Train is every row not held out. Both keep time order.
+    is. When that pool would give fewer than MIN_UNSEEN_HOLDOUT_ROWS holdout rows (just after a
+    promotion, say), it is every new row ("new"): the champion may have trained on some of them, which
+    makes the gate stricter, where a holdout of a dozen rows would make it a coin toss. With fewer than
+    MIN_NEW_ROWS_FOR_HOLDOUT new rows it is every row ("all").
+
+    Of the newest 2 × `fraction` of the pool, every other row (the newest first) is held out and the rest
+    train; with `fraction` over one half the holdout is simply the newest rows. Held out from the recent
+    past, not cut off at its end: right after a change in the data, a plain time tail would hold out
+    every post-change row, and the gate would judge a candidate that never saw the new data on nothing
+    but the new data. Train is every row not held out. Both keep time order.
     """
     frame = data.frame
     is_new = frame[SOURCE] != REFERENCE
     unseen = frame.index[is_new & (frame[EVENT_TIME] > seen_until)] if seen_until is not None else None
     new = frame.index[is_new]
     basis: HoldoutBasis
-    if unseen is not None and len(unseen) >= MIN_NEW_ROWS_FOR_HOLDOUT:
+    if unseen is not None and _held_size(len(unseen), fraction) >= MIN_UNSEEN_HOLDOUT_ROWS:
         pool, basis = unseen, "unseen"
     elif len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT:
         pool, basis = new, "new"
     else:
         pool, basis = frame.index, "all"
-    size = min(max(math.ceil(round(len(pool) * fraction, 9)), 1), len(pool)) if len(pool) else 0
+    size = _held_size(len(pool), fraction)
     held = pool[len(pool) - 2 * size :][1::2] if 2 * size <= len(pool) else pool[len(pool) - size :]
     return frame.drop(index=held), frame.loc[held], basis
+
+
+def _held_size(pool: int, fraction: float) -> int:
+    return min(max(math.ceil(round(pool * fraction, 9)), 1), pool) if pool else 0
 
 
 def sample_weights(

@@ -203,25 +203,25 @@ def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_ha
 def test_holdout_comes_from_rows_the_champion_never_trained_on_when_there_are_enough(
     spec: FeatureSpec,
 ) -> None:
-    # 100 reference rows, then 300 new rows a day apart; the champion trained on data up to day 200.
-    days = [NOW - timedelta(days=400 - i) for i in range(400)]
-    frame = pd.DataFrame({EVENT_TIME: days, SOURCE: ["reference"] * 100 + ["production_labelled"] * 300})
-    data = TrainingData(frame=frame, sources={}, start=days[0], end=days[-1])
-    seen_until = days[299]
+    # 100 reference rows, then 2,000 new rows an hour apart; the champion trained on data up to row 1,849.
+    hours = [NOW - timedelta(hours=2100 - i) for i in range(2100)]
+    frame = pd.DataFrame({EVENT_TIME: hours, SOURCE: ["reference"] * 100 + ["production_labelled"] * 2000})
+    data = TrainingData(frame=frame, sources={}, start=hours[0], end=hours[-1])
+    seen_until = hours[1849]
 
     train, held, basis = holdout(data, spec, fraction=0.2, seen_until=seen_until)
 
-    # ceil(0.2 × 100 unseen rows), every other one of the newest 40; counted over all 300 new rows the
-    # holdout would be 60 rows from the newest 120, a fifth of them rows the champion was scored on after
-    # training on them.
+    # 0.2 × 250 unseen rows, every other one of the newest 100. Counted over all 2,000 new rows the
+    # holdout would be 400 rows from the newest 800, most of them rows the champion trained on.
     assert basis == "unseen"
-    assert held.index.tolist() == list(range(360, 400))[1::2]
+    assert held.index.tolist() == list(range(2000, 2100))[1::2]
     assert held[EVENT_TIME].min() > seen_until
-    assert len(train) == 380
-    # With fewer unseen rows than MIN_NEW_ROWS_FOR_HOLDOUT (50) the pool is every new row again.
-    train, held, basis = holdout(data, spec, fraction=0.2, seen_until=days[350])
+    assert len(train) == 2050
+    # 245 unseen rows would give 49 holdout rows, under MIN_UNSEEN_HOLDOUT_ROWS (50): too few to judge on,
+    # so the pool is every new row.
+    train, held, basis = holdout(data, spec, fraction=0.2, seen_until=hours[1854])
     assert basis == "new"
-    assert held.index.tolist() == list(range(280, 400))[1::2]
+    assert held.index.tolist() == list(range(1300, 2100))[1::2]
 
 
 def test_holdout_falls_back_to_the_most_recent_rows_overall_when_few_are_new(
