@@ -172,10 +172,17 @@ def candidate_reference(model: CatBoostRegressor, data: TrainingData, spec: Feat
     return reference
 
 
+def data_end(champion: ModelVersion) -> datetime:
+    """The newest event time the champion's training data can hold: its `train_end`, else (a bootstrap
+    without times) its `created_at`. Reference rows without times are stamped with it, and only rows
+    after it are unseen by the champion (see `holdout`)."""
+    return champion.train_end or champion.created_at
+
+
 def _reference(
     registry: Registry, champion: ModelVersion, spec: FeatureSpec, *, since: datetime | None
 ) -> pd.DataFrame:
-    stamp = champion.train_end or champion.created_at
+    stamp = data_end(champion)
     reference = registry.reference(champion)
     if spec.target not in reference.columns:
         return _empty(spec)

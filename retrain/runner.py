@@ -44,6 +44,7 @@ from retrain.dataset import (
     TrainingData,
     assemble,
     candidate_reference,
+    data_end,
     holdout,
     sample_weights,
 )
@@ -270,7 +271,7 @@ class _Run:
                 data,
                 self.spec,
                 fraction=self.settings.holdout_fraction,
-                seen_until=champion.train_end or champion.created_at,
+                seen_until=data_end(champion),
             )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
                 raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
