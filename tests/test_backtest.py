@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -19,7 +20,7 @@ from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import load_spec
 from monitor.backtest.replay import ReplayConfig, run_replay
-from monitor.backtest.results import summarize
+from monitor.backtest.results import paired_ratio, summarize
 from monitor.backtest.stream import load_stream
 from service.cli import cli
 from tests.conftest import make_settings
@@ -70,6 +71,10 @@ def test_drift_is_detected_after_the_change_and_the_drift_policy_recovers(unit_b
     assert drift["promotions"] >= 1
     assert drift["mae_after_change"] < 0.8 * never["mae_after_change"]
     assert drift["mae_before_change"] == never["mae_before_change"]  # the same v1 until the change
+    # The gain is far outside the noise: its whole 95 % interval lies below never's error.
+    low, high = drift["mae_vs_never_ci"]
+    assert low <= drift["mae_vs_never"] <= high < 0.9
+    assert never["mae_vs_never"] == 1.0 and never["mae_vs_never_ci"] == [1.0, 1.0]
 
 
 def test_the_oracle_retrains_once_post_change_labels_can_exist(unit_bug: Path) -> None:
@@ -137,6 +142,40 @@ def test_a_stable_stream_gets_no_retrain(tmp_path: Path) -> None:
     assert drift["retrains"] == 0 and drift["false_breaches"] == 0
     assert drift["cumulative_mae"] == never["cumulative_mae"]
     assert "never" in result.output and "drift" in result.output  # the printed table
+
+
+# --- is a policy's difference real? ---------------------------------------------------------------
+
+
+def _blocks(count: int, size: int) -> np.ndarray:
+    return np.repeat(np.arange(count), size)
+
+
+def test_a_policy_that_halves_the_error_is_told_apart_from_its_baseline() -> None:
+    rng = np.random.default_rng(1)
+    baseline = rng.exponential(100.0, 4000)
+    better = baseline * rng.uniform(0.3, 0.7, 4000)
+    ratio, (low, high) = paired_ratio(better, baseline, _blocks(20, 200))
+    assert low <= ratio <= high < 0.6
+    assert paired_ratio(baseline, baseline, _blocks(20, 200)) == (1.0, (1.0, 1.0))
+
+
+def test_an_error_that_moves_in_stretches_gives_an_interval_that_straddles_one() -> None:
+    """A policy 6 % better in half the blocks and 6 % worse in the other half is not better: resampling whole
+    blocks says so, where resampling rows would take its 4,000 rows for 4,000 independent facts."""
+    rng = np.random.default_rng(2)
+    baseline = rng.exponential(100.0, 4000)
+    factors = rng.permutation(np.repeat([0.94, 1.06], 10))
+    other = baseline * np.repeat(factors, 200)
+    ratio, (low, high) = paired_ratio(other, baseline, _blocks(20, 200))
+    assert low < 1 < high and low <= ratio <= high
+    assert high - low > 0.03  # about the blocks' spread, not the rows'
+
+
+def test_a_ratio_without_enough_replay_or_error_says_so() -> None:
+    errors = np.array([1.0, 2.0, 3.0])
+    assert paired_ratio(errors, 2 * errors, np.zeros(3, dtype=int)) == (0.5, None)  # one block: no interval
+    assert paired_ratio(errors, np.zeros(3), np.array([0, 1, 1])) is None  # a perfect baseline: no ratio
 
 
 # --- any CSV + spec, and bad input ---------------------------------------------------------------

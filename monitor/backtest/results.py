@@ -15,6 +15,14 @@ from monitor.backtest.replay import PolicyTrace, Replay
 from monitor.backtest.stream import ns_times
 from retrain.runner import jsonable
 
+# Error is correlated in time (a model is off for weeks at a stretch, the market has seasons), so the
+# bootstrap resamples whole blocks of this much replayed time rather than single rows.
+BOOTSTRAP_BLOCK = timedelta(days=28)
+BOOTSTRAP_DRAWS = 4000
+# A ratio of two policies' cumulative MAE and its 95 % interval (None: too little replay for one); None
+# when the second policy made no error at all.
+Ratio = tuple[float, tuple[float, float] | None] | None
+
 
 @dataclass(frozen=True, slots=True)
 class Detection:
@@ -39,6 +47,9 @@ class PolicySummary:
     rows: int
     cumulative_mae: float
     mae_vs_never: float | None  # cumulative MAE / never's
+    # 95 % interval of that ratio, by a bootstrap over blocks of BOOTSTRAP_BLOCK of replayed time (see
+    # `mae_ratio`); None without `never` or with fewer than two blocks.
+    mae_vs_never_ci: tuple[float, float] | None
     mae_before_change: float | None
     mae_after_change: float | None
     retrains: int
@@ -54,7 +65,7 @@ class PolicySummary:
 
 
 TABLE_COLUMNS = (
-    "policy", "cum. MAE", "vs never", "MAE after change", "retrains (promoted)", "train s",
+    "policy", "cum. MAE", "vs never (95 % CI)", "MAE after change", "retrains (promoted)", "train s",
     "detection delay", "runs after rows/labels ready", "swap delay", "false retrains",
 )  # fmt: skip
 
@@ -67,7 +78,8 @@ def table_row(x: PolicySummary) -> list[str]:
         return "-" if value is None else format(value, fmt)
 
     return [
-        x.policy, num(x.cumulative_mae), num(x.mae_vs_never, ".3f"), num(x.mae_after_change),
+        x.policy, num(x.cumulative_mae), _ratio_text(x.mae_vs_never, x.mae_vs_never_ci),
+        num(x.mae_after_change),
         f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
         f"{num(d.delay_days, 'g')} d" if d and d.delay_days is not None else "-",
         f"{num(d.cycles_after_ready, 'd')} / {num(d.cycles_after_labels_ready, 'd')}" if d else "-",
@@ -76,20 +88,71 @@ def table_row(x: PolicySummary) -> list[str]:
     ]  # fmt: skip
 
 
+def _ratio_text(ratio: float | None, ci: tuple[float, float] | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+
 def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
     """Per-policy summaries and the per-period table (one row per policy and step)."""
-    spec = replay.stream.spec
-    actual = replay.replay[spec.target].to_numpy(dtype=float)
-    times = ns_times(replay.replay[replay.stream.time_column])
     changes = replay.stream.change_points or ()
+    times = _times(replay)
     first_change = np.datetime64(pd.Timestamp(changes[0]).tz_convert(None), "ns") if changes else None
     after = times >= first_change if first_change is not None else np.zeros(len(times), dtype=bool)
-    errors = {name: np.abs(trace.predictions - actual) for name, trace in replay.traces.items()}
-    never = float(errors["never"].mean()) if "never" in errors else None
+    errors = _errors(replay)
+    blocks = _blocks(replay, times)
     summaries = [
-        _summary(replay, trace, errors, after, never, times, changes) for trace in replay.traces.values()
+        _summary(replay, trace, errors, after, times, blocks, changes) for trace in replay.traces.values()
     ]
     return summaries, _periods(replay, errors, times)
+
+
+def mae_ratio(replay: Replay, policy: str, baseline: str) -> Ratio:
+    """`policy`'s cumulative MAE / `baseline`'s on the same replayed rows, and its 95 % interval (see
+    `paired_ratio`); None when `baseline` made no error at all."""
+    times = _times(replay)
+    errors = _errors(replay)
+    return paired_ratio(errors[policy], errors[baseline], _blocks(replay, times))
+
+
+def paired_ratio(errors: np.ndarray, baseline: np.ndarray, blocks: np.ndarray) -> Ratio:
+    """sum(errors) / sum(baseline), and its 95 % interval by a block bootstrap (`blocks`: 0..k-1 per row).
+
+    Both error arrays are for the same rows (policies answering one stream), so the comparison is paired:
+    the bootstrap draws whole blocks with replacement and recomputes the ratio of the two sums over them.
+    An interval that straddles 1 says the replay cannot tell the two apart. The interval is None with fewer
+    than two blocks; the whole answer None when `baseline` sums to 0. Deterministic (a fixed seed).
+    """
+    total = float(baseline.sum())
+    if total <= 0:
+        return None
+    ratio = float(errors.sum()) / total
+    sums, base = np.bincount(blocks, errors), np.bincount(blocks, baseline)
+    if sums.size < 2:
+        return ratio, None
+    draws = np.random.default_rng(0).integers(0, sums.size, (BOOTSTRAP_DRAWS, sums.size))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = sums[draws].sum(axis=1) / base[draws].sum(axis=1)
+    low, high = np.quantile(ratios[np.isfinite(ratios)], [0.025, 0.975])
+    return ratio, (float(low), float(high))
+
+
+def _blocks(replay: Replay, times: np.ndarray) -> np.ndarray:
+    """Each replayed row's bootstrap block: BOOTSTRAP_BLOCK of time (at least one step) from the start."""
+    block = max(BOOTSTRAP_BLOCK, replay.config.step)
+    since = times - np.datetime64(pd.Timestamp(replay.until).tz_convert(None), "ns")
+    codes: np.ndarray = pd.factorize(since // np.timedelta64(block))[0]
+    return codes
+
+
+def _times(replay: Replay) -> np.ndarray:
+    return ns_times(replay.replay[replay.stream.time_column])
+
+
+def _errors(replay: Replay) -> dict[str, np.ndarray]:
+    actual = replay.replay[replay.stream.spec.target].to_numpy(dtype=float)
+    return {name: np.abs(trace.predictions - actual) for name, trace in replay.traces.items()}
 
 
 def _summary(
@@ -97,8 +160,8 @@ def _summary(
     trace: PolicyTrace,
     errors: dict[str, np.ndarray],
     after: np.ndarray,
-    never: float | None,
     times: np.ndarray,
+    blocks: np.ndarray,
     changes: tuple[datetime, ...],
 ) -> PolicySummary:
     err = errors[trace.name]
@@ -116,11 +179,13 @@ def _summary(
                 if "oracle" in errors:
                     post_swap_oracle = float(errors["oracle"][rows].mean())
     cumulative = float(err.mean())
+    vs_never = paired_ratio(err, errors["never"], blocks) if "never" in errors else None
     return PolicySummary(
         policy=trace.name,
         rows=int(err.size),
         cumulative_mae=cumulative,
-        mae_vs_never=cumulative / never if never else None,
+        mae_vs_never=vs_never[0] if vs_never else None,
+        mae_vs_never_ci=vs_never[1] if vs_never else None,
         mae_before_change=float(err[~after].mean()) if (~after).any() and changes else None,
         mae_after_change=float(err[after].mean()) if after.any() else None,
         retrains=len(trace.retrains),
