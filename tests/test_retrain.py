@@ -461,6 +461,46 @@ def test_without_refit_the_validated_model_is_promoted(
     assert list(run_row(sessions, run_id).steps) == [s for s in STEPS if s != "refit"]
 
 
+def test_a_refit_that_fails_the_sanity_checks_gives_way_to_the_validated_model(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    spec: FeatureSpec,
+    shocked: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Fault injection at the trainer: the refit (the run's second training, on all 4,500 rows) learns a
+    target shifted below the spec's target_min, as a corrupted label batch would make it."""
+    trained: list[int] = []
+
+    def train_on_all_but_corrupt_the_refit(frame: pd.DataFrame, *args: object, **kwargs: object) -> object:
+        trained.append(len(frame))
+        if len(trained) == 2:
+            frame = frame.assign(**{spec.target: frame[spec.target] - 10 * frame[spec.target].max()})
+        return train_model(frame, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("retrain.runner.train_model", train_on_all_but_corrupt_the_refit)
+    now = datetime(2023, 1, 1, tzinfo=UTC)
+    run_id = start_run(sessions, trigger="manual", now=now)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=spec, registry=registry, clock=lambda: now
+    )
+
+    assert trained == [4200, 4500]
+    assert outcome.status == "promoted"
+    v2 = registry.get(2)
+    assert v2 is not None and v2.status == ModelStatus.champion
+    # The validated model (4,200 rows) is the one registered, and the run says why.
+    assert (v2.train_rows, v2.data_sources["refit"]) == (4200, False)
+    assert v2.metrics["refit"]["used"] is False
+    (reason,) = v2.metrics["refit"]["reasons"]
+    assert reason.startswith("target_min: ") and "below 0" in reason
+    assert (predict(registry.load(v2), shocked, spec) >= 0).mean() > 0.99  # a sane model serves
+    assert list(run_row(sessions, run_id).steps) == STEPS
+
+
 def test_a_worse_candidate_is_rejected_and_the_champion_kept(
     db_url: str,
     tmp_path: Path,
