@@ -289,6 +289,7 @@ def _finish(
         models = client.get("/models").json()
         latest = client.get("/reports/latest").json()
         reports = client.get("/reports", params={"limit": 500}).json()
+        page = client.get(latest["html_url"]).text if latest.get("html_url") else None
     test = generate_transactions(
         3000, start="2023-07-01", end="2023-12-31", scenario=scenario, change_at="2022-05-01", seed=seed + 3
     )
@@ -319,11 +320,10 @@ def _finish(
     plot = state / "demo.png"
     _plot(served, reports, plot)
     console.print(f"plot of error and drift over time: [bold]{plot}[/]")
-    if latest.get("html_path"):
-        console.print(
-            f"latest Evidently report: [bold]{latest['html_path']}[/] "
-            f"(also GET {url}/reports/{latest['id']}/html)"
-        )
+    if page is not None:
+        saved = state / "latest_report.html"
+        saved.write_text(page, encoding="utf-8")
+        console.print(f"latest Evidently report: [bold]{saved}[/] (served at GET {url}{latest['html_url']})")
     console.print(f"alerts delivered to the webhook receiver: {len(_Receiver.alerts)}")
 
 

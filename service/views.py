@@ -54,6 +54,14 @@ def model_lineage(row: ModelVersion, *, report: DriftReport | None, run: Retrain
     }
 
 
+def report_detail(row: DriftReport) -> dict[str, Any]:
+    """A whole report; its Evidently page is named by the URL that serves it, not by the server's path."""
+    return {
+        **row_dict(row, exclude=("html_path",)),
+        "html_url": f"/reports/{row.id}/html" if row.html_path else None,
+    }
+
+
 def report_summary(row: DriftReport) -> dict[str, Any]:
     return {
         "id": row.id,

@@ -103,7 +103,8 @@ def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) 
     assert (report["features"], report["drift_share"], report["weighted_drift_score"], report["mae"]) == (
         {}, None, None, None,
     )  # fmt: skip
-    assert (report["breach"], report["reasons"], report["html_path"]) == (False, [reason], None)
+    assert (report["breach"], report["reasons"], report["html_url"]) == (False, [reason], None)
+    assert "html_path" not in report  # the server's file system is not the API's business
     assert report["decision"]["verdict"] == "insufficient"
     page = client.get("/reports/1/html")
     assert (page.status_code, page.json()) == (
@@ -186,13 +187,17 @@ def test_the_report_page_is_evidentlys_dashboard_of_that_window(client, spec) ->
     serve_traffic(client, spec, "unit_bug", 600, seed=34, labelled=False)
     report_id = run_monitor(client)["report_id"]
     report = client.get(f"/reports/{report_id}").json()
-    page = client.get(f"/reports/{report_id}/html")
+    assert (
+        client.get("/reports/latest").json()["html_url"] == report["html_url"] == f"/reports/{report_id}/html"
+    )
+    page = client.get(report["html_url"])
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     assert "window.drawDashboard(" in page.text  # Evidently's page template
     assert '"Drift by feature"' in page.text
     assert f'"{report["features"]["area_m2"]["score"]:.4f}"' in page.text  # this report's figures
-    Path(report["html_path"]).unlink()
+    (page_file,) = (client.app.state.ctx.settings.report_dir).glob("*.html")
+    page_file.unlink()
     gone = client.get(f"/reports/{report_id}/html")
     assert (gone.status_code, gone.json()["message"]) == (
         404,

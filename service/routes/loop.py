@@ -12,7 +12,7 @@ from sqlalchemy import select
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runner import RunInProgress
 from service.auth import Admin
-from service.views import report_summary, row_dict
+from service.views import report_detail, report_summary, row_dict
 
 router = APIRouter(tags=["loop"])
 MAX_LIST = 500
@@ -74,12 +74,12 @@ def latest_report(request: Request) -> dict[str, Any]:
         row = session.scalar(select(DriftReport).order_by(DriftReport.id.desc()).limit(1))
     if row is None:
         raise HTTPException(404, "no drift report yet: the monitor has not run (POST /monitor/run)")
-    return row_dict(row)
+    return report_detail(row)
 
 
 @router.get("/reports/{report_id}", summary="One drift report (JSON)")
 def get_report(request: Request, report_id: int) -> dict[str, Any]:
-    return row_dict(_report(request, report_id))
+    return report_detail(_report(request, report_id))
 
 
 @router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
