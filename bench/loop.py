@@ -55,7 +55,7 @@ def main() -> int:
         os.environ.setdefault(key, value)
     settings = Settings()
     config = ReplayConfig()
-    console = Console(width=170)
+    console = Console(width=190)
     console.print(
         f"{args.rows:,} generated rows per scenario (2020–2022; v1 learns 2020–2021; change on 2022-04-01); "
         f"step {config.step.days} d, label delay {config.label_delay.days} d, monitor every "

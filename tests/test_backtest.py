@@ -172,6 +172,19 @@ def test_an_error_that_moves_in_stretches_gives_an_interval_that_straddles_one()
     assert high - low > 0.03  # about the blocks' spread, not the rows'
 
 
+def test_blocks_are_drawn_apart_before_and_after_a_change() -> None:
+    """Half the replay before a change (no difference), half after (the policy halves the error): how much
+    of each a draw holds is the replay's design, not noise, so the strata keep the interval narrow."""
+    rng = np.random.default_rng(3)
+    baseline = rng.exponential(100.0, 4000)
+    factors = np.repeat(np.r_[np.ones(10), rng.uniform(0.45, 0.55, 10)], 200)
+    strata = np.repeat([0, 1], 10)
+    ratio, (low, high) = paired_ratio(baseline * factors, baseline, _blocks(20, 200), strata)
+    _, (mixed_low, mixed_high) = paired_ratio(baseline * factors, baseline, _blocks(20, 200))
+    assert low <= ratio <= high and 0.7 < ratio < 0.8
+    assert high - low < (mixed_high - mixed_low) / 3
+
+
 def test_a_ratio_without_enough_replay_or_error_says_so() -> None:
     errors = np.array([1.0, 2.0, 3.0])
     assert paired_ratio(errors, 2 * errors, np.zeros(3, dtype=int)) == (0.5, None)  # one block: no interval

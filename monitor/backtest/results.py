@@ -47,8 +47,9 @@ class PolicySummary:
     rows: int
     cumulative_mae: float
     mae_vs_never: float | None  # cumulative MAE / never's
-    # 95 % interval of that ratio, by a bootstrap over blocks of BOOTSTRAP_BLOCK of replayed time (see
-    # `mae_ratio`); None without `never` or with fewer than two blocks.
+    # 95 % interval of that ratio, by a bootstrap over blocks of BOOTSTRAP_BLOCK of replayed time, drawn
+    # apart before and after each known change point (see `paired_ratio`); None without `never` or with
+    # fewer than two blocks.
     mae_vs_never_ci: tuple[float, float] | None
     mae_before_change: float | None
     mae_after_change: float | None
@@ -101,9 +102,10 @@ def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
     first_change = np.datetime64(pd.Timestamp(changes[0]).tz_convert(None), "ns") if changes else None
     after = times >= first_change if first_change is not None else np.zeros(len(times), dtype=bool)
     errors = _errors(replay)
-    blocks = _blocks(replay, times)
+    blocks, strata = _blocks(replay, times)
     summaries = [
-        _summary(replay, trace, errors, after, times, blocks, changes) for trace in replay.traces.values()
+        _summary(replay, trace, errors, after, times, (blocks, strata), changes)
+        for trace in replay.traces.values()
     ]
     return summaries, _periods(replay, errors, times)
 
@@ -111,14 +113,18 @@ def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
 def mae_ratio(replay: Replay, policy: str, baseline: str) -> Ratio:
     """`policy`'s cumulative MAE / `baseline`'s on the same replayed rows, and its 95 % interval (see
     `paired_ratio`); None when `baseline` made no error at all."""
-    times = _times(replay)
     errors = _errors(replay)
-    return paired_ratio(errors[policy], errors[baseline], _blocks(replay, times))
+    return paired_ratio(errors[policy], errors[baseline], *_blocks(replay, _times(replay)))
 
 
-def paired_ratio(errors: np.ndarray, baseline: np.ndarray, blocks: np.ndarray) -> Ratio:
-    """sum(errors) / sum(baseline), and its 95 % interval by a block bootstrap (`blocks`: 0..k-1 per row).
+def paired_ratio(
+    errors: np.ndarray, baseline: np.ndarray, blocks: np.ndarray, strata: np.ndarray | None = None
+) -> Ratio:
+    """sum(errors) / sum(baseline), and its 95 % interval by a block bootstrap.
 
+    `blocks` numbers each row's block 0..k-1; `strata` (one per block, optional) groups the blocks, and a
+    draw takes as many blocks from each stratum as it has, so that the share of each (the replay before
+    and after a known change point, say) stays what it was rather than becoming part of the noise.
     Both error arrays are for the same rows (policies answering one stream), so the comparison is paired:
     the bootstrap draws whole blocks with replacement and recomputes the ratio of the two sums over them.
     An interval that straddles 1 says the replay cannot tell the two apart. The interval is None with fewer
@@ -131,19 +137,27 @@ def paired_ratio(errors: np.ndarray, baseline: np.ndarray, blocks: np.ndarray) -
     sums, base = np.bincount(blocks, errors), np.bincount(blocks, baseline)
     if sums.size < 2:
         return ratio, None
-    draws = np.random.default_rng(0).integers(0, sums.size, (BOOTSTRAP_DRAWS, sums.size))
+    rng = np.random.default_rng(0)
+    groups = (
+        [np.arange(sums.size)] if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    )
+    draws = np.hstack([g[rng.integers(0, g.size, (BOOTSTRAP_DRAWS, g.size))] for g in groups])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = sums[draws].sum(axis=1) / base[draws].sum(axis=1)
     low, high = np.quantile(ratios[np.isfinite(ratios)], [0.025, 0.975])
     return ratio, (float(low), float(high))
 
 
-def _blocks(replay: Replay, times: np.ndarray) -> np.ndarray:
-    """Each replayed row's bootstrap block: BOOTSTRAP_BLOCK of time (at least one step) from the start."""
-    block = max(BOOTSTRAP_BLOCK, replay.config.step)
-    since = times - np.datetime64(pd.Timestamp(replay.until).tz_convert(None), "ns")
-    codes: np.ndarray = pd.factorize(since // np.timedelta64(block))[0]
-    return codes
+def _blocks(replay: Replay, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each replayed row's bootstrap block, and each block's stratum: the replay is cut at every known
+    change point into strata, and each stratum into blocks of BOOTSTRAP_BLOCK (at least one step)."""
+    block = np.timedelta64(max(BOOTSTRAP_BLOCK, replay.config.step))
+    starts = [replay.until, *(c for c in replay.stream.change_points or () if c > replay.until)]
+    edges = np.array([np.datetime64(pd.Timestamp(t).tz_convert(None), "ns") for t in starts])
+    stratum = np.searchsorted(edges, times, side="right") - 1
+    within = (times - edges[stratum]) // block
+    codes, keys = pd.factorize(pd.MultiIndex.from_arrays([stratum, within]))
+    return np.asarray(codes), np.asarray(keys.get_level_values(0))
 
 
 def _times(replay: Replay) -> np.ndarray:
@@ -161,7 +175,7 @@ def _summary(
     errors: dict[str, np.ndarray],
     after: np.ndarray,
     times: np.ndarray,
-    blocks: np.ndarray,
+    blocks: tuple[np.ndarray, np.ndarray],
     changes: tuple[datetime, ...],
 ) -> PolicySummary:
     err = errors[trace.name]
@@ -179,7 +193,7 @@ def _summary(
                 if "oracle" in errors:
                     post_swap_oracle = float(errors["oracle"][rows].mean())
     cumulative = float(err.mean())
-    vs_never = paired_ratio(err, errors["never"], blocks) if "never" in errors else None
+    vs_never = paired_ratio(err, errors["never"], *blocks) if "never" in errors else None
     return PolicySummary(
         policy=trace.name,
         rows=int(err.size),
