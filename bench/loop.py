@@ -27,16 +27,9 @@ from rich.table import Table
 from core.generator import SCENARIOS
 from core.settings import Settings
 from core.spec import load_spec
+from monitor.backtest.compare import Ratio, mae_ratio
 from monitor.backtest.replay import POLICIES, ReplayConfig, run_replay
-from monitor.backtest.results import (
-    TABLE_COLUMNS,
-    PolicySummary,
-    Ratio,
-    mae_ratio,
-    summarize,
-    table_row,
-    write_outputs,
-)
+from monitor.backtest.results import TABLE_COLUMNS, PolicySummary, summarize, table_row, write_outputs
 from monitor.backtest.stream import load_stream
 
 BENCH_DEFAULTS = {

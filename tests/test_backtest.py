@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import load_spec
+from monitor.backtest.compare import paired_ratio
 from monitor.backtest.replay import ReplayConfig, run_replay
-from monitor.backtest.results import paired_ratio, summarize
+from monitor.backtest.results import summarize
 from monitor.backtest.stream import load_stream
 from service.cli import cli
 from tests.conftest import make_settings
