@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
@@ -15,6 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+# Where time matters, the time source is passed in (the backtest's is simulated); utcnow by default.
+Clock = Callable[[], datetime]
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -18,7 +18,7 @@ import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import utcnow
+from core.db import Clock, utcnow
 from core.lease import release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry, baseline_mae
@@ -28,7 +28,8 @@ from core.spec import FeatureSpec
 from monitor.notify import WebhookNotifier, breach_key, enqueue, format_breach, format_retrain_outcome
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_window
-from retrain.runner import RunHandle, RunInProgress, launch, recover_stale
+from retrain.process import RunHandle, launch
+from retrain.runs import RunInProgress, recover_stale
 
 if TYPE_CHECKING:
     from monitor.report import DriftResult
@@ -76,7 +77,7 @@ class Loop:
     sessions: sessionmaker[Session]
     registry: Registry
     metrics: Metrics
-    clock: Callable[[], datetime] = utcnow
+    clock: Clock = utcnow
     holder_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}")
     leader: bool = False
     # Runs a retrain and returns its run id; None: a child OS process via `launch_retrain`. The backtest

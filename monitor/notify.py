@@ -14,7 +14,6 @@ Outbox row statuses: pending → delivered | failed | skipped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +22,7 @@ import httpx
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import utcnow
+from core.db import Clock, utcnow
 from core.metrics import Metrics
 from core.schema import Notification, RetrainRun
 from monitor.policy import Decision, Observation
@@ -112,7 +111,7 @@ class WebhookNotifier:
         max_attempts: int,
         backoff_s: float,
         metrics: Metrics | None = None,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
         batch_size: int = 100,
     ) -> None:
         self._sessions = sessions

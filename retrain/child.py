@@ -1,4 +1,4 @@
-"""Child-process entry: `python -m retrain.child RUN_ID` does one run started by retrain.runner.launch.
+"""Child-process entry: `python -m retrain.child RUN_ID` does one run started by retrain.process.launch.
 
 Settings come from the parent as JSON in DRIFTLOOP_RETRAIN_SETTINGS, so the child sees exactly the
 parent's configuration (not whatever .env or DRIFTLOOP_CONFIG its working directory happens to hold).
@@ -17,13 +17,15 @@ from core.db import make_engine, make_sessions, utcnow
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import load_spec
-from retrain.runner import SETTINGS_ENV, Heartbeat, execute_run, fail_run
+from retrain.process import SETTINGS_ENV
+from retrain.runner import execute_run
+from retrain.runs import Heartbeat, fail_run
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
     raw = environ.get(SETTINGS_ENV)
     if raw is None:
-        raise RuntimeError(f"{SETTINGS_ENV} is not set; start runs with retrain.runner.launch")
+        raise RuntimeError(f"{SETTINGS_ENV} is not set; start runs with retrain.process.launch")
     return Settings(_env_file=None, **json.loads(raw))  # type: ignore[call-arg]
 
 

@@ -1,41 +1,28 @@
-"""Single-flight retraining: at most one `running` retrain_run row (a unique index the database enforces),
-the work done in a child OS process so CatBoost never competes with request handling.
+"""A retrain run's work: assemble → split → train → validate (gate) → refit → register → promote or reject.
 
-A run: assemble → split → train → validate (gate) → register → promote or reject. Promotion is the last
-step and one transaction, so a crash or kill anywhere leaves the previous champion serving. The parent
-watches the child; a child that dies without finishing its row has the run marked failed by the parent,
-and should the parent die too, the scheduler's leader fails the run once its heartbeat goes stale
-(`recover_stale`).
+Promotion is the last step and one transaction, so a crash or kill anywhere leaves the previous champion
+serving. The run's row is claimed first (retrain/runs.py); the live loop does the work in a child process
+(retrain/process.py), the backtest in its own process on a simulated clock (`run_inline`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
 from catboost import CatBoostRegressor
-from pydantic import SecretStr
-from sqlalchemy import case, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import update
 
-from core.db import make_engine, make_sessions, utcnow
+from core.db import Clock, make_engine, make_sessions, utcnow
 from core.metrics import Metrics
 from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
-from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
+from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus
 from core.settings import Settings
 from core.spec import FeatureSpec
 from retrain.dataset import (
@@ -49,22 +36,12 @@ from retrain.dataset import (
     sample_weights,
 )
 from retrain.gate import GateResult, evaluate_gate, sanity_reasons
+from retrain.runs import observe_run, start_run
 from retrain.train import TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger("driftloop.retrain")
 
-CHILD_MODULE = "retrain.child"
-SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
 MIN_TRAIN_ROWS = 10
-Clock = Callable[[], datetime]
-
-
-class RunInProgress(Exception):
-    """Another retrain run holds the single-flight slot."""
-
-    def __init__(self, run_id: int | None) -> None:
-        super().__init__(f"retrain run {run_id} is already running")
-        self.run_id = run_id
 
 
 class RunAborted(RuntimeError):
@@ -78,117 +55,6 @@ class RunOutcome:
     candidate_version: int | None = None
     gate: GateResult | None = None
     error: str | None = None
-
-
-def start_run(
-    sessions: sessionmaker[Session],
-    *,
-    trigger: str,
-    reason: str = "",
-    report_id: int | None = None,
-    now: datetime,
-) -> int:
-    """Insert the `running` row and return its id; RunInProgress if one is running (any process)."""
-    trigger = Trigger(trigger).value
-    champion = select(ModelVersion.version).where(ModelVersion.status == ModelStatus.champion)
-    row: dict[str, Any] = {
-        "trigger": trigger,
-        "status": RunStatus.running.value,
-        "reason": reason,
-        "report_id": report_id,
-        "champion_version": champion.scalar_subquery(),  # read and insert in one statement
-        "metrics": {},
-        "steps": {},
-        "pid": os.getpid(),
-        "started_at": now,
-        "heartbeat_at": now,
-    }
-    for _ in range(3):  # the running run may finish between our insert and our look-up: try again
-        try:
-            with sessions.begin() as session:
-                inserted = session.execute(insert(RetrainRun).values(**row).returning(RetrainRun.id))
-                return int(inserted.scalar_one())
-        except IntegrityError:
-            with sessions() as session:
-                running = session.scalar(select(RetrainRun.id).where(RetrainRun.status == RunStatus.running))
-            if running is not None:
-                raise RunInProgress(running) from None
-    raise RunInProgress(None)
-
-
-def recover_stale(
-    sessions: sessionmaker[Session], *, now: datetime, stale_after_s: float, max_run_s: float
-) -> list[int]:
-    """Mark failed every `running` run whose process died or that outlived any allowed run time.
-
-    Dead: its heartbeat (or start, before the first beat) is older than `stale_after_s` — the process doing
-    a run renews it (see `Heartbeat`) wherever it runs, so a run an API replica started is left alone while
-    that replica's child lives. Outlived: started more than `max_run_s` ago — a hung child whose parent,
-    the one enforcing the timeout, died. One UPDATE … RETURNING, so a beat that lands meanwhile wins.
-    """
-    alive_at = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
-    dead = alive_at < now - timedelta(seconds=stale_after_s)
-    outlived = RetrainRun.started_at < now - timedelta(seconds=max_run_s)
-    with sessions.begin() as session:
-        failed = session.execute(
-            update(RetrainRun)
-            .where(RetrainRun.status == RunStatus.running, dead | outlived)
-            .values(
-                status=RunStatus.failed,
-                error=case(
-                    (dead, f"no heartbeat for over {stale_after_s:g} s: its process died"),
-                    else_=f"still running after {max_run_s:g} s, past any timeout: its process hung",
-                ),
-                finished_at=now,
-            )
-            .returning(RetrainRun.id)
-        )
-        return sorted(failed.scalars())
-
-
-class Heartbeat:
-    """Renews a run's heartbeat at once and then every `interval_s` from a daemon thread, while the `with`
-    block runs."""
-
-    def __init__(self, sessions: sessionmaker[Session], run_id: int, *, interval_s: float) -> None:
-        self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"retrain-heartbeat-{run_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._beat()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._beat()
-
-    def _beat(self) -> None:
-        try:
-            with self._sessions.begin() as session:
-                session.execute(
-                    update(RetrainRun)
-                    .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
-                    .values(heartbeat_at=utcnow())
-                )
-        except Exception:  # the database may be briefly away; the next beat tries again
-            log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
-
-
-def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:
-    """Mark the run failed if it is still running; False when it had already finished."""
-    with sessions.begin() as session:
-        result = session.execute(
-            update(RetrainRun)
-            .where(RetrainRun.id == run_id, RetrainRun.status == RunStatus.running)
-            .values(status=RunStatus.failed, error=error, finished_at=now)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def execute_run(
@@ -215,7 +81,7 @@ def execute_run(
             metrics.retrain_running.set(1)
         outcome = _Run(run_id, settings=settings, spec=spec, registry=registry, clock=clock).execute()
         if metrics is not None:
-            _observe(metrics, registry.sessions, run_id)
+            observe_run(metrics, registry.sessions, run_id)
         return outcome
     finally:
         if engine is not None:
@@ -478,146 +344,3 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
-
-
-# --- the child process ---------------------------------------------------------------------------------
-
-
-class RunHandle:
-    """A launched run: its id, the child's pid, and the parent's view of when it ended."""
-
-    def __init__(self, run_id: int, process: subprocess.Popen[bytes]) -> None:
-        self.run_id = run_id
-        self.pid = process.pid
-        self._process = process
-        self._done = threading.Event()
-        self._status: str = RunStatus.running.value
-
-    def poll(self) -> str | None:
-        """The run's final status, or None while the child is still running."""
-        return self._status if self._done.is_set() else None
-
-    def wait(self, timeout: float | None = None) -> str:
-        """Block until the run ends (or `timeout` s pass); the run's status, `running` if not yet ended."""
-        self._done.wait(timeout)
-        return self._status
-
-    def _finished(self, status: str) -> None:
-        self._status = status
-        self._done.set()
-
-
-def child_env(settings: Settings) -> dict[str, str]:
-    """The child's environment: ours without DRIFTLOOP_* overrides, plus our settings as JSON (no secrets)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
-    secrets = {name for name, value in settings if isinstance(value, SecretStr)}
-    env[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json", exclude=secrets))
-    return env
-
-
-def launch(
-    *,
-    settings: Settings,
-    trigger: str,
-    reason: str = "",
-    report_id: int | None = None,
-    sessions: sessionmaker[Session] | None = None,
-    metrics: Metrics | None = None,
-    clock: Clock = utcnow,
-) -> RunHandle:
-    """Claim the single-flight slot here (RunInProgress at once if taken), then run it in a child process.
-
-    A daemon thread waits on the child: past settings.retrain_timeout_s it kills it; a child that exits
-    without finishing its row gets the run marked failed with its exit code or signal.
-    """
-    engine = None
-    if sessions is None:
-        engine = make_engine(settings.database_url)
-        sessions = make_sessions(engine)
-    try:
-        run_id = start_run(sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
-        try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", CHILD_MODULE, str(run_id)],
-                env=child_env(settings),
-                stdin=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            fail_run(sessions, run_id, error=f"could not start the child process: {exc}", now=clock())
-            raise
-    except BaseException:
-        if engine is not None:
-            engine.dispose()
-        raise
-    with sessions.begin() as session:
-        session.execute(update(RetrainRun).where(RetrainRun.id == run_id).values(pid=process.pid))
-    if metrics is not None:
-        metrics.retrain_running.set(1)
-    handle = RunHandle(run_id, process)
-    watcher = threading.Thread(
-        target=_watch,
-        kwargs={
-            "handle": handle,
-            "process": process,
-            "sessions": sessions,
-            "timeout_s": settings.retrain_timeout_s,
-            "metrics": metrics,
-            "clock": clock,
-            "on_done": engine.dispose if engine is not None else None,
-        },
-        name=f"retrain-watch-{run_id}",
-        daemon=True,
-    )
-    watcher.start()
-    return handle
-
-
-def _watch(
-    *,
-    handle: RunHandle,
-    process: subprocess.Popen[bytes],
-    sessions: sessionmaker[Session],
-    timeout_s: float,
-    metrics: Metrics | None,
-    clock: Clock,
-    on_done: Callable[[], None] | None,
-) -> None:
-    status = RunStatus.failed.value
-    try:
-        try:
-            code = process.wait(timeout=timeout_s)
-            error = f"child process {process.pid} {_describe_exit(code)} before finishing the run"
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            error = f"timed out after {timeout_s:g} s; child process {process.pid} killed"
-        fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op when the child finished it
-        with sessions() as session:
-            status = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id)) or status
-        if metrics is not None:
-            _observe(metrics, sessions, handle.run_id)
-    except Exception:
-        log.exception("watching retrain run %s failed", handle.run_id)
-    finally:
-        handle._finished(status)
-        if on_done is not None:
-            on_done()
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _observe(metrics: Metrics, sessions: sessionmaker[Session], run_id: int) -> None:
-    with sessions() as session:
-        run = session.get(RetrainRun, run_id)
-    metrics.retrain_running.set(0)
-    if run is None or run.status == RunStatus.running:
-        return
-    metrics.retrain_runs.labels(trigger=run.trigger, status=run.status).inc()
-    metrics.retrain_last_finished.set((run.finished_at or utcnow()).timestamp())

@@ -223,7 +223,7 @@ def rollback() -> None:
 def retrain(wait: bool = True) -> None:
     """Start a manual retrain run (single-flight across processes)."""
     from core.schema import Trigger
-    from retrain.runner import RunInProgress
+    from retrain.runs import RunInProgress
 
     settings = _settings()
     loop = _loop(settings)

@@ -20,7 +20,7 @@ from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, Pr
 from core.spec import FeatureSpec
 from monitor.jobs import Loop
 from monitor.policy import load_history
-from retrain.runner import start_run
+from retrain.runs import start_run
 from retrain.train import predict
 from tests.conftest import make_settings
 from tests.live import start_server, wait_until

@@ -29,7 +29,8 @@ from core.schema import (
 from core.spec import FeatureSpec, load_spec
 from retrain.dataset import EVENT_TIME, SOURCE, TrainingData, assemble, holdout
 from retrain.gate import evaluate_gate, sanity_reasons
-from retrain.runner import execute_run, start_run
+from retrain.runner import execute_run
+from retrain.runs import start_run
 from retrain.train import predict, train_model
 from tests.conftest import TINY, make_settings
 

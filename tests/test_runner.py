@@ -23,16 +23,8 @@ from core.registry import Registry
 from core.schema import ModelStatus, ModelVersion, RetrainRun
 from core.spec import FeatureSpec
 from retrain.child import settings_from_env
-from retrain.runner import (
-    SETTINGS_ENV,
-    Heartbeat,
-    RunInProgress,
-    child_env,
-    fail_run,
-    launch,
-    recover_stale,
-    start_run,
-)
+from retrain.process import SETTINGS_ENV, child_env, launch
+from retrain.runs import Heartbeat, RunInProgress, fail_run, recover_stale, start_run
 from tests.conftest import make_settings
 from tests.live import wait_until
 from tests.test_retrain import log_predictions, run_row, versions

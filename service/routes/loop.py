@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from core.schema import DriftReport, RetrainRun, Trigger
-from retrain.runner import RunInProgress
+from retrain.runs import RunInProgress
 from service.auth import Admin
 from service.views import report_detail, report_summary, row_dict
 

@@ -1,0 +1,162 @@
+"""A retrain run in a child OS process, so CatBoost never competes with request handling.
+
+The parent claims the run's row, starts `python -m retrain.child RUN_ID`, and watches it: past
+`retrain_timeout_s` it kills the child, and a child that exits without finishing its row gets the run
+marked failed with its exit code or signal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+from pydantic import SecretStr
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import Clock, make_engine, make_sessions, utcnow
+from core.metrics import Metrics
+from core.schema import RetrainRun, RunStatus
+from core.settings import Settings
+from retrain.runs import fail_run, observe_run, start_run
+
+log = logging.getLogger("driftloop.retrain")
+
+CHILD_MODULE = "retrain.child"
+SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
+
+
+class RunHandle:
+    """A launched run: its id, the child's pid, and the parent's view of when it ended."""
+
+    def __init__(self, run_id: int, process: subprocess.Popen[bytes]) -> None:
+        self.run_id = run_id
+        self.pid = process.pid
+        self._process = process
+        self._done = threading.Event()
+        self._status: str = RunStatus.running.value
+
+    def poll(self) -> str | None:
+        """The run's final status, or None while the child is still running."""
+        return self._status if self._done.is_set() else None
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Block until the run ends (or `timeout` s pass); the run's status, `running` if not yet ended."""
+        self._done.wait(timeout)
+        return self._status
+
+    def _finished(self, status: str) -> None:
+        self._status = status
+        self._done.set()
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The child's environment: ours without DRIFTLOOP_* overrides, plus our settings as JSON (no secrets)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
+    secrets = {name for name, value in settings if isinstance(value, SecretStr)}
+    env[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json", exclude=secrets))
+    return env
+
+
+def launch(
+    *,
+    settings: Settings,
+    trigger: str,
+    reason: str = "",
+    report_id: int | None = None,
+    sessions: sessionmaker[Session] | None = None,
+    metrics: Metrics | None = None,
+    clock: Clock = utcnow,
+) -> RunHandle:
+    """Claim the single-flight slot here (RunInProgress at once if taken), then run it in a child process.
+
+    A daemon thread waits on the child: past settings.retrain_timeout_s it kills it; a child that exits
+    without finishing its row gets the run marked failed with its exit code or signal.
+    """
+    engine = None
+    if sessions is None:
+        engine = make_engine(settings.database_url)
+        sessions = make_sessions(engine)
+    try:
+        run_id = start_run(sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", CHILD_MODULE, str(run_id)],
+                env=child_env(settings),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            fail_run(sessions, run_id, error=f"could not start the child process: {exc}", now=clock())
+            raise
+    except BaseException:
+        if engine is not None:
+            engine.dispose()
+        raise
+    with sessions.begin() as session:
+        session.execute(update(RetrainRun).where(RetrainRun.id == run_id).values(pid=process.pid))
+    if metrics is not None:
+        metrics.retrain_running.set(1)
+    handle = RunHandle(run_id, process)
+    watcher = threading.Thread(
+        target=_watch,
+        kwargs={
+            "handle": handle,
+            "process": process,
+            "sessions": sessions,
+            "timeout_s": settings.retrain_timeout_s,
+            "metrics": metrics,
+            "clock": clock,
+            "on_done": engine.dispose if engine is not None else None,
+        },
+        name=f"retrain-watch-{run_id}",
+        daemon=True,
+    )
+    watcher.start()
+    return handle
+
+
+def _watch(
+    *,
+    handle: RunHandle,
+    process: subprocess.Popen[bytes],
+    sessions: sessionmaker[Session],
+    timeout_s: float,
+    metrics: Metrics | None,
+    clock: Clock,
+    on_done: Callable[[], None] | None,
+) -> None:
+    status = RunStatus.failed.value
+    try:
+        try:
+            code = process.wait(timeout=timeout_s)
+            error = f"child process {process.pid} {_describe_exit(code)} before finishing the run"
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            error = f"timed out after {timeout_s:g} s; child process {process.pid} killed"
+        fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op when the child finished it
+        with sessions() as session:
+            status = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id)) or status
+        if metrics is not None:
+            observe_run(metrics, sessions, handle.run_id)
+    except Exception:
+        log.exception("watching retrain run %s failed", handle.run_id)
+    finally:
+        handle._finished(status)
+        if on_done is not None:
+            on_done()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

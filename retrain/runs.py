@@ -1,0 +1,154 @@
+"""A retrain run's row: the single-flight claim, the heartbeat, failing it, and recovering stale ones.
+
+At most one `running` retrain_run row exists (a unique index the database enforces), whichever process
+started it; whatever does the run's work renews its heartbeat, and the scheduler's leader fails a run whose
+heartbeat went stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import case, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import utcnow
+from core.metrics import Metrics
+from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
+
+log = logging.getLogger("driftloop.retrain")
+
+
+class RunInProgress(Exception):
+    """Another retrain run holds the single-flight slot."""
+
+    def __init__(self, run_id: int | None) -> None:
+        super().__init__(f"retrain run {run_id} is already running")
+        self.run_id = run_id
+
+
+def start_run(
+    sessions: sessionmaker[Session],
+    *,
+    trigger: str,
+    reason: str = "",
+    report_id: int | None = None,
+    now: datetime,
+) -> int:
+    """Insert the `running` row and return its id; RunInProgress if one is running (any process)."""
+    trigger = Trigger(trigger).value
+    champion = select(ModelVersion.version).where(ModelVersion.status == ModelStatus.champion)
+    row: dict[str, Any] = {
+        "trigger": trigger,
+        "status": RunStatus.running.value,
+        "reason": reason,
+        "report_id": report_id,
+        "champion_version": champion.scalar_subquery(),  # read and insert in one statement
+        "metrics": {},
+        "steps": {},
+        "pid": os.getpid(),
+        "started_at": now,
+        "heartbeat_at": now,
+    }
+    for _ in range(3):  # the running run may finish between our insert and our look-up: try again
+        try:
+            with sessions.begin() as session:
+                inserted = session.execute(insert(RetrainRun).values(**row).returning(RetrainRun.id))
+                return int(inserted.scalar_one())
+        except IntegrityError:
+            with sessions() as session:
+                running = session.scalar(select(RetrainRun.id).where(RetrainRun.status == RunStatus.running))
+            if running is not None:
+                raise RunInProgress(running) from None
+    raise RunInProgress(None)
+
+
+def recover_stale(
+    sessions: sessionmaker[Session], *, now: datetime, stale_after_s: float, max_run_s: float
+) -> list[int]:
+    """Mark failed every `running` run whose process died or that outlived any allowed run time.
+
+    Dead: its heartbeat (or start, before the first beat) is older than `stale_after_s` — the process doing
+    a run renews it (see `Heartbeat`) wherever it runs, so a run an API replica started is left alone while
+    that replica's child lives. Outlived: started more than `max_run_s` ago — a hung child whose parent,
+    the one enforcing the timeout, died. One UPDATE … RETURNING, so a beat that lands meanwhile wins.
+    """
+    alive_at = func.coalesce(RetrainRun.heartbeat_at, RetrainRun.started_at)
+    dead = alive_at < now - timedelta(seconds=stale_after_s)
+    outlived = RetrainRun.started_at < now - timedelta(seconds=max_run_s)
+    with sessions.begin() as session:
+        failed = session.execute(
+            update(RetrainRun)
+            .where(RetrainRun.status == RunStatus.running, dead | outlived)
+            .values(
+                status=RunStatus.failed,
+                error=case(
+                    (dead, f"no heartbeat for over {stale_after_s:g} s: its process died"),
+                    else_=f"still running after {max_run_s:g} s, past any timeout: its process hung",
+                ),
+                finished_at=now,
+            )
+            .returning(RetrainRun.id)
+        )
+        return sorted(failed.scalars())
+
+
+class Heartbeat:
+    """Renews a run's heartbeat at once and then every `interval_s` from a daemon thread, while the `with`
+    block runs."""
+
+    def __init__(self, sessions: sessionmaker[Session], run_id: int, *, interval_s: float) -> None:
+        self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"retrain-heartbeat-{run_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            with self._sessions.begin() as session:
+                session.execute(
+                    update(RetrainRun)
+                    .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
+                    .values(heartbeat_at=utcnow())
+                )
+        except Exception:  # the database may be briefly away; the next beat tries again
+            log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
+
+
+def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:
+    """Mark the run failed if it is still running; False when it had already finished."""
+    with sessions.begin() as session:
+        result = session.execute(
+            update(RetrainRun)
+            .where(RetrainRun.id == run_id, RetrainRun.status == RunStatus.running)
+            .values(status=RunStatus.failed, error=error, finished_at=now)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def observe_run(metrics: Metrics, sessions: sessionmaker[Session], run_id: int) -> None:
+    """Count a finished run in the Prometheus metrics (and clear the running gauge)."""
+    with sessions() as session:
+        run = session.get(RetrainRun, run_id)
+    metrics.retrain_running.set(0)
+    if run is None or run.status == RunStatus.running:
+        return
+    metrics.retrain_runs.labels(trigger=run.trigger, status=run.status).inc()
+    metrics.retrain_last_finished.set((run.finished_at or utcnow()).timestamp())
