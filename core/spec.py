@@ -178,15 +178,25 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
             raise SpecError(
                 f"{source}: {where} ({name}) type must be one of numeric, integer, categorical"
             ) from exc
-        categories = tuple(str(c) for c in item.get("categories", ()))
+        raw_categories = item.get("categories", ())
+        if any(isinstance(c, bool) for c in raw_categories):
+            raise SpecError(
+                f"{source}: {where} ({name}) categories: YAML reads yes/no/true/false/on/off unquoted as "
+                'booleans; quote them ("yes")'
+            )
+        categories = tuple(str(c) for c in raw_categories)
         if ftype is FeatureType.categorical and not categories:
             raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")
+        low = _number(item.get("min"), f"{source}: {where} ({name}) min")
+        high = _number(item.get("max"), f"{source}: {where} ({name}) max")
+        if low is not None and high is not None and low > high:
+            raise SpecError(f"{source}: {where} ({name}) min {low:g} is above max {high:g}")
         features.append(
             Feature(
                 name=name,
                 type=ftype,
-                min=item.get("min"),
-                max=item.get("max"),
+                min=low,
+                max=high,
                 categories=categories,
                 nullable=bool(item.get("nullable", False)),
                 description=str(item.get("description", "")),
@@ -204,8 +214,17 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
         features=tuple(features),
         time_column=raw.get("time_column"),
         description=str(raw.get("description", "")),
-        target_min=raw.get("target_min"),
+        target_min=_number(raw.get("target_min"), f"{source}: target_min"),
     )
+
+
+def _number(value: Any, where: str) -> float | None:
+    """A bound as written in the spec: a number or absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{where} must be a number, not {value!r}")
+    return value
 
 
 def load_spec(path: str | Path | None = None) -> FeatureSpec:

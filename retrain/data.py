@@ -15,9 +15,18 @@ class DataError(ValueError):
 
 
 def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
-    """A CSV with every spec feature and the target; the time column (if the spec has one) parsed as UTC."""
+    """A CSV with every spec feature and the target; the time column (if the spec has one) parsed as UTC.
+
+    Categorical columns are read as text, exactly as written ("01" stays "01", "NA" is a category), and
+    only an empty cell is missing in them; numbers read as pandas does.
+    """
+    categorical = spec.categorical_features
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path, dtype=dict.fromkeys(categorical, "string"))
+        present = [c for c in categorical if c in frame.columns]
+        if present:  # again, as written: pandas would read "NA" or "null" as missing
+            text = pd.read_csv(path, usecols=present, dtype="string", keep_default_na=False, na_values=[""])
+            frame[present] = text[present]
     except FileNotFoundError as exc:
         raise DataError(f"file not found: {path}") from exc
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -25,16 +34,14 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s): {', '.join(missing)}")
+        hint = ""
+        if len(frame.columns) == 1 and ";" in str(frame.columns[0]):
+            hint = " (the header is one column holding ';': save the file comma-separated)"
+        raise DataError(f"{path}: missing column(s): {', '.join(missing)}{hint}")
+    if frame.empty:
+        raise DataError(f"{path}: no data rows, only a header")
     if spec.time_column:
-        parsed = pd.to_datetime(frame[spec.time_column], errors="coerce", utc=True)
-        bad = frame.index[parsed.isna()]
-        if len(bad):
-            raise DataError(
-                f"{path}: column {spec.time_column!r} has {len(bad)} unparsable value(s), "
-                f"first at row {bad[0] + 2}"
-            )
-        frame[spec.time_column] = parsed
+        frame[spec.time_column] = _times(frame[spec.time_column], spec.time_column, path)
     target = pd.to_numeric(frame[spec.target], errors="coerce")
     bad = frame.index[target.isna()]
     if len(bad):
@@ -42,9 +49,42 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
             f"first at row {bad[0] + 2}"
         )
+    if spec.target_min is not None:
+        below = frame.index[target < spec.target_min]
+        if len(below):
+            raise DataError(
+                f"{path}: target {spec.target!r} is below the spec's target_min {spec.target_min:g} in "
+                f"{len(below)} row(s), first at row {below[0] + 2} ({target[below[0]]:g})"
+            )
     frame[spec.target] = target.astype(float)
     check_features(frame, spec, source=str(path))
     return frame
+
+
+def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
+    """The time column as UTC: one format inferred from the first row, or else any ISO 8601 form (with or
+    without a time, fractional seconds or an offset); numbers are refused, not read as nanoseconds."""
+    if pd.api.types.is_numeric_dtype(values):
+        raise DataError(
+            f"{path}: column {column!r} holds numbers (first {plain(values.iloc[0])}), not dates or times; "
+            "write them as e.g. 2022-04-01 or 2022-04-01T09:30:00+09:00"
+        )
+    parsed = pd.to_datetime(values, errors="coerce", utc=True)
+    if parsed.isna().any():
+        iso = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+        parsed = iso if iso.isna().sum() < parsed.isna().sum() else parsed
+    bad = values.index[parsed.isna()]
+    if len(bad):
+        raise DataError(
+            f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at row {bad[0] + 2} "
+            f"({plain(values[bad[0]])}); every time must be a date or time in one format, ISO 8601 is safest"
+        )
+    return parsed
+
+
+def plain(value: object) -> object:
+    """A numpy scalar as the Python value it holds, so a message shows 30 rather than np.int64(30)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def check_features(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
@@ -83,7 +123,7 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
     first = int(np.flatnonzero(bad)[0])
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
-        f"first at row {first + 2} ({values.iloc[first]!r})"
+        f"first at row {first + 2} ({plain(values.iloc[first])!r})"
     )
 
 

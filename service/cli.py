@@ -16,6 +16,7 @@ from core.settings import Settings
 
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
 console = Console(stderr=True)
+BACKTEST_TABLE_WIDTH = 180  # every column of the backtest table, unabridged
 
 
 def _settings() -> Settings:
@@ -308,7 +309,13 @@ def backtest(
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
     from core.spec import SpecError, load_spec
-    from monitor.backtest.replay import ReplayConfig, check_policies, check_workdir, run_replay
+    from monitor.backtest.replay import (
+        ReplayConfig,
+        check_policies,
+        check_timing,
+        check_workdir,
+        run_replay,
+    )
     from monitor.backtest.results import summarize, write_outputs
     from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
 
@@ -330,7 +337,9 @@ def backtest(
             if initial_train_until
             else stream.default_train_until()
         )
-        stream.split(until)
+        cut = "--initial-train-until" if initial_train_until else "the default --initial-train-until"
+        _, replayed = stream.split(until, cut=cut)
+        check_timing(config, until=until, last=replayed[stream.time_column].iloc[-1], policies=chosen)
         check_workdir(out / "work")
     except (BacktestInputError, SpecError, ValueError) as exc:
         console.print(f"[red]backtest: {exc}[/]")
@@ -353,7 +362,8 @@ def backtest(
         )  # fmt: skip
     summaries, periods = summarize(replay)
     paths = write_outputs(replay, summaries, periods, out)
-    Console().print(_backtest_table(summaries))
+    # The table is wide; on a narrow or non-terminal console rich would cut its figures short.
+    Console(width=max(console.width, BACKTEST_TABLE_WIDTH)).print(_backtest_table(summaries))
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
 

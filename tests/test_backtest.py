@@ -236,6 +236,15 @@ def _broken(history_csv: Path, change: str) -> Path:
     elif change == "out of bounds":
         frame["area_m2"] = frame["area_m2"].astype(float)
         frame.loc[9, "area_m2"] = 9999.0
+    elif change == "epoch times":
+        frame["sold_on"] = pd.to_datetime(frame["sold_on"]).astype("int64") // 10**9
+    elif change == "target below target_min":
+        frame.loc[3, "price_10k_krw"] = -5
+    elif change == "header only":
+        frame = frame.iloc[:0]
+    elif change == "semicolons":
+        frame.to_csv(history_csv, index=False, sep=";")
+        return history_csv
     frame.to_csv(history_csv, index=False)
     return history_csv
 
@@ -249,6 +258,13 @@ def _broken(history_csv: Path, change: str) -> Path:
         ("target NaN", "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 6"),
         ("unknown category", "column 'district' has 1 row(s) with unknown categories, first at row 7"),
         ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at row 11"),
+        ("epoch times", "column 'sold_on' holds numbers (first 1577"),  # not nanoseconds since 1970
+        (
+            "target below target_min",
+            "target 'price_10k_krw' is below the spec's target_min 0 in 1 row(s), first at row 5 (-5)",
+        ),
+        ("header only", "no data rows, only a header"),
+        ("semicolons", "(the header is one column holding ';': save the file comma-separated)"),
     ],
 )
 def test_bad_data_is_refused_naming_the_problem_before_any_work(
@@ -273,6 +289,21 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--step", "0d"], "step must be positive"),
         (["--data", "nowhere.csv"], "file not found: nowhere.csv"),
         (["--data", "generated:none", "--time-column", "area_m2"], "is a feature or the target"),
+        (
+            ["--data", "generated:none", "--policies", "drift,never,drift"],
+            "--policies: drift listed more than once",
+        ),
+        (["--data", "generated:none", "--step", "1000d"], "--step 1000d: longer than the replayed"),
+        (
+            ["--data", "generated:none", "--step", "1m"],
+            "steps over the replayed 365 days, more than the 20,000",
+        ),
+        (["--data", "generated:none", "--label-delay", "400d"], "--label-delay 400d: no label would arrive"),
+        (["--data", "generated:none", "--period", "400d"], "the periodic policy would never retrain"),
+        (
+            ["--data", "generated:none", "--monitor-every", "400d", "--policies", "drift"],
+            "--monitor-every 400d: the monitor would never run",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
@@ -280,6 +311,62 @@ def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str]
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out" / "work").exists()
+
+
+def test_times_in_any_iso_8601_form_are_read(tmp_path: Path, history_csv: Path) -> None:
+    """pandas infers one format from the first row; Python's isoformat() drops zero microseconds, and a
+    file may mix dates with times: all of it is ISO 8601, and all of it is read."""
+    frame = pd.read_csv(history_csv)
+    times = pd.to_datetime(frame["sold_on"], utc=True) + pd.to_timedelta(
+        np.arange(len(frame)) * 250, unit="ms"
+    )
+    frame["sold_on"] = [t.isoformat() for t in times]
+    frame.loc[:9, "sold_on"] = [t.date().isoformat() for t in times[:10]]
+    frame.to_csv(history_csv, index=False)
+    stream = load_stream(str(history_csv), load_spec(), time_column="sold_on")
+    assert stream.times.iloc[0] == pd.Timestamp(times[0].date(), tz="UTC")
+    assert stream.times.iloc[10:].tolist() == times[10:].tolist()
+
+
+def test_categories_are_read_as_written(tmp_path: Path) -> None:
+    """A zero-padded code stays "01", and "NA" is a category like any other: only an empty cell is missing."""
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(
+        "dataset: shops\ntarget: sales\ntime_column: day\nfeatures:\n"
+        "  - {name: region, type: categorical, categories: ['01', '02', NA]}\n"
+        "  - {name: size_m2, type: numeric, min: 0}\n"
+    )
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(
+        {
+            "day": pd.date_range("2021-01-01", periods=300, freq="D").strftime("%Y-%m-%d"),
+            "region": rng.choice(["01", "02", "NA"], 300),
+            "size_m2": rng.uniform(20, 200, 300).round(1),
+        }
+    )
+    frame["sales"] = frame["size_m2"] * 3 + rng.normal(0, 5, 300)
+    frame.to_csv(tmp_path / "shops.csv", index=False)
+    stream = load_stream(str(tmp_path / "shops.csv"), load_spec(spec_path))
+    assert stream.frame["region"].tolist() == frame["region"].tolist()
+
+
+def test_a_constant_target_is_refused_before_v1_trains(tmp_path: Path, history_csv: Path) -> None:
+    frame = pd.read_csv(history_csv)
+    frame["price_10k_krw"] = 50_000
+    frame.to_csv(history_csv, index=False)
+    result = backtest(tmp_path / "out", "--data", str(history_csv), "--time-column", "sold_on")
+    assert result.exit_code == 2
+    assert (
+        "the default --initial-train-until 2020-10-18 17:58: target 'price_10k_krw' is 50000 in all 600 rows "
+        "before it; the initial champion has nothing to learn"
+    ) in " ".join(result.output.split())
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("not a directory")
+    result = backtest(tmp_path / "out", "--data", "generated:none", *STEP_ARGS)
+    assert result.exit_code == 2
+    assert f"--out {tmp_path / 'out'} is a file, not a directory" in " ".join(result.output.split())
 
 
 def test_a_spec_that_does_not_match_the_data_is_refused(tmp_path: Path, history_csv: Path) -> None:

@@ -78,6 +78,22 @@ def test_users_bring_their_own_spec(tmp_path: Path) -> None:
         ("dataset: x\ntarget: a\nfeatures: [{name: a, type: numeric}]\n", "target 'a' is also listed"),
         ("dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric}, {name: a, type: numeric}]\n", "unique"),
         ("dataset: [unclosed\n", "not valid YAML"),
+        (
+            'dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, min: "-30"}]\n',
+            "(a) min must be a number",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, min: 5, max: 1}]\n",
+            "min 5 is above max 1",
+        ),
+        (
+            "dataset: x\ntarget: y\ntarget_min: zero\nfeatures: [{name: a, type: numeric}]\n",
+            "target_min must be",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [yes, no]}]\n",
+            'YAML reads yes/no/true/false/on/off unquoted as booleans; quote them ("yes")',
+        ),
     ],
 )
 def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:

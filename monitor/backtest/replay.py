@@ -48,6 +48,7 @@ from retrain.train import TrainParams, predict
 
 POLICIES = ("never", "periodic", "drift", "oracle")
 SCRATCH_MARKER = ".driftloop-backtest"
+MAX_STEPS = 20_000  # a year in half-hour steps; each step runs every policy's serve, labels and turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,7 @@ def run_replay(
     """
     check_policies(policies)
     initial, replay = stream.split(until)
+    check_timing(config, until=until, last=replay[stream.time_column].iloc[-1], policies=policies)
     spec = stream.spec
     _fresh_workdir(workdir)
     clock = SimClock(until)
@@ -183,6 +185,44 @@ def check_policies(policies: tuple[str, ...]) -> None:
         raise BacktestInputError(
             f"--policies: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(POLICIES)}"
         )
+    twice = sorted({p for p in policies if policies.count(p) > 1})
+    if twice:
+        raise BacktestInputError(f"--policies: {', '.join(twice)} listed more than once")
+
+
+def check_timing(config: ReplayConfig, *, until: datetime, last: datetime, policies: tuple[str, ...]) -> None:
+    """Refuse step, delay and cadence options under which the replay could not show anything."""
+    span = last - until
+    days = f"{span.total_seconds() / 86400:.4g} days"
+    if config.step > span:
+        raise BacktestInputError(
+            f"--step {_span(config.step)}: longer than the replayed {days}; every row would be served by v1 "
+            "in one step"
+        )
+    steps = span / config.step
+    if steps > MAX_STEPS:
+        raise BacktestInputError(
+            f"--step {_span(config.step)}: {steps:,.0f} steps over the replayed {days}, more than the "
+            f"{MAX_STEPS:,} a replay takes; choose a longer step"
+        )
+    if config.label_delay >= span:
+        raise BacktestInputError(
+            f"--label-delay {_span(config.label_delay)}: no label would arrive within the replayed {days}"
+        )
+    if {"drift", "oracle"} & set(policies) and config.monitor_every > span:
+        raise BacktestInputError(
+            f"--monitor-every {_span(config.monitor_every)}: the monitor would never run within the "
+            f"replayed {days}"
+        )
+    if "periodic" in policies and config.period > span:
+        raise BacktestInputError(
+            f"--period {_span(config.period)}: the periodic policy would never retrain within the "
+            f"replayed {days}"
+        )
+
+
+def _span(delta: timedelta) -> str:
+    return f"{delta.total_seconds() / 86400:g}d"
 
 
 def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
@@ -199,6 +239,8 @@ def _due(now: datetime, start: datetime, every: timedelta, step: timedelta) -> b
 
 def check_workdir(workdir: Path) -> None:
     """Refuse a directory the backtest did not make: its scratch directory is wiped at every run."""
+    if workdir.parent.exists() and not workdir.parent.is_dir():
+        raise BacktestInputError(f"--out {workdir.parent} is a file, not a directory")
     if workdir.exists() and (
         not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / SCRATCH_MARKER).exists())
     ):

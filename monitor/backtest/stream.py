@@ -49,17 +49,27 @@ class Stream:
         assert self.spec.time_column is not None
         return self.spec.time_column
 
-    def split(self, until: datetime) -> tuple[pd.DataFrame, pd.DataFrame]:
-        """(initial training rows before `until`, rows replayed from `until` on); neither may be empty."""
+    def split(
+        self, until: datetime, *, cut: str = "--initial-train-until"
+    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(initial training rows before `until`, rows replayed from `until` on); neither may be empty, and
+        the initial rows must give v1 something to learn. `cut` names `until` in the messages."""
         before = self.times < pd.Timestamp(until)
         initial, replay = self.frame[before], self.frame[~before]
+        where = f"{cut} {until:%Y-%m-%d %H:%M}"
         if len(initial) < MIN_INITIAL_ROWS:
             raise BacktestInputError(
-                f"--initial-train-until {until:%Y-%m-%d %H:%M}: only {len(initial)} row(s) before it; "
-                f"the initial champion needs at least {MIN_INITIAL_ROWS}"
+                f"{where}: only {len(initial)} row(s) before it; the initial champion needs at least "
+                f"{MIN_INITIAL_ROWS}"
             )
         if replay.empty:
-            raise BacktestInputError(f"--initial-train-until {until:%Y-%m-%d %H:%M}: no rows left to replay")
+            raise BacktestInputError(f"{where}: no rows left to replay")
+        values = initial[self.spec.target].unique()
+        if len(values) < 2:
+            raise BacktestInputError(
+                f"{where}: target {self.spec.target!r} is {values[0]:g} in all {len(initial)} rows "
+                "before it; the initial champion has nothing to learn"
+            )
         return initial, replay.reset_index(drop=True)
 
     def default_train_until(self) -> datetime:
