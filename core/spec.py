@@ -223,7 +223,15 @@ def _number(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"{where} must be a number, not {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                pass
+            else:  # YAML 1.1 reads 5e1 (no dot, no exponent sign) as text
+                hint = " (YAML reads 5e1, without a dot, as text: write 50 or 5.0e+1)"
+        raise SpecError(f"{where} must be a number, not {value!r}{hint}")
     return value
 
 

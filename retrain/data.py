@@ -64,6 +64,8 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
 def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
     """The time column as UTC: one format inferred from the first row, or else any ISO 8601 form (with or
     without a time, fractional seconds or an offset); numbers are refused, not read as nanoseconds."""
+    if values.isna().all():
+        raise DataError(f"{path}: column {column!r} is empty")
     if pd.api.types.is_numeric_dtype(values):
         raise DataError(
             f"{path}: column {column!r} holds numbers (first {plain(values.iloc[0])}), not dates or times; "
@@ -77,9 +79,13 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
     if len(bad):
         raise DataError(
             f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at row {bad[0] + 2} "
-            f"({plain(values[bad[0]])}); every time must be a date or time in one format, ISO 8601 is safest"
+            f"({_shown(values[bad[0]])}); every time must be a date or time in one format, ISO 8601 is safest"
         )
     return parsed
+
+
+def _shown(value: object) -> object:
+    return "empty" if pd.isna(value) else plain(value)
 
 
 def plain(value: object) -> object:

@@ -304,7 +304,7 @@ def backtest(
         str | None, typer.Option(help="Drift monitor cadence (default: --step).")
     ] = None,
     period: Annotated[str, typer.Option(help="The periodic policy's retrain interval.")] = "90d",
-    rows: Annotated[int, typer.Option(help="Rows of generated data.")] = 36_000,
+    rows: Annotated[int, typer.Option(help="Rows of generated data.", min=1, max=1_000_000)] = 36_000,
     seed: int = 0,
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""

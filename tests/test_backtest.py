@@ -240,6 +240,8 @@ def _broken(history_csv: Path, change: str) -> Path:
         frame["sold_on"] = pd.to_datetime(frame["sold_on"]).astype("int64") // 10**9
     elif change == "target below target_min":
         frame.loc[3, "price_10k_krw"] = -5
+    elif change == "empty time column":
+        frame["sold_on"] = ""
     elif change == "header only":
         frame = frame.iloc[:0]
     elif change == "semicolons":
@@ -264,6 +266,7 @@ def _broken(history_csv: Path, change: str) -> Path:
             "target 'price_10k_krw' is below the spec's target_min 0 in 1 row(s), first at row 5 (-5)",
         ),
         ("header only", "no data rows, only a header"),
+        ("empty time column", "column 'sold_on' is empty"),
         ("semicolons", "(the header is one column holding ';': save the file comma-separated)"),
     ],
 )
@@ -286,7 +289,8 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--initial-train-until", "2030-01-01"], "no rows left to replay"),
         (["--data", "generated:none", "--initial-train-until", "2019-06-01"], "only 0 row(s) before it"),
         (["--data", "generated:none", "--initial-train-until", "someday"], "not a date or time"),
-        (["--data", "generated:none", "--step", "0d"], "step must be positive"),
+        (["--data", "generated:none", "--step", "0d"], "--step (step) must be positive"),
+        (["--data", "generated:none", "--rows", "5000000"], "Invalid value for '--rows'"),
         (["--data", "nowhere.csv"], "file not found: nowhere.csv"),
         (["--data", "generated:none", "--time-column", "area_m2"], "is a feature or the target"),
         (
@@ -296,7 +300,7 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--step", "1000d"], "--step 1000d: longer than the replayed"),
         (
             ["--data", "generated:none", "--step", "1m"],
-            "steps over the replayed 365 days, more than the 20,000",
+            "--step 1m: 525,",
         ),
         (["--data", "generated:none", "--label-delay", "400d"], "--label-delay 400d: no label would arrive"),
         (["--data", "generated:none", "--period", "400d"], "the periodic policy would never retrain"),
@@ -362,11 +366,12 @@ def test_a_constant_target_is_refused_before_v1_trains(tmp_path: Path, history_c
     ) in " ".join(result.output.split())
 
 
-def test_an_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("below", ["", "sub/dir"])
+def test_an_out_that_is_or_lies_under_a_file_is_refused(tmp_path: Path, below: str) -> None:
     (tmp_path / "out").write_text("not a directory")
-    result = backtest(tmp_path / "out", "--data", "generated:none", *STEP_ARGS)
+    result = backtest(tmp_path / "out" / below, "--data", "generated:none", *STEP_ARGS)
     assert result.exit_code == 2
-    assert f"--out {tmp_path / 'out'} is a file, not a directory" in " ".join(result.output.split())
+    assert f"{tmp_path / 'out'} is a file, not a directory" in " ".join(result.output.split())
 
 
 def test_a_spec_that_does_not_match_the_data_is_refused(tmp_path: Path, history_csv: Path) -> None:

@@ -48,7 +48,7 @@ from retrain.train import TrainParams, predict
 
 POLICIES = ("never", "periodic", "drift", "oracle")
 SCRATCH_MARKER = ".driftloop-backtest"
-MAX_STEPS = 20_000  # a year in half-hour steps; each step runs every policy's serve, labels and turn
+MAX_STEPS = 5_000  # 13 years in daily steps; each step runs every policy's serve, labels and turn
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +61,9 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         for name in ("step", "monitor_every", "period"):
             if getattr(self, name) <= timedelta(0):
-                raise ValueError(f"{name} must be positive")
+                raise ValueError(f"--{name.replace('_', '-')} ({name}) must be positive")
         if self.label_delay < timedelta(0):
-            raise ValueError("label_delay must not be negative")
+            raise ValueError("--label-delay (label_delay) must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +222,12 @@ def check_timing(config: ReplayConfig, *, until: datetime, last: datetime, polic
 
 
 def _span(delta: timedelta) -> str:
-    return f"{delta.total_seconds() / 86400:g}d"
+    """A duration in the options' own words: 7d, 12h, 1m (minutes), 0.5s."""
+    seconds = delta.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
@@ -239,8 +244,11 @@ def _due(now: datetime, start: datetime, every: timedelta, step: timedelta) -> b
 
 def check_workdir(workdir: Path) -> None:
     """Refuse a directory the backtest did not make: its scratch directory is wiped at every run."""
-    if workdir.parent.exists() and not workdir.parent.is_dir():
-        raise BacktestInputError(f"--out {workdir.parent} is a file, not a directory")
+    for above in workdir.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise BacktestInputError(f"--out {workdir.parent}: {above} is a file, not a directory")
+            break
     if workdir.exists() and (
         not workdir.is_dir() or (any(workdir.iterdir()) and not (workdir / SCRATCH_MARKER).exists())
     ):
