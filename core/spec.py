@@ -179,6 +179,11 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
                 f"{source}: {where} ({name}) type must be one of numeric, integer, categorical"
             ) from exc
         raw_categories = item.get("categories", ())
+        if any(c is None for c in raw_categories):
+            raise SpecError(
+                f"{source}: {where} ({name}) categories: an empty or null entry; a missing value is "
+                "'nullable: true', not a category"
+            )
         if any(isinstance(c, bool) for c in raw_categories):
             raise SpecError(
                 f"{source}: {where} ({name}) categories: YAML reads yes/no/true/false/on/off unquoted as "
@@ -232,6 +237,8 @@ def _number(value: Any, where: str) -> float | None:
             else:  # YAML 1.1 reads 5e1 (no dot, no exponent sign) as text
                 hint = " (YAML reads 5e1, without a dot, as text: write 50 or 5.0e+1)"
         raise SpecError(f"{where} must be a number, not {value!r}{hint}")
+    if math.isnan(value):
+        raise SpecError(f"{where} must be a number, not NaN")
     return value
 
 

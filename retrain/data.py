@@ -89,8 +89,10 @@ def _shown(value: object) -> object:
 
 
 def plain(value: object) -> object:
-    """A numpy scalar as the Python value it holds, so a message shows 30 rather than np.int64(30)."""
-    return value.item() if isinstance(value, np.generic) else value
+    """A value as a message should show it: a numpy scalar as the Python value it holds (30, not
+    np.int64(30)), and a whole float as an integer (100000, not 100000.0 or 1e+05)."""
+    value = value.item() if isinstance(value, np.generic) else value
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def check_features(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
@@ -108,7 +110,8 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
     if feature.type is FeatureType.categorical:
         text = values.astype("string")
         bad = ~missing & ~text.isin(feature.categories).fillna(False).to_numpy(dtype=bool)
-        what = "unknown categories"
+        shown = ", ".join(feature.categories[:10]) + (", …" if len(feature.categories) > 10 else "")
+        what = f"unknown categories (the spec's: {shown})"
     else:
         numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
         bad = ~missing & ~np.isfinite(numbers)

@@ -289,7 +289,8 @@ def _finish(
         models = client.get("/models").json()
         latest = client.get("/reports/latest").json()
         reports = client.get("/reports", params={"limit": 500}).json()
-        page = client.get(latest["html_url"]).text if latest.get("html_url") else None
+        response = client.get(latest["html_url"]) if latest.get("html_url") else None
+        page = response.text if response is not None and response.status_code == 200 else None
     test = generate_transactions(
         3000, start="2023-07-01", end="2023-12-31", scenario=scenario, change_at="2022-05-01", seed=seed + 3
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import load_spec
-from monitor.backtest.compare import paired_ratio
+from monitor.backtest.compare import paired_ratio, time_blocks
 from monitor.backtest.replay import ReplayConfig, run_replay
 from monitor.backtest.results import summarize
 from monitor.backtest.stream import load_stream
@@ -190,6 +190,37 @@ def test_a_ratio_without_enough_replay_or_error_says_so() -> None:
     errors = np.array([1.0, 2.0, 3.0])
     assert paired_ratio(errors, 2 * errors, np.zeros(3, dtype=int)) == (0.5, None)  # one block: no interval
     assert paired_ratio(errors, np.zeros(3), np.array([0, 1, 1])) is None  # a perfect baseline: no ratio
+    rng = np.random.default_rng(4)
+    baseline = rng.exponential(100.0, 2000)
+    # Seven blocks are too few to resample, and a stratum of one block would be the same in every draw.
+    assert paired_ratio(0.8 * baseline, baseline, _blocks(7, 2000 // 7 + 1)[:2000]) == (
+        pytest.approx(0.8),
+        None,
+    )
+    lone_first = np.r_[0, np.zeros(9, dtype=int) + 1]
+    assert paired_ratio(0.8 * baseline, baseline, _blocks(10, 200), lone_first)[1] is None
+    # And a draw whose baseline made no error at all has no ratio to give.
+    sparse = np.where(np.arange(2000) < 200, baseline, 0.0)
+    assert paired_ratio(baseline, sparse, _blocks(10, 200))[1] is None
+
+
+def test_blocks_are_equal_stretches_of_time_cut_at_the_change() -> None:
+    """The generated replay (2022, changed on 2022-04-01) in 6-hour rows: 3 blocks before the change and 10
+    after, all of one length within their stratum, so no stub block counts as much as a full one."""
+    stamps = pd.date_range("2022-01-01", "2022-12-31 18:00", freq="6h", tz="UTC")
+    codes, strata = time_blocks(
+        stamps.tz_localize(None).to_numpy("datetime64[ns]"),
+        start=stamps[0].to_pydatetime(),
+        end=stamps[-1].to_pydatetime(),
+        cuts=[datetime(2022, 4, 1, tzinfo=UTC)],
+        block=timedelta(days=28),
+    )
+    assert strata.tolist() == [0] * 3 + [1] * 10
+    sizes = np.bincount(codes)
+    assert sizes[:3].tolist() == [120, 120, 120]  # 90 days in three 30-day blocks
+    assert sizes[3:].max() - sizes[3:].min() <= 1  # 275 days in ten
+    assert (np.diff(codes) >= 0).all() and codes[-1] == 12  # in time order, the last row included
+    assert (codes[stamps < "2022-04-01"] < 3).all() and (codes[stamps >= "2022-04-01"] >= 3).all()
 
 
 # --- any CSV + spec, and bad input ---------------------------------------------------------------
@@ -258,7 +289,10 @@ def _broken(history_csv: Path, change: str) -> Path:
         ("unsorted", "not sorted by 'sold_on': row 13"),
         ("unparsable time", "column 'sold_on' has 1 unparsable value(s), first at row 9"),
         ("target NaN", "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 6"),
-        ("unknown category", "column 'district' has 1 row(s) with unknown categories, first at row 7"),
+        (
+            "unknown category",
+            "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu,",
+        ),
         ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at row 11"),
         ("epoch times", "column 'sold_on' holds numbers (first 1577"),  # not nanoseconds since 1970
         (

@@ -113,7 +113,11 @@ def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_p
     result = run("bootstrap", "--csv", str(path))
     assert result.exit_code == 2
     output = " ".join(result.output.split())
-    assert "column 'district' has 1 row(s) with unknown categories, first at row 8 ('Atlantis-gu')" in output
+    assert (
+        "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu, Seocho-gu, "
+        "Songpa-gu, Yongsan-gu, Seongdong-gu, Mapo-gu, Gwangjin-gu, Yangcheon-gu, Jongno-gu, Jung-gu, …), "
+        "first at row 8 ('Atlantis-gu')"
+    ) in output
     assert "column 'build_year' has 1 row(s) with values that are not whole numbers, first at row 11" in (
         output
     )

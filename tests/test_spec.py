@@ -91,6 +91,14 @@ def test_users_bring_their_own_spec(tmp_path: Path) -> None:
             "target_min must be",
         ),
         (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, min: .nan}]\n",
+            "(a) min must be a number, not NaN",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b, null]}]\n",
+            "(a) categories: an empty or null entry; a missing value is 'nullable: true', not a category",
+        ),
+        (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [yes, no]}]\n",
             'YAML reads yes/no/true/false/on/off unquoted as booleans; quote them ("yes")',
         ),

@@ -199,7 +199,7 @@ def check_timing(config: ReplayConfig, *, until: datetime, last: datetime, polic
             f"--step {_span(config.step)}: longer than the replayed {days}; every row would be served by v1 "
             "in one step"
         )
-    steps = span / config.step
+    steps = int(span / config.step) + 1  # as _step_bounds makes them
     if steps > MAX_STEPS:
         raise BacktestInputError(
             f"--step {_span(config.step)}: {steps:,.0f} steps over the replayed {days}, more than the "

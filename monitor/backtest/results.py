@@ -39,9 +39,9 @@ class PolicySummary:
     rows: int
     cumulative_mae: float
     mae_vs_never: float | None  # cumulative MAE / never's
-    # 95 % interval of that ratio, by a bootstrap over 28-day blocks of replayed time, drawn apart
-    # before and after each known change point (see monitor/backtest/compare.py); None without `never` or with
-    # fewer than two blocks.
+    # 95 % interval of that ratio, by a bootstrap over blocks of about 28 days of replayed time, drawn apart
+    # before and after each known change point; None without `never` or with too few blocks to resample
+    # (see monitor/backtest/compare.py).
     mae_vs_never_ci: tuple[float, float] | None
     mae_before_change: float | None
     mae_after_change: float | None

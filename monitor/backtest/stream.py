@@ -14,7 +14,7 @@ import pandas as pd
 from core.generator import SCENARIOS, generate_transactions
 from core.generator import to_utc as _utc
 from core.spec import FeatureSpec
-from retrain.data import DataError, check_features, read_labelled_csv
+from retrain.data import DataError, check_features, plain, read_labelled_csv
 
 GENERATED_PREFIX = "generated:"
 # The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
@@ -67,7 +67,7 @@ class Stream:
         values = initial[self.spec.target].unique()
         if len(values) < 2:
             raise BacktestInputError(
-                f"{where}: target {self.spec.target!r} is {values[0]:g} in all {len(initial)} rows "
+                f"{where}: target {self.spec.target!r} is {plain(values[0])} in all {len(initial)} rows "
                 "before it; the initial champion has nothing to learn"
             )
         return initial, replay.reset_index(drop=True)
