@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,10 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
             f"{path}: column {column!r} holds numbers (first {plain(values.iloc[0])}), not dates or times; "
             "write them as e.g. 2022-04-01 or 2022-04-01T09:30:00+09:00"
         )
-    parsed = pd.to_datetime(values, errors="coerce", utc=True)
+    with warnings.catch_warnings():
+        # A column whose first value is no date (the refusal below names it) makes pandas guess per row.
+        warnings.filterwarnings("ignore", "Could not infer format", UserWarning)
+        parsed = pd.to_datetime(values, errors="coerce", utc=True)
     if parsed.isna().any():
         iso = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
         parsed = iso if iso.isna().sum() < parsed.isna().sum() else parsed

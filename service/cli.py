@@ -283,6 +283,7 @@ def demo(
 
 @cli.command()
 def backtest(
+    context: typer.Context,
     data: Annotated[str, typer.Option(help="A labelled CSV, or generated:SCENARIO (none, rate_shock, …).")],
     spec: Annotated[
         Path | None, typer.Option(help="Feature spec (default: DRIFTLOOP_SPEC_PATH or shipped).")
@@ -339,7 +340,13 @@ def backtest(
         )
         cut = "--initial-train-until" if initial_train_until else "the default --initial-train-until"
         _, replayed = stream.split(until, cut=cut)
-        check_timing(config, until=until, last=replayed[stream.time_column].iloc[-1], policies=chosen)
+        defaulted = frozenset(
+            name
+            for name in ("step", "label_delay", "monitor_every", "period")
+            if getattr(context.get_parameter_source(name), "name", None) == "DEFAULT"
+        )
+        last = replayed[stream.time_column].iloc[-1]
+        check_timing(config, until=until, last=last, policies=chosen, defaulted=defaulted)
         check_workdir(out / "work")
     except (BacktestInputError, SpecError, ValueError) as exc:
         console.print(f"[red]backtest: {exc}[/]")

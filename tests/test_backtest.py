@@ -271,6 +271,9 @@ def _broken(history_csv: Path, change: str) -> Path:
         frame["sold_on"] = pd.to_datetime(frame["sold_on"]).astype("int64") // 10**9
     elif change == "target below target_min":
         frame.loc[3, "price_10k_krw"] = -5
+    elif change == "an epoch among dates":
+        frame["sold_on"] = frame["sold_on"].astype(object)
+        frame.loc[0, "sold_on"] = "1577836800"
     elif change == "empty time column":
         frame["sold_on"] = ""
     elif change == "header only":
@@ -301,6 +304,7 @@ def _broken(history_csv: Path, change: str) -> Path:
         ),
         ("header only", "no data rows, only a header"),
         ("empty time column", "column 'sold_on' is empty"),
+        ("an epoch among dates", "column 'sold_on' has 1 unparsable value(s), first at row 2 (1577836800)"),
         ("semicolons", "(the header is one column holding ';': save the file comma-separated)"),
     ],
 )
@@ -398,6 +402,20 @@ def test_a_constant_target_is_refused_before_v1_trains(tmp_path: Path, history_c
         "the default --initial-train-until 2020-10-18 17:58: target 'price_10k_krw' is 50000 in all 600 rows "
         "before it; the initial champion has nothing to learn"
     ) in " ".join(result.output.split())
+
+
+def test_a_refusal_says_when_the_option_it_names_was_left_at_its_default(tmp_path: Path) -> None:
+    """A short file: the 90-day period does not fit, and nobody typed --period."""
+    frame = generate_transactions(300, start="2021-01-01", end="2021-03-31", seed=5)
+    frame.to_csv(tmp_path / "short.csv", index=False)
+    args = ["--data", str(tmp_path / "short.csv"), "--time-column", "contract_date", "--step", "1d"]
+    result = backtest(tmp_path / "out", *args, "--label-delay", "7d")
+    assert result.exit_code == 2
+    assert "--period 90d (the default): the periodic policy would never retrain" in " ".join(
+        result.output.split()
+    )
+    typed = backtest(tmp_path / "out", *args, "--label-delay", "7d", "--period", "90d")
+    assert "--period 90d: the periodic policy" in " ".join(typed.output.split())
 
 
 @pytest.mark.parametrize("below", ["", "sub/dir"])

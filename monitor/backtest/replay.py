@@ -190,34 +190,45 @@ def check_policies(policies: tuple[str, ...]) -> None:
         raise BacktestInputError(f"--policies: {', '.join(twice)} listed more than once")
 
 
-def check_timing(config: ReplayConfig, *, until: datetime, last: datetime, policies: tuple[str, ...]) -> None:
-    """Refuse step, delay and cadence options under which the replay could not show anything."""
+def check_timing(
+    config: ReplayConfig,
+    *,
+    until: datetime,
+    last: datetime,
+    policies: tuple[str, ...],
+    defaulted: frozenset[str] = frozenset(),
+) -> None:
+    """Refuse step, delay and cadence options under which the replay could not show anything.
+
+    `defaulted` names the options (`step`, `label_delay`, `monitor_every`, `period`) the user left at their
+    default, so that a message says so rather than blame an option nobody typed.
+    """
     span = last - until
     days = f"{span.total_seconds() / 86400:.4g} days"
+
+    def option(name: str) -> str:
+        value = _span(getattr(config, name))
+        return f"--{name.replace('_', '-')} {value}" + (" (the default)" if name in defaulted else "")
+
     if config.step > span:
         raise BacktestInputError(
-            f"--step {_span(config.step)}: longer than the replayed {days}; every row would be served by v1 "
-            "in one step"
+            f"{option('step')}: longer than the replayed {days}; every row would be served by v1 in one step"
         )
     steps = int(span / config.step) + 1  # as _step_bounds makes them
     if steps > MAX_STEPS:
         raise BacktestInputError(
-            f"--step {_span(config.step)}: {steps:,.0f} steps over the replayed {days}, more than the "
-            f"{MAX_STEPS:,} a replay takes; choose a longer step"
+            f"{option('step')}: {steps:,.0f} steps over the replayed {days}, more than the {MAX_STEPS:,} a "
+            "replay takes; choose a longer step"
         )
     if config.label_delay >= span:
-        raise BacktestInputError(
-            f"--label-delay {_span(config.label_delay)}: no label would arrive within the replayed {days}"
-        )
+        raise BacktestInputError(f"{option('label_delay')}: no label would arrive within the replayed {days}")
     if {"drift", "oracle"} & set(policies) and config.monitor_every > span:
         raise BacktestInputError(
-            f"--monitor-every {_span(config.monitor_every)}: the monitor would never run within the "
-            f"replayed {days}"
+            f"{option('monitor_every')}: the monitor would never run within the replayed {days}"
         )
     if "periodic" in policies and config.period > span:
         raise BacktestInputError(
-            f"--period {_span(config.period)}: the periodic policy would never retrain within the "
-            f"replayed {days}"
+            f"{option('period')}: the periodic policy would never retrain within the replayed {days}"
         )
 
 
