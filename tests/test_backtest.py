@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,43 @@ def test_the_replay_ran_the_live_monitor_policy_and_retrain_code(unit_bug: Path)
         v1_sources = db.scalar(select(ModelVersion.data_sources).where(ModelVersion.version == 1))
     engine.dispose()
     assert v1_sources == {"bootstrap": "generated:unit_bug, rows before 2022-01-01 00:00"}
+
+
+def test_soft_breaches_that_outlive_their_retrains_wait_ever_longer(tmp_path: Path) -> None:
+    """End to end through the live monitor: drift-only breaches (soft) that retraining does not cure are
+    stored with their decision, counted back from the database, and each run waits cooldown × 2ⁿ.
+    A small 28-day window keeps the drift share over its threshold for the whole replay."""
+    cooldown = timedelta(days=28)
+    settings = make_settings(
+        "sqlite://", tmp_path, min_window_rows=200, min_labelled_rows=100,
+        retrain_cooldown_s=int(cooldown.total_seconds()), window_seconds=int(cooldown.total_seconds()),
+    )  # fmt: skip
+    stream = load_stream("generated:new_town", load_spec(), rows=12000)
+    config = ReplayConfig(step=timedelta(days=7), label_delay=timedelta(days=14))
+    run_replay(
+        stream, settings=settings, config=config, policies=("drift",), until=stream.default_train_until(),
+        workdir=tmp_path / "w",
+    )  # fmt: skip
+    engine = create_engine(f"sqlite:///{tmp_path / 'w' / 'drift' / 'backtest.db'}")
+    with engine.connect() as db:
+        reports = db.execute(
+            select(DriftReport.created_at, DriftReport.decision).order_by(DriftReport.id)
+        ).all()
+        runs = db.scalars(select(RetrainRun.started_at).order_by(RetrainRun.id)).all()
+        triggers = set(db.scalars(select(RetrainRun.trigger)))
+    engine.dispose()
+    assert triggers == {"drift"} and len(runs) >= 3
+    assert all(d["soft"] for _, d in reports if d.get("breach"))
+    # No "ok" report came between them, so the n-th gap is at least cooldown × 2ⁿ.
+    assert not any(d.get("verdict") == "ok" for at, d in reports if runs[0] <= at <= runs[-1])
+    for n, (before, after) in enumerate(pairwise(runs), start=1):
+        assert after - before >= cooldown * 2**n
+    held = [
+        (at, d["held_by"]) for at, d in reports if (d.get("held_by") or "").startswith("backoff after 2 ")
+    ]
+    assert held and held[0][1].startswith(
+        "backoff after 2 soft-breach runs in a row: the next waits 112 d (cooldown × 2^2), "
+    )
 
 
 def test_a_stable_stream_gets_no_retrain(tmp_path: Path) -> None:
