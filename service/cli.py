@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,16 +25,23 @@ def _settings() -> Settings:
     return Settings()
 
 
-def _registry(settings: Settings) -> Any:
+@contextmanager
+def _registry(settings: Settings) -> Iterator[Any]:
+    """The registry on the configured database, for one command; its engine is disposed afterwards."""
     from core.db import make_engine, make_sessions, migrate
     from core.registry import ArtifactStore, Registry
 
     if settings.auto_migrate:
         migrate(settings.database_url)
-    return Registry(make_sessions(make_engine(settings.database_url)), ArtifactStore(settings.artifact_dir))
+    engine = make_engine(settings.database_url)
+    try:
+        yield Registry(make_sessions(engine), ArtifactStore(settings.artifact_dir))
+    finally:
+        engine.dispose()
 
 
-def _loop(settings: Settings) -> Any:
+@contextmanager
+def _loop(settings: Settings) -> Iterator[Any]:
     """The loop on its own (no scheduler), for one-shot CLI runs."""
     from prometheus_client import CollectorRegistry
 
@@ -40,14 +49,14 @@ def _loop(settings: Settings) -> Any:
     from core.spec import load_spec
     from monitor.jobs import Loop
 
-    registry = _registry(settings)
-    return Loop(
-        settings=settings,
-        spec=load_spec(settings.spec_path),
-        sessions=registry.sessions,
-        registry=registry,
-        metrics=build_metrics(CollectorRegistry()),
-    )
+    with _registry(settings) as registry:
+        yield Loop(
+            settings=settings,
+            spec=load_spec(settings.spec_path),
+            sessions=registry.sessions,
+            registry=registry,
+            metrics=build_metrics(CollectorRegistry()),
+        )
 
 
 @cli.command()
@@ -76,9 +85,9 @@ def bootstrap(
 
     settings = _settings()
     try:
-        with console.status("training v1…"):
+        with console.status("training v1…"), _registry(settings) as registry:
             result = do_bootstrap(
-                registry=_registry(settings),
+                registry=registry,
                 spec=load_spec(settings.spec_path),
                 params=TrainParams.from_settings(settings),
                 holdout_fraction=settings.holdout_fraction,
@@ -151,25 +160,27 @@ def ingest(
     spec = load_spec(settings.spec_path)
     if settings.auto_migrate:
         do_migrate(settings.database_url)
-    sessions = make_sessions(make_engine(settings.database_url))
     try:
         total = count_rows(file)
     except FileNotFoundError:
         console.print(f"[red]file not found: {file}[/]")
         raise typer.Exit(2) from None
+    engine = make_engine(settings.database_url)
     try:
         with _progress() as progress:
             task = progress.add_task("ingesting", total=total)
             report = ingest_csv(
                 file,
                 spec=spec,
-                sessions=sessions,
+                sessions=make_sessions(engine),
                 source=source,
                 on_progress=lambda n: progress.advance(task, n),
             )
     except IngestError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
+    finally:
+        engine.dispose()
     console.print(f"[green]{report.accepted} row(s) loaded[/], {len(report.rejected)} rejected")
     for line, problems in report.rejected[:show]:
         console.print(f"  line {line}: " + "; ".join(problems))
@@ -182,9 +193,10 @@ def ingest(
 @cli.command()
 def models() -> None:
     """List model versions."""
-    registry = _registry(_settings())
+    with _registry(_settings()) as registry:
+        rows = registry.list()
     table = Table("version", "status", "trigger", "created", "val MAE", "parent")
-    for row in registry.list():
+    for row in rows:
         mae = row.metrics.get("val_mae")
         table.add_row(
             f"v{row.version}", row.status, row.trigger, f"{row.created_at:%Y-%m-%d %H:%M}",
@@ -200,7 +212,8 @@ def promote(version: int, reason: str = "manual promote via CLI") -> None:
     from core.registry import RegistryError
 
     try:
-        row = _registry(_settings()).promote(version=version, reason=reason)
+        with _registry(_settings()) as registry:
+            row = registry.promote(version=version, reason=reason)
     except RegistryError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
@@ -213,7 +226,8 @@ def rollback() -> None:
     from core.registry import RegistryError
 
     try:
-        row = _registry(_settings()).rollback(reason="rollback via CLI")
+        with _registry(_settings()) as registry:
+            row = registry.rollback(reason="rollback via CLI")
     except RegistryError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
@@ -227,25 +241,25 @@ def retrain(wait: bool = True) -> None:
     from retrain.runs import RunInProgress
 
     settings = _settings()
-    loop = _loop(settings)
-    try:
-        handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
-    except RunInProgress as exc:
-        console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
-        raise typer.Exit(1) from None
-    console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
-    if wait:
-        with console.status("training and validating…"):
-            status = handle.wait(settings.retrain_timeout_s + 60)
-        console.print(f"run {handle.run_id}: [bold]{status}[/]")
+    with _loop(settings) as loop:
+        try:
+            handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
+        except RunInProgress as exc:
+            console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
+            raise typer.Exit(1) from None
+        console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
+        if wait:
+            with console.status("training and validating…"):
+                status = handle.wait(settings.retrain_timeout_s + 60)
+            console.print(f"run {handle.run_id}: [bold]{status}[/]")
 
 
 @cli.command()
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
-    settings = _settings()
-    loop = _loop(settings)
-    typer.echo(json.dumps(loop.run_monitor().to_json(), indent=2, default=str))
+    with _loop(_settings()) as loop:
+        outcome = loop.run_monitor()
+    typer.echo(json.dumps(outcome.to_json(), indent=2, default=str))
 
 
 @cli.command()
