@@ -96,12 +96,15 @@ def sanity_reasons(predicted: np.ndarray, actual: np.ndarray, spec: FeatureSpec)
         )
     if spec.target_min is not None:
         # A regressor's estimate for rows whose actual sits at the bound (no rentals at 4 am) may dip a
-        # little under it; an impossible value is one clearly under it, on the target's own scale.
+        # little under it: by up to TARGET_MIN_SLACK × the actuals' std, when some actual is that close to
+        # the bound. Where every actual is far above it (prices), any value under it is impossible.
         slack = TARGET_MIN_SLACK * actual_std
+        if not (actual.size and actual.min() - spec.target_min <= slack):
+            slack = 0.0
         below = int((finite < spec.target_min - slack).sum())
+        by = f" by more than {slack:.6g} ({TARGET_MIN_SLACK:.0%} of the actual std)" if slack else ""
         out["target_min"] = (
-            f"target_min: {below} of {predicted.size} candidate predictions are below {spec.target_min:g} "
-            f"by more than {slack:.6g} ({TARGET_MIN_SLACK:.0%} of the actual std)"
+            f"target_min: {below} of {predicted.size} candidate predictions are below {spec.target_min:g}{by}"
             if below
             else None
         )
