@@ -40,7 +40,7 @@ from core.registry import ArtifactStore, NewVersion, Registry
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
-from monitor.backtest.stream import BacktestInputError, Stream, ns_times
+from monitor.backtest.stream import BacktestInputError, Stream, duration_text, ns_times
 from monitor.jobs import Loop
 from retrain.bootstrap import bootstrap
 from retrain.runner import run_inline
@@ -61,7 +61,7 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         for name in ("step", "monitor_every", "period"):
             if getattr(self, name) <= timedelta(0):
-                raise ValueError(f"--{name.replace('_', '-')} ({name}) must be positive")
+                raise ValueError(f"{_option(name)} ({name}) must be positive")
         if self.label_delay < timedelta(0):
             raise ValueError("--label-delay (label_delay) must not be negative")
 
@@ -207,8 +207,8 @@ def check_timing(
     days = f"{span.total_seconds() / 86400:.4g} days"
 
     def option(name: str) -> str:
-        value = _span(getattr(config, name))
-        return f"--{name.replace('_', '-')} {value}" + (" (the default)" if name in defaulted else "")
+        value = duration_text(getattr(config, name))
+        return f"{_option(name)} {value}" + (" (the default)" if name in defaulted else "")
 
     if config.step > span:
         raise BacktestInputError(
@@ -232,13 +232,9 @@ def check_timing(
         )
 
 
-def _span(delta: timedelta) -> str:
-    """A duration in the options' own words: 7d, 12h, 1m (minutes), 0.5s."""
-    seconds = delta.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+def _option(name: str) -> str:
+    """The command-line option for a ReplayConfig field: label_delay → --label-delay."""
+    return f"--{name.replace('_', '-')}"
 
 
 def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:

@@ -94,6 +94,16 @@ def parse_duration(text: str, *, option: str) -> timedelta:
     return timedelta(seconds=value * _UNIT_SECONDS[unit])
 
 
+def duration_text(delta: timedelta) -> str:
+    """`parse_duration`'s inverse, for messages: 7d, 12h, 1m (minutes), 0.5s (the largest whole unit)."""
+    seconds = delta.total_seconds()
+    for unit in ("d", "h", "m"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def parse_time(text: str, *, option: str) -> datetime:
     try:
         return _utc(text)
