@@ -26,18 +26,27 @@ def _settings() -> Settings:
 
 
 @contextmanager
-def _registry(settings: Settings) -> Iterator[Any]:
-    """The registry on the configured database, for one command; its engine is disposed afterwards."""
+def _sessions(settings: Settings) -> Iterator[Any]:
+    """Sessions on the configured database (migrated first if auto_migrate), for one command; the engine
+    is disposed afterwards."""
     from core.db import make_engine, make_sessions, migrate
-    from core.registry import ArtifactStore, Registry
 
     if settings.auto_migrate:
         migrate(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
-        yield Registry(make_sessions(engine), ArtifactStore(settings.artifact_dir))
+        yield make_sessions(engine)
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _registry(settings: Settings) -> Iterator[Any]:
+    """The registry on the configured database, for one command."""
+    from core.registry import ArtifactStore, Registry
+
+    with _sessions(settings) as sessions:
+        yield Registry(sessions, ArtifactStore(settings.artifact_dir))
 
 
 @contextmanager
@@ -151,36 +160,29 @@ def ingest(
     show: Annotated[int, typer.Option(help="How many rejected rows to list.")] = 20,
 ) -> None:
     """Load labelled transactions from a CSV into labelled_row; rows that violate the spec are reported."""
-    from core.db import make_engine, make_sessions
-    from core.db import migrate as do_migrate
     from core.ingest import IngestError, count_rows, ingest_csv
     from core.spec import load_spec
 
     settings = _settings()
     spec = load_spec(settings.spec_path)
-    if settings.auto_migrate:
-        do_migrate(settings.database_url)
     try:
         total = count_rows(file)
     except FileNotFoundError:
         console.print(f"[red]file not found: {file}[/]")
         raise typer.Exit(2) from None
-    engine = make_engine(settings.database_url)
     try:
-        with _progress() as progress:
+        with _sessions(settings) as sessions, _progress() as progress:
             task = progress.add_task("ingesting", total=total)
             report = ingest_csv(
                 file,
                 spec=spec,
-                sessions=make_sessions(engine),
+                sessions=sessions,
                 source=source,
                 on_progress=lambda n: progress.advance(task, n),
             )
     except IngestError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
-    finally:
-        engine.dispose()
     console.print(f"[green]{report.accepted} row(s) loaded[/], {len(report.rejected)} rejected")
     for line, problems in report.rejected[:show]:
         console.print(f"  line {line}: " + "; ".join(problems))
