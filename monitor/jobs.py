@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -25,7 +25,14 @@ from core.registry import Registry, baseline_mae
 from core.schema import DriftReport, ModelVersion
 from core.settings import Settings
 from core.spec import FeatureSpec
-from monitor.notify import WebhookNotifier, breach_key, enqueue, format_breach, format_retrain_outcome
+from monitor.notify import (
+    WebhookNotifier,
+    announce_finished_runs,
+    breach_key,
+    enqueue,
+    enqueue_retrain_outcome,
+    format_breach,
+)
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_window
 from retrain.process import RunHandle, launch
@@ -42,6 +49,9 @@ DELIVERY_INTERVAL_S = 2.0
 # past the retrain timeout (a hung child whose parent, which enforces the timeout, died).
 HEARTBEATS_MISSED = 3
 RUN_GRACE_S = 300
+# The leader announces runs nobody announced (their launcher exited first) if they ended this recently.
+ANNOUNCE_HORIZON = timedelta(days=1)
+ANNOUNCE_POLL_S = 0.5  # how soon a waiting announcer notices stop()
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,10 +98,12 @@ class Loop:
     _reference: tuple[int, pd.DataFrame] | None = None
     _notifier: WebhookNotifier | None = None
     _watchers: list[threading.Thread] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     # --- scheduling --------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
+        self._stopping.clear()
         self.metrics.monitor_interval.set(s.monitor_interval_s)
         self.metrics.drift_share_threshold.set(s.drift_share_threshold)
         self.metrics.drift_weighted_threshold.set(s.weighted_drift_threshold)
@@ -115,9 +127,17 @@ class Loop:
         self._scheduler = scheduler
 
     def stop(self) -> None:
+        """Stop the scheduler and let each finished run's announcer finish; runs still going are left to
+        the leader's sweep (`announce_finished_runs`). Call it before disposing of the database engine."""
+        self._stopping.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
+        for watcher in self._watchers:
+            watcher.join(timeout=self.settings.webhook_timeout_s + 5)
+            if watcher.is_alive():
+                log.warning("%s still delivering at stop; the outbox keeps its message", watcher.name)
+        self._watchers.clear()
         if self.leader:
             release(self.sessions, name=LEASE_NAME, holder=self.holder_id)
             self.leader = False
@@ -139,6 +159,7 @@ class Loop:
             log.info("scheduler lease taken by %s", self.holder_id)
         if held:
             self._recover_stale_runs()
+            self._announce_finished_runs()
         elif self.leader:
             log.warning("scheduler lease lost; this process idles")
         self.leader = held
@@ -157,6 +178,17 @@ class Loop:
             return
         for run_id in stale:
             log.warning("retrain run %s marked failed: its process died or hung (see its error)", run_id)
+
+    def _announce_finished_runs(self) -> None:
+        try:
+            announced = announce_finished_runs(
+                self.sessions, now=self.clock(), horizon=ANNOUNCE_HORIZON, metrics=self.metrics
+            )
+        except Exception:
+            log.exception("could not announce finished retrain runs")
+            return
+        if announced:
+            log.info("announced retrain run(s) %s, whose launcher did not", announced)
 
     def scheduled_retrain(self) -> int | None:
         """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only; its run id, or None."""
@@ -351,20 +383,24 @@ class Loop:
             settings=self.settings, trigger=trigger, reason=reason, report_id=report_id,
             sessions=self.sessions, metrics=self.metrics, clock=self.clock,
         )  # fmt: skip
-        watcher = threading.Thread(target=self._announce, args=(handle, trigger), daemon=True)
+        watcher = threading.Thread(
+            target=self._announce, args=(handle,), name=f"retrain-announce-{handle.run_id}", daemon=True
+        )
         watcher.start()
         self._watchers = [w for w in self._watchers if w.is_alive()] + [watcher]
         return handle
 
-    def _announce(self, handle: RunHandle, trigger: str) -> None:
-        status = handle.wait(self.settings.retrain_timeout_s + 60)
+    def _announce(self, handle: RunHandle) -> None:
+        """Wait for the run to end, then enqueue and deliver its outcome; give up at stop()."""
+        deadline = time.monotonic() + self.settings.retrain_timeout_s + 60
+        while (status := handle.poll()) is None:
+            if self._stopping.is_set() or time.monotonic() > deadline:
+                log.info("retrain run %s still running; the scheduler leader announces it", handle.run_id)
+                return
+            handle.wait(ANNOUNCE_POLL_S)
         try:
             with self.sessions.begin() as session:
-                enqueue(
-                    session, kind="retrain_outcome", dedup_key=f"retrain:{handle.run_id}",
-                    payload=format_retrain_outcome(session=session, run_id=handle.run_id),
-                    now=self.clock(), metrics=self.metrics,
-                )  # fmt: skip
+                enqueue_retrain_outcome(session, handle.run_id, now=self.clock(), metrics=self.metrics)
             self.deliver()
         except Exception:
             log.exception("could not announce the outcome (%s) of retrain run %s", status, handle.run_id)

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
 from core.metrics import Metrics
-from core.schema import Notification, RetrainRun
+from core.schema import Notification, RetrainRun, RunStatus
 from monitor.policy import Decision, Observation
 
 PENDING, DELIVERED, FAILED, SKIPPED = "pending", "delivered", "failed", "skipped"  # row statuses
@@ -345,6 +345,42 @@ def format_breach(
 
 
 _OUTCOME_ICON = {"promoted": ":white_check_mark:", "rejected": ":no_entry:", "failed": ":x:"}
+
+
+def enqueue_retrain_outcome(
+    session: Session, run_id: int, *, now: datetime, metrics: Metrics | None = None
+) -> Notification | None:
+    """Announce a finished run, once per run whoever asks first (its own process, or the leader's sweep)."""
+    return enqueue(
+        session, kind="retrain_outcome", dedup_key=f"retrain:{run_id}",
+        payload=format_retrain_outcome(session=session, run_id=run_id), now=now, metrics=metrics,
+    )  # fmt: skip
+
+
+def announce_finished_runs(
+    sessions: sessionmaker[Session], *, now: datetime, horizon: timedelta, metrics: Metrics | None = None
+) -> list[int]:
+    """Enqueue the outcome of every run that finished within `horizon` and has none yet; their ids.
+
+    The process that launched a run announces it when its child exits. That process may exit first (the
+    CLI's `--no-wait`, a restart or crash mid-run), and a run failed for a dead process has no launcher
+    left at all; the scheduler leader sweeps these up. Older runs are left: news a day late is noise.
+    """
+    with sessions() as session:
+        finished = session.scalars(
+            select(RetrainRun.id).where(
+                RetrainRun.status != RunStatus.running, RetrainRun.finished_at >= now - horizon
+            )
+        ).all()
+        keys = {f"retrain:{run_id}": run_id for run_id in finished}
+        taken = set(session.scalars(select(Notification.dedup_key).where(Notification.dedup_key.in_(keys))))
+    announced = []
+    for key, run_id in keys.items():
+        if key not in taken:
+            with sessions.begin() as session:
+                if enqueue_retrain_outcome(session, run_id, now=now, metrics=metrics) is not None:
+                    announced.append(run_id)
+    return announced
 
 
 def format_retrain_outcome(*, session: Session, run_id: int) -> dict[str, Any]:

@@ -92,8 +92,7 @@ def create_app(
         try:
             yield
         finally:
-            if run_scheduler:
-                ctx.loop.stop()
+            ctx.loop.stop()  # also lets a manual run's announcer finish on a replica without the scheduler
             ctx.holder.stop()
             ctx.logger.stop()  # drain: every answered prediction reaches the DB or the spool
             ctx.engine.dispose()

@@ -59,13 +59,17 @@ def _loop(settings: Settings) -> Iterator[Any]:
     from monitor.jobs import Loop
 
     with _registry(settings) as registry:
-        yield Loop(
+        loop = Loop(
             settings=settings,
             spec=load_spec(settings.spec_path),
             sessions=registry.sessions,
             registry=registry,
             metrics=build_metrics(CollectorRegistry()),
         )
+        try:
+            yield loop
+        finally:
+            loop.stop()  # a waited-for run's outcome is announced before the engine goes
 
 
 @cli.command()

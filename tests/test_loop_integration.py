@@ -2,9 +2,10 @@
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import httpx
@@ -19,6 +20,7 @@ from core.registry import Registry
 from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import FeatureSpec
 from monitor.jobs import Loop
+from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
 from retrain.runs import start_run
 from retrain.train import predict
@@ -77,11 +79,23 @@ def log_traffic(
             session.execute(insert(GroundTruth), labels)
 
 
-def make_loop(registry, spec, metrics, db_url, tmp_path, **overrides) -> Loop:
-    settings = make_settings(
-        db_url, tmp_path, min_window_rows=300, window_rows=1200, min_labelled_rows=100, **overrides
-    )
-    return Loop(settings=settings, spec=spec, sessions=registry.sessions, registry=registry, metrics=metrics)
+@pytest.fixture
+def make_loop(registry, spec, metrics, db_url, tmp_path) -> Iterator[Callable[..., Loop]]:
+    """Loops on the test database, each stopped (its announcers finished) before the engine is disposed."""
+    made: list[Loop] = []
+
+    def _make(**overrides: Any) -> Loop:
+        settings = make_settings(
+            db_url, tmp_path, min_window_rows=300, window_rows=1200, min_labelled_rows=100, **overrides
+        )
+        made.append(
+            Loop(settings=settings, spec=spec, sessions=registry.sessions, registry=registry, metrics=metrics)
+        )
+        return made[-1]
+
+    yield _make
+    for loop in made:
+        loop.stop()
 
 
 def report_row(registry: Registry, report_id: int) -> DriftReport:
@@ -94,9 +108,9 @@ def runs(registry: Registry) -> list[RetrainRun]:
         return list(session.scalars(select(RetrainRun).order_by(RetrainRun.id)))
 
 
-def test_a_stable_window_is_not_flagged(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+def test_a_stable_window_is_not_flagged(make_loop, registry, champion, spec, metrics) -> None:
     log_traffic(registry, champion, spec, traffic("none", 1200, seed=3))
-    loop = make_loop(registry, spec, metrics, db_url, tmp_path)
+    loop = make_loop()
     outcome = loop.run_monitor()
     assert (outcome.verdict, outcome.decision.breach, outcome.retrain_run_id) == ("ok", False, None)
     row = report_row(registry, outcome.report_id)
@@ -117,10 +131,10 @@ def test_a_stable_window_is_not_flagged(registry, champion, spec, metrics, db_ur
 
 @pytest.mark.parametrize("scenario", ["new_town", "unit_bug"])
 def test_covariate_drift_is_flagged_naming_the_features(
-    registry, champion, spec, metrics, db_url, tmp_path, scenario
+    make_loop, registry, champion, spec, metrics, scenario
 ) -> None:
     log_traffic(registry, champion, spec, traffic(scenario, 1200, seed=4), labelled=False)
-    loop = make_loop(registry, spec, metrics, db_url, tmp_path, auto_retrain=False)
+    loop = make_loop(auto_retrain=False)
     outcome = loop.run_monitor()
     assert outcome.verdict == "breach"
     assert outcome.decision.held_by == "alert-only mode"
@@ -138,9 +152,9 @@ def test_covariate_drift_is_flagged_naming_the_features(
         )
 
 
-def test_concept_drift_is_an_accuracy_breach(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+def test_concept_drift_is_an_accuracy_breach(make_loop, registry, champion, spec) -> None:
     log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=5))
-    outcome = make_loop(registry, spec, metrics, db_url, tmp_path, auto_retrain=False).run_monitor()
+    outcome = make_loop(auto_retrain=False).run_monitor()
     assert (outcome.verdict, outcome.decision.trigger) == ("breach", "accuracy")
     row = report_row(registry, outcome.report_id)
     assert row.drift_share < 0.5  # the features did not move; the prices did
@@ -148,12 +162,10 @@ def test_concept_drift_is_an_accuracy_breach(registry, champion, spec, metrics, 
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(
-    registry, champion, spec, metrics, db_url, tmp_path, receiver
+    make_loop, registry, champion, spec, receiver
 ) -> None:
     log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=6))
-    loop = make_loop(
-        registry, spec, metrics, db_url, tmp_path, consecutive_breaches=2, webhook_url=receiver.url
-    )
+    loop = make_loop(consecutive_breaches=2, webhook_url=receiver.url)
     first = loop.run_monitor()
     assert (first.verdict, first.decision.retrain, first.decision.held_by) == (
         "breach",
@@ -185,11 +197,9 @@ def test_one_alert_per_breach_then_a_gated_retrain_promotes(
         assert session.scalar(select(func.count()).select_from(Notification)) == 2
 
 
-def test_a_worse_candidate_is_rejected_and_cooldown_holds(
-    registry, champion, spec, metrics, db_url, tmp_path
-) -> None:
+def test_a_worse_candidate_is_rejected_and_cooldown_holds(make_loop, registry, champion, spec) -> None:
     log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=7))
-    loop = make_loop(registry, spec, metrics, db_url, tmp_path, consecutive_breaches=1, gate_margin=0.99)
+    loop = make_loop(consecutive_breaches=1, gate_margin=0.99)
     first = loop.run_monitor()
     run = wait_until(lambda: finished(registry, first.retrain_run_id), timeout=120, what="the retrain run")
     assert run.status == "rejected"
@@ -201,15 +211,10 @@ def test_a_worse_candidate_is_rejected_and_cooldown_holds(
     assert len(runs(registry)) == 1
 
 
-def test_a_failing_receiver_is_retried_until_delivered(
-    registry, champion, spec, metrics, db_url, tmp_path
-) -> None:
+def test_a_failing_receiver_is_retried_until_delivered(make_loop, registry, champion, spec) -> None:
     with running_receiver(statuses=[500]) as flaky:
         log_traffic(registry, champion, spec, traffic("unit_bug", 600, seed=8), labelled=False)
-        loop = make_loop(
-            registry, spec, metrics, db_url, tmp_path, auto_retrain=False, webhook_url=flaky.url,
-            webhook_backoff_s=0,
-        )  # fmt: skip
+        loop = make_loop(auto_retrain=False, webhook_url=flaky.url, webhook_backoff_s=0)
         loop.run_monitor()  # delivers once: the receiver answers 500
         assert (flaky.attempts, flaky.kinds()) == (1, [])
         loop.deliver()
@@ -219,12 +224,12 @@ def test_a_failing_receiver_is_retried_until_delivered(
         assert (note.status, note.attempts) == ("delivered", 2)
 
 
-def test_scheduler_lease_one_leader_and_takeover(registry, champion, spec, metrics, db_url, tmp_path) -> None:
+def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) -> None:
     long_ago = utcnow() - timedelta(minutes=5)
     with registry.sessions.begin() as session:  # a run whose process died: no heartbeat for 5 minutes
         session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=long_ago))
-    a = make_loop(registry, spec, metrics, db_url, tmp_path)
-    b = make_loop(registry, spec, metrics, db_url, tmp_path)
+    a = make_loop()
+    b = make_loop()
     assert a.renew_lease() is True
     assert b.renew_lease() is False
     assert [r.status for r in runs(registry)] == ["failed"]  # the leader cleared what a crash left
@@ -234,6 +239,85 @@ def test_scheduler_lease_one_leader_and_takeover(registry, champion, spec, metri
     assert [(r.id, r.status) for r in runs(registry)][-1] == (alive, "running")
     a.stop()  # releases the lease
     assert b.renew_lease() is True
+
+
+def outcomes(registry: Registry) -> dict[str, str]:
+    """dedup_key → status of every retrain outcome in the outbox."""
+    with registry.sessions() as session:
+        rows = session.scalars(select(Notification).where(Notification.kind == "retrain_outcome"))
+        return {row.dedup_key: row.status for row in rows}
+
+
+@pytest.mark.slow
+def test_stop_announces_a_finished_run_and_leaves_a_running_one_to_the_leader(
+    make_loop, registry, champion, receiver
+) -> None:
+    loop = make_loop(webhook_url=receiver.url)
+    first = loop.launch_retrain(trigger="manual", reason="waited for")
+    assert first.wait(120) in ("promoted", "rejected", "failed")
+    loop.stop()  # the `driftloop retrain` CLI: its run has ended, so stop() lets the announcer finish
+    assert outcomes(registry) == {f"retrain:{first.run_id}": "delivered"}
+    assert receiver.kinds() == ["retrain_outcome"]
+
+    loop = make_loop(webhook_url=receiver.url)
+    second = loop.launch_retrain(trigger="manual", reason="not waited for")
+    loop.stop()  # `--no-wait`, or a restart mid-run: the announcer gives up rather than hold the exit
+    assert second.poll() is None, "the run should outlive stop(); make it slower if it does not"
+    assert not [w for w in loop._watchers if w.is_alive()]
+    wait_until(lambda: finished(registry, second.run_id), timeout=120, what="the second run")
+    assert f"retrain:{second.run_id}" not in outcomes(registry)
+
+    leader = make_loop(webhook_url=receiver.url)
+    assert leader.renew_lease() is True  # the leader's sweep announces what nobody did, once
+    leader.deliver()  # the scheduler's delivery job
+    assert outcomes(registry) == {
+        f"retrain:{first.run_id}": "delivered",
+        f"retrain:{second.run_id}": "delivered",
+    }
+    text = receiver.bodies[-1]["text"]
+    assert f"retrain run #{second.run_id} (trigger: manual)" in text and "not waited for" in text
+    assert leader.renew_lease() is True
+    leader.deliver()
+    assert receiver.kinds() == ["retrain_outcome", "retrain_outcome"]
+
+
+def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
+    make_loop, registry, champion, receiver
+) -> None:
+    now = utcnow()
+
+    def add_run(status: str, *, started: timedelta, finished: timedelta | None) -> int:
+        with registry.sessions.begin() as session:
+            run = RetrainRun(
+                trigger="drift", status=status, metrics={}, steps={}, champion_version=1,
+                candidate_version=2 if status in ("promoted", "rejected") else None,
+                started_at=now - started, finished_at=None if finished is None else now - finished,
+            )  # fmt: skip
+            session.add(run)
+            session.flush()
+            return run.id
+
+    recent = add_run("rejected", started=timedelta(hours=2), finished=timedelta(hours=1))
+    announced = add_run("promoted", started=timedelta(hours=3), finished=timedelta(hours=2))
+    with registry.sessions.begin() as session:
+        enqueue_retrain_outcome(session, announced, now=now)
+    old = add_run("failed", started=timedelta(days=3), finished=timedelta(days=2))
+    dead = add_run("running", started=timedelta(minutes=10), finished=None)  # its process died
+
+    loop = make_loop(webhook_url=receiver.url)
+    assert loop.renew_lease() is True
+    loop.deliver()
+    assert set(outcomes(registry)) == {f"retrain:{i}" for i in (recent, announced, dead)}
+    texts = {body["payload"]["run_id"]: body["text"] for body in receiver.bodies}
+    assert set(texts) == {recent, announced, dead}  # the pending one goes out too
+    assert f"retrain run #{recent} (trigger: drift): candidate v2 rejected" in texts[recent]
+    assert ": failed; v1 stays champion" in texts[dead] and "no heartbeat" in texts[dead]
+    assert f"retrain:{old}" not in outcomes(registry)
+    alive = start_run(registry.sessions, trigger="manual", now=utcnow())  # running, its process beating
+    assert loop.renew_lease() is True
+    loop.deliver()
+    assert len(receiver.bodies) == 3  # each announced once; the live run is not yet news
+    assert f"retrain:{alive}" not in outcomes(registry)
 
 
 @pytest.mark.slow
@@ -345,12 +429,10 @@ def _collect(metrics):  # type: ignore[no-untyped-def]
 
 
 def test_a_scheduled_retrain_runs_on_the_leader_only_and_is_gated(
-    registry, champion, spec, metrics, db_url, tmp_path, receiver
+    make_loop, registry, champion, spec, receiver
 ) -> None:
     log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=12))
-    loop = make_loop(
-        registry, spec, metrics, db_url, tmp_path, scheduled_retrain_s=3600, webhook_url=receiver.url
-    )
+    loop = make_loop(scheduled_retrain_s=3600, webhook_url=receiver.url)
     assert loop.scheduled_retrain() is None  # not the leader: a standby never retrains
     assert runs(registry) == []
     assert loop.renew_lease() is True
