@@ -64,10 +64,9 @@ def parse_row(
     except ValueError:
         problems.append(f"{spec.target}: {text!r} is not a number")
     else:
-        if not math.isfinite(target):
-            problems.append(f"{spec.target}: must be a finite number")
-        elif spec.target_min is not None and target < spec.target_min:
-            problems.append(f"{spec.target}: must be >= {spec.target_min:g}")
+        why = spec.target_feature.check(target)
+        if why:
+            problems.append(f"{spec.target}: {why}")
     event_time = None
     if spec.time_column:
         stamp = pd.to_datetime((raw.get(spec.time_column) or "").strip() or None, errors="coerce", utc=True)

@@ -13,6 +13,11 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
+# The largest magnitude a feature or target may have. Beyond it a value is a unit slip or garbage, not
+# data: its square overflows float64 in the monitor's statistics and in Evidently's binning, so one such row
+# would stop every report while it sits in the window. A spec's bounds must lie within it.
+MAX_MAGNITUDE = 1e15
+
 
 class FeatureType(StrEnum):
     numeric = "numeric"
@@ -54,6 +59,8 @@ class Feature:
             return f"must be >= {self.min:g}"
         if self.max is not None and value > self.max:
             return f"must be <= {self.max:g}"
+        if abs(value) > MAX_MAGNITUDE:
+            return f"must be within ±{MAX_MAGNITUDE:g}"
         return None
 
 
@@ -65,6 +72,7 @@ class FeatureSpec:
     time_column: str | None = None
     description: str = ""
     target_min: float | None = None
+    target_max: float | None = None
     _by_name: dict[str, Feature] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -84,6 +92,14 @@ class FeatureSpec:
 
     def feature(self, name: str) -> Feature:
         return self._by_name[name]
+
+    @property
+    def target_feature(self) -> Feature:
+        """The target as a numeric Feature with its bounds, so a label is checked like a feature."""
+        return Feature(
+            name=self.target, type=FeatureType.numeric, min=self.target_min, max=self.target_max,
+            description=f"Observed {self.target}.",
+        )  # fmt: skip
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         """Rows of feature dicts as a DataFrame in spec order with spec dtypes."""
@@ -116,7 +132,7 @@ class FeatureSpec:
         """A pydantic model for one instance: unknown fields are rejected, bounds enforced."""
         fields: dict[str, Any] = {}
         for f in self.features:
-            fields[f.name] = _pydantic_field(f)
+            fields[f.name] = spec_field(f)
         model: type[BaseModel] = create_model(
             f"{_camel(self.dataset)}Features",
             __config__=ConfigDict(extra="forbid", allow_inf_nan=False, strict=False),
@@ -126,18 +142,37 @@ class FeatureSpec:
         return model
 
 
-def _pydantic_field(f: Feature) -> tuple[Any, Any]:
+def spec_field(f: Feature) -> tuple[Any, Any]:
+    """A pydantic field definition (annotation, FieldInfo) enforcing `f` as a JSON value: type, bounds."""
     if f.type is FeatureType.categorical:
         annotation: Any = Literal[tuple(f.categories)] if f.categories else str
         constraints: dict[str, Any] = {}
     else:
         annotation = int if f.type is FeatureType.integer else float
-        constraints = {k: v for k, v in (("ge", f.min), ("le", f.max)) if v is not None}
+        constraints = {
+            "ge": -MAX_MAGNITUDE if f.min is None else f.min,
+            "le": MAX_MAGNITUDE if f.max is None else f.max,
+        }
         constraints["strict"] = True  # no true -> 1.0, no "84" -> 84: JSON types as declared
     if f.nullable:
         annotation = annotation | None
     default = None if f.nullable else ...
     return annotation, Field(default, description=f.description or None, **constraints)
+
+
+def _bounds(
+    low: Any, high: Any, where: str, names: tuple[str, str] = ("min", "max")
+) -> tuple[float | None, float | None]:
+    """A (min, max) pair as written in the spec, checked: numbers within ±MAX_MAGNITUDE, min ≤ max."""
+    lo, hi = _number(low, f"{where} {names[0]}"), _number(high, f"{where} {names[1]}")
+    for name, value in zip(names, (lo, hi), strict=True):
+        if value is not None and abs(value) > MAX_MAGNITUDE:
+            raise SpecError(
+                f"{where} {name} {value:g} is beyond ±{MAX_MAGNITUDE:g}, the largest value accepted"
+            )
+    if lo is not None and hi is not None and lo > hi:
+        raise SpecError(f"{where} {names[0]} {lo:g} is above {names[1]} {hi:g}")
+    return lo, hi
 
 
 def _category_validators(spec: FeatureSpec) -> dict[str, Any]:
@@ -192,10 +227,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
         categories = tuple(str(c) for c in raw_categories)
         if ftype is FeatureType.categorical and not categories:
             raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")
-        low = _number(item.get("min"), f"{source}: {where} ({name}) min")
-        high = _number(item.get("max"), f"{source}: {where} ({name}) max")
-        if low is not None and high is not None and low > high:
-            raise SpecError(f"{source}: {where} ({name}) min {low:g} is above max {high:g}")
+        low, high = _bounds(item.get("min"), item.get("max"), f"{source}: {where} ({name})")
         features.append(
             Feature(
                 name=name,
@@ -213,13 +245,17 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
     target = str(need(raw, "target", "spec"))
     if target in names:
         raise SpecError(f"{source}: target '{target}' is also listed as a feature")
+    target_min, target_max = _bounds(
+        raw.get("target_min"), raw.get("target_max"), f"{source}:", ("target_min", "target_max")
+    )
     return FeatureSpec(
         dataset=str(need(raw, "dataset", "spec")),
         target=target,
         features=tuple(features),
         time_column=raw.get("time_column"),
         description=str(raw.get("description", "")),
-        target_min=_number(raw.get("target_min"), f"{source}: target_min"),
+        target_min=target_min,
+        target_max=target_max,
     )
 
 

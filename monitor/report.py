@@ -33,7 +33,7 @@ from evidently.legacy.tests.base_test import TestStatus
 from evidently.metrics import MAE, MAPE, RMSE, ValueDrift
 from sklearn.exceptions import UndefinedMetricWarning
 
-from core.spec import FeatureSpec
+from core.spec import MAX_MAGNITUDE, FeatureSpec
 from retrain.train import PREDICTION
 
 DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
@@ -204,9 +204,14 @@ def _sample(frame: pd.DataFrame, max_rows: int, seed: int, *, rows: np.ndarray |
 
 
 def _prepare(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """Spec dtypes; numbers clipped to ±MAX_MAGNITUDE. The service refuses larger ones, but a row written
+    some other way must not overflow Evidently's binning and stop every report while it is in the window:
+    clipped, it still reads as an outlier."""
     out = spec.coerce(frame)
     out[spec.target] = pd.to_numeric(frame[spec.target], errors="coerce").astype(float).to_numpy()
     out[PREDICTION] = pd.to_numeric(frame[PREDICTION], errors="coerce").astype(float).to_numpy()
+    numbers = [*spec.numeric_features, spec.target, PREDICTION]
+    out[numbers] = out[numbers].clip(-MAX_MAGNITUDE, MAX_MAGNITUDE)
     return out.reset_index(drop=True)
 
 

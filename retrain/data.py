@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from core.spec import Feature, FeatureSpec, FeatureType
+from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType
 
 
 class DataError(ValueError):
@@ -50,12 +50,20 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
             f"first at row {bad[0] + 2}"
         )
+    limits = [
+        (~np.isfinite(target), "is infinite"),
+        (target.abs() > MAX_MAGNITUDE, f"is beyond ±{MAX_MAGNITUDE:g}"),
+    ]
     if spec.target_min is not None:
-        below = frame.index[target < spec.target_min]
-        if len(below):
+        limits.append((target < spec.target_min, f"is below the spec's target_min {spec.target_min:g}"))
+    if spec.target_max is not None:
+        limits.append((target > spec.target_max, f"is above the spec's target_max {spec.target_max:g}"))
+    for outside, what in limits:
+        rows = frame.index[outside]
+        if len(rows):
             raise DataError(
-                f"{path}: target {spec.target!r} is below the spec's target_min {spec.target_min:g} in "
-                f"{len(below)} row(s), first at row {below[0] + 2} ({target[below[0]]:g})"
+                f"{path}: target {spec.target!r} {what} in {len(rows)} row(s), first at row {rows[0] + 2} "
+                f"({target[rows[0]]:g})"
             )
     frame[spec.target] = target.astype(float)
     check_features(frame, spec, source=str(path))
@@ -121,11 +129,11 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
         bad = ~missing & ~np.isfinite(numbers)
         what = "values that are not finite numbers"
         if not bad.any():
-            low = feature.min if feature.min is not None else -np.inf
-            high = feature.max if feature.max is not None else np.inf
+            low = feature.min if feature.min is not None else -MAX_MAGNITUDE
+            high = feature.max if feature.max is not None else MAX_MAGNITUDE
             with np.errstate(invalid="ignore"):
                 bad = ~missing & ((numbers < low) | (numbers > high))
-            what = f"values outside [{feature.min}, {feature.max}]"
+            what = f"values outside [{low:g}, {high:g}]"
         if not bad.any() and feature.type is FeatureType.integer:
             bad = ~missing & (numbers != np.round(numbers))
             what = "values that are not whole numbers"

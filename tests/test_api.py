@@ -195,6 +195,14 @@ def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> 
         ([{"prediction_id": "x"}], "[0].actual: required"),
         ([{"prediction_id": "x", "actual": 1, "note": "y"}], "[0].note: unknown field"),
         ({"prediction_id": "x", "actual": 1}, "body: Input should be a valid list"),
+        # A label is a JSON number, as /predict's numbers are: no "123" or true read as 123.0 or 1.0.
+        ([{"prediction_id": "x", "actual": "123"}], "[0].actual: Input should be a valid number"),
+        ([{"prediction_id": "x", "actual": True}], "[0].actual: Input should be a valid number"),
+        # Finite but absurd: its square overflows the monitor's statistics (and no price is 10^300 won).
+        (
+            [{"prediction_id": "x", "actual": 1e300}],
+            "[0].actual: Input should be less than or equal to 1000000000000000",
+        ),
     ],
 )
 def test_bad_feedback_names_the_field(client, body, message) -> None:

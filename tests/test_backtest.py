@@ -309,6 +309,9 @@ def _broken(history_csv: Path, change: str) -> Path:
         frame["sold_on"] = pd.to_datetime(frame["sold_on"]).astype("int64") // 10**9
     elif change == "target below target_min":
         frame.loc[3, "price_10k_krw"] = -5
+    elif change == "absurd target":
+        frame["price_10k_krw"] = frame["price_10k_krw"].astype(float)
+        frame.loc[6, "price_10k_krw"] = 1e300
     elif change == "an epoch among dates":
         frame["sold_on"] = frame["sold_on"].astype(object)
         frame.loc[0, "sold_on"] = "1577836800"
@@ -340,6 +343,7 @@ def _broken(history_csv: Path, change: str) -> Path:
             "target below target_min",
             "target 'price_10k_krw' is below the spec's target_min 0 in 1 row(s), first at row 5 (-5)",
         ),
+        ("absurd target", "target 'price_10k_krw' is beyond ±1e+15 in 1 row(s), first at row 8 (1e+300)"),
         ("header only", "no data rows, only a header"),
         ("empty time column", "column 'sold_on' is empty"),
         ("an epoch among dates", "column 'sold_on' has 1 unparsable value(s), first at row 2 (1577836800)"),

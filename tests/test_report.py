@@ -247,3 +247,17 @@ def test_to_json_is_plain_json(v1: Champion, spec: FeatureSpec) -> None:
     assert doc["prediction"]["detected"] is True
     assert doc["accuracy"]["rows"] == 750
     assert (doc["rows"], doc["sampled_rows"], doc["labelled_rows"]) == (1500, 1500, 750)
+
+
+def test_a_row_with_absurd_numbers_does_not_stop_the_report(v1: Champion, spec: FeatureSpec) -> None:
+    """The service refuses numbers beyond ±1e15; a row written some other way (an old database, a direct
+    insert) is clipped rather than overflowing Evidently's binning and the error statistics."""
+    window = make_window(v1, spec, rows=1500, labelled_every=1)
+    window.loc[0:2, "subway_distance_m"] = 1e308
+    window.loc[3:5, spec.target] = 1.7e308
+
+    result = drift(v1, spec, window)
+
+    assert result.accuracy is not None and np.isfinite(result.accuracy.rmse)
+    assert result.accuracy.mae > 1e11  # three labels at the clip bound: a breach, as it should be
+    assert np.isfinite(next(f for f in result.features if f.feature == "subway_distance_m").score)

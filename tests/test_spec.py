@@ -69,6 +69,28 @@ def test_users_bring_their_own_spec(tmp_path: Path) -> None:
     assert model(temp_c=20, weekday="mon").hour is None
 
 
+def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_path: Path) -> None:
+    """A finite 1e308 would overflow the monitor's statistics: refused where a spec gives no bound."""
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "dataset: s\ntarget: y\ntarget_min: 0\ntarget_max: 500\nfeatures: [{name: a, type: numeric}]\n"
+    )
+    spec = load_spec(path)
+    model = spec.request_model()
+    assert model(a=-1e15).a == -1e15
+    with pytest.raises(ValueError, match="less than or equal to 1000000000000000"):
+        model(a=1e308)
+    a = spec.feature("a")
+    assert (a.check(1e15), a.check(-1e16)) == (None, "must be within ±1e+15")
+    target = spec.target_feature
+    assert (target.name, target.min, target.max) == ("y", 0, 500)
+    assert (target.check(500), target.check(501), target.check("5")) == (
+        None,
+        "must be <= 500",
+        "must be a number",
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -97,6 +119,14 @@ def test_users_bring_their_own_spec(tmp_path: Path) -> None:
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b, null]}]\n",
             "(a) categories: an empty or null entry; a missing value is 'nullable: true', not a category",
+        ),
+        (
+            "dataset: x\ntarget: y\ntarget_min: 10\ntarget_max: 1\nfeatures: [{name: a, type: numeric}]\n",
+            "target_min 10 is above target_max 1",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, max: 1.0e+20}]\n",
+            "(a) max 1e+20 is beyond ±1e+15, the largest value accepted",
         ),
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [yes, no]}]\n",

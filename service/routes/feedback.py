@@ -3,13 +3,13 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
-from core.spec import FeatureSpec
+from core.spec import FeatureSpec, spec_field
 
 IN_FLIGHT_WAIT_S = 5.0
 CHUNK = 500
@@ -25,12 +25,12 @@ class FeedbackResult(BaseModel):
 
 
 def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
-    bound = {"ge": spec.target_min} if spec.target_min is not None else {}
-
-    class FeedbackItem(BaseModel):
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-        prediction_id: str = Field(min_length=1, max_length=36)
-        actual: float = Field(description=f"Observed {spec.target}.", **bound)
+    FeedbackItem = create_model(
+        "FeedbackItem",
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+        prediction_id=(str, Field(min_length=1, max_length=36)),
+        actual=spec_field(spec.target_feature),  # a JSON number within the spec's target bounds
+    )
 
     router = APIRouter(tags=["feedback"])
 
