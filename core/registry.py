@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +42,33 @@ class RegistryError(RuntimeError):
 
 class ArtifactIntegrityError(RegistryError):
     pass
+
+
+class FeatureMismatchError(RegistryError):
+    """A model trained on other features, or in another order, than the spec's: its predictions would be
+    made from the wrong columns."""
+
+
+def check_features(model: CatBoostRegressor, features: Sequence[str], *, version: int) -> None:
+    """Raise FeatureMismatchError unless `model` was trained on exactly `features`, in that order."""
+    trained, wanted = list(model.feature_names_ or []), list(features)
+    if trained == wanted:
+        return
+    missing = [f for f in wanted if f not in trained]
+    extra = [f for f in trained if f not in wanted]
+    if missing or extra:
+        what = "; ".join(
+            part for part in (
+                f"the spec lists {', '.join(missing)}, which it was not trained on" if missing else "",
+                f"it was trained on {', '.join(extra)}, which the spec does not list" if extra else "",
+            ) if part
+        )  # fmt: skip
+    else:
+        what = f"same features in another order: trained on {', '.join(trained)}"
+    raise FeatureMismatchError(
+        f"v{version} does not fit the spec ({what}); restore the spec it was trained with, or start a new "
+        "model line for this spec (a fresh database and artifact directory, then driftloop bootstrap)"
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -229,8 +257,13 @@ class Registry:
                     row.note = (row.note + "\n" if row.note else "") + f"rolled back: {reason}"
         return promoted
 
-    def load(self, row: ModelVersion) -> CatBoostRegressor:
-        return self.store.load_model(row.artifact_path, row.sha256)
+    def load(self, row: ModelVersion, *, features: Sequence[str] | None = None) -> CatBoostRegressor:
+        """The version's model, its artifact checked against the recorded sha256 and, given `features`
+        (the spec's, in order), against the columns it will be fed."""
+        model = self.store.load_model(row.artifact_path, row.sha256)
+        if features is not None:
+            check_features(model, features, version=row.version)
+        return model
 
     def reference(self, row: ModelVersion) -> pd.DataFrame:
         return self.store.load_reference(row.reference_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,8 +34,11 @@ class ModelHolder:
     started on the old model finishes on it and the next one gets the new one.
     """
 
-    def __init__(self, registry: Registry, metrics: Metrics, *, poll_s: float) -> None:
+    def __init__(
+        self, registry: Registry, metrics: Metrics, *, poll_s: float, features: Sequence[str] | None = None
+    ) -> None:
         self.registry = registry
+        self.features = features  # the spec's, in order: a model trained on others is refused, not served
         self.metrics = metrics
         self.poll_s = poll_s
         self.current: Served | None = None
@@ -57,7 +61,7 @@ class ModelHolder:
                 self.last_error = None if row is not None else "no champion in the registry"
                 return False
             try:
-                model = self.registry.load(row)
+                model = self.registry.load(row, features=self.features)
             except Exception as exc:
                 self.last_error = f"could not load v{row.version}: {exc}"
                 log.error("champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc)

@@ -2,13 +2,16 @@
 
 import json
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from core.schema import GroundTruth, PredictionLog
+from core.spec import FeatureSpec
 from service.app import create_app
 from tests.conftest import make_settings
 
@@ -266,6 +269,33 @@ def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> N
         assert response.status_code == 503
         assert "driftloop bootstrap" in response.json()["message"]
         assert client.get("/ready").status_code == 503
+
+
+def test_a_champion_trained_on_other_features_is_not_served(
+    champion, db_url: str, tmp_path: Path, spec: FeatureSpec
+) -> None:
+    """The spec lists the same features in another order: serving v1 by position would be silently wrong."""
+    raw = yaml.safe_load(
+        resources.files("core.specs").joinpath("apartments.yaml").read_text(encoding="utf-8")
+    )
+    raw["features"][0], raw["features"][1] = raw["features"][1], raw["features"][0]
+    swapped = tmp_path / "swapped.yaml"
+    swapped.write_text(yaml.safe_dump(raw))
+    features = {"area_m2": 84.0, "district": "Mapo-gu"} | {
+        f.name: f.min for f in spec.features if f.name not in ("area_m2", "district")
+    }
+    with TestClient(
+        create_app(make_settings(db_url, tmp_path, spec_path=swapped), scheduler=False)
+    ) as client:
+        response = client.post("/predict", json=features)
+        assert response.status_code == 503
+        ready = client.get("/ready")
+        assert ready.status_code == 503
+        assert ready.json()["problems"] == [
+            "could not load v1: v1 does not fit the spec (same features in another order: trained on "
+            f"{', '.join(spec.feature_names)}); restore the spec it was trained with, or start a new model "
+            "line for this spec (a fresh database and artifact directory, then driftloop bootstrap)"
+        ]
 
 
 def test_predict_threads_change_speed_not_answers(

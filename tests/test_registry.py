@@ -1,10 +1,14 @@
+from importlib import resources
+from pathlib import Path
+
 import pytest
+import yaml
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from core.registry import ArtifactIntegrityError, NewVersion, Registry, RegistryError
+from core.registry import ArtifactIntegrityError, FeatureMismatchError, NewVersion, Registry, RegistryError
 from core.schema import ModelStatus, ModelVersion, Trigger
-from core.spec import FeatureSpec
+from core.spec import FeatureSpec, load_spec
 from retrain.bootstrap import bootstrap
 from retrain.train import predict, reference_snapshot
 from tests.conftest import TINY
@@ -85,3 +89,39 @@ def test_tampered_artifact_is_refused(registry: Registry, champion: ModelVersion
         fh.write(b"x")
     with pytest.raises(ArtifactIntegrityError, match="does not match"):
         registry.load(champion)
+
+
+def _respec(tmp_path: Path, edit) -> FeatureSpec:  # type: ignore[no-untyped-def]
+    """The shipped apartment spec with `edit` applied to its feature list, loaded from a file."""
+    raw = yaml.safe_load(
+        resources.files("core.specs").joinpath("apartments.yaml").read_text(encoding="utf-8")
+    )
+    raw["features"] = edit(raw["features"])
+    path = tmp_path / "edited.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_spec(path)
+
+
+def test_a_model_is_refused_for_a_spec_it_was_not_trained_on(
+    registry: Registry, champion: ModelVersion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """Served by position, a reordered spec would feed humidity as temperature: refused, saying why."""
+    assert registry.load(champion, features=spec.feature_names) is not None
+    swapped = _respec(tmp_path, lambda fs: [fs[1], fs[0], *fs[2:]])
+    with pytest.raises(
+        FeatureMismatchError, match="same features in another order: trained on district, area_m2"
+    ):
+        registry.load(champion, features=swapped.feature_names)
+    grown = _respec(
+        tmp_path, lambda fs: [*fs, {"name": "view", "type": "categorical", "categories": ["river"]}]
+    )
+    with pytest.raises(FeatureMismatchError, match="the spec lists view, which it was not trained on"):
+        registry.load(champion, features=grown.feature_names)
+    shrunk = _respec(tmp_path, lambda fs: fs[:-1])
+    with pytest.raises(
+        FeatureMismatchError, match=f"it was trained on {spec.feature_names[-1]}, which the spec"
+    ):
+        registry.load(champion, features=shrunk.feature_names)
+    # bootstrap is idempotent only for the spec the champion fits
+    with pytest.raises(FeatureMismatchError, match="start a new model line for this spec"):
+        bootstrap(registry=registry, spec=swapped, params=TINY, rows=500)
