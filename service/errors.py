@@ -38,12 +38,27 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
         return {"field": field, "message": "required"}
     if kind == "finite_number":
         return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
+    if kind == "literal_error":  # a category: say what was sent, not only the (long) list of what may be
+        expected = error.get("ctx", {}).get("expected", "")
+        return {"field": field, "message": f"unknown category {error.get('input')!r}; expected {expected}"}
     return {"field": field, "message": error.get("msg", "invalid")}
+
+
+def is_json_media(content_type: str | None) -> bool:
+    """application/json or application/…+json, parameters aside."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [describe(e) for e in exc.errors()]
+    declared = request.headers.get("content-type")
+    if not is_json_media(declared) and any(e["field"] == "body" for e in errors):
+        # FastAPI does not parse a body declared as anything but JSON; "must be a JSON object" would mislead.
+        errors = [
+            {"field": "body", "message": f"Content-Type must be application/json, got {declared or 'none'}"}
+        ]
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
     if len(errors) > 10:
         message += f"; and {len(errors) - 10} more"

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from service.errors import is_json_media
 from service.middleware import header
 
 M = TypeVar("M", bound=BaseModel)
@@ -35,7 +36,7 @@ async def read_json(request: Request, model: type[M]) -> M:
     if not body:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     declared = header(request.scope, b"content-type") or b""
-    if not _is_json(declared):
+    if not is_json_media(declared.decode("latin-1")):
         got = declared.decode("latin-1") if declared else "none"
         message = f"Content-Type must be application/json, got {got}"
         raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": message}])
@@ -55,8 +56,3 @@ def json_body(model: type[BaseModel]) -> dict[str, Any]:
             "content": {"application/json": {"schema": model.model_json_schema()}},
         }
     }
-
-
-def _is_json(content_type: bytes) -> bool:
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))

@@ -70,7 +70,11 @@ BAD_PREDICT = [
     ("fractional integer", {"floor": 3.5}, "floor: Input should be a valid integer"),
     ("out of bounds", {"area_m2": 351}, "area_m2: Input should be less than or equal to 350"),
     ("below bounds", {"build_year": 1900}, "build_year: Input should be greater than or equal to 1960"),
-    ("unknown category", {"district": "Atlantis-gu"}, "district: Input should be 'Gangnam-gu'"),
+    (
+        "unknown category",
+        {"district": "Atlantis-gu"},
+        "district: unknown category 'Atlantis-gu'; expected 'Gangnam-gu'",
+    ),
     ("boolean for a number", {"area_m2": True}, "area_m2: Input should be a valid number"),
 ]
 
@@ -127,6 +131,13 @@ def test_predict_body_must_be_declared_json(client, make_features, content_type)
     assert logged_rows(client) == 0
     response = post_raw(client, "/predict", json.dumps(make_features()))
     assert response.status_code == 200
+    # The routes FastAPI parses say the same, not "must be a JSON object" or "a valid list".
+    for path, body in (("/predict/batch", {"instances": [make_features()]}), ("/feedback", [])):
+        response = client.post(path, content=json.dumps(body), headers=headers)
+        assert (response.status_code, response.json()["message"]) == (
+            422,
+            f"body: Content-Type must be application/json, got {content_type or 'none'}",
+        )
     vendor = client.post(
         "/predict",
         content=json.dumps(make_features()),
@@ -212,6 +223,25 @@ def test_bad_feedback_names_the_field(client, body, message) -> None:
     response = client.post("/feedback", json=body)
     assert response.status_code == 422
     assert response.json()["message"] == message
+
+
+def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make_features) -> None:
+    pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+    same = [{"prediction_id": pid, "actual": 90000.0}] * 2
+    assert client.post("/feedback", json=same).json()["duplicate"] == 1  # a plain repeat is harmless
+    conflicting = [
+        {"prediction_id": "other", "actual": 1.0},
+        {"prediction_id": pid, "actual": 90000.0},
+        {"prediction_id": pid, "actual": 91000.0},
+    ]
+    response = client.post("/feedback", json=conflicting)
+    assert (response.status_code, response.json()["message"]) == (
+        422,
+        f"[2].actual: 91000 for '{pid}', which [1] labels 90000; nothing was stored: send one label per "
+        "prediction",
+    )
+    with client.app.state.ctx.sessions() as session:
+        assert session.scalars(select(GroundTruth.actual)).all() == [90000.0]
 
 
 def test_feedback_nan_actual_is_rejected(client) -> None:

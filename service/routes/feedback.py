@@ -3,6 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -41,10 +42,19 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     ) -> FeedbackResult:
         ctx = request.app.state.ctx
         labels: dict[str, float] = {}
+        first: dict[str, int] = {}
         repeated = 0
-        for item in items:
-            repeated += item.prediction_id in labels
-            labels[item.prediction_id] = item.actual
+        for i, item in enumerate(items):
+            pid, actual = item.prediction_id, item.actual
+            if pid in labels and labels[pid] != actual:  # which one is true? not ours to guess
+                raise RequestValidationError([{
+                    "type": "value_error", "loc": ("body", i, "actual"),
+                    "msg": f"{actual:g} for {pid!r}, which [{first[pid]}] labels {labels[pid]:g}; "
+                    "nothing was stored: send one label per prediction",
+                }])  # fmt: skip
+            repeated += pid in labels
+            labels[pid] = actual
+            first.setdefault(pid, i)
         in_flight = [pid for pid in labels if ctx.logger.is_pending(pid)]
         if in_flight:
             ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)
