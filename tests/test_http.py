@@ -57,13 +57,17 @@ def test_burst_every_answered_prediction_is_logged_once(champion, db_url, tmp_pa
 
 @pytest.mark.slow
 def test_sigterm_mid_burst_loses_no_answered_prediction(champion, db_url, tmp_path, payloads) -> None:
-    server = start_server(make_settings(db_url, tmp_path), tmp_path)
+    # The writer waits for a batch it never gets before the signal: every row reaches the database through
+    # the shutdown drain (with the usual 0.2 s flush, a server that skipped the drain would pass too).
+    settings = make_settings(db_url, tmp_path, log_batch_size=100_000, log_flush_interval_s=600)
+    server = start_server(settings, tmp_path)
     result = LoadResult()
     load = in_background(
         run_load, server.url + "/predict", payloads, total=50_000, concurrency=16, max_seconds=120,
         keep_bodies=True, result=result,
     )  # fmt: skip
     wait_until(lambda: result.ok >= 2000, timeout=60, what="2,000 answered predictions")
+    assert logged_ids(db_url) == []  # all of them still queued in the server
     assert server.terminate()
     load.join(timeout=120)
     answered = set(result.prediction_ids())
