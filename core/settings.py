@@ -89,6 +89,15 @@ class Settings(BaseSettings):
     # A retrain run (trigger "schedule") this often, whatever the monitor says; None: drift/accuracy only.
     scheduled_retrain_s: int | None = Field(default=None, ge=1)
 
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _token(cls, value: Any) -> Any:
+        """An empty token (`DRIFTLOOP_ADMIN_TOKEN=` from an unset compose variable) is no token: admin
+        endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401)."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("predict_threads")
     @classmethod
     def _threads(cls, value: int) -> int:

@@ -54,7 +54,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [describe(e) for e in exc.errors()]
     declared = request.headers.get("content-type")
-    if not is_json_media(declared) and any(e["field"] == "body" for e in errors):
+    if not is_json_media(declared) and any(
+        e["field"] == "body" and e["message"] != "required" for e in errors
+    ):
         # FastAPI does not parse a body declared as anything but JSON; "must be a JSON object" would mislead.
         errors = [
             {"field": "body", "message": f"Content-Type must be application/json, got {declared or 'none'}"}

@@ -274,12 +274,14 @@ def test_admin_endpoints_need_the_token(client) -> None:
     assert (conflict.status_code, conflict.json()["message"]) == (409, "no previous champion to roll back to")
 
 
-def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path) -> None:
-    settings = make_settings(db_url, tmp_path, admin_token=None)
+@pytest.mark.parametrize("token", [None, "", "  "])  # empty: an unset compose variable
+def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path, token) -> None:
+    settings = make_settings(db_url, tmp_path, admin_token=token)
     with TestClient(create_app(settings, scheduler=False)) as client:
-        response = client.post("/models/1/promote", headers=ADMIN)
-    assert response.status_code == 403
-    assert "set DRIFTLOOP_ADMIN_TOKEN" in response.json()["message"]
+        for headers in (ADMIN, {"Authorization": "Bearer "}):
+            response = client.post("/models/1/promote", headers=headers)
+            assert response.status_code == 403
+            assert "set DRIFTLOOP_ADMIN_TOKEN" in response.json()["message"]
 
 
 def test_models_list_and_lineage(client) -> None:
