@@ -39,6 +39,14 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked; the message says why."""
 
 
+class UnknownVersion(RegistryError):
+    """No model version has that number."""
+
+
+class ReasonRequired(RegistryError):
+    """Promoting a gate-rejected version needs the operator's reason; the message says why it was rejected."""
+
+
 class ArtifactIntegrityError(RegistryError):
     pass
 
@@ -175,18 +183,25 @@ class Registry:
         with self.sessions() as s:
             return list(s.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())))
 
-    def promote(self, *, version: int, reason: str = "") -> ModelVersion:
-        """Make `version` the champion; the old champion is archived in the same transaction."""
+    def promote(self, *, version: int, reason: str = "", default_reason: str = "") -> ModelVersion:
+        """Make `version` the champion; the old champion is archived in the same transaction.
+
+        A gate-rejected version needs a `reason` (ReasonRequired); for any other, `default_reason` is recorded
+        when none is given.
+        """
+        reason = reason.strip()
         with self.sessions.begin() as session:
             row = session.get(ModelVersion, version, with_for_update=True)
             if row is None:
-                raise RegistryError(f"model version {version} does not exist")
+                raise UnknownVersion(f"model version {version} does not exist")
             if row.status == ModelStatus.champion:
                 return row
             if row.status == ModelStatus.rejected and not reason:
-                raise RegistryError(
-                    f"model version {version} was rejected by the gate; give a reason to force it"
+                raise ReasonRequired(
+                    f"model version {version} was rejected by the gate ({_rejection(row)}); "
+                    "a reason is needed to promote it anyway"
                 )
+            reason = reason or default_reason
             session.execute(
                 update(ModelVersion)
                 .where(ModelVersion.status == ModelStatus.champion)
@@ -203,7 +218,7 @@ class Registry:
         with self.sessions.begin() as session:
             row = session.get(ModelVersion, version)
             if row is None:
-                raise RegistryError(f"model version {version} does not exist")
+                raise UnknownVersion(f"model version {version} does not exist")
             row.status = ModelStatus.rejected
             row.note = (row.note + "\n" if row.note else "") + f"rejected: {reason}"
 
@@ -234,3 +249,10 @@ class Registry:
 
     def reference(self, row: ModelVersion) -> pd.DataFrame:
         return self.store.load_reference(row.reference_path)
+
+
+def _rejection(row: ModelVersion) -> str:
+    """Why the gate rejected the version, as its note records it (the latest rejection)."""
+    prefix = "rejected: "
+    reasons = [line.removeprefix(prefix) for line in row.note.splitlines() if line.startswith(prefix)]
+    return reasons[-1] if reasons else "no reason recorded"

@@ -213,13 +213,19 @@ def models() -> None:
 
 
 @cli.command()
-def promote(version: int, reason: str = "manual promote via CLI") -> None:
+def promote(
+    version: int,
+    reason: Annotated[str, typer.Option(help="Why; required to promote a version the gate rejected.")] = "",
+) -> None:
     """Make VERSION the champion; serving processes swap within their poll interval."""
-    from core.registry import RegistryError
+    from core.registry import ReasonRequired, RegistryError
 
     try:
         with _registry(_settings()) as registry:
-            row = registry.promote(version=version, reason=reason)
+            row = registry.promote(version=version, reason=reason, default_reason="manual promote via CLI")
+    except ReasonRequired as exc:
+        console.print(f"[red]{exc}: pass --reason TEXT[/]")
+        raise typer.Exit(1) from None
     except RegistryError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None

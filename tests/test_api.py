@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from core.schema import GroundTruth, PredictionLog
 from service.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
@@ -250,6 +250,33 @@ def test_models_list_and_lineage(client) -> None:
     assert v1["lineage"]["replaced_version"] is None
     missing = client.get("/models/7")
     assert (missing.status_code, missing.json()["message"]) == (404, "model version 7 does not exist")
+
+
+def test_a_rejected_version_is_promoted_only_with_a_reason(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    v2 = register_copy(registry, champion)
+    registry.reject(version=v2.version, reason="mae: candidate MAE 9 is not <= champion MAE 8")
+    refusal = (
+        "model version 2 was rejected by the gate (mae: candidate MAE 9 is not <= champion MAE 8); "
+        'a reason is needed to promote it anyway: send {"reason": "..."}'
+    )
+    for body in ({}, {"json": {}}, {"json": {"reason": ""}}):
+        refused = client.post("/models/2/promote", headers=ADMIN, **body)
+        assert (refused.status_code, refused.json()) == (409, {"error": "conflict", "message": refusal})
+    assert registry.champion().version == 1
+    forced = client.post("/models/2/promote", headers=ADMIN, json={"reason": "holdout was a holiday week"})
+    assert (forced.status_code, forced.json()["status"]) == (200, "champion")
+    assert registry.get(2).note.endswith("\npromoted: holdout was a holiday week")
+
+
+def test_promote_without_a_body_records_a_default_reason(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    register_copy(registry, champion)
+    promoted = client.post("/models/2/promote", headers=ADMIN)
+    assert (promoted.status_code, promoted.json()["status"]) == (200, "champion")
+    assert registry.get(2).note == "promoted: manual promote via API"
+    missing = client.post("/models/9/promote", headers=ADMIN)
+    assert (missing.status_code, missing.json()["message"]) == (404, "model version 9 does not exist")
 
 
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:

@@ -2,7 +2,14 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from core.registry import ArtifactIntegrityError, NewVersion, Registry, RegistryError
+from core.registry import (
+    ArtifactIntegrityError,
+    NewVersion,
+    ReasonRequired,
+    Registry,
+    RegistryError,
+    UnknownVersion,
+)
 from core.schema import ModelStatus, ModelVersion, Trigger
 from core.spec import FeatureSpec
 from retrain.bootstrap import bootstrap
@@ -71,13 +78,30 @@ def test_database_refuses_two_champions(registry: Registry, champion, spec) -> N
 
 
 def test_promoting_unknown_or_rejected_versions_is_refused(registry, champion, spec) -> None:
-    with pytest.raises(RegistryError, match="model version 9 does not exist"):
+    with pytest.raises(UnknownVersion, match="model version 9 does not exist"):
         registry.promote(version=9)
     v2 = _candidate(registry, champion, spec)
     registry.reject(version=v2.version, reason="worse than champion")
-    with pytest.raises(RegistryError, match="was rejected by the gate"):
-        registry.promote(version=v2.version)
+    refusal = (
+        "model version 2 was rejected by the gate (worse than champion); "
+        "a reason is needed to promote it anyway"
+    )
+    for reason in ("", "  "):
+        with pytest.raises(ReasonRequired) as refused:
+            registry.promote(version=v2.version, reason=reason, default_reason="a default is not a reason")
+        assert str(refused.value) == refusal
     assert registry.champion().version == 1
+    forced = registry.promote(version=v2.version, reason="the gate's holdout was a holiday week")
+    assert (forced.status, forced.note) == (
+        ModelStatus.champion,
+        "rejected: worse than champion\npromoted: the gate's holdout was a holiday week",
+    )
+
+
+def test_a_promotion_without_a_reason_records_the_default(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    promoted = registry.promote(version=v2.version, default_reason="manual promote via API")
+    assert (promoted.status, promoted.note) == (ModelStatus.champion, "promoted: manual promote via API")
 
 
 def test_tampered_artifact_is_refused(registry: Registry, champion: ModelVersion) -> None:

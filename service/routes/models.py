@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.registry import RegistryError
+from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
 from service.views import model_lineage, model_summary
@@ -15,7 +15,9 @@ router = APIRouter(tags=["models"])
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(default="manual promote", max_length=500)
+    reason: str = Field(
+        default="", max_length=500, description="Why; required to promote a version the gate rejected."
+    )
 
 
 @router.get("/models", summary="All model versions, newest first")
@@ -40,10 +42,15 @@ def promote(
     request: Request, version: int, _: Admin, body: PromoteRequest | None = Body(default=None)
 ) -> dict[str, Any]:
     ctx = request.app.state.ctx
+    reason = (body or PromoteRequest()).reason
     try:
-        row = ctx.registry.promote(version=version, reason=(body or PromoteRequest()).reason)
+        row = ctx.registry.promote(version=version, reason=reason, default_reason="manual promote via API")
+    except UnknownVersion as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ReasonRequired as exc:
+        raise HTTPException(409, f'{exc}: send {{"reason": "..."}}') from exc
     except RegistryError as exc:
-        raise HTTPException(404 if "does not exist" in str(exc) else 409, str(exc)) from exc
+        raise HTTPException(409, str(exc)) from exc
     ctx.holder.poke()
     return model_summary(row)
 
