@@ -48,7 +48,7 @@ class ReasonRequired(RegistryError):
 
 
 class ArtifactIntegrityError(RegistryError):
-    pass
+    """A model file is missing or its sha256 is not the one the registry recorded."""
 
 
 def sha256_file(path: Path) -> str:
@@ -88,13 +88,20 @@ class ArtifactStore:
         return final / MODEL_FILE, digest, final / REFERENCE_FILE
 
     @staticmethod
-    def load_model(path: str | Path, sha256: str) -> CatBoostRegressor:
+    def verify(path: str | Path, sha256: str) -> None:
+        """Raise ArtifactIntegrityError unless the file exists and has the recorded sha256."""
         p = Path(path)
+        if not p.is_file():
+            raise ArtifactIntegrityError(f"{p}: the model file is missing")
         actual = sha256_file(p)
         if actual != sha256:
             raise ArtifactIntegrityError(f"{p}: sha256 {actual} does not match the registry's {sha256}")
+
+    @classmethod
+    def load_model(cls, path: str | Path, sha256: str) -> CatBoostRegressor:
+        cls.verify(path, sha256)
         model = CatBoostRegressor()
-        model.load_model(str(p))
+        model.load_model(str(path))
         return model
 
     @staticmethod
@@ -187,7 +194,8 @@ class Registry:
         """Make `version` the champion; the old champion is archived in the same transaction.
 
         A gate-rejected version needs a `reason` (ReasonRequired); for any other, `default_reason` is recorded
-        when none is given.
+        when none is given. A model file that is missing or not the one registered is refused before anything
+        changes (ArtifactIntegrityError): no serving process could load it, and all would keep the old one.
         """
         reason = reason.strip()
         with self.sessions.begin() as session:
@@ -201,6 +209,10 @@ class Registry:
                     f"model version {version} was rejected by the gate ({_rejection(row)}); "
                     "a reason is needed to promote it anyway"
                 )
+            try:
+                self.store.verify(row.artifact_path, row.sha256)
+            except ArtifactIntegrityError as exc:
+                raise ArtifactIntegrityError(f"model version {version} not promoted: {exc}") from None
             reason = reason or default_reason
             session.execute(
                 update(ModelVersion)

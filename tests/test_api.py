@@ -279,6 +279,22 @@ def test_promote_without_a_body_records_a_default_reason(client, champion) -> No
     assert (missing.status_code, missing.json()["message"]) == (404, "model version 9 does not exist")
 
 
+def test_a_damaged_model_file_is_not_promoted_and_v1_keeps_serving(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    v2 = register_copy(registry, champion)
+    Path(v2.artifact_path).unlink()
+    refused = client.post("/models/2/promote", headers=ADMIN, json={"reason": "better"})
+    assert (refused.status_code, refused.json()) == (
+        409,
+        {
+            "error": "conflict",
+            "message": f"model version 2 not promoted: {v2.artifact_path}: the model file is missing",
+        },
+    )
+    assert (registry.champion().version, registry.get(2).status) == (1, "candidate")
+    assert client.get("/ready").json()["model_version"] == 1
+
+
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:
     with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
         response = client.post("/predict", json=make_features())

@@ -58,8 +58,8 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
     holder = holder_for(registry, CollectorRegistry())
     holder.refresh()
     v2 = register_copy(registry, champion)
-    Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume
     registry.promote(version=v2.version, reason="test")
+    Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume since
 
     assert holder.refresh() is False
     assert holder.current is not None and holder.current.version == 1

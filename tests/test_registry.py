@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
@@ -9,6 +11,7 @@ from core.registry import (
     Registry,
     RegistryError,
     UnknownVersion,
+    sha256_file,
 )
 from core.schema import ModelStatus, ModelVersion, Trigger
 from core.spec import FeatureSpec
@@ -109,3 +112,38 @@ def test_tampered_artifact_is_refused(registry: Registry, champion: ModelVersion
         fh.write(b"x")
     with pytest.raises(ArtifactIntegrityError, match="does not match"):
         registry.load(champion)
+
+
+def test_a_missing_or_altered_model_file_is_not_promoted(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    path = Path(v2.artifact_path)
+    path.write_bytes(b"half a model")  # damaged on the shared volume
+    altered = sha256_file(path)
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.promote(version=2, reason="better")
+    assert str(refused.value) == (
+        f"model version 2 not promoted: {path}: sha256 {altered} does not match the registry's {v2.sha256}"
+    )
+    path.unlink()
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.promote(version=2, reason="better")
+    assert str(refused.value) == f"model version 2 not promoted: {path}: the model file is missing"
+    assert (registry.champion().version, registry.get(2).status, registry.get(2).note) == (
+        1,
+        ModelStatus.candidate,
+        "",
+    )
+
+
+def test_rollback_to_a_damaged_model_changes_nothing(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    registry.promote(version=v2.version, reason="better")
+    path = Path(champion.artifact_path)
+    path.write_bytes(b"")
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.rollback(reason="v2 misbehaves")
+    assert str(refused.value) == (
+        f"model version 1 not promoted: {path}: sha256 {sha256_file(path)} "
+        f"does not match the registry's {champion.sha256}"
+    )
+    assert (registry.champion().version, registry.get(2).note) == (2, "promoted: better")
