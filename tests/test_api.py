@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
 from service.app import create_app
 from tests.conftest import make_settings, register_copy
@@ -293,6 +294,25 @@ def test_a_damaged_model_file_is_not_promoted_and_v1_keeps_serving(client, champ
     )
     assert (registry.champion().version, registry.get(2).status) == (1, "candidate")
     assert client.get("/ready").json()["model_version"] == 1
+
+
+def test_ready_names_a_champion_that_failed_to_load_while_an_older_one_serves(client, champion) -> None:
+    ctx = client.app.state.ctx
+    ctx.holder.stop()  # this test refreshes by hand, as one poll would
+    v2 = register_copy(ctx.registry, champion)
+    ctx.registry.promote(version=v2.version, reason="better")
+    path = Path(v2.artifact_path)
+    path.write_bytes(b"truncated")  # damaged on the shared volume after the promotion
+    assert ctx.holder.refresh() is False
+    ready = client.get("/ready")
+    assert (ready.status_code, ready.json()["ready"], ready.json()["model_version"]) == (200, True, 1)
+    assert ready.json()["problems"] == [
+        f"the registry's champion v2 failed to load; still serving v1: {path}: sha256 {sha256_file(path)} "
+        f"does not match the registry's {v2.sha256}"
+    ]
+    ctx.registry.rollback(reason="v2 cannot be loaded")
+    ctx.holder.refresh()
+    assert client.get("/ready").json()["problems"] == []
 
 
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:

@@ -11,7 +11,7 @@ from core.db import make_engine, make_sessions
 from core.metrics import build_metrics
 from core.registry import ArtifactStore, Registry
 from core.schema import ModelVersion
-from service.holder import ModelHolder
+from service.holder import LoadFailure, ModelHolder
 from tests.conftest import register_copy
 from tests.live import wait_until
 
@@ -66,6 +66,12 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
     assert holder.last_error is not None
     assert holder.last_error.startswith("could not load v2: ")
     assert "does not match the registry's" in holder.last_error  # the sha256 check caught it
+    assert holder.load_failure == LoadFailure(
+        version=2, error=holder.last_error.removeprefix("could not load v2: ")
+    )
+    registry.rollback(reason="v2 cannot be loaded")
+    assert holder.refresh() is False  # v1 is the registry's champion again, and it serves
+    assert (holder.last_error, holder.load_failure) == (None, None)
 
 
 def test_an_unreachable_registry_leaves_the_model_serving(
