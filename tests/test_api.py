@@ -315,6 +315,40 @@ def test_ready_names_a_champion_that_failed_to_load_while_an_older_one_serves(cl
     assert client.get("/ready").json()["problems"] == []
 
 
+ID_ROUTES = [
+    ("GET", "/models/{}", "version", "model version {} does not exist"),
+    ("POST", "/models/{}/promote", "version", "model version {} does not exist"),
+    ("GET", "/retrain/runs/{}", "run_id", "retrain run {} does not exist"),
+    ("GET", "/reports/{}", "report_id", "drift report {} does not exist"),
+    ("GET", "/reports/{}/html", "report_id", "drift report {} does not exist"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "name", "missing"), ID_ROUTES, ids=[r[1] for r in ID_ROUTES])
+def test_ids_out_of_the_databases_range_are_refused_naming_the_parameter(
+    client, method, path, name, missing
+) -> None:
+    largest = 2**31 - 1  # the id columns are INTEGER: 32-bit on PostgreSQL
+    for value, message in (
+        (largest + 1, f"Input should be less than or equal to {largest}"),
+        (2**63, f"Input should be less than or equal to {largest}"),  # SQLite's OverflowError, a 500 before
+        (99999999999999999999, f"Input should be less than or equal to {largest}"),
+        (0, "Input should be greater than or equal to 1"),
+        (-3, "Input should be greater than or equal to 1"),
+    ):
+        response = client.request(method, path.format(value), headers=ADMIN)
+        assert (response.status_code, response.json()) == (
+            422,
+            {
+                "error": "invalid_request",
+                "message": f"path.{name}: {message}",
+                "errors": [{"field": f"path.{name}", "message": message}],
+            },
+        )
+    response = client.request(method, path.format(largest), headers=ADMIN)
+    assert (response.status_code, response.json()["message"]) == (404, missing.format(largest))
+
+
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:
     with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
         response = client.post("/predict", json=make_features())

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runs import RunInProgress
 from service.auth import Admin
+from service.routes.params import RowId
 from service.views import report_detail, report_summary, row_dict
 
 router = APIRouter(tags=["loop"])
@@ -46,7 +47,7 @@ def list_runs(request: Request, limit: int = 50) -> list[dict[str, Any]]:
 
 
 @router.get("/retrain/runs/{run_id}", summary="One retrain run with step timings")
-def get_run(request: Request, run_id: int) -> dict[str, Any]:
+def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
     with request.app.state.ctx.sessions() as session:
         row = session.get(RetrainRun, run_id)
     if row is None:
@@ -78,12 +79,12 @@ def latest_report(request: Request) -> dict[str, Any]:
 
 
 @router.get("/reports/{report_id}", summary="One drift report (JSON)")
-def get_report(request: Request, report_id: int) -> dict[str, Any]:
+def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
     return report_detail(_report(request, report_id))
 
 
 @router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
-def get_report_html(request: Request, report_id: int) -> FileResponse:
+def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
     if not row.html_path or not Path(row.html_path).is_file():
         raise HTTPException(

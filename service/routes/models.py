@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
+from service.routes.params import RowId
 from service.views import model_lineage, model_summary
 
 router = APIRouter(tags=["models"])
@@ -26,7 +27,7 @@ def list_models(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/models/{version}", summary="One version with its lineage")
-def get_model(request: Request, version: int) -> dict[str, Any]:
+def get_model(request: Request, version: RowId) -> dict[str, Any]:
     ctx = request.app.state.ctx
     row = ctx.registry.get(version)
     if row is None:
@@ -39,7 +40,7 @@ def get_model(request: Request, version: int) -> dict[str, Any]:
 
 @router.post("/models/{version}/promote", summary="Make a version the champion (admin)")
 def promote(
-    request: Request, version: int, _: Admin, body: PromoteRequest | None = Body(default=None)
+    request: Request, version: RowId, _: Admin, body: PromoteRequest | None = Body(default=None)
 ) -> dict[str, Any]:
     ctx = request.app.state.ctx
     reason = (body or PromoteRequest()).reason
