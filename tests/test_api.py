@@ -349,6 +349,22 @@ def test_ids_out_of_the_databases_range_are_refused_naming_the_parameter(
     assert (response.status_code, response.json()["message"]) == (404, missing.format(largest))
 
 
+@pytest.mark.parametrize("path", ["/reports", "/retrain/runs"])
+def test_a_list_limit_below_1_is_refused_naming_it(client, path) -> None:
+    message = "Input should be greater than or equal to 1"
+    for limit in (0, -5):
+        response = client.get(path, params={"limit": limit})
+        assert (response.status_code, response.json()) == (
+            422,
+            {
+                "error": "invalid_request",
+                "message": f"query.limit: {message}",
+                "errors": [{"field": "query.limit", "message": message}],
+            },
+        )
+    assert client.get(path, params={"limit": 10**30}).json() == []  # over 500: 500 at most, no overflow
+
+
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:
     with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
         response = client.post("/predict", json=make_features())

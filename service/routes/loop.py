@@ -12,11 +12,10 @@ from sqlalchemy import select
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runs import RunInProgress
 from service.auth import Admin
-from service.routes.params import RowId
+from service.routes.params import MAX_LIST, Limit, RowId
 from service.views import report_detail, report_summary, row_dict
 
 router = APIRouter(tags=["loop"])
-MAX_LIST = 500
 
 
 class RetrainRequest(BaseModel):
@@ -40,9 +39,9 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
 
 
 @router.get("/retrain/runs", summary="Retrain runs, newest first")
-def list_runs(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+def list_runs(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
-        rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(_limit(limit)))
+        rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(min(limit, MAX_LIST)))
         return [row_dict(r) for r in rows]
 
 
@@ -63,9 +62,11 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
 
 
 @router.get("/reports", summary="Drift reports, newest first")
-def list_reports(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+def list_reports(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
-        rows = session.scalars(select(DriftReport).order_by(DriftReport.id.desc()).limit(_limit(limit)))
+        rows = session.scalars(
+            select(DriftReport).order_by(DriftReport.id.desc()).limit(min(limit, MAX_LIST))
+        )
         return [report_summary(r) for r in rows]
 
 
@@ -99,7 +100,3 @@ def _report(request: Request, report_id: int) -> DriftReport:
     if row is None:
         raise HTTPException(404, f"drift report {report_id} does not exist")
     return row
-
-
-def _limit(limit: int) -> int:
-    return max(1, min(limit, MAX_LIST))
