@@ -250,7 +250,7 @@ def rollback() -> None:
 def retrain(wait: bool = True) -> None:
     """Start a manual retrain run (single-flight across processes)."""
     from core.schema import Trigger
-    from retrain.runs import RunInProgress
+    from retrain.runs import NoChampion, RunInProgress
 
     settings = _settings()
     with _loop(settings) as loop:
@@ -258,6 +258,9 @@ def retrain(wait: bool = True) -> None:
             handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
         except RunInProgress as exc:
             console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
+            raise typer.Exit(1) from None
+        except NoChampion as exc:
+            console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None
         console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
         if wait:

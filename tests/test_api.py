@@ -373,6 +373,19 @@ def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> N
         assert client.get("/ready").status_code == 503
 
 
+def test_no_champion_means_no_retrain_run(db_url, tmp_path) -> None:
+    with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
+        response = client.post("/retrain", headers=ADMIN)
+        assert (response.status_code, response.json()) == (
+            409,
+            {
+                "error": "conflict",
+                "message": "no champion to retrain against: run `driftloop bootstrap` (or promote a version)",
+            },
+        )
+        assert client.get("/retrain/runs").json() == []
+
+
 def test_predict_threads_change_speed_not_answers(
     champion, db_url: str, tmp_path: Path, make_features
 ) -> None:

@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from core.generator import generate_transactions
+from core.schema import RetrainRun
 from core.settings import Settings
-from service.cli import _registry, cli
+from service.cli import _registry, _sessions, cli
 from tests.conftest import register_copy
 
 
@@ -86,6 +88,14 @@ def test_a_rejected_version_needs_a_reason_to_be_promoted(env) -> None:
     assert run("promote", str(v3.version)).exit_code == 0
     with _registry(Settings()) as registry:
         assert registry.get(3).note == "promoted: manual promote via CLI"
+
+
+def test_retrain_without_a_champion_is_refused_before_any_run(env) -> None:
+    result = run("retrain")
+    assert result.exit_code == 1
+    assert "no champion to retrain against: run `driftloop bootstrap` (or promote a version)" in result.output
+    with _sessions(Settings()) as sessions, sessions() as session:
+        assert session.scalars(select(RetrainRun)).all() == []
 
 
 def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeypatch) -> None:

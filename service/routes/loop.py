@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from core.schema import DriftReport, RetrainRun, Trigger
-from retrain.runs import RunInProgress
+from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
 from service.routes.params import MAX_LIST, Limit, RowId
 from service.views import report_detail, report_summary, row_dict
@@ -32,6 +32,8 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
         raise HTTPException(
             409, f"retrain run {exc.run_id} is already running; at most one runs at a time"
         ) from exc
+    except NoChampion as exc:
+        raise HTTPException(409, str(exc)) from exc
     return JSONResponse(
         {"run_id": handle.run_id, "status": "running", "url": f"/retrain/runs/{handle.run_id}"},
         status_code=202,
