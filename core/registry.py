@@ -40,8 +40,16 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked; the message says why."""
 
 
+class UnknownVersion(RegistryError):
+    """No model version has that number."""
+
+
+class ReasonRequired(RegistryError):
+    """Promoting a gate-rejected version needs the operator's reason; the message says why it was rejected."""
+
+
 class ArtifactIntegrityError(RegistryError):
-    pass
+    """A model file is missing or its sha256 is not the one the registry recorded."""
 
 
 class FeatureMismatchError(RegistryError):
@@ -108,13 +116,20 @@ class ArtifactStore:
         return final / MODEL_FILE, digest, final / REFERENCE_FILE
 
     @staticmethod
-    def load_model(path: str | Path, sha256: str) -> CatBoostRegressor:
+    def verify(path: str | Path, sha256: str) -> None:
+        """Raise ArtifactIntegrityError unless the file exists and has the recorded sha256."""
         p = Path(path)
+        if not p.is_file():
+            raise ArtifactIntegrityError(f"{p}: the model file is missing")
         actual = sha256_file(p)
         if actual != sha256:
             raise ArtifactIntegrityError(f"{p}: sha256 {actual} does not match the registry's {sha256}")
+
+    @classmethod
+    def load_model(cls, path: str | Path, sha256: str) -> CatBoostRegressor:
+        cls.verify(path, sha256)
         model = CatBoostRegressor()
-        model.load_model(str(p))
+        model.load_model(str(path))
         return model
 
     @staticmethod
@@ -203,18 +218,30 @@ class Registry:
         with self.sessions() as s:
             return list(s.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())))
 
-    def promote(self, *, version: int, reason: str = "") -> ModelVersion:
-        """Make `version` the champion; the old champion is archived in the same transaction."""
+    def promote(self, *, version: int, reason: str = "", default_reason: str = "") -> ModelVersion:
+        """Make `version` the champion; the old champion is archived in the same transaction.
+
+        A gate-rejected version needs a `reason` (ReasonRequired); for any other, `default_reason` is recorded
+        when none is given. A model file that is missing or not the one registered is refused before anything
+        changes (ArtifactIntegrityError): no serving process could load it, and all would keep the old one.
+        """
+        reason = reason.strip()
         with self.sessions.begin() as session:
             row = session.get(ModelVersion, version, with_for_update=True)
             if row is None:
-                raise RegistryError(f"model version {version} does not exist")
+                raise UnknownVersion(f"model version {version} does not exist")
             if row.status == ModelStatus.champion:
                 return row
             if row.status == ModelStatus.rejected and not reason:
-                raise RegistryError(
-                    f"model version {version} was rejected by the gate; give a reason to force it"
+                raise ReasonRequired(
+                    f"model version {version} was rejected by the gate ({_rejection(row)}); "
+                    "a reason is needed to promote it anyway"
                 )
+            try:
+                self.store.verify(row.artifact_path, row.sha256)
+            except ArtifactIntegrityError as exc:
+                raise ArtifactIntegrityError(f"model version {version} not promoted: {exc}") from None
+            reason = reason or default_reason
             session.execute(
                 update(ModelVersion)
                 .where(ModelVersion.status == ModelStatus.champion)
@@ -231,7 +258,7 @@ class Registry:
         with self.sessions.begin() as session:
             row = session.get(ModelVersion, version)
             if row is None:
-                raise RegistryError(f"model version {version} does not exist")
+                raise UnknownVersion(f"model version {version} does not exist")
             row.status = ModelStatus.rejected
             row.note = (row.note + "\n" if row.note else "") + f"rejected: {reason}"
 
@@ -267,3 +294,10 @@ class Registry:
 
     def reference(self, row: ModelVersion) -> pd.DataFrame:
         return self.store.load_reference(row.reference_path)
+
+
+def _rejection(row: ModelVersion) -> str:
+    """Why the gate rejected the version, as its note records it (the latest rejection)."""
+    prefix = "rejected: "
+    reasons = [line.removeprefix(prefix) for line in row.note.splitlines() if line.startswith(prefix)]
+    return reasons[-1] if reasons else "no reason recorded"

@@ -22,6 +22,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+# Ids and version numbers are INTEGER columns: 32-bit on PostgreSQL, which refuses a larger value in a query.
+MAX_ID = 2**31 - 1
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC on the way in and out, on SQLite (which drops tzinfo) as on PostgreSQL."""

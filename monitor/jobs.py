@@ -36,7 +36,7 @@ from monitor.notify import (
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_window
 from retrain.process import RunHandle, launch
-from retrain.runs import RunInProgress, recover_stale
+from retrain.runs import NoChampion, RunInProgress, recover_stale
 
 if TYPE_CHECKING:
     from monitor.report import DriftResult
@@ -201,6 +201,8 @@ class Loop:
             ).run_id
         except RunInProgress as exc:
             log.info("scheduled retrain skipped: run %s is in progress", exc.run_id)
+        except NoChampion as exc:
+            log.warning("scheduled retrain skipped: %s", exc)
         except Exception:
             log.exception("scheduled retrain could not start")
         return None
@@ -378,7 +380,12 @@ class Loop:
         return self.launch_retrain(trigger=trigger, reason=reason, report_id=report_id).run_id
 
     def launch_retrain(self, *, trigger: str, reason: str = "", report_id: int | None = None) -> RunHandle:
-        """Start a run in a child process (raises RunInProgress); its outcome is announced when it ends."""
+        """Start a run in a child process; its outcome is announced when it ends.
+
+        Raises NoChampion (a run could only fail) or RunInProgress, and then nothing has started.
+        """
+        if self.registry.champion() is None:
+            raise NoChampion()
         handle = launch(
             settings=self.settings, trigger=trigger, reason=reason, report_id=report_id,
             sessions=self.sessions, metrics=self.metrics, clock=self.clock,

@@ -36,7 +36,7 @@ from retrain.dataset import (
     sample_weights,
 )
 from retrain.gate import GateResult, evaluate_gate, sanity_reasons
-from retrain.runs import observe_run, start_run
+from retrain.runs import NoChampion, observe_run, start_run
 from retrain.train import TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger("driftloop.retrain")
@@ -123,7 +123,7 @@ class _Run:
     def _work(self, run: RetrainRun) -> RunOutcome:
         champion = self.registry.champion()
         if champion is None:
-            raise RuntimeError("no champion to retrain against; bootstrap one first")
+            raise NoChampion()
         with self._step("assemble"):
             data = assemble(
                 sessions=self.sessions,

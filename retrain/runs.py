@@ -32,6 +32,13 @@ class RunInProgress(Exception):
         self.run_id = run_id
 
 
+class NoChampion(Exception):
+    """A retrain run needs a champion to train from and to gate against, and there is none."""
+
+    def __init__(self) -> None:
+        super().__init__("no champion to retrain against: run `driftloop bootstrap` (or promote a version)")
+
+
 def start_run(
     sessions: sessionmaker[Session],
     *,

@@ -214,13 +214,19 @@ def models() -> None:
 
 
 @cli.command()
-def promote(version: int, reason: str = "manual promote via CLI") -> None:
+def promote(
+    version: int,
+    reason: Annotated[str, typer.Option(help="Why; required to promote a version the gate rejected.")] = "",
+) -> None:
     """Make VERSION the champion; serving processes swap within their poll interval."""
-    from core.registry import RegistryError
+    from core.registry import ReasonRequired, RegistryError
 
     try:
         with _registry(_settings()) as registry:
-            row = registry.promote(version=version, reason=reason)
+            row = registry.promote(version=version, reason=reason, default_reason="manual promote via CLI")
+    except ReasonRequired as exc:
+        console.print(f"[red]{exc}: pass --reason TEXT[/]")
+        raise typer.Exit(1) from None
     except RegistryError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(1) from None
@@ -245,7 +251,7 @@ def rollback() -> None:
 def retrain(wait: bool = True) -> None:
     """Start a manual retrain run (single-flight across processes)."""
     from core.schema import Trigger
-    from retrain.runs import RunInProgress
+    from retrain.runs import NoChampion, RunInProgress
 
     settings = _settings()
     with _loop(settings) as loop:
@@ -253,6 +259,9 @@ def retrain(wait: bool = True) -> None:
             handle = loop.launch_retrain(trigger=Trigger.manual, reason="manual trigger via CLI")
         except RunInProgress as exc:
             console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
+            raise typer.Exit(1) from None
+        except NoChampion as exc:
+            console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None
         console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
         if wait:

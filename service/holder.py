@@ -27,6 +27,14 @@ class Served:
     predictions: Any  # this version's child of driftloop_predictions_total, looked up once
 
 
+@dataclass(frozen=True, slots=True)
+class LoadFailure:
+    """The registry's champion that this process could not load, and why; the served model stays."""
+
+    version: int
+    error: str
+
+
 class ModelHolder:
     """Polls the registry for the champion and loads a new one off the request path.
 
@@ -43,6 +51,8 @@ class ModelHolder:
         self.poll_s = poll_s
         self.current: Served | None = None
         self.last_error: str | None = None
+        # The registry's champion when it failed to load; one reference, read with its error in one go.
+        self.load_failure: LoadFailure | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -59,11 +69,13 @@ class ModelHolder:
             current = self.current
             if row is None or (current is not None and current.version == row.version):
                 self.last_error = None if row is not None else "no champion in the registry"
+                self.load_failure = None
                 return False
             try:
                 model = self.registry.load(row, features=self.features)
             except Exception as exc:
                 self.last_error = f"could not load v{row.version}: {exc}"
+                self.load_failure = LoadFailure(version=row.version, error=str(exc))
                 log.error("champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc)
                 return False
             self.current = Served(
@@ -73,6 +85,7 @@ class ModelHolder:
                 predictions=self.metrics.predictions.labels(model_version=str(row.version)),
             )
             self.last_error = None
+            self.load_failure = None
             self._publish(previous=current)
             log.info("now serving v%s (was %s)", row.version, _v(current))
             return True

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessions, migrate
 from core.metrics import Metrics, build_metrics
-from core.registry import ArtifactStore, Registry
+from core.registry import ArtifactStore, NewVersion, Registry
 from core.schema import ModelVersion
 from core.settings import Settings
 from core.spec import FeatureSpec, load_spec
@@ -113,6 +113,16 @@ def make_settings(db_url: str, tmp_path: Path, **overrides: Any) -> Settings:
 def champion(registry: Registry, spec: FeatureSpec) -> ModelVersion:
     """v1: a tiny real CatBoost model on 3,000 generated 2019–2021 transactions, promoted."""
     return bootstrap(registry=registry, spec=spec, params=TINY, rows=3000, seed=1).version
+
+
+def register_copy(registry: Registry, champion: ModelVersion) -> ModelVersion:
+    """A candidate: the champion's model under a new version, as a retrain elsewhere would register it."""
+    return registry.register(
+        NewVersion(
+            model=registry.load(champion), reference=registry.reference(champion), trigger="manual",
+            metrics=champion.metrics, params={}, train_rows=champion.train_rows,
+        )
+    )  # fmt: skip
 
 
 @pytest.fixture

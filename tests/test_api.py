@@ -10,10 +10,11 @@ import yaml
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
+from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec
 from service.app import create_app
-from tests.conftest import make_settings
+from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
@@ -295,6 +296,118 @@ def test_models_list_and_lineage(client) -> None:
     assert (missing.status_code, missing.json()["message"]) == (404, "model version 7 does not exist")
 
 
+def test_a_rejected_version_is_promoted_only_with_a_reason(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    v2 = register_copy(registry, champion)
+    registry.reject(version=v2.version, reason="mae: candidate MAE 9 is not <= champion MAE 8")
+    refusal = (
+        "model version 2 was rejected by the gate (mae: candidate MAE 9 is not <= champion MAE 8); "
+        'a reason is needed to promote it anyway: send {"reason": "..."}'
+    )
+    for body in ({}, {"json": {}}, {"json": {"reason": ""}}):
+        refused = client.post("/models/2/promote", headers=ADMIN, **body)
+        assert (refused.status_code, refused.json()) == (409, {"error": "conflict", "message": refusal})
+    assert registry.champion().version == 1
+    forced = client.post("/models/2/promote", headers=ADMIN, json={"reason": "holdout was a holiday week"})
+    assert (forced.status_code, forced.json()["status"]) == (200, "champion")
+    assert registry.get(2).note.endswith("\npromoted: holdout was a holiday week")
+
+
+def test_promote_without_a_body_records_a_default_reason(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    register_copy(registry, champion)
+    promoted = client.post("/models/2/promote", headers=ADMIN)
+    assert (promoted.status_code, promoted.json()["status"]) == (200, "champion")
+    assert registry.get(2).note == "promoted: manual promote via API"
+    missing = client.post("/models/9/promote", headers=ADMIN)
+    assert (missing.status_code, missing.json()["message"]) == (404, "model version 9 does not exist")
+
+
+def test_a_damaged_model_file_is_not_promoted_and_v1_keeps_serving(client, champion) -> None:
+    registry = client.app.state.ctx.registry
+    v2 = register_copy(registry, champion)
+    Path(v2.artifact_path).unlink()
+    refused = client.post("/models/2/promote", headers=ADMIN, json={"reason": "better"})
+    assert (refused.status_code, refused.json()) == (
+        409,
+        {
+            "error": "conflict",
+            "message": f"model version 2 not promoted: {v2.artifact_path}: the model file is missing",
+        },
+    )
+    assert (registry.champion().version, registry.get(2).status) == (1, "candidate")
+    assert client.get("/ready").json()["model_version"] == 1
+
+
+def test_ready_names_a_champion_that_failed_to_load_while_an_older_one_serves(client, champion) -> None:
+    ctx = client.app.state.ctx
+    ctx.holder.stop()  # this test refreshes by hand, as one poll would
+    v2 = register_copy(ctx.registry, champion)
+    ctx.registry.promote(version=v2.version, reason="better")
+    path = Path(v2.artifact_path)
+    path.write_bytes(b"truncated")  # damaged on the shared volume after the promotion
+    assert ctx.holder.refresh() is False
+    ready = client.get("/ready")
+    assert (ready.status_code, ready.json()["ready"], ready.json()["model_version"]) == (200, True, 1)
+    assert ready.json()["problems"] == [
+        f"the registry's champion v2 failed to load; still serving v1: {path}: sha256 {sha256_file(path)} "
+        f"does not match the registry's {v2.sha256}"
+    ]
+    ctx.registry.rollback(reason="v2 cannot be loaded")
+    ctx.holder.refresh()
+    assert client.get("/ready").json()["problems"] == []
+
+
+ID_ROUTES = [
+    ("GET", "/models/{}", "version", "model version {} does not exist"),
+    ("POST", "/models/{}/promote", "version", "model version {} does not exist"),
+    ("GET", "/retrain/runs/{}", "run_id", "retrain run {} does not exist"),
+    ("GET", "/reports/{}", "report_id", "drift report {} does not exist"),
+    ("GET", "/reports/{}/html", "report_id", "drift report {} does not exist"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "name", "missing"), ID_ROUTES, ids=[r[1] for r in ID_ROUTES])
+def test_ids_out_of_the_databases_range_are_refused_naming_the_parameter(
+    client, method, path, name, missing
+) -> None:
+    largest = 2**31 - 1  # the id columns are INTEGER: 32-bit on PostgreSQL
+    for value, message in (
+        (largest + 1, f"Input should be less than or equal to {largest}"),
+        (2**63, f"Input should be less than or equal to {largest}"),  # SQLite's OverflowError, a 500 before
+        (99999999999999999999, f"Input should be less than or equal to {largest}"),
+        (0, "Input should be greater than or equal to 1"),
+        (-3, "Input should be greater than or equal to 1"),
+    ):
+        response = client.request(method, path.format(value), headers=ADMIN)
+        assert (response.status_code, response.json()) == (
+            422,
+            {
+                "error": "invalid_request",
+                "message": f"path.{name}: {message}",
+                "errors": [{"field": f"path.{name}", "message": message}],
+            },
+        )
+    response = client.request(method, path.format(largest), headers=ADMIN)
+    assert (response.status_code, response.json()["message"]) == (404, missing.format(largest))
+
+
+@pytest.mark.parametrize("path", ["/reports", "/retrain/runs"])
+def test_a_list_limit_below_1_is_refused_naming_it(client, path) -> None:
+    message = "Input should be greater than or equal to 1"
+    for limit in (0, -5):
+        response = client.get(path, params={"limit": limit})
+        assert (response.status_code, response.json()) == (
+            422,
+            {
+                "error": "invalid_request",
+                "message": f"query.limit: {message}",
+                "errors": [{"field": "query.limit", "message": message}],
+            },
+        )
+    assert client.get(path, params={"limit": 10**30}).json() == []  # over 500: 500 at most, no overflow
+
+
 def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> None:
     with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
         response = client.post("/predict", json=make_features())
@@ -328,6 +441,19 @@ def test_a_champion_trained_on_other_features_is_not_served(
             f"{', '.join(spec.feature_names)}); restore the spec it was trained with, or start a new model "
             "line for this spec (a fresh database and artifact directory, then driftloop bootstrap)"
         ]
+
+
+def test_no_champion_means_no_retrain_run(db_url, tmp_path) -> None:
+    with TestClient(create_app(make_settings(db_url, tmp_path), scheduler=False)) as client:
+        response = client.post("/retrain", headers=ADMIN)
+        assert (response.status_code, response.json()) == (
+            409,
+            {
+                "error": "conflict",
+                "message": "no champion to retrain against: run `driftloop bootstrap` (or promote a version)",
+            },
+        )
+        assert client.get("/retrain/runs").json() == []
 
 
 def test_predict_threads_change_speed_not_answers(

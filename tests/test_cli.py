@@ -3,11 +3,14 @@
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 from typer.testing import CliRunner
 
 from core.generator import generate_transactions
+from core.schema import RetrainRun
 from core.settings import Settings
-from service.cli import cli
+from service.cli import _registry, _sessions, cli
+from tests.conftest import register_copy
 
 
 @pytest.fixture
@@ -64,6 +67,35 @@ def test_promote_and_rollback_explain_refusals(env) -> None:
     run("bootstrap", "--rows", "2000")
     assert "model version 5 does not exist" in run("promote", "5").output
     assert "no previous champion to roll back to" in run("rollback").output
+
+
+def test_a_rejected_version_needs_a_reason_to_be_promoted(env) -> None:
+    run("bootstrap", "--rows", "2000")
+    with _registry(Settings()) as registry:
+        v2 = register_copy(registry, registry.champion())
+        registry.reject(version=v2.version, reason="worse than champion")
+    refused = run("promote", "2")
+    assert refused.exit_code == 1
+    assert (
+        "model version 2 was rejected by the gate (worse than champion); a reason is needed to promote it "
+        "anyway: pass --reason TEXT"
+    ) in refused.output
+    forced = run("promote", "2", "--reason", "holdout was a holiday week")
+    assert (forced.exit_code, "v2 is the champion" in forced.output) == (0, True)
+    with _registry(Settings()) as registry:
+        assert registry.get(2).note.endswith("\npromoted: holdout was a holiday week")
+        v3 = register_copy(registry, registry.champion())
+    assert run("promote", str(v3.version)).exit_code == 0
+    with _registry(Settings()) as registry:
+        assert registry.get(3).note == "promoted: manual promote via CLI"
+
+
+def test_retrain_without_a_champion_is_refused_before_any_run(env) -> None:
+    result = run("retrain")
+    assert result.exit_code == 1
+    assert "no champion to retrain against: run `driftloop bootstrap` (or promote a version)" in result.output
+    with _sessions(Settings()) as sessions, sessions() as session:
+        assert session.scalars(select(RetrainRun)).all() == []
 
 
 def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeypatch) -> None:

@@ -9,20 +9,11 @@ from prometheus_client import CollectorRegistry
 
 from core.db import make_engine, make_sessions
 from core.metrics import build_metrics
-from core.registry import ArtifactStore, NewVersion, Registry
+from core.registry import ArtifactStore, Registry
 from core.schema import ModelVersion
-from service.holder import ModelHolder
+from service.holder import LoadFailure, ModelHolder
+from tests.conftest import register_copy
 from tests.live import wait_until
-
-
-def second_version(registry: Registry, champion: ModelVersion) -> ModelVersion:
-    """v2: the same model under a new version, as a retrain in another process would register it."""
-    return registry.register(
-        NewVersion(
-            model=registry.load(champion), reference=registry.reference(champion), trigger="manual",
-            metrics=champion.metrics, params={}, train_rows=champion.train_rows,
-        )
-    )  # fmt: skip
 
 
 def holder_for(registry: Registry, prom: CollectorRegistry, poll_s: float = 60) -> ModelHolder:
@@ -36,7 +27,7 @@ def test_one_refresh_after_a_promotion_elsewhere_swaps_the_model(
     holder = holder_for(registry, prom)
     assert holder.refresh() is True and holder.current is not None and holder.current.version == 1
     first = holder.current
-    v2 = second_version(registry, champion)
+    v2 = register_copy(registry, champion)
     assert holder.refresh() is False  # a candidate is not served
     registry.promote(version=v2.version, reason="another process promoted it")
 
@@ -54,7 +45,7 @@ def test_the_polling_thread_picks_up_a_new_champion(registry: Registry, champion
     holder = holder_for(registry, CollectorRegistry(), poll_s=0.05)
     holder.start()
     try:
-        v2 = second_version(registry, champion)
+        v2 = register_copy(registry, champion)
         registry.promote(version=v2.version, reason="test")
         wait_until(lambda: holder.current and holder.current.version == 2, timeout=30, what="the swap to v2")
     finally:
@@ -66,15 +57,21 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
 ) -> None:
     holder = holder_for(registry, CollectorRegistry())
     holder.refresh()
-    v2 = second_version(registry, champion)
-    Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume
+    v2 = register_copy(registry, champion)
     registry.promote(version=v2.version, reason="test")
+    Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume since
 
     assert holder.refresh() is False
     assert holder.current is not None and holder.current.version == 1
     assert holder.last_error is not None
     assert holder.last_error.startswith("could not load v2: ")
     assert "does not match the registry's" in holder.last_error  # the sha256 check caught it
+    assert holder.load_failure == LoadFailure(
+        version=2, error=holder.last_error.removeprefix("could not load v2: ")
+    )
+    registry.rollback(reason="v2 cannot be loaded")
+    assert holder.refresh() is False  # v1 is the registry's champion again, and it serves
+    assert (holder.last_error, holder.load_failure) == (None, None)
 
 
 def test_an_unreachable_registry_leaves_the_model_serving(

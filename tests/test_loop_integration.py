@@ -22,7 +22,7 @@ from core.spec import FeatureSpec
 from monitor.jobs import Loop
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
-from retrain.runs import start_run
+from retrain.runs import NoChampion, start_run
 from retrain.train import predict
 from tests.conftest import make_settings
 from tests.live import start_server, wait_until
@@ -443,3 +443,17 @@ def test_a_scheduled_retrain_runs_on_the_leader_only_and_is_gated(
     assert (run.id, run.trigger, run.reason) == (run_id, "schedule", "scheduled retrain (every 3600 s)")
     assert run.status in ("promoted", "rejected") and "validate" in run.steps  # through the gate like any run
     loop.stop()
+
+
+def test_without_a_champion_no_retrain_run_is_started(make_loop, registry, caplog) -> None:
+    loop = make_loop(scheduled_retrain_s=3600)
+    with pytest.raises(NoChampion) as refused:
+        loop.launch_retrain(trigger="manual", reason="by hand")
+    assert (
+        str(refused.value)
+        == "no champion to retrain against: run `driftloop bootstrap` (or promote a version)"
+    )
+    assert loop.renew_lease() is True
+    assert loop.scheduled_retrain() is None
+    assert "scheduled retrain skipped: no champion to retrain against" in caplog.text
+    assert runs(registry) == []

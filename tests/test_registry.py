@@ -6,7 +6,16 @@ import yaml
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from core.registry import ArtifactIntegrityError, FeatureMismatchError, NewVersion, Registry, RegistryError
+from core.registry import (
+    ArtifactIntegrityError,
+    FeatureMismatchError,
+    NewVersion,
+    ReasonRequired,
+    Registry,
+    RegistryError,
+    UnknownVersion,
+    sha256_file,
+)
 from core.schema import ModelStatus, ModelVersion, Trigger
 from core.spec import FeatureSpec, load_spec
 from retrain.bootstrap import bootstrap
@@ -75,13 +84,30 @@ def test_database_refuses_two_champions(registry: Registry, champion, spec) -> N
 
 
 def test_promoting_unknown_or_rejected_versions_is_refused(registry, champion, spec) -> None:
-    with pytest.raises(RegistryError, match="model version 9 does not exist"):
+    with pytest.raises(UnknownVersion, match="model version 9 does not exist"):
         registry.promote(version=9)
     v2 = _candidate(registry, champion, spec)
     registry.reject(version=v2.version, reason="worse than champion")
-    with pytest.raises(RegistryError, match="was rejected by the gate"):
-        registry.promote(version=v2.version)
+    refusal = (
+        "model version 2 was rejected by the gate (worse than champion); "
+        "a reason is needed to promote it anyway"
+    )
+    for reason in ("", "  "):
+        with pytest.raises(ReasonRequired) as refused:
+            registry.promote(version=v2.version, reason=reason, default_reason="a default is not a reason")
+        assert str(refused.value) == refusal
     assert registry.champion().version == 1
+    forced = registry.promote(version=v2.version, reason="the gate's holdout was a holiday week")
+    assert (forced.status, forced.note) == (
+        ModelStatus.champion,
+        "rejected: worse than champion\npromoted: the gate's holdout was a holiday week",
+    )
+
+
+def test_a_promotion_without_a_reason_records_the_default(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    promoted = registry.promote(version=v2.version, default_reason="manual promote via API")
+    assert (promoted.status, promoted.note) == (ModelStatus.champion, "promoted: manual promote via API")
 
 
 def test_tampered_artifact_is_refused(registry: Registry, champion: ModelVersion) -> None:
@@ -125,3 +151,38 @@ def test_a_model_is_refused_for_a_spec_it_was_not_trained_on(
     # bootstrap is idempotent only for the spec the champion fits
     with pytest.raises(FeatureMismatchError, match="start a new model line for this spec"):
         bootstrap(registry=registry, spec=swapped, params=TINY, rows=500)
+
+
+def test_a_missing_or_altered_model_file_is_not_promoted(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    path = Path(v2.artifact_path)
+    path.write_bytes(b"half a model")  # damaged on the shared volume
+    altered = sha256_file(path)
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.promote(version=2, reason="better")
+    assert str(refused.value) == (
+        f"model version 2 not promoted: {path}: sha256 {altered} does not match the registry's {v2.sha256}"
+    )
+    path.unlink()
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.promote(version=2, reason="better")
+    assert str(refused.value) == f"model version 2 not promoted: {path}: the model file is missing"
+    assert (registry.champion().version, registry.get(2).status, registry.get(2).note) == (
+        1,
+        ModelStatus.candidate,
+        "",
+    )
+
+
+def test_rollback_to_a_damaged_model_changes_nothing(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    registry.promote(version=v2.version, reason="better")
+    path = Path(champion.artifact_path)
+    path.write_bytes(b"")
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.rollback(reason="v2 misbehaves")
+    assert str(refused.value) == (
+        f"model version 1 not promoted: {path}: sha256 {sha256_file(path)} "
+        f"does not match the registry's {champion.sha256}"
+    )
+    assert (registry.champion().version, registry.get(2).note) == (2, "promoted: better")

@@ -10,12 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
 from core.schema import DriftReport, RetrainRun, Trigger
-from retrain.runs import RunInProgress
+from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
+from service.routes.params import MAX_LIST, Limit, RowId
 from service.views import report_detail, report_summary, row_dict
 
 router = APIRouter(tags=["loop"])
-MAX_LIST = 500
 
 
 class RetrainRequest(BaseModel):
@@ -32,6 +32,8 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
         raise HTTPException(
             409, f"retrain run {exc.run_id} is already running; at most one runs at a time"
         ) from exc
+    except NoChampion as exc:
+        raise HTTPException(409, str(exc)) from exc
     return JSONResponse(
         {"run_id": handle.run_id, "status": "running", "url": f"/retrain/runs/{handle.run_id}"},
         status_code=202,
@@ -39,14 +41,14 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
 
 
 @router.get("/retrain/runs", summary="Retrain runs, newest first")
-def list_runs(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+def list_runs(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
-        rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(_limit(limit)))
+        rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(min(limit, MAX_LIST)))
         return [row_dict(r) for r in rows]
 
 
 @router.get("/retrain/runs/{run_id}", summary="One retrain run with step timings")
-def get_run(request: Request, run_id: int) -> dict[str, Any]:
+def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
     with request.app.state.ctx.sessions() as session:
         row = session.get(RetrainRun, run_id)
     if row is None:
@@ -62,9 +64,11 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
 
 
 @router.get("/reports", summary="Drift reports, newest first")
-def list_reports(request: Request, limit: int = 50) -> list[dict[str, Any]]:
+def list_reports(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
-        rows = session.scalars(select(DriftReport).order_by(DriftReport.id.desc()).limit(_limit(limit)))
+        rows = session.scalars(
+            select(DriftReport).order_by(DriftReport.id.desc()).limit(min(limit, MAX_LIST))
+        )
         return [report_summary(r) for r in rows]
 
 
@@ -78,12 +82,12 @@ def latest_report(request: Request) -> dict[str, Any]:
 
 
 @router.get("/reports/{report_id}", summary="One drift report (JSON)")
-def get_report(request: Request, report_id: int) -> dict[str, Any]:
+def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
     return report_detail(_report(request, report_id))
 
 
 @router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
-def get_report_html(request: Request, report_id: int) -> FileResponse:
+def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
     if not row.html_path or not Path(row.html_path).is_file():
         raise HTTPException(
@@ -98,7 +102,3 @@ def _report(request: Request, report_id: int) -> DriftReport:
     if row is None:
         raise HTTPException(404, f"drift report {report_id} does not exist")
     return row
-
-
-def _limit(limit: int) -> int:
-    return max(1, min(limit, MAX_LIST))

@@ -5,9 +5,10 @@ from typing import Any
 from fastapi import APIRouter, Body, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.registry import RegistryError
+from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
+from service.routes.params import RowId
 from service.views import model_lineage, model_summary
 
 router = APIRouter(tags=["models"])
@@ -15,7 +16,9 @@ router = APIRouter(tags=["models"])
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(default="manual promote", max_length=500)
+    reason: str = Field(
+        default="", max_length=500, description="Why; required to promote a version the gate rejected."
+    )
 
 
 @router.get("/models", summary="All model versions, newest first")
@@ -24,7 +27,7 @@ def list_models(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/models/{version}", summary="One version with its lineage")
-def get_model(request: Request, version: int) -> dict[str, Any]:
+def get_model(request: Request, version: RowId) -> dict[str, Any]:
     ctx = request.app.state.ctx
     row = ctx.registry.get(version)
     if row is None:
@@ -37,13 +40,18 @@ def get_model(request: Request, version: int) -> dict[str, Any]:
 
 @router.post("/models/{version}/promote", summary="Make a version the champion (admin)")
 def promote(
-    request: Request, version: int, _: Admin, body: PromoteRequest | None = Body(default=None)
+    request: Request, version: RowId, _: Admin, body: PromoteRequest | None = Body(default=None)
 ) -> dict[str, Any]:
     ctx = request.app.state.ctx
+    reason = (body or PromoteRequest()).reason
     try:
-        row = ctx.registry.promote(version=version, reason=(body or PromoteRequest()).reason)
+        row = ctx.registry.promote(version=version, reason=reason, default_reason="manual promote via API")
+    except UnknownVersion as exc:
+        raise HTTPException(404, str(exc)) from exc
+    except ReasonRequired as exc:
+        raise HTTPException(409, f'{exc}: send {{"reason": "..."}}') from exc
     except RegistryError as exc:
-        raise HTTPException(404 if "does not exist" in str(exc) else 409, str(exc)) from exc
+        raise HTTPException(409, str(exc)) from exc
     ctx.holder.poke()
     return model_summary(row)
 

@@ -18,6 +18,7 @@ def ready(request: Request) -> JSONResponse:
     ctx = request.app.state.ctx
     problems = []
     served = ctx.holder.current
+    failure = ctx.holder.load_failure
     if served is None:
         problems.append(ctx.holder.last_error or "no champion loaded")
     try:
@@ -25,13 +26,21 @@ def ready(request: Request) -> JSONResponse:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
         problems.append(f"database unreachable: {exc.__class__.__name__}")
+    ready = not problems
+    # A champion that failed to load while an older one answers is worth an operator's look, not a reason
+    # to take the replica out of the load balancer.
+    if served is not None and failure is not None:
+        problems.append(
+            f"the registry's champion v{failure.version} failed to load; still serving v{served.version}: "
+            f"{failure.error}"
+        )
     body = {
-        "ready": not problems,
+        "ready": ready,
         "model_version": served.version if served else None,
         "problems": problems,
         "logger": {"queue_depth": ctx.logger.queue_depth, "spooled_pending": ctx.logger.spooled_pending},
     }
-    return JSONResponse(body, status_code=200 if not problems else 503)
+    return JSONResponse(body, status_code=200 if ready else 503)
 
 
 @router.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
