@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,21 @@ def spec() -> FeatureSpec:
 def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(db_url)
     yield make_sessions(engine)
+    settle_run_threads()
     engine.dispose()
+
+
+def settle_run_threads(timeout_s: float = 120) -> None:
+    """Wait for the threads that watch and announce retrain runs (retrain.process, monitor.jobs).
+
+    A test may see its run finished in the database while the watcher still records the exit with one of
+    the test's pooled connections; disposing of the engine under it strands that connection, which the
+    garbage collector later reports (ResourceWarning, an error here) in whichever test runs then.
+    """
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name.startswith(("retrain-watch-", "retrain-announce-")):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @pytest.fixture
