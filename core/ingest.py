@@ -1,143 +1,332 @@
-"""Loading labelled transactions (a CSV) into labelled_row, row by row against the spec."""
+"""Loading labelled transactions (a CSV) into labelled_row, every line checked against the spec.
+
+A file is loaded whole or not at all: its rows go in in batches (memory stays bounded) inside one
+transaction, which is rolled back if any line is bad, unless the caller asked to skip bad lines. A file
+already loaded (the same bytes, by sha256) is not loaded again unless forced, so re-running an ingest never
+counts rows twice by accident.
+"""
 
 from __future__ import annotations
 
+import codecs
 import csv
-import math
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import utcnow
-from core.schema import LabelledRow
+from core.db import Clock, utcnow
+from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, FeatureType
+from core.times import ISO_EXAMPLE, guess_format, is_number, parse_times
+
+MAX_LISTED = 1000  # bad lines kept with their problems; beyond, only counted
+FUTURE_SLACK = timedelta(days=1)  # an event time further ahead of now is a typo or a wrong format
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+_TO_UTF8 = 'save it as UTF-8 (e.g. "CSV UTF-8" in a spreadsheet)'
 
 
 class IngestError(ValueError):
-    """The file as a whole cannot be ingested (unreadable, header lacks columns)."""
+    """The file as a whole cannot be ingested (unreadable, not UTF-8 text, header lacks columns)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CsvFile:
+    """A readable UTF-8 file, with the sha256 of its bytes and how many lines follow its header."""
+
+    path: Path
+    sha256: str
+    lines: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreviousLoad:
+    name: str
+    source: str
+    rows: int
+    loads: int
+    last_loaded_at: datetime
 
 
 @dataclass(slots=True)
 class IngestReport:
-    accepted: int = 0
-    rejected: list[tuple[int, list[str]]] = field(default_factory=list)  # (CSV line number, problems)
+    sha256: str = ""
+    good: int = 0  # rows that passed every check
+    bad: int = 0  # lines that did not
+    rejected: list[tuple[int, list[str]]] = field(default_factory=list)  # the first MAX_LISTED bad lines
+    loaded: int = 0  # rows committed to labelled_row
+    already: PreviousLoad | None = None  # set when the file was loaded before and not loaded again
 
     @property
     def total(self) -> int:
-        return self.accepted + len(self.rejected)
+        return self.good + self.bad
 
 
-def parse_row(
-    raw: dict[str, str], spec: FeatureSpec
-) -> tuple[dict[str, Any], float, datetime | None, list[str]]:
-    """CSV strings -> typed features, target and event time, plus every problem found (naming the column)."""
-    features: dict[str, Any] = {}
-    problems: list[str] = []
-    for f in spec.features:
-        text = (raw.get(f.name) or "").strip()
-        if text == "":
-            value: Any = None
-        elif f.type is FeatureType.categorical:
-            value = text
-        else:
-            try:
-                value = float(text)
-            except ValueError:
-                problems.append(f"{f.name}: {text!r} is not a number")
-                continue
-            if f.type is FeatureType.integer and value.is_integer():
-                value = int(value)
-        why = f.check(value)
-        if why:
-            problems.append(f"{f.name}: {why}")
-        features[f.name] = value
-    target = math.nan
-    text = (raw.get(spec.target) or "").strip()
+def inspect_file(path: Path) -> CsvFile:
+    """Check that `path` is a file of UTF-8 text, reading it once (streaming): its sha256 and line count.
+
+    Raises IngestError naming the problem (missing, a directory, UTF-16, a byte that is not UTF-8 and its
+    line) before anything is loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise IngestError(f"file not found: {path}")
+    if path.is_dir():
+        raise IngestError(f"{path} is a directory; give the CSV file in it")
+    digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines, last = 0, b""
     try:
-        target = float(text)
-    except ValueError:
-        problems.append(f"{spec.target}: {text!r} is not a number")
-    else:
-        why = spec.target_feature.check(target)
-        if why:
-            problems.append(f"{spec.target}: {why}")
-    event_time = None
-    if spec.time_column:
-        stamp = pd.to_datetime((raw.get(spec.time_column) or "").strip() or None, errors="coerce", utc=True)
-        if pd.isna(stamp):
-            problems.append(f"{spec.time_column}: missing or not a date/time")
-        else:
-            event_time = stamp.to_pydatetime()
-    return features, target, event_time, problems
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                if not last and chunk.startswith(_UTF16_BOMS):
+                    raise IngestError(f"{path} is UTF-16 text; {_TO_UTF8}")
+                digest.update(chunk)
+                if b"\x00" in chunk:
+                    line = newlines + chunk[: chunk.index(b"\x00")].count(b"\n") + 1
+                    raise IngestError(
+                        f"{path}: line {line} holds a NUL byte: not a text file (UTF-16?); {_TO_UTF8}"
+                    )
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    line = newlines + exc.object[: exc.start].count(b"\n") + 1
+                    byte = exc.object[exc.start]
+                    raise IngestError(
+                        f"{path}: line {line} is not UTF-8 text (byte 0x{byte:02x}); {_TO_UTF8}"
+                    ) from None
+                newlines += chunk.count(b"\n")
+                last = chunk[-1:]
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise IngestError(f"{path}: ends in the middle of a UTF-8 character; {_TO_UTF8}") from None
+    except OSError as exc:
+        raise IngestError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    lines = newlines + (1 if last and last != b"\n" else 0)
+    return CsvFile(path=path, sha256=digest.hexdigest(), lines=max(lines - 1, 0))
+
+
+def count_rows(path: Path) -> int:
+    """Lines after the header (an upper bound on the rows, for a progress bar)."""
+    return inspect_file(path).lines
 
 
 def ingest_csv(
-    path: Path,
+    file: Path | CsvFile,
     *,
     spec: FeatureSpec,
     sessions: sessionmaker[Session],
     source: str | None = None,
+    skip_bad: bool = False,
+    force: bool = False,
     chunk_size: int = 2000,
     on_progress: Callable[[int], None] | None = None,
+    clock: Clock = utcnow,
 ) -> IngestReport:
-    """Insert every valid row; report each invalid one with its line number. Valid rows of a file with
-    some invalid ones are still loaded: the report says exactly which were not."""
-    report = IngestReport()
-    source = source or Path(path).name
-    batch: list[dict[str, Any]] = []
-    for line, raw in _read(path, spec):
-        features, target, event_time, problems = parse_row(raw, spec)
-        if problems:
-            report.rejected.append((line, problems))
-        else:
-            now = utcnow()
-            batch.append(
-                {
-                    "features": features,
-                    "target": target,
-                    "event_time": event_time or now,
-                    "source": source,
-                    "ingested_at": now,
-                }
+    """Check every line of a CSV and load its rows into labelled_row, all in one transaction.
+
+    If any line is bad, nothing is loaded (the report lists them with their line numbers) unless
+    `skip_bad`, which loads the good rows only. A file whose bytes were loaded before is not loaded again
+    (`report.already` says when and as what) unless `force`."""
+    csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
+    report = IngestReport(sha256=csv_file.sha256)
+    source = source or csv_file.path.name
+    now = clock()
+    with sessions() as session:
+        record = session.get(IngestedFile, csv_file.sha256)
+        if record is not None and not force:
+            report.already = PreviousLoad(
+                record.name, record.source, record.rows, record.loads, record.last_loaded_at
             )
-        if len(batch) >= chunk_size:
-            report.accepted += _flush(sessions, batch)
-        if on_progress:
-            on_progress(1)
-    report.accepted += _flush(sessions, batch)
+            return report
+        if record is None:
+            record = IngestedFile(
+                sha256=csv_file.sha256, name=str(csv_file.path), source=source, rows=0, skipped=0, loads=0,
+                first_loaded_at=now, last_loaded_at=now,
+            )  # fmt: skip
+            session.add(record)
+        try:
+            session.flush()  # claims the file: a concurrent ingest of the same bytes fails here or at commit
+            for line_count, rows, rejected in _checked(csv_file.path, spec, chunk_size, now):
+                report.good += len(rows)
+                report.bad += len(rejected)
+                report.rejected.extend(rejected[: MAX_LISTED - len(report.rejected)])
+                if rows and (skip_bad or not report.bad):
+                    session.execute(insert(LabelledRow), [{**row, "source": source} for row in rows])
+                if on_progress:
+                    on_progress(line_count)
+            if (report.bad and not skip_bad) or not report.good:
+                session.rollback()
+                return report
+            record.name, record.source, record.last_loaded_at = str(csv_file.path), source, now
+            record.rows += report.good
+            record.skipped = report.bad
+            record.loads += 1
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise IngestError(
+                f"{csv_file.path} was being loaded by another ingest at the same time; "
+                "this one loaded nothing"
+            ) from None
+    report.loaded = report.good
     return report
 
 
-def _flush(sessions: sessionmaker[Session], batch: list[dict[str, Any]]) -> int:
-    if not batch:
-        return 0
-    with sessions.begin() as session:
-        session.execute(insert(LabelledRow), batch)
-    n = len(batch)
-    batch.clear()
-    return n
+def _checked(
+    path: Path, spec: FeatureSpec, chunk_size: int, now: datetime
+) -> Iterator[tuple[int, list[dict[str, Any]], list[tuple[int, list[str]]]]]:
+    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems."""
+    ended = 0  # the line the last row ended on
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if not header:
+                raise IngestError(f"{path} is empty: the first line must be the header")
+            checker = _Checker(path, spec, header, now)
+            ended = reader.line_num
+            batch: list[tuple[int, list[str]]] = []
+            for fields in reader:
+                if fields:  # a blank line is no row
+                    batch.append((reader.line_num, fields))
+                ended = reader.line_num
+                if len(batch) >= chunk_size:
+                    yield len(batch), *checker.check(batch)
+                    batch = []
+            if batch:
+                yield len(batch), *checker.check(batch)
+    except csv.Error as exc:  # e.g. an unclosed quote making the rest of the file one field
+        raise IngestError(f"{path}: the row from line {ended + 1} is not valid CSV: {exc}") from None
+    except UnicodeDecodeError:
+        raise IngestError(f"{path} changed while being loaded: it is no longer UTF-8 text") from None
 
 
-def count_rows(path: Path) -> int:
-    with Path(path).open(encoding="utf-8", newline="") as fh:
-        return max(sum(1 for _ in fh) - 1, 0)
+class _Checker:
+    """Checks lines against the spec; the file's time format is inferred once, from the first line that
+    has one, and holds for every later batch."""
 
-
-def _read(path: Path, spec: FeatureSpec) -> Iterator[tuple[int, dict[str, str]]]:
-    if not Path(path).is_file():
-        raise IngestError(f"file not found: {path}")
-    with Path(path).open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
+    def __init__(self, path: Path, spec: FeatureSpec, header: list[str], now: datetime) -> None:
         required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
         missing = [c for c in required if c not in header]
         if missing:
             raise IngestError(f"{path}: header is missing column(s): {', '.join(missing)}")
-        for raw in reader:
-            yield reader.line_num, raw
+        twice = [c for c in required if header.count(c) > 1]
+        if twice:
+            raise IngestError(f"{path}: header names column(s) more than once: {', '.join(twice)}")
+        self.spec = spec
+        self.width = len(header)
+        self.columns = {name: header.index(name) for name in required}
+        self.now = now
+        self.time_format: tuple[str, int, str] | None = None  # (format, line inferred from, its value)
+
+    def check(
+        self, batch: list[tuple[int, list[str]]]
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, list[str]]]]:
+        problems: list[list[str]] = []
+        values: list[tuple[dict[str, Any], float]] = []
+        for _, fields in batch:
+            found = (
+                []
+                if len(fields) == self.width
+                else [f"has {len(fields)} fields; the header has {self.width}"]
+            )
+            values.append(self._values(fields, found))
+            problems.append(found)
+        times = self._times(batch, problems)
+        good: list[dict[str, Any]] = []
+        bad: list[tuple[int, list[str]]] = []
+        for (line, _), found, (features, target), event_time in zip(
+            batch, problems, values, times, strict=True
+        ):
+            if found:
+                bad.append((line, found))
+            else:
+                event_time = event_time or self.now
+                good.append(
+                    {
+                        "features": features,
+                        "target": target,
+                        "event_time": event_time,
+                        "ingested_at": self.now,
+                    }
+                )
+        return good, bad
+
+    def _text(self, fields: list[str], column: str) -> str:
+        i = self.columns[column]
+        return fields[i].strip() if i < len(fields) else ""
+
+    def _values(self, fields: list[str], problems: list[str]) -> tuple[dict[str, Any], float]:
+        """Typed features and target from one line's strings, adding every problem (naming the column)."""
+        features: dict[str, Any] = {}
+        for f in self.spec.features:
+            text = self._text(fields, f.name)
+            if text == "":
+                value: Any = None
+            elif f.type is FeatureType.categorical:
+                value = text
+            else:
+                try:
+                    value = float(text)
+                except ValueError:
+                    problems.append(f"{f.name}: {text!r} is not a number")
+                    continue
+                if f.type is FeatureType.integer and value.is_integer():
+                    value = int(value)
+            why = f.check(value)
+            if why:
+                problems.append(f"{f.name}: {why}")
+            features[f.name] = value
+        target = float("nan")
+        text = self._text(fields, self.spec.target)
+        try:
+            target = float(text)
+        except ValueError:
+            problems.append(f"{self.spec.target}: {text!r} is not a number")
+        else:
+            why = self.spec.target_feature.check(target)
+            if why:
+                problems.append(f"{self.spec.target}: {why}")
+        return features, target
+
+    def _times(self, batch: list[tuple[int, list[str]]], problems: list[list[str]]) -> list[datetime | None]:
+        """The batch's event times, parsed together in the file's one format (else ISO 8601)."""
+        column = self.spec.time_column
+        if not column:
+            return [None] * len(batch)
+        text = pd.Series([self._text(fields, column) for _, fields in batch], dtype=object)
+        if self.time_format is None and (guess := guess_format(text)) is not None:
+            at, fmt = guess
+            self.time_format = (fmt, batch[text.index.get_loc(at)][0], str(text[at]))
+        parsed = parse_times(text, self.time_format[0] if self.time_format else None)
+        times = [None if pd.isna(stamp) else stamp.to_pydatetime() for stamp in parsed]
+        horizon = self.now + FUTURE_SLACK
+        for i, (value, stamp) in enumerate(zip(text, times, strict=True)):
+            if stamp is None:
+                problems[i].append(f"{column}: {self._unparsable(value)}")
+            elif stamp > horizon:
+                problems[i].append(
+                    f"{column}: {value!r} is more than a day ahead of now ({self.now:%Y-%m-%d %H:%M} UTC)"
+                )
+        return times
+
+    def _unparsable(self, value: str) -> str:
+        if value == "":
+            return "missing (every row needs its date/time)"
+        if is_number(pd.Series([value])).iloc[0]:
+            return f"{value!r} is a number, not a date/time; write e.g. {ISO_EXAMPLE}"
+        if self.time_format is None:
+            return f"{value!r} is not a date/time; write e.g. {ISO_EXAMPLE}"
+        fmt, line, first = self.time_format
+        return (
+            f"{value!r} is neither in this file's time format {fmt} (inferred from line {line}, {first!r}) "
+            "nor ISO 8601; write every time in one format, ISO 8601 (2022-04-01) is safest"
+        )

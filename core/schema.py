@@ -107,6 +107,22 @@ class LabelledRow(Base):
     ingested_at: Mapped[datetime]
 
 
+class IngestedFile(Base):
+    """A CSV file loaded into labelled_row, by the sha256 of its bytes: loading it again is refused unless
+    forced (its rows would count twice in training and in the gate's holdout)."""
+
+    __tablename__ = "ingested_file"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(500))  # the path it was loaded from, the last time
+    source: Mapped[str] = mapped_column(String(200))
+    rows: Mapped[int]  # rows loaded from it, over every load
+    skipped: Mapped[int]  # bad lines not loaded (--skip-bad), in its last load
+    loads: Mapped[int]
+    first_loaded_at: Mapped[datetime]
+    last_loaded_at: Mapped[datetime]
+
+
 class ModelVersion(Base):
     __tablename__ = "model_version"
     __table_args__ = (

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType
+from core.times import ISO_EXAMPLE, guess_format, parse_times
 
 
 class DataError(ValueError):
@@ -71,22 +71,18 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
 
 
 def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
-    """The time column as UTC: one format inferred from the first row, or else any ISO 8601 form (with or
-    without a time, fractional seconds or an offset); numbers are refused, not read as nanoseconds."""
+    """The time column as UTC, read as core.times reads every file's times: one format inferred once (from
+    the first value that has one), or else any ISO 8601 form; numbers are refused, not read as
+    nanoseconds."""
     if values.isna().all():
         raise DataError(f"{path}: column {column!r} is empty")
     if pd.api.types.is_numeric_dtype(values):
         raise DataError(
             f"{path}: column {column!r} holds numbers (first {plain(values.iloc[0])}), not dates or times; "
-            "write them as e.g. 2022-04-01 or 2022-04-01T09:30:00+09:00"
+            f"write them as e.g. {ISO_EXAMPLE}"
         )
-    with warnings.catch_warnings():
-        # A column whose first value is no date (the refusal below names it) makes pandas guess per row.
-        warnings.filterwarnings("ignore", "Could not infer format", UserWarning)
-        parsed = pd.to_datetime(values, errors="coerce", utc=True)
-    if parsed.isna().any():
-        iso = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-        parsed = iso if iso.isna().sum() < parsed.isna().sum() else parsed
+    guess = guess_format(values)
+    parsed = parse_times(values, guess[1] if guess else None)
     bad = values.index[parsed.isna()]
     if len(bad):
         raise DataError(

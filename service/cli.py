@@ -162,38 +162,68 @@ def worker(host: str = "127.0.0.1", port: int = 9100, log_level: str = "info") -
 def ingest(
     file: Path,
     source: Annotated[str | None, typer.Option(help="Source label stored with the rows.")] = None,
-    show: Annotated[int, typer.Option(help="How many rejected rows to list.")] = 20,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Load the good rows of a file that has bad lines.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Load a file already loaded again (its rows then count twice).")
+    ] = False,
+    show: Annotated[int, typer.Option(help="How many bad lines to list.")] = 20,
 ) -> None:
-    """Load labelled transactions from a CSV into labelled_row; rows that violate the spec are reported."""
-    from core.ingest import IngestError, count_rows, ingest_csv
+    """Load labelled transactions from a CSV into labelled_row, all or nothing: if any line violates the
+    spec, nothing is loaded and the bad lines are listed (unless --skip-bad). A file already loaded is not
+    loaded again (unless --force)."""
+    from core.ingest import IngestError, ingest_csv, inspect_file
     from core.spec import load_spec
 
     settings = _settings()
     spec = load_spec(settings.spec_path)
     try:
-        total = count_rows(file)
-    except FileNotFoundError:
-        console.print(f"[red]file not found: {file}[/]")
-        raise typer.Exit(2) from None
-    try:
+        csv_file = inspect_file(file)  # a missing or unreadable file is reported before any migration
         with _sessions(settings) as sessions, _progress() as progress:
-            task = progress.add_task("ingesting", total=total)
+            task = progress.add_task("checking and loading", total=csv_file.lines)
             report = ingest_csv(
-                file,
+                csv_file,
                 spec=spec,
                 sessions=sessions,
                 source=source,
+                skip_bad=skip_bad,
+                force=force,
                 on_progress=lambda n: progress.advance(task, n),
             )
     except IngestError as exc:
         console.print(f"[red]{exc}[/]")
         raise typer.Exit(2) from None
-    console.print(f"[green]{report.accepted} row(s) loaded[/], {len(report.rejected)} rejected")
+    if report.already:
+        before = report.already
+        named = "" if before.name == str(file) else f" (from {before.name})"
+        console.print(
+            f"[yellow]{file} was already loaded[/]{named}: {before.rows} row(s) as source {before.source!r}, "
+            f"last on {before.last_loaded_at:%Y-%m-%d %H:%M} UTC. Nothing loaded now."
+        )
+        console.print(
+            "--force loads it again: its rows then count twice, in training and in the gate's holdout."
+        )
+        return
+    if report.bad and not skip_bad:
+        console.print(
+            f"[red]nothing loaded:[/] {report.bad} of {report.total} line(s) are bad (listed below). "
+            f"Fix them and run again, or pass --skip-bad to load the {report.good} good row(s) only."
+        )
+    elif report.bad:
+        console.print(
+            f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}, "
+            f"{report.bad} bad line(s) skipped (listed below). To load those, put them, fixed, in a new file "
+            "under the same header and ingest that: ingesting this file again, fixed, would load its "
+            f"{report.loaded} good row(s) a second time."
+        )
+    else:
+        console.print(f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}")
     for line, problems in report.rejected[:show]:
         console.print(f"  line {line}: " + "; ".join(problems))
-    if len(report.rejected) > show:
-        console.print(f"  … and {len(report.rejected) - show} more")
-    if report.rejected:
+    if report.bad > min(show, len(report.rejected)):
+        console.print(f"  … and {report.bad - min(show, len(report.rejected))} more")
+    if report.bad and not skip_bad:
         raise typer.Exit(1)
 
 

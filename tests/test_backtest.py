@@ -24,6 +24,7 @@ from monitor.backtest.compare import paired_ratio, time_blocks
 from monitor.backtest.replay import ReplayConfig, run_replay
 from monitor.backtest.results import summarize
 from monitor.backtest.stream import load_stream
+from retrain.data import DataError, read_labelled_csv
 from service.cli import cli
 from tests.conftest import make_settings
 
@@ -410,6 +411,25 @@ def test_times_in_any_iso_8601_form_are_read(tmp_path: Path, history_csv: Path) 
     stream = load_stream(str(history_csv), load_spec(), time_column="sold_on")
     assert stream.times.iloc[0] == pd.Timestamp(times[0].date(), tz="UTC")
     assert stream.times.iloc[10:].tolist() == times[10:].tolist()
+
+
+def test_times_are_read_as_ingest_reads_them(tmp_path: Path) -> None:
+    """One format inferred from the first row (month first), ISO 8601 besides; a value that fits neither is
+    refused, not guessed on its own (13/02/2022 is not read day first)."""
+    frame = generate_transactions(4, seed=1)
+    frame["contract_date"] = ["01/02/2022", "2022-03-04T05:06:07+09:00", "02/01/2022", "13/02/2022"]
+    path = tmp_path / "times.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at row 5 \(13/02/2022\)"):
+        read_labelled_csv(path, load_spec())
+    frame.loc[3, "contract_date"] = "12/02/2022"
+    frame.to_csv(path, index=False)
+    assert read_labelled_csv(path, load_spec())["contract_date"].tolist() == [
+        pd.Timestamp("2022-01-02", tz="UTC"),
+        pd.Timestamp("2022-03-03T20:06:07", tz="UTC"),
+        pd.Timestamp("2022-02-01", tz="UTC"),
+        pd.Timestamp("2022-12-02", tz="UTC"),
+    ]
 
 
 def test_categories_are_read_as_written(tmp_path: Path) -> None:

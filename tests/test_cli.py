@@ -41,7 +41,7 @@ def test_bootstrap_is_idempotent_and_models_lists_v1(env) -> None:
     assert "v1" in listing.output and "champion" in listing.output
 
 
-def test_ingest_reports_each_rejected_row_and_exits_1(env, tmp_path: Path) -> None:
+def test_ingest_with_a_bad_line_loads_nothing_and_exits_1_unless_skip_bad(env, tmp_path: Path) -> None:
     frame = generate_transactions(30, seed=9)
     frame["floor"] = frame["floor"].astype(object)
     frame.loc[4, "floor"] = "tenth"
@@ -49,13 +49,39 @@ def test_ingest_reports_each_rejected_row_and_exits_1(env, tmp_path: Path) -> No
     frame.to_csv(path, index=False)
     result = run("ingest", str(path))
     assert result.exit_code == 1
-    assert "29 row(s) loaded, 1 rejected" in result.output
+    assert (
+        "nothing loaded: 1 of 30 line(s) are bad (listed below). Fix them and run again, or pass "
+        "--skip-bad to load the 29 good row(s) only." in result.output
+    )
     assert "line 6: floor: 'tenth' is not a number" in result.output
+    skipped = run("ingest", str(path), "--skip-bad")
+    assert skipped.exit_code == 0
+    assert "29 row(s) loaded as source 'new.csv', 1 bad line(s) skipped (listed below)." in skipped.output
+    assert "would load its 29 good row(s) a second time" in skipped.output
+    assert "line 6: floor: 'tenth' is not a number" in skipped.output
+
+
+def test_ingest_of_a_file_already_loaded_loads_nothing_unless_forced(env, tmp_path: Path) -> None:
+    path = tmp_path / "jan.csv"
+    generate_transactions(10, seed=9).to_csv(path, index=False)
+    assert "10 row(s) loaded as source 'jan.csv'" in run("ingest", str(path)).output
+    again = run("ingest", str(path), "--source", "other")
+    assert again.exit_code == 0
+    assert f"{path} was already loaded: 10 row(s) as source 'jan.csv', last on " in again.output
+    assert "UTC. Nothing loaded now.\n--force loads it again: its rows then count twice" in again.output
+    forced = run("ingest", str(path), "--force")
+    assert (forced.exit_code, "10 row(s) loaded" in forced.output) == (0, True)
 
 
 def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path) -> None:
     missing = run("ingest", str(tmp_path / "nope.csv"))
     assert (missing.exit_code, "file not found" in missing.output) == (2, True)
+    directory = run("ingest", str(tmp_path))
+    assert (directory.exit_code, "is a directory; give the CSV file in it" in directory.output) == (2, True)
+    utf16 = tmp_path / "utf16.csv"
+    generate_transactions(3).to_csv(utf16, index=False, encoding="utf-16")
+    result = run("ingest", str(utf16))
+    assert (result.exit_code, "is UTF-16 text; save it as UTF-8" in result.output) == (2, True)
     path = tmp_path / "short.csv"
     generate_transactions(3).drop(columns=["district"]).to_csv(path, index=False)
     result = run("ingest", str(path))

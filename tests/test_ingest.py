@@ -1,14 +1,29 @@
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from sqlalchemy import func, select
 
 from core.generator import generate_transactions
 from core.ingest import IngestError, ingest_csv
-from core.schema import LabelledRow
+from core.schema import IngestedFile, LabelledRow
+from core.spec import FeatureSpec
 
 
-def test_ingest_loads_valid_rows_and_reports_each_bad_one(tmp_path: Path, sessions, spec) -> None:
+def _count(sessions) -> int:
+    with sessions() as s:
+        return s.scalar(select(func.count()).select_from(LabelledRow))
+
+
+def _csv(tmp_path: Path, frame: pd.DataFrame, name: str = "new.csv") -> Path:
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _bad_file(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
     frame = generate_transactions(50, seed=4)
     frame["contract_date"] = frame["contract_date"].astype(str)
     frame.loc[3, "area_m2"] = -5
@@ -17,26 +32,173 @@ def test_ingest_loads_valid_rows_and_reports_each_bad_one(tmp_path: Path, sessio
     frame.loc[11, "contract_date"] = "not a date"
     frame["price_10k_krw"] = frame["price_10k_krw"].astype(float)
     frame.loc[12, "price_10k_krw"] = 1e300  # finite, but its square would overflow the monitor's statistics
-    path = tmp_path / "new.csv"
-    frame.to_csv(path, index=False)
-    report = ingest_csv(path, spec=spec, sessions=sessions, source="molit-2022-01")
-    assert report.accepted == 45
-    assert report.rejected == [
-        (5, ["area_m2: must be >= 5"]),
-        (9, ["district: unknown category 'Atlantis-gu'"]),
-        (11, ["price_10k_krw: '' is not a number"]),
-        (13, ["contract_date: missing or not a date/time"]),
-        (14, ["price_10k_krw: must be within ±1e+15"]),
-    ]
+    return frame, _csv(tmp_path, frame)
+
+
+BAD_LINES = [
+    (5, ["area_m2: must be >= 5"]),
+    (9, ["district: unknown category 'Atlantis-gu'"]),
+    (11, ["price_10k_krw: '' is not a number"]),
+    (
+        13,
+        [
+            "contract_date: 'not a date' is neither in this file's time format %Y-%m-%d %H:%M:%S%z (inferred "
+            "from line 2, '2019-03-30 12:22:14+00:00') nor ISO 8601; write every time in one format, "
+            "ISO 8601 (2022-04-01) is safest"
+        ],
+    ),
+    (14, ["price_10k_krw: must be within ±1e+15"]),
+]
+
+
+def test_a_file_with_bad_lines_loads_nothing_and_reports_each(tmp_path: Path, sessions, spec) -> None:
+    _, path = _bad_file(tmp_path)
+    report = ingest_csv(path, spec=spec, sessions=sessions, chunk_size=4)  # bad lines in several batches
+    assert (report.good, report.bad, report.loaded) == (45, 5, 0)
+    assert report.rejected == BAD_LINES
+    assert _count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0  # not recorded: free to fix
+
+
+def test_skip_bad_loads_the_good_rows_only(tmp_path: Path, sessions, spec) -> None:
+    frame, path = _bad_file(tmp_path)
+    report = ingest_csv(
+        path, spec=spec, sessions=sessions, source="molit-2022-01", skip_bad=True, chunk_size=4
+    )
+    assert (report.good, report.bad, report.loaded) == (45, 5, 45)
+    assert report.rejected == BAD_LINES
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(LabelledRow)) == 45
         first = s.scalars(select(LabelledRow).order_by(LabelledRow.id)).first()
+        record = s.get(IngestedFile, report.sha256)
     assert first.source == "molit-2022-01"
     assert first.features == frame.loc[0, spec.feature_names].to_dict()
-    assert first.event_time.isoformat().startswith(str(frame.loc[0, "contract_date"])[:10])
+    assert first.event_time == datetime.fromisoformat(frame.loc[0, "contract_date"])
+    assert (record.rows, record.skipped, record.loads, record.source) == (45, 5, 1, "molit-2022-01")
 
 
-def test_ingest_refuses_a_file_missing_columns(tmp_path: Path, sessions, spec) -> None:
+def test_a_file_is_loaded_once_unless_forced(tmp_path: Path, sessions, spec) -> None:
+    path = _csv(tmp_path, generate_transactions(30, seed=2))
+    first = ingest_csv(path, spec=spec, sessions=sessions, source="jan")
+    assert (first.loaded, first.already) == (30, None)
+    copy = _csv(tmp_path, pd.read_csv(path), name="copy.csv")  # the same bytes under another name
+    again = ingest_csv(copy, spec=spec, sessions=sessions)
+    assert again.loaded == 0 and again.already is not None
+    assert (again.already.rows, again.already.source, again.already.name) == (30, "jan", str(path))
+    assert _count(sessions) == 30
+    forced = ingest_csv(copy, spec=spec, sessions=sessions, force=True)
+    assert forced.loaded == 30 and _count(sessions) == 60
+    with sessions() as s:
+        record = s.get(IngestedFile, first.sha256)
+    assert (record.rows, record.loads, record.name) == (60, 2, str(copy))
+
+
+def test_a_file_fixed_after_a_refusal_loads_each_row_once(tmp_path: Path, sessions, spec) -> None:
+    _, path = _bad_file(tmp_path)
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 0
+    fixed = generate_transactions(50, seed=4)
+    fixed.to_csv(path, index=False)
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 50
+    assert _count(sessions) == 50
+
+
+def test_times_are_read_in_one_format_for_the_whole_file(tmp_path: Path, sessions, spec) -> None:
+    frame = generate_transactions(6, seed=1)
+    frame["contract_date"] = [
+        "01/02/2022",
+        "03/04/2022",
+        "2022-05-06T07:08:09+09:00",
+        "13/02/2022",
+        "",
+        "20220401",
+    ]
+    path = _csv(tmp_path, frame)
+    report = ingest_csv(path, spec=spec, sessions=sessions, skip_bad=True, chunk_size=2)
+    assert report.rejected == [
+        (
+            5,
+            [
+                "contract_date: '13/02/2022' is neither in this file's time format %m/%d/%Y (inferred from "
+                "line 2, '01/02/2022') nor ISO 8601; write every time in one format, ISO 8601 (2022-04-01) "
+                "is safest"
+            ],
+        ),
+        (6, ["contract_date: missing (every row needs its date/time)"]),
+        (
+            7,
+            [
+                "contract_date: '20220401' is a number, not a date/time; write e.g. 2022-04-01 or "
+                "2022-04-01T09:30:00+09:00"
+            ],
+        ),
+    ]
+    with sessions() as s:
+        times = s.scalars(select(LabelledRow.event_time).order_by(LabelledRow.id)).all()
+    assert times == [
+        datetime(2022, 1, 2, tzinfo=UTC),
+        datetime(2022, 3, 4, tzinfo=UTC),
+        datetime(2022, 5, 5, 22, 8, 9, tzinfo=UTC),
+    ]
+
+
+def test_event_times_more_than_a_day_ahead_are_refused(tmp_path: Path, sessions, spec) -> None:
+    frame = generate_transactions(3, seed=1)
+    frame["contract_date"] = ["2022-01-01", "2099-01-01", "2022-01-03"]
+    path = _csv(tmp_path, frame)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    report = ingest_csv(path, spec=spec, sessions=sessions, clock=lambda: now)
+    assert report.rejected == [
+        (3, ["contract_date: '2099-01-01' is more than a day ahead of now (2026-01-01 00:00 UTC)"])
+    ]
+    frame["contract_date"] = ["2022-01-01", "2026-01-01T23:59:00", "2022-01-03"]  # within the day: clock skew
+    assert ingest_csv(_csv(tmp_path, frame), spec=spec, sessions=sessions, clock=lambda: now).loaded == 3
+
+
+def test_a_line_with_more_or_fewer_fields_than_the_header_is_bad(tmp_path: Path, sessions, spec) -> None:
+    path = _csv(tmp_path, generate_transactions(4, seed=3))
+    lines = path.read_text().splitlines()
+    lines[1] += ",999"
+    lines[3] = lines[3].rsplit(",", 1)[0]
+    path.write_text("\n".join(lines) + "\n")
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert report.rejected == [
+        (2, ["has 9 fields; the header has 8"]),
+        (4, ["has 7 fields; the header has 8", "price_10k_krw: '' is not a number"]),
+    ]
+
+
+def test_a_utf8_bom_is_read(tmp_path: Path, sessions, spec) -> None:
+    path = tmp_path / "excel.csv"
+    generate_transactions(5, seed=3).to_csv(path, index=False, encoding="utf-8-sig")
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 5
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p, f: f.to_csv(p, index=False, encoding="utf-16"), "is UTF-16 text; save it as UTF-8"),
+        (lambda p, f: f.to_csv(p, index=False, encoding="utf-16-le"), "line 1 holds a NUL byte"),
+        (
+            lambda p, f: f.assign(district="Gangnam-gu é").to_csv(p, index=False, encoding="latin-1"),
+            "line 2 is not UTF-8 text (byte 0xe9); save it as UTF-8",
+        ),
+        (lambda p, f: p.mkdir(), "is a directory; give the CSV file in it"),
+        (lambda p, f: p.write_text(""), "is empty: the first line must be the header"),
+        (  # an unclosed quote: the rest of the file is one field
+            lambda p, f: p.write_text(f.to_csv(index=False) + 'Mapo-gu,"' + "9\n" * 70_000),
+            "the row from line 5 is not valid CSV: field larger than field limit (131072)",
+        ),
+    ],
+)
+def test_a_file_that_is_not_utf8_csv_is_a_clear_error(tmp_path: Path, sessions, spec, write, message) -> None:
+    path = tmp_path / "odd.csv"
+    write(path, generate_transactions(3, seed=3))
+    with pytest.raises(IngestError, match=re.escape(message)):
+        ingest_csv(path, spec=spec, sessions=sessions)
+
+
+def test_ingest_refuses_a_file_missing_columns(tmp_path: Path, sessions, spec: FeatureSpec) -> None:
     path = tmp_path / "bad.csv"
     generate_transactions(5).drop(columns=["floor", "price_10k_krw"]).to_csv(path, index=False)
     with pytest.raises(IngestError, match="missing column\\(s\\): floor, price_10k_krw"):
