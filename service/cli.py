@@ -245,7 +245,8 @@ def models() -> None:
 
 @cli.command()
 def promote(
-    version: int,
+    # 2**31 - 1 is core.schema.MAX_ID, the id columns' range, written out to keep core off the import path
+    version: Annotated[int, typer.Argument(min=1, max=2**31 - 1)],
     reason: Annotated[str, typer.Option(help="Why; required to promote a version the gate rejected.")] = "",
 ) -> None:
     """Make VERSION the champion; serving processes swap within their poll interval."""

@@ -92,6 +92,9 @@ def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path
 def test_promote_and_rollback_explain_refusals(env) -> None:
     run("bootstrap", "--rows", "2000")
     assert "model version 5 does not exist" in run("promote", "5").output
+    for beyond in ("0", "2147483648", "99999999999999999999"):  # refused by name, never sent to the DB
+        result = run("promote", beyond)
+        assert result.exit_code == 2 and "Invalid value for 'version'" in result.output, beyond
     assert "no previous champion to roll back to" in run("rollback").output
 
 
