@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop lint format typecheck clean
+.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop bench-ingest lint format typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ serve: $(STAMP)
 worker: $(STAMP)
 	$(BIN)/driftloop worker --host 127.0.0.1 --port 9100
 
-bench: bench-serve bench-monitor bench-loop
+bench: bench-serve bench-monitor bench-loop bench-ingest
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve.py
@@ -36,6 +36,9 @@ bench-monitor: $(STAMP)
 
 bench-loop: $(STAMP)
 	$(BIN)/python bench/loop.py
+
+bench-ingest: $(STAMP)
+	$(BIN)/python bench/ingest.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

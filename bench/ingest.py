@@ -1,0 +1,133 @@
+"""Benchmark: `driftloop ingest` (every line checked against the spec, one transaction) against a bare load.
+
+    .venv/bin/python bench/ingest.py [--rows 100000] [--database sqlite|postgresql-url]
+
+A CSV of generated apartment transactions is loaded into a fresh, migrated database twice, each time in its
+own child process: once by core.ingest.ingest_csv (streaming in batches of 2,000: UTF-8 and field counts,
+types, bounds, categories, the target, one time format, the sha256 record), and once by the baseline, the
+least a loader must do: pandas reads the whole file, and the rows are inserted in the same batches with no
+check at all. Prints seconds, rows/s and the child's peak RSS for each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 2_000
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--database", default="sqlite", help="'sqlite' (a temp file) or a PostgreSQL URL")
+    p.add_argument("--child", choices=["ingest", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--csv", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args.child, Path(args.csv), args.database)))
+        return
+    _parent(args)
+
+
+def _parent(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT))
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.generator import generate_transactions
+
+    console = Console(width=120)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "labelled.csv"
+        with console.status(f"generating {args.rows:,} rows…"):
+            generate_transactions(args.rows, seed=5).to_csv(path, index=False)
+        results = {}
+        for mode in ("baseline", "ingest"):
+            database = f"sqlite:///{Path(tmp) / f'{mode}.db'}" if args.database == "sqlite" else args.database
+            with console.status(f"{mode}: loading {args.rows:,} rows…"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", mode, "--csv", str(path), "--database", database],
+                    check=True, capture_output=True, text=True, cwd=ROOT,
+                )  # fmt: skip
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    table = Table(title=f"Loading {args.rows:,} labelled rows ({args.database.split(':')[0]})")
+    for column in ("loader", "rows loaded", "seconds", "rows/s", "peak RSS MB"):
+        table.add_column(column, justify="right" if column != "loader" else "left")
+    names = {"baseline": "baseline: pandas + bulk insert, no checks", "ingest": "driftloop ingest"}
+    for mode, r in results.items():
+        rate = r["rows"] / r["seconds"]
+        table.add_row(
+            names[mode], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{r['peak_mb']:.0f}"
+        )
+    console.print(table)
+    base, ours = results["baseline"], results["ingest"]
+    console.print(
+        f"driftloop ingest takes {ours['seconds'] / base['seconds']:.2f}× the baseline's time "
+        f"and {ours['peak_mb'] / base['peak_mb']:.2f}× its peak memory"
+    )
+
+
+def _child(mode: str, path: Path, database: str) -> dict[str, Any]:
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(ROOT))
+    from core.db import make_engine, make_sessions, migrate
+    from core.spec import load_spec
+
+    migrate(database)
+    engine = make_engine(database)
+    sessions = make_sessions(engine)
+    spec = load_spec()
+    started = time.perf_counter()
+    rows = _ingest(path, spec, sessions) if mode == "ingest" else _baseline(path, spec, sessions)
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb}
+
+
+def _ingest(path: Path, spec: Any, sessions: Any) -> int:
+    from core.ingest import ingest_csv
+
+    report = ingest_csv(path, spec=spec, sessions=sessions, chunk_size=BATCH)
+    assert report.bad == 0, report.rejected[:3]
+    return report.loaded
+
+
+def _baseline(path: Path, spec: Any, sessions: Any) -> int:
+    import pandas as pd
+    from sqlalchemy import insert
+
+    from core.db import utcnow
+    from core.schema import LabelledRow
+
+    frame = pd.read_csv(path)
+    times = pd.to_datetime(frame[spec.time_column], utc=True)
+    features = frame[spec.feature_names].to_dict("records")
+    now = utcnow()
+    rows = [
+        {
+            "features": f,
+            "target": float(t),
+            "event_time": e.to_pydatetime(),
+            "source": path.name,
+            "ingested_at": now,
+        }
+        for f, t, e in zip(features, frame[spec.target], times, strict=True)
+    ]
+    with sessions.begin() as session:
+        for start in range(0, len(rows), BATCH):
+            session.execute(insert(LabelledRow), rows[start : start + BATCH])
+    return len(rows)
+
+
+if __name__ == "__main__":
+    main()
