@@ -91,7 +91,7 @@ def bootstrap(
     seed: int = 0,
 ) -> None:
     """Train, register and promote v1 if there is no champion yet (idempotent)."""
-    from core.registry import FeatureMismatchError
+    from core.registry import RegistryError
     from core.spec import SpecError, load_spec
     from retrain.bootstrap import bootstrap as do_bootstrap
     from retrain.data import DataError
@@ -109,7 +109,7 @@ def bootstrap(
                 rows=rows,
                 seed=seed,
             )
-    except (DataError, SpecError, FeatureMismatchError) as exc:
+    except (DataError, SpecError, RegistryError) as exc:  # a champion that does not fit, or a damaged file
         console.print(f"[red]bootstrap: {exc}[/]")
         raise typer.Exit(2) from None
     row = result.version

@@ -238,7 +238,7 @@ def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make
     response = client.post("/feedback", json=conflicting)
     assert (response.status_code, response.json()["message"]) == (
         422,
-        f"[2].actual: 91000 for '{pid}', which [1] labels 90000; nothing was stored: send one label per "
+        f"[2].actual: 91000.0 for '{pid}', which [1] labels 90000.0; nothing was stored: send one label per "
         "prediction",
     )
     with client.app.state.ctx.sessions() as session:

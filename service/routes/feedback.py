@@ -49,7 +49,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             if pid in labels and labels[pid] != actual:  # which one is true? not ours to guess
                 raise RequestValidationError([{
                     "type": "value_error", "loc": ("body", i, "actual"),
-                    "msg": f"{actual:g} for {pid!r}, which [{first[pid]}] labels {labels[pid]:g}; "
+                    "msg": f"{actual!r} for {pid!r}, which [{first[pid]}] labels {labels[pid]!r}; "
                     "nothing was stored: send one label per prediction",
                 }])  # fmt: skip
             repeated += pid in labels
