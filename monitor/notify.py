@@ -299,6 +299,11 @@ def _post(client: httpx.Client, url: str, body: dict[str, Any], *, key: str, tim
 # --- payloads ------------------------------------------------------------------------------------
 
 
+def retrain_key(run_id: int) -> str:
+    """One key per retrain run: its outcome is announced once, by its launcher or the leader's sweep."""
+    return f"retrain:{run_id}"
+
+
 def breach_key(*, champion_version: int | None, streak_start_report_id: int) -> str:
     """One key per ongoing breach: the champion and the report that started the run of breaches."""
     return f"breach:v{champion_version}:episode-{streak_start_report_id}"
@@ -352,7 +357,7 @@ def enqueue_retrain_outcome(
 ) -> Notification | None:
     """Announce a finished run, once per run whoever asks first (its own process, or the leader's sweep)."""
     return enqueue(
-        session, kind="retrain_outcome", dedup_key=f"retrain:{run_id}",
+        session, kind="retrain_outcome", dedup_key=retrain_key(run_id),
         payload=format_retrain_outcome(session=session, run_id=run_id), now=now, metrics=metrics,
     )  # fmt: skip
 
@@ -372,7 +377,7 @@ def announce_finished_runs(
                 RetrainRun.status != RunStatus.running, RetrainRun.finished_at >= now - horizon
             )
         ).all()
-        keys = {f"retrain:{run_id}": run_id for run_id in finished}
+        keys = {retrain_key(run_id): run_id for run_id in finished}
         taken = set(session.scalars(select(Notification.dedup_key).where(Notification.dedup_key.in_(keys))))
     announced = []
     for key, run_id in keys.items():
