@@ -18,7 +18,7 @@ import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Clock, utcnow
+from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
 from core.lease import release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry, baseline_mae
@@ -134,7 +134,8 @@ class Loop:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
         for watcher in self._watchers:
-            watcher.join(timeout=self.settings.webhook_timeout_s + 5)
+            # Its outbox write may wait out another writer's lock, then its delivery one webhook timeout.
+            watcher.join(timeout=SQLITE_BUSY_TIMEOUT_S + self.settings.webhook_timeout_s + 5)
             if watcher.is_alive():
                 log.warning("%s still delivering at stop; the outbox keeps its message", watcher.name)
         self._watchers.clear()
@@ -402,6 +403,9 @@ class Loop:
         deadline = time.monotonic() + self.settings.retrain_timeout_s + 60
         while (status := handle.poll()) is None:
             if self._stopping.is_set() or time.monotonic() > deadline:
+                # Look once more: a run that ended between the poll above and stop() is stop()'s to wait for.
+                if (status := handle.poll()) is not None:
+                    break
                 log.info("retrain run %s still running; the scheduler leader announces it", handle.run_id)
                 return
             handle.wait(ANNOUNCE_POLL_S)

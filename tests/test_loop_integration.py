@@ -281,6 +281,39 @@ def test_stop_announces_a_finished_run_and_leaves_a_running_one_to_the_leader(
     assert receiver.kinds() == ["retrain_outcome", "retrain_outcome"]
 
 
+class EndsAsStopBegins:
+    """A run handle whose run ends between the announcer's poll and its look at the stop flag: the
+    interleaving of a run finishing just before `stop()` is called, made certain."""
+
+    def __init__(self, run_id: int, loop: Loop) -> None:
+        self.run_id, self.loop, self.ended = run_id, loop, False
+
+    def poll(self) -> str | None:
+        if self.ended:
+            return "rejected"
+        self.ended = True  # the run ends, then stop() begins, before the announcer looks at the flag
+        self.loop._stopping.set()
+        return None
+
+    def wait(self, timeout: float | None = None) -> str:
+        return "rejected" if self.ended else "running"
+
+
+def test_a_run_that_ends_just_before_stop_is_announced(make_loop, registry, champion, receiver) -> None:
+    with registry.sessions.begin() as session:
+        run = RetrainRun(
+            trigger="manual", status="rejected", metrics={}, steps={}, champion_version=1,
+            candidate_version=2, started_at=utcnow() - timedelta(minutes=5), finished_at=utcnow(),
+        )  # fmt: skip
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    loop = make_loop(webhook_url=receiver.url)
+    loop._announce(EndsAsStopBegins(run_id, loop))  # type: ignore[arg-type]
+    assert outcomes(registry) == {f"retrain:{run_id}": "delivered"}
+    assert receiver.kinds() == ["retrain_outcome"]
+
+
 def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     make_loop, registry, champion, receiver
 ) -> None:
