@@ -49,7 +49,7 @@ class ReasonRequired(RegistryError):
 
 
 class ArtifactIntegrityError(RegistryError):
-    """A model file is missing or its sha256 is not the one the registry recorded."""
+    """A model file or reference snapshot is missing or its sha256 is not the one the registry recorded."""
 
 
 class FeatureMismatchError(RegistryError):
@@ -96,8 +96,9 @@ class ArtifactStore:
 
     def save(
         self, *, version: int, model: CatBoostRegressor, reference: pd.DataFrame, metadata: dict[str, Any]
-    ) -> tuple[Path, str, Path]:
-        """Write model + reference + metadata atomically; return (model path, sha256, reference path)."""
+    ) -> tuple[Path, str, Path, str]:
+        """Write model + reference + metadata atomically; return the model's path and sha256, and the
+        reference's."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.version_dir(version)
         if final.exists():
@@ -106,21 +107,21 @@ class ArtifactStore:
         try:
             model.save_model(str(tmp / MODEL_FILE))
             reference.to_parquet(tmp / REFERENCE_FILE, index=False)
-            digest = sha256_file(tmp / MODEL_FILE)
-            meta = {**metadata, "version": version, "sha256": digest}
+            digest, ref_digest = sha256_file(tmp / MODEL_FILE), sha256_file(tmp / REFERENCE_FILE)
+            meta = {**metadata, "version": version, "sha256": digest, "reference_sha256": ref_digest}
             (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return final / MODEL_FILE, digest, final / REFERENCE_FILE
+        return final / MODEL_FILE, digest, final / REFERENCE_FILE, ref_digest
 
     @staticmethod
-    def verify(path: str | Path, sha256: str) -> None:
+    def verify(path: str | Path, sha256: str, *, what: str = "model file") -> None:
         """Raise ArtifactIntegrityError unless the file exists and has the recorded sha256."""
         p = Path(path)
         if not p.is_file():
-            raise ArtifactIntegrityError(f"{p}: the model file is missing")
+            raise ArtifactIntegrityError(f"{p}: the {what} is missing")
         actual = sha256_file(p)
         if actual != sha256:
             raise ArtifactIntegrityError(f"{p}: sha256 {actual} does not match the registry's {sha256}")
@@ -132,8 +133,12 @@ class ArtifactStore:
         model.load_model(str(path))
         return model
 
-    @staticmethod
-    def load_reference(path: str | Path) -> pd.DataFrame:
+    @classmethod
+    def load_reference(cls, path: str | Path, sha256: str | None) -> pd.DataFrame:
+        """The reference snapshot, checked against its sha256 when one was recorded (versions registered
+        before the registry recorded it have none)."""
+        if sha256 is not None:
+            cls.verify(path, sha256, what="reference snapshot")
         return pd.read_parquet(path)
 
 
@@ -178,7 +183,7 @@ class Registry:
                 "train_end": new.train_end,
                 "parent_version": new.parent_version,
             }
-            model_path, digest, ref_path = self.store.save(
+            model_path, digest, ref_path, ref_digest = self.store.save(
                 version=version, model=new.model, reference=new.reference, metadata=meta
             )
             row = ModelVersion(
@@ -189,6 +194,7 @@ class Registry:
                 artifact_path=str(model_path),
                 sha256=digest,
                 reference_path=str(ref_path),
+                reference_sha256=ref_digest,
                 train_start=new.train_start,
                 train_end=new.train_end,
                 train_rows=new.train_rows,
@@ -222,8 +228,9 @@ class Registry:
         """Make `version` the champion; the old champion is archived in the same transaction.
 
         A gate-rejected version needs a `reason` (ReasonRequired); for any other, `default_reason` is recorded
-        when none is given. A model file that is missing or not the one registered is refused before anything
-        changes (ArtifactIntegrityError): no serving process could load it, and all would keep the old one.
+        when none is given. A model file or reference snapshot that is missing or not the one registered is
+        refused before anything changes (ArtifactIntegrityError): no serving process could load the model,
+        and all would keep the old one; no monitor could judge its traffic without the reference.
         """
         reason = reason.strip()
         with self.sessions.begin() as session:
@@ -239,6 +246,8 @@ class Registry:
                 )
             try:
                 self.store.verify(row.artifact_path, row.sha256)
+                if row.reference_sha256 is not None:
+                    self.store.verify(row.reference_path, row.reference_sha256, what="reference snapshot")
             except ArtifactIntegrityError as exc:
                 raise ArtifactIntegrityError(f"model version {version} not promoted: {exc}") from None
             reason = reason or default_reason
@@ -293,7 +302,8 @@ class Registry:
         return model
 
     def reference(self, row: ModelVersion) -> pd.DataFrame:
-        return self.store.load_reference(row.reference_path)
+        """The version's reference snapshot, checked against its recorded sha256 (ArtifactIntegrityError)."""
+        return self.store.load_reference(row.reference_path, row.reference_sha256)
 
 
 def _rejection(row: ModelVersion) -> str:

@@ -143,6 +143,7 @@ class ModelVersion(Base):
     artifact_path: Mapped[str] = mapped_column(String(500))
     sha256: Mapped[str] = mapped_column(String(64))
     reference_path: Mapped[str] = mapped_column(String(500))
+    reference_sha256: Mapped[str | None] = mapped_column(String(64))  # None: registered before 0004
     train_start: Mapped[datetime | None]
     train_end: Mapped[datetime | None]
     train_rows: Mapped[int]

@@ -304,8 +304,14 @@ def retrain(wait: bool = True) -> None:
 @cli.command()
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
+    from core.registry import ArtifactIntegrityError
+
     with _loop(_settings()) as loop:
-        outcome = loop.run_monitor()
+        try:
+            outcome = loop.run_monitor()
+        except ArtifactIntegrityError as exc:
+            console.print(f"[red]the monitor cannot run: {exc}[/]")
+            raise typer.Exit(2) from None
     typer.echo(json.dumps(outcome.to_json(), indent=2, default=str))
 
 

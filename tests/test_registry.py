@@ -1,6 +1,8 @@
+import json
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from sqlalchemy import update
@@ -172,6 +174,37 @@ def test_a_missing_or_altered_model_file_is_not_promoted(registry, champion, spe
         ModelStatus.candidate,
         "",
     )
+
+
+def test_a_damaged_reference_snapshot_is_refused_by_name(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    path = Path(v2.reference_path)
+    assert v2.reference_sha256 == sha256_file(path)
+    metadata = json.loads((path.parent / "metadata.json").read_text(encoding="utf-8"))
+    assert metadata["reference_sha256"] == v2.reference_sha256
+    registry.reference(v2)  # intact: read
+    frame = pd.read_parquet(path)
+    frame.iloc[:10].to_parquet(path, index=False)  # a valid parquet, but not the snapshot v2 was judged by
+    altered = sha256_file(path)
+    expected = f"{path}: sha256 {altered} does not match the registry's {v2.reference_sha256}"
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.reference(v2)  # what the monitor, the retrain run and the backtest read it through
+    assert str(refused.value) == expected
+    with pytest.raises(ArtifactIntegrityError) as refused:
+        registry.promote(version=2, reason="better")
+    assert str(refused.value) == f"model version 2 not promoted: {expected}"
+    path.unlink()
+    with pytest.raises(ArtifactIntegrityError, match="the reference snapshot is missing"):
+        registry.reference(v2)
+    assert (registry.champion().version, registry.get(2).status) == (1, ModelStatus.candidate)
+
+
+def test_a_version_registered_before_reference_checksums_is_read_unchecked(registry, champion) -> None:
+    with registry.sessions.begin() as session:
+        session.execute(update(ModelVersion).where(ModelVersion.version == 1).values(reference_sha256=None))
+    old = registry.get(1)
+    pd.read_parquet(old.reference_path).iloc[:10].to_parquet(old.reference_path, index=False)
+    assert len(registry.reference(old)) == 10  # nothing recorded to check it against: read as it is
 
 
 def test_rollback_to_a_damaged_model_changes_nothing(registry, champion, spec) -> None:

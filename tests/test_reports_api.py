@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.registry import sha256_file
 from core.schema import ModelVersion
 from core.spec import FeatureSpec
 from service.app import create_app
@@ -79,6 +81,21 @@ def test_monitor_run_is_off_without_a_token(champion, db_url, tmp_path) -> None:
         response = client.post("/monitor/run", headers=ADMIN)
         assert (response.status_code, response.json()) == (403, {"error": "forbidden", "message": ADMIN_OFF})
         assert client.get("/reports").json() == []
+
+
+def test_a_damaged_reference_stops_the_monitor_by_name_and_serving_goes_on(client, champion, spec) -> None:
+    serve_traffic(client, spec, "none", 300, seed=32, labelled=False)
+    path = Path(champion.reference_path)
+    pd.read_parquet(path).iloc[:50].to_parquet(path, index=False)  # readable, but not v1's snapshot
+    response = client.post("/monitor/run", headers=ADMIN)
+    assert response.status_code == 409
+    assert response.json()["message"] == (
+        f"the monitor cannot run: {path}: sha256 {sha256_file(path)} does not match the registry's "
+        f"{champion.reference_sha256}"
+    )
+    assert client.get("/reports").json() == []  # no verdict judged against the wrong reference
+    assert client.post("/predict", json=generate_transactions(1, seed=3)[spec.feature_names].to_dict(
+        "records")[0]).status_code == 200  # fmt: skip
 
 
 def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) -> None:

@@ -9,6 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from core.registry import ArtifactIntegrityError
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
@@ -59,7 +60,10 @@ def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
 @router.post("/monitor/run", summary="Run the monitor now and return its report (admin)")
 async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
-    outcome = await run_in_threadpool(ctx.loop.run_monitor)
+    try:
+        outcome = await run_in_threadpool(ctx.loop.run_monitor)
+    except ArtifactIntegrityError as exc:  # the champion's reference snapshot is damaged: nothing to judge by
+        raise HTTPException(409, f"the monitor cannot run: {exc}") from None
     return outcome.to_json()
 
 
