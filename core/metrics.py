@@ -51,6 +51,7 @@ class Metrics:
     window_labelled_rows: Gauge
     window_mae: Gauge
     window_rmse: Gauge
+    window_mean_error: Gauge
     window_mape: Gauge
     champion_validation_mae: Gauge
     champion_baseline_mae: Gauge
@@ -164,6 +165,11 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         ),
         window_mae=Gauge("driftloop_window_mae", "MAE on the accuracy window.", registry=r),
         window_rmse=Gauge("driftloop_window_rmse", "RMSE on the accuracy window.", registry=r),
+        window_mean_error=Gauge(
+            "driftloop_window_mean_error",
+            "Mean error (prediction − actual) on the accuracy window: > 0 over-predicts, < 0 under-predicts.",
+            registry=r,
+        ),
         window_mape=Gauge("driftloop_window_mape", "MAPE (%) on the accuracy window.", registry=r),
         champion_validation_mae=Gauge(
             "driftloop_champion_validation_mae", "The champion's MAE on its validation holdout.", registry=r

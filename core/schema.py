@@ -176,6 +176,7 @@ class DriftReport(Base):
     mae: Mapped[float | None] = mapped_column(Float)
     rmse: Mapped[float | None] = mapped_column(Float)
     mape: Mapped[float | None] = mapped_column(Float)
+    mean_error: Mapped[float | None] = mapped_column(Float)  # prediction − actual; None before 0005
     champion_mae: Mapped[float | None] = mapped_column(Float)
     breach: Mapped[bool] = mapped_column(Boolean, default=False)
     reasons: Mapped[list[Any]]

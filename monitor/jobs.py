@@ -342,6 +342,7 @@ class Loop:
             mae=result.accuracy.mae if result and result.accuracy else None,
             rmse=result.accuracy.rmse if result and result.accuracy else None,
             mape=result.accuracy.mape if result and result.accuracy else None,
+            mean_error=result.accuracy.mean_error if result and result.accuracy else None,
             champion_mae=obs.champion_mae,
             breach=decision.breach,
             reasons=list(decision.reasons),
@@ -373,6 +374,7 @@ class Loop:
         m.window_mae.set(accuracy.mae if accuracy else nan)
         m.window_rmse.set(accuracy.rmse if accuracy else nan)
         m.window_mape.set(accuracy.mape if accuracy else nan)
+        m.window_mean_error.set(accuracy.mean_error if accuracy else nan)
 
     # --- retraining and alerts ---------------------------------------------------------
     def _launch(self, *, trigger: str, reason: str, report_id: int | None) -> int:

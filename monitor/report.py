@@ -30,7 +30,7 @@ from evidently.legacy.renderers.html_widgets import (
     table_data,
 )
 from evidently.legacy.tests.base_test import TestStatus
-from evidently.metrics import MAE, MAPE, RMSE, ValueDrift
+from evidently.metrics import MAE, MAPE, RMSE, MeanError, ValueDrift
 from sklearn.exceptions import UndefinedMetricWarning
 
 from core.spec import MAX_MAGNITUDE, FeatureSpec
@@ -64,12 +64,14 @@ class Accuracy:
     rmse: float
     mape: float  # percent
     rows: int
+    mean_error: float = math.nan  # prediction − actual, averaged: > 0 over-predicts, < 0 under-predicts
 
     def to_json(self) -> dict[str, Any]:
         return {
             "mae": _finite(self.mae),
             "rmse": _finite(self.rmse),
             "mape": _finite(self.mape),
+            "mean_error": _finite(self.mean_error),
             "rows": self.rows,
         }
 
@@ -243,18 +245,19 @@ def _weighted_score(features: tuple[FeatureDrift, ...]) -> float:
 def _accuracy(
     reference: pd.DataFrame, labelled: pd.DataFrame, spec: FeatureSpec
 ) -> tuple[Accuracy, Snapshot]:
-    """Evidently's MAE, RMSE and MAPE on the labelled rows; the reference is shown alongside in the report."""
+    """Evidently's MAE, RMSE, MAPE and mean error (the model's bias) on the labelled rows; the reference is
+    shown alongside in the report."""
     columns = [spec.target, PREDICTION]
     definition = DataDefinition(
         numerical_columns=columns, regression=[Regression(target=spec.target, prediction=PREDICTION)]
     )
-    mae, rmse, mape = MAE(), RMSE(), MAPE()
+    mae, rmse, mape, bias = MAE(), RMSE(), MAPE(), MeanError()
     with warnings.catch_warnings():
         # Evidently's accuracy plots score R² per target bin (a bin may hold one row) and test the errors for
         # normality (undefined for one labelled row): expected here, not a problem to report.
         warnings.filterwarnings("ignore", r"R\^2 score is not well-defined", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", "One or more sample arguments is too small", RuntimeWarning)
-        snapshot = Report([mae, rmse, mape], include_tests=True).run(
+        snapshot = Report([mae, rmse, mape, bias], include_tests=True).run(
             Dataset.from_pandas(labelled[columns], data_definition=definition),
             Dataset.from_pandas(reference[columns], data_definition=definition),
         )
@@ -264,6 +267,7 @@ def _accuracy(
         rmse=float(results[rmse.metric_id].value),
         mape=float(results[mape.metric_id].mean.value),
         rows=len(labelled),
+        mean_error=float(results[bias.metric_id].mean.value),
     )
     return accuracy, snapshot
 

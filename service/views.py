@@ -72,6 +72,7 @@ def report_summary(row: DriftReport) -> dict[str, Any]:
         "drift_share": row.drift_share,
         "weighted_drift_score": row.weighted_drift_score,
         "mae": row.mae,
+        "mean_error": row.mean_error,
         "breach": row.breach,
         "verdict": row.decision.get("verdict"),
         "reasons": row.reasons,

@@ -116,9 +116,14 @@ def test_rate_shock_moves_no_feature_but_accuracy_drops(v1: Champion, spec: Feat
     assert shocked.accuracy.mae > 1.5 * v1.val_mae
     assert shocked.accuracy.mae > 1.5 * stable.accuracy.mae
     assert shocked.accuracy.mape > 1.5 * stable.accuracy.mape
+    # Prices fell under the model: it over-predicts, and its bias is most of its error.
+    assert shocked.accuracy.mean_error > 0.5 * shocked.accuracy.mae
+    assert abs(stable.accuracy.mean_error) < 0.5 * shocked.accuracy.mean_error
 
 
-def test_accuracy_is_evidently_mae_rmse_mape_on_the_labelled_rows(v1: Champion, spec: FeatureSpec) -> None:
+def test_accuracy_is_evidently_mae_rmse_mape_and_mean_error_on_the_labelled_rows(
+    v1: Champion, spec: FeatureSpec
+) -> None:
     window = make_window(v1, spec, labelled_every=3)
     result = drift(v1, spec, window)
 
@@ -129,6 +134,8 @@ def test_accuracy_is_evidently_mae_rmse_mape_on_the_labelled_rows(v1: Champion, 
     assert result.accuracy.mae == pytest.approx(err.abs().mean())
     assert result.accuracy.rmse == pytest.approx(np.sqrt((err**2).mean()))
     assert result.accuracy.mape == pytest.approx((err / labelled[spec.target]).abs().mean() * 100)
+    assert result.accuracy.mean_error == pytest.approx(err.mean())
+    assert result.to_json()["accuracy"]["mean_error"] == pytest.approx(err.mean())
 
 
 def test_a_window_without_labels_has_no_accuracy(v1: Champion, spec: FeatureSpec) -> None:

@@ -1,6 +1,7 @@
 """Monitor runs and drift reports over HTTP: the admin gate, verdicts, report views, no token in logs."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -33,11 +34,17 @@ def client(champion, db_url: str, tmp_path: Path) -> Iterator[TestClient]:
         yield client
 
 
+@dataclass(frozen=True)
+class Served:
+    mae: float
+    mean_error: float  # prediction − actual
+
+
 def serve_traffic(
     client: TestClient, spec: FeatureSpec, scenario: str, n: int, *, seed: int, labelled: bool
-) -> float | None:
+) -> Served | None:
     """Predict `n` generated late-2022 transactions through the API (a drift scenario has fully landed),
-    optionally label them via /feedback; returns the champion's MAE on them when labelled."""
+    optionally label them via /feedback; returns the champion's errors on them when labelled."""
     frame = generate_transactions(
         n, start="2022-07-01", end="2022-12-31", scenario=scenario, change_at="2022-04-01", seed=seed
     )
@@ -52,7 +59,8 @@ def serve_traffic(
         {"prediction_id": p["prediction_id"], "actual": a} for p, a in zip(predictions, actuals, strict=True)
     ]
     assert client.post("/feedback", json=labels).json()["accepted"] == n
-    return sum(abs(p["prediction"] - a) for p, a in zip(predictions, actuals, strict=True)) / n
+    errors = [p["prediction"] - a for p, a in zip(predictions, actuals, strict=True)]
+    return Served(mae=sum(abs(e) for e in errors) / n, mean_error=sum(errors) / n)
 
 
 def run_monitor(client: TestClient) -> dict[str, Any]:
@@ -136,7 +144,9 @@ def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) 
 def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figures(
     client, spec, champion
 ) -> None:
-    mae = serve_traffic(client, spec, "unit_bug", 600, seed=32, labelled=True)
+    served = serve_traffic(client, spec, "unit_bug", 600, seed=32, labelled=True)
+    assert served is not None
+    mae = served.mae
     outcome = run_monitor(client)
     assert (outcome["verdict"], outcome["breach"], outcome["retrain"], outcome["held_by"]) == (
         "breach", True, False, "alert-only mode",
@@ -157,6 +167,11 @@ def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figu
     weighted = sum(importance[f] for f in drift["drifted"]) / sum(importance.values())
     assert report["weighted_drift_score"] == pytest.approx(weighted)
     assert report["mae"] == pytest.approx(mae)
+    assert report["mean_error"] == pytest.approx(served.mean_error)
+    gauge = [
+        line for line in client.get("/metrics").text.splitlines() if line.startswith("driftloop_window_mean")
+    ]
+    assert len(gauge) == 1 and float(gauge[0].split()[1]) == pytest.approx(served.mean_error)
     champion_mae = champion.metrics["val_mae"]
     assert report["champion_mae"] == pytest.approx(champion_mae)
     assert report["breach"] is True
@@ -172,7 +187,9 @@ def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figu
 def test_the_accuracy_rule_holds_the_champion_to_the_best_mae_of_its_line(
     client, spec, champion, registry
 ) -> None:
-    mae = serve_traffic(client, spec, "none", 600, seed=35, labelled=True)
+    served = serve_traffic(client, spec, "none", 600, seed=35, labelled=True)
+    assert served is not None
+    mae = served.mae
     assert mae is not None
     # A champion promoted mid-change: its own validation MAE is lax, its line once did better.
     own, baseline = mae, mae / 1.25 * 0.9
@@ -232,7 +249,7 @@ def test_reports_are_listed_newest_first_and_latest_is_the_newest(client) -> Non
     assert [r["id"] for r in listed] == [3, 2, 1]
     assert set(listed[0]) == {
         "id", "created_at", "champion_version", "rows", "labelled_rows", "drift_share",
-        "weighted_drift_score", "mae", "breach", "verdict", "reasons",
+        "weighted_drift_score", "mae", "mean_error", "breach", "verdict", "reasons",
     }  # fmt: skip
     assert (listed[0]["verdict"], listed[0]["rows"], listed[0]["breach"]) == ("insufficient", 0, False)
     assert [r["id"] for r in client.get("/reports", params={"limit": 2}).json()] == [3, 2]
