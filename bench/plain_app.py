@@ -20,7 +20,7 @@ def build(model_path: str, spec_path: str | None = None, threads: int = 1) -> Fa
 
     @app.post("/predict")
     async def predict(instance: instance_model = Body()) -> dict[str, Any]:  # type: ignore[valid-type]
-        features = instance.model_dump()  # type: ignore[attr-defined]
+        features = instance.model_dump(by_alias=True)  # type: ignore[attr-defined]
         row = [features[n] if cat else float(features[n]) for n, cat in layout]
         return {"prediction": float(model.predict(row, thread_count=threads))}
 

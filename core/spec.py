@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,6 +18,15 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 # data: its square overflows float64 in the monitor's statistics and in Evidently's binning, so one such row
 # would stop every report while it sits in the window. A spec's bounds must lie within it.
 MAX_MAGNITUDE = 1e15
+
+# Columns driftloop adds beside the spec's in its own frames: the model's output (retrain.train.PREDICTION),
+# a window's prediction_id/created_at/model_version (monitor.window), a training set's event_time/source
+# (retrain.dataset). A feature or target of one of these names would be overwritten by it.
+RESERVED_NAMES = frozenset(
+    {"prediction", "prediction_id", "created_at", "model_version", "event_time", "source"}
+)
+SPEC_KEYS = ("dataset", "description", "target", "target_min", "target_max", "time_column", "features")
+FEATURE_KEYS = ("name", "type", "description", "min", "max", "categories", "nullable")
 
 
 class FeatureType(StrEnum):
@@ -129,10 +139,13 @@ class FeatureSpec:
         return errors
 
     def request_model(self) -> type[BaseModel]:
-        """A pydantic model for one instance: unknown fields are rejected, bounds enforced."""
+        """A pydantic model for one instance: unknown fields are rejected, bounds enforced.
+
+        Its fields are named f0, f1, … with the feature names as aliases, so any feature name works (pydantic
+        refuses field names such as `_x` or `model_config`); dump it with `by_alias=True`."""
         fields: dict[str, Any] = {}
-        for f in self.features:
-            fields[f.name] = spec_field(f)
+        for i, f in enumerate(self.features):
+            fields[_field_name(i)] = spec_field(f, alias=f.name)
         model: type[BaseModel] = create_model(
             f"{_camel(self.dataset)}Features",
             __config__=ConfigDict(extra="forbid", allow_inf_nan=False, strict=False),
@@ -142,7 +155,7 @@ class FeatureSpec:
         return model
 
 
-def spec_field(f: Feature) -> tuple[Any, Any]:
+def spec_field(f: Feature, *, alias: str | None = None) -> tuple[Any, Any]:
     """A pydantic field definition (annotation, FieldInfo) enforcing `f` as a JSON value: type, bounds."""
     if f.type is FeatureType.categorical:
         annotation: Any = Literal[tuple(f.categories)] if f.categories else str
@@ -157,7 +170,7 @@ def spec_field(f: Feature) -> tuple[Any, Any]:
     if f.nullable:
         annotation = annotation | None
     default = None if f.nullable else ...
-    return annotation, Field(default, description=f.description or None, **constraints)
+    return annotation, Field(default, alias=alias, description=f.description or None, **constraints)
 
 
 def _bounds(
@@ -175,8 +188,12 @@ def _bounds(
     return lo, hi
 
 
+def _field_name(index: int) -> str:
+    return f"f{index}"
+
+
 def _category_validators(spec: FeatureSpec) -> dict[str, Any]:
-    integer_names = [f.name for f in spec.features if f.type is FeatureType.integer]
+    integer_names = [_field_name(i) for i, f in enumerate(spec.features) if f.type is FeatureType.integer]
     if not integer_names:
         return {}
 
@@ -200,13 +217,17 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
 
     if not isinstance(raw, dict):
         raise SpecError(f"{source}: expected a mapping at the top level")
+    _known_keys(raw, SPEC_KEYS, f"{source}: spec")
     raw_features = need(raw, "features", "spec")
     if not isinstance(raw_features, list) or not raw_features:
         raise SpecError(f"{source}: 'features' must be a non-empty list")
     features: list[Feature] = []
     for i, item in enumerate(raw_features):
         where = f"features[{i}]"
-        name = str(need(item, "name", where))
+        if not isinstance(item, dict):
+            raise SpecError(f"{source}: {where} must be a mapping with 'name' and 'type', not {item!r}")
+        name = _name(need(item, "name", where), f"{source}: {where} name")
+        _known_keys(item, FEATURE_KEYS, f"{source}: {where} ({name})")
         try:
             ftype = FeatureType(need(item, "type", where))
         except ValueError as exc:
@@ -214,6 +235,10 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
                 f"{source}: {where} ({name}) type must be one of numeric, integer, categorical"
             ) from exc
         raw_categories = item.get("categories", ())
+        if not isinstance(raw_categories, list | tuple):
+            raise SpecError(
+                f"{source}: {where} ({name}) categories must be a list (e.g. [a, b]), not {raw_categories!r}"
+            )
         if any(c is None for c in raw_categories):
             raise SpecError(
                 f"{source}: {where} ({name}) categories: an empty or null entry; a missing value is "
@@ -227,7 +252,18 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
         categories = tuple(str(c) for c in raw_categories)
         if ftype is FeatureType.categorical and not categories:
             raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")
+        if ftype is not FeatureType.categorical and categories:
+            raise SpecError(f"{source}: {where} ({name}) is {ftype.value}: 'categories' are for categorical")
         low, high = _bounds(item.get("min"), item.get("max"), f"{source}: {where} ({name})")
+        if ftype is FeatureType.categorical and (low is not None or high is not None):
+            raise SpecError(f"{source}: {where} ({name}) is categorical: 'min' and 'max' are for numbers")
+        if ftype is FeatureType.integer and low is not None and high is not None and math.ceil(low) > high:
+            raise SpecError(
+                f"{source}: {where} ({name}) is integer, and no integer lies in [{low:g}, {high:g}]"
+            )
+        nullable = item.get("nullable", False)
+        if not isinstance(nullable, bool):
+            raise SpecError(f"{source}: {where} ({name}) nullable must be true or false, not {nullable!r}")
         features.append(
             Feature(
                 name=name,
@@ -235,16 +271,25 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
                 min=low,
                 max=high,
                 categories=categories,
-                nullable=bool(item.get("nullable", False)),
+                nullable=nullable,
                 description=str(item.get("description", "")),
             )
         )
     names = [f.name for f in features]
     if len(set(names)) != len(names):
-        raise SpecError(f"{source}: feature names must be unique")
-    target = str(need(raw, "target", "spec"))
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise SpecError(f"{source}: feature names must be unique; repeated: {', '.join(repeated)}")
+    target = _name(need(raw, "target", "spec"), f"{source}: target")
     if target in names:
         raise SpecError(f"{source}: target '{target}' is also listed as a feature")
+    time_column = raw.get("time_column")
+    if time_column is not None:
+        time_column = _name(time_column, f"{source}: time_column", reserved=False)
+        if time_column == target or time_column in names:
+            role = "the target" if time_column == target else "a feature"
+            raise SpecError(
+                f"{source}: time_column '{time_column}' is also {role}: it must be a column of its own"
+            )
     target_min, target_max = _bounds(
         raw.get("target_min"), raw.get("target_max"), f"{source}:", ("target_min", "target_max")
     )
@@ -252,11 +297,32 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
         dataset=str(need(raw, "dataset", "spec")),
         target=target,
         features=tuple(features),
-        time_column=raw.get("time_column"),
+        time_column=time_column,
         description=str(raw.get("description", "")),
         target_min=target_min,
         target_max=target_max,
     )
+
+
+def _known_keys(mapping: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """Refuse a key the spec does not define: a typo (`nulable`) would otherwise drop its rule silently."""
+    for key in mapping:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(known)}"
+            raise SpecError(f"{where} has an unknown key '{key}'{hint}")
+
+
+def _name(value: Any, where: str, *, reserved: bool = True) -> str:
+    """A column name as written in the spec: a non-empty string, not one driftloop uses itself."""
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{where} must be a non-empty string, not {value!r}")
+    if reserved and value in RESERVED_NAMES:
+        raise SpecError(
+            f"{where} '{value}' is a name driftloop uses for its own columns "
+            f"({', '.join(sorted(RESERVED_NAMES))}); rename the column"
+        )
+    return value
 
 
 def _number(value: Any, where: str) -> float | None:

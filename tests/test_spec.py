@@ -3,7 +3,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.spec import FeatureSpec, FeatureType, SpecError, load_spec
+from core.spec import RESERVED_NAMES, FeatureSpec, FeatureType, SpecError, load_spec
+from monitor.window import CREATED_AT, MODEL_VERSION, PREDICTION_ID
+from retrain.dataset import EVENT_TIME, SOURCE
+from retrain.train import PREDICTION
 
 
 def test_default_spec_is_the_apartment_dataset(spec: FeatureSpec) -> None:
@@ -24,8 +27,8 @@ def test_default_spec_is_the_apartment_dataset(spec: FeatureSpec) -> None:
 
 def test_request_model_enforces_bounds_types_and_extra_fields(spec: FeatureSpec, make_features) -> None:
     model = spec.request_model()
-    ok = model(**make_features(floor=12.0))
-    assert ok.floor == 12 and isinstance(ok.floor, int)
+    ok = model(**make_features(floor=12.0)).model_dump(by_alias=True)
+    assert ok["floor"] == 12 and isinstance(ok["floor"], int)
     cases = {
         "area_m2": make_features(area_m2=351),
         "floor": make_features(floor=3.5),
@@ -66,7 +69,11 @@ def test_users_bring_their_own_spec(tmp_path: Path) -> None:
         FeatureType.integer,
     ]
     model = spec.request_model()
-    assert model(temp_c=20, weekday="mon").hour is None
+    assert model(temp_c=20, weekday="mon").model_dump(by_alias=True) == {
+        "temp_c": 20,
+        "weekday": "mon",
+        "hour": None,
+    }
 
 
 def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_path: Path) -> None:
@@ -77,7 +84,7 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
     )
     spec = load_spec(path)
     model = spec.request_model()
-    assert model(a=-1e15).a == -1e15
+    assert model(a=-1e15).model_dump(by_alias=True) == {"a": -1e15}
     with pytest.raises(ValueError, match="less than or equal to 1000000000000000"):
         model(a=1e308)
     a = spec.feature("a")
@@ -132,6 +139,56 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [yes, no]}]\n",
             'YAML reads yes/no/true/false/on/off unquoted as booleans; quote them ("yes")',
         ),
+        # a typo would otherwise drop its rule without a word
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, nulable: true}]\n",
+            "features[0] (a) has an unknown key 'nulable' (did you mean 'nullable'?)",
+        ),
+        (
+            "dataset: x\ntarget: y\ntarget_mn: 0\nfeatures: [{name: a, type: numeric}]\n",
+            "spec has an unknown key 'target_mn' (did you mean 'target_min'?)",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: clear}]\n",
+            "(a) categories must be a list (e.g. [a, b]), not 'clear'",
+        ),
+        (
+            'dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, nullable: "no"}]\n',
+            "(a) nullable must be true or false, not 'no'",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: null, type: numeric}]\n",
+            "name must be a non-empty string",
+        ),
+        (
+            'dataset: x\ntarget: ""\nfeatures: [{name: a, type: numeric}]\n',
+            "target must be a non-empty string",
+        ),
+        ("dataset: x\ntarget: y\nfeatures: [a, b]\n", "features[0] must be a mapping with 'name' and 'type'"),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: integer, min: 0.5, max: 0.9}]\n",
+            "(a) is integer, and no integer lies in [0.5, 0.9]",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, categories: [b]}]\n",
+            "(a) is numeric: 'categories' are for categorical",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b], min: 0}]\n",
+            "(a) is categorical: 'min' and 'max' are for numbers",
+        ),
+        (
+            "dataset: x\ntarget: y\ntime_column: y\nfeatures: [{name: a, type: numeric}]\n",
+            "time_column 'y' is also the target: it must be a column of its own",
+        ),
+        (
+            "dataset: x\ntarget: y\ntime_column: a\nfeatures: [{name: a, type: numeric}]\n",
+            "time_column 'a' is also a feature",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric}, {name: a, type: integer}]\n",
+            "feature names must be unique; repeated: a",
+        ),
     ],
 )
 def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -145,3 +202,31 @@ def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str
 def test_missing_spec_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_NAMES))
+@pytest.mark.parametrize("role", ["feature", "target"])
+def test_a_name_driftloop_uses_for_its_own_columns_is_refused(tmp_path: Path, name: str, role: str) -> None:
+    """Such a column would be overwritten in the monitor's window or the training frame, or crash them."""
+    path = tmp_path / "spec.yaml"
+    feature, target = (name, "y") if role == "feature" else ("a", name)
+    path.write_text(f"dataset: x\ntarget: {target}\nfeatures: [{{name: {feature}, type: numeric}}]\n")
+    with pytest.raises(SpecError, match=f"'{name}' is a name driftloop uses for its own columns"):
+        load_spec(path)
+
+
+def test_the_reserved_names_are_the_columns_driftloop_adds() -> None:
+    assert {PREDICTION, PREDICTION_ID, CREATED_AT, MODEL_VERSION, EVENT_TIME, SOURCE} == RESERVED_NAMES
+
+
+@pytest.mark.parametrize("name", ["_temp", "model_config", "model_dump", "schema", "copy", "기온°C"])
+def test_any_other_feature_name_is_served(tmp_path: Path, name: str) -> None:
+    """Names pydantic would refuse as field names, or that shadow its methods, are only aliases."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(f'dataset: x\ntarget: y\nfeatures: [{{name: "{name}", type: integer, min: 0}}]\n')
+    model = load_spec(path).request_model()
+    assert model.model_validate({name: 3}).model_dump(by_alias=True) == {name: 3}
+    with pytest.raises(ValidationError) as info:
+        model.model_validate({name: -1})
+    assert info.value.errors()[0]["loc"] == (name,)
+    assert list(model.model_json_schema()["properties"]) == [name]

@@ -50,7 +50,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         served = ctx.holder.current
         if served is None:
             raise HTTPException(503, NO_CHAMPION)
-        features = instance.model_dump()
+        features = instance.model_dump(by_alias=True)
         start = time.perf_counter()
         value = float(served.model.predict(to_row(features), thread_count=threads))
         seconds = time.perf_counter() - start
@@ -86,7 +86,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         served = ctx.holder.current
         if served is None:
             raise HTTPException(503, NO_CHAMPION)
-        rows = [i.model_dump() for i in batch.instances]  # type: ignore[attr-defined]
+        rows = [i.model_dump(by_alias=True) for i in batch.instances]  # type: ignore[attr-defined]
         start = time.perf_counter()
         pool = Pool([to_row(r) for r in rows], cat_features=cat_idx)
         values = [float(v) for v in np.asarray(served.model.predict(pool, thread_count=threads), dtype=float)]
