@@ -11,11 +11,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pandas as pd
 from catboost import CatBoostRegressor
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import utcnow
 from core.schema import ModelStatus, ModelVersion
+from core.spec import FeatureSpec
 
 MODEL_FILE = "model.cbm"
 REFERENCE_FILE = "reference.parquet"
@@ -57,11 +57,21 @@ class FeatureMismatchError(RegistryError):
     made from the wrong columns."""
 
 
-def check_features(model: CatBoostRegressor, features: Sequence[str], *, version: int) -> None:
-    """Raise FeatureMismatchError unless `model` was trained on exactly `features`, in that order."""
-    trained, wanted = list(model.feature_names_ or []), list(features)
+def check_features(model: CatBoostRegressor, spec: FeatureSpec, *, version: int) -> None:
+    """Raise FeatureMismatchError unless `model` was trained on exactly the spec's features, in its order,
+    with the same ones categorical."""
+    trained, wanted = list(model.feature_names_ or []), spec.feature_names
     if trained == wanted:
-        return
+        categorical = {trained[i] for i in model.get_cat_feature_indices()}
+        changed = [
+            f"{name} is {'categorical' if name in categorical else 'numeric'} in the model and "
+            f"{spec.feature(name).type.value} in the spec"
+            for name in wanted
+            if (name in categorical) != (name in spec.categorical_features)
+        ]
+        if not changed:
+            return
+        _mismatch(version, "; ".join(changed))
     missing = [f for f in wanted if f not in trained]
     extra = [f for f in trained if f not in wanted]
     if missing or extra:
@@ -73,6 +83,10 @@ def check_features(model: CatBoostRegressor, features: Sequence[str], *, version
         )  # fmt: skip
     else:
         what = f"same features in another order: trained on {', '.join(trained)}"
+    _mismatch(version, what)
+
+
+def _mismatch(version: int, what: str) -> NoReturn:
     raise FeatureMismatchError(
         f"v{version} does not fit the spec ({what}); restore the spec it was trained with, or start a new "
         "model line for this spec (a fresh database and artifact directory, then driftloop bootstrap)"
@@ -293,12 +307,12 @@ class Registry:
                     row.note = (row.note + "\n" if row.note else "") + f"rolled back: {reason}"
         return promoted
 
-    def load(self, row: ModelVersion, *, features: Sequence[str] | None = None) -> CatBoostRegressor:
-        """The version's model, its artifact checked against the recorded sha256 and, given `features`
-        (the spec's, in order), against the columns it will be fed."""
+    def load(self, row: ModelVersion, *, spec: FeatureSpec | None = None) -> CatBoostRegressor:
+        """The version's model, its artifact checked against the recorded sha256 and, given the `spec`,
+        against the columns it will be fed (FeatureMismatchError)."""
         model = self.store.load_model(row.artifact_path, row.sha256)
-        if features is not None:
-            check_features(model, features, version=row.version)
+        if spec is not None:
+            check_features(model, spec, version=row.version)
         return model
 
     def reference(self, row: ModelVersion) -> pd.DataFrame:

@@ -46,7 +46,7 @@ def bootstrap(
     """
     existing = registry.champion()
     if existing is not None:
-        registry.load(existing, features=spec.feature_names)  # FeatureMismatchError for another spec's model
+        registry.load(existing, spec=spec)  # FeatureMismatchError for another spec's model
         return BootstrapResult(existing, created=False)
     if data is None:
         data = read_labelled_csv(csv_path, spec) if csv_path else generate_transactions(rows, seed=seed)

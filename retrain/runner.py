@@ -147,7 +147,7 @@ class _Run:
         with self._step("validate"):
             gate = evaluate_gate(
                 candidate=model,
-                champion=self.registry.load(champion, features=self.spec.feature_names),
+                champion=self.registry.load(champion, spec=self.spec),
                 holdout=held,
                 spec=self.spec,
                 margin=self.settings.gate_margin,

@@ -66,7 +66,7 @@ def build_context(settings: Settings, *, prom_registry: CollectorRegistry | None
         registry=registry,
         prom_registry=prom,
         metrics=metrics,
-        holder=ModelHolder(registry, metrics, poll_s=settings.champion_poll_s, features=spec.feature_names),
+        holder=ModelHolder(registry, metrics, poll_s=settings.champion_poll_s, spec=spec),
         logger=logger,
         loop=Loop(settings=settings, spec=spec, sessions=sessions, registry=registry, metrics=metrics),
     )

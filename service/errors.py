@@ -77,6 +77,18 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of ours, in the same JSON shape as every other error; the traceback goes to the log."""
+    return JSONResponse(
+        {
+            "error": "internal",
+            "message": f"internal error ({type(exc).__name__}); the service log has the details",
+        },
+        status_code=500,
+    )
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,6 +12,7 @@ from catboost import CatBoostRegressor
 
 from core.metrics import Metrics
 from core.registry import Registry
+from core.spec import FeatureSpec
 
 log = logging.getLogger("driftloop.holder")
 
@@ -43,10 +43,10 @@ class ModelHolder:
     """
 
     def __init__(
-        self, registry: Registry, metrics: Metrics, *, poll_s: float, features: Sequence[str] | None = None
+        self, registry: Registry, metrics: Metrics, *, poll_s: float, spec: FeatureSpec | None = None
     ) -> None:
         self.registry = registry
-        self.features = features  # the spec's, in order: a model trained on others is refused, not served
+        self.spec = spec  # a model trained on other features (or types, or order) is refused, not served
         self.metrics = metrics
         self.poll_s = poll_s
         self.current: Served | None = None
@@ -72,11 +72,15 @@ class ModelHolder:
                 self.load_failure = None
                 return False
             try:
-                model = self.registry.load(row, features=self.features)
+                model = self.registry.load(row, spec=self.spec)
             except Exception as exc:
+                failure = LoadFailure(version=row.version, error=str(exc))
+                if failure != self.load_failure:  # once per failure, not on every poll
+                    log.error(
+                        "champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc
+                    )
                 self.last_error = f"could not load v{row.version}: {exc}"
-                self.load_failure = LoadFailure(version=row.version, error=str(exc))
-                log.error("champion v%s failed to load; still serving %s: %s", row.version, _v(current), exc)
+                self.load_failure = failure
                 return False
             self.current = Served(
                 version=row.version,

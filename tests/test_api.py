@@ -470,3 +470,27 @@ def test_predict_threads_change_speed_not_answers(
     assert answers[0][1] == [answers[0][0]] * 3
     with pytest.raises(ValueError, match="must be -1 \\(all cores\\) or a thread count of at least 1"):
         make_settings(db_url, tmp_path, predict_threads=0)
+
+
+def test_a_fault_of_ours_is_a_json_500_and_the_service_goes_on(
+    champion, db_url, tmp_path, make_features
+) -> None:
+    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
+
+    @app.get("/fault")
+    def fault() -> None:  # a bug or a library failure the routes did not foresee
+        raise RuntimeError("boom")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/fault")
+        assert (response.status_code, response.json()) == (
+            500,
+            {
+                "error": "internal",
+                "message": "internal error (RuntimeError); the service log has the details",
+            },
+        )
+        assert client.post("/predict", json=make_features()).status_code == 200
+        assert (
+            'driftloop_http_errors_total{endpoint="/fault",status="500"} 1.0' in client.get("/metrics").text
+        )

@@ -3,8 +3,10 @@ be loaded, or a registry that cannot be reached, leaves the current one serving.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from core.db import make_engine, make_sessions
@@ -53,7 +55,7 @@ def test_the_polling_thread_picks_up_a_new_champion(registry: Registry, champion
 
 
 def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
-    registry: Registry, champion: ModelVersion
+    registry: Registry, champion: ModelVersion, caplog: pytest.LogCaptureFixture
 ) -> None:
     holder = holder_for(registry, CollectorRegistry())
     holder.refresh()
@@ -61,7 +63,9 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
     registry.promote(version=v2.version, reason="test")
     Path(v2.artifact_path).write_bytes(b"not a CatBoost model")  # damaged on the shared volume since
 
-    assert holder.refresh() is False
+    with caplog.at_level(logging.ERROR, logger="driftloop.holder"):
+        assert [holder.refresh() for _ in range(3)] == [False, False, False]  # three polls
+    assert [r.getMessage()[:40] for r in caplog.records] == ["champion v2 failed to load; still servin"]
     assert holder.current is not None and holder.current.version == 1
     assert holder.last_error is not None
     assert holder.last_error.startswith("could not load v2: ")

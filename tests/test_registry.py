@@ -134,22 +134,38 @@ def test_a_model_is_refused_for_a_spec_it_was_not_trained_on(
     registry: Registry, champion: ModelVersion, spec: FeatureSpec, tmp_path: Path
 ) -> None:
     """Served by position, a reordered spec would feed humidity as temperature: refused, saying why."""
-    assert registry.load(champion, features=spec.feature_names) is not None
+    assert registry.load(champion, spec=spec) is not None
     swapped = _respec(tmp_path, lambda fs: [fs[1], fs[0], *fs[2:]])
     with pytest.raises(
         FeatureMismatchError, match="same features in another order: trained on district, area_m2"
     ):
-        registry.load(champion, features=swapped.feature_names)
+        registry.load(champion, spec=swapped)
     grown = _respec(
         tmp_path, lambda fs: [*fs, {"name": "view", "type": "categorical", "categories": ["river"]}]
     )
     with pytest.raises(FeatureMismatchError, match="the spec lists view, which it was not trained on"):
-        registry.load(champion, features=grown.feature_names)
+        registry.load(champion, spec=grown)
     shrunk = _respec(tmp_path, lambda fs: fs[:-1])
     with pytest.raises(
         FeatureMismatchError, match=f"it was trained on {spec.feature_names[-1]}, which the spec"
     ):
-        registry.load(champion, features=shrunk.feature_names)
+        registry.load(champion, spec=shrunk)
+
+    # same names and order, another type: CatBoost would fail on every request, or read codes as numbers
+    def retype(fs):  # type: ignore[no-untyped-def]
+        district, floor = dict(fs[0]), dict(fs[2])
+        del district["categories"]
+        district["type"], floor["type"] = "numeric", "categorical"
+        floor["categories"] = [str(n) for n in range(-3, 81)]
+        del floor["min"], floor["max"]
+        return [district, fs[1], floor, *fs[3:]]
+
+    with pytest.raises(FeatureMismatchError) as refused:
+        registry.load(champion, spec=_respec(tmp_path, retype))
+    assert (
+        "(district is categorical in the model and numeric in the spec; "
+        "floor is numeric in the model and categorical in the spec)"
+    ) in str(refused.value)
     # bootstrap is idempotent only for the spec the champion fits
     with pytest.raises(FeatureMismatchError, match="start a new model line for this spec"):
         bootstrap(registry=registry, spec=swapped, params=TINY, rows=500)

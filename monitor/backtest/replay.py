@@ -339,9 +339,7 @@ class _Player:
         assert champion is not None
         model = self._models.get(champion.version)
         if model is None:
-            model = self._models[champion.version] = self.registry.load(
-                champion, features=self.spec.feature_names
-            )
+            model = self._models[champion.version] = self.registry.load(champion, spec=self.spec)
         predictions = predict(model, rows, self.spec)
         self.trace.predictions[where] = predictions
         self.trace.versions[where] = champion.version
