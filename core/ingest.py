@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,7 +150,7 @@ def ingest_csv(
             report.already = previous
             return report
         staging = _staging_table(conn)
-        for line_count, rows, rejected in _checked(csv_file.path, spec, chunk_size, now):
+        for line_count, rows, rejected in _checked(csv_file, spec, chunk_size, now):
             report.good += len(rows)
             report.bad += len(rejected)
             report.rejected.extend(rejected[: MAX_LISTED - len(report.rejected)])
@@ -242,12 +243,17 @@ def _load(
 
 
 def _checked(
-    path: Path, spec: FeatureSpec, chunk_size: int, now: datetime
+    csv_file: CsvFile, spec: FeatureSpec, chunk_size: int, now: datetime
 ) -> Iterator[tuple[int, list[dict[str, Any]], list[tuple[int, list[str]]]]]:
-    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems."""
+    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems.
+
+    Raises IngestError, after the last batch, if the bytes read are not those `csv_file` was inspected as."""
+    path = csv_file.path
     ended = 0  # the line the last row ended on
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open("rb") as raw:
+            hashing = _Hashing(raw)
+            fh = io.TextIOWrapper(io.BufferedReader(hashing), encoding="utf-8-sig", newline="")
             reader = csv.reader(fh)
             header = next(reader, None)
             if not header:
@@ -268,6 +274,27 @@ def _checked(
         raise IngestError(f"{path}: the row from line {ended + 1} is not valid CSV: {exc}") from None
     except UnicodeDecodeError:
         raise IngestError(f"{path} changed while being loaded: it is no longer UTF-8 text") from None
+    if hashing.digest.hexdigest() != csv_file.sha256:
+        raise IngestError(
+            f"{path} changed while being loaded (its sha256 is no longer that of the file first read); "
+            "nothing was loaded: run the ingest again once the file is complete"
+        )
+
+
+class _Hashing(io.RawIOBase):
+    """Reads a binary file, keeping the sha256 of every byte read."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
 
 
 class _Checker:

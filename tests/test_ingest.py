@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessions
 from core.generator import generate_transactions
-from core.ingest import IngestError, ingest_csv
+from core.ingest import IngestError, ingest_csv, inspect_file
 from core.lease import try_acquire
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec
@@ -251,6 +251,19 @@ def test_other_writers_do_not_wait_while_the_lines_are_checked(
     report = ingest_csv(path, spec=spec, sessions=sessions, chunk_size=10, on_progress=renew_lease)
     engine.dispose()
     assert (renewed, report.loaded, _count(impatient)) == ([True, True, True], 30, 30)
+
+
+def test_a_file_changed_after_it_was_inspected_loads_nothing(tmp_path: Path, sessions, spec) -> None:
+    path = _csv(tmp_path, generate_transactions(5, seed=8))
+    inspected = inspect_file(path)  # as the CLI does, for its progress bar
+    generate_transactions(5, seed=9).to_csv(path, index=False)
+    with pytest.raises(
+        IngestError, match=re.escape(f"{path} changed while being loaded (its sha256 is no longer")
+    ):
+        ingest_csv(inspected, spec=spec, sessions=sessions)
+    assert _count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0
 
 
 def test_a_file_loaded_by_another_ingest_while_this_one_checks_is_loaded_once(
