@@ -13,6 +13,7 @@ import codecs
 import csv
 import hashlib
 import io
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
@@ -144,7 +145,7 @@ def ingest_csv(
     report = IngestReport(sha256=csv_file.sha256)
     source = source or csv_file.path.name
     now = clock()
-    with _connection(sessions) as conn:
+    with _connection(sessions, csv_file.path) as conn:
         previous = _previous_load(conn, csv_file.sha256)
         if previous and not force:
             report.already = previous
@@ -169,18 +170,32 @@ def ingest_csv(
 
 
 @contextmanager
-def _connection(sessions: sessionmaker[Session]) -> Iterator[Connection]:
+def _connection(sessions: sessionmaker[Session], path: Path) -> Iterator[Connection]:
     """One connection for the whole ingest, closed (not pooled) afterwards so its temporary table goes
-    with it."""
+    with it; a write lock held elsewhere for longer than SQLite's busy timeout is an IngestError."""
     with sessions() as session:
         engine = session.get_bind()
     if not isinstance(engine, Engine):
         raise TypeError("ingest_csv needs sessions bound to an engine, not to a connection")
-    with engine.connect() as conn:
-        try:
-            yield conn
-        finally:
-            conn.invalidate()  # discards the staging table and any transaction left open
+    try:
+        with engine.connect() as conn:
+            try:
+                yield conn
+            finally:
+                conn.invalidate()  # discards the staging table and any transaction left open
+    except OperationalError as exc:
+        if not _is_sqlite_busy(exc):
+            raise
+        raise IngestError(
+            f"{path}: nothing was loaded: another write holds the database (SQLite: one writer at a time, "
+            "e.g. another ingest) and kept it past the busy timeout; try again when it has finished"
+        ) from None
+
+
+def _is_sqlite_busy(exc: OperationalError) -> bool:
+    return isinstance(exc.orig, sqlite3.OperationalError) and (
+        exc.orig.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+    )
 
 
 def _previous_load(conn: Connection, sha256: str, *, lock: bool = False) -> PreviousLoad | None:

@@ -253,6 +253,29 @@ def test_other_writers_do_not_wait_while_the_lines_are_checked(
     assert (renewed, report.loaded, _count(impatient)) == ([True, True, True], 30, 30)
 
 
+def test_an_ingest_blocked_by_another_write_is_a_clear_error(
+    tmp_path: Path, sqlite_url: str, impatient, spec
+) -> None:
+    engine = make_engine(sqlite_url)
+    sessions = make_sessions(engine)
+    path = _csv(tmp_path, generate_transactions(5, seed=5))
+    now = datetime.now(UTC)
+    with sessions.begin() as other:  # another ingest, in the middle of its copy: SQLite's one writer
+        other.add(LabelledRow(features={}, target=1.0, event_time=now, source="other.csv", ingested_at=now))
+        other.flush()
+        with pytest.raises(
+            IngestError,
+            match=re.escape(
+                f"{path}: nothing was loaded: another write holds the database (SQLite: one writer at a "
+                "time, e.g. another ingest) and kept it past the busy timeout; try again when it has finished"
+            ),
+        ):
+            ingest_csv(path, spec=spec, sessions=impatient)
+    assert ingest_csv(path, spec=spec, sessions=impatient).loaded == 5  # once it has: nothing half-done
+    engine.dispose()
+    assert _count(impatient) == 6
+
+
 def test_a_file_changed_after_it_was_inspected_loads_nothing(tmp_path: Path, sessions, spec) -> None:
     path = _csv(tmp_path, generate_transactions(5, seed=8))
     inspected = inspect_file(path)  # as the CLI does, for its progress bar
