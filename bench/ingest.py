@@ -6,9 +6,9 @@ A CSV of generated apartment transactions is loaded into a fresh, migrated datab
 own child process: once by core.ingest.ingest_csv (streaming in batches of 2,000: UTF-8 and field counts,
 types, bounds, categories, the target, one time format, the sha256 record), and once by the baseline, the
 least a loader must do: pandas reads the whole file, and the rows are inserted in the same batches with no
-check at all. Prints seconds, rows/s, the child's peak RSS and how long each held its write transaction on
-labelled_row (on SQLite, the database's one write lock: every other writer waits that long) for each, and
-the ratios.
+check at all. Prints, for each, seconds, rows/s, the child's peak RSS (Linux) and how long it held its write
+transaction on labelled_row (on SQLite, the database's one write lock: every other writer waits that long),
+and the ratios.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,8 +95,16 @@ def _child(mode: str, path: Path, database: str) -> dict[str, Any]:
     rows = _ingest(path, spec, sessions) if mode == "ingest" else _baseline(path, spec, sessions)
     seconds = time.perf_counter() - started
     engine.dispose()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb, "write_s": writes.seconds}
+    return {"rows": rows, "seconds": seconds, "peak_mb": _peak_mb(), "write_s": writes.seconds}
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM, Linux). Not getrusage's ru_maxrss: after exec it keeps the peak of
+    the process that spawned it, here the parent holding the generated rows."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 class _WriteSpans:
