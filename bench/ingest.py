@@ -1,4 +1,4 @@
-"""Benchmark: `driftloop ingest` (every line checked against the spec, one transaction) against a bare load.
+"""Benchmark: `driftloop ingest` (every line checked against the spec, all or nothing) against a bare load.
 
     .venv/bin/python bench/ingest.py [--rows 100000] [--database sqlite|postgresql-url]
 
@@ -6,14 +6,16 @@ A CSV of generated apartment transactions is loaded into a fresh, migrated datab
 own child process: once by core.ingest.ingest_csv (streaming in batches of 2,000: UTF-8 and field counts,
 types, bounds, categories, the target, one time format, the sha256 record), and once by the baseline, the
 least a loader must do: pandas reads the whole file, and the rows are inserted in the same batches with no
-check at all. Prints seconds, rows/s and the child's peak RSS for each, and the ratio.
+check at all. Prints, for each, seconds, rows/s, the child's peak RSS (Linux) and how long it held its write
+transaction on labelled_row (on SQLite, the database's one write lock: every other writer waits that long),
+and the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,19 +62,21 @@ def _parent(args: argparse.Namespace) -> None:
                 )  # fmt: skip
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     table = Table(title=f"Loading {args.rows:,} labelled rows ({args.database.split(':')[0]})")
-    for column in ("loader", "rows loaded", "seconds", "rows/s", "peak RSS MB"):
+    for column in ("loader", "rows loaded", "seconds", "rows/s", "peak RSS MB", "write lock s"):
         table.add_column(column, justify="right" if column != "loader" else "left")
     names = {"baseline": "baseline: pandas + bulk insert, no checks", "ingest": "driftloop ingest"}
     for mode, r in results.items():
         rate = r["rows"] / r["seconds"]
         table.add_row(
-            names[mode], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{r['peak_mb']:.0f}"
-        )
+            names[mode], f"{r['rows']:,}", f"{r['seconds']:.2f}", f"{rate:,.0f}", f"{r['peak_mb']:.0f}",
+            f"{r['write_s']:.2f}",
+        )  # fmt: skip
     console.print(table)
     base, ours = results["baseline"], results["ingest"]
     console.print(
         f"driftloop ingest takes {ours['seconds'] / base['seconds']:.2f}× the baseline's time "
-        f"and {ours['peak_mb'] / base['peak_mb']:.2f}× its peak memory"
+        f"and {ours['peak_mb'] / base['peak_mb']:.2f}× its peak memory, and holds the write lock "
+        f"{ours['write_s'] / base['write_s']:.2f}× as long"
     )
 
 
@@ -86,12 +90,46 @@ def _child(mode: str, path: Path, database: str) -> dict[str, Any]:
     engine = make_engine(database)
     sessions = make_sessions(engine)
     spec = load_spec()
+    writes = _WriteSpans(engine)
     started = time.perf_counter()
     rows = _ingest(path, spec, sessions) if mode == "ingest" else _baseline(path, spec, sessions)
     seconds = time.perf_counter() - started
     engine.dispose()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"rows": rows, "seconds": seconds, "peak_mb": peak_mb}
+    return {"rows": rows, "seconds": seconds, "peak_mb": _peak_mb(), "write_s": writes.seconds}
+
+
+def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM, Linux). Not getrusage's ru_maxrss: after exec it keeps the peak of
+    the process that spawned it, here the parent holding the generated rows."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class _WriteSpans:
+    """Seconds from a first write to labelled_row or ingested_file to the commit or rollback that ends it: on
+    SQLite, how long the loader held the write lock (its temporary staging table takes none)."""
+
+    WRITE = re.compile(r"\s*(INSERT INTO|UPDATE) (labelled_row|ingested_file)\b", re.IGNORECASE)
+
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy import event
+
+        self.started: float | None = None
+        self.seconds = 0.0
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._end)
+        event.listen(engine, "rollback", self._end)
+
+    def _statement(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self.started is None and self.WRITE.match(statement):
+            self.started = time.perf_counter()
+
+    def _end(self, conn: Any) -> None:
+        if self.started is not None:
+            self.seconds += time.perf_counter() - self.started
+            self.started = None
 
 
 def _ingest(path: Path, spec: Any, sessions: Any) -> int:

@@ -1,9 +1,10 @@
 """Loading labelled transactions (a CSV) into labelled_row, every line checked against the spec.
 
-A file is loaded whole or not at all: its rows go in in batches (memory stays bounded) inside one
-transaction, which is rolled back if any line is bad, unless the caller asked to skip bad lines. A file
-already loaded (the same bytes, by sha256) is not loaded again unless forced, so re-running an ingest never
-counts rows twice by accident.
+A file is loaded whole or not at all. Its lines are checked first, in batches (memory stays bounded), with
+no write lock held: the good rows wait in a temporary table on the ingest's own connection. Then one short
+transaction copies them into labelled_row, unless a line was bad and the caller did not ask to skip bad
+lines. A file already loaded (the same bytes, by sha256) is not loaded again unless forced, so re-running an
+ingest never counts rows twice by accident.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from __future__ import annotations
 import codecs
 import csv
 import hashlib
+import io
+import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import insert
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
@@ -130,63 +134,141 @@ def ingest_csv(
     on_progress: Callable[[int], None] | None = None,
     clock: Clock = utcnow,
 ) -> IngestReport:
-    """Check every line of a CSV and load its rows into labelled_row, all in one transaction.
+    """Check every line of a CSV and load its rows into labelled_row, all or nothing.
 
     If any line is bad, nothing is loaded (the report lists them with their line numbers) unless
     `skip_bad`, which loads the good rows only. A file whose bytes were loaded before is not loaded again
-    (`report.already` says when and as what) unless `force`."""
+    (`report.already` says when and as what) unless `force`. The lines are checked with no write lock held:
+    the good rows wait in a temporary table on the ingest's own connection, and one short transaction then
+    claims the file and copies them into labelled_row, so other writers wait for the copy, not the checks."""
     csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
     report = IngestReport(sha256=csv_file.sha256)
     source = source or csv_file.path.name
     now = clock()
-    with sessions() as session:
-        record = session.get(IngestedFile, csv_file.sha256)
-        if record is not None and not force:
-            report.already = PreviousLoad(
-                record.name, record.source, record.rows, record.loads, record.last_loaded_at
-            )
+    with _connection(sessions, csv_file.path) as conn:
+        previous = _previous_load(conn, csv_file.sha256)
+        if previous and not force:
+            report.already = previous
             return report
-        if record is None:
-            record = IngestedFile(
-                sha256=csv_file.sha256, name=str(csv_file.path), source=source, rows=0, skipped=0, loads=0,
-                first_loaded_at=now, last_loaded_at=now,
-            )  # fmt: skip
-            session.add(record)
-        try:
-            session.flush()  # claims the file: a concurrent ingest of the same bytes fails here or at commit
-            for line_count, rows, rejected in _checked(csv_file.path, spec, chunk_size, now):
-                report.good += len(rows)
-                report.bad += len(rejected)
-                report.rejected.extend(rejected[: MAX_LISTED - len(report.rejected)])
-                if rows and (skip_bad or not report.bad):
-                    session.execute(insert(LabelledRow), [{**row, "source": source} for row in rows])
-                if on_progress:
-                    on_progress(line_count)
-            if (report.bad and not skip_bad) or not report.good:
-                session.rollback()
-                return report
-            record.name, record.source, record.last_loaded_at = str(csv_file.path), source, now
-            record.rows += report.good
-            record.skipped = report.bad
-            record.loads += 1
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            raise IngestError(
-                f"{csv_file.path} was being loaded by another ingest at the same time; "
-                "this one loaded nothing"
-            ) from None
-    report.loaded = report.good
+        staging = _staging_table(conn)
+        for line_count, rows, rejected in _checked(csv_file, spec, chunk_size, now):
+            report.good += len(rows)
+            report.bad += len(rejected)
+            report.rejected.extend(rejected[: MAX_LISTED - len(report.rejected)])
+            if rows and (skip_bad or not report.bad):
+                conn.execute(insert(staging), [{**row, "source": source} for row in rows])
+                conn.commit()  # the temporary table only: no lock on the database's tables
+            if on_progress:
+                on_progress(line_count)
+        if (report.bad and not skip_bad) or not report.good:
+            return report
+        report.already = _load(
+            conn, staging, csv_file=csv_file, source=source, report=report, force=force, now=now
+        )
+    report.loaded = 0 if report.already else report.good
     return report
 
 
+@contextmanager
+def _connection(sessions: sessionmaker[Session], path: Path) -> Iterator[Connection]:
+    """One connection for the whole ingest, closed (not pooled) afterwards so its temporary table goes
+    with it; a write lock held elsewhere for longer than SQLite's busy timeout is an IngestError."""
+    with sessions() as session:
+        engine = session.get_bind()
+    if not isinstance(engine, Engine):
+        raise TypeError("ingest_csv needs sessions bound to an engine, not to a connection")
+    try:
+        with engine.connect() as conn:
+            try:
+                yield conn
+            finally:
+                conn.invalidate()  # discards the staging table and any transaction left open
+    except OperationalError as exc:
+        if not _is_sqlite_busy(exc):
+            raise
+        raise IngestError(
+            f"{path}: nothing was loaded: another write holds the database (SQLite: one writer at a time, "
+            "e.g. another ingest) and kept it past the busy timeout; try again when it has finished"
+        ) from None
+
+
+def _is_sqlite_busy(exc: OperationalError) -> bool:
+    return isinstance(exc.orig, sqlite3.OperationalError) and (
+        exc.orig.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+    )
+
+
+def _previous_load(conn: Connection, sha256: str, *, lock: bool = False) -> PreviousLoad | None:
+    query = select(
+        IngestedFile.name, IngestedFile.source, IngestedFile.rows, IngestedFile.loads,
+        IngestedFile.last_loaded_at,
+    ).where(IngestedFile.sha256 == sha256)  # fmt: skip
+    row = conn.execute(query.with_for_update() if lock else query).first()
+    return PreviousLoad(*row) if row else None
+
+
+def _staging_table(conn: Connection) -> Table:
+    """A temporary table with labelled_row's columns (and a sequence, to keep the file's order)."""
+    columns = [Column(c.name, c.type) for c in LabelledRow.__table__.columns if not c.primary_key]
+    staging = Table(
+        "ingest_staging", MetaData(), Column("seq", Integer, primary_key=True), *columns,
+        prefixes=["TEMPORARY"],
+    )  # fmt: skip
+    staging.create(conn)
+    conn.commit()
+    return staging
+
+
+def _load(
+    conn: Connection, staging: Table, *, csv_file: CsvFile, source: str, report: IngestReport, force: bool,
+    now: datetime,
+) -> PreviousLoad | None:  # fmt: skip
+    """Claim the file and copy the staged rows into labelled_row, in one transaction. Returns the previous
+    load instead, loading nothing, if another ingest loaded the same bytes while these were checked."""
+    try:
+        previous = _previous_load(conn, csv_file.sha256, lock=True)
+        if previous and not force:
+            conn.rollback()
+            return previous
+        file = {"name": str(csv_file.path), "source": source, "skipped": report.bad, "last_loaded_at": now}
+        if previous is None:  # claims the file: a concurrent ingest of the same bytes fails here or at commit
+            conn.execute(
+                insert(IngestedFile).values(
+                    sha256=csv_file.sha256, rows=report.good, loads=1, first_loaded_at=now, **file
+                )
+            )
+        else:
+            conn.execute(
+                update(IngestedFile)
+                .where(IngestedFile.sha256 == csv_file.sha256)
+                .values(rows=IngestedFile.rows + report.good, loads=IngestedFile.loads + 1, **file)
+            )
+        columns = [c.name for c in staging.columns if c.name != "seq"]
+        conn.execute(
+            insert(LabelledRow).from_select(
+                columns, select(*(staging.c[c] for c in columns)).order_by(staging.c.seq)
+            )
+        )
+        conn.commit()
+    except IntegrityError:
+        raise IngestError(
+            f"{csv_file.path} was being loaded by another ingest at the same time; this one loaded nothing"
+        ) from None
+    return None
+
+
 def _checked(
-    path: Path, spec: FeatureSpec, chunk_size: int, now: datetime
+    csv_file: CsvFile, spec: FeatureSpec, chunk_size: int, now: datetime
 ) -> Iterator[tuple[int, list[dict[str, Any]], list[tuple[int, list[str]]]]]:
-    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems."""
+    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems.
+
+    Raises IngestError, after the last batch, if the bytes read are not those `csv_file` was inspected as."""
+    path = csv_file.path
     ended = 0  # the line the last row ended on
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with path.open("rb") as raw:
+            hashing = _Hashing(raw)
+            fh = io.TextIOWrapper(io.BufferedReader(hashing), encoding="utf-8-sig", newline="")
             reader = csv.reader(fh)
             header = next(reader, None)
             if not header:
@@ -207,6 +289,27 @@ def _checked(
         raise IngestError(f"{path}: the row from line {ended + 1} is not valid CSV: {exc}") from None
     except UnicodeDecodeError:
         raise IngestError(f"{path} changed while being loaded: it is no longer UTF-8 text") from None
+    if hashing.digest.hexdigest() != csv_file.sha256:
+        raise IngestError(
+            f"{path} changed while being loaded (its sha256 is no longer that of the file first read); "
+            "nothing was loaded: run the ingest again once the file is complete"
+        )
+
+
+class _Hashing(io.RawIOBase):
+    """Reads a binary file, keeping the sha256 of every byte read."""
+
+    def __init__(self, raw: io.BufferedReader) -> None:
+        self.raw = raw
+        self.digest = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
 
 
 class _Checker:

@@ -1,13 +1,17 @@
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import make_engine, make_sessions
 from core.generator import generate_transactions
-from core.ingest import IngestError, ingest_csv
+from core.ingest import IngestError, ingest_csv, inspect_file
+from core.lease import try_acquire
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec
 
@@ -21,6 +25,15 @@ def _csv(tmp_path: Path, frame: pd.DataFrame, name: str = "new.csv") -> Path:
     path = tmp_path / name
     frame.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def impatient(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on the test's SQLite file that give up at once (busy timeout 0) on a lock held elsewhere."""
+    engine = make_engine(sqlite_url)
+    event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA busy_timeout=0"))
+    yield make_sessions(engine)
+    engine.dispose()
 
 
 def _bad_file(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
@@ -203,3 +216,91 @@ def test_ingest_refuses_a_file_missing_columns(tmp_path: Path, sessions, spec: F
     generate_transactions(5).drop(columns=["floor", "price_10k_krw"]).to_csv(path, index=False)
     with pytest.raises(IngestError, match="missing column\\(s\\): floor, price_10k_krw"):
         ingest_csv(path, spec=spec, sessions=sessions)
+
+
+def test_a_bad_line_in_a_later_batch_stores_nothing_of_the_earlier_ones(
+    tmp_path: Path, sessions, spec
+) -> None:
+    frame = generate_transactions(10, seed=7)
+    frame.loc[8, "area_m2"] = -5  # line 10, in the third batch of three lines
+    report = ingest_csv(_csv(tmp_path, frame), spec=spec, sessions=sessions, chunk_size=3)
+    assert (report.good, report.bad, report.loaded, report.rejected) == (
+        9,
+        1,
+        0,
+        [(10, ["area_m2: must be >= 5"])],
+    )
+    assert _count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0
+
+
+def test_other_writers_do_not_wait_while_the_lines_are_checked(
+    tmp_path: Path, sqlite_url: str, impatient, spec
+) -> None:
+    engine = make_engine(sqlite_url)
+    sessions = make_sessions(engine)
+    path = _csv(tmp_path, generate_transactions(30, seed=6))
+    renewed: list[bool] = []
+
+    def renew_lease(lines: int) -> None:  # the scheduler renewing its lease while the ingest checks lines
+        renewed.append(
+            try_acquire(impatient, name="scheduler", holder="worker-1", ttl_s=60, now=datetime.now(UTC))
+        )
+
+    report = ingest_csv(path, spec=spec, sessions=sessions, chunk_size=10, on_progress=renew_lease)
+    engine.dispose()
+    assert (renewed, report.loaded, _count(impatient)) == ([True, True, True], 30, 30)
+
+
+def test_an_ingest_blocked_by_another_write_is_a_clear_error(
+    tmp_path: Path, sqlite_url: str, impatient, spec
+) -> None:
+    engine = make_engine(sqlite_url)
+    sessions = make_sessions(engine)
+    path = _csv(tmp_path, generate_transactions(5, seed=5))
+    now = datetime.now(UTC)
+    with sessions.begin() as other:  # another ingest, in the middle of its copy: SQLite's one writer
+        other.add(LabelledRow(features={}, target=1.0, event_time=now, source="other.csv", ingested_at=now))
+        other.flush()
+        with pytest.raises(
+            IngestError,
+            match=re.escape(
+                f"{path}: nothing was loaded: another write holds the database (SQLite: one writer at a "
+                "time, e.g. another ingest) and kept it past the busy timeout; try again when it has finished"
+            ),
+        ):
+            ingest_csv(path, spec=spec, sessions=impatient)
+    assert ingest_csv(path, spec=spec, sessions=impatient).loaded == 5  # once it has: nothing half-done
+    engine.dispose()
+    assert _count(impatient) == 6
+
+
+def test_a_file_changed_after_it_was_inspected_loads_nothing(tmp_path: Path, sessions, spec) -> None:
+    path = _csv(tmp_path, generate_transactions(5, seed=8))
+    inspected = inspect_file(path)  # as the CLI does, for its progress bar
+    generate_transactions(5, seed=9).to_csv(path, index=False)
+    with pytest.raises(
+        IngestError, match=re.escape(f"{path} changed while being loaded (its sha256 is no longer")
+    ):
+        ingest_csv(inspected, spec=spec, sessions=sessions)
+    assert _count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0
+
+
+def test_a_file_loaded_by_another_ingest_while_this_one_checks_is_loaded_once(
+    tmp_path: Path, sessions, spec
+) -> None:
+    path = _csv(tmp_path, generate_transactions(20, seed=3))
+    copy = _csv(tmp_path, pd.read_csv(path), name="copy.csv")  # the same bytes
+    others: list[int] = []
+
+    def other_ingest(lines: int) -> None:
+        if not others:
+            others.append(ingest_csv(copy, spec=spec, sessions=sessions, source="other").loaded)
+
+    report = ingest_csv(path, spec=spec, sessions=sessions, chunk_size=5, on_progress=other_ingest)
+    assert (others, report.loaded, report.good) == ([20], 0, 20)
+    assert (report.already.rows, report.already.source, report.already.name) == (20, "other", str(copy))
+    assert _count(sessions) == 20
