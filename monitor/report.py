@@ -171,21 +171,53 @@ def _drift(
     importance: Mapping[str, float],
     threshold: float | None,
 ) -> tuple[tuple[FeatureDrift, ...], FeatureDrift, Snapshot]:
-    """One Evidently `ValueDrift` per feature and for the prediction; Evidently picks each method."""
-    columns = [*spec.feature_names, PREDICTION]
+    """One Evidently `ValueDrift` per feature and for the prediction; Evidently picks each method.
+
+    A (nullable) column with no value at all on one side or both cannot be compared by Evidently, which
+    refuses an empty column; it is judged here instead (see `_empty_drift`)."""
+    empty = {
+        name: side
+        for name in spec.numeric_features
+        if (side := _empty_side(reference[name], current[name])) is not None
+    }
+    columns = [*(c for c in spec.feature_names if c not in empty), PREDICTION]
     metrics = {c: ValueDrift(column=c, threshold=threshold) for c in columns}
     definition = DataDefinition(
-        numerical_columns=[*spec.numeric_features, PREDICTION], categorical_columns=spec.categorical_features
+        numerical_columns=[c for c in [*spec.numeric_features, PREDICTION] if c not in empty],
+        categorical_columns=spec.categorical_features,
     )
     snapshot = Report(list(metrics.values()), include_tests=True).run(
         Dataset.from_pandas(current[columns], data_definition=definition),
         Dataset.from_pandas(reference[columns], data_definition=definition),
     )
     features = tuple(
-        _feature_drift(snapshot, metrics[name], name, float(importance.get(name, 0.0)))
+        _empty_drift(name, empty[name], float(importance.get(name, 0.0)))
+        if name in empty
+        else _feature_drift(snapshot, metrics[name], name, float(importance.get(name, 0.0)))
         for name in spec.feature_names
     )
     return features, _feature_drift(snapshot, metrics[PREDICTION], PREDICTION, 0.0), snapshot
+
+
+def _empty_side(reference: pd.Series, current: pd.Series) -> str | None:
+    """Which side of a column holds no value at all: "reference", "current", "both", or None."""
+    ref, cur = reference.isna().all(), current.isna().all()
+    return "both" if ref and cur else "reference" if ref else "current" if cur else None
+
+
+def _empty_drift(name: str, side: str, importance: float) -> FeatureDrift:
+    """A column empty on one side has drifted as far as a column can: a sensor that died (no value in the
+    window) or one added since the model was trained (none in its reference). Empty on both sides, it is
+    unchanged."""
+    drifted = side != "both"
+    return FeatureDrift(
+        feature=name,
+        method=f"no values in {'either' if side == 'both' else 'the ' + side}",
+        score=1.0 if drifted else 0.0,
+        threshold=math.nan,
+        detected=drifted,
+        importance=importance,
+    )
 
 
 def _require_columns(frame: pd.DataFrame, needed: list[str], name: str) -> None:

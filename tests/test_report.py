@@ -268,3 +268,29 @@ def test_a_row_with_absurd_numbers_does_not_stop_the_report(v1: Champion, spec: 
     assert result.accuracy is not None and np.isfinite(result.accuracy.rmse)
     assert result.accuracy.mae > 1e11  # three labels at the clip bound: a breach, as it should be
     assert np.isfinite(next(f for f in result.features if f.feature == "subway_distance_m").score)
+
+
+def test_a_column_with_no_values_on_one_side_has_drifted_and_stops_nothing(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """A sensor that died, or one added since training: Evidently refuses an empty column, so it is judged
+    here, and the rest of the report goes on."""
+    window = make_window(v1, spec)
+    window["subway_distance_m"] = np.nan  # died: no value in the window
+    reference = v1.reference.copy()
+    reference["households"] = np.nan  # added since: no value in the reference
+    reference["floor"], window["floor"] = np.nan, np.nan  # never had one
+    page = tmp_path / "report.html"
+    result = compute_drift(reference, window, spec, importance=v1.importance, html_path=page)
+    by_name = {f.feature: f for f in result.features}
+    assert [(n, by_name[n].method, by_name[n].score, by_name[n].detected) for n in (
+        "subway_distance_m", "households", "floor"
+    )] == [
+        ("subway_distance_m", "no values in the current", 1.0, True),
+        ("households", "no values in the reference", 1.0, True),
+        ("floor", "no values in either", 0.0, False),
+    ]  # fmt: skip
+    assert result.drifted() == ["households", "subway_distance_m"]
+    assert by_name["area_m2"].method == WASSERSTEIN and not by_name["area_m2"].detected
+    assert result.to_json()["features"]["floor"]["threshold"] is None
+    assert result.accuracy is not None and page.stat().st_size > 0
