@@ -178,7 +178,10 @@ class _Run:
         """
         frame = data.frame
         refit = self._train(frame, params)
-        checks = sanity_reasons(predict(refit, held, self.spec), held[self.spec.target], self.spec)
+        checks = sanity_reasons(
+            predict(refit, held, self.spec), held[self.spec.target], self.spec,
+            champion=predict(validated, held, self.spec),
+        )  # fmt: skip
         problems = [reason for reason in checks.values() if reason]
         if problems:
             log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -333,6 +334,32 @@ def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None
     assert sanity_reasons(np.array([-1.0, 1.0, 2.0, 3.0]), at_bound, spec)["target_min"] == (
         "target_min: 1 of 4 candidate predictions are below 0 by more than 0.0559017 (5% of the actual std)"
     )
+    # A count model's champion dips under the bound as well (quiet nights): the candidate may do so as
+    # often, not more often.
+    dips = np.array([-1.0, -2.0, 2.0, 3.0])
+    assert (
+        sanity_reasons(np.array([-1.0, 1.0, 2.0, 3.0]), at_bound, spec, champion=dips)["target_min"] is None
+    )
+    assert sanity_reasons(dips, at_bound, spec, champion=dips)["target_min"] is None
+    assert sanity_reasons(np.array([-1.0, -1.0, -2.0, 3.0]), at_bound, spec, champion=dips)["target_min"] == (
+        "target_min: 3 of 4 candidate predictions are below 0 by more than 0.0559017 (5% of the actual std), "
+        "more than the champion's 2"
+    )
+
+
+def test_gate_holds_a_candidate_to_the_champion_s_dips_under_target_min(
+    old_model: CatBoostRegressor, spec: FeatureSpec
+) -> None:
+    """Where the champion itself predicts under target_min on the holdout, a candidate that does so no more
+    often passes on its MAE; before, every candidate for a count target was refused and the loop stalled."""
+    held = generate_transactions(400, start="2022-01-01", end="2022-06-30", seed=9)
+    predicted = predict(old_model, held, spec)
+    bound = float(np.quantile(predicted, 0.1))  # the champion predicts under it for 40 rows
+    counts = dataclasses.replace(spec, target_min=bound)
+    held = held.assign(**{spec.target: np.maximum(held[spec.target], bound)})  # the actuals respect it
+
+    same = evaluate_gate(candidate=old_model, champion=old_model, holdout=held, spec=counts, margin=0.0)
+    assert same.checks["target_min"] is True and same.passed
 
 
 # --- whole runs, in-process ----------------------------------------------------------------------------
