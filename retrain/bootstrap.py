@@ -11,7 +11,7 @@ from core.generator import generate_transactions
 from core.registry import NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
-from retrain.data import read_labelled_csv, time_split
+from retrain.data import DataError, read_labelled_csv, time_split
 from retrain.train import (
     TrainParams,
     feature_importance,
@@ -48,8 +48,16 @@ def bootstrap(
     if existing is not None:
         registry.load(existing, spec=spec)  # FeatureMismatchError for another spec's model
         return BootstrapResult(existing, created=False)
-    if data is None:
-        data = read_labelled_csv(csv_path, spec) if csv_path else generate_transactions(rows, seed=seed)
+    if data is None and csv_path is not None:
+        data = read_labelled_csv(csv_path, spec)
+    elif data is None:
+        data = generate_transactions(rows, seed=seed)
+        missing = [c for c in (*spec.feature_names, spec.target) if c not in data.columns]
+        if missing:  # the generator makes apartment sales only
+            raise DataError(
+                f"no --csv given, and the generated apartment data has no column(s) {', '.join(missing)} "
+                f"of spec '{spec.dataset}': train v1 on your own labelled data with --csv FILE"
+            )
     train, holdout = time_split(data, spec, holdout_fraction=holdout_fraction)
     model = train_model(train, spec, params)
     metrics = {

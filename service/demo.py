@@ -71,6 +71,16 @@ class Served:
 
 
 def demo_settings(state: Path, webhook_url: str) -> Settings:
+    """The demo's own values over the defaults. The caller's DRIFTLOOP_* variables (DRIFTLOOP_CONFIG among
+    them) and .env are not read: the demo shows the shipped apartment example whatever is set."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DRIFTLOOP_")}
+    try:
+        return _demo_settings(state, webhook_url)
+    finally:
+        os.environ.update(saved)
+
+
+def _demo_settings(state: Path, webhook_url: str) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         database_url=f"sqlite:///{state / 'driftloop.db'}",
@@ -92,6 +102,12 @@ def demo_settings(state: Path, webhook_url: str) -> Settings:
     )
 
 
+def demo_env(settings: Settings) -> dict[str, str]:
+    """The children's environment: the demo's settings only. A DRIFTLOOP_* variable of the caller's (a spec
+    of their own, say) must not reach the processes that bootstrap and serve the apartment example."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")} | to_env(settings)
+
+
 def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), seed: int = 0) -> int:
     console = Console()
     shutil.rmtree(state, ignore_errors=True)
@@ -101,7 +117,7 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
     _Receiver.alerts = []
     threading.Thread(target=receiver.serve_forever, daemon=True).start()
     settings = demo_settings(state, f"http://127.0.0.1:{receiver.server_address[1]}/hook")
-    env = {**os.environ, **to_env(settings)}
+    env = demo_env(settings)
     tl = Timeline(console=console)
     console.rule(f"[bold]driftloop demo[/] — scenario [cyan]{scenario}[/]")
 

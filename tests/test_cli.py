@@ -1,5 +1,6 @@
 """The command line, in-process through typer's runner, against a real SQLite file."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,28 @@ def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_p
     assert "column 'build_year' has 1 row(s) with values that are not whole numbers, first at row 11" in (
         output
     )
+
+
+def test_bootstrap_of_a_spec_of_ones_own_without_a_csv_asks_for_one(env, tmp_path: Path, monkeypatch) -> None:
+    spec = tmp_path / "bikes.yaml"
+    spec.write_text("dataset: bikes\ntarget: rentals\nfeatures: [{name: temp_c, type: numeric}]\n")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    result = run("bootstrap")
+    assert result.exit_code == 2
+    assert (
+        "no --csv given, and the generated apartment data has no column(s) temp_c, rentals of spec 'bikes': "
+        "train v1 on your own labelled data with --csv FILE" in result.output
+    )
+
+
+def test_the_demo_runs_the_apartment_example_whatever_the_caller_set(tmp_path: Path, monkeypatch) -> None:
+    from service.demo import demo_env, demo_settings
+
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(tmp_path / "bikes.yaml"))
+    monkeypatch.setenv("DRIFTLOOP_WINDOW_SECONDS", "60")
+    monkeypatch.setenv("PATH_FOR_TEST", "kept")
+    env = demo_env(demo_settings(tmp_path, "http://127.0.0.1:9/hook"))
+    assert "DRIFTLOOP_SPEC_PATH" not in env and "DRIFTLOOP_WINDOW_SECONDS" not in env
+    assert env["PATH_FOR_TEST"] == "kept"
+    assert env["DRIFTLOOP_MONITOR_INTERVAL_S"] == "3"
+    assert os.environ["DRIFTLOOP_WINDOW_SECONDS"] == "60"  # the caller's own environment is left as it was
