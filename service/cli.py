@@ -384,7 +384,7 @@ def backtest(
         check_workdir,
         run_replay,
     )
-    from monitor.backtest.results import summarize, write_outputs
+    from monitor.backtest.results import blind_monitor_warning, summarize, write_outputs
     from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
 
     settings = _settings()
@@ -438,6 +438,9 @@ def backtest(
     paths = write_outputs(replay, summaries, periods, out)
     # The table is wide; on a narrow or non-terminal console rich would cut its figures short.
     Console(width=max(console.width, BACKTEST_TABLE_WIDTH)).print(_backtest_table(summaries))
+    for summary in summaries:
+        if warning := blind_monitor_warning(summary, settings.min_window_rows):
+            console.print(f"[yellow]warning: {warning}[/]")
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
 

@@ -531,3 +531,25 @@ def test_an_out_directory_the_backtest_did_not_make_is_never_wiped(tmp_path: Pat
     assert result.exit_code == 2
     assert "was not made by a backtest, which would wipe it" in " ".join(result.output.split())
     assert mine.read_text() == "months of work"
+
+
+def test_a_drift_policy_that_could_rarely_judge_says_so(tmp_path: Path) -> None:
+    """Sparse data: the window seldom holds min_window_rows of the champion's predictions. The figures
+    would look like any others; the verdict counts and a warning say the monitor mostly could not look."""
+    env = {**SMALL, "DRIFTLOOP_MIN_WINDOW_ROWS": "3500"}  # most of the replayed year
+    result = CliRunner().invoke(
+        cli, ["backtest", "--out", str(tmp_path), "--data", "generated:none", "--policies", "never,drift",
+              *STEP_ARGS], env=env, catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    verdicts = summary(tmp_path)["policies"]["drift"]["monitor_verdicts"]
+    runs, blind = sum(verdicts.values()), verdicts["insufficient"]
+    assert runs > 20 and blind > runs / 2
+    assert summary(tmp_path)["policies"]["never"]["monitor_verdicts"] == {}
+    text = " ".join(result.output.split())
+    assert (
+        f"warning: drift: {blind} of {runs} monitor runs had fewer than DRIFTLOOP_MIN_WINDOW_ROWS=3500 rows "
+        "of the serving champion's predictions to judge"
+    ) in text
+    quiet = backtest(tmp_path / "dense", "--data", "generated:none", "--policies", "drift", *STEP_ARGS)
+    assert "warning:" not in quiet.output

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ class PolicySummary:
     post_swap_mae: float | None  # drift only: MAE from its first post-change swap on
     post_swap_oracle_mae: float | None  # the oracle's MAE on the same rows
     detections: tuple[Detection, ...]
+    # drift only: its monitor runs by verdict ("ok", "breach", "insufficient": too few rows to judge)
+    monitor_verdicts: dict[str, int] = field(default_factory=dict)
 
 
 TABLE_COLUMNS = (
@@ -79,6 +82,25 @@ def table_row(x: PolicySummary) -> list[str]:
         f"{num(d.swap_delay_days, 'g')} d" if d and d.swap_delay_days is not None else "-",
         num(x.false_retrains, "d"),
     ]  # fmt: skip
+
+
+BLIND_SHARE = 0.5  # a drift policy without a verdict for more of its monitor runs than this gets a warning
+
+
+def blind_monitor_warning(summary: PolicySummary, min_window_rows: int) -> str | None:
+    """A warning when the drift policy's monitor could not judge most of its runs: too few rows of the
+    serving champion's predictions in the window (it starts afresh at each swap). Its figures then say
+    little about the policy, only that it rarely got to look."""
+    runs = sum(summary.monitor_verdicts.values())
+    blind = summary.monitor_verdicts.get("insufficient", 0)
+    if not runs or blind / runs <= BLIND_SHARE:
+        return None
+    return (
+        f"{summary.policy}: {blind} of {runs} monitor runs had fewer than DRIFTLOOP_MIN_WINDOW_ROWS="
+        f"{min_window_rows} rows of the serving champion's predictions to judge (the count starts afresh at "
+        f"each swap), so its figures rest on {runs - blind} verdict(s); for data this sparse lower "
+        "DRIFTLOOP_MIN_WINDOW_ROWS (and widen DRIFTLOOP_WINDOW_SECONDS if it is set)"
+    )
 
 
 def _ratio_text(ratio: float | None, ci: tuple[float, float] | None) -> str:
@@ -142,6 +164,7 @@ def _summary(
         post_swap_mae=post_swap,
         post_swap_oracle_mae=post_swap_oracle,
         detections=detections,
+        monitor_verdicts=dict(Counter(m.verdict for m in trace.monitors)),
     )
 
 
