@@ -28,10 +28,13 @@ Rules, in order:
      costing accuracy, a baseline this data no longer allows), so it keeps alerting but spends compute
      ever more rarely. Any other run (one a hard breach launched, an operator's, a scheduled one) and
      any "ok" report start the count afresh;
+   - no new labels: when the latest run was for this champion and the gate rejected it, and no label has
+     arrived since it started, a run would train on the same rows and be rejected again ("no new labels
+     since retrain run 12 was rejected …"), so it waits for one;
    - last, a drift-only breach waits for `min_labelled_rows` labelled rows from the drifted traffic,
      counted from the first breach of the streak ("waiting for labels: 37/200 …"): a candidate trained
      before the moved inputs have labels has nothing new to learn from.
-   A hard breach retrains once the first four are open.
+   A hard breach retrains once the first four and the no-new-labels gate are open.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from core.schema import (
     LabelledRow,
     PredictionLog,
     RetrainRun,
+    RunStatus,
     Trigger,
 )
 
@@ -127,6 +131,8 @@ class History:
     labelled_since_streak: int = 0
     # Retrain runs in a row, newest first, that soft breaches launched (see the module docstring).
     soft_runs: int = 0
+    # The latest run, when the gate rejected it for this champion and no label has arrived since it began.
+    rejected_run_without_new_labels: int | None = None
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -247,6 +253,11 @@ def _held_by(
                 f"backoff after {history.soft_runs} soft-breach {runs} in a row: the next waits "
                 f"{_span(wait)} (cooldown × 2^{n}), {_span(left)} left"
             )
+    if history.rejected_run_without_new_labels is not None:
+        return (
+            f"no new labels since retrain run {history.rejected_run_without_new_labels} was rejected: a run "
+            "now would train on the same rows"
+        )
     if drift_only and history.labelled_since_streak < config.min_labelled_rows:
         return (
             f"waiting for labels: {history.labelled_since_streak}/{config.min_labelled_rows} labelled rows "
@@ -300,7 +311,36 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
         streak_start_report_id=streak_start,
         labelled_since_streak=labelled_since,
         soft_runs=_soft_runs(session, now=now),
+        rejected_run_without_new_labels=_rejected_without_new_labels(
+            session, champion_version=champion_version, now=now
+        ),
     )
+
+
+def _rejected_without_new_labels(
+    session: Session, *, champion_version: int | None, now: datetime
+) -> int | None:
+    """The latest run before `now`, if the gate rejected it for this champion and no label (feedback or
+    ingest) has been received between its start and `now`; else None."""
+    last = session.execute(
+        select(RetrainRun.id, RetrainRun.status, RetrainRun.champion_version, RetrainRun.started_at)
+        .where(RetrainRun.started_at < now)
+        .order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
+        .limit(1)
+    ).first()
+    if last is None or last.status != RunStatus.rejected or last.champion_version != champion_version:
+        return None
+    feedback = session.scalar(
+        select(func.count())
+        .select_from(GroundTruth)
+        .where(GroundTruth.received_at > last.started_at, GroundTruth.received_at <= now)
+    )
+    ingested = session.scalar(
+        select(func.count())
+        .select_from(LabelledRow)
+        .where(LabelledRow.ingested_at > last.started_at, LabelledRow.ingested_at <= now)
+    )
+    return None if (feedback or ingested) else int(last.id)
 
 
 def _soft_runs(session: Session, *, now: datetime) -> int:

@@ -637,3 +637,47 @@ def test_load_history_counts_labels_of_the_traffic_since_the_streak_began(
     assert now.labelled_since_streak == 3  # predictions 2 and 3, one ingested row
     assert later.labelled_since_streak == 5  # + prediction 5 and the ingested row that arrived by then
     assert (before_streak.previous_breaches, before_streak.labelled_since_streak) == (1, 1)  # prediction 2
+
+
+def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
+    sessions: sessionmaker[Session], make_features: Any
+) -> None:
+    """The same rows would train the same candidate and the gate would reject it again."""
+    held = decide(obs(mae=130.0), history(rejected_run_without_new_labels=12), CONFIG)
+    reason = "no new labels since retrain run 12 was rejected: a run now would train on the same rows"
+    assert (held.breach, held.retrain, held.held_by) == (True, False, reason)
+    assert decide(obs(mae=130.0), history(), CONFIG).retrain
+
+    with sessions.begin() as session:
+        session.add(rejected := _run(minutes(-60), "rejected"))  # for champion 3
+        session.flush()
+        session.add(
+            PredictionLog(
+                id="00000001-0000-0000-0000-000000000000", created_at=minutes(-90), model_version=3,
+                features=make_features(), prediction=1.0, latency_ms=1.0,
+            )
+        )  # fmt: skip
+        session.flush()
+        session.add(
+            GroundTruth(
+                prediction_id="00000001-0000-0000-0000-000000000000", actual=2.0, received_at=minutes(-70)
+            )
+        )
+
+    def waiting(now: datetime, champion: int = 3) -> int | None:
+        with sessions() as session:
+            return load_history(session, champion_version=champion, now=now).rejected_run_without_new_labels
+
+    assert waiting(T0) == rejected.id  # the one label came before the run
+    assert waiting(T0, champion=4) is None  # another champion: the gate would judge against another model
+    with sessions.begin() as session:
+        session.add(
+            LabelledRow(
+                features={}, target=1.0, event_time=minutes(-200), source="s", ingested_at=minutes(-10)
+            )
+        )
+    assert waiting(minutes(-20)) == rejected.id
+    assert waiting(T0) is None  # an ingested row arrived since
+    with sessions.begin() as session:
+        session.add(_run(minutes(-5), "failed"))
+    assert waiting(T0) is None  # the latest run was not rejected
