@@ -401,6 +401,9 @@ def format_retrain_outcome(*, session: Session, run_id: int) -> dict[str, Any]:
     lines = [f"{icon} driftloop retrain run #{run.id} (trigger: {run.trigger}): {summary}."]
     if run.reason:
         lines.append(f"Reason: {run.reason}")
+    gate = (run.metrics or {}).get("gate") or {}
+    if run.status == "rejected" and gate.get("reasons"):
+        lines.append(f"Gate: {'; '.join(gate['reasons'])}")
     if run.error and run.error.strip():
         lines.append(f"Error: {run.error.strip().splitlines()[-1][:300]}")
     return {

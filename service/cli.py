@@ -296,9 +296,17 @@ def retrain(wait: bool = True) -> None:
             raise typer.Exit(1) from None
         console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
         if wait:
+            from monitor.notify import format_retrain_outcome
+
             with console.status("training and validating…"):
                 status = handle.wait(settings.retrain_timeout_s + 60)
-            console.print(f"run {handle.run_id}: [bold]{status}[/]")
+            if status == "running":
+                console.print(f"run {handle.run_id}: still running")
+                return
+            with loop.sessions() as session:  # what it did and why: the gate's reasons for a rejection
+                console.print(
+                    format_retrain_outcome(session=session, run_id=handle.run_id)["text"], markup=False
+                )
 
 
 @cli.command()

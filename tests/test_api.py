@@ -200,6 +200,8 @@ def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> 
     with client.app.state.ctx.sessions() as session:
         stored = {g.prediction_id: g.actual for g in session.scalars(select(GroundTruth))}
     assert stored == {ids[0]: 90000.0, ids[1]: 95000.0, ids[2]: 70000.0}
+    shouted = client.post("/feedback", json=[{"prediction_id": ids[0].upper(), "actual": 90000.0}])
+    assert shouted.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": []}  # the same UUID
 
 
 @pytest.mark.parametrize(

@@ -208,3 +208,15 @@ def test_the_demo_runs_the_apartment_example_whatever_the_caller_set(tmp_path: P
     assert env["PATH_FOR_TEST"] == "kept"
     assert env["DRIFTLOOP_MONITOR_INTERVAL_S"] == "3"
     assert os.environ["DRIFTLOOP_WINDOW_SECONDS"] == "60"  # the caller's own environment is left as it was
+
+
+def test_retrain_waits_and_says_what_the_run_did_and_why(env) -> None:
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    result = run("retrain")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "driftloop retrain run #1 (trigger: manual): candidate v2" in text
+    assert "Reason: manual trigger via CLI" in text
+    with _sessions(Settings()) as sessions, sessions() as session:
+        status = session.get(RetrainRun, 1).status
+    assert ("Gate: " in text) == (status == "rejected")  # a rejection names the gate's reasons

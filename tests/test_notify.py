@@ -380,7 +380,9 @@ def test_format_breach_reads_as_a_slack_message() -> None:
 
 
 def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
-    def run(status: str, candidate: int | None, error: str | None) -> RetrainRun:
+    def run(
+        status: str, candidate: int | None, error: str | None, gate: list[str] | None = None
+    ) -> RetrainRun:
         return RetrainRun(
             trigger="drift",
             status=status,
@@ -388,7 +390,7 @@ def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
             report_id=17,
             champion_version=3,
             candidate_version=candidate,
-            metrics={"val_mae": 1234.5},
+            metrics={"val_mae": 1234.5, **({"gate": {"passed": False, "reasons": gate}} if gate else {})},
             steps={},
             error=error,
             pid=None,
@@ -399,7 +401,7 @@ def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
     with sessions.begin() as session:
         runs = [
             run("promoted", 4, None),
-            run("rejected", 5, None),
+            run("rejected", 5, None, gate=["mae: candidate MAE 1300 is not <= …", "spread: …"]),
             run("failed", None, "Traceback ...\nValueError: no labelled rows"),
         ]
         session.add_all(runs)
@@ -415,6 +417,7 @@ def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
         f":no_entry: driftloop retrain run #{runs[1].id} (trigger: drift): "
         "candidate v5 rejected; v3 stays champion."
     )
+    assert rejected["text"].splitlines()[-1] == "Gate: mae: candidate MAE 1300 is not <= …; spread: …"
     assert failed["text"].splitlines()[-1] == "Error: ValueError: no labelled rows"
     assert {k: promoted[k] for k in ("status", "candidate_version", "metrics", "finished_at")} == {
         "status": "promoted",

@@ -45,7 +45,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         first: dict[str, int] = {}
         repeated = 0
         for i, item in enumerate(items):
-            pid, actual = item.prediction_id, item.actual
+            pid, actual = item.prediction_id.lower(), item.actual  # a UUID in capitals is the same id
             if pid in labels and labels[pid] != actual:  # which one is true? not ours to guess
                 raise RequestValidationError([{
                     "type": "value_error", "loc": ("body", i, "actual"),
