@@ -249,6 +249,13 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
                 f"{source}: {where} ({name}) categories: YAML reads yes/no/true/false/on/off unquoted as "
                 'booleans; quote them ("yes")'
             )
+        numbers = [c for c in raw_categories if isinstance(c, int | float)]
+        if numbers:
+            raise SpecError(
+                f"{source}: {where} ({name}) categories: {numbers[0]!r} is a YAML number, and a category is "
+                "text as the data writes it (unquoted, YAML reads 01 as 1, 010 as 8 and 3.0 as 3.0): quote "
+                'them ("01", "3")'
+            )
         categories = tuple(str(c) for c in raw_categories)
         if ftype is FeatureType.categorical and not categories:
             raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")

@@ -170,6 +170,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "(a) is integer, and no integer lies in [0.5, 0.9]",
         ),
         (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [01, 02]}]\n",
+            "(a) categories: 1 is a YAML number, and a category is text as the data writes it",
+        ),
+        (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, categories: [b]}]\n",
             "(a) is numeric: 'categories' are for categorical",
         ),
