@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import hashlib
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -83,6 +85,7 @@ class FeatureSpec:
     description: str = ""
     target_min: float | None = None
     target_max: float | None = None
+    sha256: str = field(default="", compare=False)  # of the file's bytes (load_spec); "" when built in code
     _by_name: dict[str, Feature] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -354,13 +357,16 @@ def _number(value: Any, where: str) -> float | None:
 def load_spec(path: str | Path | None = None) -> FeatureSpec:
     """Load a spec file; None means the shipped apartment spec."""
     if path is None:
-        text = resources.files("core.specs").joinpath("apartments.yaml").read_text(encoding="utf-8")
-        return parse_spec(yaml.safe_load(text), source="apartments.yaml")
+        data = resources.files("core.specs").joinpath("apartments.yaml").read_bytes()
+        spec = parse_spec(yaml.safe_load(data.decode("utf-8")), source="apartments.yaml")
+        return dataclasses.replace(spec, sha256=hashlib.sha256(data).hexdigest())
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = p.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8"))
     except FileNotFoundError as exc:
         raise SpecError(f"spec file not found: {p}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"{p}: not valid YAML: {exc}") from exc
-    return parse_spec(raw, source=str(p))
+    spec = parse_spec(raw, source=str(p))
+    return dataclasses.replace(spec, sha256=hashlib.sha256(data).hexdigest())

@@ -391,7 +391,7 @@ class Loop:
             raise NoChampion()
         handle = launch(
             settings=self.settings, trigger=trigger, reason=reason, report_id=report_id,
-            sessions=self.sessions, metrics=self.metrics, clock=self.clock,
+            sessions=self.sessions, metrics=self.metrics, clock=self.clock, spec_sha256=self.spec.sha256,
         )  # fmt: skip
         watcher = threading.Thread(
             target=self._announce, args=(handle,), name=f"retrain-announce-{handle.run_id}", daemon=True

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from core.db import make_engine, make_sessions, utcnow
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
-from core.spec import load_spec
-from retrain.process import SETTINGS_ENV
+from core.spec import FeatureSpec, SpecError, load_spec
+from retrain.process import SETTINGS_ENV, SPEC_SHA256_ENV
 from retrain.runner import execute_run
 from retrain.runs import Heartbeat, fail_run
 
@@ -27,6 +27,17 @@ def settings_from_env(environ: Mapping[str, str]) -> Settings:
     if raw is None:
         raise RuntimeError(f"{SETTINGS_ENV} is not set; start runs with retrain.process.launch")
     return Settings(_env_file=None, **json.loads(raw))  # type: ignore[call-arg]
+
+
+def check_spec_unchanged(spec: FeatureSpec, expected: str, settings: Settings) -> None:
+    """Raise SpecError when the spec file is no longer the one the launching process read: the service
+    would go on validating and serving by the old one while this run trained and gated by the new."""
+    if expected and spec.sha256 != expected:
+        raise SpecError(
+            f"the spec file {settings.spec_path or 'apartments.yaml'} changed since the process that "
+            f"launched this run read it (sha256 {expected[:12]}…, now {spec.sha256[:12]}…): restart the "
+            "service and the worker so that serving, monitoring and retraining all use one spec"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         registry = Registry(make_sessions(engine), ArtifactStore(settings.artifact_dir))
         try:
             spec = load_spec(settings.spec_path)
+            check_spec_unchanged(spec, os.environ.get(SPEC_SHA256_ENV, ""), settings)
         except Exception as exc:
             fail_run(registry.sessions, run_id, error=f"{type(exc).__name__}: {exc}", now=utcnow())
             return 0

@@ -30,6 +30,7 @@ log = logging.getLogger("driftloop.retrain")
 
 CHILD_MODULE = "retrain.child"
 SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
+SPEC_SHA256_ENV = "DRIFTLOOP_RETRAIN_SPEC_SHA256"  # the spec file as the parent read it, for the child
 
 
 class RunHandle:
@@ -56,11 +57,14 @@ class RunHandle:
         self._done.set()
 
 
-def child_env(settings: Settings) -> dict[str, str]:
-    """The child's environment: ours without DRIFTLOOP_* overrides, plus our settings as JSON (no secrets)."""
+def child_env(settings: Settings, *, spec_sha256: str = "") -> dict[str, str]:
+    """The child's environment: ours without DRIFTLOOP_* overrides, plus our settings as JSON (no secrets)
+    and the sha256 of the spec file as we read it (the child refuses to run under a file changed since)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")}
     secrets = {name for name, value in settings if isinstance(value, SecretStr)}
     env[SETTINGS_ENV] = json.dumps(settings.model_dump(mode="json", exclude=secrets))
+    if spec_sha256:
+        env[SPEC_SHA256_ENV] = spec_sha256
     return env
 
 
@@ -73,6 +77,7 @@ def launch(
     sessions: sessionmaker[Session] | None = None,
     metrics: Metrics | None = None,
     clock: Clock = utcnow,
+    spec_sha256: str = "",
 ) -> RunHandle:
     """Claim the single-flight slot here (RunInProgress at once if taken), then run it in a child process.
 
@@ -88,7 +93,7 @@ def launch(
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", CHILD_MODULE, str(run_id)],
-                env=child_env(settings),
+                env=child_env(settings, spec_sha256=spec_sha256),
                 stdin=subprocess.DEVNULL,
             )
         except OSError as exc:

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from core.generator import generate_transactions
 from core.metrics import Metrics, build_metrics
 from core.registry import Registry
 from core.schema import ModelStatus, ModelVersion, RetrainRun
-from core.spec import FeatureSpec
+from core.spec import FeatureSpec, load_spec
 from retrain.child import settings_from_env
 from retrain.process import SETTINGS_ENV, child_env, launch
 from retrain.runs import Heartbeat, RunInProgress, fail_run, recover_stale, start_run
@@ -200,6 +201,35 @@ def test_launch_runs_in_a_child_that_records_the_outcome(
     assert sample("driftloop_retrain_runs_total", {"trigger": "manual", "status": "promoted"}) == 1
     assert sample("driftloop_retrain_running") == 0
     assert sample("driftloop_retrain_last_finished_timestamp_seconds") == run.finished_at.timestamp()
+
+
+def test_a_run_launched_under_a_spec_file_changed_since_fails_saying_so(
+    db_url: str, tmp_path: Path, sessions: sessionmaker[Session], registry: Registry, champion: ModelVersion
+) -> None:
+    """The service validates and serves by the spec it read at start; a run must not train and gate by
+    another (a bound or a feature edited in the file since)."""
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(resources.files("core.specs").joinpath("apartments.yaml").read_bytes())
+    settings = make_settings(db_url, tmp_path, spec_path=path)
+    read_at_start = load_spec(path)
+    path.write_text(
+        path.read_text(encoding="utf-8").replace("target_min: 0", "target_min: 1"), encoding="utf-8"
+    )
+
+    handle = launch(settings=settings, trigger="manual", sessions=sessions, spec_sha256=read_at_start.sha256)
+    assert handle.wait(CHILD_TIMEOUT_S) == "failed"
+    error = run_row(sessions, handle.run_id).error
+    assert error is not None and error.startswith(
+        f"SpecError: the spec file {path} changed since the process"
+    )
+    assert "restart the service and the worker" in error
+    assert versions(registry) == {1: ModelStatus.champion}  # nothing trained
+
+    unchanged = launch(
+        settings=settings, trigger="manual", sessions=sessions, spec_sha256=load_spec(path).sha256
+    )
+    unchanged.wait(CHILD_TIMEOUT_S)
+    assert "SpecError" not in (run_row(sessions, unchanged.run_id).error or "")  # the same file: it runs
 
 
 def _wait_for_step(sessions: sessionmaker[Session], run_id: int, step: str) -> None:
