@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     evidently_max_rows: int = Field(default=50_000, ge=100)
     drift_stattest_threshold: float | None = None
     sample_seed: int = 0
+    # Evidently pages kept on disk (the newest; each run prunes the rest, whose report rows stay); 0: none
+    # are written. 288 is one day at the default interval.
+    report_html_keep: int = Field(default=288, ge=0)
 
     # --- policy ------------------------------------------------------------------------
     drift_share_threshold: float = Field(default=0.5, gt=0, le=1)

@@ -33,6 +33,7 @@ from monitor.notify import (
     enqueue_retrain_outcome,
     format_breach,
 )
+from monitor.pages import prune_pages
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_window
 from retrain.process import RunHandle, launch
@@ -93,7 +94,9 @@ class Loop:
     # Runs a retrain and returns its run id; None: a child OS process via `launch_retrain`. The backtest
     # passes one that runs in-process on its simulated clock.
     launcher: Callable[..., int] | None = None
-    write_html: bool = True  # the Evidently page of each report; the backtest skips it
+    # The Evidently page of each report, and pruning old ones (DRIFTLOOP_REPORT_HTML_KEEP); the backtest
+    # skips both.
+    write_html: bool = True
     _scheduler: BackgroundScheduler | None = None
     _reference: tuple[int, pd.DataFrame] | None = None
     _notifier: WebhookNotifier | None = None
@@ -256,7 +259,7 @@ class Loop:
             # (--no-scheduler) never monitor, so they should not pay for it at start-up.
             from monitor.report import compute_drift
 
-            if self.write_html:
+            if self.write_html and s.report_html_keep > 0:
                 name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
                 html_path = s.report_dir / name
             result = compute_drift(
@@ -281,6 +284,7 @@ class Loop:
             champion, window, observation, result, decision, html_path, now,
             seconds=time.perf_counter() - started,
         )  # fmt: skip
+        self._prune_pages()
         self._publish(result, observation)
         notes: list[str] = []
         if decision.breach:
@@ -354,6 +358,21 @@ class Loop:
             session.add(row)
             session.flush()
             return row.id
+
+    def _prune_pages(self) -> None:
+        """Keep the newest DRIFTLOOP_REPORT_HTML_KEEP pages; a failure is logged, the run goes on."""
+        if not self.write_html:
+            return
+        s = self.settings
+        try:
+            pruned = prune_pages(self.sessions, report_dir=s.report_dir, keep=s.report_html_keep)
+        except Exception:
+            log.exception("could not prune the report pages")
+            return
+        if pruned:
+            log.info(
+                "pruned the pages of reports %s (DRIFTLOOP_REPORT_HTML_KEEP=%d)", pruned, s.report_html_keep
+            )
 
     def _publish(self, result: DriftResult | None, obs: Observation) -> None:
         m = self.metrics

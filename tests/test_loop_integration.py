@@ -129,6 +129,34 @@ def test_a_stable_window_is_not_flagged(make_loop, registry, champion, spec, met
     assert runs(registry) == []
 
 
+def test_pruning_deletes_only_pages_inside_the_report_dir(make_loop, registry, champion, tmp_path) -> None:
+    loop = make_loop(report_html_keep=1)
+    pages = loop.settings.report_dir
+    pages.mkdir(parents=True)
+    outside, target = tmp_path / "outside.html", tmp_path / "target.html"
+    for path in (outside, target, pages / "newest.html"):
+        path.write_text("<html></html>", encoding="utf-8")
+    (pages / "link.html").symlink_to(target)
+    stored = [outside, pages / "gone.html", pages / "link.html", pages / "newest.html"]
+    with registry.sessions.begin() as session:
+        session.add_all(page_report(path) for path in stored)
+    outcome = loop.run_monitor()  # an empty window: an insufficient report without a page, then the pruning
+    assert (outcome.verdict, outcome.report_id) == ("insufficient", 5)
+    with registry.sessions() as session:
+        paths = [row.html_path for row in session.scalars(select(DriftReport).order_by(DriftReport.id))]
+    assert paths == [None, None, None, str(pages / "newest.html"), None]  # every row stays
+    assert sorted(pages.iterdir()) == [pages / "newest.html"]
+    assert outside.is_file() and target.is_file()  # outside the report dir: forgotten, never deleted
+
+
+def page_report(html_path: Path) -> DriftReport:
+    """A stored report with a verdict and a page, as an earlier monitor run left it."""
+    return DriftReport(
+        created_at=utcnow(), champion_version=1, rows=300, labelled_rows=0, sampled_rows=300, features={},
+        prediction_drift={}, reasons=[], decision={"verdict": "ok"}, html_path=str(html_path),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("scenario", ["new_town", "unit_bug"])
 def test_covariate_drift_is_flagged_naming_the_features(
     make_loop, registry, champion, spec, metrics, scenario

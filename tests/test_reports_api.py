@@ -9,10 +9,11 @@ from uuid import uuid4
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import sha256_file
-from core.schema import ModelVersion
+from core.schema import DriftReport, ModelVersion
 from core.spec import FeatureSpec
 from service.app import create_app
 from tests.conftest import make_settings
@@ -237,6 +238,60 @@ def test_the_report_page_is_evidentlys_dashboard_of_that_window(client, spec) ->
         404,
         f"report {report_id} has no HTML page (too few rows for a verdict, or file removed)",
     )
+
+
+def test_only_the_newest_pages_are_kept_and_a_pruned_one_says_where_its_json_is(
+    champion, db_url, tmp_path, spec
+) -> None:
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, report_html_keep=2)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "none", 300, seed=36, labelled=False)
+        outcomes = [run_monitor(client) for _ in range(3)]
+        Path(html_paths(client)[2]).unlink()  # a page already gone is pruned all the same
+        outcomes.append(run_monitor(client))
+        assert [o["report_id"] for o in outcomes] == [1, 2, 3, 4]
+        paths = html_paths(client)
+        assert (paths[1], paths[2]) == (None, None)  # the rows stay, their pages are forgotten
+        assert sorted(settings.report_dir.glob("*.html")) == sorted(Path(paths[n]) for n in (3, 4))
+        for report_id in (3, 4):
+            assert client.get(f"/reports/{report_id}").json()["html_url"] == f"/reports/{report_id}/html"
+            assert client.get(f"/reports/{report_id}/html").status_code == 200
+        for report_id, outcome in zip((1, 2), outcomes, strict=False):
+            page = client.get(f"/reports/{report_id}/html")
+            assert (page.status_code, page.json()) == (
+                404,
+                {
+                    "error": "not_found",
+                    "message": f"the HTML page of report {report_id} was pruned by "
+                    f"DRIFTLOOP_REPORT_HTML_KEEP=2; its JSON is at /reports/{report_id}",
+                },
+            )
+            report = client.get(f"/reports/{report_id}").json()
+            assert (report["html_url"], report["rows"], report["drift_share"]) == (
+                None, 300, outcome["drift"]["drift_share"],
+            )  # fmt: skip
+            assert report["features"] == outcome["drift"]["features"]
+
+
+def test_keep_0_writes_no_page_and_the_report_says_so(champion, db_url, tmp_path, spec) -> None:
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, report_html_keep=0)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "none", 300, seed=37, labelled=False)
+        outcome = run_monitor(client)
+        report = client.get(f"/reports/{outcome['report_id']}").json()
+        assert (report["html_url"], report["features"]) == (None, outcome["drift"]["features"])
+        assert html_paths(client) == {1: None}
+        assert list(settings.report_dir.glob("*")) == []
+        page = client.get("/reports/1/html")
+        assert (page.status_code, page.json()["message"]) == (
+            404,
+            "report 1 has no HTML page: DRIFTLOOP_REPORT_HTML_KEEP=0 keeps none; its JSON is at /reports/1",
+        )
+
+
+def html_paths(client: TestClient) -> dict[int, str | None]:
+    with client.app.state.ctx.sessions() as session:
+        return {row.id: row.html_path for row in session.scalars(select(DriftReport))}
 
 
 def test_reports_are_listed_newest_first_and_latest_is_the_newest(client) -> None:

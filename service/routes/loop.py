@@ -93,11 +93,21 @@ def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
 @router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
 def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
+    if row.html_path is None and row.decision.get("verdict") != "insufficient":
+        raise HTTPException(404, _no_page(report_id, keep=request.app.state.ctx.settings.report_html_keep))
     if not row.html_path or not Path(row.html_path).is_file():
         raise HTTPException(
             404, f"report {report_id} has no HTML page (too few rows for a verdict, or file removed)"
         )
     return FileResponse(row.html_path, media_type="text/html")
+
+
+def _no_page(report_id: int, *, keep: int) -> str:
+    """Why a report with a verdict has no page: retention pruned it, or pages are off."""
+    json_at = f"its JSON is at /reports/{report_id}"
+    if keep == 0:
+        return f"report {report_id} has no HTML page: DRIFTLOOP_REPORT_HTML_KEEP=0 keeps none; {json_at}"
+    return f"the HTML page of report {report_id} was pruned by DRIFTLOOP_REPORT_HTML_KEEP={keep}; {json_at}"
 
 
 def _report(request: Request, report_id: int) -> DriftReport:
