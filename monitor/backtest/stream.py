@@ -14,7 +14,7 @@ import pandas as pd
 from core.generator import SCENARIOS, generate_transactions
 from core.generator import to_utc as _utc
 from core.spec import FeatureSpec
-from retrain.data import DataError, check_features, plain, read_labelled_csv
+from retrain.data import DataError, MissingColumnsError, check_features, plain, read_labelled_csv
 
 GENERATED_PREFIX = "generated:"
 # The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
@@ -126,6 +126,8 @@ def load_stream(
     path = Path(data)
     try:
         frame = read_labelled_csv(path, spec)
+    except MissingColumnsError:
+        raise  # the caller knows where the spec came from
     except DataError as exc:
         raise BacktestInputError(str(exc)) from None
     _check(frame, spec, source=str(path))
