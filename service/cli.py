@@ -404,12 +404,13 @@ def backtest(
         stream = load_stream(
             data, load_spec(spec or settings.spec_path), time_column=time_column, rows=rows, seed=seed
         )
+        typed = initial_train_until is not None  # "" too: refused, not taken for the default
         until = (
             parse_time(initial_train_until, option="--initial-train-until")
-            if initial_train_until
+            if initial_train_until is not None
             else stream.default_train_until()
         )
-        cut = "--initial-train-until" if initial_train_until else "the default --initial-train-until"
+        cut = "--initial-train-until" if typed else "the default --initial-train-until"
         _, replayed = stream.split(until, cut=cut)
         defaulted = frozenset(
             name

@@ -399,6 +399,12 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--initial-train-until", "2030-01-01"], "no rows left to replay"),
         (["--data", "generated:none", "--initial-train-until", "2019-06-01"], "only 0 row(s) before it"),
         (["--data", "generated:none", "--initial-train-until", "someday"], "not a date or time"),
+        (["--data", "generated:none", "--initial-train-until", ""], "--initial-train-until is empty: give a"),
+        (["--data", "generated:none", "--initial-train-until", "now"], "'now': not a date or time; give one"),
+        (
+            ["--data", "generated:none", "--initial-train-until", "2022-01-01 09:00 KST"],
+            "'2022-01-01 09:00 KST' names its time zone (KST), which is not read; write the offset instead",
+        ),
         (["--data", "generated:none", "--step", "0d"], "--step (step) must be positive"),
         (["--data", "generated:none", "--rows", "5000000"], "Invalid value for '--rows'"),
         (["--data", "nowhere.csv"], "file not found: nowhere.csv"),
