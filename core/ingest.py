@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import Clock, utcnow
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, FeatureType
-from core.times import ISO_EXAMPLE, guess_format, is_number, parse_times
+from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
 
 MAX_LISTED = 1000  # bad lines kept with their problems; beyond, only counted
 FUTURE_SLACK = timedelta(days=1)  # an event time further ahead of now is a typo or a wrong format
@@ -426,6 +426,9 @@ class _Checker:
             return "missing (every row needs its date/time)"
         if is_number(pd.Series([value])).iloc[0]:
             return f"{value!r} is a number, not a date/time; write e.g. {ISO_EXAMPLE}"
+        zone = zone_names(pd.Series([value])).iloc[0]
+        if not pd.isna(zone):
+            return f"{value!r} names its time zone ({zone}), which is not read; {ZONE_ADVICE}"
         if self.time_format is None:
             return f"{value!r} is not a date/time; write e.g. {ISO_EXAMPLE}"
         fmt, line, first = self.time_format

@@ -366,6 +366,15 @@ def load_spec(path: str | Path | None = None) -> FeatureSpec:
         raw = yaml.safe_load(data.decode("utf-8"))
     except FileNotFoundError as exc:
         raise SpecError(f"spec file not found: {p}") from exc
+    except IsADirectoryError:
+        raise SpecError(f"{p} is a directory; give the spec file (YAML) in it") from None
+    except OSError as exc:
+        raise SpecError(f"{p} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise SpecError(
+            f"{p}: line {line} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{p}: not valid YAML: {exc}") from exc
     spec = parse_spec(raw, source=str(p))

@@ -4,12 +4,14 @@ A file's times are in one format, inferred once from its first value that has on
 value such as 01/02/2022 could be either), or else in any ISO 8601 form (with or without a time, fractional
 seconds or an offset; forms may mix). A value is never guessed on its own: one that fits neither is
 unparsable, so 13/02/2022 in a file whose format is %m/%d/%Y is refused rather than read day first. Numbers
-(20220401, 1648771200) are refused, not read as dates or as nanoseconds since 1970. Times without an
-offset are UTC.
+(20220401, 1648771200) are refused, not read as dates or as nanoseconds since 1970, and so are times whose
+zone is a name (CET, KST, Europe/Paris): pandas would drop it and read the time as UTC, and an abbreviation
+can stand for more than one offset; UTC and GMT are read as what they are. Times without an offset are UTC.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Hashable
 
@@ -17,7 +19,14 @@ import pandas as pd
 from pandas.tseries.api import guess_datetime_format
 
 ISO_EXAMPLE = "2022-04-01 or 2022-04-01T09:30:00+09:00"
+ZONE_ADVICE = "write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z for UTC"
 _NUMBER = r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*"
+# An upper-case abbreviation (CET, CEST, KST) or an IANA name (Europe/Paris) standing on its own, not
+# AM/PM, UTC, GMT or a month's or weekday's abbreviation.
+_NOT_ZONES = "AM|PM|UTC|GMT|JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEPT?|OCT|NOV|DEC|MON|TUE|WED|THU|FRI|SAT|SUN"
+_ZONE_NAME = re.compile(
+    rf"(?<![A-Za-z])(?!(?:{_NOT_ZONES})(?![A-Za-z]))([A-Z]{{2,5}}|[A-Z][A-Za-z_]+(?:/[A-Za-z_]+)+)(?![A-Za-z])"
+)
 
 
 def is_number(values: pd.Series) -> pd.Series:
@@ -25,10 +34,15 @@ def is_number(values: pd.Series) -> pd.Series:
     return values.astype("string").str.fullmatch(_NUMBER).fillna(False).astype(bool)
 
 
+def zone_names(values: pd.Series) -> pd.Series:
+    """The time-zone name each written time gives (CET, Europe/Paris), or NA where it gives none."""
+    return values.astype("string").str.extract(_ZONE_NAME, expand=False)
+
+
 def guess_format(values: pd.Series) -> tuple[Hashable, str] | None:
     """(label, format) of the first value, not a number, from which a strftime format can be inferred."""
     text = values.dropna().astype(str).str.strip()
-    text = text[(text != "") & ~is_number(text)]
+    text = text[(text != "") & ~is_number(text) & zone_names(text).isna()]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Parsing dates in", UserWarning)  # 13/02/2022: day first, fine
         for index, value in text.items():
@@ -40,9 +54,9 @@ def guess_format(values: pd.Series) -> tuple[Hashable, str] | None:
 
 def parse_times(values: pd.Series, fmt: str | None) -> pd.Series:
     """Written times -> UTC timestamps: each in `fmt`, else in ISO 8601; NaT where neither reads it (and
-    for every missing or empty value, and every number)."""
+    for every missing or empty value, every number and every time with a zone name)."""
     text = values.astype("string").str.strip()
-    text = text.mask(text.eq("") | is_number(text))
+    text = text.mask(text.eq("") | is_number(text) | zone_names(text).notna())
     parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns, UTC]")
     if fmt:
         parsed = pd.to_datetime(text, format=fmt, errors="coerce", utc=True)

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import csv
+import difflib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType
-from core.times import ISO_EXAMPLE, guess_format, parse_times
+from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
 
 class DataError(ValueError):
     """Labelled data that does not fit the spec; the message names the column or row."""
+
+
+class MissingColumnsError(DataError):
+    """The header lacks columns the spec reads; a caller that knows where the spec came from may say so."""
 
 
 def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
@@ -21,30 +28,25 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     Categorical columns are read as text, exactly as written ("01" stays "01", "NA" is a category), and
     only an empty cell is missing in them; numbers read as pandas does.
     """
+    required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
+    _check_header(path, *_header_and_odd_rows(path), required)
     categorical = spec.categorical_features
-    try:
-        frame = pd.read_csv(path, dtype=dict.fromkeys(categorical, "string"))
-        present = [c for c in categorical if c in frame.columns]
-        if present:  # again, as written: pandas would read "NA" or "null" as missing
-            text = pd.read_csv(path, usecols=present, dtype="string", keep_default_na=False, na_values=[""])
-            frame[present] = text[present]
-    except FileNotFoundError as exc:
-        raise DataError(f"file not found: {path}") from exc
+    try:  # index_col=False: the first column is never taken as the index, shifting the others
+        frame = pd.read_csv(path, index_col=False, dtype=dict.fromkeys(categorical, "string"))
+        if categorical:  # again, as written: pandas would read "NA" or "null" as missing
+            text = pd.read_csv(
+                path, index_col=False, usecols=categorical, dtype="string", keep_default_na=False,
+                na_values=[""],
+            )  # fmt: skip
+            frame[categorical] = text[categorical]
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not a readable CSV: {exc}") from exc
-    required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        hint = ""
-        if len(frame.columns) == 1 and ";" in str(frame.columns[0]):
-            hint = " (the header is one column holding ';': save the file comma-separated)"
-        raise DataError(f"{path}: missing column(s): {', '.join(missing)}{hint}")
     if frame.empty:
         raise DataError(f"{path}: no data rows, only a header")
     if spec.time_column:
         frame[spec.time_column] = _times(frame[spec.time_column], spec.time_column, path)
     target = pd.to_numeric(frame[spec.target], errors="coerce")
-    bad = frame.index[target.isna()]
+    bad = np.flatnonzero(target.isna())
     if len(bad):
         raise DataError(
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
@@ -59,15 +61,99 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     if spec.target_max is not None:
         limits.append((target > spec.target_max, f"is above the spec's target_max {spec.target_max:g}"))
     for outside, what in limits:
-        rows = frame.index[outside]
+        rows = np.flatnonzero(outside)
         if len(rows):
             raise DataError(
                 f"{path}: target {spec.target!r} {what} in {len(rows)} row(s), first at row {rows[0] + 2} "
-                f"({target[rows[0]]:g})"
+                f"({target.iloc[rows[0]]:g})"
             )
     frame[spec.target] = target.astype(float)
     check_features(frame, spec, source=str(path))
     return frame
+
+
+@dataclass(slots=True)
+class _OddRows:
+    """Rows whose number of fields differs from the header's: pandas would shift or pad their columns."""
+
+    count: int = 0
+    first_line: int = 0
+    widths: set[int] = field(default_factory=set)
+    empty_last: bool = True  # every such row's last field is empty
+
+    def add(self, line: int, fields: list[str]) -> None:
+        self.first_line = self.first_line or line
+        self.count += 1
+        self.widths.add(len(fields))
+        self.empty_last = self.empty_last and fields[-1].strip() == ""
+
+
+def _header_and_odd_rows(path: Path) -> tuple[list[str], _OddRows]:
+    """The header, and the rows not as wide as it (blank lines are no rows), read once with csv."""
+    odd = _OddRows()
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path} is empty: the first line must be the header")
+            line = 2
+            for fields in reader:
+                if fields and len(fields) != len(header):
+                    odd.add(line, fields)
+                line = reader.line_num + 1
+    except FileNotFoundError:
+        raise DataError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory; give the CSV file in it") from None
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+        ) from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV: {exc}") from None
+    return header, odd
+
+
+def _check_header(path: Path, header: list[str], odd: _OddRows, required: list[str]) -> None:
+    """Every column the spec reads named once (pandas would rename a second one), and every row as wide as
+    the header."""
+    twice = [
+        f"column {name!r} appears {'twice' if n == 2 else f'{n} times'} in the header"
+        for name in dict.fromkeys(required)
+        if (n := header.count(name)) > 1
+    ]
+    if twice:
+        raise DataError(f"{path}: {'; '.join(twice)}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        hint = ""
+        if len(header) == 1 and ";" in header[0]:
+            hint = " (the header is one column holding ';': save the file comma-separated)"
+        named = ", ".join(name + _near(name, header, required) for name in missing)
+        raise MissingColumnsError(f"{path}: missing column(s): {named}{hint}")
+    if odd.count:
+        width = len(header)
+        if len(odd.widths) > 1:
+            raise DataError(
+                f"{path}: {odd.count} row(s) have another number of fields than the header's {width}, "
+                f"first at line {odd.first_line}"
+            )
+        hint = " (a trailing comma?)" if odd.empty_last and odd.widths == {width + 1} else ""
+        raise DataError(
+            f"{path}: {odd.count} row(s) have {min(odd.widths)} fields, the header {width}{hint}; "
+            f"first at line {odd.first_line}"
+        )
+
+
+def _near(name: str, header: list[str], required: list[str]) -> str:
+    """' (the header has 'x ')' for a column named nearly as the spec names it, else ''."""
+    others = [h for h in header if h not in required]
+    close = [h for h in others if h.strip().casefold() == name.casefold()]
+    close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
+    return f" (the header has {close[0]!r})" if close else ""
 
 
 def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
@@ -81,13 +167,20 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
             f"{path}: column {column!r} holds numbers (first {plain(values.iloc[0])}), not dates or times; "
             f"write them as e.g. {ISO_EXAMPLE}"
         )
+    zoned = np.flatnonzero(zone_names(values).notna())
+    if len(zoned):
+        raise DataError(
+            f"{path}: column {column!r} has {len(zoned)} time(s) naming their time zone, which is not read, "
+            f"first at row {zoned[0] + 2} ({values.iloc[zoned[0]]}); {ZONE_ADVICE}"
+        )
     guess = guess_format(values)
     parsed = parse_times(values, guess[1] if guess else None)
-    bad = values.index[parsed.isna()]
+    bad = np.flatnonzero(parsed.isna())
     if len(bad):
         raise DataError(
             f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at row {bad[0] + 2} "
-            f"({_shown(values[bad[0]])}); every time must be a date or time in one format, ISO 8601 is safest"
+            f"({_shown(values.iloc[bad[0]])}); every time must be a date or time in one format, ISO 8601 is "
+            "safest"
         )
     return parsed
 

@@ -19,6 +19,7 @@ from core.settings import Settings
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
 console = Console(stderr=True)
 BACKTEST_TABLE_WIDTH = 180  # every column of the backtest table, unabridged
+_SHIPPED_SPEC = "; the spec used was the shipped apartment spec: {how} describing your data's columns"
 
 
 def _settings() -> Settings:
@@ -94,7 +95,7 @@ def bootstrap(
     from core.registry import RegistryError
     from core.spec import SpecError, load_spec
     from retrain.bootstrap import bootstrap as do_bootstrap
-    from retrain.data import DataError
+    from retrain.data import DataError, MissingColumnsError
     from retrain.train import TrainParams
 
     settings = _settings()
@@ -110,7 +111,9 @@ def bootstrap(
                 seed=seed,
             )
     except (DataError, SpecError, RegistryError) as exc:  # a champion that does not fit, or a damaged file
-        console.print(f"[red]bootstrap: {exc}[/]")
+        shipped = isinstance(exc, MissingColumnsError) and settings.spec_path is None
+        note = _SHIPPED_SPEC.format(how="set DRIFTLOOP_SPEC_PATH to a spec") if shipped else ""
+        console.print(f"[red]bootstrap: {exc}{note}[/]")
         raise typer.Exit(2) from None
     row = result.version
     verb = "trained and promoted" if result.created else "already the champion:"
@@ -394,6 +397,7 @@ def backtest(
     )
     from monitor.backtest.results import blind_monitor_warning, summarize, write_outputs
     from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
+    from retrain.data import MissingColumnsError
 
     settings = _settings()
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
@@ -408,12 +412,13 @@ def backtest(
         stream = load_stream(
             data, load_spec(spec or settings.spec_path), time_column=time_column, rows=rows, seed=seed
         )
+        typed = initial_train_until is not None  # "" too: refused, not taken for the default
         until = (
             parse_time(initial_train_until, option="--initial-train-until")
-            if initial_train_until
+            if initial_train_until is not None
             else stream.default_train_until()
         )
-        cut = "--initial-train-until" if initial_train_until else "the default --initial-train-until"
+        cut = "--initial-train-until" if typed else "the default --initial-train-until"
         _, replayed = stream.split(until, cut=cut)
         defaulted = frozenset(
             name
@@ -423,6 +428,10 @@ def backtest(
         last = replayed[stream.time_column].iloc[-1]
         check_timing(config, until=until, last=last, policies=chosen, defaulted=defaulted)
         check_workdir(out / "work")
+    except MissingColumnsError as exc:
+        shipped = "" if spec or settings.spec_path else _SHIPPED_SPEC.format(how="pass --spec FILE")
+        console.print(f"[red]backtest: {exc}{shipped}[/]")
+        raise typer.Exit(2) from None
     except (BacktestInputError, SpecError, ValueError) as exc:
         console.print(f"[red]backtest: {exc}[/]")
         raise typer.Exit(2) from None

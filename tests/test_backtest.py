@@ -320,6 +320,23 @@ def _broken(history_csv: Path, change: str) -> Path:
         frame["sold_on"] = ""
     elif change == "header only":
         frame = frame.iloc[:0]
+    elif change in ("trailing comma", "a row too wide"):
+        header, *rows = frame.to_csv(index=False).splitlines()
+        if change == "trailing comma":
+            rows = [row + "," for row in rows]
+        else:
+            rows[29] += ",7"
+        history_csv.write_text("\n".join([header, *rows, ""]))
+        return history_csv
+    elif change.startswith("twice: "):
+        column = change.removeprefix("twice: ")
+        frame = pd.concat([frame, frame[[column]]], axis=1)
+    elif change == "zone names":
+        frame["sold_on"] = frame["sold_on"].str.slice(0, 16) + " CET"
+    elif change == "header 'floor '":
+        frame = frame.rename(columns={"floor": "floor "})
+    elif change == "header 'Floor'":
+        frame = frame.rename(columns={"floor": "Floor"})
     elif change == "semicolons":
         frame.to_csv(history_csv, index=False, sep=";")
         return history_csv
@@ -349,6 +366,18 @@ def _broken(history_csv: Path, change: str) -> Path:
         ("empty time column", "column 'sold_on' is empty"),
         ("an epoch among dates", "column 'sold_on' has 1 unparsable value(s), first at row 2 (1577836800)"),
         ("semicolons", "(the header is one column holding ';': save the file comma-separated)"),
+        ("trailing comma", "1500 row(s) have 9 fields, the header 8 (a trailing comma?); first at line 2"),
+        ("a row too wide", "1 row(s) have 9 fields, the header 8; first at line 31"),
+        ("twice: area_m2", "column 'area_m2' appears twice in the header"),
+        ("twice: price_10k_krw", "column 'price_10k_krw' appears twice in the header"),
+        ("twice: sold_on", "column 'sold_on' appears twice in the header"),
+        (
+            "zone names",
+            "column 'sold_on' has 1500 time(s) naming their time zone, which is not read, first at row 2 "
+            "(2020-01-01 13:38 CET); write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z for UTC",
+        ),
+        ("header 'floor '", "missing column(s): floor (the header has 'floor ')"),
+        ("header 'Floor'", "missing column(s): floor (the header has 'Floor')"),
     ],
 )
 def test_bad_data_is_refused_naming_the_problem_before_any_work(
@@ -370,6 +399,12 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--initial-train-until", "2030-01-01"], "no rows left to replay"),
         (["--data", "generated:none", "--initial-train-until", "2019-06-01"], "only 0 row(s) before it"),
         (["--data", "generated:none", "--initial-train-until", "someday"], "not a date or time"),
+        (["--data", "generated:none", "--initial-train-until", ""], "--initial-train-until is empty: give a"),
+        (["--data", "generated:none", "--initial-train-until", "now"], "'now': not a date or time; give one"),
+        (
+            ["--data", "generated:none", "--initial-train-until", "2022-01-01 09:00 KST"],
+            "'2022-01-01 09:00 KST' names its time zone (KST), which is not read; write the offset instead",
+        ),
         (["--data", "generated:none", "--step", "0d"], "--step (step) must be positive"),
         (["--data", "generated:none", "--rows", "5000000"], "Invalid value for '--rows'"),
         (["--data", "nowhere.csv"], "file not found: nowhere.csv"),
@@ -396,6 +431,28 @@ def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str]
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out" / "work").exists()
+
+
+def test_a_directory_for_data_or_spec_is_refused_by_name(tmp_path: Path, history_csv: Path) -> None:
+    result = backtest(tmp_path / "out", "--data", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"backtest: {tmp_path} is a directory; give the CSV file in it" in " ".join(result.output.split())
+    result = backtest(tmp_path / "out", "--data", str(history_csv), "--spec", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"backtest: {tmp_path} is a directory; give the spec file (YAML) in it" in " ".join(
+        result.output.split()
+    )
+
+
+def test_missing_columns_without_a_spec_say_the_shipped_one_was_used(
+    tmp_path: Path, history_csv: Path
+) -> None:
+    result = backtest(tmp_path / "out", "--data", str(history_csv))
+    assert result.exit_code == 2
+    assert (
+        f"backtest: {history_csv}: missing column(s): contract_date; the spec used was the shipped apartment "
+        "spec: pass --spec FILE describing your data's columns"
+    ) in " ".join(result.output.split())
 
 
 def test_times_in_any_iso_8601_form_are_read(tmp_path: Path, history_csv: Path) -> None:

@@ -165,6 +165,22 @@ def test_bootstrap_from_a_csv_without_a_spec_column_is_refused(env, tmp_path: Pa
     assert "Traceback" not in result.output
 
 
+def test_bootstrap_from_a_directory_or_a_csv_the_shipped_spec_does_not_fit_says_so(
+    env, tmp_path: Path
+) -> None:
+    result = run("bootstrap", "--csv", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"bootstrap: {tmp_path} is a directory; give the CSV file in it" in result.output
+    path = tmp_path / "history.csv"
+    generate_transactions(100, seed=4).rename(columns={"floor": "Floor"}).to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    assert (
+        f"bootstrap: {path}: missing column(s): floor (the header has 'Floor'); the spec used was the "
+        "shipped apartment spec: set DRIFTLOOP_SPEC_PATH to a spec describing your data's columns"
+    ) in " ".join(result.output.split())
+
+
 def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_path: Path) -> None:
     frame = generate_transactions(100, seed=4)
     frame.loc[6, "district"] = "Atlantis-gu"

@@ -155,6 +155,26 @@ def test_times_are_read_in_one_format_for_the_whole_file(tmp_path: Path, session
     ]
 
 
+def test_a_time_zone_given_by_name_is_refused_not_dropped(tmp_path: Path, sessions, spec) -> None:
+    """pandas would infer '%Y-%m-%d %H:%M CET' from line 2, CET as literal text, and read 10:00 UTC."""
+    frame = generate_transactions(4, seed=1)
+    frame["contract_date"] = [
+        "2022-01-01 10:00 CET",
+        "2022-01-02 10:00 UTC",
+        "2022-01-03 10:00 Asia/Seoul",
+        "2022-01-04T10:00:00+01:00",
+    ]
+    report = ingest_csv(_csv(tmp_path, frame), spec=spec, sessions=sessions, skip_bad=True)
+    advice = "which is not read; write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z for UTC"
+    assert report.rejected == [
+        (2, [f"contract_date: '2022-01-01 10:00 CET' names its time zone (CET), {advice}"]),
+        (4, [f"contract_date: '2022-01-03 10:00 Asia/Seoul' names its time zone (Asia/Seoul), {advice}"]),
+    ]
+    with sessions() as s:
+        times = s.scalars(select(LabelledRow.event_time).order_by(LabelledRow.id)).all()
+    assert times == [datetime(2022, 1, 2, 10, tzinfo=UTC), datetime(2022, 1, 4, 9, tzinfo=UTC)]
+
+
 def test_event_times_more_than_a_day_ahead_are_refused(tmp_path: Path, sessions, spec) -> None:
     frame = generate_transactions(3, seed=1)
     frame["contract_date"] = ["2022-01-01", "2099-01-01", "2022-01-03"]

@@ -208,6 +208,16 @@ def test_missing_spec_file_is_named(tmp_path: Path) -> None:
         load_spec(tmp_path / "nope.yaml")
 
 
+def test_a_spec_that_is_a_directory_or_not_utf8_is_named(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=f"^{tmp_path} is a directory; give the spec file"):
+        load_spec(tmp_path)
+    path = tmp_path / "spec.yaml"
+    path.write_bytes("dataset: x\ndescription: café\n".encode("latin-1"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value) == f"{path}: line 2 is not UTF-8 text (byte 0xe9); save it as UTF-8"
+
+
 @pytest.mark.parametrize("name", sorted(RESERVED_NAMES))
 @pytest.mark.parametrize("role", ["feature", "target"])
 def test_a_name_driftloop_uses_for_its_own_columns_is_refused(tmp_path: Path, name: str, role: str) -> None:

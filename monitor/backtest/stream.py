@@ -14,7 +14,8 @@ import pandas as pd
 from core.generator import SCENARIOS, generate_transactions
 from core.generator import to_utc as _utc
 from core.spec import FeatureSpec
-from retrain.data import DataError, check_features, plain, read_labelled_csv
+from core.times import ISO_EXAMPLE, ZONE_ADVICE, zone_names
+from retrain.data import DataError, MissingColumnsError, check_features, plain, read_labelled_csv
 
 GENERATED_PREFIX = "generated:"
 # The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
@@ -105,6 +106,17 @@ def duration_text(delta: timedelta) -> str:
 
 
 def parse_time(text: str, *, option: str) -> datetime:
+    """A fixed point in the history: not empty, not now or today (which pandas would read as the clock's),
+    and with an offset rather than a zone name (which pandas would drop)."""
+    if not text.strip():
+        raise BacktestInputError(f"{option} is empty: give a date or time such as {ISO_EXAMPLE}")
+    if not re.search(r"\d", text):  # now, today: a backtest's cut is a point in its history, not the clock
+        raise BacktestInputError(f"{option} {text!r}: not a date or time; give one such as {ISO_EXAMPLE}")
+    zone = zone_names(pd.Series([text])).iloc[0]
+    if not pd.isna(zone):
+        raise BacktestInputError(
+            f"{option} {text!r} names its time zone ({zone}), which is not read; {ZONE_ADVICE}"
+        )
     try:
         return _utc(text)
     except (ValueError, TypeError) as exc:
@@ -126,6 +138,8 @@ def load_stream(
     path = Path(data)
     try:
         frame = read_labelled_csv(path, spec)
+    except MissingColumnsError:
+        raise  # the caller knows where the spec came from
     except DataError as exc:
         raise BacktestInputError(str(exc)) from None
     _check(frame, spec, source=str(path))
