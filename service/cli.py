@@ -26,6 +26,17 @@ def _settings() -> Settings:
     return Settings()
 
 
+def _spec(settings: Settings) -> Any:
+    """The configured spec; a bad one (missing, not YAML, a slip in it) is a message and exit 2."""
+    from core.spec import SpecError, load_spec
+
+    try:
+        return load_spec(settings.spec_path)
+    except SpecError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from None
+
+
 @contextmanager
 def _sessions(settings: Settings) -> Iterator[Any]:
     """Sessions on the configured database (migrated first if auto_migrate), for one command; the engine
@@ -56,13 +67,13 @@ def _loop(settings: Settings) -> Iterator[Any]:
     from prometheus_client import CollectorRegistry
 
     from core.metrics import build_metrics
-    from core.spec import load_spec
     from monitor.jobs import Loop
 
+    spec = _spec(settings)
     with _registry(settings) as registry:
         loop = Loop(
             settings=settings,
-            spec=load_spec(settings.spec_path),
+            spec=spec,
             sessions=registry.sessions,
             registry=registry,
             metrics=build_metrics(CollectorRegistry()),
@@ -139,6 +150,7 @@ def serve(
     from service.app import create_app
 
     settings = _settings()
+    _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
     if settings.auto_migrate:
         do_migrate(settings.database_url)
     app = create_app(settings, scheduler=not no_scheduler)
@@ -156,6 +168,7 @@ def worker(host: str = "127.0.0.1", port: int = 9100, log_level: str = "info") -
     from service.worker import create_worker_app
 
     settings = _settings()
+    _spec(settings)
     if settings.auto_migrate:
         do_migrate(settings.database_url)
     uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level)
@@ -177,10 +190,9 @@ def ingest(
     spec, nothing is loaded and the bad lines are listed (unless --skip-bad). A file already loaded is not
     loaded again (unless --force)."""
     from core.ingest import IngestError, ingest_csv, inspect_file
-    from core.spec import load_spec
 
     settings = _settings()
-    spec = load_spec(settings.spec_path)
+    spec = _spec(settings)
     try:
         csv_file = inspect_file(file)  # a missing or unreadable file is reported before any migration
         with _sessions(settings) as sessions, _progress() as progress:

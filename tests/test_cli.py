@@ -236,3 +236,20 @@ def test_retrain_waits_and_says_what_the_run_did_and_why(env) -> None:
     with _sessions(Settings()) as sessions, sessions() as session:
         status = session.get(RetrainRun, 1).status
     assert ("Gate: " in text) == (status == "rejected")  # a rejection names the gate's reasons
+
+
+@pytest.mark.parametrize("command", [["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]])
+def test_a_bad_spec_is_named_by_every_command_that_reads_it(
+    env, tmp_path: Path, monkeypatch, command
+) -> None:
+    spec = tmp_path / "bikes.yaml"
+    spec.write_text(
+        "dataset: bikes\ntarget: rentals\nfeatures: [{name: temp_c, type: numeric, nulable: true}]\n"
+    )
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    result = CliRunner().invoke(cli, command)  # not caught by the runner: a traceback would be an exception
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert "features[0] (temp_c) has an unknown key 'nulable' (did you mean 'nullable'?)" in " ".join(
+        result.output.split()
+    )
