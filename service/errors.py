@@ -39,8 +39,13 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
     if kind == "finite_number":
         return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
     if kind == "literal_error":  # a category: say what was sent, not only the (long) list of what may be
+        sent = error.get("input")
+        if sent is None:
+            return {"field": field, "message": "required (null is not allowed: the feature is not nullable)"}
+        if not isinstance(sent, str):
+            return {"field": field, "message": f"must be a string, one of the categories, not {sent!r}"}
         expected = error.get("ctx", {}).get("expected", "")
-        return {"field": field, "message": f"unknown category {error.get('input')!r}; expected {expected}"}
+        return {"field": field, "message": f"unknown category {sent!r}; expected {expected}"}
     return {"field": field, "message": error.get("msg", "invalid")}
 
 

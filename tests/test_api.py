@@ -496,3 +496,15 @@ def test_a_fault_of_ours_is_a_json_500_and_the_service_goes_on(
         assert (
             'driftloop_http_errors_total{endpoint="/fault",status="500"} 1.0' in client.get("/metrics").text
         )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (None, "district: required (null is not allowed: the feature is not nullable)"),
+        (1, "district: must be a string, one of the categories, not 1"),
+    ],
+)
+def test_a_category_sent_as_null_or_a_number_is_named_as_such(client, make_features, value, message) -> None:
+    response = client.post("/predict", json=make_features(district=value))
+    assert (response.status_code, response.json()["message"]) == (422, message)
