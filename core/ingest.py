@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
+from core.files import read_errors
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, FeatureType
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
@@ -79,40 +80,33 @@ def inspect_file(path: Path) -> CsvFile:
     Raises IngestError naming the problem (missing, a directory, UTF-16, a byte that is not UTF-8 and its
     line) before anything is loaded."""
     path = Path(path)
-    if not path.exists():
-        raise IngestError(f"file not found: {path}")
-    if path.is_dir():
-        raise IngestError(f"{path} is a directory; give the CSV file in it")
     digest = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8")()
     newlines, last = 0, b""
-    try:
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                if not last and chunk.startswith(_UTF16_BOMS):
-                    raise IngestError(f"{path} is UTF-16 text; {_TO_UTF8}")
-                digest.update(chunk)
-                if b"\x00" in chunk:
-                    line = newlines + chunk[: chunk.index(b"\x00")].count(b"\n") + 1
-                    raise IngestError(
-                        f"{path}: line {line} holds a NUL byte: not a text file (UTF-16?); {_TO_UTF8}"
-                    )
-                try:
-                    decoder.decode(chunk)
-                except UnicodeDecodeError as exc:
-                    line = newlines + exc.object[: exc.start].count(b"\n") + 1
-                    byte = exc.object[exc.start]
-                    raise IngestError(
-                        f"{path}: line {line} is not UTF-8 text (byte 0x{byte:02x}); {_TO_UTF8}"
-                    ) from None
-                newlines += chunk.count(b"\n")
-                last = chunk[-1:]
+    with read_errors(path, IngestError, kind="CSV file"), path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            if not last and chunk.startswith(_UTF16_BOMS):
+                raise IngestError(f"{path} is UTF-16 text; {_TO_UTF8}")
+            digest.update(chunk)
+            if b"\x00" in chunk:
+                line = newlines + chunk[: chunk.index(b"\x00")].count(b"\n") + 1
+                raise IngestError(
+                    f"{path}: line {line} holds a NUL byte: not a text file (UTF-16?); {_TO_UTF8}"
+                )
             try:
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError:
-                raise IngestError(f"{path}: ends in the middle of a UTF-8 character; {_TO_UTF8}") from None
-    except OSError as exc:
-        raise IngestError(f"{path} cannot be read: {exc.strerror or exc}") from None
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line = newlines + exc.object[: exc.start].count(b"\n") + 1
+                byte = exc.object[exc.start]
+                raise IngestError(
+                    f"{path}: line {line} is not UTF-8 text (byte 0x{byte:02x}); {_TO_UTF8}"
+                ) from None
+            newlines += chunk.count(b"\n")
+            last = chunk[-1:]
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise IngestError(f"{path}: ends in the middle of a UTF-8 character; {_TO_UTF8}") from None
     lines = newlines + (1 if last and last != b"\n" else 0)
     return CsvFile(path=path, sha256=digest.hexdigest(), lines=max(lines - 1, 0))
 

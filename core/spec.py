@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import hashlib
 import math
@@ -15,6 +14,8 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+from core.files import read_errors
 
 # The largest magnitude a feature or target may have. Beyond it a value is a unit slip or garbage, not
 # data: its square overflows float64 in the monitor's statistics and in Evidently's binning, so one such row
@@ -212,7 +213,7 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.replace("-", "_").split("_")) or "Spec"
 
 
-def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
+def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "") -> FeatureSpec:
     def need(mapping: dict[str, Any], key: str, where: str) -> Any:
         if key not in mapping:
             raise SpecError(f"{source}: {where} is missing '{key}'")
@@ -311,6 +312,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>") -> FeatureSpec:
         description=str(raw.get("description", "")),
         target_min=target_min,
         target_max=target_max,
+        sha256=sha256,
     )
 
 
@@ -357,25 +359,21 @@ def _number(value: Any, where: str) -> float | None:
 def load_spec(path: str | Path | None = None) -> FeatureSpec:
     """Load a spec file; None means the shipped apartment spec."""
     if path is None:
-        data = resources.files("core.specs").joinpath("apartments.yaml").read_bytes()
-        spec = parse_spec(yaml.safe_load(data.decode("utf-8")), source="apartments.yaml")
-        return dataclasses.replace(spec, sha256=hashlib.sha256(data).hexdigest())
-    p = Path(path)
+        data, source = (
+            resources.files("core.specs").joinpath("apartments.yaml").read_bytes(),
+            "apartments.yaml",
+        )
+    else:
+        p = Path(path)
+        with read_errors(p, SpecError, kind="spec file (YAML)", missing=f"spec file not found: {p}"):
+            data, source = p.read_bytes(), str(p)
     try:
-        data = p.read_bytes()
         raw = yaml.safe_load(data.decode("utf-8"))
-    except FileNotFoundError as exc:
-        raise SpecError(f"spec file not found: {p}") from exc
-    except IsADirectoryError:
-        raise SpecError(f"{p} is a directory; give the spec file (YAML) in it") from None
-    except OSError as exc:
-        raise SpecError(f"{p} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         line = exc.object[: exc.start].count(b"\n") + 1
         raise SpecError(
-            f"{p}: line {line} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+            f"{source}: line {line} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
         ) from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{p}: not valid YAML: {exc}") from exc
-    spec = parse_spec(raw, source=str(p))
-    return dataclasses.replace(spec, sha256=hashlib.sha256(data).hexdigest())
+        raise SpecError(f"{source}: not valid YAML: {exc}") from exc
+    return parse_spec(raw, source=source, sha256=hashlib.sha256(data).hexdigest())

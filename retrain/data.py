@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.files import read_errors
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
@@ -92,7 +93,7 @@ def _header_and_odd_rows(path: Path) -> tuple[list[str], _OddRows]:
     """The header, and the rows not as wide as it (blank lines are no rows), read once with csv."""
     odd = _OddRows()
     try:
-        with path.open(encoding="utf-8-sig", newline="") as fh:
+        with read_errors(path, DataError, kind="CSV file"), path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None:
@@ -102,12 +103,6 @@ def _header_and_odd_rows(path: Path) -> tuple[list[str], _OddRows]:
                 if fields and len(fields) != len(header):
                     odd.add(line, fields)
                 line = reader.line_num + 1
-    except FileNotFoundError:
-        raise DataError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path} is a directory; give the CSV file in it") from None
-    except OSError as exc:
-        raise DataError(f"{path} cannot be read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save it as UTF-8"
