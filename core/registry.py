@@ -148,11 +148,15 @@ class ArtifactStore:
         return model
 
     @classmethod
-    def load_reference(cls, path: str | Path, sha256: str | None) -> pd.DataFrame:
-        """The reference snapshot, checked against its sha256 when one was recorded (versions registered
-        before the registry recorded it have none)."""
+    def verify_reference(cls, path: str | Path, sha256: str | None) -> None:
+        """`verify` for a reference snapshot, when its sha256 was recorded (versions registered before the
+        registry recorded it have none)."""
         if sha256 is not None:
             cls.verify(path, sha256, what="reference snapshot")
+
+    @classmethod
+    def load_reference(cls, path: str | Path, sha256: str | None) -> pd.DataFrame:
+        cls.verify_reference(path, sha256)
         return pd.read_parquet(path)
 
 
@@ -260,8 +264,7 @@ class Registry:
                 )
             try:
                 self.store.verify(row.artifact_path, row.sha256)
-                if row.reference_sha256 is not None:
-                    self.store.verify(row.reference_path, row.reference_sha256, what="reference snapshot")
+                self.store.verify_reference(row.reference_path, row.reference_sha256)
             except ArtifactIntegrityError as exc:
                 raise ArtifactIntegrityError(f"model version {version} not promoted: {exc}") from None
             reason = reason or default_reason
