@@ -79,6 +79,32 @@ class MonitorOutcome:
         }
 
 
+def log_outcome(outcome: MonitorOutcome) -> None:
+    """One log line a monitor run, so an operator reading the service's log sees verdicts and actions."""
+    decision = outcome.decision
+    if decision is None or outcome.verdict == "insufficient":
+        reasons = decision.reasons if decision else outcome.notes
+        log.info("monitor run: report #%s, no verdict: %s", outcome.report_id, "; ".join(reasons))
+        return
+    figures = []
+    if outcome.result is not None:
+        figures.append(f"drift share {outcome.result.drift_share:.2f}")
+        if outcome.result.accuracy is not None:
+            figures.append(f"MAE {outcome.result.accuracy.mae:,.4g}")
+    measured = f" ({', '.join(figures)})" if figures else ""
+    if not decision.breach:
+        log.info("monitor run: report #%s, ok%s", outcome.report_id, measured)
+        return
+    if outcome.retrain_run_id is not None:
+        action = f"retrain run {outcome.retrain_run_id} launched (trigger: {decision.trigger})"
+    else:
+        action = f"no retraining: {decision.held_by or '; '.join(outcome.notes)}"
+    log.warning(
+        "monitor run: report #%s, BREACH (%d in a row)%s: %s; %s",
+        outcome.report_id, decision.consecutive, measured, "; ".join(decision.reasons), action,
+    )  # fmt: skip
+
+
 @dataclass(slots=True)
 class Loop:
     """Monitor + policy + alerts + retrain launching. `start()` schedules it; methods also run on demand."""
@@ -231,6 +257,7 @@ class Loop:
             self.metrics.monitor_seconds.observe(time.perf_counter() - started)
         self.metrics.monitor_runs.labels(outcome=outcome.verdict).inc()
         self.metrics.monitor_last_run.set(time.time())
+        log_outcome(outcome)
         return outcome
 
     def _run_monitor(self, now: datetime) -> MonitorOutcome:

@@ -14,6 +14,7 @@ Outbox row statuses: pending → delivered | failed | skipped.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -30,6 +31,7 @@ from monitor.policy import Decision, Observation
 PENDING, DELIVERED, FAILED, SKIPPED = "pending", "delivered", "failed", "skipped"  # row statuses
 RETRIED, SUPPRESSED = "retried", "suppressed"  # metric outcomes that are not statuses
 NO_WEBHOOK = "no webhook configured"
+log = logging.getLogger("driftloop.loop")
 
 
 def enqueue(
@@ -356,10 +358,18 @@ def enqueue_retrain_outcome(
     session: Session, run_id: int, *, now: datetime, metrics: Metrics | None = None
 ) -> Notification | None:
     """Announce a finished run, once per run whoever asks first (its own process, or the leader's sweep)."""
-    return enqueue(
-        session, kind="retrain_outcome", dedup_key=retrain_key(run_id),
-        payload=format_retrain_outcome(session=session, run_id=run_id), now=now, metrics=metrics,
+    payload = format_retrain_outcome(session=session, run_id=run_id)
+    row = enqueue(
+        session, kind="retrain_outcome", dedup_key=retrain_key(run_id), payload=payload, now=now,
+        metrics=metrics,
     )  # fmt: skip
+    if row is not None:
+        # The text without its chat icon: one line a run in the log of whichever process announced it.
+        log.log(
+            logging.WARNING if payload["status"] == "failed" else logging.INFO,
+            "%s", " | ".join(payload["text"].split(" ", 1)[1].splitlines()),
+        )  # fmt: skip
+    return row
 
 
 def announce_finished_runs(

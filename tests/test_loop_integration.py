@@ -1,6 +1,7 @@
 """The automatic loop end to end: monitor → policy → alert → retrain → gate → hot swap, on real parts."""
 
 import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -190,8 +191,9 @@ def test_concept_drift_is_an_accuracy_breach(make_loop, registry, champion, spec
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(
-    make_loop, registry, champion, spec, receiver
+    make_loop, registry, champion, spec, receiver, caplog
 ) -> None:
+    caplog.set_level(logging.INFO, logger="driftloop.loop")
     log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=6))
     loop = make_loop(consecutive_breaches=2, webhook_url=receiver.url)
     first = loop.run_monitor()
@@ -223,6 +225,18 @@ def test_one_alert_per_breach_then_a_gated_retrain_promotes(
     assert "text" in receiver.bodies[0] and "breach" in receiver.bodies[0]["text"]
     with registry.sessions() as session:
         assert session.scalar(select(func.count()).select_from(Notification)) == 2
+    # The service's log tells the same story, a line a run and one for the outcome.
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "driftloop.loop"]
+    assert ("WARNING", f"monitor run: report #{first.report_id}, BREACH (1 in a row)") == (
+        lines[0][0], lines[0][1].split(" (drift share")[0],
+    )  # fmt: skip
+    assert "no retraining: hysteresis 1/2" in lines[0][1] and "MAE " in lines[0][1]
+    assert f"retrain run {run.id} launched (trigger: accuracy)" in lines[1][1]
+    outcome = [m for _, m in lines if m.startswith(f"driftloop retrain run #{run.id} ")]
+    assert outcome == [
+        f"driftloop retrain run #{run.id} (trigger: accuracy): candidate v2 promoted, replacing v1. | "
+        f"Reason: {'; '.join(second.decision.reasons)}"
+    ]
 
 
 def test_a_worse_candidate_is_rejected_and_cooldown_holds(make_loop, registry, champion, spec) -> None:
