@@ -25,6 +25,7 @@ from core.registry import Registry, baseline_mae
 from core.schema import DriftReport, ModelVersion
 from core.settings import Settings
 from core.spec import FeatureSpec
+from monitor import LOOP_LOGGER
 from monitor.notify import (
     WebhookNotifier,
     announce_finished_runs,
@@ -42,7 +43,7 @@ from retrain.runs import NoChampion, RunInProgress, recover_stale
 if TYPE_CHECKING:
     from monitor.report import DriftResult
 
-log = logging.getLogger("driftloop.loop")
+log = logging.getLogger(LOOP_LOGGER)
 LEASE_NAME = "driftloop.scheduler"
 DELIVERY_INTERVAL_S = 2.0
 # A run's process beats every lease TTL / 3; it is taken for dead after this many TTLs without a beat (nine
@@ -90,7 +91,7 @@ def log_outcome(outcome: MonitorOutcome) -> None:
     if outcome.result is not None:
         figures.append(f"drift share {outcome.result.drift_share:.2f}")
         if outcome.result.accuracy is not None:
-            figures.append(f"MAE {outcome.result.accuracy.mae:,.4g}")
+            figures.append(f"MAE {outcome.result.accuracy.mae:,.6g}")
     measured = f" ({', '.join(figures)})" if figures else ""
     if not decision.breach:
         log.info("monitor run: report #%s, ok%s", outcome.report_id, measured)

@@ -26,12 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import Clock, utcnow
 from core.metrics import Metrics
 from core.schema import Notification, RetrainRun, RunStatus
+from monitor import LOOP_LOGGER
 from monitor.policy import Decision, Observation
 
 PENDING, DELIVERED, FAILED, SKIPPED = "pending", "delivered", "failed", "skipped"  # row statuses
 RETRIED, SUPPRESSED = "retried", "suppressed"  # metric outcomes that are not statuses
 NO_WEBHOOK = "no webhook configured"
-log = logging.getLogger("driftloop.loop")
+log = logging.getLogger(LOOP_LOGGER)
 
 
 def enqueue(

@@ -397,6 +397,13 @@ def backtest(
     period: Annotated[str, typer.Option(help="The periodic policy's retrain interval.")] = "90d",
     rows: Annotated[int, typer.Option(help="Rows of generated data.", min=1, max=1_000_000)] = 36_000,
     seed: int = 0,
+    change_at: Annotated[
+        str | None,
+        typer.Option(
+            help="Known change points of a CSV's history, comma-separated (or none: a stable stream); "
+            "adds detection delays and false retrains."
+        ),
+    ] = None,
 ) -> None:
     """Replay labelled history through retraining policies with the live monitor, policy, trainer and gate."""
     from core.spec import SpecError, load_spec
@@ -432,6 +439,8 @@ def backtest(
         )
         cut = "--initial-train-until" if typed else "the default --initial-train-until"
         _, replayed = stream.split(until, cut=cut)
+        if change_at is not None:
+            stream = stream.with_change_points(change_at, until=until, cut=cut)
         defaulted = frozenset(
             name
             for name in ("step", "label_delay", "monitor_every", "period")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import load_spec
+from monitor import LOOP_LOGGER
 from monitor.backtest.compare import paired_ratio, time_blocks
 from monitor.backtest.replay import ReplayConfig, run_replay
 from monitor.backtest.results import summarize
@@ -287,6 +289,81 @@ def test_a_csv_with_its_own_time_column_replays(tmp_path: Path, history_csv: Pat
     assert s["policies"]["periodic"]["retrains"] == 3  # every 120 days of 2021
     assert s["policies"]["never"]["retrains"] == 0
     assert s["policies"]["periodic"]["false_retrains"] is None  # unknowable without change points
+
+
+def test_known_change_points_of_a_csv_are_measured(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--change-at gives a user's history what generated data has: detections, and false retrains before."""
+    caplog.set_level(logging.INFO)
+    frame = generate_transactions(
+        9000, start="2020-01-01", end="2021-12-31", scenario="unit_bug", change_at="2021-05-01", seed=5
+    )
+    path = tmp_path / "history.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "out"
+    # The user believes in a change in March too, when nothing happened; given out of order.
+    result = backtest(
+        out, "--data", str(path), "--policies", "never,drift", "--step", "14d", "--label-delay", "14d",
+        "--initial-train-until", "2021-01-01", "--change-at", "2021-05-01, 2021-03-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    s = summary(out)
+    march, may = (pd.Timestamp(c) for c in s["change_points"])  # sorted
+    assert (march, may) == (pd.Timestamp("2021-03-01", tz="UTC"), pd.Timestamp("2021-05-01", tz="UTC"))
+    drift, never = s["policies"]["drift"], s["policies"]["never"]
+    assert never["mae_after_change"] > 2 * never["mae_before_change"]  # after the first change point
+    assert drift["false_retrains"] == 0 and drift["false_breaches"] == 0
+    quiet, bug = drift["detections"]
+    # The unit bug's breach and swap answer May's change point, not March's, which nothing answered.
+    assert (quiet["first_breach_at"], quiet["first_swap_at"], quiet["delay_days"]) == (None, None, None)
+    assert may <= pd.Timestamp(bug["first_breach_at"]) < pd.Timestamp(bug["first_swap_at"])
+    assert f"-, {bug['delay_days']:g} d" in " ".join(result.output.split())  # a figure per change point
+    # The live loop's line a monitor run would be hundreds here: the replay keeps them in its traces.
+    assert [r.getMessage() for r in caplog.records if r.name == LOOP_LOGGER] == []
+
+
+def test_a_stable_csv_counts_every_retrain_as_false(tmp_path: Path, history_csv: Path) -> None:
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never,periodic",
+        "--step", "30d", "--period", "120d", "--initial-train-until", "2021-01-01", "--change-at", "none",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    s = summary(out)
+    assert s["change_points"] == []
+    assert s["policies"]["periodic"]["false_retrains"] == s["policies"]["periodic"]["retrains"] == 3
+
+
+@pytest.mark.parametrize(
+    ("change_at", "message"),
+    [
+        ("2020-06-01", "--change-at 2020-06-01 00:00: not after --initial-train-until 2021-01-01 00:00; v1"),
+        ("2024-01-01", "--change-at 2024-01-01 00:00: after the last row of"),
+        ("", "--change-at is empty: give times such as"),
+        (" , ", "--change-at is empty: give times such as"),
+        ("2021-06-01,soon", "--change-at 'soon': not a date or time"),
+        ("2021-06-01 KST", "names its time zone (KST), which is not read"),
+    ],
+)
+def test_bad_change_points_are_refused_before_any_work(
+    tmp_path: Path, history_csv: Path, change_at: str, message: str
+) -> None:
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--initial-train-until", "2021-01-01",
+        "--change-at", change_at,
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (out / "work").exists()
+
+
+def test_generated_data_keeps_its_own_change_points(tmp_path: Path) -> None:
+    result = backtest(tmp_path / "out", "--data", "generated:unit_bug", "--change-at", "2022-06-01")
+    assert result.exit_code == 2
+    assert (
+        "--change-at: generated:unit_bug knows its own change points (2022-04-01); give it only with a CSV"
+        in (" ".join(result.output.split()))
+    )
 
 
 def _broken(history_csv: Path, change: str) -> Path:

@@ -18,10 +18,12 @@ No HTTP and no sleeping; the clock is the replayed data's.
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -40,6 +42,7 @@ from core.registry import ArtifactStore, NewVersion, Registry
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
+from monitor import LOOP_LOGGER
 from monitor.backtest.stream import BacktestInputError, Stream, duration_text, ns_times
 from monitor.jobs import Loop
 from retrain.bootstrap import bootstrap
@@ -155,16 +158,17 @@ def run_replay(
     ids = [str(UUID(int=i + 1)) for i in range(len(replay))]  # deterministic: the window breaks ties by id
     bounds = _step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
     cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
-    for k in range(1, len(bounds)):
-        clock.now = bounds[k]
-        rows = slice(int(cuts[k - 1]), int(cuts[k]))
-        monitor_due = _due(bounds[k], until, config.monitor_every, config.step)
-        for player in players:
-            player.serve(replay.iloc[rows], ids[rows], rows)
-            player.release_labels(clock.now)
-            player.act(clock.now, monitor_due=monitor_due)
-        if on_step is not None:
-            on_step(clock.now, k, len(bounds) - 1)
+    with _quiet_loop_log():
+        for k in range(1, len(bounds)):
+            clock.now = bounds[k]
+            rows = slice(int(cuts[k - 1]), int(cuts[k]))
+            monitor_due = _due(bounds[k], until, config.monitor_every, config.step)
+            for player in players:
+                player.serve(replay.iloc[rows], ids[rows], rows)
+                player.release_labels(clock.now)
+                player.act(clock.now, monitor_due=monitor_due)
+            if on_step is not None:
+                on_step(clock.now, k, len(bounds) - 1)
     for player in players:
         player.close()
     return Replay(
@@ -177,6 +181,19 @@ def run_replay(
         v1_validation_mae=v1.metrics.get("val_mae"),
         workdir=workdir,
     )
+
+
+@contextmanager
+def _quiet_loop_log() -> Iterator[None]:
+    """The live loop logs a line a monitor run and retrain outcome; a replay makes hundreds, on simulated
+    time, and records them in its traces, so only the loop's errors reach the log meanwhile."""
+    logger = logging.getLogger(LOOP_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_policies(policies: tuple[str, ...]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ class PolicySummary:
     promotions: int
     retrain_seconds: float
     # Retrains started, and breaching monitor runs, before the first change point (all of them on a stable
-    # stream); None when the change points are unknown (a user's CSV).
+    # stream); None when the change points are unknown (a user's CSV without --change-at).
     false_retrains: int | None
     false_breaches: int | None
     post_swap_mae: float | None  # drift only: MAE from its first post-change swap on
@@ -67,19 +68,25 @@ TABLE_COLUMNS = (
 
 
 def table_row(x: PolicySummary) -> list[str]:
-    """One policy's summary as the printed table shows it (TABLE_COLUMNS); '-' where nothing applies."""
-    d = x.detections[0] if x.detections else None
+    """One policy's summary as the printed table shows it (TABLE_COLUMNS); '-' where nothing applies, and
+    one figure per change point, comma-separated, in the detection columns."""
 
     def num(value: float | int | None, fmt: str = ",.0f") -> str:
         return "-" if value is None else format(value, fmt)
+
+    def days(value: float | None) -> str:
+        return "-" if value is None else f"{value:g} d"
+
+    def each(show: Callable[[Detection], str]) -> str:
+        return ", ".join(show(d) for d in x.detections) or "-"
 
     return [
         x.policy, num(x.cumulative_mae), _ratio_text(x.mae_vs_never, x.mae_vs_never_ci),
         num(x.mae_after_change),
         f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
-        f"{num(d.delay_days, 'g')} d" if d and d.delay_days is not None else "-",
-        f"{num(d.cycles_after_ready, 'd')} / {num(d.cycles_after_labels_ready, 'd')}" if d else "-",
-        f"{num(d.swap_delay_days, 'g')} d" if d and d.swap_delay_days is not None else "-",
+        each(lambda d: days(d.delay_days)),
+        each(lambda d: f"{num(d.cycles_after_ready, 'd')} / {num(d.cycles_after_labels_ready, 'd')}"),
+        each(lambda d: days(d.swap_delay_days)),
         num(x.false_retrains, "d"),
     ]  # fmt: skip
 
@@ -138,7 +145,10 @@ def _summary(
     post_swap, post_swap_oracle = None, None
     detections: tuple[Detection, ...] = ()
     if trace.name == "drift":
-        detections = tuple(_detection(replay, trace, c, times) for c in changes)
+        detections = tuple(
+            _detection(replay, trace, change, next(iter(changes[i + 1 :]), None), times)
+            for i, change in enumerate(changes)
+        )
         swap = next((d.first_swap_at for d in detections if d.first_swap_at), None)
         if swap is not None:
             rows = times >= np.datetime64(pd.Timestamp(swap).tz_convert(None), "ns")
@@ -175,8 +185,15 @@ def _before(change: datetime | None, times: list[datetime], *, known: bool) -> i
     return sum(change is None or t < change for t in times)
 
 
-def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.ndarray) -> Detection:
+def _detection(
+    replay: Replay, trace: PolicyTrace, change: datetime, end: datetime | None, times: np.ndarray
+) -> Detection:
+    """The drift policy's answer to `change`: its first breach and swap at or after it and before the next
+    change point (`end`), which would be the answer to that one."""
     post = np.flatnonzero(times >= np.datetime64(pd.Timestamp(change).tz_convert(None), "ns"))
+
+    def within(at: datetime) -> bool:
+        return at >= change and (end is None or at < end)
 
     def nth_post_change_row(n: int) -> datetime | None:
         return pd.Timestamp(times[post[n - 1]], tz="UTC").to_pydatetime() if post.size >= n else None
@@ -187,9 +204,9 @@ def _detection(replay: Replay, trace: PolicyTrace, change: datetime, times: np.n
         # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
         return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
-    breach = next((m.at for m in trace.monitors if m.breach and m.at >= change), None)
+    breach = next((m.at for m in trace.monitors if m.breach and within(m.at)), None)
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)
-    swap = next((r.at for r in trace.retrains if r.status == "promoted" and r.at >= change), None)
+    swap = next((r.at for r in trace.retrains if r.status == "promoted" and within(r.at)), None)
     return Detection(
         change_at=change,
         first_breach_at=breach,

@@ -39,7 +39,8 @@ class Stream:
     frame: pd.DataFrame  # spec features, target, the time column (UTC); sorted by time, index 0..n-1
     spec: FeatureSpec  # its time_column is the stream's time column
     source: str
-    change_points: tuple[datetime, ...] | None  # None: unknown (a user's CSV); () a stable stream
+    # None: unknown (a user's CSV without --change-at); () a stable stream
+    change_points: tuple[datetime, ...] | None
 
     @property
     def times(self) -> pd.Series:
@@ -72,6 +73,35 @@ class Stream:
                 "before it; the initial champion has nothing to learn"
             )
         return initial, replay.reset_index(drop=True)
+
+    def with_change_points(self, text: str, *, until: datetime, cut: str = "--initial-train-until") -> Stream:
+        """This stream with the change points a user knows of their own data (`--change-at`): comma-separated
+        times, or `none` for a stream known to be stable. Each must fall inside the replayed history."""
+        option = "--change-at"
+        if self.change_points is not None:
+            known = ", ".join(f"{c:%Y-%m-%d}" for c in self.change_points) or "none: a stable stream"
+            raise BacktestInputError(
+                f"{option}: {self.source} knows its own change points ({known}); give it only with a CSV"
+            )
+        if text.strip().lower() == "none":
+            return dataclasses.replace(self, change_points=())
+        parts = [part for part in text.split(",") if part.strip()]
+        if not parts:
+            raise BacktestInputError(f"{option} is empty: give times such as {ISO_EXAMPLE}, or none")
+        first, last = _utc(self.times.iloc[0]), _utc(self.times.iloc[-1])
+        changes = sorted({parse_time(part.strip(), option=option) for part in parts})
+        for change in changes:
+            if change <= until:
+                raise BacktestInputError(
+                    f"{option} {change:%Y-%m-%d %H:%M}: not after {cut} {until:%Y-%m-%d %H:%M}; v1 would "
+                    "train across the change, and no policy could react to it"
+                )
+            if change > last:
+                raise BacktestInputError(
+                    f"{option} {change:%Y-%m-%d %H:%M}: after the last row of {self.source} "
+                    f"({last:%Y-%m-%d %H:%M}; it starts {first:%Y-%m-%d %H:%M})"
+                )
+        return dataclasses.replace(self, change_points=tuple(changes))
 
     def default_train_until(self) -> datetime:
         """Generated data: 2022-01-01; otherwise the time of the row at 40 % of the history."""
