@@ -5,13 +5,22 @@ Names here are a contract with dashboards/ and prometheus/ rules: rename only wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+    from core.spec import FeatureSpec
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # Prediction values span orders of magnitude (prices, counts): log-spaced buckets.
 VALUE_BUCKETS = tuple(float(10**e * m) for e in range(0, 7) for m in (1, 2, 5))
+EXAMPLE = "0.1,0.5,1,5"
+BOUNDED_BUCKETS = 20  # equal buckets across [target_min, target_max] when the spec sets both
 LOGGER_OUTCOMES = ("logged", "spooled", "replayed", "dropped")
 FEEDBACK_OUTCOMES = ("accepted", "duplicate", "unknown")
 RETRAIN_STATUSES = ("promoted", "rejected", "failed")
@@ -68,7 +77,39 @@ class Metrics:
     notifications_pending: Gauge
 
 
-def build_metrics(registry: CollectorRegistry) -> Metrics:
+def parse_buckets(text: str) -> tuple[float, ...]:
+    """DRIFTLOOP_PREDICTION_BUCKETS: comma-separated finite numbers, increasing (the upper bounds of the
+    prediction histogram's buckets; +Inf is added)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"give increasing numbers separated by commas, such as {EXAMPLE}")
+    values = []
+    for part in parts:
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number; give increasing numbers such as {EXAMPLE}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("bucket bounds must be finite (+Inf is always added)")
+    if any(b <= a for a, b in pairwise(values)):
+        raise ValueError(f"bucket bounds must increase: {text.strip()}")
+    return tuple(values)
+
+
+def prediction_buckets(settings: Settings, spec: FeatureSpec) -> tuple[float, ...]:
+    """The prediction histogram's buckets: DRIFTLOOP_PREDICTION_BUCKETS when set; else BOUNDED_BUCKETS equal
+    ones across the spec's target range when it sets both ends; else 1, 2, 5 … 5,000,000, which fit prices
+    and counts but would put a target in [0, 1] in one bucket (set the setting then)."""
+    if settings.prediction_buckets:
+        return parse_buckets(settings.prediction_buckets)
+    low, high = spec.target_min, spec.target_max
+    if low is not None and high is not None:
+        return tuple(low + (high - low) * k / BOUNDED_BUCKETS for k in range(1, BOUNDED_BUCKETS + 1))
+    return VALUE_BUCKETS
+
+
+def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = VALUE_BUCKETS) -> Metrics:
+    """Every metric on `registry`; `buckets`: the prediction histogram's (see `prediction_buckets`)."""
     r = registry
     m = Metrics(
         http_requests=Counter(
@@ -102,7 +143,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         prediction_value=Histogram(
             "driftloop_prediction_value",
             "Distribution of predicted values.",
-            buckets=VALUE_BUCKETS,
+            buckets=buckets,
             registry=r,
         ),
         model_info=Gauge(

@@ -14,6 +14,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from core.metrics import parse_buckets
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", env_file=".env", extra="ignore")
@@ -33,6 +35,9 @@ class Settings(BaseSettings):
     # CatBoost threads per predict call (-1: all cores). One row gains nothing from a pool, whose
     # spinning workers would take a core from the event loop and the log writer.
     predict_threads: int = Field(default=1, ge=-1)
+    # Upper bounds of driftloop_prediction_value's buckets, comma-separated; None: from the spec (see
+    # core.metrics.value_buckets).
+    prediction_buckets: str | None = None
     champion_poll_s: float = Field(default=2.0, gt=0)
     log_queue_size: int = Field(default=100_000, ge=100)
     log_batch_size: int = Field(default=500, ge=1)
@@ -100,6 +105,14 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("prediction_buckets")
+    @classmethod
+    def _buckets(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_buckets(value)  # raises, naming the problem
+            return value
+        return None
 
     @field_validator("predict_threads")
     @classmethod

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
@@ -114,6 +115,16 @@ class FeatureSpec:
             name=self.target, type=FeatureType.numeric, min=self.target_min, max=self.target_max,
             description=f"Observed {self.target}.",
         )  # fmt: skip
+
+    def clip(self, predictions: np.ndarray) -> np.ndarray:
+        """Predictions as served: inside [target_min, target_max] where the spec sets them (NaN stays NaN).
+
+        A label outside them is refused, so a served value moved to the nearer bound is never further from
+        the truth; a regression model can still answer −1.5 for a count, which no consumer should get.
+        """
+        if self.target_min is None and self.target_max is None:
+            return predictions
+        return np.asarray(np.clip(predictions, self.target_min, self.target_max), dtype=float)
 
     def frame(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
         """Rows of feature dicts as a DataFrame in spec order with spec dtypes."""

@@ -54,10 +54,11 @@ def evaluate_gate(
     if len(holdout) == 0:
         return GateResult(False, ["holdout: no rows to validate on"], {}, {}, margin, {"holdout": False})
     actual = holdout[spec.target].to_numpy(dtype=float)
-    cand_pred = predict(candidate, holdout, spec)
-    champ_pred = predict(champion, holdout, spec)
-    cand = _metrics(actual, cand_pred)
-    champ = _metrics(actual, champ_pred)
+    # Accuracy of what each would serve (clipped to the target bounds); sanity of the models' own output.
+    cand_pred = predict(candidate, holdout, spec, raw=True)
+    champ_pred = predict(champion, holdout, spec, raw=True)
+    cand = _metrics(actual, spec.clip(cand_pred))
+    champ = _metrics(actual, spec.clip(champ_pred))
 
     checks: dict[str, bool] = {}
     reasons: list[str] = []

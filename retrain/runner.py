@@ -179,8 +179,8 @@ class _Run:
         frame = data.frame
         refit = self._train(frame, params)
         checks = sanity_reasons(
-            predict(refit, held, self.spec), held[self.spec.target], self.spec,
-            champion=predict(validated, held, self.spec),
+            predict(refit, held, self.spec, raw=True), held[self.spec.target], self.spec,
+            champion=predict(validated, held, self.spec, raw=True),
         )  # fmt: skip
         problems = [reason for reason in checks.values() if reason]
         if problems:

@@ -59,8 +59,13 @@ def train_model(
     return model
 
 
-def predict(model: CatBoostRegressor, frame: pd.DataFrame, spec: FeatureSpec) -> np.ndarray:
-    return np.asarray(model.predict(spec.coerce(frame)), dtype=float)
+def predict(
+    model: CatBoostRegressor, frame: pd.DataFrame, spec: FeatureSpec, *, raw: bool = False
+) -> np.ndarray:
+    """The predictions the service would answer: clipped to the spec's target bounds unless `raw` (the
+    model's own output, which the gate's sanity checks judge)."""
+    values = np.asarray(model.predict(spec.coerce(frame)), dtype=float)
+    return values if raw else spec.clip(values)
 
 
 def regression_metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessions
-from core.metrics import Metrics, build_metrics
+from core.metrics import Metrics, build_metrics, prediction_buckets
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import FeatureSpec, load_spec
@@ -48,7 +48,7 @@ def build_context(settings: Settings, *, prom_registry: CollectorRegistry | None
     sessions = make_sessions(engine)
     registry = Registry(sessions, ArtifactStore(settings.artifact_dir))
     prom = prom_registry or CollectorRegistry()
-    metrics = build_metrics(prom)
+    metrics = build_metrics(prom, buckets=prediction_buckets(settings, spec))
     logger = PredictionLogger(
         sessions,
         Spool(settings.spool_dir),

@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from core.db import make_engine, make_sessions
-from core.metrics import build_metrics
+from core.metrics import build_metrics, prediction_buckets
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import load_spec
@@ -21,12 +21,13 @@ def create_worker_app(settings: Settings, *, prom_registry: CollectorRegistry | 
     engine = make_engine(settings.database_url)
     sessions = make_sessions(engine)
     prom = prom_registry or CollectorRegistry()
+    spec = load_spec(settings.spec_path)
     loop = Loop(
         settings=settings,
-        spec=load_spec(settings.spec_path),
+        spec=spec,
         sessions=sessions,
         registry=Registry(sessions, ArtifactStore(settings.artifact_dir)),
-        metrics=build_metrics(prom),
+        metrics=build_metrics(prom, buckets=prediction_buckets(settings, spec)),
     )
 
     @asynccontextmanager

@@ -1,18 +1,25 @@
 """The HTTP contract in-process (httpx over ASGI): bad input names the field, nothing is logged."""
 
+import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
+from core.metrics import VALUE_BUCKETS, prediction_buckets
 from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
+from core.settings import Settings
 from core.spec import FeatureSpec
+from retrain.train import predict
 from service.app import create_app
 from tests.conftest import make_settings, register_copy
 
@@ -508,3 +515,75 @@ def test_a_fault_of_ours_is_a_json_500_and_the_service_goes_on(
 def test_a_category_sent_as_null_or_a_number_is_named_as_such(client, make_features, value, message) -> None:
     response = client.post("/predict", json=make_features(district=value))
     assert (response.status_code, response.json()["message"]) == (422, message)
+
+
+def test_predictions_are_served_inside_the_spec_s_target_bounds(
+    champion, registry, db_url: str, tmp_path: Path, spec: FeatureSpec, make_features
+) -> None:
+    """A regression model can answer outside the target's range (a count of −1.5); the service answers
+    and logs the nearer bound instead, in /predict and /predict/batch alike."""
+    instances = [make_features(area_m2=a) for a in (30.0, 84.0, 200.0)]
+    low, mid, high = predict(registry.load(champion), spec.frame(instances), spec, raw=True)
+    assert low < mid < high
+    raw = yaml.safe_load(
+        resources.files("core.specs").joinpath("apartments.yaml").read_text(encoding="utf-8")
+    )
+    bounds = {"target_min": float((low + mid) / 2), "target_max": float((mid + high) / 2)}
+    bounded = tmp_path / "bounded.yaml"
+    bounded.write_text(yaml.safe_dump(raw | bounds))
+    expected = [bounds["target_min"], pytest.approx(mid), bounds["target_max"]]
+    settings = make_settings(db_url, tmp_path, spec_path=bounded, max_batch_size=5)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        batch = client.post("/predict/batch", json={"instances": instances})
+        assert batch.status_code == 200, batch.text
+        assert [p["prediction"] for p in batch.json()["predictions"]] == expected
+        singles = [client.post("/predict", json=instance).json() for instance in instances]
+        assert [s["prediction"] for s in singles] == expected
+        assert logged_rows(client) == 6
+        with client.app.state.ctx.sessions() as session:
+            stored = {row.id: row.prediction for row in session.scalars(select(PredictionLog))}
+        assert [stored[s["prediction_id"]] for s in singles] == expected
+        # The prediction histogram spans the spec's target range: 20 equal buckets, each value in its own.
+        text = client.get("/metrics").text
+        counts = {
+            float(le): float(n)
+            for le, n in re.findall(r'driftloop_prediction_value_bucket\{le="([^"]+)"\} (\S+)', text)
+        }
+        width = (bounds["target_max"] - bounds["target_min"]) / 20
+        assert list(counts)[:-1] == pytest.approx([bounds["target_min"] + width * k for k in range(1, 21)])
+        cumulative = list(counts.values())
+        assert cumulative[0] >= 2 and cumulative[19] == cumulative[20] == 6  # the clipped values count too
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1,x,3", "'x' is not a number; give increasing numbers such as 0.1,0.5,1,5"),
+        ("1,5,5", "bucket bounds must increase: 1,5,5"),
+        ("1,inf", "bucket bounds must be finite (+Inf is always added)"),
+        (" , ", "give increasing numbers separated by commas"),
+    ],
+)
+def test_bad_prediction_buckets_are_refused_naming_the_setting(value: str, message: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(_env_file=None, prediction_buckets=value)
+    assert "prediction_buckets" in str(info.value) and message in str(info.value)
+
+
+def test_configured_prediction_buckets_win_over_the_spec_s(spec: FeatureSpec) -> None:
+    assert prediction_buckets(Settings(_env_file=None, prediction_buckets="0.5, 1,2"), spec) == (
+        0.5,
+        1.0,
+        2.0,
+    )
+    assert prediction_buckets(Settings(_env_file=None, prediction_buckets=""), spec) == VALUE_BUCKETS
+
+
+def test_spec_clip_keeps_nan_and_leaves_an_unbounded_target_alone(spec: FeatureSpec) -> None:
+    values = np.array([-3.0, 5.0, np.nan, 1e9])
+    assert spec.clip(values).tolist()[:2] == [0.0, 5.0] and np.isnan(spec.clip(values)[2])
+    assert spec.clip(values)[3] == 1e9  # the shipped spec sets no target_max
+    both = dataclasses.replace(spec, target_min=1.0, target_max=10.0, _by_name={})
+    assert both.clip(values)[[0, 1, 3]].tolist() == [1.0, 5.0, 10.0]
+    free = dataclasses.replace(spec, target_min=None, _by_name={})
+    assert free.clip(values) is values

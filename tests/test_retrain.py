@@ -300,7 +300,7 @@ def test_gate_rejects_negative_predictions_for_a_non_negative_target(
 
     result = evaluate_gate(candidate=broken, champion=old_model, holdout=held, spec=spec, margin=0.0)
 
-    below = int((predict(broken, held, spec) < 0).sum())
+    below = int((predict(broken, held, spec, raw=True) < 0).sum())
     assert below == 200
     assert not result.passed
     assert result.checks["target_min"] is False
@@ -532,7 +532,7 @@ def test_a_refit_that_fails_the_sanity_checks_gives_way_to_the_validated_model(
     assert v2.metrics["refit"]["used"] is False
     (reason,) = v2.metrics["refit"]["reasons"]
     assert reason.startswith("target_min: ") and "below 0" in reason
-    assert (predict(registry.load(v2), shocked, spec) >= 0).mean() > 0.99  # a sane model serves
+    assert (predict(registry.load(v2), shocked, spec, raw=True) >= 0).mean() > 0.99  # a sane model serves
     assert list(run_row(sessions, run_id).steps) == STEPS
 
 

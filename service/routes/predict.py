@@ -43,6 +43,9 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         instances=(list[instance_model], Field(min_length=1, max_length=max_batch)),  # type: ignore[valid-type]
     )
     to_row = _row_encoder(spec)
+    # Served values stay inside the spec's target bounds (FeatureSpec.clip); plain floats on the hot path.
+    low = -math.inf if spec.target_min is None else spec.target_min
+    high = math.inf if spec.target_max is None else spec.target_max
 
     async def predict(request: Request) -> Response:
         instance = await read_json(request, instance_model)
@@ -55,6 +58,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         value = float(served.model.predict(to_row(features), thread_count=threads))
         seconds = time.perf_counter() - start
         _check_finite([value])
+        value = min(max(value, low), high)
         pid = str(uuid4())
         ctx.logger.submit(LogRow(pid, utcnow(), served.version, features, value, seconds * 1000))
         ctx.metrics.predict_seconds.observe(seconds)
@@ -92,6 +96,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         values = [float(v) for v in np.asarray(served.model.predict(pool, thread_count=threads), dtype=float)]
         seconds = time.perf_counter() - start
         _check_finite(values)
+        values = [min(max(v, low), high) for v in values]
         now = utcnow()
         out = []
         per_row_ms = seconds * 1000 / len(rows)
