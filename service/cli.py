@@ -131,6 +131,11 @@ def bootstrap(
     console.print(
         f"[green]{verb} v{row.version}[/] (validation MAE {row.metrics.get('val_mae', float('nan')):,.1f})"
     )
+    if csv is not None and not result.created:
+        console.print(
+            f"[yellow]{csv} was not read: bootstrap only trains the first model. To learn from it, "
+            f"`driftloop ingest {csv}`, then `driftloop retrain`.[/]"
+        )
 
 
 @cli.command()

@@ -154,6 +154,13 @@ def test_bootstrap_from_a_csv_trains_on_it_and_records_where_it_came_from(env, t
     assert (v1.version, v1.trigger, v1.train_rows) == (1, "bootstrap", 640)  # 80 % of 800, by time
     assert v1.data_sources == {"bootstrap": str(path)}
     assert v1.train_start is not None and v1.train_start.year == 2020
+    # With a champion in place the CSV is not read, and the output says how to learn from it instead.
+    again = run("bootstrap", "--csv", str(path))
+    assert again.exit_code == 0
+    assert "already the champion: v1 (validation MAE" in again.output
+    said = " ".join(again.output.split())
+    assert "was not read: bootstrap only trains the first model. To learn from it, `driftloop ingest" in said
+    assert "`, then `driftloop retrain`." in said
 
 
 def test_bootstrap_from_a_csv_without_a_spec_column_is_refused(env, tmp_path: Path) -> None:
