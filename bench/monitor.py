@@ -212,7 +212,7 @@ def _sampled(
     return result.drifted() + prediction, result.accuracy.mae if result.accuracy else None
 
 
-def _full(reference: Any, window: Any, spec: Any) -> tuple[list[str], float]:
+def _full(reference: Any, window: Any, spec: Any) -> tuple[list[str], float | None]:
     """DataDriftPreset (every column) + RegressionPreset on every row; verdicts read from its ValueDrift
     results, found by metric type and column."""
     import warnings

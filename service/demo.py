@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import httpx
 import numpy as np
 import pandas as pd
+from pydantic import SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -87,7 +88,7 @@ def _demo_settings(state: Path, webhook_url: str) -> Settings:
         artifact_dir=state / "artifacts",
         spool_dir=state / "spool",
         report_dir=state / "reports",
-        admin_token="demo-admin-token",
+        admin_token=SecretStr("demo-admin-token"),
         webhook_url=webhook_url,
         webhook_backoff_s=0.5,
         monitor_interval_s=3,
@@ -323,13 +324,13 @@ def _finish(
             f"v{m['version']}", m["status"], f"{np.mean(live):,.0f}" if live else "-", f"{fresh:,.0f}"
         )
     console.print(table)
-    live = {
+    by_version = {
         m["version"]: [abs(s.prediction - s.actual) for s in drift_rows if s.version == m["version"]]
         for m in models
     }
-    if live.get(1) and len(live) > 1:
-        newest = max(v for v in live if live[v])
-        before, after = float(np.mean(live[1])), float(np.mean(live[newest]))
+    if by_version.get(1) and len(by_version) > 1:
+        newest = max(v for v in by_version if by_version[v])
+        before, after = float(np.mean(by_version[1])), float(np.mean(by_version[newest]))
         console.print(
             f"[bold]v{newest} cuts the MAE on post-drift traffic from {before:,.0f} to {after:,.0f} "
             f"({(after - before) / before:+.0%})[/]"

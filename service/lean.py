@@ -24,7 +24,7 @@ M = TypeVar("M", bound=BaseModel)
 
 class LeanRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return self.endpoint  # type: ignore[no-any-return]
+        return self.endpoint
 
 
 async def read_json(request: Request, model: type[M]) -> M:

@@ -1,6 +1,6 @@
 """POST /feedback: ground truth for earlier predictions, upserted idempotently."""
 
-from typing import Annotated
+from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,13 +38,13 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     @router.post("/feedback", response_model=FeedbackResult, summary="Ground truth for earlier predictions")
     def feedback(
         request: Request,
-        items: Annotated[list[FeedbackItem], Body(min_length=1, max_length=max_batch)],
+        items: Annotated[list[FeedbackItem], Body(min_length=1, max_length=max_batch)],  # type: ignore[valid-type]
     ) -> FeedbackResult:
         ctx = request.app.state.ctx
         labels: dict[str, float] = {}
         first: dict[str, int] = {}
         repeated = 0
-        for i, item in enumerate(items):
+        for i, item in enumerate(cast(list[Any], items)):
             pid, actual = item.prediction_id.lower(), item.actual  # a UUID in capitals is the same id
             if pid in labels and labels[pid] != actual:  # which one is true? not ours to guess
                 raise RequestValidationError([{

@@ -1,7 +1,7 @@
 """The loop's endpoints: retrain runs, monitor runs and drift reports."""
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -15,6 +15,9 @@ from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
 from service.routes.params import MAX_LIST, Limit, RowId
 from service.views import report_detail, report_summary, row_dict
+
+if TYPE_CHECKING:
+    from monitor.jobs import MonitorOutcome
 
 router = APIRouter(tags=["loop"])
 
@@ -61,7 +64,7 @@ def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
 async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
     try:
-        outcome = await run_in_threadpool(ctx.loop.run_monitor)
+        outcome: MonitorOutcome = await run_in_threadpool(ctx.loop.run_monitor)
     except ArtifactIntegrityError as exc:  # the champion's reference snapshot is damaged: nothing to judge by
         raise HTTPException(409, f"the monitor cannot run: {exc}") from None
     return outcome.to_json()
@@ -112,7 +115,7 @@ def _no_page(report_id: int, *, keep: int) -> str:
 
 def _report(request: Request, report_id: int) -> DriftReport:
     with request.app.state.ctx.sessions() as session:
-        row = session.get(DriftReport, report_id)
+        row: DriftReport | None = session.get(DriftReport, report_id)
     if row is None:
         raise HTTPException(404, f"drift report {report_id} does not exist")
     return row
