@@ -232,6 +232,23 @@ def test_the_report_page_is_evidentlys_dashboard_of_that_window(client, spec) ->
     assert '"Drift by feature"' in page.text
     assert f'"{report["features"]["area_m2"]["score"]:.4f}"' in page.text  # this report's figures
     (page_file,) = (client.app.state.ctx.settings.report_dir).glob("*.html")
+    # A path pointing elsewhere, in the row or through a link in the report directory, is not served.
+    secret = client.app.state.ctx.settings.report_dir.parent / "secret.html"
+    secret.write_text("<p>not a report</p>")
+    link = page_file.with_name("link.html")
+    link.symlink_to(secret)
+    for path in (secret, link):
+        with client.app.state.ctx.sessions.begin() as session:
+            session.get(DriftReport, report_id).html_path = str(path)
+        refused = client.get(f"/reports/{report_id}/html")
+        assert (refused.status_code, refused.json()["message"]) == (
+            404,
+            f"report {report_id}'s page is not in DRIFTLOOP_REPORT_DIR, so it is not served",
+        )
+    link.unlink()
+    with client.app.state.ctx.sessions.begin() as session:
+        session.get(DriftReport, report_id).html_path = str(page_file)
+    assert client.get(f"/reports/{report_id}/html").status_code == 200
     page_file.unlink()
     gone = client.get(f"/reports/{report_id}/html")
     assert (gone.status_code, gone.json()["message"]) == (

@@ -102,7 +102,14 @@ def get_report_html(request: Request, report_id: RowId) -> FileResponse:
         raise HTTPException(
             404, f"report {report_id} has no HTML page (too few rows for a verdict, or file removed)"
         )
-    return FileResponse(row.html_path, media_type="text/html")
+    page = Path(row.html_path).resolve()
+    if page.parent != request.app.state.ctx.settings.report_dir.resolve():
+        # Only the monitor's own pages are served: a path written into the row by hand, or a link in the
+        # report directory, does not make this endpoint read any file the process can.
+        raise HTTPException(
+            404, f"report {report_id}'s page is not in DRIFTLOOP_REPORT_DIR, so it is not served"
+        )
+    return FileResponse(page, media_type="text/html")
 
 
 def _no_page(report_id: int, *, keep: int) -> str:
