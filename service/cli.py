@@ -420,13 +420,26 @@ def backtest(
         run_replay,
     )
     from monitor.backtest.results import blind_monitor_warning, summarize, write_outputs
-    from monitor.backtest.stream import BacktestInputError, load_stream, parse_duration, parse_time
+    from monitor.backtest.stream import (
+        GENERATED_PREFIX,
+        BacktestInputError,
+        load_stream,
+        parse_duration,
+        parse_time,
+    )
     from retrain.data import MissingColumnsError
 
     settings = _settings()
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     try:
         check_policies(chosen)
+        if not data.startswith(GENERATED_PREFIX):
+            for name in ("rows", "seed"):
+                if getattr(context.get_parameter_source(name), "name", None) != "DEFAULT":
+                    raise BacktestInputError(
+                        f"--{name} makes generated data (--data generated:SCENARIO); {data} is replayed as "
+                        "it is, every row"
+                    )
         config = ReplayConfig(
             step=parse_duration(step, option="--step"),
             label_delay=parse_duration(label_delay, option="--label-delay"),

@@ -485,6 +485,14 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
         (["--data", "generated:none", "--step", "0d"], "--step (step) must be positive"),
         (["--data", "generated:none", "--rows", "5000000"], "Invalid value for '--rows'"),
         (["--data", "nowhere.csv"], "file not found: nowhere.csv"),
+        (
+            ["--data", "my.csv", "--rows", "500"],
+            "--rows makes generated data (--data generated:SCENARIO); my.csv",
+        ),
+        (
+            ["--data", "my.csv", "--seed", "3"],
+            "--seed makes generated data (--data generated:SCENARIO); my.csv is",
+        ),
         (["--data", "generated:none", "--time-column", "area_m2"], "is a feature or the target"),
         (
             ["--data", "generated:none", "--policies", "drift,never,drift"],
