@@ -68,6 +68,7 @@ class IngestReport:
     rejected: list[tuple[int, list[str]]] = field(default_factory=list)  # the first MAX_LISTED bad lines
     loaded: int = 0  # rows committed to labelled_row
     already: PreviousLoad | None = None  # set when the file was loaded before and not loaded again
+    ignored_columns: list[str] = field(default_factory=list)  # header columns the spec does not read
 
     @property
     def total(self) -> int:
@@ -145,7 +146,7 @@ def ingest_csv(
             report.already = previous
             return report
         staging = _staging_table(conn)
-        for line_count, rows, rejected in _checked(csv_file, spec, chunk_size, now):
+        for line_count, rows, rejected in _checked(csv_file, spec, chunk_size, now, report):
             report.good += len(rows)
             report.bad += len(rejected)
             report.rejected.extend(rejected[: MAX_LISTED - len(report.rejected)])
@@ -252,9 +253,10 @@ def _load(
 
 
 def _checked(
-    csv_file: CsvFile, spec: FeatureSpec, chunk_size: int, now: datetime
+    csv_file: CsvFile, spec: FeatureSpec, chunk_size: int, now: datetime, report: IngestReport
 ) -> Iterator[tuple[int, list[dict[str, Any]], list[tuple[int, list[str]]]]]:
-    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems.
+    """Per batch of lines: how many, the good rows (ready to insert) and the bad lines with their problems;
+    `report.ignored_columns` gets the header's columns that the spec does not read.
 
     Raises IngestError, after the last batch, if the bytes read are not those `csv_file` was inspected as."""
     path = csv_file.path
@@ -268,6 +270,7 @@ def _checked(
             if not header:
                 raise IngestError(f"{path} is empty: the first line must be the header")
             checker = _Checker(path, spec, header, now)
+            report.ignored_columns = list(dict.fromkeys(c for c in header if c not in checker.columns))
             ended = reader.line_num
             batch: list[tuple[int, list[str]]] = []
             for fields in reader:

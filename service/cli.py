@@ -239,6 +239,10 @@ def ingest(
         )
     else:
         console.print(f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}")
+    if report.ignored_columns:
+        console.print(
+            f"column(s) the spec does not read, not loaded: {', '.join(map(repr, report.ignored_columns))}"
+        )
     for line, problems in report.rejected[:show]:
         console.print(f"  line {line}: " + "; ".join(problems))
     if report.bad > min(show, len(report.rejected)):

@@ -74,6 +74,19 @@ def test_ingest_of_a_file_already_loaded_loads_nothing_unless_forced(env, tmp_pa
     assert (forced.exit_code, "10 row(s) loaded" in forced.output) == (0, True)
 
 
+def test_ingest_names_the_columns_it_does_not_load(env, tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    frame = generate_transactions(10, seed=9).assign(agent="Kim", notes="", lat=37.5)
+    frame.to_csv(path, index=False)
+    result = run("ingest", str(path))
+    assert result.exit_code == 0
+    assert "10 row(s) loaded as source 'wide.csv'" in result.output
+    assert "column(s) the spec does not read, not loaded: 'agent', 'notes', 'lat'" in result.output
+    plain = tmp_path / "plain.csv"
+    generate_transactions(10, seed=8).to_csv(plain, index=False)
+    assert "not loaded:" not in run("ingest", str(plain)).output
+
+
 def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path) -> None:
     missing = run("ingest", str(tmp_path / "nope.csv"))
     assert (missing.exit_code, "file not found" in missing.output) == (2, True)
