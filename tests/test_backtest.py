@@ -45,6 +45,14 @@ def backtest(tmp: Path, *args: str) -> Any:
     return CliRunner().invoke(cli, ["backtest", "--out", str(tmp), *args], env=SMALL, catch_exceptions=False)
 
 
+def refused(out: Path, *args: str) -> str:
+    """Run a backtest that must be refused before any work: exit 2, nothing trained; its output on a line."""
+    result = backtest(out, *args)
+    assert result.exit_code == 2, result.output
+    assert not (out / "work").exists()  # nothing was trained or replayed
+    return " ".join(result.output.split())
+
+
 def summary(out: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((out / "summary.json").read_text())
     return data
@@ -347,14 +355,11 @@ def test_a_stable_csv_counts_every_retrain_as_false(tmp_path: Path, history_csv:
 def test_bad_change_points_are_refused_before_any_work(
     tmp_path: Path, history_csv: Path, change_at: str, message: str
 ) -> None:
-    out = tmp_path / "out"
-    result = backtest(
-        out, "--data", str(history_csv), "--time-column", "sold_on", "--initial-train-until", "2021-01-01",
-        "--change-at", change_at,
+    said = refused(
+        tmp_path / "out", "--data", str(history_csv), "--time-column", "sold_on",
+        "--initial-train-until", "2021-01-01", "--change-at", change_at,
     )  # fmt: skip
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
-    assert not (out / "work").exists()
+    assert message in said
 
 
 def test_generated_data_keeps_its_own_change_points(tmp_path: Path) -> None:
@@ -460,11 +465,8 @@ def _broken(history_csv: Path, change: str) -> Path:
 def test_bad_data_is_refused_naming_the_problem_before_any_work(
     tmp_path: Path, history_csv: Path, change: str, message: str
 ) -> None:
-    out = tmp_path / "out"
-    result = backtest(out, "--data", str(_broken(history_csv, change)), "--time-column", "sold_on")
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
-    assert not (out / "work").exists()  # nothing was trained or replayed
+    said = refused(tmp_path / "out", "--data", str(_broken(history_csv, change)), "--time-column", "sold_on")
+    assert message in said
 
 
 @pytest.mark.parametrize(
@@ -512,10 +514,7 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
-    result = backtest(tmp_path / "out", *args)
-    assert result.exit_code == 2
-    assert message in " ".join(result.output.split())
-    assert not (tmp_path / "out" / "work").exists()
+    assert message in refused(tmp_path / "out", *args)
 
 
 def test_a_directory_for_data_or_spec_is_refused_by_name(tmp_path: Path, history_csv: Path) -> None:
