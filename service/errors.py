@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.middleware import internal_error_body
+
 
 def field_path(loc: Sequence[Any]) -> str:
     """('body', 'instances', 3, 'area_m2') -> 'instances[3].area_m2'; the body itself -> 'body'."""
@@ -83,14 +85,10 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A fault of ours, in the same JSON shape as every other error; the traceback goes to the log."""
-    return JSONResponse(
-        {
-            "error": "internal",
-            "message": f"internal error ({type(exc).__name__}); the service log has the details",
-        },
-        status_code=500,
-    )
+    """A fault of ours, in the same JSON shape as every other error; the traceback goes to the log.
+
+    Only a fault outside middleware.Faults (which answers the others) reaches this."""
+    return JSONResponse(internal_error_body(exc), status_code=500)
 
 
 def install(app: FastAPI) -> None:
