@@ -5,6 +5,7 @@ import json
 import socket
 import threading
 
+import httpx
 import pytest
 from sqlalchemy import select, text
 
@@ -215,3 +216,43 @@ def test_a_fault_of_ours_answers_500_and_keeps_the_connection_for_the_next_reque
         assert "internal error on GET /reports" in server.log()
     finally:
         assert server.terminate()
+
+
+INSTANCE = {
+    "district": "Mapo-gu", "area_m2": 84.5, "floor": 12, "build_year": 2008, "households": 950,
+    "subway_distance_m": 420.0,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_same_id_labelled_twice_at_once_is_stored_once_without_an_error(
+    champion, db_url, tmp_path
+) -> None:
+    # Both requests read "no label yet" and insert; the later insert broke the primary key: a 500, before.
+    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    try:
+        batch = server.post("/predict/batch", json={"instances": [INSTANCE] * 60}).json()
+        ids = [p["prediction_id"] for p in batch["predictions"]]
+        answers: dict[str, list[tuple[int, dict]]] = {pid: [] for pid in ids}
+
+        def send(pid: str, actual: float, barrier: threading.Barrier) -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                barrier.wait()
+                response = client.post("/feedback", json=[{"prediction_id": pid, "actual": actual}])
+                answers[pid].append((response.status_code, response.json()))
+
+        for i, pid in enumerate(ids):  # the same label for even ids, two different ones for odd ids
+            barrier = threading.Barrier(2)
+            for thread in [
+                in_background(send, pid, 100_000.0, barrier),
+                in_background(send, pid, 100_000.0 + i % 2, barrier),
+            ]:
+                thread.join(timeout=60)
+    finally:
+        assert server.terminate()
+    for i, pid in enumerate(ids):
+        assert [status for status, _ in answers[pid]] == [200, 200]
+        outcomes = sorted(
+            k for _, body in answers[pid] for k in ("accepted", "updated", "duplicate") if body[k]
+        )
+        assert outcomes == ["accepted", "updated" if i % 2 else "duplicate"]

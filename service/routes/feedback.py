@@ -6,7 +6,7 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
@@ -14,6 +14,7 @@ from core.spec import FeatureSpec, spec_field
 
 IN_FLIGHT_WAIT_S = 5.0
 CHUNK = 500
+RACE_ATTEMPTS = 3  # a label inserted by a concurrent request between our read and our insert
 
 
 class FeedbackResult(BaseModel):
@@ -59,7 +60,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         if in_flight:
             ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)
         try:
-            result = _upsert(ctx.sessions, labels)
+            result = _upsert_retrying(ctx.sessions, labels)
         except OperationalError as exc:
             raise HTTPException(
                 503, "database unavailable: nothing was stored; retry the same request"
@@ -71,6 +72,18 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         return result
 
     return router
+
+
+def _upsert_retrying(sessions: object, labels: dict[str, float]) -> FeedbackResult:
+    """`_upsert`, again when a concurrent request stored a label for one of these ids first (the same id
+    sent twice at once): the rolled-back attempt stored nothing, the next one sees that label."""
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            return _upsert(sessions, labels)
+        except IntegrityError:
+            if attempt == RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _upsert(sessions: object, labels: dict[str, float]) -> FeedbackResult:
