@@ -508,3 +508,25 @@ def test_a_fault_of_ours_is_a_json_500_and_the_service_goes_on(
 def test_a_category_sent_as_null_or_a_number_is_named_as_such(client, make_features, value, message) -> None:
     response = client.post("/predict", json=make_features(district=value))
     assert (response.status_code, response.json()["message"]) == (422, message)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/feedback", [{"prediction_id": "a\x00b", "actual": 100_000}], "[0].prediction_id"),
+        ("/models/2/promote", {"reason": "holiday\x00week"}, "reason"),
+        ("/retrain", {"reason": "manual\x00"}, "reason"),
+    ],
+)
+def test_text_holding_a_nul_character_is_refused_naming_the_field(
+    client, champion, path, body, field
+) -> None:
+    # PostgreSQL cannot store NUL in text: the insert failed and the client got a 500, on that backend only.
+    register_copy(client.app.state.ctx.registry, champion)
+    response = client.post(path, json=body, headers=ADMIN)
+    assert (response.status_code, response.json()["errors"]) == (
+        422,
+        [{"field": field, "message": "must not contain the NUL character (\\u0000)"}],
+    )
+    assert client.app.state.ctx.registry.champion().version == 1
+    assert client.get("/retrain/runs").json() == []

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
+from service.routes.params import Text
 
 IN_FLIGHT_WAIT_S = 5.0
 CHUNK = 500
@@ -30,7 +31,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     FeedbackItem = create_model(
         "FeedbackItem",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-        prediction_id=(str, Field(min_length=1, max_length=36)),
+        prediction_id=(Text, Field(min_length=1, max_length=36)),
         actual=spec_field(spec.target_feature),  # a JSON number within the spec's target bounds
     )
 
