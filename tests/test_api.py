@@ -530,3 +530,23 @@ def test_text_holding_a_nul_character_is_refused_naming_the_field(
     )
     assert client.app.state.ctx.registry.champion().version == 1
     assert client.get("/retrain/runs").json() == []
+
+
+@pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 1500 + b"]" * 1500, "body: malformed JSON: nested too deeply"),
+        (b'{"reason": "\xff"}', "body: malformed JSON: not UTF-8 (invalid start byte at byte 12)"),
+    ],
+)
+def test_a_body_json_cannot_read_is_named_on_every_route(client, make_features, path, body, message) -> None:
+    # json.loads raised other than JSONDecodeError: FastAPI answered a bare 400 "There was an error parsing
+    # the body", {"error": "error"}, naming nothing.
+    response = client.post(path, content=body, headers={"content-type": "application/json", **ADMIN})
+    assert (response.status_code, response.json()["error"], response.json()["message"]) == (
+        422,
+        "invalid_request",
+        message,
+    )
+    assert client.post("/predict/batch", json={"instances": [make_features()]}).status_code == 200
