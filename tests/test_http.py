@@ -256,3 +256,22 @@ def test_the_same_id_labelled_twice_at_once_is_stored_once_without_an_error(
             k for _, body in answers[pid] for k in ("accepted", "updated", "duplicate") if body[k]
         )
         assert outcomes == ["accepted", "updated" if i % 2 else "duplicate"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("scheduler", "command", "interval"),
+    [(True, ("serve",), 77), (False, ("serve",), 0), (True, ("serve", "--no-scheduler"), 0)],
+)
+def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
+    champion, db_url, tmp_path, scheduler, command, interval
+) -> None:
+    # `serve` passed scheduler=True unless --no-scheduler: DRIFTLOOP_SCHEDULER=false (documented) did nothing.
+    settings = make_settings(db_url, tmp_path, scheduler=scheduler, monitor_interval_s=77)
+    server = start_server(settings, tmp_path, command=command)
+    try:
+        assert (
+            server.metric("driftloop_monitor_interval_seconds") == interval
+        )  # set when the scheduler starts
+    finally:
+        assert server.terminate()
