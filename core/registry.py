@@ -271,13 +271,13 @@ class Registry:
                 row = session.get(ModelVersion, version, with_for_update=True)
                 if row is None:
                     raise UnknownVersion(f"model version {version} does not exist")
+                if row.status == ModelStatus.champion:  # already so (two rollbacks at once): done
+                    return row
                 if replaces is not None and current != replaces:
                     raise ChampionChanged(
                         f"model version {version} not promoted: it was to replace v{replaces}, "
                         f"but the champion is now {f'v{current}' if current is not None else 'none'}"
                     )
-                if row.status == ModelStatus.champion:
-                    return row
                 self._promote_in(session, row, reason=reason, default_reason=default_reason)
         except IntegrityError:  # no champion to queue on, and another promotion committed first
             raise RegistryError(

@@ -281,3 +281,5 @@ def test_a_promotion_that_replaces_a_version_no_longer_champion_changes_nothing(
     assert (
         registry.promote(version=v3.version, reason="retrain run", replaces=2).status == ModelStatus.champion
     )
+    # What was asked is already so (the second of two rollbacks at once): done, not a conflict.
+    assert registry.promote(version=v3.version, replaces=1).status == ModelStatus.champion
