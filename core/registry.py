@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import pandas as pd
 from catboost import CatBoostRegressor
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import utcnow
@@ -38,6 +39,10 @@ def baseline_mae(version: ModelVersion) -> float | None:
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked; the message says why."""
+
+
+class ChampionChanged(RegistryError):
+    """The champion a promotion was to replace is no longer the champion."""
 
 
 class UnknownVersion(RegistryError):
@@ -242,43 +247,67 @@ class Registry:
         with self.sessions() as s:
             return list(s.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())))
 
-    def promote(self, *, version: int, reason: str = "", default_reason: str = "") -> ModelVersion:
+    def promote(
+        self, *, version: int, reason: str = "", default_reason: str = "", replaces: int | None = None
+    ) -> ModelVersion:
         """Make `version` the champion; the old champion is archived in the same transaction.
 
         A gate-rejected version needs a `reason` (ReasonRequired); for any other, `default_reason` is recorded
         when none is given. A model file or reference snapshot that is missing or not the one registered is
         refused before anything changes (ArtifactIntegrityError): no serving process could load the model,
-        and all would keep the old one; no monitor could judge its traffic without the reference.
+        and all would keep the old one; no monitor could judge its traffic without the reference. Given
+        `replaces`, the promotion happens only while that version is the champion (ChampionChanged).
         """
         reason = reason.strip()
-        with self.sessions.begin() as session:
-            row = session.get(ModelVersion, version, with_for_update=True)
-            if row is None:
-                raise UnknownVersion(f"model version {version} does not exist")
-            if row.status == ModelStatus.champion:
-                return row
-            if row.status == ModelStatus.rejected and not reason:
-                raise ReasonRequired(
-                    f"model version {version} was rejected by the gate ({_rejection(row)}); "
-                    "a reason is needed to promote it anyway"
+        try:
+            with self.sessions.begin() as session:
+                # Promotions queue on the champion's row, so a second one archives the champion the first made
+                # instead of both archiving the same one (the later commit then broke the one-champion index).
+                current = session.scalar(
+                    select(ModelVersion.version)
+                    .where(ModelVersion.status == ModelStatus.champion)
+                    .with_for_update()
                 )
-            try:
-                self.store.verify(row.artifact_path, row.sha256)
-                self.store.verify_reference(row.reference_path, row.reference_sha256)
-            except ArtifactIntegrityError as exc:
-                raise ArtifactIntegrityError(f"model version {version} not promoted: {exc}") from None
-            reason = reason or default_reason
-            session.execute(
-                update(ModelVersion)
-                .where(ModelVersion.status == ModelStatus.champion)
-                .values(status=ModelStatus.archived)
-            )
-            session.flush()
-            row.status = ModelStatus.champion
-            row.promoted_at = utcnow()
-            if reason:
-                row.note = (row.note + "\n" if row.note else "") + f"promoted: {reason}"
+                row = session.get(ModelVersion, version, with_for_update=True)
+                if row is None:
+                    raise UnknownVersion(f"model version {version} does not exist")
+                if row.status == ModelStatus.champion:  # already so (two rollbacks at once): done
+                    return row
+                if replaces is not None and current != replaces:
+                    raise ChampionChanged(
+                        f"model version {version} not promoted: it was to replace v{replaces}, "
+                        f"but the champion is now {f'v{current}' if current is not None else 'none'}"
+                    )
+                self._promote_in(session, row, reason=reason, default_reason=default_reason)
+        except IntegrityError:  # no champion to queue on, and another promotion committed first
+            raise RegistryError(
+                f"model version {version} not promoted: another version was made champion at the same "
+                "moment; retry"
+            ) from None
         return row
+
+    def _promote_in(self, session: Session, row: ModelVersion, *, reason: str, default_reason: str) -> None:
+        if row.status == ModelStatus.rejected and not reason:
+            raise ReasonRequired(
+                f"model version {row.version} was rejected by the gate ({_rejection(row)}); "
+                "a reason is needed to promote it anyway"
+            )
+        try:
+            self.store.verify(row.artifact_path, row.sha256)
+            self.store.verify_reference(row.reference_path, row.reference_sha256)
+        except ArtifactIntegrityError as exc:
+            raise ArtifactIntegrityError(f"model version {row.version} not promoted: {exc}") from None
+        reason = reason or default_reason
+        session.execute(
+            update(ModelVersion)
+            .where(ModelVersion.status == ModelStatus.champion)
+            .values(status=ModelStatus.archived)
+        )
+        session.flush()
+        row.status = ModelStatus.champion
+        row.promoted_at = utcnow()
+        if reason:
+            row.note = (row.note + "\n" if row.note else "") + f"promoted: {reason}"
 
     def reject(self, *, version: int, reason: str) -> None:
         with self.sessions.begin() as session:
@@ -300,7 +329,9 @@ class Registry:
             )
         if previous is None:
             raise RegistryError("no previous champion to roll back to")
-        promoted = self.promote(version=previous.version, reason=reason)
+        promoted = self.promote(
+            version=previous.version, reason=reason, replaces=current.version if current else None
+        )
         if current is not None:
             with self.sessions.begin() as session:
                 row = session.get(ModelVersion, current.version)

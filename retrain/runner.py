@@ -21,7 +21,7 @@ from sqlalchemy import update
 
 from core.db import Clock, make_engine, make_sessions, utcnow
 from core.metrics import Metrics
-from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
+from core.registry import ArtifactStore, ChampionChanged, NewVersion, Registry, baseline_mae
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus
 from core.settings import Settings
 from core.spec import FeatureSpec
@@ -212,10 +212,15 @@ class _Run:
             self.registry.reject(version=version, reason="; ".join(gate.reasons))
             return RunStatus.rejected
         cand, champ = gate.candidate_metrics["mae"], gate.champion_metrics["mae"]
-        self.registry.promote(
-            version=version,
-            reason=f"retrain run {self.run_id}: holdout MAE {cand:.6g} vs champion {champ:.6g}",
-        )
+        try:  # the champion may change between the look above and the promotion (a rollback, say)
+            self.registry.promote(
+                version=version,
+                reason=f"retrain run {self.run_id}: holdout MAE {cand:.6g} vs champion {champ:.6g}",
+                replaces=parent,
+            )
+        except ChampionChanged as exc:
+            self.registry.reject(version=version, reason=f"champion changed during the run: {exc}")
+            return RunStatus.rejected
         return RunStatus.promoted
 
     def _new_version(

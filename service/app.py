@@ -21,7 +21,7 @@ from monitor.jobs import Loop
 from service import errors
 from service.holder import ModelHolder
 from service.logger import PredictionLogger
-from service.middleware import BodyLimit, RequestMetrics
+from service.middleware import BodyLimit, Faults, RequestMetrics
 from service.routes import feedback, loop, models, ops, predict
 from service.spool import Spool
 
@@ -114,4 +114,5 @@ def create_app(
     app.include_router(loop.router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=ctx.metrics)
+    app.add_middleware(Faults)  # added last: outermost of ours
     return app

@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.middleware import internal_error_body
+
 
 def field_path(loc: Sequence[Any]) -> str:
     """('body', 'instances', 3, 'area_m2') -> 'instances[3].area_m2'; the body itself -> 'body'."""
@@ -72,8 +74,24 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "invalid_request", "message": message, "errors": errors}, status_code=422)
 
 
+PARSE_FAILURE = "There was an error parsing the body"  # FastAPI's words for a body json.loads raised on
+
+
+def parse_problem(cause: BaseException) -> str:
+    """What FastAPI's json.loads failed on, beyond a plain syntax error (which it reports itself)."""
+    if isinstance(cause, RecursionError):
+        return "nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"not UTF-8 ({cause.reason} at byte {cause.start})"
+    return f"{type(cause).__name__}: {cause}"
+
+
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == PARSE_FAILURE and exc.__cause__ is not None:
+        # Answered as every other malformed body is, naming the problem: not a bare 400 "error".
+        invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(exc.__cause__)}}
+        return await validation_error(request, RequestValidationError([invalid]))
     names = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
     return JSONResponse(
         {"error": names.get(exc.status_code, "error"), "message": exc.detail},
@@ -83,14 +101,10 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A fault of ours, in the same JSON shape as every other error; the traceback goes to the log."""
-    return JSONResponse(
-        {
-            "error": "internal",
-            "message": f"internal error ({type(exc).__name__}); the service log has the details",
-        },
-        status_code=500,
-    )
+    """A fault of ours, in the same JSON shape as every other error; the traceback goes to the log.
+
+    Only a fault outside middleware.Faults (which answers the others) reaches this."""
+    return JSONResponse(internal_error_body(exc), status_code=500)
 
 
 def install(app: FastAPI) -> None:

@@ -145,6 +145,7 @@ class PredictionLogger:
     def wait_written(self, ids: Iterable[str], timeout: float) -> set[str]:
         """The `ids` still pending after waiting up to `timeout` s; an id never submitted is not pending."""
         wanted = set(ids)
+        self._wake.set()  # someone is waiting: write the queue now, not at the end of the flush interval
         with self._cond:
             self._cond.wait_for(lambda: not wanted & self._pending, timeout)
             return wanted & self._pending

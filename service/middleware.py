@@ -1,14 +1,56 @@
-"""Pure-ASGI middleware: request metrics by route template, and a request-body size limit."""
+"""Pure-ASGI middleware: faults answered without dropping the connection, request metrics by route
+template, and a request-body size limit."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.metrics import Metrics
+
+log = logging.getLogger("driftloop.service")
+
+
+class Faults:
+    """A fault of ours answers the JSON 500 and the connection stays open.
+
+    Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then drops the keep-alive
+    connection: a client's next request on it, however good, fails with a reset. Outermost of ours, so
+    RequestMetrics still counts the 500.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:  # half an answer is out: only closing the connection tells the client
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            await _send_json(send, 500, internal_error_body(exc))
+
+
+def internal_error_body(exc: BaseException) -> dict[str, str]:
+    return {
+        "error": "internal",
+        "message": f"internal error ({type(exc).__name__}); the service log has the details",
+    }
 
 
 class BodyLimit:
@@ -115,7 +157,11 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def _error(send: Send, status: int, message: str) -> None:
-    body = json.dumps({"error": _ERROR_NAMES.get(status, "error"), "message": message}).encode()
+    await _send_json(send, status, {"error": _ERROR_NAMES.get(status, "error"), "message": message})
+
+
+async def _send_json(send: Send, status: int, content: dict[str, str]) -> None:
+    body = json.dumps(content).encode()
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -587,3 +587,45 @@ def test_spec_clip_keeps_nan_and_leaves_an_unbounded_target_alone(spec: FeatureS
     assert both.clip(values)[[0, 1, 3]].tolist() == [1.0, 5.0, 10.0]
     free = dataclasses.replace(spec, target_min=None, _by_name={})
     assert free.clip(values) is values
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/feedback", [{"prediction_id": "a\x00b", "actual": 100_000}], "[0].prediction_id"),
+        ("/models/2/promote", {"reason": "holiday\x00week"}, "reason"),
+        ("/retrain", {"reason": "manual\x00"}, "reason"),
+    ],
+)
+def test_text_holding_a_nul_character_is_refused_naming_the_field(
+    client, champion, path, body, field
+) -> None:
+    # PostgreSQL cannot store NUL in text: the insert failed and the client got a 500, on that backend only.
+    register_copy(client.app.state.ctx.registry, champion)
+    response = client.post(path, json=body, headers=ADMIN)
+    assert (response.status_code, response.json()["errors"]) == (
+        422,
+        [{"field": field, "message": "must not contain the NUL character (\\u0000)"}],
+    )
+    assert client.app.state.ctx.registry.champion().version == 1
+    assert client.get("/retrain/runs").json() == []
+
+
+@pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"[" * 1500 + b"]" * 1500, "body: malformed JSON: nested too deeply"),
+        (b'{"reason": "\xff"}', "body: malformed JSON: not UTF-8 (invalid start byte at byte 12)"),
+    ],
+)
+def test_a_body_json_cannot_read_is_named_on_every_route(client, make_features, path, body, message) -> None:
+    # json.loads raised other than JSONDecodeError: FastAPI answered a bare 400 "There was an error parsing
+    # the body", {"error": "error"}, naming nothing.
+    response = client.post(path, content=body, headers={"content-type": "application/json", **ADMIN})
+    assert (response.status_code, response.json()["error"], response.json()["message"]) == (
+        422,
+        "invalid_request",
+        message,
+    )
+    assert client.post("/predict/batch", json={"instances": [make_features()]}).status_code == 200

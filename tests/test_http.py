@@ -2,10 +2,12 @@
 
 import itertools
 import json
+import socket
 import threading
 
+import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from bench.loadgen import LoadResult, json_payloads, run_load
 from core.db import make_engine, make_sessions
@@ -160,3 +162,116 @@ def test_promote_and_rollback_swap_under_load_without_a_failed_request(
 
 def served_version(result: LoadResult) -> int | None:
     return json.loads(result.bodies[-1])["model_version"] if result.bodies else None
+
+
+def http_exchange(sock: socket.socket, request: bytes) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request on a kept-alive socket; its status and body (content-length framed)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"the server closed the connection; got {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(
+            v
+            for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:])
+            if k.lower() == b"content-length"
+        )
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-body")
+        body += chunk
+    return int(head.split(b" ")[1]), body
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_fault_of_ours_answers_500_and_keeps_the_connection_for_the_next_request(
+    champion, db_url, tmp_path
+) -> None:
+    # Without Faults, uvicorn drops a connection after a 500 and a client's next request on it is reset.
+    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    try:
+        engine = make_engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE drift_report"))  # a fault the routes do not foresee
+        engine.dispose()
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            get = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+            status, body = http_exchange(sock, get % b"/reports")
+            assert (status, json.loads(body)) == (
+                500,
+                {
+                    "error": "internal",
+                    "message": "internal error (OperationalError); the service log has the details",
+                },
+            )
+            assert http_exchange(sock, get % b"/health") == (200, b'{"status":"ok"}')
+        assert server.metric('driftloop_http_errors_total{endpoint="/reports",status="500"}') == 1
+        assert "internal error on GET /reports" in server.log()
+    finally:
+        assert server.terminate()
+
+
+INSTANCE = {
+    "district": "Mapo-gu", "area_m2": 84.5, "floor": 12, "build_year": 2008, "households": 950,
+    "subway_distance_m": 420.0,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_same_id_labelled_twice_at_once_is_stored_once_without_an_error(
+    champion, db_url, tmp_path
+) -> None:
+    # Both requests read "no label yet" and insert; the later insert broke the primary key: a 500, before.
+    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    try:
+        batch = server.post("/predict/batch", json={"instances": [INSTANCE] * 60}).json()
+        ids = [p["prediction_id"] for p in batch["predictions"]]
+        answers: dict[str, list[tuple[int, dict]]] = {pid: [] for pid in ids}
+
+        def send(pid: str, actual: float, barrier: threading.Barrier) -> None:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                barrier.wait()
+                response = client.post("/feedback", json=[{"prediction_id": pid, "actual": actual}])
+                answers[pid].append((response.status_code, response.json()))
+
+        for i, pid in enumerate(ids):  # the same label for even ids, two different ones for odd ids
+            barrier = threading.Barrier(2)
+            for thread in [
+                in_background(send, pid, 100_000.0, barrier),
+                in_background(send, pid, 100_000.0 + i % 2, barrier),
+            ]:
+                thread.join(timeout=60)
+    finally:
+        assert server.terminate()
+    for i, pid in enumerate(ids):
+        assert [status for status, _ in answers[pid]] == [200, 200]
+        outcomes = sorted(
+            k for _, body in answers[pid] for k in ("accepted", "updated", "duplicate") if body[k]
+        )
+        assert outcomes == ["accepted", "updated" if i % 2 else "duplicate"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("scheduler", "command", "interval"),
+    [(True, ("serve",), 77), (False, ("serve",), 0), (True, ("serve", "--no-scheduler"), 0)],
+)
+def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
+    champion, db_url, tmp_path, scheduler, command, interval
+) -> None:
+    # `serve` passed scheduler=True unless --no-scheduler: DRIFTLOOP_SCHEDULER=false (documented) did nothing.
+    settings = make_settings(db_url, tmp_path, scheduler=scheduler, monitor_interval_s=77)
+    server = start_server(settings, tmp_path, command=command)
+    try:
+        assert (
+            server.metric("driftloop_monitor_interval_seconds") == interval
+        )  # set when the scheduler starts
+    finally:
+        assert server.terminate()

@@ -365,6 +365,19 @@ def test_pending_until_written(harness: Callable[..., Harness]) -> None:
     assert not h.logger.is_pending(row.id)
 
 
+def test_waiting_for_a_row_writes_it_now_rather_than_at_the_next_flush(
+    harness: Callable[..., Harness],
+) -> None:
+    # POST /feedback waits (5 s at most) for a queued prediction; a writer left to its flush interval let
+    # that wait run out whenever the interval was longer, and the label came back "unknown", not stored.
+    h = harness(flush_interval_s=600, batch_size=10_000)
+    h.logger.start()
+    row = make_row()
+    h.logger.submit(row)
+    assert h.logger.wait_written([row.id], timeout=10) == set()
+    assert stored(h.engine) == [row.id]
+
+
 def test_rows_the_database_refuses_are_kept_aside_and_counted(
     harness: Callable[..., Harness], engine: Engine
 ) -> None:

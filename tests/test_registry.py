@@ -1,4 +1,5 @@
 import json
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.registry import (
     ArtifactIntegrityError,
+    ChampionChanged,
     FeatureMismatchError,
     NewVersion,
     ReasonRequired,
@@ -235,3 +237,49 @@ def test_rollback_to_a_damaged_model_changes_nothing(registry, champion, spec) -
         f"does not match the registry's {champion.sha256}"
     )
     assert (registry.champion().version, registry.get(2).note) == (2, "promoted: better")
+
+
+def test_two_promotions_at_once_both_succeed_and_the_later_one_is_the_champion(
+    registry, champion, spec
+) -> None:
+    # Both archived v1 and made theirs champion; on PostgreSQL the later commit broke the one-champion
+    # index (IntegrityError, a 500 through the API). Now the later one waits and archives the earlier's.
+    for _ in range(4):
+        versions = [_candidate(registry, champion, spec).version for _ in range(2)]
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def promote(version: int, barrier: threading.Barrier = barrier, errors: list = errors) -> None:
+            barrier.wait()
+            try:
+                registry.promote(version=version, reason="at once")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert errors == []
+        statuses = sorted(registry.get(v).status for v in versions)
+        assert statuses == [ModelStatus.archived, ModelStatus.champion]
+        assert all(registry.get(v).promoted_at is not None for v in versions)
+
+
+def test_a_promotion_that_replaces_a_version_no_longer_champion_changes_nothing(
+    registry, champion, spec
+) -> None:
+    v2, v3 = (_candidate(registry, champion, spec) for _ in range(2))
+    registry.promote(version=v2.version, reason="operator")
+    with pytest.raises(
+        ChampionChanged,
+        match="model version 3 not promoted: it was to replace v1, but the champion is now v2",
+    ):
+        registry.promote(version=v3.version, reason="retrain run", replaces=1)
+    assert (registry.champion().version, registry.get(3).status) == (2, ModelStatus.candidate)
+    assert (
+        registry.promote(version=v3.version, reason="retrain run", replaces=2).status == ModelStatus.champion
+    )
+    # What was asked is already so (the second of two rollbacks at once): done, not a conflict.
+    assert registry.promote(version=v3.version, replaces=1).status == ModelStatus.champion

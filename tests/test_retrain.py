@@ -6,6 +6,7 @@ import dataclasses
 import math
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import uuid4
 
 import numpy as np
@@ -33,7 +34,7 @@ from retrain.gate import evaluate_gate, sanity_reasons
 from retrain.runner import execute_run
 from retrain.runs import start_run
 from retrain.train import predict, train_model
-from tests.conftest import TINY, make_settings
+from tests.conftest import TINY, make_settings, register_copy
 
 NOW = datetime(2022, 7, 1, tzinfo=UTC)
 STEPS = ["assemble", "train", "validate", "refit", "register", "promote"]
@@ -655,3 +656,37 @@ def test_sample_weights_halve_with_each_half_life_of_age() -> None:
     assert both is not None
     share = np.array([0.1 / 1, 0.9 / 3, 0.9 / 3, 0.9 / 3]) * [0.25, 0.5, 1.0, 1.0]
     assert np.allclose(both, share * 4 / share.sum())
+
+
+def test_a_promotion_landing_just_before_the_runs_own_is_kept(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    shocked: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The run looked (v1 still champion) and then promoted: an operator's promote or rollback in between
+    # was silently undone by the run's candidate.
+    operators = register_copy(registry, champion)
+    now = datetime(2023, 1, 1, tzinfo=UTC)
+    run_id = start_run(sessions, trigger="manual", now=now)
+    promote = registry.promote
+
+    def operator_first(**kwargs: Any) -> ModelVersion:
+        promote(version=operators.version, reason="operator, while the run was deciding")
+        return promote(**kwargs)
+
+    monkeypatch.setattr(registry, "promote", operator_first)
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=spec, registry=registry, clock=lambda: now
+    )
+
+    assert (outcome.status, outcome.candidate_version) == ("rejected", 3)
+    assert versions(registry) == {1: ModelStatus.archived, 2: ModelStatus.champion, 3: ModelStatus.rejected}
+    assert registry.get(3).note.endswith(
+        "rejected: champion changed during the run: model version 3 not promoted: it was to replace v1, "
+        "but the champion is now v2"
+    )

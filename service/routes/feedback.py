@@ -6,14 +6,16 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
+from service.routes.params import Text
 
 IN_FLIGHT_WAIT_S = 5.0
 CHUNK = 500
+RACE_ATTEMPTS = 3  # a label inserted by a concurrent request between our read and our insert
 
 
 class FeedbackResult(BaseModel):
@@ -29,7 +31,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     FeedbackItem = create_model(
         "FeedbackItem",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
-        prediction_id=(str, Field(min_length=1, max_length=36)),
+        prediction_id=(Text, Field(min_length=1, max_length=36)),
         actual=spec_field(spec.target_feature),  # a JSON number within the spec's target bounds
     )
 
@@ -59,7 +61,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         if in_flight:
             ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)
         try:
-            result = _upsert(ctx.sessions, labels)
+            result = _upsert_retrying(ctx.sessions, labels)
         except OperationalError as exc:
             raise HTTPException(
                 503, "database unavailable: nothing was stored; retry the same request"
@@ -71,6 +73,18 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         return result
 
     return router
+
+
+def _upsert_retrying(sessions: object, labels: dict[str, float]) -> FeedbackResult:
+    """`_upsert`, again when a concurrent request stored a label for one of these ids first (the same id
+    sent twice at once): the rolled-back attempt stored nothing, the next one sees that label."""
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            return _upsert(sessions, labels)
+        except IntegrityError:
+            if attempt == RACE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _upsert(sessions: object, labels: dict[str, float]) -> FeedbackResult:

@@ -13,7 +13,7 @@ from core.registry import ArtifactIntegrityError
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
-from service.routes.params import MAX_LIST, Limit, RowId
+from service.routes.params import MAX_LIST, Limit, RowId, Text
 from service.views import report_detail, report_summary, row_dict
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ router = APIRouter(tags=["loop"])
 
 class RetrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(default="manual trigger", max_length=500)
+    reason: Text = Field(default="manual trigger", max_length=500)
 
 
 @router.post("/retrain", status_code=202, summary="Start a retrain run now (admin)")

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
-from service.routes.params import RowId
+from service.routes.params import RowId, Text
 from service.views import model_lineage, model_summary
 
 router = APIRouter(tags=["models"])
@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"])
 
 class PromoteRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    reason: str = Field(
+    reason: Text = Field(
         default="", max_length=500, description="Why; required to promote a version the gate rejected."
     )
 
