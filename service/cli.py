@@ -159,7 +159,7 @@ def serve(
     _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
     if settings.auto_migrate:
         do_migrate(settings.database_url)
-    app = create_app(settings, scheduler=not no_scheduler)
+    app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
     )
