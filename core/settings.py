@@ -197,7 +197,20 @@ class _YamlSource(PydanticBaseSettingsSource):
             raise SettingsError(f"DRIFTLOOP_CONFIG={path}: cannot be read as YAML: {exc}") from None
         if not isinstance(data, dict):
             raise SettingsError(f"DRIFTLOOP_CONFIG={path}: expected a mapping of setting names to values")
-        return {str(k).lower(): v for k, v in data.items()}
+        values = {str(k).lower(): v for k, v in data.items()}
+        unknown = sorted(set(values) - set(self.settings_cls.model_fields))
+        if unknown:  # a misspelt key would otherwise leave its setting at the default, unnoticed
+            raise SettingsError(
+                f"DRIFTLOOP_CONFIG={path}: unknown setting(s) " + ", ".join(map(_near, unknown))
+            )
+        return values
+
+
+def _near(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.removeprefix("driftloop_"), Settings.model_fields, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -92,3 +92,22 @@ def test_the_cli_exits_2_naming_the_variable(monkeypatch: pytest.MonkeyPatch) ->
         result.output
         == "bad setting: DRIFTLOOP_WINDOW_ROWS='-5': Input should be greater than or equal to 1\n"
     )
+
+
+def test_a_misspelt_key_in_the_config_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "driftloop.yaml"
+    config.write_text(
+        "monitor_intervl_s: 60\nDRIFTLOOP_GATE_MARGIN: 0.05\nwindow_rows: 900\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(config))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"DRIFTLOOP_CONFIG={config}: unknown setting(s) "
+        "'driftloop_gate_margin' (did you mean 'gate_margin'?), "
+        "'monitor_intervl_s' (did you mean 'monitor_interval_s'?)"
+    )
+    config.write_text("Monitor_Interval_S: 60\n", encoding="utf-8")
+    assert load_settings().monitor_interval_s == 60
