@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,7 +18,11 @@ from core.metrics import parse_buckets
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", env_file=".env", extra="ignore")
+    # An empty variable (`DRIFTLOOP_SPEC_PATH=`, a blank compose or Secret value) is unset for an optional
+    # setting, as the README's "empty = …" says, and refused for a required one, not read as "" or Path(".").
+    model_config = SettingsConfigDict(
+        env_prefix="DRIFTLOOP_", env_file=".env", extra="ignore", env_parse_none_str=""
+    )
 
     # --- state -------------------------------------------------------------------------
     database_url: str = "sqlite:///./var/driftloop.db"
@@ -114,11 +118,34 @@ class Settings(BaseSettings):
             return value
         return None
 
-    @field_validator("predict_threads")
+    @field_validator("predict_threads", "train_thread_count")
     @classmethod
     def _threads(cls, value: int) -> int:
-        if value == 0:
+        if value == 0:  # CatBoost's thread_count=0 kills the process with SIGFPE
             raise ValueError("must be -1 (all cores) or a thread count of at least 1")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        """A URL SQLAlchemy cannot parse, or a dialect it does not know, is refused here by name rather
+        than as a traceback from the first connection."""
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        example = "e.g. sqlite:///./var/driftloop.db or postgresql+psycopg://USER:PASSWORD@HOST/DB"
+        try:
+            url = make_url(value)  # its message would echo the password: not passed on
+        except ArgumentError:
+            raise ValueError(f"not a database URL ({example})") from None
+        try:
+            dialect = url.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(f"unknown database kind {url.drivername!r} ({example})") from None
+        try:
+            dialect.import_dbapi()
+        except ImportError:  # mysql://, postgresql+psycopg2://: drivers driftloop does not install
+            raise ValueError(f"the driver of {url.drivername!r} is not installed ({example})") from None
         return value
 
     @classmethod
@@ -139,6 +166,34 @@ class Settings(BaseSettings):
         )
 
 
+class SettingsError(ValueError):
+    """A setting with a bad value, named as the operator wrote it (DRIFTLOOP_…, or the config file)."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, .env and DRIFTLOOP_CONFIG; a bad value is a SettingsError naming
+    the variable, rather than pydantic's report on a field name."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError("\n".join(_describe(error) for error in exc.errors())) from None
+
+
+def _describe(error: Any) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    name = f"DRIFTLOOP_{field.upper()}"
+    where = name if name in os.environ else f"{name} (from .env or {field} in DRIFTLOOP_CONFIG)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["input"] is None:  # an empty value: env_parse_none_str
+        return f"{where} is empty: give a value, or unset it for the default"
+    if field in _SECRET:  # may hold a password or a webhook's key: not echoed
+        return f"{where}: {message}"
+    return f"{where}={error['input']!r}: {message}"
+
+
+_SECRET = frozenset({"database_url", "admin_token", "webhook_url"})
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the file named by DRIFTLOOP_CONFIG, if any; keys are the field names."""
 
@@ -149,10 +204,26 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = os.environ.get("DRIFTLOOP_CONFIG")
         if not path:
             return {}
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SettingsError(f"DRIFTLOOP_CONFIG={path}: cannot be read as YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of setting names to values")
-        return {str(k).lower(): v for k, v in data.items()}
+            raise SettingsError(f"DRIFTLOOP_CONFIG={path}: expected a mapping of setting names to values")
+        values = {str(k).lower(): v for k, v in data.items()}
+        unknown = sorted(set(values) - set(self.settings_cls.model_fields))
+        if unknown:  # a misspelt key would otherwise leave its setting at the default, unnoticed
+            raise SettingsError(
+                f"DRIFTLOOP_CONFIG={path}: unknown setting(s) " + ", ".join(map(_near, unknown))
+            )
+        return values
+
+
+def _near(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key.removeprefix("driftloop_"), Settings.model_fields, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import make_engine, make_sessions
 from core.metrics import Metrics, build_metrics, prediction_buckets
 from core.registry import ArtifactStore, Registry
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from core.spec import FeatureSpec, load_spec
 from monitor.jobs import Loop
 from service import errors
@@ -79,7 +79,7 @@ def create_app(
     prom_registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """`scheduler` overrides settings.scheduler: False for API replicas in scale-out mode."""
-    settings = settings or Settings()
+    settings = settings or load_settings()
     ctx = build_context(settings, prom_registry=prom_registry)
     run_scheduler = settings.scheduler if scheduler is None else scheduler
 

@@ -11,10 +11,11 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from core.settings import Settings
+from core.settings import Settings, SettingsError, load_settings
 
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -23,7 +24,12 @@ _SHIPPED_SPEC = "; the spec used was the shipped apartment spec: {how} describin
 
 
 def _settings() -> Settings:
-    return Settings()
+    """The configured settings; a bad value (naming its DRIFTLOOP_ variable) is a message and exit 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        console.print(f"[red]bad setting: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
 
 
 def _spec(settings: Settings) -> Any:

@@ -273,3 +273,34 @@ def test_a_bad_spec_is_named_by_every_command_that_reads_it(
     assert "features[0] (temp_c) has an unknown key 'nulable' (did you mean 'nullable'?)" in " ".join(
         result.output.split()
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "flags", "expected"),
+    [(None, [], True), ("false", [], False), ("true", ["--no-scheduler"], False)],
+)
+def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
+    env,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str | None,
+    flags: list[str],
+    expected: bool,
+) -> None:
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    monkeypatch.setenv("DRIFTLOOP_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("DRIFTLOOP_REPORT_DIR", str(tmp_path / "reports"))
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    if setting is not None:
+        monkeypatch.setenv("DRIFTLOOP_SCHEDULER", setting)
+    started: list[bool] = []
+
+    def serve_briefly(app, **_: object) -> None:  # the app's whole life, without a socket
+        with TestClient(app):
+            started.append(app.state.ctx.loop._scheduler is not None)
+
+    monkeypatch.setattr(uvicorn, "run", serve_briefly)
+    assert run("serve", *flags).exit_code == 0
+    assert started == [expected]

@@ -1,0 +1,113 @@
+"""Settings as an operator writes them: empty variables, and bad values named by their variable."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from core.settings import SettingsError, load_settings
+from service.cli import cli
+
+
+@pytest.fixture(autouse=True)
+def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No DRIFTLOOP_* of the caller's, and no .env: the working directory is empty."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("DRIFTLOOP_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "250")
+
+
+def test_an_empty_optional_variable_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SPEC_PATH", "TRAIN_WINDOW_DAYS", "WEBHOOK_URL", "SCHEDULED_RETRAIN_S", "ADMIN_TOKEN"):
+        monkeypatch.setenv(f"DRIFTLOOP_{name}", "")
+    settings = load_settings()
+    assert settings.spec_path is None  # the shipped spec, not Path("."), a directory
+    assert settings.train_window_days is None
+    assert settings.webhook_url is None  # no webhook, not POSTs to ""
+    assert settings.scheduled_retrain_s is None
+    assert settings.admin_token is None
+
+
+def test_an_empty_required_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_ARTIFACT_DIR", "")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == "DRIFTLOOP_ARTIFACT_DIR is empty: give a value, or unset it for the default"
+
+
+def test_bad_values_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_MONITOR_INTERVAL_S", "5m")
+    monkeypatch.setenv("DRIFTLOOP_TRAIN_THREAD_COUNT", "0")  # CatBoost's 0 kills the process (SIGFPE)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).splitlines() == [
+        "DRIFTLOOP_MONITOR_INTERVAL_S='5m': Input should be a valid integer, unable to parse string as an "
+        "integer",
+        "DRIFTLOOP_TRAIN_THREAD_COUNT='0': must be -1 (all cores) or a thread count of at least 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgres://driftloop:hunter2@db/driftloop", "unknown database kind 'postgres'"),
+        ("mysql://driftloop:hunter2@db/driftloop", "the driver of 'mysql' is not installed"),
+        ("hunter2", "not a database URL"),
+    ],
+)
+def test_a_bad_database_url_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"DRIFTLOOP_DATABASE_URL: {problem} "
+        "(e.g. sqlite:///./var/driftloop.db or postgresql+psycopg://USER:PASSWORD@HOST/DB)"
+    )
+
+
+def test_a_bad_value_in_the_config_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "driftloop.yaml"
+    config.write_text("gate_margin: 2\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(config))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        "DRIFTLOOP_GATE_MARGIN (from .env or gate_margin in DRIFTLOOP_CONFIG)=2: Input should be less than 1"
+    )
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SettingsError, match=r"^DRIFTLOOP_CONFIG=.*missing\.yaml: cannot be read as YAML: "):
+        load_settings()
+
+
+def test_the_cli_exits_2_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRIFTLOOP_WINDOW_ROWS", "-5")
+    result = CliRunner().invoke(cli, ["models"], catch_exceptions=False)
+    assert result.exit_code == 2
+    assert (
+        result.output
+        == "bad setting: DRIFTLOOP_WINDOW_ROWS='-5': Input should be greater than or equal to 1\n"
+    )
+
+
+def test_a_misspelt_key_in_the_config_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "driftloop.yaml"
+    config.write_text(
+        "monitor_intervl_s: 60\nDRIFTLOOP_GATE_MARGIN: 0.05\nwindow_rows: 900\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(config))
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"DRIFTLOOP_CONFIG={config}: unknown setting(s) "
+        "'driftloop_gate_margin' (did you mean 'gate_margin'?), "
+        "'monitor_intervl_s' (did you mean 'monitor_interval_s'?)"
+    )
+    config.write_text("Monitor_Interval_S: 60\n", encoding="utf-8")
+    assert load_settings().monitor_interval_s == 60
