@@ -6,6 +6,7 @@ flags it → an alert reaches a local webhook receiver → a candidate is traine
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +36,9 @@ from service.process import free_port, wait_http_ok
 
 BATCH = 50
 FEEDBACK_DELAY_BATCHES = 3  # labels arrive three batches after their predictions
+DRIFT_CHUNK_ROWS = 6000
+AFTER_SWAP_ROWS = 1500  # drifted rows answered by the new model before the demo ends
+DRIFT_BUDGET_S = 300  # the longest the drifted stream waits for a swap
 
 
 @dataclass
@@ -138,14 +143,7 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
             f"service up at {url} (monitor every {settings.monitor_interval_s}s, webhook receiver listening)"
         )
         stable = generate_transactions(1500, start="2022-01-01", end="2022-06-30", seed=seed + 1)
-        drifted = generate_transactions(
-            6000,
-            start="2022-07-01",
-            end="2023-06-30",
-            scenario=scenario,
-            change_at="2022-05-01",  # landed in full (rate_shock ramps 60 days) before the stream starts
-            seed=seed + 2,
-        )
+        drifted = _drifted(scenario, seed)
         with httpx.Client(base_url=url, timeout=30) as client, _progress(console) as progress:
             _stream(client, stable, spec, served, "stable", progress, pace_s=0.12)
             tl.mark(f"streamed {len(stable):,} stable transactions with delayed feedback")
@@ -155,7 +153,7 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
             tl.mark(f"[yellow]drift begins: {scenario}[/]")
             swap_at = _stream_until_swap(client, drifted, spec, served, progress, tl, settings)
         if swap_at is None:
-            console.print("[red]no swap happened within the demo's time budget[/]")
+            console.print(f"[red]no swap happened within the demo's {DRIFT_BUDGET_S} s of drifted traffic[/]")
         _finish(console, tl, url, state, served, spec, scenario, seed)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -226,25 +224,41 @@ def _send_batch(
         ).raise_for_status()
 
 
+def _drifted(scenario: str, seed: int) -> Iterator[pd.DataFrame]:
+    """Drifted transactions, 6,000 at a time, for as long as the demo streams them."""
+    for k in itertools.count():
+        yield generate_transactions(
+            DRIFT_CHUNK_ROWS, start="2022-07-01", end="2023-06-30", scenario=scenario,
+            change_at="2022-05-01",  # landed in full (rate_shock ramps 60 days) before the stream starts
+            seed=seed + 2 + 1000 * k,
+        )  # fmt: skip
+
+
 def _stream_until_swap(
     client: httpx.Client,
-    frame: pd.DataFrame,
+    chunks: Iterator[pd.DataFrame],
     spec: Any,
     served: list[Served],
     progress: Progress,
     tl: Timeline,
     settings: Settings,
 ) -> float | None:
-    task = progress.add_task("drifted traffic", total=len(frame))
+    """Drifted traffic until the service has answered AFTER_SWAP_ROWS rows with a new model, or for
+    DRIFT_BUDGET_S with none: on a slow or busy machine the retrain takes longer, and the stream waits."""
+    task = progress.add_task("drifted traffic (until the swap)", total=None)
+    started = time.monotonic()
     pending: list[list[tuple[str, float]]] = []
     seen_reports: set[int] = {r["id"] for r in client.get("/reports").json()}
     seen_runs: dict[int, str] = {}
     alerts_seen = 0
     swap_at = None
     after_swap = 0
-    for start in range(0, len(frame), BATCH):
-        _send_batch(client, frame.iloc[start : start + BATCH], spec, served, "drift", pending)
-        progress.advance(task, min(BATCH, len(frame) - start))
+    batches = (chunk.iloc[start : start + BATCH] for chunk in chunks for start in range(0, len(chunk), BATCH))
+    for batch in batches:
+        if time.monotonic() - started > DRIFT_BUDGET_S:
+            break
+        _send_batch(client, batch, spec, served, "drift", pending)
+        progress.advance(task, len(batch))
         time.sleep(0.12)
         for report in reversed(client.get("/reports", params={"limit": 5}).json()):
             if report["id"] not in seen_reports:
@@ -263,8 +277,8 @@ def _stream_until_swap(
                 f"[green]service now answers with v{served[-1].version}[/] (hot swap, no failed request)"
             )
         if swap_at is not None:
-            after_swap += BATCH
-            if after_swap >= 1500:
+            after_swap += len(batch)
+            if after_swap >= AFTER_SWAP_ROWS:
                 break
     for labels in pending:
         client.post("/feedback", json=[{"prediction_id": i, "actual": a} for i, a in labels])
