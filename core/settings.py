@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     min_window_rows: int = Field(default=500, ge=1)
     accuracy_window_rows: int = Field(default=500, ge=1)  # the newest labelled predictions, for MAE
     evidently_max_rows: int = Field(default=50_000, ge=100)
-    drift_stattest_threshold: float | None = None
+    drift_stattest_threshold: float | None = Field(default=None, gt=0, le=1)
     sample_seed: int = 0
     # Evidently pages kept on disk (the newest; each run prunes the rest, whose report rows stay); 0: none
     # are written. 288 is one day at the default interval.

@@ -41,11 +41,13 @@ def test_an_empty_required_variable_is_refused_by_name(monkeypatch: pytest.Monke
 def test_bad_values_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_MONITOR_INTERVAL_S", "5m")
     monkeypatch.setenv("DRIFTLOOP_TRAIN_THREAD_COUNT", "0")  # CatBoost's 0 kills the process (SIGFPE)
+    monkeypatch.setenv("DRIFTLOOP_DRIFT_STATTEST_THRESHOLD", "-0.05")  # would flag every column, or none
     with pytest.raises(SettingsError) as caught:
         load_settings()
     assert str(caught.value).splitlines() == [
         "DRIFTLOOP_MONITOR_INTERVAL_S='5m': Input should be a valid integer, unable to parse string as an "
         "integer",
+        "DRIFTLOOP_DRIFT_STATTEST_THRESHOLD='-0.05': Input should be greater than 0",
         "DRIFTLOOP_TRAIN_THREAD_COUNT='0': must be -1 (all cores) or a thread count of at least 1",
     ]
 
