@@ -92,9 +92,11 @@ def create_app(
         try:
             yield
         finally:
+            # Drain first: every answered prediction reaches the DB or the spool before the loop's stop,
+            # which may wait for a monitor run or an announcer, eats into the orchestrator's grace period.
+            ctx.logger.stop()
             ctx.loop.stop()  # also lets a manual run's announcer finish on a replica without the scheduler
             ctx.holder.stop()
-            ctx.logger.stop()  # drain: every answered prediction reaches the DB or the spool
             ctx.engine.dispose()
 
     app = FastAPI(

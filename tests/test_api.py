@@ -19,6 +19,7 @@ from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
 from core.settings import Settings
 from core.spec import FeatureSpec
+from monitor.jobs import Loop
 from retrain.train import predict
 from service.app import create_app
 from tests.conftest import make_settings, register_copy
@@ -629,3 +630,26 @@ def test_a_body_json_cannot_read_is_named_on_every_route(client, make_features, 
         message,
     )
     assert client.post("/predict/batch", json={"instances": [make_features()]}).status_code == 200
+
+
+def test_shutdown_drains_the_log_before_the_loop_stops(
+    champion, db_url: str, tmp_path: Path, make_features, monkeypatch
+) -> None:
+    """Stopping the loop can wait for a monitor run or an announcer; by then every answered prediction is
+    already stored, so a kill at the end of the grace period loses none."""
+    settings = make_settings(db_url, tmp_path, log_flush_interval_s=3600, log_batch_size=10_000)
+    app = create_app(settings, scheduler=False)
+    ctx = app.state.ctx
+    stored_when_loop_stopped: list[int] = []
+    loop_stop = Loop.stop
+
+    def stop(loop: Loop) -> None:
+        with ctx.sessions() as session:
+            stored_when_loop_stopped.append(session.scalar(select(func.count()).select_from(PredictionLog)))
+        loop_stop(loop)
+
+    monkeypatch.setattr(Loop, "stop", stop)
+    with TestClient(app) as client:
+        for _ in range(7):
+            assert client.post("/predict", json=make_features()).status_code == 200
+    assert stored_when_loop_stopped == [7]
