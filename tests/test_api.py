@@ -653,3 +653,36 @@ def test_shutdown_drains_the_log_before_the_loop_stops(
         for _ in range(7):
             assert client.post("/predict", json=make_features()).status_code == 200
     assert stored_when_loop_stopped == [7]
+
+
+def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
+    champion, db_url: str, tmp_path: Path, make_features, monkeypatch
+) -> None:
+    """A label for a prediction this process answered but could not store yet is a 503 to retry; answering
+    'unknown' would tell the client to drop it."""
+    monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 0.2)
+    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
+    ctx = app.state.ctx
+    ctx.holder.start()  # serving, but the log writer is not running: every answered row waits in its queue
+    try:
+        client = TestClient(app)
+        pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+        label = [{"prediction_id": pid, "actual": 50_000}]
+        behind = client.post("/feedback", json=label)
+        assert (behind.status_code, behind.headers["retry-after"]) == (503, "1")
+        assert behind.json()["message"].startswith(
+            "1 of these predictions were answered but are not stored yet"
+        )
+        with ctx.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+        ctx.logger.start()
+        assert client.post("/feedback", json=label).json() == {
+            "accepted": 1,
+            "updated": 0,
+            "duplicate": 0,
+            "unknown": [],
+        }
+    finally:
+        ctx.logger.stop()
+        ctx.holder.stop()
+        ctx.engine.dispose()

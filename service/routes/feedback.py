@@ -1,5 +1,6 @@
 """POST /feedback: ground truth for earlier predictions, upserted idempotently."""
 
+import math
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -58,8 +59,15 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             labels[pid] = actual
             first.setdefault(pid, i)
         in_flight = [pid for pid in labels if ctx.logger.is_pending(pid)]
-        if in_flight:
-            ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)
+        if in_flight and (behind := ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)):
+            # Answered here but not yet stored: "unknown" would tell the client to drop a good label.
+            raise HTTPException(
+                503,
+                f"{len(behind)} of these predictions were answered but are not stored yet (the prediction "
+                "log is behind, or the database is down and they wait on the spool); nothing was stored: "
+                "retry the same request",
+                headers={"Retry-After": str(math.ceil(IN_FLIGHT_WAIT_S))},
+            )
         try:
             result = _upsert_retrying(ctx.sessions, labels)
         except OperationalError as exc:
