@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -92,12 +93,28 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         # Answered as every other malformed body is, naming the problem: not a bare 400 "error".
         invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(exc.__cause__)}}
         return await validation_error(request, RequestValidationError([invalid]))
-    names = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
+    headers = getattr(exc, "headers", None)
+    message = exc.detail
+    if exc.status_code == 405 and headers and headers.get("Allow"):
+        message = f"{request.method} is not allowed on {request.url.path}; it takes {headers['Allow']}"
     return JSONResponse(
-        {"error": names.get(exc.status_code, "error"), "message": exc.detail},
+        {"error": error_name(exc.status_code), "message": message},
         status_code=exc.status_code,
-        headers=getattr(exc, "headers", None),
+        headers=headers,
     )
+
+
+_NAMES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
+
+
+def error_name(status: int) -> str:
+    """The body's "error" for a status: 405 → method_not_allowed (HTTP's own phrase, as an identifier)."""
+    if status in _NAMES:
+        return _NAMES[status]
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

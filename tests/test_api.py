@@ -686,3 +686,13 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
         ctx.logger.stop()
         ctx.holder.stop()
         ctx.engine.dispose()
+
+
+def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -> None:
+    response = client.get("/predict")
+    assert response.status_code == 405
+    assert response.json() == {
+        "error": "method_not_allowed",
+        "message": "GET is not allowed on /predict; it takes POST",
+    }
+    assert response.headers["allow"] == "POST"
