@@ -142,7 +142,7 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
         ),
         prediction_value=Histogram(
             "driftloop_prediction_value",
-            "Distribution of predicted values.",
+            "Predicted values as served (within the target bounds); buckets: DRIFTLOOP_PREDICTION_BUCKETS.",
             buckets=buckets,
             registry=r,
         ),
