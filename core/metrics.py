@@ -104,7 +104,11 @@ def prediction_buckets(settings: Settings, spec: FeatureSpec) -> tuple[float, ..
         return parse_buckets(settings.prediction_buckets)
     low, high = spec.target_min, spec.target_max
     if low is not None and high is not None:
-        return tuple(low + (high - low) * k / BOUNDED_BUCKETS for k in range(1, BOUNDED_BUCKETS + 1))
+        # The last bound is target_max itself (low + (high - low) * k / n can fall short of it, leaving the
+        # values clipped to it in +Inf alone); a range float64 cannot split into n steps, or none (a
+        # constant target), gives fewer buckets rather than one series per repeated bound.
+        steps = (low + (high - low) * k / BOUNDED_BUCKETS for k in range(1, BOUNDED_BUCKETS))
+        return tuple(sorted({*(step for step in steps if low < step < high), high}))
     return VALUE_BUCKETS
 
 

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     # spinning workers would take a core from the event loop and the log writer.
     predict_threads: int = Field(default=1, ge=-1)
     # Upper bounds of driftloop_prediction_value's buckets, comma-separated; None: from the spec (see
-    # core.metrics.value_buckets).
+    # core.metrics.prediction_buckets).
     prediction_buckets: str | None = None
     champion_poll_s: float = Field(default=2.0, gt=0)
     log_queue_size: int = Field(default=100_000, ge=100)

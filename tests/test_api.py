@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import func, select
 
-from core.metrics import VALUE_BUCKETS, prediction_buckets
+from core.metrics import VALUE_BUCKETS, build_metrics, prediction_buckets
 from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
 from core.settings import Settings
@@ -578,6 +579,30 @@ def test_configured_prediction_buckets_win_over_the_spec_s(spec: FeatureSpec) ->
         2.0,
     )
     assert prediction_buckets(Settings(_env_file=None, prediction_buckets=""), spec) == VALUE_BUCKETS
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "expected"),
+    [
+        (-0.7, 0.1, 20),  # low + (high - low) * 20 / 20 is 0.09999999999999998: target_max fell in +Inf only
+        (5.0, 5.0, 1),  # a constant target: twenty buckets all le="5.0"
+        (1e15 - 1, 1e15, 8),  # a range float64 resolves into fewer than 20 steps: repeated bounds
+    ],
+)
+def test_bounded_prediction_buckets_increase_and_end_at_target_max(
+    spec: FeatureSpec, low: float, high: float, expected: int
+) -> None:
+    bounded = dataclasses.replace(spec, target_min=low, target_max=high, _by_name={})
+    buckets = prediction_buckets(Settings(_env_file=None), bounded)
+    assert (len(buckets), buckets[-1]) == (expected, high)
+    assert list(buckets) == sorted(set(buckets))
+    registry = CollectorRegistry()
+    build_metrics(registry, buckets=buckets).prediction_value.observe(high)  # a value clipped to the bound
+    les = re.findall(
+        r'driftloop_prediction_value_bucket\{le="([^"]+)"\} (\S+)', generate_latest(registry).decode()
+    )
+    assert len({le for le, _ in les}) == len(les) == expected + 1  # one series per bound, then +Inf
+    assert (float(les[-2][0]), les[-2][1]) == (high, "1.0")
 
 
 def test_spec_clip_keeps_nan_and_leaves_an_unbounded_target_alone(spec: FeatureSpec) -> None:
