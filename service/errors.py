@@ -104,7 +104,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
-_NAMES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict", 503: "unavailable"}
+# The names every other path gives these statuses (middleware, validation, Faults): an HTTPException of one
+# must not get HTTP's phrase instead (500 was "internal_server_error"; Python 3.13 renamed 413's and 422's).
+_NAMES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+    413: "body_too_large", 422: "invalid_request", 500: "internal", 503: "unavailable",
+}  # fmt: skip
 
 
 def error_name(status: int) -> str:

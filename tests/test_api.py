@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Iterator
 from importlib import resources
@@ -721,3 +722,21 @@ def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -
         "message": "GET is not allowed on /predict; it takes POST",
     }
     assert response.headers["allow"] == "POST"
+
+
+class _NanModel:
+    def predict(self, row: object, thread_count: int = 1) -> float:
+        return math.nan
+
+
+def test_every_fault_of_ours_is_named_internal(client, make_features) -> None:
+    # The non-finite-prediction 500 is an HTTPException: named by HTTP's phrase it was
+    # "internal_server_error", beside "internal" for every other 500 (and phrases vary by Python release).
+    ctx = client.app.state.ctx
+    ctx.holder.current = dataclasses.replace(ctx.holder.current, model=_NanModel())
+    response = client.post("/predict", json=make_features())
+    assert (response.status_code, response.json()) == (
+        500,
+        {"error": "internal", "message": "the model produced a non-finite prediction; nothing was logged"},
+    )
+    assert logged_rows(client) == 0
