@@ -263,11 +263,14 @@ class Registry:
             with self.sessions.begin() as session:
                 # Promotions queue on the champion's row, so a second one archives the champion the first made
                 # instead of both archiving the same one (the later commit then broke the one-champion index).
-                current = session.scalar(
+                lock_champion = (
                     select(ModelVersion.version)
                     .where(ModelVersion.status == ModelStatus.champion)
                     .with_for_update()
                 )
+                current = session.scalar(lock_champion)
+                if current is None:  # PostgreSQL skips a row that the promotion we waited on archived: the
+                    current = session.scalar(lock_champion)  # next statement sees (and locks) its champion
                 row = session.get(ModelVersion, version, with_for_update=True)
                 if row is None:
                     raise UnknownVersion(f"model version {version} does not exist")

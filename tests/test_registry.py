@@ -1,12 +1,13 @@
 import json
 import threading
+import time
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from sqlalchemy import update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from core.registry import (
@@ -283,3 +284,47 @@ def test_a_promotion_that_replaces_a_version_no_longer_champion_changes_nothing(
     )
     # What was asked is already so (the second of two rollbacks at once): done, not a conflict.
     assert registry.promote(version=v3.version, replaces=1).status == ModelStatus.champion
+
+
+def test_a_promotion_waiting_on_another_names_the_champion_that_one_made(
+    db_url: str, registry: Registry, champion: ModelVersion, spec: FeatureSpec
+) -> None:
+    # On PostgreSQL the waiting promotion's `FOR UPDATE` skipped the row the other had archived, found no
+    # champion at all and said so ("the champion is now none"), though v2 was.
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite has one writer: a second promotion never waits on the first's row lock")
+    _, v3 = (_candidate(registry, champion, spec) for _ in range(2))
+    errors: list[BaseException] = []
+
+    def promote_v3() -> None:
+        try:
+            registry.promote(version=v3.version, reason="retrain run", replaces=1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=promote_v3)
+    with registry.sessions.begin() as first:  # another promotion of v2, holding the champion's row
+        first.execute(
+            select(ModelVersion).where(ModelVersion.status == ModelStatus.champion).with_for_update()
+        )
+        first.execute(
+            update(ModelVersion).where(ModelVersion.version == 1).values(status=ModelStatus.archived)
+        )
+        first.flush()
+        first.execute(
+            update(ModelVersion).where(ModelVersion.version == 2).values(status=ModelStatus.champion)
+        )
+        thread.start()
+        for _ in range(600):  # until v3's promotion waits on the lock
+            with registry.sessions() as probe:
+                if probe.scalar(text("SELECT count(*) FROM pg_locks WHERE NOT granted")):
+                    break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the second promotion never waited on the first")
+    thread.join(timeout=60)
+    assert [str(e) for e in errors] == [
+        "model version 3 not promoted: it was to replace v1, but the champion is now v2"
+    ]
+    assert [type(e) for e in errors] == [ChampionChanged]
+    assert (registry.champion().version, registry.get(3).status) == (2, ModelStatus.candidate)
