@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -694,3 +695,36 @@ def test_a_drift_policy_that_could_rarely_judge_says_so(tmp_path: Path) -> None:
     ) in text
     quiet = backtest(tmp_path / "dense", "--data", "generated:none", "--policies", "drift", *STEP_ARGS)
     assert "warning:" not in quiet.output
+
+
+def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() -> None:
+    # A monitor run at time t judges the rows before t, so the run at a change point's time saw none of its
+    # rows: its breach answered the previous change point (or none: a false breach), never this one at 0 d.
+    from types import SimpleNamespace
+
+    from monitor.backtest.replay import MonitorRecord, RetrainRecord
+    from monitor.backtest.results import _before, _detection
+
+    def at(day: int) -> datetime:
+        return datetime(2021, 1, day, tzinfo=UTC)
+
+    first, second = at(10), at(20)
+    monitors = [
+        SimpleNamespace(at=at(10), breach=True),  # rows before the 10th: the stable stream
+        SimpleNamespace(at=at(20), breach=True),  # rows before the 20th: the first change's
+        SimpleNamespace(at=at(22), breach=True),
+    ]
+    retrains = [SimpleNamespace(at=at(20), status="promoted"), SimpleNamespace(at=at(22), status="promoted")]
+    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach"}
+    assert {f.name for f in dataclasses.fields(RetrainRecord)} >= {"at", "status"}
+    trace = SimpleNamespace(monitors=monitors, retrains=retrains)
+    replay = SimpleNamespace(
+        settings=SimpleNamespace(min_labelled_rows=1, min_window_rows=1),
+        config=SimpleNamespace(label_delay=timedelta(days=1)),
+    )
+    times = np.array([np.datetime64(f"2021-01-{d:02d}T12:00", "ns") for d in range(1, 31)])
+    one = _detection(replay, trace, first, second, times)  # type: ignore[arg-type]
+    two = _detection(replay, trace, second, None, times)  # type: ignore[arg-type]
+    assert (one.first_breach_at, one.first_swap_at) == (at(20), at(20))
+    assert (two.first_breach_at, two.first_swap_at, two.delay_days) == (at(22), at(22), 2.0)
+    assert _before(first, [m.at for m in monitors], known=True) == 1  # the run on the 10th: a false breach

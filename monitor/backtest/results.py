@@ -50,7 +50,7 @@ class PolicySummary:
     retrains: int
     promotions: int
     retrain_seconds: float
-    # Retrains started, and breaching monitor runs, before the first change point (all of them on a stable
+    # Retrains started, and breaching monitor runs, up to the first change point (all of them on a stable
     # stream); None when the change points are unknown (a user's CSV without --change-at).
     false_retrains: int | None
     false_breaches: int | None
@@ -179,21 +179,23 @@ def _summary(
 
 
 def _before(change: datetime | None, times: list[datetime], *, known: bool) -> int | None:
-    """How many of `times` come before `change` (all of them with no change); None when unknowable."""
+    """How many of `times` come at or before `change` (all of them with no change): a run at the change's
+    own time judged only rows before it. None when unknowable."""
     if not known:
         return None
-    return sum(change is None or t < change for t in times)
+    return sum(change is None or t <= change for t in times)
 
 
 def _detection(
     replay: Replay, trace: PolicyTrace, change: datetime, end: datetime | None, times: np.ndarray
 ) -> Detection:
-    """The drift policy's answer to `change`: its first breach and swap at or after it and before the next
-    change point (`end`), which would be the answer to that one."""
+    """The drift policy's answer to `change`: its first breach and swap after it, up to the next change
+    point (`end`) included. A run at time t judged the rows before t, so one at a change point's own time
+    saw none of that change's rows: it answered the change before (or was a false breach)."""
     post = np.flatnonzero(times >= np.datetime64(pd.Timestamp(change).tz_convert(None), "ns"))
 
     def within(at: datetime) -> bool:
-        return at >= change and (end is None or at < end)
+        return at > change and (end is None or at <= end)
 
     def nth_post_change_row(n: int) -> datetime | None:
         return pd.Timestamp(times[post[n - 1]], tz="UTC").to_pydatetime() if post.size >= n else None
