@@ -47,6 +47,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.figures import figure
 from core.schema import (
     DriftReport,
     GroundTruth,
@@ -212,16 +213,16 @@ def _accuracy_reason(obs: Observation, config: PolicyConfig) -> tuple[str | None
         return None, False
     ratio = config.mae_degradation_ratio
     own = obs.champion_mae * ratio
-    lead = f"MAE {obs.mae:,.2f} on {obs.labelled_rows} labelled rows"
+    lead = f"MAE {figure(obs.mae)} on {obs.labelled_rows} labelled rows"
     baseline = obs.baseline_mae if config.lineage_baseline else None
     if baseline is not None and baseline < obs.champion_mae and obs.mae > baseline * ratio:
         return (
-            f"{lead} > {baseline * ratio:,.2f} (baseline MAE {baseline:,.2f}, the best validation MAE of "
-            f"this model line, × {ratio:g}; champion's own validation MAE {obs.champion_mae:,.2f})"
+            f"{lead} > {figure(baseline * ratio)} (baseline MAE {figure(baseline)}, the best validation MAE "
+            f"of this model line, × {ratio:g}; champion's own validation MAE {figure(obs.champion_mae)})"
         ), obs.mae <= own
     if obs.mae <= own:
         return None, False
-    return f"{lead} > {own:,.2f} (champion MAE {obs.champion_mae:,.2f} × {ratio:g})", False
+    return f"{lead} > {figure(own)} (champion MAE {figure(obs.champion_mae)} × {ratio:g})", False
 
 
 def _held_by(

@@ -33,6 +33,7 @@ from evidently.legacy.tests.base_test import TestStatus
 from evidently.metrics import MAE, MAPE, RMSE, MeanError, ValueDrift
 from sklearn.exceptions import UndefinedMetricWarning
 
+from core.figures import figure
 from core.spec import MAX_MAGNITUDE, FeatureSpec
 from retrain.train import PREDICTION
 
@@ -330,8 +331,8 @@ def _summary_widget(result: DriftResult) -> Any:
         CounterData("labelled rows", f"{result.labelled_rows:,}"),
         CounterData("drift share", f"{result.drift_share:.2f}"),
         CounterData("weighted drift score", f"{result.weighted_score:.3f}"),
-        CounterData("MAE", f"{acc.mae:,.1f}" if acc else "n/a"),
-        CounterData("RMSE", f"{acc.rmse:,.1f}" if acc else "n/a"),
+        CounterData("MAE", figure(acc.mae) if acc else "n/a"),
+        CounterData("RMSE", figure(acc.rmse) if acc else "n/a"),
         CounterData("MAPE %", f"{acc.mape:.2f}" if acc else "n/a"),
     ]
     return counter(title="Window", counters=counters, size=WidgetSize.FULL)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.figures import figure
 from core.settings import Settings, SettingsError, load_settings
 
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
@@ -135,7 +136,7 @@ def bootstrap(
     row = result.version
     verb = "trained and promoted" if result.created else "already the champion:"
     console.print(
-        f"[green]{verb} v{row.version}[/] (validation MAE {row.metrics.get('val_mae', float('nan')):,.1f})"
+        f"[green]{verb} v{row.version}[/] (validation MAE {figure(row.metrics.get('val_mae', float('nan')))})"
     )
     if csv is not None and not result.created:
         console.print(
@@ -267,7 +268,7 @@ def models() -> None:
         mae = row.metrics.get("val_mae")
         table.add_row(
             f"v{row.version}", row.status, row.trigger, f"{row.created_at:%Y-%m-%d %H:%M}",
-            f"{mae:,.1f}" if mae is not None else "-",
+            figure(mae) if mae is not None else "-",
             f"v{row.parent_version}" if row.parent_version else "-",
         )  # fmt: skip
     Console().print(table)

@@ -19,6 +19,7 @@ import yaml
 from sqlalchemy import create_engine, func, select
 from typer.testing import CliRunner
 
+from core.figures import figure
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import load_spec
@@ -728,3 +729,42 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
     assert (one.first_breach_at, one.first_swap_at) == (at(20), at(20))
     assert (two.first_breach_at, two.first_swap_at, two.delay_days) == (at(22), at(22), 2.0)
     assert _before(first, [m.at for m in monitors], known=True) == 1  # the run on the 10th: a false breach
+
+
+def test_a_rate_s_errors_read_in_its_units(tmp_path: Path) -> None:
+    """A click-through rate in [0, 1] has an MAE of a few ten-thousandths: the table showed it as 0 (no
+    decimals, as for a price) and periods.csv rounded it to 3 decimals, 0.0 or 0.001."""
+    rng = np.random.default_rng(4)
+    rows = 1200
+    position = rng.integers(1, 6, rows)
+    impressions = rng.integers(3000, 8000, rows)
+    ctr = 0.001 + 0.003 / position
+    frame = pd.DataFrame(
+        {
+            "day": pd.date_range("2021-01-01", "2021-12-31", periods=rows).strftime("%Y-%m-%d"),
+            "position": position,
+            "impressions": impressions,
+            "ctr": rng.binomial(impressions, ctr) / impressions,
+        }
+    )
+    data, spec = tmp_path / "ctr.csv", tmp_path / "ctr.yaml"
+    frame.to_csv(data, index=False)
+    spec.write_text(
+        "dataset: ads\ntarget: ctr\ntarget_min: 0\ntarget_max: 1\ntime_column: day\nfeatures:\n"
+        "  - {name: position, type: integer, min: 1, max: 10}\n"
+        "  - {name: impressions, type: integer, min: 1, max: 100000}\n"
+    )
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(data), "--spec", str(spec), "--policies", "never", "--step", "30d",
+        "--initial-train-until", "2021-07-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    never = summary(out)["policies"]["never"]
+    mae = never["cumulative_mae"]
+    assert 0.0001 < mae < 0.001
+    row = next(line for line in result.output.splitlines() if "never" in line and "│" in line)
+    assert row.split("│")[2].strip() == figure(mae)  # 0.000…, three significant digits
+    periods = pd.read_csv(out / "periods.csv")
+    weighted = float((periods["mae"] * periods["rows"]).sum() / periods["rows"].sum())
+    assert weighted == pytest.approx(mae, rel=1e-3)

@@ -304,3 +304,33 @@ def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
     monkeypatch.setattr(uvicorn, "run", serve_briefly)
     assert run("serve", *flags).exit_code == 0
     assert started == [expected]
+
+
+def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, monkeypatch) -> None:
+    """An on-time rate in [0, 1]: bootstrap said "validation MAE 0.0" and `models` listed 0.0, one decimal as
+    for a price."""
+    import numpy as np
+    import pandas as pd
+
+    from core.figures import figure
+
+    rng = np.random.default_rng(5)
+    couriers = rng.integers(1, 20, 600)
+    rate = np.clip(0.5 + 0.02 * couriers + rng.normal(0, 0.04, 600), 0, 1)
+    days = pd.date_range("2023-01-01", periods=600, freq="h").strftime("%Y-%m-%dT%H:%M:%S")
+    path, spec = tmp_path / "ontime.csv", tmp_path / "ontime.yaml"
+    pd.DataFrame({"slot": days, "couriers": couriers, "rate": rate}).to_csv(path, index=False)
+    spec.write_text(
+        "dataset: ontime\ntarget: rate\ntarget_min: 0\ntarget_max: 1\ntime_column: slot\n"
+        "features:\n  - {name: couriers, type: integer, min: 1, max: 100}\n"
+    )
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 0, result.output
+    with _registry(Settings()) as registry:
+        v1 = registry.champion()
+        assert v1 is not None
+        mae = v1.metrics["val_mae"]
+    assert 0.01 < mae < 0.1
+    assert f"trained and promoted v1 (validation MAE {figure(mae)})" in result.output
+    assert f"│ {figure(mae)} " in run("models").output

@@ -52,10 +52,10 @@ OK = Decision(
 )
 SHARE = "drift share 0.500 ≥ threshold 0.500 (drifted: area_m2, floor, district)"
 WEIGHTED = "weighted drift score 0.420 ≥ threshold 0.300"
-MAE = "MAE 130.00 on 300 labelled rows > 125.00 (champion MAE 100.00 × 1.25)"
+MAE = "MAE 130 on 300 labelled rows > 125 (champion MAE 100 × 1.25)"
 BASELINE = (
-    "MAE 110.00 on 300 labelled rows > 100.00 (baseline MAE 80.00, the best validation MAE of this model "
-    "line, × 1.25; champion's own validation MAE 100.00)"
+    "MAE 110 on 300 labelled rows > 100 (baseline MAE 80.0, the best validation MAE of this model "
+    "line, × 1.25; champion's own validation MAE 100)"
 )
 
 
@@ -361,7 +361,7 @@ CASES = [
         obs(mae=130.0, baseline_mae=80.0),
         backoff(2, hours_ago=1),
         CONFIG,
-        breach("accuracy", (BASELINE.replace("110.00", "130.00"),)),
+        breach("accuracy", (BASELINE.replace("MAE 110 ", "MAE 130 "),)),
         id="own-yardstick-breach-is-hard-though-the-reason-names-the-baseline",
     ),
     pytest.param(
@@ -681,3 +681,15 @@ def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     with sessions.begin() as session:
         session.add(_run(minutes(-5), "failed"))
     assert waiting(T0) is None  # the latest run was not rejected
+
+
+def test_a_rate_s_accuracy_breach_reads_in_its_units() -> None:
+    """An on-time rate's MAE of 0.0526 over 0.0524 (0.0419 × 1.25) read "MAE 0.05 > 0.05 (champion MAE 0.04
+    × 1.25)" with two decimals, as a price's would: a breach that contradicted itself."""
+    decision = decide(obs(mae=0.0526, champion_mae=0.0419), history(), CONFIG)
+    assert decision.reasons == ("MAE 0.0526 on 300 labelled rows > 0.0524 (champion MAE 0.0419 × 1.25)",)
+    decision = decide(obs(mae=0.0390, champion_mae=0.0419, baseline_mae=0.0301), history(), CONFIG)
+    assert decision.reasons == (
+        "MAE 0.0390 on 300 labelled rows > 0.0376 (baseline MAE 0.0301, the best validation MAE of this "
+        "model line, × 1.25; champion's own validation MAE 0.0419)",
+    )

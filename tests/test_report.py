@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from catboost import CatBoostRegressor
 
+from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import Registry
 from core.schema import ModelVersion
@@ -294,3 +295,20 @@ def test_a_column_with_no_values_on_one_side_has_drifted_and_stops_nothing(
     assert by_name["area_m2"].method == WASSERSTEIN and not by_name["area_m2"].detected
     assert result.to_json()["features"]["floor"]["threshold"] is None
     assert result.accuracy is not None and page.stat().st_size > 0
+
+
+def test_the_page_shows_a_rate_s_errors_in_its_units(v1: Champion, spec: FeatureSpec, tmp_path: Path) -> None:
+    """A target in [0, 1] (here the prices scaled down to one): the page's MAE and RMSE had one decimal, so
+    an on-time rate's MAE of 0.0834 read 0.1 and 0.177 read 0.2."""
+    window = make_window(v1, spec, rows=1000)
+    reference = v1.reference.copy()
+    for frame in (window, reference):
+        for column in (spec.target, PREDICTION):
+            if column in frame:
+                frame[column] = frame[column] / 1e6
+    page = tmp_path / "report.html"
+    result = compute_drift(reference, window, spec, importance=v1.importance, html_path=page)
+    assert result.accuracy is not None and 0.001 < result.accuracy.mae < 0.1
+    html = page.read_text()
+    for label, value in (("MAE", result.accuracy.mae), ("RMSE", result.accuracy.rmse)):
+        assert json.dumps({"value": figure(value), "label": label}) in html

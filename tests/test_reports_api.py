@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import sha256_file
 from core.schema import DriftReport, ModelVersion
@@ -178,8 +179,8 @@ def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figu
     assert report["breach"] is True
     assert report["reasons"] == [
         f"weighted drift score {weighted:.3f} ≥ threshold 0.300",
-        f"MAE {mae:,.2f} on 600 labelled rows > {champion_mae * 1.25:,.2f} "
-        f"(champion MAE {champion_mae:,.2f} × 1.25)",
+        f"MAE {figure(mae)} on 600 labelled rows > {figure(champion_mae * 1.25)} "
+        f"(champion MAE {figure(champion_mae)} × 1.25)",
     ]
     assert outcome["reasons"] == report["reasons"]
     assert report["decision"]["trigger"] == "accuracy"
@@ -199,8 +200,9 @@ def test_the_accuracy_rule_holds_the_champion_to_the_best_mae_of_its_line(
         row.metrics = {**row.metrics, "val_mae": own, "baseline_mae": baseline}
     outcome = run_monitor(client)
     assert outcome["reasons"][-1] == (
-        f"MAE {mae:,.2f} on 600 labelled rows > {baseline * 1.25:,.2f} (baseline MAE {baseline:,.2f}, the "
-        f"best validation MAE of this model line, × 1.25; champion's own validation MAE {own:,.2f})"
+        f"MAE {figure(mae)} on 600 labelled rows > {figure(baseline * 1.25)} (baseline MAE "
+        f"{figure(baseline)}, the best validation MAE of this model line, × 1.25; champion's own validation "
+        f"MAE {figure(own)})"
     )
     assert client.get(f"/reports/{outcome['report_id']}").json()["decision"]["trigger"] == "accuracy"
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.figures import figure
 from monitor.backtest.compare import bootstrap_blocks, paired_ratio, replay_errors, replay_times
 from monitor.backtest.replay import PolicyTrace, Replay
 from retrain.runner import jsonable
@@ -71,8 +72,11 @@ def table_row(x: PolicySummary) -> list[str]:
     """One policy's summary as the printed table shows it (TABLE_COLUMNS); '-' where nothing applies, and
     one figure per change point, comma-separated, in the detection columns."""
 
-    def num(value: float | int | None, fmt: str = ",.0f") -> str:
+    def num(value: float | int | None, fmt: str) -> str:
         return "-" if value is None else format(value, fmt)
+
+    def mae(value: float | None) -> str:  # in the target's units: 8,148 for a price, 0.0834 for a rate
+        return "-" if value is None else figure(value)
 
     def days(value: float | None) -> str:
         return "-" if value is None else f"{value:g} d"
@@ -81,8 +85,8 @@ def table_row(x: PolicySummary) -> list[str]:
         return ", ".join(show(d) for d in x.detections) or "-"
 
     return [
-        x.policy, num(x.cumulative_mae), _ratio_text(x.mae_vs_never, x.mae_vs_never_ci),
-        num(x.mae_after_change),
+        x.policy, mae(x.cumulative_mae), _ratio_text(x.mae_vs_never, x.mae_vs_never_ci),
+        mae(x.mae_after_change),
         f"{x.retrains} ({x.promotions})", num(x.retrain_seconds, ".1f"),
         each(lambda d: days(d.delay_days)),
         each(lambda d: f"{num(d.cycles_after_ready, 'd')} / {num(d.cycles_after_labels_ready, 'd')}"),
@@ -240,7 +244,8 @@ def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -
                     "period_start": start,
                     "period_end": [s + step for s in start],
                     "rows": grouped["rows"].to_numpy(),
-                    "mae": grouped["mae"].round(3).to_numpy(),
+                    # significant digits, not decimals: a rate's MAE of 0.0005 is not 0.001 or 0
+                    "mae": [float(f"{v:.6g}") for v in grouped["mae"]],
                     "champion_version": grouped["champion_version"].to_numpy(),
                     "retrain": [events.get(s + step, "") for s in start],
                     "breach": [(s + step) in breaches for s in start],
