@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.middleware import internal_error_body
+from service.middleware import error_name, internal_error_body
 
 
 def field_path(loc: Sequence[Any]) -> str:
@@ -72,7 +71,7 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
     if len(errors) > 10:
         message += f"; and {len(errors) - 10} more"
-    return JSONResponse({"error": "invalid_request", "message": message, "errors": errors}, status_code=422)
+    return JSONResponse({"error": error_name(422), "message": message, "errors": errors}, status_code=422)
 
 
 PARSE_FAILURE = "There was an error parsing the body"  # FastAPI's words for a body json.loads raised on
@@ -102,24 +101,6 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         status_code=exc.status_code,
         headers=headers,
     )
-
-
-# The names every other path gives these statuses (middleware, validation, Faults): an HTTPException of one
-# must not get HTTP's phrase instead (500 was "internal_server_error"; Python 3.13 renamed 413's and 422's).
-_NAMES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
-    413: "body_too_large", 422: "invalid_request", 500: "internal", 503: "unavailable",
-}  # fmt: skip
-
-
-def error_name(status: int) -> str:
-    """The body's "error" for a status: 405 → method_not_allowed (HTTP's own phrase, as an identifier)."""
-    if status in _NAMES:
-        return _NAMES[status]
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "error"
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from http import HTTPStatus
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -46,9 +47,27 @@ class Faults:
             await _send_json(send, 500, internal_error_body(exc))
 
 
+# One name per status for every error body (middleware, validation, Faults, an HTTPException): not HTTP's
+# phrase for these (500 was "internal_server_error"; Python 3.13 renamed 413's and 422's).
+_NAMES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
+    413: "body_too_large", 422: "invalid_request", 500: "internal", 503: "unavailable",
+}  # fmt: skip
+
+
+def error_name(status: int) -> str:
+    """The body's "error" for a status: 405 → method_not_allowed (HTTP's own phrase, as an identifier)."""
+    if status in _NAMES:
+        return _NAMES[status]
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
 def internal_error_body(exc: BaseException) -> dict[str, str]:
     return {
-        "error": "internal",
+        "error": error_name(500),
         "message": f"internal error ({type(exc).__name__}); the service log has the details",
     }
 
@@ -157,7 +176,7 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def _error(send: Send, status: int, message: str) -> None:
-    await _send_json(send, status, {"error": _ERROR_NAMES.get(status, "error"), "message": message})
+    await _send_json(send, status, {"error": error_name(status), "message": message})
 
 
 async def _send_json(send: Send, status: int, content: dict[str, str]) -> None:
@@ -168,6 +187,3 @@ async def _send_json(send: Send, status: int, content: dict[str, str]) -> None:
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-_ERROR_NAMES = {400: "bad_request", 413: "body_too_large"}
