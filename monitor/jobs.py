@@ -19,6 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
+from core.figures import figure
 from core.lease import release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry, baseline_mae
@@ -91,7 +92,7 @@ def log_outcome(outcome: MonitorOutcome) -> None:
     if outcome.result is not None:
         figures.append(f"drift share {outcome.result.drift_share:.2f}")
         if outcome.result.accuracy is not None:
-            figures.append(f"MAE {outcome.result.accuracy.mae:,.6g}")
+            figures.append(f"MAE {figure(outcome.result.accuracy.mae)}")
     measured = f" ({', '.join(figures)})" if figures else ""
     if not decision.breach:
         log.info("monitor run: report #%s, ok%s", outcome.report_id, measured)
