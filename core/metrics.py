@@ -118,7 +118,7 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
     m = Metrics(
         http_requests=Counter(
             "driftloop_http_requests_total",
-            "HTTP requests by endpoint and status.",
+            "HTTP requests by endpoint and status; 499: the client hung up before its body was in.",
             ["endpoint", "status"],
             registry=r,
         ),

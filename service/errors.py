@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.middleware import error_name, internal_error_body
 
@@ -88,6 +89,8 @@ def parse_problem(cause: BaseException) -> str:
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.__cause__, ClientDisconnect):
+        raise exc.__cause__  # no one to answer: middleware counts it as such (FastAPI made it a 400)
     if exc.status_code == 400 and exc.detail == PARSE_FAILURE and exc.__cause__ is not None:
         # Answered as every other malformed body is, naming the problem: not a bare 400 "error".
         invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(exc.__cause__)}}

@@ -9,11 +9,15 @@ import time
 from http import HTTPStatus
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.metrics import Metrics
 
 log = logging.getLogger("driftloop.service")
+# nginx's "client closed request": counted for a client that hung up before its body was in. No answer
+# reaches it, and it is not ours to alert on as a 5xx.
+CLIENT_CLOSED = 499
 
 
 class Faults:
@@ -21,7 +25,7 @@ class Faults:
 
     Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then drops the keep-alive
     connection: a client's next request on it, however good, fails with a reset. Outermost of ours, so
-    RequestMetrics still counts the 500.
+    RequestMetrics still counts the 500. A client that hung up mid-body is logged as that, not answered.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -40,6 +44,9 @@ class Faults:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            method, path = scope.get("method"), scope.get("path")
+            log.info("client closed the connection before its body was in: %s %s", method, path)
         except Exception as exc:
             if started:  # half an answer is out: only closing the connection tells the client
                 raise
@@ -102,7 +109,7 @@ class BodyLimit:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                raise ClientDisconnect()
             chunk = message.get("body", b"")
             total += len(chunk)
             if total > self.max_bytes:
@@ -150,6 +157,9 @@ class RequestMetrics:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except ClientDisconnect:
+            status = CLIENT_CLOSED
+            raise
         finally:
             endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
             children = self._children.get((endpoint, status)) or self._child(endpoint, status)

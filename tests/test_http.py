@@ -275,3 +275,44 @@ def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
         )  # set when the scheduler starts
     finally:
         assert server.terminate()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_client_gone_mid_body_is_counted_as_499_not_as_our_fault(champion, db_url, tmp_path) -> None:
+    """A client that hangs up before its body is in is no fault of ours: not an internal error in the log,
+    not a 500 in the error counters HighErrorRate watches, but 499 (nginx's "client closed request")."""
+    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        head = b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        # A declared length the body never reaches (a lean route and a FastAPI one), and a chunked body cut
+        # off before its last chunk.
+        for request in (
+            head % b"/predict" + b'Content-Length: 1000\r\n\r\n{"district": ',
+            head % b"/feedback" + b'Transfer-Encoding: chunked\r\n\r\n5\r\n[{"pr\r\n',
+            head % b"/feedback" + b'Content-Length: 1000\r\n\r\n[{"prediction_id": ',
+        ):
+            with socket.create_connection((host, int(port)), timeout=30) as sock:
+                sock.sendall(request)
+
+        def counted(name: str) -> float | None:
+            try:
+                return server.metric(name)
+            except KeyError:
+                return None
+
+        wait_until(
+            lambda: counted('driftloop_http_requests_total{endpoint="/feedback",status="499"}') == 1,
+            timeout=30,
+            what="the second hang-up to be counted",
+        )
+        assert counted('driftloop_http_requests_total{endpoint="/predict",status="499"}') == 1
+        # The chunked one: BodyLimit reads it before any route is matched.
+        assert counted('driftloop_http_requests_total{endpoint="unmatched",status="499"}') == 1
+        exposition = server.get("/metrics").text
+        assert 'status="500"' not in exposition and 'status="422"' not in exposition
+        assert server.log().count("client closed the connection before its body was in: POST") == 3
+        assert "internal error" not in server.log()
+        assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
+    finally:
+        assert server.terminate()
