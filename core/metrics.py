@@ -205,7 +205,7 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
         window_rows=Gauge("driftloop_window_rows", "Rows in the last monitored window.", registry=r),
         window_labelled_rows=Gauge(
             "driftloop_window_labelled_rows",
-            "Rows in the last accuracy window (the champion's newest labelled predictions).",
+            "Rows in the last accuracy window (the newest labelled rows the champion has not trained on).",
             registry=r,
         ),
         window_mae=Gauge("driftloop_window_mae", "MAE on the accuracy window.", registry=r),

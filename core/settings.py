@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     window_rows: int = Field(default=5000, ge=1)
     window_seconds: int | None = Field(default=None, ge=1)
     min_window_rows: int = Field(default=500, ge=1)
-    accuracy_window_rows: int = Field(default=500, ge=1)  # the newest labelled predictions, for MAE
+    accuracy_window_rows: int = Field(default=500, ge=1)  # the newest labelled rows unseen by the champion
     evidently_max_rows: int = Field(default=50_000, ge=100)
     drift_stattest_threshold: float | None = Field(default=None, gt=0, le=1)
     sample_seed: int = 0

@@ -16,6 +16,7 @@ from uuid import uuid4
 
 import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
+from catboost import CatBoostRegressor
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
@@ -37,9 +38,11 @@ from monitor.notify import (
 )
 from monitor.pages import prune_pages
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
-from monitor.window import load_window
+from monitor.window import load_unseen_labelled, load_window
+from retrain.dataset import data_end
 from retrain.process import RunHandle, launch
 from retrain.runs import NoChampion, RunInProgress, recover_stale
+from retrain.train import PREDICTION, predict
 
 if TYPE_CHECKING:
     from monitor.report import DriftResult
@@ -127,6 +130,7 @@ class Loop:
     write_html: bool = True
     _scheduler: BackgroundScheduler | None = None
     _reference: tuple[int, pd.DataFrame] | None = None
+    _model: tuple[int, CatBoostRegressor] | None = None
     _notifier: WebhookNotifier | None = None
     _watchers: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -274,11 +278,11 @@ class Loop:
                 model_version=champion.version,
             )  # fmt: skip
             # Labels arrive late, so the newest labelled rows are older than the drift window's: accuracy is
-            # measured on its own window, the champion's newest `accuracy_window_rows` labelled predictions.
-            labelled = load_window(
-                session, self.spec, max_rows=s.accuracy_window_rows, seconds=None, now=now,
-                model_version=champion.version, labelled_only=True,
-            )  # fmt: skip
+            # measured on its own window, the newest `accuracy_window_rows` labelled rows the champion has
+            # not trained on, as it answers them (see load_unseen_labelled).
+            labelled = load_unseen_labelled(
+                session, self.spec, max_rows=s.accuracy_window_rows, after=data_end(champion), now=now
+            )
             history = load_history(session, champion_version=champion.version, now=now)
         config = PolicyConfig.from_settings(s)
         result: DriftResult | None = None
@@ -291,6 +295,8 @@ class Loop:
             if self.write_html and s.report_html_keep > 0:
                 name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
                 html_path = s.report_dir / name
+            if labelled.rows:  # scored as the champion answers them, whichever model answered them then
+                labelled.frame[PREDICTION] = predict(self._model_for(champion), labelled.frame, self.spec)
             result = compute_drift(
                 self._reference_for(champion), window.frame, self.spec,
                 importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
@@ -345,6 +351,11 @@ class Loop:
         if self._reference is None or self._reference[0] != champion.version:
             self._reference = (champion.version, self.registry.reference(champion))
         return self._reference[1]
+
+    def _model_for(self, champion: ModelVersion) -> CatBoostRegressor:
+        if self._model is None or self._model[0] != champion.version:
+            self._model = (champion.version, self.registry.load(champion, spec=self.spec))
+        return self._model[1]
 
     def _store_report(
         self,

@@ -17,15 +17,23 @@ from sqlalchemy import func, insert, select
 from bench.loadgen import LoadResult, json_payloads, run_load
 from core.db import utcnow
 from core.generator import DRIFTED_FEATURES, generate_transactions
-from core.registry import Registry
-from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
+from core.registry import NewVersion, Registry
+from core.schema import (
+    DriftReport,
+    GroundTruth,
+    LabelledRow,
+    ModelVersion,
+    Notification,
+    PredictionLog,
+    RetrainRun,
+)
 from core.spec import FeatureSpec
 from monitor.jobs import Loop
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
 from retrain.runs import NoChampion, start_run
-from retrain.train import predict
-from tests.conftest import make_settings
+from retrain.train import predict, reference_snapshot, train_model
+from tests.conftest import TINY, make_settings
 from tests.live import start_server, wait_until
 from tests.webhook import Receiver, running_receiver
 
@@ -188,6 +196,78 @@ def test_concept_drift_is_an_accuracy_breach(make_loop, registry, champion, spec
     row = report_row(registry, outcome.report_id)
     assert row.drift_share < 0.5  # the features did not move; the prices did
     assert row.mae > 1.25 * champion.metrics["val_mae"]
+
+
+def import_labels(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, times: list) -> None:
+    """What `driftloop ingest` stores: labelled rows with their event times, no prediction behind them."""
+    rows = [
+        {
+            "features": f,
+            "target": float(t),
+            "event_time": at,
+            "source": "test",
+            "ingested_at": utcnow(),
+        }
+        for f, t, at in zip(
+            frame[spec.feature_names].to_dict("records"), frame[spec.target], times, strict=True
+        )
+    ]
+    with registry.sessions.begin() as session:
+        session.execute(insert(LabelledRow), rows)
+
+
+def test_imported_labels_the_champion_has_not_trained_on_measure_its_accuracy(
+    make_loop, registry, champion, spec
+) -> None:
+    """Labels that come only by import still measure the champion: a concept drift seen in imported rows
+    alone is an accuracy breach. Imported rows dated within its training data are not counted."""
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=5), labelled=False)
+    shocked = traffic("rate_shock", 400, seed=6)
+    now = utcnow()
+    import_labels(registry, spec, shocked, [now - timedelta(minutes=400 - i) for i in range(400)])
+    trained_on = generate_transactions(300, start="2021-01-01", end="2021-06-30", seed=7)
+    trained_on[spec.target] *= 3  # would breach by far if counted
+    assert champion.train_end is not None and trained_on["contract_date"].max() < champion.train_end
+    import_labels(registry, spec, trained_on, list(trained_on["contract_date"]))
+
+    outcome = make_loop(auto_retrain=False).run_monitor()
+
+    assert (outcome.verdict, outcome.decision.trigger) == ("breach", "accuracy")
+    row = report_row(registry, outcome.report_id)
+    answers = predict(registry.load(champion), shocked, spec)
+    assert row.labelled_rows == 400
+    assert row.mae == pytest.approx(float((answers - shocked[spec.target]).abs().mean()))
+
+
+def test_a_new_champion_is_measured_at_once_on_labels_for_answers_it_did_not_give(
+    make_loop, registry, champion, spec
+) -> None:
+    """Labels that arrive after a promotion are for the previous champion's answers. Scored by the new
+    champion, they measure it at once, instead of a label delay later; and by its own answers, not by the
+    ones it replaced: v1's answers to shocked traffic breach, v2 learnt the shock and does not."""
+    shocked = traffic("rate_shock", 1200, seed=5)
+    log_traffic(registry, champion, spec, shocked)  # v1's answers, labelled after the swap
+    learnt = traffic("rate_shock", 3000, seed=8)
+    model = train_model(learnt, spec, TINY)
+    v2 = registry.register(
+        NewVersion(
+            model=model, reference=reference_snapshot(model, learnt, spec), trigger="manual",
+            metrics={"val_mae": champion.metrics["val_mae"]}, params={}, train_rows=len(learnt),
+            train_end=learnt["contract_date"].max().to_pydatetime(),
+        )
+    )  # fmt: skip
+    registry.promote(version=v2.version, reason="test")
+    v2 = registry.champion()
+    log_traffic(registry, v2, spec, traffic("rate_shock", 1200, seed=9), labelled=False)
+    loop = make_loop(auto_retrain=False)
+
+    outcome = loop.run_monitor()
+
+    row = report_row(registry, outcome.report_id)
+    newest = shocked.tail(500)  # DRIFTLOOP_ACCURACY_WINDOW_ROWS
+    assert row.labelled_rows == 500
+    assert row.mae == pytest.approx(float((predict(model, newest, spec) - newest[spec.target]).abs().mean()))
+    assert outcome.verdict == "ok" and row.mae < champion.metrics["val_mae"] * 1.25
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(

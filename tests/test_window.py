@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.generator import generate_transactions
 from core.registry import Registry
-from core.schema import GroundTruth, ModelVersion, PredictionLog
+from core.schema import GroundTruth, LabelledRow, ModelVersion, PredictionLog
 from core.spec import FeatureSpec
 from monitor.report import compute_drift
-from monitor.window import load_window
+from monitor.window import load_unseen_labelled, load_window
 from retrain.train import PREDICTION, predict
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -100,26 +100,46 @@ def test_max_rows_keeps_the_most_recent(sessions: sessionmaker[Session], spec: F
     assert window.start == T0 + timedelta(minutes=6)
 
 
-def test_the_accuracy_window_is_the_newest_labelled_rows(
-    sessions: sessionmaker[Session], spec: FeatureSpec, log: Log
+def test_the_accuracy_window_is_the_newest_labelled_rows_after_the_training_data(
+    sessions: sessionmaker[Session], spec: FeatureSpec, log: Log, make_features: Callable[..., dict[str, Any]]
 ) -> None:
-    # Labels arrive late: the newest rows have none, so the labelled window reaches back past them.
+    # Labels arrive late: the newest rows have none, so the labelled window reaches back past them. Any
+    # version's answers count, and imported rows, merged by time; rows dated up to `after` do not (the
+    # champion trained on them), nor labels received or rows imported after `now`.
+    now = T0 + timedelta(hours=1)
     ids = [log(m, actual=100.0 * m if m < 6 else None) for m in range(10)]
-    log(1, actual=5.0, version=2)  # another model's row
+    other = log(4.5, actual=5.0, version=2)
+    late = log(3.5)
+    imported = [(3.2, 7.0, now), (5.5, 9.0, now), (4.2, 11.0, now + timedelta(seconds=1))]
+    with sessions.begin() as session:
+        session.add(GroundTruth(prediction_id=late, actual=1.0, received_at=now + timedelta(seconds=1)))
+        for minute, target, ingested_at in imported:
+            session.add(
+                LabelledRow(
+                    features=make_features(floor=int(target)), target=target, source="test",
+                    event_time=T0 + timedelta(minutes=minute), ingested_at=ingested_at,
+                )
+            )  # fmt: skip
 
     with sessions() as session:
-        labelled = load_window(
-            session, spec, max_rows=4, seconds=None, now=T0 + timedelta(hours=1), model_version=1,
-            labelled_only=True,
-        )  # fmt: skip
-        recent = load_window(
-            session, spec, max_rows=4, seconds=None, now=T0 + timedelta(hours=1), model_version=1
+        window = load_unseen_labelled(session, spec, max_rows=5, after=T0 + timedelta(minutes=2), now=now)
+        everything = load_unseen_labelled(session, spec, max_rows=100, after=T0 - timedelta(days=1), now=now)
+        none_after = load_unseen_labelled(
+            session, spec, max_rows=100, after=T0 + timedelta(minutes=6), now=now
         )
 
-    assert list(labelled.frame["prediction_id"]) == ids[2:6]
-    assert list(labelled.frame[spec.target]) == [200.0, 300.0, 400.0, 500.0]
-    assert (labelled.rows, labelled.labelled_rows) == (4, 4)
-    assert (recent.rows, recent.labelled_rows) == (4, 0)
+    frame = window.frame
+    assert list(frame[spec.target]) == [7.0, 400.0, 5.0, 500.0, 9.0]  # minutes 3.2, 4, 4.5, 5, 5.5
+    assert list(frame["prediction_id"]) == [None, ids[4], other, ids[5], None]
+    assert list(frame["source"]) == ["ingested", *["production_labelled"] * 3, "ingested"]
+    assert list(frame["model_version"]) == [0, 1, 2, 1, 0]
+    assert frame["prediction"].isna().tolist() == [True, False, False, False, True]
+    assert (frame.loc[0, "floor"], frame.loc[4, "floor"]) == (7, 9)
+    assert (window.rows, window.labelled_rows) == (5, 5)
+    assert (window.start, window.end) == (T0 + timedelta(minutes=3.2), T0 + timedelta(minutes=5.5))
+    # Every row labelled by `now`: minute 5.5 is an imported one, newer than any labelled answer.
+    assert list(everything.frame[spec.target]) == [0.0, 100.0, 200.0, 300.0, 7.0, 400.0, 5.0, 500.0, 9.0]
+    assert none_after.rows == 0 and list(none_after.frame.columns) == list(window.frame.columns)
 
 
 def test_seconds_bounds_the_window_and_later_rows_are_left_out(
@@ -257,10 +277,9 @@ def test_a_loaded_window_feeds_compute_drift(
 
     # Accuracy from a separate labelled window: the newest 100 labelled rows, drift still on `window`.
     with sessions() as session:
-        labelled = load_window(
-            session, spec, max_rows=100, seconds=None, now=T0 + timedelta(hours=1),
-            model_version=champion.version, labelled_only=True,
-        )  # fmt: skip
+        labelled = load_unseen_labelled(
+            session, spec, max_rows=100, after=T0 - timedelta(days=1), now=T0 + timedelta(hours=1)
+        )
     apart = compute_drift(
         registry.reference(champion), window.frame, spec, importance=champion.feature_importance,
         labelled=labelled.frame,
