@@ -198,7 +198,8 @@ class Loop:
         return held
 
     def _recover_stale_runs(self) -> None:
-        """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees."""
+        """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees, and
+        announce them: their launcher is gone or past its timeout, so nobody else will."""
         try:
             s = self.settings
             stale = recover_stale(
@@ -210,12 +211,20 @@ class Loop:
             return
         for run_id in stale:
             log.warning("retrain run %s marked failed: its process died or hung (see its error)", run_id)
+            try:
+                with self.sessions.begin() as session:
+                    enqueue_retrain_outcome(session, run_id, now=self.clock(), metrics=self.metrics)
+            except Exception:
+                log.exception("could not announce the failure of retrain run %s", run_id)
 
     def _announce_finished_runs(self) -> None:
+        """Announce runs that ended a lease TTL ago or more and are still unannounced: a launcher that is
+        alive announces its run within a second or two of its end, so these are runs whose launcher exited."""
         try:
             announced = announce_finished_runs(
-                self.sessions, now=self.clock(), horizon=ANNOUNCE_HORIZON, metrics=self.metrics
-            )
+                self.sessions, now=self.clock(), horizon=ANNOUNCE_HORIZON,
+                grace=timedelta(seconds=self.settings.lease_ttl_s), metrics=self.metrics,
+            )  # fmt: skip
         except Exception:
             log.exception("could not announce finished retrain runs")
             return

@@ -310,6 +310,8 @@ def test_stop_announces_a_finished_run_and_leaves_a_running_one_to_the_leader(
     assert f"retrain:{second.run_id}" not in outcomes(registry)
 
     leader = make_loop(webhook_url=receiver.url)
+    # The sweep leaves a run that just ended to its launcher for a lease TTL; this one's launcher is gone.
+    leader.clock = lambda: utcnow() + timedelta(seconds=leader.settings.lease_ttl_s)
     assert leader.renew_lease() is True  # the leader's sweep announces what nobody did, once
     leader.deliver()  # the scheduler's delivery job
     assert outcomes(registry) == {
@@ -393,6 +395,26 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     loop.deliver()
     assert len(receiver.bodies) == 3  # each announced once; the live run is not yet news
     assert f"retrain:{alive}" not in outcomes(registry)
+
+
+def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:
+    """A replica's run ends: between its row's finish and the replica's announcement lie the child's exit
+    and the announcer's poll. A leader renewing its lease then must not announce it in its stead."""
+    with registry.sessions.begin() as session:
+        run = RetrainRun(
+            trigger="manual", status="rejected", metrics={}, steps={}, champion_version=1,
+            candidate_version=2, started_at=utcnow() - timedelta(minutes=1), finished_at=utcnow(),
+        )  # fmt: skip
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    leader = make_loop()
+    assert leader.renew_lease() is True
+    assert outcomes(registry) == {}  # the launcher, alive, announces it
+    # Its launcher exited instead: a lease TTL after the run ended, the leader announces it.
+    leader.clock = lambda: utcnow() + timedelta(seconds=leader.settings.lease_ttl_s)
+    assert leader.renew_lease() is True
+    assert set(outcomes(registry)) == {f"retrain:{run_id}"}
 
 
 @pytest.mark.slow
