@@ -16,6 +16,7 @@ from uuid import uuid4
 
 import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
@@ -130,6 +131,8 @@ class Loop:
     _notifier: WebhookNotifier | None = None
     _watchers: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    # Scheduled jobs whose last attempt found the database unreachable: logged once per outage, not per try.
+    _unreachable: set[str] = field(default_factory=set)
 
     # --- scheduling --------------------------------------------------------------------
     def start(self) -> None:
@@ -184,9 +187,12 @@ class Loop:
                 ttl_s=self.settings.lease_ttl_s,
                 now=self.clock(),
             )
-        except Exception:
-            log.exception("could not renew the scheduler lease")
+        except Exception as exc:
+            if not self._database_down("scheduler lease", exc, every_s=self.settings.lease_ttl_s / 3):
+                log.exception("could not renew the scheduler lease")
             held = False
+        else:
+            self._database_up("scheduler lease")
         if held and not self.leader:
             log.info("scheduler lease taken by %s", self.holder_id)
         if held:
@@ -485,5 +491,32 @@ class Loop:
             )  # fmt: skip
         try:
             self._notifier.deliver_due()
-        except Exception:
-            log.exception("notification delivery failed")
+        except Exception as exc:
+            if not self._database_down("notification delivery", exc, every_s=DELIVERY_INTERVAL_S):
+                log.exception("notification delivery failed")
+        else:
+            self._database_up("notification delivery")
+
+    def _database_down(self, job: str, exc: Exception, *, every_s: float) -> bool:
+        """True when `exc` says the database is unreachable; logged as one line at the first failure of
+        `job` in an outage, not as a traceback every few seconds on every worker until it ends."""
+        if not _unreachable(exc):
+            return False
+        if job not in self._unreachable:
+            self._unreachable.add(job)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning(
+                "%s: database unavailable (%s: %s); retrying every %g s, logged again when it answers",
+                job, exc.__class__.__name__, first, every_s,
+            )  # fmt: skip
+        return True
+
+    def _database_up(self, job: str) -> None:
+        if job in self._unreachable:
+            self._unreachable.discard(job)
+            log.info("%s: database reachable again", job)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database could not be reached (refused, shutting down, the connection dropped)."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

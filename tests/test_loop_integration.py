@@ -20,6 +20,7 @@ from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import Registry
 from core.schema import DriftReport, GroundTruth, ModelVersion, Notification, PredictionLog, RetrainRun
 from core.spec import FeatureSpec
+from monitor import LOOP_LOGGER
 from monitor.jobs import Loop
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
@@ -281,6 +282,39 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) 
     assert [(r.id, r.status) for r in runs(registry)][-1] == (alive, "running")
     a.stop()  # releases the lease
     assert b.renew_lease() is True
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_database_outage_is_logged_once_per_job_not_at_every_attempt(
+    make_loop, registry, pg_cluster, caplog
+) -> None:
+    """Every worker renews its lease every TTL/3 and delivers notifications every 2 s: during an outage
+    each attempt used to log a full traceback (~115 lines every 2 s per worker), burying the one fact."""
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
+    pg_cluster.stop()  # fast: the pooled connections are cut, new ones refused
+    try:
+        for _ in range(3):
+            loop.deliver()
+            assert loop.renew_lease() is False
+    finally:
+        pg_cluster.start()
+    during = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOOP_LOGGER]
+    assert not [r for r in caplog.records if r.exc_info], "an outage is not a bug: no traceback"
+    assert [level for level, _ in during] == ["WARNING", "WARNING", "WARNING"], during
+    assert during[0][1].startswith("notification delivery: database unavailable (OperationalError: ")
+    assert during[1][1].startswith("scheduler lease: database unavailable (OperationalError: ")
+    assert during[2][1] == "scheduler lease lost; this process idles"
+    caplog.clear()
+    loop.deliver()
+    assert loop.renew_lease() is True
+    assert [r.getMessage() for r in caplog.records if r.name == LOOP_LOGGER] == [
+        "notification delivery: database reachable again",
+        "scheduler lease: database reachable again",
+        f"scheduler lease taken by {loop.holder_id}",
+    ]
 
 
 def outcomes(registry: Registry) -> dict[str, str]:
