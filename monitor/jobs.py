@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
 from core.figures import figure
-from core.lease import release, try_acquire
+from core.lease import current_holder, release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry, baseline_mae
 from core.schema import DriftReport, ModelVersion
@@ -120,6 +120,7 @@ class Loop:
     clock: Clock = utcnow
     holder_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}")
     leader: bool = False
+    _standby: bool = False  # the lease is another process's, and this one has said so in its log
     # Runs a retrain and returns its run id; None: a child OS process via `launch_retrain`. The backtest
     # passes one that runs in-process on its simulated clock.
     launcher: Callable[..., int] | None = None
@@ -196,12 +197,30 @@ class Loop:
         if held and not self.leader:
             log.info("scheduler lease taken by %s", self.holder_id)
         if held:
+            self._standby = False
             self._recover_stale_runs()
             self._announce_finished_runs()
         elif self.leader:
             log.warning("scheduler lease lost; this process idles")
+        elif not self._standby and "scheduler lease" not in self._unreachable:
+            self._log_standby()
         self.leader = held
         return held
+
+    def _log_standby(self) -> None:
+        """Say once, when this process finds the lease held by another, whose it is and that it waits."""
+        try:
+            lease = current_holder(self.sessions, name=LEASE_NAME)
+        except Exception:
+            return  # the next renewal tries again
+        self._standby = True
+        held_by = (
+            f"held by {lease.holder} until {lease.expires_at:%H:%M:%S} UTC" if lease else "held by another"
+        )
+        log.info(
+            "scheduler lease %s; this process stands by and takes over if it is not renewed (checked every "
+            "%g s)", held_by, self.settings.lease_ttl_s / 3,
+        )  # fmt: skip
 
     def _recover_stale_runs(self) -> None:
         """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees, and

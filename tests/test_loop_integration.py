@@ -267,7 +267,8 @@ def test_a_failing_receiver_is_retried_until_delivered(make_loop, registry, cham
         assert (note.status, note.attempts) == ("delivered", 2)
 
 
-def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) -> None:
+def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
     long_ago = utcnow() - timedelta(minutes=5)
     with registry.sessions.begin() as session:  # a run whose process died: no heartbeat for 5 minutes
         session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=long_ago))
@@ -275,6 +276,11 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) 
     b = make_loop()
     assert a.renew_lease() is True
     assert b.renew_lease() is False
+    assert b.renew_lease() is False
+    # The standby says once whose lease it waits on, rather than nothing at all.
+    standby = [m for m in caplog.messages if "this process stands by" in m]
+    assert len(standby) == 1, caplog.messages
+    assert standby[0].startswith(f"scheduler lease held by {a.holder_id} until ")
     assert [r.status for r in runs(registry)] == ["failed"]  # the leader cleared what a crash left
     # A run another process (an API replica) is doing and keeping alive is left alone.
     alive = start_run(registry.sessions, trigger="manual", now=utcnow())
