@@ -58,6 +58,7 @@ class ModelHolder:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._unreachable = False  # the last poll could not read the registry (logged when it began)
 
     def refresh(self) -> bool:
         """Load the registry's champion if it differs from the served one; True when a swap happened."""
@@ -65,8 +66,18 @@ class ModelHolder:
             try:
                 row = self.registry.champion()
             except Exception as exc:  # DB unreachable: keep serving what we have
+                if not self._unreachable:  # once per outage, not on every poll
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    log.warning(
+                        "registry unreachable (%s: %s); serving %s, polling every %g s",
+                        exc.__class__.__name__, first, _v(self.current), self.poll_s,
+                    )  # fmt: skip
+                self._unreachable = True
                 self.last_error = f"registry unreachable: {exc.__class__.__name__}"
                 return False
+            if self._unreachable:
+                self._unreachable = False
+                log.info("registry reachable again")
             current = self.current
             if row is None or (current is not None and current.version == row.version):
                 self.last_error = None if row is not None else NO_CHAMPION_IN_REGISTRY
