@@ -40,3 +40,9 @@ def release(sessions: sessionmaker[Session], *, name: str, holder: str) -> None:
         lease = session.get(Lease, name)
         if lease is not None and lease.holder == holder:
             session.delete(lease)
+
+
+def current_holder(sessions: sessionmaker[Session], *, name: str) -> Lease | None:
+    """The lease row (its holder and expiry), or None when nobody holds it."""
+    with sessions() as session:
+        return session.get(Lease, name)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import pandas as pd
 from catboost import CatBoostRegressor
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -185,14 +185,24 @@ class NewVersion:
     note: str = ""
 
 
+# pg_advisory_xact_lock key serialising registrations: the first 8 bytes of sha256("driftloop.register").
+REGISTER_LOCK_ID = int.from_bytes(hashlib.sha256(b"driftloop.register").digest()[:8], "big", signed=True)
+
+
 class Registry:
     def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore) -> None:
         self.sessions = sessions
         self.store = store
 
     def register(self, new: NewVersion) -> ModelVersion:
-        """Store the artifacts and add a `candidate` row; returns the row."""
+        """Store the artifacts and add a `candidate` row; returns the row.
+
+        On PostgreSQL registrations queue on a lock until the one before commits, so two processes (two
+        bootstraps at once) never pick the same version number; SQLite has one writing process.
+        """
         with self.sessions.begin() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": REGISTER_LOCK_ID})
             version = (session.scalar(select(func.max(ModelVersion.version))) or 0) + 1
             existing = {p.name for p in self.store.root.glob("v*")} if self.store.root.exists() else set()
             while f"v{version}" in existing:  # artifacts of a crashed registration: never reuse them
@@ -248,7 +258,13 @@ class Registry:
             return list(s.scalars(select(ModelVersion).order_by(ModelVersion.version.desc())))
 
     def promote(
-        self, *, version: int, reason: str = "", default_reason: str = "", replaces: int | None = None
+        self,
+        *,
+        version: int,
+        reason: str = "",
+        default_reason: str = "",
+        replaces: int | None = None,
+        first: bool = False,
     ) -> ModelVersion:
         """Make `version` the champion; the old champion is archived in the same transaction.
 
@@ -256,7 +272,9 @@ class Registry:
         when none is given. A model file or reference snapshot that is missing or not the one registered is
         refused before anything changes (ArtifactIntegrityError): no serving process could load the model,
         and all would keep the old one; no monitor could judge its traffic without the reference. Given
-        `replaces`, the promotion happens only while that version is the champion (ChampionChanged).
+        `replaces`, the promotion happens only while that version is the champion (ChampionChanged); given
+        `first`, only while there is no champion at all (ChampionChanged): the first model must not archive
+        one that another process promoted while it trained.
         """
         reason = reason.strip()
         try:
@@ -281,8 +299,18 @@ class Registry:
                         f"model version {version} not promoted: it was to replace v{replaces}, "
                         f"but the champion is now {f'v{current}' if current is not None else 'none'}"
                     )
+                if first and current is not None:
+                    raise ChampionChanged(
+                        f"model version {version} not promoted: it was to be the first champion, but "
+                        f"v{current} is the champion now"
+                    )
                 self._promote_in(session, row, reason=reason, default_reason=default_reason)
         except IntegrityError:  # no champion to queue on, and another promotion committed first
+            if first:
+                raise ChampionChanged(
+                    f"model version {version} not promoted: it was to be the first champion, but another "
+                    "version was made champion at the same moment"
+                ) from None
             raise RegistryError(
                 f"model version {version} not promoted: another version was made champion at the same "
                 "moment; retry"

@@ -17,11 +17,12 @@ from uuid import uuid4
 import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
 from catboost import CatBoostRegressor
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
 from core.figures import figure
-from core.lease import release, try_acquire
+from core.lease import current_holder, release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry, baseline_mae
 from core.schema import DriftReport, ModelVersion
@@ -122,6 +123,7 @@ class Loop:
     clock: Clock = utcnow
     holder_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:6]}")
     leader: bool = False
+    _standby: bool = False  # the lease is another process's, and this one has said so in its log
     # Runs a retrain and returns its run id; None: a child OS process via `launch_retrain`. The backtest
     # passes one that runs in-process on its simulated clock.
     launcher: Callable[..., int] | None = None
@@ -134,6 +136,8 @@ class Loop:
     _notifier: WebhookNotifier | None = None
     _watchers: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    # Scheduled jobs whose last attempt found the database unreachable: logged once per outage, not per try.
+    _unreachable: set[str] = field(default_factory=set)
 
     # --- scheduling --------------------------------------------------------------------
     def start(self) -> None:
@@ -188,21 +192,43 @@ class Loop:
                 ttl_s=self.settings.lease_ttl_s,
                 now=self.clock(),
             )
-        except Exception:
-            log.exception("could not renew the scheduler lease")
+        except Exception as exc:
+            if not self._database_down("scheduler lease", exc, every_s=self.settings.lease_ttl_s / 3):
+                log.exception("could not renew the scheduler lease")
             held = False
+        else:
+            self._database_up("scheduler lease")
         if held and not self.leader:
             log.info("scheduler lease taken by %s", self.holder_id)
         if held:
+            self._standby = False
             self._recover_stale_runs()
             self._announce_finished_runs()
         elif self.leader:
             log.warning("scheduler lease lost; this process idles")
+        elif not self._standby and "scheduler lease" not in self._unreachable:
+            self._log_standby()
         self.leader = held
         return held
 
+    def _log_standby(self) -> None:
+        """Say once, when this process finds the lease held by another, whose it is and that it waits."""
+        try:
+            lease = current_holder(self.sessions, name=LEASE_NAME)
+        except Exception:
+            return  # the next renewal tries again
+        self._standby = True
+        held_by = (
+            f"held by {lease.holder} until {lease.expires_at:%H:%M:%S} UTC" if lease else "held by another"
+        )
+        log.info(
+            "scheduler lease %s; this process stands by and takes over if it is not renewed (checked every "
+            "%g s)", held_by, self.settings.lease_ttl_s / 3,
+        )  # fmt: skip
+
     def _recover_stale_runs(self) -> None:
-        """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees."""
+        """Fail runs whose process died (no heartbeat) or hung (past any timeout), so the slot frees, and
+        announce them: their launcher is gone or past its timeout, so nobody else will."""
         try:
             s = self.settings
             stale = recover_stale(
@@ -214,12 +240,20 @@ class Loop:
             return
         for run_id in stale:
             log.warning("retrain run %s marked failed: its process died or hung (see its error)", run_id)
+            try:
+                with self.sessions.begin() as session:
+                    enqueue_retrain_outcome(session, run_id, now=self.clock(), metrics=self.metrics)
+            except Exception:
+                log.exception("could not announce the failure of retrain run %s", run_id)
 
     def _announce_finished_runs(self) -> None:
+        """Announce runs that ended a lease TTL ago or more and are still unannounced: a launcher that is
+        alive announces its run within a second or two of its end, so these are runs whose launcher exited."""
         try:
             announced = announce_finished_runs(
-                self.sessions, now=self.clock(), horizon=ANNOUNCE_HORIZON, metrics=self.metrics
-            )
+                self.sessions, now=self.clock(), horizon=ANNOUNCE_HORIZON,
+                grace=timedelta(seconds=self.settings.lease_ttl_s), metrics=self.metrics,
+            )  # fmt: skip
         except Exception:
             log.exception("could not announce finished retrain runs")
             return
@@ -487,5 +521,32 @@ class Loop:
             )  # fmt: skip
         try:
             self._notifier.deliver_due()
-        except Exception:
-            log.exception("notification delivery failed")
+        except Exception as exc:
+            if not self._database_down("notification delivery", exc, every_s=DELIVERY_INTERVAL_S):
+                log.exception("notification delivery failed")
+        else:
+            self._database_up("notification delivery")
+
+    def _database_down(self, job: str, exc: Exception, *, every_s: float) -> bool:
+        """True when `exc` says the database is unreachable; logged as one line at the first failure of
+        `job` in an outage, not as a traceback every few seconds on every worker until it ends."""
+        if not _unreachable(exc):
+            return False
+        if job not in self._unreachable:
+            self._unreachable.add(job)
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            log.warning(
+                "%s: database unavailable (%s: %s); retrying every %g s, logged again when it answers",
+                job, exc.__class__.__name__, first, every_s,
+            )  # fmt: skip
+        return True
+
+    def _database_up(self, job: str) -> None:
+        if job in self._unreachable:
+            self._unreachable.discard(job)
+            log.info("%s: database reachable again", job)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database could not be reached (refused, shutting down, the connection dropped)."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

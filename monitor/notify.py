@@ -374,18 +374,28 @@ def enqueue_retrain_outcome(
 
 
 def announce_finished_runs(
-    sessions: sessionmaker[Session], *, now: datetime, horizon: timedelta, metrics: Metrics | None = None
+    sessions: sessionmaker[Session],
+    *,
+    now: datetime,
+    horizon: timedelta,
+    grace: timedelta = timedelta(0),
+    metrics: Metrics | None = None,
 ) -> list[int]:
-    """Enqueue the outcome of every run that finished within `horizon` and has none yet; their ids.
+    """Enqueue the outcome of every run that finished within `horizon`, at least `grace` ago, and has none
+    yet; their ids.
 
     The process that launched a run announces it when its child exits. That process may exit first (the
-    CLI's `--no-wait`, a restart or crash mid-run), and a run failed for a dead process has no launcher
-    left at all; the scheduler leader sweeps these up. Older runs are left: news a day late is noise.
+    CLI's `--no-wait`, a restart or crash mid-run); the scheduler leader sweeps these up, once `grace` has
+    given a launcher still alive the time to announce its own run (between the child finishing the run's
+    row and the launcher's enqueue lie the child's exit and the announcer's poll). Older runs are left:
+    news a day late is noise.
     """
     with sessions() as session:
         finished = session.scalars(
             select(RetrainRun.id).where(
-                RetrainRun.status != RunStatus.running, RetrainRun.finished_at >= now - horizon
+                RetrainRun.status != RunStatus.running,
+                RetrainRun.finished_at >= now - horizon,
+                RetrainRun.finished_at <= now - grace,
             )
         ).all()
         keys = {retrain_key(run_id): run_id for run_id in finished}

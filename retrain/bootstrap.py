@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from core.generator import generate_transactions
-from core.registry import NewVersion, Registry
+from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
 from retrain.data import DataError, read_labelled_csv, time_split
@@ -42,7 +42,9 @@ def bootstrap(
 ) -> BootstrapResult:
     """Return the existing champion, or train, register and promote v1.
 
-    `source` names the training data in v1's lineage when it is passed in as `data`.
+    `source` names the training data in v1's lineage when it is passed in as `data`. Two bootstraps at once
+    (two workers started together on an empty database) both train, but only the first to promote makes its
+    model the champion; the other marks its own version rejected and returns that champion.
     """
     existing = registry.champion()
     if existing is not None:
@@ -82,4 +84,14 @@ def bootstrap(
             },
         )
     )
-    return BootstrapResult(registry.promote(version=row.version, reason="bootstrap"), created=True)
+    try:
+        promoted = registry.promote(version=row.version, reason="bootstrap", first=True)
+    except ChampionChanged:
+        winner = registry.champion()
+        if winner is None:  # a champion is replaced, never unset
+            raise
+        registry.reject(
+            version=row.version, reason=f"bootstrap: v{winner.version}, trained meanwhile, is champion"
+        )
+        return BootstrapResult(winner, created=False)
+    return BootstrapResult(promoted, created=True)

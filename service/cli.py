@@ -172,7 +172,14 @@ def serve(
 
 
 @cli.command()
-def worker(host: str = "127.0.0.1", port: int = 9100, log_level: str = "info") -> None:
+def worker(
+    host: str = "127.0.0.1",
+    port: int = 9100,
+    log_level: str = "info",
+    access_log: Annotated[
+        bool, typer.Option(help="Log every request (health probes and Prometheus scrapes, mostly).")
+    ] = False,
+) -> None:
     """Scale-out worker: monitor scheduler + retrain runner, /metrics and /health on --port."""
     import uvicorn
 
@@ -183,7 +190,7 @@ def worker(host: str = "127.0.0.1", port: int = 9100, log_level: str = "info") -
     _spec(settings)
     if settings.auto_migrate:
         do_migrate(settings.database_url)
-    uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from core.registry import Registry
 from core.spec import FeatureSpec
 
 log = logging.getLogger("driftloop.holder")
+NO_CHAMPION_IN_REGISTRY = "no champion in the registry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class ModelHolder:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._unreachable = False  # the last poll could not read the registry (logged when it began)
 
     def refresh(self) -> bool:
         """Load the registry's champion if it differs from the served one; True when a swap happened."""
@@ -64,11 +66,21 @@ class ModelHolder:
             try:
                 row = self.registry.champion()
             except Exception as exc:  # DB unreachable: keep serving what we have
+                if not self._unreachable:  # once per outage, not on every poll
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    log.warning(
+                        "registry unreachable (%s: %s); serving %s, polling every %g s",
+                        exc.__class__.__name__, first, _v(self.current), self.poll_s,
+                    )  # fmt: skip
+                self._unreachable = True
                 self.last_error = f"registry unreachable: {exc.__class__.__name__}"
                 return False
+            if self._unreachable:
+                self._unreachable = False
+                log.info("registry reachable again")
             current = self.current
             if row is None or (current is not None and current.version == row.version):
-                self.last_error = None if row is not None else "no champion in the registry"
+                self.last_error = None if row is not None else NO_CHAMPION_IN_REGISTRY
                 self.load_failure = None
                 return False
             try:

@@ -112,6 +112,9 @@ class PredictionLogger:
         """Start the writer; it first replays any segments a previous process left on the spool."""
         if self._thread is not None:
             raise RuntimeError("PredictionLogger.start() called twice")
+        if left := self._spool.pending_rows():
+            log.info("prediction log: %d rows on the spool at %s from an earlier run; replaying", left,
+                     self._spool.directory)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="prediction-logger", daemon=True)
         self._thread.start()
 
@@ -164,6 +167,13 @@ class PredictionLogger:
         with self._cond:
             self._closed = True  # from here on, submit() spills straight to the spool
         self._settle_on_spool(_drain(self._queue))
+        if left := self._spool.pending_rows():
+            # Only a process started on this directory replays them: a replica whose disk goes with it
+            # (a deleted pod's emptyDir) loses them.
+            log.warning(
+                "prediction log: stopped with %d rows on the spool at %s, not in the database; a process "
+                "started with this DRIFTLOOP_SPOOL_DIR replays them", left, self._spool.directory,
+            )  # fmt: skip
 
     # --- the writer thread -----------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from core.spec import FeatureSpec
 from monitor.jobs import Loop
 from retrain.train import predict
 from service.app import create_app
+from service.process import free_port
 from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -428,6 +429,22 @@ def test_no_champion_means_503_not_a_crash(db_url, tmp_path, make_features) -> N
         assert client.get("/ready").status_code == 503
 
 
+def test_predict_without_a_model_says_why_when_bootstrap_would_not_help(tmp_path, make_features) -> None:
+    """A replica started while PostgreSQL is down has a champion it cannot reach: "run driftloop bootstrap"
+    would send the operator the wrong way (bootstrap would find the champion, once the database answers)."""
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/driftloop"  # nothing listens there
+    with TestClient(create_app(make_settings(url, tmp_path), scheduler=False)) as client:
+        for path, body in (
+            ("/predict", make_features()),
+            ("/predict/batch", {"instances": [make_features()]}),
+        ):
+            response = client.post(path, json=body)
+            assert response.status_code == 503
+            assert response.json()["message"] == (
+                "no model is loaded: registry unreachable: OperationalError (checked again every 0.2 s)"
+            )
+
+
 def test_a_champion_trained_on_other_features_is_not_served(
     champion, db_url: str, tmp_path: Path, spec: FeatureSpec
 ) -> None:
@@ -446,6 +463,7 @@ def test_a_champion_trained_on_other_features_is_not_served(
     ) as client:
         response = client.post("/predict", json=features)
         assert response.status_code == 503
+        assert response.json()["message"].startswith("no model is loaded: could not load v1: v1 does not fit")
         ready = client.get("/ready")
         assert ready.status_code == 503
         assert ready.json()["problems"] == [

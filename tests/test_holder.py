@@ -79,15 +79,26 @@ def test_a_champion_that_fails_to_load_leaves_the_old_one_serving(
 
 
 def test_an_unreachable_registry_leaves_the_model_serving(
-    registry: Registry, champion: ModelVersion, tmp_path: Path
+    registry: Registry, champion: ModelVersion, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="driftloop.holder")
     holder = holder_for(registry, CollectorRegistry())
     holder.refresh()
+    reachable = holder.registry
     engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no tables: every query fails
     holder.registry = Registry(make_sessions(engine), ArtifactStore(tmp_path / "artifacts"))
     try:
+        assert holder.refresh() is False
         assert holder.refresh() is False
     finally:
         engine.dispose()
     assert holder.current is not None and holder.current.version == 1
     assert holder.last_error == "registry unreachable: OperationalError"
+    # Said once when the polls start failing (a replica started during an outage said nothing at all),
+    # and once when they succeed again.
+    unreachable = [m for m in caplog.messages if m.startswith("registry unreachable")]
+    assert len(unreachable) == 1 and "; serving v1, polling every " in unreachable[0], caplog.messages
+    holder.registry = reachable
+    assert holder.refresh() is False
+    assert holder.last_error is None
+    assert caplog.messages[-1] == "registry reachable again"

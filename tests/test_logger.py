@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -290,7 +291,9 @@ def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(
     engine: Engine,
     outage: Outage,
     tmp_path_factory: pytest.TempPathFactory,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="driftloop.logger")
     spool_dir = tmp_path_factory.mktemp("spool")
     rows = [make_row(i) for i in range(120)]
     first = harness(spool_dir)
@@ -303,10 +306,18 @@ def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(
         assert first.spool.pending_rows() == 120
         assert first.logger.is_pending(rows[0].id)
     assert stored(engine) == []
+    # The operator learns that this replica's disk now holds rows the database does not.
+    assert (
+        f"prediction log: stopped with 120 rows on the spool at {spool_dir}, not in the database; a process "
+        "started with this DRIFTLOOP_SPOOL_DIR replays them"
+    ) in caplog.messages
 
     second = harness(spool_dir)  # a new process: a fresh Spool counts the segments on disk
     assert second.gauges() == (0, 120)
     second.logger.start()
+    assert f"prediction log: 120 rows on the spool at {spool_dir} from an earlier run; replaying" in (
+        caplog.messages
+    )
     until(lambda: second.logger.spooled_pending == 0, "replay of the previous process's spool")
     second.logger.stop()
 

@@ -28,6 +28,7 @@ from core.schema import (
     RetrainRun,
 )
 from core.spec import FeatureSpec
+from monitor import LOOP_LOGGER
 from monitor.jobs import Loop
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
@@ -346,7 +347,8 @@ def test_a_failing_receiver_is_retried_until_delivered(make_loop, registry, cham
         assert (note.status, note.attempts) == ("delivered", 2)
 
 
-def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) -> None:
+def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion, caplog) -> None:
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
     long_ago = utcnow() - timedelta(minutes=5)
     with registry.sessions.begin() as session:  # a run whose process died: no heartbeat for 5 minutes
         session.add(RetrainRun(trigger="manual", status="running", metrics={}, steps={}, started_at=long_ago))
@@ -354,6 +356,11 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) 
     b = make_loop()
     assert a.renew_lease() is True
     assert b.renew_lease() is False
+    assert b.renew_lease() is False
+    # The standby says once whose lease it waits on, rather than nothing at all.
+    standby = [m for m in caplog.messages if "this process stands by" in m]
+    assert len(standby) == 1, caplog.messages
+    assert standby[0].startswith(f"scheduler lease held by {a.holder_id} until ")
     assert [r.status for r in runs(registry)] == ["failed"]  # the leader cleared what a crash left
     # A run another process (an API replica) is doing and keeping alive is left alone.
     alive = start_run(registry.sessions, trigger="manual", now=utcnow())
@@ -361,6 +368,39 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion) 
     assert [(r.id, r.status) for r in runs(registry)][-1] == (alive, "running")
     a.stop()  # releases the lease
     assert b.renew_lease() is True
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_database_outage_is_logged_once_per_job_not_at_every_attempt(
+    make_loop, registry, pg_cluster, caplog
+) -> None:
+    """Every worker renews its lease every TTL/3 and delivers notifications every 2 s: during an outage
+    each attempt used to log a full traceback (~115 lines every 2 s per worker), burying the one fact."""
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
+    pg_cluster.stop()  # fast: the pooled connections are cut, new ones refused
+    try:
+        for _ in range(3):
+            loop.deliver()
+            assert loop.renew_lease() is False
+    finally:
+        pg_cluster.start()
+    during = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOOP_LOGGER]
+    assert not [r for r in caplog.records if r.exc_info], "an outage is not a bug: no traceback"
+    assert [level for level, _ in during] == ["WARNING", "WARNING", "WARNING"], during
+    assert during[0][1].startswith("notification delivery: database unavailable (OperationalError: ")
+    assert during[1][1].startswith("scheduler lease: database unavailable (OperationalError: ")
+    assert during[2][1] == "scheduler lease lost; this process idles"
+    caplog.clear()
+    loop.deliver()
+    assert loop.renew_lease() is True
+    assert [r.getMessage() for r in caplog.records if r.name == LOOP_LOGGER] == [
+        "notification delivery: database reachable again",
+        "scheduler lease: database reachable again",
+        f"scheduler lease taken by {loop.holder_id}",
+    ]
 
 
 def outcomes(registry: Registry) -> dict[str, str]:
@@ -390,6 +430,8 @@ def test_stop_announces_a_finished_run_and_leaves_a_running_one_to_the_leader(
     assert f"retrain:{second.run_id}" not in outcomes(registry)
 
     leader = make_loop(webhook_url=receiver.url)
+    # The sweep leaves a run that just ended to its launcher for a lease TTL; this one's launcher is gone.
+    leader.clock = lambda: utcnow() + timedelta(seconds=leader.settings.lease_ttl_s)
     assert leader.renew_lease() is True  # the leader's sweep announces what nobody did, once
     leader.deliver()  # the scheduler's delivery job
     assert outcomes(registry) == {
@@ -473,6 +515,26 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     loop.deliver()
     assert len(receiver.bodies) == 3  # each announced once; the live run is not yet news
     assert f"retrain:{alive}" not in outcomes(registry)
+
+
+def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:
+    """A replica's run ends: between its row's finish and the replica's announcement lie the child's exit
+    and the announcer's poll. A leader renewing its lease then must not announce it in its stead."""
+    with registry.sessions.begin() as session:
+        run = RetrainRun(
+            trigger="manual", status="rejected", metrics={}, steps={}, champion_version=1,
+            candidate_version=2, started_at=utcnow() - timedelta(minutes=1), finished_at=utcnow(),
+        )  # fmt: skip
+        session.add(run)
+        session.flush()
+        run_id = run.id
+    leader = make_loop()
+    assert leader.renew_lease() is True
+    assert outcomes(registry) == {}  # the launcher, alive, announces it
+    # Its launcher exited instead: a lease TTL after the run ended, the leader announces it.
+    leader.clock = lambda: utcnow() + timedelta(seconds=leader.settings.lease_ttl_s)
+    assert leader.renew_lease() is True
+    assert set(outcomes(registry)) == {f"retrain:{run_id}"}
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -56,6 +57,43 @@ def test_bootstrap_registers_and_promotes_v1_once(registry: Registry, champion: 
     again = bootstrap(registry=registry, spec=spec, params=TINY, rows=3000, seed=1)
     assert (again.created, again.version.version) == (False, 1)
     assert [r.version for r in registry.list()] == [1]
+
+
+def test_promote_first_refuses_when_a_champion_exists(registry: Registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    with pytest.raises(ChampionChanged, match="it was to be the first champion, but v1 is the champion now"):
+        registry.promote(version=v2.version, first=True)
+    assert registry.champion().version == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_bootstraps_at_once_promote_one_first_model(registry: Registry, spec) -> None:
+    """Two workers started together on an empty database, each running `driftloop bootstrap` first: both
+    find no champion and train. The second to promote used to archive the first's v1 and say it had
+    "trained and promoted v2"; and both could pick the same version number. One champion, one creator."""
+    start = threading.Barrier(2)
+    results: list[Any] = []
+
+    def run() -> None:
+        start.wait()
+        try:
+            results.append(bootstrap(registry=registry, spec=spec, params=TINY, rows=3000, seed=1))
+        except Exception as exc:  # reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    champion = registry.champion()
+    assert sorted(r.created for r in results) == [False, True]
+    assert [r.version.version for r in results] == [champion.version, champion.version]
+    statuses = {row.version: row.status for row in registry.list()}
+    assert ModelStatus.archived not in statuses.values(), statuses  # the first champion was never replaced
+    assert list(statuses.values()).count(ModelStatus.champion) == 1
 
 
 def test_loaded_champion_predicts_like_the_trained_model(

@@ -67,3 +67,17 @@ def test_one_worker_leads_monitors_the_replicas_traffic_and_a_standby_takes_over
         for server in (api, first, standby):
             if server is not None:
                 server.terminate()
+
+
+def test_the_worker_does_not_log_every_probe_and_scrape(sqlite_url: str, tmp_path: Path) -> None:
+    """A worker's requests are health probes and Prometheus scrapes: one access-log line each would bury
+    its monitor verdicts and lease changes, so, like `serve`, it logs them only with --access-log."""
+    worker = start_server(make_settings(sqlite_url, tmp_path), tmp_path, command=("worker",))
+    try:
+        for _ in range(3):
+            assert worker.get("/health").status_code == 200
+            assert worker.get("/metrics").status_code == 200
+    finally:
+        assert worker.terminate()
+    assert "scheduler lease taken by" in worker.log()
+    assert "GET /health" not in worker.log() and "GET /metrics" not in worker.log()

@@ -13,10 +13,20 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core.db import utcnow
 from core.spec import FeatureSpec, FeatureType
+from service.holder import NO_CHAMPION_IN_REGISTRY, ModelHolder
 from service.lean import LeanRoute, json_body, read_json
 from service.logger import LogRow
 
 NO_CHAMPION = "no champion model is loaded yet: run `driftloop bootstrap` (or promote a version)"
+
+
+def not_serving(holder: ModelHolder) -> HTTPException:
+    """The 503 for a process that serves no model, naming why: there is no champion yet (bootstrap one), or
+    the holder could not reach the registry or load its champion (bootstrap would not help)."""
+    problem = holder.last_error
+    if problem is None or problem == NO_CHAMPION_IN_REGISTRY:
+        return HTTPException(503, NO_CHAMPION)
+    return HTTPException(503, f"no model is loaded: {problem} (checked again every {holder.poll_s:g} s)")
 
 
 class Prediction(BaseModel):
@@ -52,7 +62,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         ctx = request.app.state.ctx
         served = ctx.holder.current
         if served is None:
-            raise HTTPException(503, NO_CHAMPION)
+            raise not_serving(ctx.holder)
         features = instance.model_dump(by_alias=True)
         start = time.perf_counter()
         value = float(served.model.predict(to_row(features), thread_count=threads))
@@ -89,7 +99,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         ctx = request.app.state.ctx
         served = ctx.holder.current
         if served is None:
-            raise HTTPException(503, NO_CHAMPION)
+            raise not_serving(ctx.holder)
         rows = [i.model_dump(by_alias=True) for i in batch.instances]  # type: ignore[attr-defined]
         start = time.perf_counter()
         pool = Pool([to_row(r) for r in rows], cat_features=cat_idx)
