@@ -513,6 +513,22 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
             ["--data", "generated:none", "--monitor-every", "400d", "--policies", "drift"],
             "--monitor-every 400d: the monitor would never run",
         ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--monitor-every", "1d", "--policies", "drift"],
+            "--monitor-every 1d: shorter than --step 14d; policies act once a step",
+        ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--monitor-every", "2d", "--policies", "oracle"],
+            "--monitor-every 2d: shorter than --step 14d",
+        ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--period", "3d", "--policies", "periodic"],
+            "--period 3d: shorter than --step 14d; policies act once a step",
+        ),
+        (
+            ["--data", "generated:none", "--step", "120d", "--policies", "periodic"],
+            "--period 90d (the default): shorter than --step 120d",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:

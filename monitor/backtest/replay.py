@@ -247,6 +247,18 @@ def check_timing(
         raise BacktestInputError(
             f"{option('period')}: the periodic policy would never retrain within the replayed {days}"
         )
+    # A policy acts once a step, at its end: a shorter cadence would run once a step, not as often as the
+    # option (and summary.json) said.
+    if {"drift", "oracle"} & set(policies) and config.monitor_every < config.step:
+        raise BacktestInputError(
+            f"{option('monitor_every')}: shorter than {option('step')}; policies act once a step, so the "
+            "monitor would run every step, not this often: shorten --step"
+        )
+    if "periodic" in policies and config.period < config.step:
+        raise BacktestInputError(
+            f"{option('period')}: shorter than {option('step')}; policies act once a step, so the periodic "
+            "policy would retrain every step, not this often: shorten --step"
+        )
 
 
 def _option(name: str) -> str:
