@@ -343,6 +343,33 @@ def test_a_stable_csv_counts_every_retrain_as_false(tmp_path: Path, history_csv:
     assert s["policies"]["periodic"]["false_retrains"] == s["policies"]["periodic"]["retrains"] == 3
 
 
+def test_steps_without_rows_keep_their_retrains_in_periods_csv(tmp_path: Path, history_csv: Path) -> None:
+    """A history with a two-month hole: the steps in it serve nothing, yet the periodic policy retrains at
+    their ends. periods.csv (and the plot's swaps, drawn from it) dropped those steps and their retrains."""
+    frame = pd.read_csv(history_csv)
+    sold = pd.to_datetime(frame["sold_on"])
+    frame[(sold < "2021-03-01") | (sold >= "2021-05-01")].to_csv(history_csv, index=False)
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never,periodic",
+        "--step", "14d", "--period", "14d", "--initial-train-until", "2021-01-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    s = summary(out)
+    periods = pd.read_csv(out / "periods.csv", parse_dates=["period_start", "period_end"])
+    last = pd.to_datetime(frame["sold_on"], utc=True).max()
+    steps = int((last - pd.Timestamp("2021-01-01", tz="UTC")) / pd.Timedelta(days=14)) + 1
+    for policy, rows in periods.groupby("policy"):
+        assert len(rows) == steps, policy  # every step, one row
+        assert rows["rows"].sum() == s["rows"]["replayed"], policy
+        assert (rows["retrain"].fillna("") != "").sum() == s["policies"][policy]["retrains"], policy
+    empty = periods[periods["rows"] == 0]
+    assert len(empty) == 2 * 3  # the three steps wholly in the hole, for both policies
+    assert empty["mae"].isna().all() and empty["champion_version"].isna().all()
+    assert (empty[empty["policy"] == "periodic"]["retrain"].fillna("") != "").all()
+    assert s["policies"]["periodic"]["retrains"] == steps  # one a step: the hole's steps too
+
+
 @pytest.mark.parametrize(
     ("change_at", "message"),
     [

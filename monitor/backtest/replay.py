@@ -156,7 +156,7 @@ def run_replay(
 
     times = ns_times(replay[stream.time_column])
     ids = [str(UUID(int=i + 1)) for i in range(len(replay))]  # deterministic: the window breaks ties by id
-    bounds = _step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
+    bounds = step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
     cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
     with _quiet_loop_log():
         for k in range(1, len(bounds)):
@@ -231,7 +231,7 @@ def check_timing(
         raise BacktestInputError(
             f"{option('step')}: longer than the replayed {days}; every row would be served by v1 in one step"
         )
-    steps = int(span / config.step) + 1  # as _step_bounds makes them
+    steps = int(span / config.step) + 1  # as step_bounds makes them
     if steps > MAX_STEPS:
         raise BacktestInputError(
             f"{option('step')}: {steps:,.0f} steps over the replayed {days}, more than the {MAX_STEPS:,} a "
@@ -266,7 +266,7 @@ def _option(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
+def step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
     """start, start + step, …, up to the first bound after `last` (so every row falls in a step)."""
     count = int((last - start) / step) + 1
     return [start + step * i for i in range(count + 1)]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.figures import figure
 from monitor.backtest.compare import bootstrap_blocks, paired_ratio, replay_errors, replay_times
-from monitor.backtest.replay import PolicyTrace, Replay
+from monitor.backtest.replay import PolicyTrace, Replay, step_bounds
 from retrain.runner import jsonable
 
 
@@ -225,16 +225,22 @@ def _detection(
 
 
 def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -> pd.DataFrame:
+    """One row per policy and step, a step without rows included (0 rows, no MAE or version): a retrain or
+    breach at its end is still one of the policy's."""
     step = replay.config.step
+    last = replay.replay[replay.stream.time_column].iloc[-1].to_pydatetime()
+    steps = len(step_bounds(replay.until, last, step)) - 1
     since = times - np.datetime64(pd.Timestamp(replay.until).tz_convert(None), "ns")
     index = (since // np.timedelta64(step)).astype(int)
     frames = []
     for name, trace in replay.traces.items():
         frame = pd.DataFrame({"k": index, "error": errors[name], "version": trace.versions})
-        grouped = frame.groupby("k").agg(
-            rows=("error", "size"), mae=("error", "mean"), champion_version=("version", "max")
+        grouped = (
+            frame.groupby("k")
+            .agg(rows=("error", "size"), mae=("error", "mean"), champion_version=("version", "max"))
+            .reindex(range(steps))
         )
-        start = [replay.until + step * int(k) for k in grouped.index]
+        start = [replay.until + step * k for k in range(steps)]
         events = {r.at: r.status for r in trace.retrains}
         breaches = {m.at for m in trace.monitors if m.breach}
         frames.append(
@@ -243,10 +249,10 @@ def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -
                     "policy": name,
                     "period_start": start,
                     "period_end": [s + step for s in start],
-                    "rows": grouped["rows"].to_numpy(),
+                    "rows": grouped["rows"].fillna(0).astype(int).to_numpy(),
                     # significant digits, not decimals: a rate's MAE of 0.0005 is not 0.001 or 0
                     "mae": [float(f"{v:.6g}") for v in grouped["mae"]],
-                    "champion_version": grouped["champion_version"].to_numpy(),
+                    "champion_version": grouped["champion_version"].astype("Int64").to_numpy(),
                     "retrain": [events.get(s + step, "") for s in start],
                     "breach": [(s + step) in breaches for s in start],
                 }
@@ -318,9 +324,13 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     ax = axes[0][0]
     for name, frame in periods.groupby("policy", sort=False):
         ends = pd.to_datetime(frame["period_end"], utc=True)
-        (line,) = ax.plot(ends, frame["mae"], label=str(name), lw=1.6)
-        swaps = frame["retrain"] == "promoted"
-        ax.scatter(ends[swaps], frame["mae"][swaps], marker="^", s=40, color=line.get_color(), zorder=3)
+        served = (frame["rows"] > 0).to_numpy()
+        (line,) = ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6)
+        # A swap at the end of a step without rows sits on the line between its neighbours.
+        swaps = (frame["retrain"] == "promoted").to_numpy()
+        at = ends.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        height = np.interp(at[swaps], at[served], frame["mae"].to_numpy()[served])
+        ax.scatter(ends[swaps], height, marker="^", s=40, color=line.get_color(), zorder=3)
     for change in replay.stream.change_points or ():
         ax.axvline(change, color="black", ls="--", lw=1)
     if drift is not None:
