@@ -811,3 +811,30 @@ def test_a_rate_s_errors_read_in_its_units(tmp_path: Path) -> None:
     periods = pd.read_csv(out / "periods.csv")
     weighted = float((periods["mae"] * periods["rows"]).sum() / periods["rows"].sum())
     assert weighted == pytest.approx(mae, rel=1e-3)
+
+
+def test_the_plotted_accuracy_ratio_is_over_the_yardstick_the_policy_judged_by() -> None:
+    """A champion promoted mid-change has a lax validation MAE (8.2); its line's best (7.4) is the yardstick
+    the policy breached on. The plot divided by the champion's own, so the breach sat below the threshold
+    line (9.98 / 8.22 = 1.21 < 1.25), as if the red band had no cause."""
+    from monitor.backtest.replay import MonitorRecord
+    from monitor.backtest.results import accuracy_ratios
+    from monitor.policy import NO_HISTORY, Observation, PolicyConfig, decide
+
+    at = datetime(2023, 8, 12, tzinfo=UTC)
+    obs = Observation(
+        at=at, rows=600, labelled_rows=500, drift_share=0.0, weighted_score=0.0, mae=9.98, champion_mae=8.22,
+        baseline_mae=7.36,
+    )  # fmt: skip
+    config = PolicyConfig()
+    assert decide(obs, NO_HISTORY, config).breach  # on the line's baseline: 9.98 > 7.36 × 1.25
+    record = MonitorRecord(
+        at=at, verdict="breach", breach=True, retrain=False, drift_share=0.0, weighted_score=0.0,
+        mae=obs.mae, champion_mae=obs.champion_mae, baseline_mae=obs.baseline_mae, reasons=(),
+    )  # fmt: skip
+    (ratio,) = accuracy_ratios([record], lineage_baseline=True)
+    assert ratio == pytest.approx(9.98 / 7.36) and ratio > config.mae_degradation_ratio
+    # Without the lineage baseline the policy judges by the champion's own, and so does the plot.
+    assert not decide(obs, NO_HISTORY, dataclasses.replace(config, lineage_baseline=False)).breach
+    assert accuracy_ratios([record], lineage_baseline=False) == [pytest.approx(9.98 / 8.22)]
+    assert accuracy_ratios([dataclasses.replace(record, mae=None)], lineage_baseline=True) == [None]

@@ -38,7 +38,7 @@ from sqlalchemy import Engine, insert
 
 from core.db import make_engine, make_sessions, migrate
 from core.metrics import build_metrics
-from core.registry import ArtifactStore, NewVersion, Registry
+from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
@@ -90,7 +90,9 @@ class MonitorRecord:
     drift_share: float | None
     weighted_score: float | None
     mae: float | None
-    champion_mae: float | None  # the serving champion's validation MAE, the accuracy rule's yardstick
+    champion_mae: float | None  # the serving champion's validation MAE, the accuracy rule's yardstick…
+    # …or, with DRIFTLOOP_LINEAGE_BASELINE, this when lower: the best validation MAE of the champion's line
+    baseline_mae: float | None
     reasons: tuple[str, ...]
 
 
@@ -423,6 +425,7 @@ class _Player:
                     weighted_score=result.weighted_score if result else None,
                     mae=result.accuracy.mae if result and result.accuracy else None,
                     champion_mae=champion.metrics.get("val_mae") if champion else None,
+                    baseline_mae=baseline_mae(champion) if champion else None,
                     reasons=decision.reasons if decision else outcome.notes,
                 )
             )  # fmt: skip
