@@ -28,6 +28,7 @@ from monitor.backtest.compare import paired_ratio, time_blocks
 from monitor.backtest.replay import ReplayConfig, run_replay
 from monitor.backtest.results import summarize
 from monitor.backtest.stream import load_stream
+from retrain import RETRAIN_LOGGER
 from retrain.data import DataError, read_labelled_csv
 from service.cli import cli
 from tests.conftest import make_settings
@@ -368,6 +369,40 @@ def test_steps_without_rows_keep_their_retrains_in_periods_csv(tmp_path: Path, h
     assert empty["mae"].isna().all() and empty["champion_version"].isna().all()
     assert (empty[empty["policy"] == "periodic"]["retrain"].fillna("") != "").all()
     assert s["policies"]["periodic"]["retrains"] == steps  # one a step: the hole's steps too
+
+
+def test_failed_retrain_runs_are_counted_and_named_not_printed_as_tracebacks(
+    tmp_path: Path, history_csv: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The oracle's first runs after a change train on the labels since it, a handful of rows: they fail.
+    Each printed its traceback through the progress bar, and nothing after the replay said runs had failed;
+    the table counted them as retrains."""
+    caplog.set_level(logging.INFO)
+    frame = pd.read_csv(history_csv)
+    frame[pd.to_datetime(frame["sold_on"]) < "2021-07-01"].to_csv(history_csv, index=False)
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never,oracle",
+        "--step", "2d", "--label-delay", "2d", "--initial-train-until", "2021-05-01",
+        "--change-at", "2021-06-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    oracle = summary(out)["policies"]["oracle"]
+    periods = pd.read_csv(out / "periods.csv")
+    failed = int((periods[periods["policy"] == "oracle"]["retrain"] == "failed").sum())
+    assert oracle["failed_retrains"] == failed >= 1
+    assert oracle["first_retrain_error"].startswith("at 2021-06-04 00:00: RuntimeError: too little data")
+    text = " ".join(result.output.split())
+    assert (
+        f"warning: oracle: {failed} of {oracle['retrains']} retrain runs failed and trained nothing" in text
+    )
+    assert "Traceback" not in result.output
+    assert [r for r in caplog.records if r.name == RETRAIN_LOGGER] == []
+    quiet = backtest(
+        tmp_path / "b", "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never",
+        "--step", "2d", "--initial-train-until", "2021-05-01",
+    )  # fmt: skip
+    assert quiet.exit_code == 0 and "retrain runs failed" not in " ".join(quiet.output.split())
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
 from monitor.backtest.stream import BacktestInputError, Stream, duration_text, ns_times
 from monitor.jobs import Loop
+from retrain import RETRAIN_LOGGER
 from retrain.bootstrap import bootstrap
 from retrain.runner import run_inline
 from retrain.train import TrainParams, predict
@@ -188,14 +189,20 @@ def run_replay(
 @contextmanager
 def _quiet_loop_log() -> Iterator[None]:
     """The live loop logs a line a monitor run and retrain outcome; a replay makes hundreds, on simulated
-    time, and records them in its traces, so only the loop's errors reach the log meanwhile."""
-    logger = logging.getLogger(LOOP_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    time, and records them in its traces, so only the loop's errors reach the log meanwhile. A failed
+    retrain run is recorded in its trace with its error (summarized after the replay), so its traceback
+    does not reach the log either: an oracle's run on the few labels a change has yet would print one
+    through the progress bar, as if the backtest had crashed."""
+    levels = {RETRAIN_LOGGER: logging.CRITICAL, LOOP_LOGGER: logging.ERROR}
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    before = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in before.items():
+            logger.setLevel(level)
 
 
 def check_policies(policies: tuple[str, ...]) -> None:

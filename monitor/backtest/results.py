@@ -60,6 +60,9 @@ class PolicySummary:
     detections: tuple[Detection, ...]
     # drift only: its monitor runs by verdict ("ok", "breach", "insufficient": too few rows to judge)
     monitor_verdicts: dict[str, int] = field(default_factory=dict)
+    # Retrain runs that failed (counted among `retrains`), and the first one's time and error.
+    failed_retrains: int = 0
+    first_retrain_error: str | None = None
 
 
 TABLE_COLUMNS = (
@@ -114,6 +117,17 @@ def blind_monitor_warning(summary: PolicySummary, min_window_rows: int) -> str |
     )
 
 
+def failed_retrain_warning(summary: PolicySummary) -> str | None:
+    """A warning when some of a policy's retrain runs failed: they count among its retrains and training
+    seconds, yet trained nothing (an oracle's first run after a change, say, on the few labels there are)."""
+    if not summary.failed_retrains:
+        return None
+    return (
+        f"{summary.policy}: {summary.failed_retrains} of {summary.retrains} retrain runs failed and trained "
+        f"nothing; the first {summary.first_retrain_error}"
+    )
+
+
 def _ratio_text(ratio: float | None, ci: tuple[float, float] | None) -> str:
     if ratio is None:
         return "-"
@@ -161,6 +175,7 @@ def _summary(
                 if "oracle" in errors:
                     post_swap_oracle = float(errors["oracle"][rows].mean())
     cumulative = float(err.mean())
+    failed = [r for r in trace.retrains if r.status == "failed"]
     vs_never = paired_ratio(err, errors["never"], *blocks) if "never" in errors else None
     return PolicySummary(
         policy=trace.name,
@@ -179,6 +194,8 @@ def _summary(
         post_swap_oracle_mae=post_swap_oracle,
         detections=detections,
         monitor_verdicts=dict(Counter(m.verdict for m in trace.monitors)),
+        failed_retrains=len(failed),
+        first_retrain_error=f"at {failed[0].at:%Y-%m-%d %H:%M}: {failed[0].error}" if failed else None,
     )
 
 
