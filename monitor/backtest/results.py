@@ -374,9 +374,9 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
         lineage = replay.settings.lineage_baseline
         ratio = accuracy_ratios(drift.monitors, lineage_baseline=lineage)
         ax3 = ax2.twinx()
-        ax3.plot(at, ratio, color="tab:green", marker=".", label="window MAE / yardstick MAE")
+        yardstick = "min(champion, line best) val. MAE" if lineage else "champion validation MAE"
+        ax3.plot(at, ratio, color="tab:green", marker=".", label="window MAE / yardstick")
         ax3.axhline(replay.settings.mae_degradation_ratio, color="tab:green", ls=":", lw=1)
-        yardstick = "the lower of champion and line best val. MAE" if lineage else "champion validation MAE"
         ax3.set_ylabel(f"accuracy: window MAE / {yardstick}")
         ax3.legend(loc="upper right")
     fig.tight_layout()
