@@ -432,6 +432,7 @@ def backtest(
     )
     from monitor.backtest.results import (
         blind_monitor_warning,
+        carried_breach_warnings,
         failed_retrain_warning,
         summarize,
         write_outputs,
@@ -513,6 +514,7 @@ def backtest(
     for summary in summaries:
         for warning in (
             blind_monitor_warning(summary, settings.min_window_rows),
+            *carried_breach_warnings(summary),
             failed_retrain_warning(summary),
         ):
             if warning:

@@ -789,12 +789,12 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
 
     first, second = at(10), at(20)
     monitors = [
-        SimpleNamespace(at=at(10), breach=True),  # rows before the 10th: the stable stream
-        SimpleNamespace(at=at(20), breach=True),  # rows before the 20th: the first change's
-        SimpleNamespace(at=at(22), breach=True),
+        SimpleNamespace(at=at(10), breach=True, verdict="breach"),  # rows before the 10th: the stable stream
+        SimpleNamespace(at=at(20), breach=True, verdict="breach"),  # rows before the 20th: the first change's
+        SimpleNamespace(at=at(22), breach=True, verdict="breach"),
     ]
     retrains = [SimpleNamespace(at=at(20), status="promoted"), SimpleNamespace(at=at(22), status="promoted")]
-    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach"}
+    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach", "verdict"}
     assert {f.name for f in dataclasses.fields(RetrainRecord)} >= {"at", "status"}
     trace = SimpleNamespace(monitors=monitors, retrains=retrains)
     replay = SimpleNamespace(
@@ -807,6 +807,47 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
     assert (one.first_breach_at, one.first_swap_at) == (at(20), at(20))
     assert (two.first_breach_at, two.first_swap_at, two.delay_days) == (at(22), at(22), 2.0)
     assert _before(first, [m.at for m in monitors], known=True) == 1  # the run on the 10th: a false breach
+    # Both breaches after a change continue the run begun on the 10th, at the first change point.
+    assert (one.breaching_since, two.breaching_since) == (at(10), at(10))
+
+
+def test_a_breach_that_only_continues_breaches_from_before_a_change_is_not_passed_off_as_its_detection() -> (
+    None
+):
+    """Repair jobs booked in bursts: the monitor breached on drift for a month before the change and went on
+    breaching; the first breach after it, 0.78 d later, was reported as the change's detection with nothing
+    to say it had been breaching all along."""
+    from types import SimpleNamespace
+
+    from monitor.backtest.results import _detection, carried_breach_warnings
+
+    def at(day: int, hour: int = 0) -> datetime:
+        return datetime(2023, 9, day, hour, tzinfo=UTC)
+
+    change = at(8)
+    verdicts = [(1, "ok"), (2, "breach"), (4, "breach"), (6, "insufficient"), (7, "breach"), (8, "breach")]
+    monitors = [SimpleNamespace(at=at(d, 18), verdict=v, breach=v == "breach") for d, v in verdicts]
+    trace = SimpleNamespace(monitors=monitors, retrains=[])
+    replay = SimpleNamespace(
+        settings=SimpleNamespace(min_labelled_rows=1, min_window_rows=1),
+        config=SimpleNamespace(label_delay=timedelta(days=1)),
+    )
+    times = np.array([np.datetime64(f"2023-09-{d:02d}T12:00", "ns") for d in range(1, 30)])
+    carried = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
+    assert (carried.first_breach_at, carried.delay_days) == (at(8, 18), 0.75)
+    assert carried.breaching_since == at(2, 18)  # the insufficient run on the 6th neither counts nor ends it
+    summary = SimpleNamespace(policy="drift", detections=(carried,))
+    (warning,) = carried_breach_warnings(summary)  # type: ignore[arg-type]
+    assert warning == (
+        "drift: the breach counted as detecting the change at 2023-09-08 00:00 (0.75 d after it) continues a "
+        "run of breaches begun 2023-09-02 18:00, before the change; that delay does not measure how soon the "
+        "monitor saw it"
+    )
+    # A run of breaches that began after the change is the change's own: no warning.
+    monitors[4] = SimpleNamespace(at=at(7, 18), verdict="ok", breach=False)
+    fresh = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
+    assert (fresh.first_breach_at, fresh.breaching_since) == (at(8, 18), None)
+    assert carried_breach_warnings(SimpleNamespace(policy="drift", detections=(fresh,))) == []  # type: ignore[arg-type]
 
 
 def test_a_rate_s_errors_read_in_its_units(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ class Detection:
     cycles_after_labels_ready: int | None
     first_swap_at: datetime | None
     swap_delay_days: float | None
+    # When that breach continues a run of breaches begun at or before the change, the run's first: the
+    # delay then says nothing of how soon the monitor saw the change. None: the run began after it.
+    breaching_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +118,19 @@ def blind_monitor_warning(summary: PolicySummary, min_window_rows: int) -> str |
         f"each swap), so its figures rest on {runs - blind} verdict(s); for data this sparse lower "
         "DRIFTLOOP_MIN_WINDOW_ROWS (and widen DRIFTLOOP_WINDOW_SECONDS if it is set)"
     )
+
+
+def carried_breach_warnings(summary: PolicySummary) -> list[str]:
+    """A warning for each detection whose breach only continued a run of breaches begun before its change
+    point (false breaches, or the previous change's): its delay is not the monitor seeing that change."""
+    return [
+        f"{summary.policy}: the breach counted as detecting the change at {d.change_at:%Y-%m-%d %H:%M} "
+        f"({d.delay_days:g} d after it) continues a run of breaches begun "
+        f"{d.breaching_since:%Y-%m-%d %H:%M}, before the change; that delay does not measure how soon the "
+        "monitor saw it"
+        for d in summary.detections
+        if d.breaching_since is not None
+    ]
 
 
 def failed_retrain_warning(summary: PolicySummary) -> str | None:
@@ -227,7 +243,18 @@ def _detection(
         # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
         return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
+    def streak_start(at: datetime) -> datetime:
+        """Where the run of breaches ending with the one at `at` began; runs without a verdict (too few rows)
+        neither count nor end it, as in the policy's own count."""
+        judged = [m for m in trace.monitors if m.at < at and m.verdict != "insufficient"]
+        for m in reversed(judged):
+            if not m.breach:
+                break
+            at = m.at
+        return at
+
     breach = next((m.at for m in trace.monitors if m.breach and within(m.at)), None)
+    since = streak_start(breach) if breach else None
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)
     swap = next((r.at for r in trace.retrains if r.status == "promoted" and within(r.at)), None)
     return Detection(
@@ -238,6 +265,7 @@ def _detection(
         cycles_after_labels_ready=cycles_after(labelled + replay.config.label_delay if labelled else None),
         first_swap_at=swap,
         swap_delay_days=_days(swap - change) if swap else None,
+        breaching_since=since if since is not None and since <= change else None,
     )
 
 
