@@ -727,7 +727,9 @@ def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:
     """Replaying twice into the same work directory gives the same answer: nothing of the first leaks in."""
     settings = make_settings("sqlite://", tmp_path, min_window_rows=500, min_labelled_rows=200)
     stream = load_stream("generated:unit_bug", load_spec(), rows=6000)
-    config = ReplayConfig(step=timedelta(days=28), label_delay=timedelta(days=14))
+    config = ReplayConfig(
+        step=timedelta(days=28), label_delay=timedelta(days=14), monitor_every=timedelta(days=28)
+    )
     until = stream.default_train_until()
     answers = []
     for _ in range(2):
