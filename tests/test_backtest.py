@@ -916,3 +916,26 @@ def test_the_plotted_accuracy_ratio_is_over_the_yardstick_the_policy_judged_by()
     assert not decide(obs, NO_HISTORY, dataclasses.replace(config, lineage_baseline=False)).breach
     assert accuracy_ratios([record], lineage_baseline=False) == [pytest.approx(9.98 / 8.22)]
     assert accuracy_ratios([dataclasses.replace(record, mae=None)], lineage_baseline=True) == [None]
+
+
+def test_summary_records_every_setting_that_changes_the_replay(tmp_path: Path, history_csv: Path) -> None:
+    """Two replays, one with DRIFTLOOP_LINEAGE_BASELINE=false, breach differently; their summaries' settings
+    read the same, since lineage_baseline, the accuracy window and the trainer's window and decay were left
+    out of policy_config."""
+    from monitor.policy import PolicyConfig
+
+    env = {
+        **SMALL, "DRIFTLOOP_LINEAGE_BASELINE": "false", "DRIFTLOOP_ACCURACY_WINDOW_ROWS": "300",
+        "DRIFTLOOP_TRAIN_WINDOW_DAYS": "200", "DRIFTLOOP_TRAIN_HALF_LIFE_DAYS": "30",
+    }  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["backtest", "--out", str(tmp_path), "--data", str(history_csv), "--time-column", "sold_on",
+              "--policies", "never", "--step", "30d", "--initial-train-until", "2021-01-01"],
+        env=env, catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = summary(tmp_path)["policy_config"]
+    assert {f.name for f in dataclasses.fields(PolicyConfig)} <= set(config)  # every rule of the policy
+    assert config["lineage_baseline"] is False and config["accuracy_window_rows"] == 300
+    assert (config["train_window_days"], config["train_half_life_days"]) == (200, 30)
+    assert (config["train_iterations"], config["train_depth"], config["train_learning_rate"]) == (60, 4, 0.2)

@@ -333,23 +333,36 @@ def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, A
         "monitor_every_days": config.monitor_every.total_seconds() / 86400,
         "periodic_every_days": config.period.total_seconds() / 86400,
         "v1_validation_mae": replay.v1_validation_mae,
+        # Every setting that changes what the replay does: the monitor's windows, the policy's rules, the
+        # trainer and the gate.
         "policy_config": {
             k: getattr(s, k)
             for k in (
                 "window_rows",
                 "window_seconds",
+                "accuracy_window_rows",
+                "evidently_max_rows",
+                "drift_stattest_threshold",
+                "sample_seed",
                 "min_window_rows",
                 "min_labelled_rows",
                 "drift_share_threshold",
                 "weighted_drift_threshold",
                 "mae_degradation_ratio",
+                "lineage_baseline",
                 "consecutive_breaches",
                 "retrain_cooldown_s",
                 "max_retrains_per_day",
+                "auto_retrain",
                 "gate_margin",
                 "holdout_fraction",
                 "new_data_weight_share",
+                "train_window_days",
+                "train_half_life_days",
+                "refit",
                 "train_iterations",
+                "train_depth",
+                "train_learning_rate",
             )
         },
         "policies": {x.policy: jsonable(asdict(x)) for x in summaries},
