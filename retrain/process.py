@@ -24,9 +24,10 @@ from core.db import Clock, make_engine, make_sessions, utcnow
 from core.metrics import Metrics
 from core.schema import RetrainRun, RunStatus
 from core.settings import Settings
+from retrain import RETRAIN_LOGGER
 from retrain.runs import fail_run, observe_run, start_run
 
-log = logging.getLogger("driftloop.retrain")
+log = logging.getLogger(RETRAIN_LOGGER)
 
 CHILD_MODULE = "retrain.child"
 SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child

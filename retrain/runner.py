@@ -25,6 +25,7 @@ from core.registry import ArtifactStore, ChampionChanged, NewVersion, Registry, 
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus
 from core.settings import Settings
 from core.spec import FeatureSpec
+from retrain import RETRAIN_LOGGER
 from retrain.dataset import (
     EVENT_TIME,
     HoldoutBasis,
@@ -39,7 +40,7 @@ from retrain.gate import GateResult, evaluate_gate, sanity_reasons
 from retrain.runs import NoChampion, observe_run, start_run
 from retrain.train import TrainParams, feature_importance, predict, train_model
 
-log = logging.getLogger("driftloop.retrain")
+log = logging.getLogger(RETRAIN_LOGGER)
 
 MIN_TRAIN_ROWS = 10
 

@@ -20,8 +20,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import utcnow
 from core.metrics import Metrics
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
+from retrain import RETRAIN_LOGGER
 
-log = logging.getLogger("driftloop.retrain")
+log = logging.getLogger(RETRAIN_LOGGER)
 
 
 class RunInProgress(Exception):

@@ -437,7 +437,13 @@ def backtest(
         check_workdir,
         run_replay,
     )
-    from monitor.backtest.results import blind_monitor_warning, summarize, write_outputs
+    from monitor.backtest.results import (
+        blind_monitor_warning,
+        carried_breach_warnings,
+        failed_retrain_warning,
+        summarize,
+        write_outputs,
+    )
     from monitor.backtest.stream import (
         GENERATED_PREFIX,
         BacktestInputError,
@@ -513,8 +519,13 @@ def backtest(
     # The table is wide; on a narrow or non-terminal console rich would cut its figures short.
     Console(width=max(console.width, BACKTEST_TABLE_WIDTH)).print(_backtest_table(summaries))
     for summary in summaries:
-        if warning := blind_monitor_warning(summary, settings.min_window_rows):
-            console.print(f"[yellow]warning: {warning}[/]")
+        for warning in (
+            blind_monitor_warning(summary, settings.min_window_rows),
+            *carried_breach_warnings(summary),
+            failed_retrain_warning(summary),
+        ):
+            if warning:
+                console.print(f"[yellow]warning: {warning}[/]")
     for kind, path in paths.items():
         console.print(f"{kind}: {path}")
 

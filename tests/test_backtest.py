@@ -28,6 +28,7 @@ from monitor.backtest.compare import paired_ratio, time_blocks
 from monitor.backtest.replay import ReplayConfig, run_replay
 from monitor.backtest.results import summarize
 from monitor.backtest.stream import load_stream
+from retrain import RETRAIN_LOGGER
 from retrain.data import DataError, read_labelled_csv
 from service.cli import cli
 from tests.conftest import make_settings
@@ -343,6 +344,67 @@ def test_a_stable_csv_counts_every_retrain_as_false(tmp_path: Path, history_csv:
     assert s["policies"]["periodic"]["false_retrains"] == s["policies"]["periodic"]["retrains"] == 3
 
 
+def test_steps_without_rows_keep_their_retrains_in_periods_csv(tmp_path: Path, history_csv: Path) -> None:
+    """A history with a two-month hole: the steps in it serve nothing, yet the periodic policy retrains at
+    their ends. periods.csv (and the plot's swaps, drawn from it) dropped those steps and their retrains."""
+    frame = pd.read_csv(history_csv)
+    sold = pd.to_datetime(frame["sold_on"])
+    frame[(sold < "2021-03-01") | (sold >= "2021-05-01")].to_csv(history_csv, index=False)
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never,periodic",
+        "--step", "14d", "--period", "14d", "--initial-train-until", "2021-01-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    s = summary(out)
+    periods = pd.read_csv(out / "periods.csv", parse_dates=["period_start", "period_end"])
+    last = pd.to_datetime(frame["sold_on"], utc=True).max()
+    steps = int((last - pd.Timestamp("2021-01-01", tz="UTC")) / pd.Timedelta(days=14)) + 1
+    for policy, rows in periods.groupby("policy"):
+        assert len(rows) == steps, policy  # every step, one row
+        assert rows["rows"].sum() == s["rows"]["replayed"], policy
+        assert (rows["retrain"].fillna("") != "").sum() == s["policies"][policy]["retrains"], policy
+    empty = periods[periods["rows"] == 0]
+    assert len(empty) == 2 * 3  # the three steps wholly in the hole, for both policies
+    assert empty["mae"].isna().all() and empty["champion_version"].isna().all()
+    assert (empty[empty["policy"] == "periodic"]["retrain"].fillna("") != "").all()
+    assert s["policies"]["periodic"]["retrains"] == steps  # one a step: the hole's steps too
+
+
+def test_failed_retrain_runs_are_counted_and_named_not_printed_as_tracebacks(
+    tmp_path: Path, history_csv: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The oracle's first runs after a change train on the labels since it, a handful of rows: they fail.
+    Each printed its traceback through the progress bar, and nothing after the replay said runs had failed;
+    the table counted them as retrains."""
+    caplog.set_level(logging.INFO)
+    frame = pd.read_csv(history_csv)
+    frame[pd.to_datetime(frame["sold_on"]) < "2021-07-01"].to_csv(history_csv, index=False)
+    out = tmp_path / "out"
+    result = backtest(
+        out, "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never,oracle",
+        "--step", "2d", "--label-delay", "2d", "--initial-train-until", "2021-05-01",
+        "--change-at", "2021-06-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    oracle = summary(out)["policies"]["oracle"]
+    periods = pd.read_csv(out / "periods.csv")
+    failed = int((periods[periods["policy"] == "oracle"]["retrain"] == "failed").sum())
+    assert oracle["failed_retrains"] == failed >= 1
+    assert oracle["first_retrain_error"].startswith("at 2021-06-04 00:00: RuntimeError: too little data")
+    text = " ".join(result.output.split())
+    assert (
+        f"warning: oracle: {failed} of {oracle['retrains']} retrain runs failed and trained nothing" in text
+    )
+    assert "Traceback" not in result.output
+    assert [r for r in caplog.records if r.name == RETRAIN_LOGGER] == []
+    quiet = backtest(
+        tmp_path / "b", "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never",
+        "--step", "2d", "--initial-train-until", "2021-05-01",
+    )  # fmt: skip
+    assert quiet.exit_code == 0 and "retrain runs failed" not in " ".join(quiet.output.split())
+
+
 @pytest.mark.parametrize(
     ("change_at", "message"),
     [
@@ -513,6 +575,22 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
             ["--data", "generated:none", "--monitor-every", "400d", "--policies", "drift"],
             "--monitor-every 400d: the monitor would never run",
         ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--monitor-every", "1d", "--policies", "drift"],
+            "--monitor-every 1d: shorter than --step 14d; policies act once a step",
+        ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--monitor-every", "2d", "--policies", "oracle"],
+            "--monitor-every 2d: shorter than --step 14d",
+        ),
+        (
+            ["--data", "generated:none", "--step", "14d", "--period", "3d", "--policies", "periodic"],
+            "--period 3d: shorter than --step 14d; policies act once a step",
+        ),
+        (
+            ["--data", "generated:none", "--step", "120d", "--policies", "periodic"],
+            "--period 90d (the default): shorter than --step 120d",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
@@ -649,7 +727,9 @@ def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:
     """Replaying twice into the same work directory gives the same answer: nothing of the first leaks in."""
     settings = make_settings("sqlite://", tmp_path, min_window_rows=500, min_labelled_rows=200)
     stream = load_stream("generated:unit_bug", load_spec(), rows=6000)
-    config = ReplayConfig(step=timedelta(days=28), label_delay=timedelta(days=14))
+    config = ReplayConfig(
+        step=timedelta(days=28), label_delay=timedelta(days=14), monitor_every=timedelta(days=28)
+    )
     until = stream.default_train_until()
     answers = []
     for _ in range(2):
@@ -711,12 +791,12 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
 
     first, second = at(10), at(20)
     monitors = [
-        SimpleNamespace(at=at(10), breach=True),  # rows before the 10th: the stable stream
-        SimpleNamespace(at=at(20), breach=True),  # rows before the 20th: the first change's
-        SimpleNamespace(at=at(22), breach=True),
+        SimpleNamespace(at=at(10), breach=True, verdict="breach"),  # rows before the 10th: the stable stream
+        SimpleNamespace(at=at(20), breach=True, verdict="breach"),  # rows before the 20th: the first change's
+        SimpleNamespace(at=at(22), breach=True, verdict="breach"),
     ]
     retrains = [SimpleNamespace(at=at(20), status="promoted"), SimpleNamespace(at=at(22), status="promoted")]
-    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach"}
+    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach", "verdict"}
     assert {f.name for f in dataclasses.fields(RetrainRecord)} >= {"at", "status"}
     trace = SimpleNamespace(monitors=monitors, retrains=retrains)
     replay = SimpleNamespace(
@@ -729,6 +809,47 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
     assert (one.first_breach_at, one.first_swap_at) == (at(20), at(20))
     assert (two.first_breach_at, two.first_swap_at, two.delay_days) == (at(22), at(22), 2.0)
     assert _before(first, [m.at for m in monitors], known=True) == 1  # the run on the 10th: a false breach
+    # Both breaches after a change continue the run begun on the 10th, at the first change point.
+    assert (one.breaching_since, two.breaching_since) == (at(10), at(10))
+
+
+def test_a_breach_that_only_continues_breaches_from_before_a_change_is_not_passed_off_as_its_detection() -> (
+    None
+):
+    """Repair jobs booked in bursts: the monitor breached on drift for a month before the change and went on
+    breaching; the first breach after it, 0.78 d later, was reported as the change's detection with nothing
+    to say it had been breaching all along."""
+    from types import SimpleNamespace
+
+    from monitor.backtest.results import _detection, carried_breach_warnings
+
+    def at(day: int, hour: int = 0) -> datetime:
+        return datetime(2023, 9, day, hour, tzinfo=UTC)
+
+    change = at(8)
+    verdicts = [(1, "ok"), (2, "breach"), (4, "breach"), (6, "insufficient"), (7, "breach"), (8, "breach")]
+    monitors = [SimpleNamespace(at=at(d, 18), verdict=v, breach=v == "breach") for d, v in verdicts]
+    trace = SimpleNamespace(monitors=monitors, retrains=[])
+    replay = SimpleNamespace(
+        settings=SimpleNamespace(min_labelled_rows=1, min_window_rows=1),
+        config=SimpleNamespace(label_delay=timedelta(days=1)),
+    )
+    times = np.array([np.datetime64(f"2023-09-{d:02d}T12:00", "ns") for d in range(1, 30)])
+    carried = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
+    assert (carried.first_breach_at, carried.delay_days) == (at(8, 18), 0.75)
+    assert carried.breaching_since == at(2, 18)  # the insufficient run on the 6th neither counts nor ends it
+    summary = SimpleNamespace(policy="drift", detections=(carried,))
+    (warning,) = carried_breach_warnings(summary)  # type: ignore[arg-type]
+    assert warning == (
+        "drift: the breach counted as detecting the change at 2023-09-08 00:00 (0.75 d after it) continues a "
+        "run of breaches begun 2023-09-02 18:00, before the change; that delay does not measure how soon the "
+        "monitor saw it"
+    )
+    # A run of breaches that began after the change is the change's own: no warning.
+    monitors[4] = SimpleNamespace(at=at(7, 18), verdict="ok", breach=False)
+    fresh = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
+    assert (fresh.first_breach_at, fresh.breaching_since) == (at(8, 18), None)
+    assert carried_breach_warnings(SimpleNamespace(policy="drift", detections=(fresh,))) == []  # type: ignore[arg-type]
 
 
 def test_a_rate_s_errors_read_in_its_units(tmp_path: Path) -> None:
@@ -768,3 +889,53 @@ def test_a_rate_s_errors_read_in_its_units(tmp_path: Path) -> None:
     periods = pd.read_csv(out / "periods.csv")
     weighted = float((periods["mae"] * periods["rows"]).sum() / periods["rows"].sum())
     assert weighted == pytest.approx(mae, rel=1e-3)
+
+
+def test_the_plotted_accuracy_ratio_is_over_the_yardstick_the_policy_judged_by() -> None:
+    """A champion promoted mid-change has a lax validation MAE (8.2); its line's best (7.4) is the yardstick
+    the policy breached on. The plot divided by the champion's own, so the breach sat below the threshold
+    line (9.98 / 8.22 = 1.21 < 1.25), as if the red band had no cause."""
+    from monitor.backtest.replay import MonitorRecord
+    from monitor.backtest.results import accuracy_ratios
+    from monitor.policy import NO_HISTORY, Observation, PolicyConfig, decide
+
+    at = datetime(2023, 8, 12, tzinfo=UTC)
+    obs = Observation(
+        at=at, rows=600, labelled_rows=500, drift_share=0.0, weighted_score=0.0, mae=9.98, champion_mae=8.22,
+        baseline_mae=7.36,
+    )  # fmt: skip
+    config = PolicyConfig()
+    assert decide(obs, NO_HISTORY, config).breach  # on the line's baseline: 9.98 > 7.36 × 1.25
+    record = MonitorRecord(
+        at=at, verdict="breach", breach=True, retrain=False, drift_share=0.0, weighted_score=0.0,
+        mae=obs.mae, champion_mae=obs.champion_mae, baseline_mae=obs.baseline_mae, reasons=(),
+    )  # fmt: skip
+    (ratio,) = accuracy_ratios([record], lineage_baseline=True)
+    assert ratio == pytest.approx(9.98 / 7.36) and ratio > config.mae_degradation_ratio
+    # Without the lineage baseline the policy judges by the champion's own, and so does the plot.
+    assert not decide(obs, NO_HISTORY, dataclasses.replace(config, lineage_baseline=False)).breach
+    assert accuracy_ratios([record], lineage_baseline=False) == [pytest.approx(9.98 / 8.22)]
+    assert accuracy_ratios([dataclasses.replace(record, mae=None)], lineage_baseline=True) == [None]
+
+
+def test_summary_records_every_setting_that_changes_the_replay(tmp_path: Path, history_csv: Path) -> None:
+    """Two replays, one with DRIFTLOOP_LINEAGE_BASELINE=false, breach differently; their summaries' settings
+    read the same, since lineage_baseline, the accuracy window and the trainer's window and decay were left
+    out of policy_config."""
+    from monitor.policy import PolicyConfig
+
+    env = {
+        **SMALL, "DRIFTLOOP_LINEAGE_BASELINE": "false", "DRIFTLOOP_ACCURACY_WINDOW_ROWS": "300",
+        "DRIFTLOOP_TRAIN_WINDOW_DAYS": "200", "DRIFTLOOP_TRAIN_HALF_LIFE_DAYS": "30",
+    }  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["backtest", "--out", str(tmp_path), "--data", str(history_csv), "--time-column", "sold_on",
+              "--policies", "never", "--step", "30d", "--initial-train-until", "2021-01-01"],
+        env=env, catch_exceptions=False,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = summary(tmp_path)["policy_config"]
+    assert {f.name for f in dataclasses.fields(PolicyConfig)} <= set(config)  # every rule of the policy
+    assert config["lineage_baseline"] is False and config["accuracy_window_rows"] == 300
+    assert (config["train_window_days"], config["train_half_life_days"]) == (200, 30)
+    assert (config["train_iterations"], config["train_depth"], config["train_learning_rate"]) == (60, 4, 0.2)

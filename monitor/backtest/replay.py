@@ -38,13 +38,14 @@ from sqlalchemy import Engine, insert
 
 from core.db import make_engine, make_sessions, migrate
 from core.metrics import build_metrics
-from core.registry import ArtifactStore, NewVersion, Registry
+from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
 from monitor.backtest.stream import BacktestInputError, Stream, duration_text, ns_times
 from monitor.jobs import Loop
+from retrain import RETRAIN_LOGGER
 from retrain.bootstrap import bootstrap
 from retrain.runner import run_inline
 from retrain.train import TrainParams, predict
@@ -90,7 +91,9 @@ class MonitorRecord:
     drift_share: float | None
     weighted_score: float | None
     mae: float | None
-    champion_mae: float | None  # the serving champion's validation MAE, the accuracy rule's yardstick
+    champion_mae: float | None  # the serving champion's validation MAE, the accuracy rule's yardstick…
+    # …or, with DRIFTLOOP_LINEAGE_BASELINE, this when lower: the best validation MAE of the champion's line
+    baseline_mae: float | None
     reasons: tuple[str, ...]
 
 
@@ -156,7 +159,7 @@ def run_replay(
 
     times = ns_times(replay[stream.time_column])
     ids = [str(UUID(int=i + 1)) for i in range(len(replay))]  # deterministic: the window breaks ties by id
-    bounds = _step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
+    bounds = step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
     cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
     with _quiet_loop_log():
         for k in range(1, len(bounds)):
@@ -186,14 +189,20 @@ def run_replay(
 @contextmanager
 def _quiet_loop_log() -> Iterator[None]:
     """The live loop logs a line a monitor run and retrain outcome; a replay makes hundreds, on simulated
-    time, and records them in its traces, so only the loop's errors reach the log meanwhile."""
-    logger = logging.getLogger(LOOP_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    time, and records them in its traces, so only the loop's errors reach the log meanwhile. A failed
+    retrain run is recorded in its trace with its error (summarized after the replay), so its traceback
+    does not reach the log either: an oracle's run on the few labels a change has yet would print one
+    through the progress bar, as if the backtest had crashed."""
+    levels = {RETRAIN_LOGGER: logging.CRITICAL, LOOP_LOGGER: logging.ERROR}
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    before = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in before.items():
+            logger.setLevel(level)
 
 
 def check_policies(policies: tuple[str, ...]) -> None:
@@ -231,7 +240,7 @@ def check_timing(
         raise BacktestInputError(
             f"{option('step')}: longer than the replayed {days}; every row would be served by v1 in one step"
         )
-    steps = int(span / config.step) + 1  # as _step_bounds makes them
+    steps = int(span / config.step) + 1  # as step_bounds makes them
     if steps > MAX_STEPS:
         raise BacktestInputError(
             f"{option('step')}: {steps:,.0f} steps over the replayed {days}, more than the {MAX_STEPS:,} a "
@@ -247,6 +256,18 @@ def check_timing(
         raise BacktestInputError(
             f"{option('period')}: the periodic policy would never retrain within the replayed {days}"
         )
+    # A policy acts once a step, at its end: a shorter cadence would run once a step, not as often as the
+    # option (and summary.json) said.
+    if {"drift", "oracle"} & set(policies) and config.monitor_every < config.step:
+        raise BacktestInputError(
+            f"{option('monitor_every')}: shorter than {option('step')}; policies act once a step, so the "
+            "monitor would run every step, not this often: shorten --step"
+        )
+    if "periodic" in policies and config.period < config.step:
+        raise BacktestInputError(
+            f"{option('period')}: shorter than {option('step')}; policies act once a step, so the periodic "
+            "policy would retrain every step, not this often: shorten --step"
+        )
 
 
 def _option(name: str) -> str:
@@ -254,7 +275,7 @@ def _option(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def _step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
+def step_bounds(start: datetime, last: datetime, step: timedelta) -> list[datetime]:
     """start, start + step, …, up to the first bound after `last` (so every row falls in a step)."""
     count = int((last - start) / step) + 1
     return [start + step * i for i in range(count + 1)]
@@ -411,6 +432,7 @@ class _Player:
                     weighted_score=result.weighted_score if result else None,
                     mae=result.accuracy.mae if result and result.accuracy else None,
                     champion_mae=champion.metrics.get("val_mae") if champion else None,
+                    baseline_mae=baseline_mae(champion) if champion else None,
                     reasons=decision.reasons if decision else outcome.notes,
                 )
             )  # fmt: skip

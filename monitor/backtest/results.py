@@ -15,7 +15,7 @@ import pandas as pd
 
 from core.figures import figure
 from monitor.backtest.compare import bootstrap_blocks, paired_ratio, replay_errors, replay_times
-from monitor.backtest.replay import PolicyTrace, Replay
+from monitor.backtest.replay import MonitorRecord, PolicyTrace, Replay, step_bounds
 from retrain.runner import jsonable
 
 
@@ -34,6 +34,9 @@ class Detection:
     cycles_after_labels_ready: int | None
     first_swap_at: datetime | None
     swap_delay_days: float | None
+    # When that breach continues a run of breaches begun at or before the change, the run's first: the
+    # delay then says nothing of how soon the monitor saw the change. None: the run began after it.
+    breaching_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,9 @@ class PolicySummary:
     detections: tuple[Detection, ...]
     # drift only: its monitor runs by verdict ("ok", "breach", "insufficient": too few rows to judge)
     monitor_verdicts: dict[str, int] = field(default_factory=dict)
+    # Retrain runs that failed (counted among `retrains`), and the first one's time and error.
+    failed_retrains: int = 0
+    first_retrain_error: str | None = None
 
 
 TABLE_COLUMNS = (
@@ -114,6 +120,30 @@ def blind_monitor_warning(summary: PolicySummary, min_window_rows: int) -> str |
     )
 
 
+def carried_breach_warnings(summary: PolicySummary) -> list[str]:
+    """A warning for each detection whose breach only continued a run of breaches begun before its change
+    point (false breaches, or the previous change's): its delay is not the monitor seeing that change."""
+    return [
+        f"{summary.policy}: the breach counted as detecting the change at {d.change_at:%Y-%m-%d %H:%M} "
+        f"({d.delay_days:g} d after it) continues a run of breaches begun "
+        f"{d.breaching_since:%Y-%m-%d %H:%M}, before the change; that delay does not measure how soon the "
+        "monitor saw it"
+        for d in summary.detections
+        if d.breaching_since is not None
+    ]
+
+
+def failed_retrain_warning(summary: PolicySummary) -> str | None:
+    """A warning when some of a policy's retrain runs failed: they count among its retrains and training
+    seconds, yet trained nothing (an oracle's first run after a change, say, on the few labels there are)."""
+    if not summary.failed_retrains:
+        return None
+    return (
+        f"{summary.policy}: {summary.failed_retrains} of {summary.retrains} retrain runs failed and trained "
+        f"nothing; the first {summary.first_retrain_error}"
+    )
+
+
 def _ratio_text(ratio: float | None, ci: tuple[float, float] | None) -> str:
     if ratio is None:
         return "-"
@@ -161,6 +191,7 @@ def _summary(
                 if "oracle" in errors:
                     post_swap_oracle = float(errors["oracle"][rows].mean())
     cumulative = float(err.mean())
+    failed = [r for r in trace.retrains if r.status == "failed"]
     vs_never = paired_ratio(err, errors["never"], *blocks) if "never" in errors else None
     return PolicySummary(
         policy=trace.name,
@@ -179,6 +210,8 @@ def _summary(
         post_swap_oracle_mae=post_swap_oracle,
         detections=detections,
         monitor_verdicts=dict(Counter(m.verdict for m in trace.monitors)),
+        failed_retrains=len(failed),
+        first_retrain_error=f"at {failed[0].at:%Y-%m-%d %H:%M}: {failed[0].error}" if failed else None,
     )
 
 
@@ -210,7 +243,18 @@ def _detection(
         # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
         return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
+    def streak_start(at: datetime) -> datetime:
+        """Where the run of breaches ending with the one at `at` began; runs without a verdict (too few rows)
+        neither count nor end it, as in the policy's own count."""
+        judged = [m for m in trace.monitors if m.at < at and m.verdict != "insufficient"]
+        for m in reversed(judged):
+            if not m.breach:
+                break
+            at = m.at
+        return at
+
     breach = next((m.at for m in trace.monitors if m.breach and within(m.at)), None)
+    since = streak_start(breach) if breach else None
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)
     swap = next((r.at for r in trace.retrains if r.status == "promoted" and within(r.at)), None)
     return Detection(
@@ -221,20 +265,27 @@ def _detection(
         cycles_after_labels_ready=cycles_after(labelled + replay.config.label_delay if labelled else None),
         first_swap_at=swap,
         swap_delay_days=_days(swap - change) if swap else None,
+        breaching_since=since if since is not None and since <= change else None,
     )
 
 
 def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -> pd.DataFrame:
+    """One row per policy and step, a step without rows included (0 rows, no MAE or version): a retrain or
+    breach at its end is still one of the policy's."""
     step = replay.config.step
+    last = replay.replay[replay.stream.time_column].iloc[-1].to_pydatetime()
+    steps = len(step_bounds(replay.until, last, step)) - 1
     since = times - np.datetime64(pd.Timestamp(replay.until).tz_convert(None), "ns")
     index = (since // np.timedelta64(step)).astype(int)
     frames = []
     for name, trace in replay.traces.items():
         frame = pd.DataFrame({"k": index, "error": errors[name], "version": trace.versions})
-        grouped = frame.groupby("k").agg(
-            rows=("error", "size"), mae=("error", "mean"), champion_version=("version", "max")
+        grouped = (
+            frame.groupby("k")
+            .agg(rows=("error", "size"), mae=("error", "mean"), champion_version=("version", "max"))
+            .reindex(range(steps))
         )
-        start = [replay.until + step * int(k) for k in grouped.index]
+        start = [replay.until + step * k for k in range(steps)]
         events = {r.at: r.status for r in trace.retrains}
         breaches = {m.at for m in trace.monitors if m.breach}
         frames.append(
@@ -243,10 +294,10 @@ def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -
                     "policy": name,
                     "period_start": start,
                     "period_end": [s + step for s in start],
-                    "rows": grouped["rows"].to_numpy(),
+                    "rows": grouped["rows"].fillna(0).astype(int).to_numpy(),
                     # significant digits, not decimals: a rate's MAE of 0.0005 is not 0.001 or 0
                     "mae": [float(f"{v:.6g}") for v in grouped["mae"]],
-                    "champion_version": grouped["champion_version"].to_numpy(),
+                    "champion_version": grouped["champion_version"].astype("Int64").to_numpy(),
                     "retrain": [events.get(s + step, "") for s in start],
                     "breach": [(s + step) in breaches for s in start],
                 }
@@ -282,23 +333,36 @@ def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, A
         "monitor_every_days": config.monitor_every.total_seconds() / 86400,
         "periodic_every_days": config.period.total_seconds() / 86400,
         "v1_validation_mae": replay.v1_validation_mae,
+        # Every setting that changes what the replay does: the monitor's windows, the policy's rules, the
+        # trainer and the gate.
         "policy_config": {
             k: getattr(s, k)
             for k in (
                 "window_rows",
                 "window_seconds",
+                "accuracy_window_rows",
+                "evidently_max_rows",
+                "drift_stattest_threshold",
+                "sample_seed",
                 "min_window_rows",
                 "min_labelled_rows",
                 "drift_share_threshold",
                 "weighted_drift_threshold",
                 "mae_degradation_ratio",
+                "lineage_baseline",
                 "consecutive_breaches",
                 "retrain_cooldown_s",
                 "max_retrains_per_day",
+                "auto_retrain",
                 "gate_margin",
                 "holdout_fraction",
                 "new_data_weight_share",
+                "train_window_days",
+                "train_half_life_days",
+                "refit",
                 "train_iterations",
+                "train_depth",
+                "train_learning_rate",
             )
         },
         "policies": {x.policy: jsonable(asdict(x)) for x in summaries},
@@ -318,9 +382,13 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     ax = axes[0][0]
     for name, frame in periods.groupby("policy", sort=False):
         ends = pd.to_datetime(frame["period_end"], utc=True)
-        (line,) = ax.plot(ends, frame["mae"], label=str(name), lw=1.6)
-        swaps = frame["retrain"] == "promoted"
-        ax.scatter(ends[swaps], frame["mae"][swaps], marker="^", s=40, color=line.get_color(), zorder=3)
+        served = (frame["rows"] > 0).to_numpy()
+        (line,) = ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6)
+        # A swap at the end of a step without rows sits on the line between its neighbours.
+        swaps = (frame["retrain"] == "promoted").to_numpy()
+        at = ends.to_numpy(dtype="datetime64[ns]").astype(np.int64)
+        height = np.interp(at[swaps], at[served], frame["mae"].to_numpy()[served])
+        ax.scatter(ends[swaps], height, marker="^", s=40, color=line.get_color(), zorder=3)
     for change in replay.stream.change_points or ():
         ax.axvline(change, color="black", ls="--", lw=1)
     if drift is not None:
@@ -344,15 +412,31 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
         ax2.set_ylim(-0.02, 1.02)
         ax2.legend(loc="upper left")
         ax2.grid(alpha=0.3)
-        ratio = [m.mae / m.champion_mae if m.mae and m.champion_mae else None for m in drift.monitors]
+        lineage = replay.settings.lineage_baseline
+        ratio = accuracy_ratios(drift.monitors, lineage_baseline=lineage)
         ax3 = ax2.twinx()
-        ax3.plot(at, ratio, color="tab:green", marker=".", label="window MAE / champion MAE")
+        yardstick = "min(champion, line best) val. MAE" if lineage else "champion validation MAE"
+        ax3.plot(at, ratio, color="tab:green", marker=".", label="window MAE / yardstick")
         ax3.axhline(replay.settings.mae_degradation_ratio, color="tab:green", ls=":", lw=1)
-        ax3.set_ylabel("accuracy: window MAE / champion validation MAE")
+        ax3.set_ylabel(f"accuracy: window MAE / {yardstick}")
         ax3.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def accuracy_ratios(monitors: list[MonitorRecord], *, lineage_baseline: bool) -> list[float | None]:
+    """Each monitor run's window MAE over the yardstick the policy's accuracy rule judged it by (None where
+    either is missing): the champion's validation MAE or, with the lineage baseline, its line's best when
+    lower (see monitor/policy.py), so that a ratio above DRIFTLOOP_MAE_DEGRADATION_RATIO breaches (given
+    DRIFTLOOP_MIN_LABELLED_ROWS labels), as the breaches marked beside it show."""
+    ratios: list[float | None] = []
+    for m in monitors:
+        yardstick = m.champion_mae
+        if lineage_baseline and m.baseline_mae is not None and yardstick is not None:
+            yardstick = min(yardstick, m.baseline_mae)
+        ratios.append(m.mae / yardstick if m.mae is not None and yardstick else None)
+    return ratios
 
 
 def _days(delta: timedelta) -> float:
