@@ -89,6 +89,7 @@ class PredictionLogger:
         self._inflight: list[LogRow] = []
         self._next_db_attempt = float("-inf")
         self._degraded = False
+        self._spool_failing = False  # the last spool write failed: rows are being dropped
         self._last_spill_warning = float("-inf")
         self._logged = metrics.logger_rows.labels(outcome="logged")
         self._spooled = metrics.logger_rows.labels(outcome="spooled")
@@ -107,6 +108,12 @@ class PredictionLogger:
     @property
     def spooled_pending(self) -> int:
         return self._spool.pending_rows()
+
+    @property
+    def losing_rows(self) -> bool:
+        """The database was unreachable and the last spool write failed: answered rows are being dropped.
+        Clears when a batch reaches the database or the spool again."""
+        return self._degraded and self._spool_failing
 
     def start(self) -> None:
         """Start the writer; it first replays any segments a previous process left on the spool."""
@@ -338,9 +345,11 @@ class PredictionLogger:
             self._reject([(docs[0], exc)])
             return [str(docs[0].get("id"))]
         except Exception as exc:
+            self._spool_failing = True
             self._dropped.inc(len(docs))
             log.error("prediction log: DROPPED %d rows, the spool write failed: %s", len(docs), exc)
             return [str(d.get("id")) for d in docs]
+        self._spool_failing = False
         self._spooled.inc(len(docs))
         return []
 

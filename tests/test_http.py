@@ -97,7 +97,13 @@ def test_database_down_mid_burst_spools_then_replays_exactly_once(
         pg_cluster.stop()
         try:
             wait_until(lambda: result.ok >= 3500, timeout=60, what="predictions while PostgreSQL is down")
-            assert server.get("/ready").status_code == 503
+            # Still ready: its answers are spooled, and every replica shares the database.
+            ready = server.get("/ready")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["problems"] == [
+                "database unreachable: OperationalError; predictions go to the spool and are replayed when "
+                "it answers, labels and model operations are refused"
+            ]
         finally:
             pg_cluster.start()
         load.join(timeout=180)
@@ -119,6 +125,39 @@ def test_database_down_mid_burst_spools_then_replays_exactly_once(
     ids = logged_ids(db_url)
     assert len(ids) == 6000
     assert set(ids) == set(result.prediction_ids())
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_replica_that_can_neither_log_nor_spool_is_not_ready(
+    champion, db_url, pg_cluster, tmp_path
+) -> None:
+    """With the database down and the spool unwritable (here a file where its directory should be), every
+    answer is lost: only then does /ready take the replica out, and it comes back once rows are kept."""
+    (tmp_path / "spool").write_text("not a directory")
+    server = start_server(make_settings(db_url, tmp_path, spool_replay_interval_s=0.2), tmp_path)
+    try:
+        assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
+        assert server.get("/ready").status_code == 200
+        pg_cluster.stop()
+        try:
+            assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
+            wait_until(
+                lambda: server.metric('driftloop_logger_rows_total{outcome="dropped"}') >= 1,
+                timeout=30,
+                what="the answer to be dropped",
+            )
+            ready = server.get("/ready")
+            assert ready.status_code == 503
+            assert ready.json()["problems"][0] == (
+                "database unreachable and the spool write failing: answered predictions are dropped"
+            )
+        finally:
+            pg_cluster.start()
+        (tmp_path / "spool").unlink()
+        httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30)
+        wait_until(lambda: server.get("/ready").status_code == 200, timeout=60, what="ready again")
+    finally:
+        assert server.terminate()
 
 
 @pytest.mark.slow

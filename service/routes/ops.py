@@ -13,20 +13,29 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: a champion is loaded and the database answers")
+@router.get("/ready", summary="Readiness: a champion is loaded and every answer is logged or spooled")
 def ready(request: Request) -> JSONResponse:
+    """503 only when this replica cannot answer, or would lose what it answers. A database outage alone is
+    a problem to name, not a reason to leave the load balancer: answers go to the spool and are replayed,
+    and every replica shares the database, so taking them all out would only turn an outage of labels and
+    history into an outage of predictions."""
     ctx = request.app.state.ctx
     problems = []
     served = ctx.holder.current
     failure = ctx.holder.load_failure
     if served is None:
         problems.append(ctx.holder.last_error or "no champion loaded")
+    if ctx.logger.losing_rows:
+        problems.append("database unreachable and the spool write failing: answered predictions are dropped")
+    ready = not problems
     try:
         with ctx.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
     except Exception as exc:
-        problems.append(f"database unreachable: {exc.__class__.__name__}")
-    ready = not problems
+        problems.append(
+            f"database unreachable: {exc.__class__.__name__}; predictions go to the spool and are replayed "
+            "when it answers, labels and model operations are refused"
+        )
     # A champion that failed to load while an older one answers is worth an operator's look, not a reason
     # to take the replica out of the load balancer.
     if served is not None and failure is not None:
