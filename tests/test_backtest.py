@@ -939,3 +939,19 @@ def test_summary_records_every_setting_that_changes_the_replay(tmp_path: Path, h
     assert config["lineage_baseline"] is False and config["accuracy_window_rows"] == 300
     assert (config["train_window_days"], config["train_half_life_days"]) == (200, 30)
     assert (config["train_iterations"], config["train_depth"], config["train_learning_rate"]) == (60, 4, 0.2)
+
+
+def test_the_table_marks_a_ratio_whose_interval_could_not_be_drawn() -> None:
+    """Too few blocks to resample: the ratio is shown with "(-)", as the README says, not alone."""
+    from monitor.backtest.results import PolicySummary, table_row
+
+    summary = PolicySummary(
+        policy="drift", rows=3000, cumulative_mae=7.5, mae_vs_never=0.93, mae_vs_never_ci=None,
+        mae_before_change=None, mae_after_change=None, retrains=1, promotions=1, retrain_seconds=1.0,
+        false_retrains=None, false_breaches=None, post_swap_mae=None, post_swap_oracle_mae=None,
+        detections=(),
+    )  # fmt: skip
+    assert table_row(summary)[2] == "0.930 (-)"
+    drawn = dataclasses.replace(summary, mae_vs_never_ci=(0.9, 0.97))
+    assert table_row(drawn)[2] == "0.930 (0.900–0.970)"
+    assert table_row(dataclasses.replace(summary, mae_vs_never=None))[2] == "-"

@@ -147,7 +147,7 @@ def failed_retrain_warning(summary: PolicySummary) -> str | None:
 def _ratio_text(ratio: float | None, ci: tuple[float, float] | None) -> str:
     if ratio is None:
         return "-"
-    return f"{ratio:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+    return f"{ratio:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else " (-)")  # -: too little to resample
 
 
 def summarize(replay: Replay) -> tuple[list[PolicySummary], pd.DataFrame]:
