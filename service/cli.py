@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -501,7 +502,7 @@ def backtest(
 
     workdir = out / "work"
     console.print(
-        f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {until:%Y-%m-%d}; "
+        f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {_instant(until)}; "
         f"policies {', '.join(chosen)}"
     )
     with _progress() as progress:
@@ -558,3 +559,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _instant(at: datetime) -> str:
+    """A day when the time is midnight (2022-01-01), else to the second (2023-07-04 18:46:12+00:00)."""
+    return f"{at:%Y-%m-%d}" if (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0) else str(at)

@@ -1,6 +1,7 @@
 """The command line, in-process through typer's runner, against a real SQLite file."""
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -334,3 +335,11 @@ def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, m
     assert 0.01 < mae < 0.1
     assert f"trained and promoted v1 (validation MAE {figure(mae)})" in result.output
     assert f"│ {figure(mae)} " in run("models").output
+
+
+def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
+    """'v1 trains before 2023-07-04' for a cut at 18:46 that day would hide 18 hours of training rows."""
+    from service.cli import _instant
+
+    assert _instant(datetime(2022, 1, 1, tzinfo=UTC)) == "2022-01-01"
+    assert _instant(datetime(2023, 7, 4, 18, 46, 12, tzinfo=UTC)) == "2023-07-04 18:46:12+00:00"
