@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Row, literal, null, select
+from sqlalchemy import Row, Select, literal, null, select
 from sqlalchemy.orm import Session
 
 from core.schema import GroundTruth, LabelledRow, PredictionLog
@@ -50,14 +50,7 @@ def load_window(
     if max_rows < 1:
         raise ValueError("max_rows must be >= 1")
     query = (
-        select(
-            PredictionLog.id,
-            PredictionLog.created_at,
-            PredictionLog.model_version,
-            PredictionLog.features,
-            PredictionLog.prediction,
-            GroundTruth.actual,
-        )
+        _logged()
         .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id, isouter=True)
         .where(PredictionLog.created_at <= now)
         .order_by(PredictionLog.created_at.desc(), PredictionLog.id.desc())
@@ -75,6 +68,18 @@ def load_window(
         end=rows[-1].created_at if rows else None,
         rows=len(frame),
         labelled_rows=int(frame[spec.target].notna().sum()),
+    )
+
+
+def _logged() -> Select[Any]:
+    """A logged prediction and its actual, as `_frame` reads them (the caller joins ground_truth)."""
+    return select(
+        PredictionLog.id,
+        PredictionLog.created_at,
+        PredictionLog.model_version,
+        PredictionLog.features,
+        PredictionLog.prediction,
+        GroundTruth.actual,
     )
 
 
@@ -105,14 +110,7 @@ def load_unseen_labelled(
     if max_rows < 1:
         raise ValueError("max_rows must be >= 1")
     answered = session.execute(
-        select(
-            PredictionLog.id,
-            PredictionLog.created_at,
-            PredictionLog.model_version,
-            PredictionLog.features,
-            PredictionLog.prediction,
-            GroundTruth.actual,
-        )
+        _logged()
         .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id)
         .where(
             PredictionLog.created_at > after,
