@@ -334,3 +334,32 @@ def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, m
     assert 0.01 < mae < 0.1
     assert f"trained and promoted v1 (validation MAE {figure(mae)})" in result.output
     assert f"│ {figure(mae)} " in run("models").output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["generate", "out.csv", "--scenario", "rate-shock"],
+            "generate: unknown scenario 'rate-shock'; choose one of",
+        ),
+        (["generate", "out.csv", "--rows", "-5"], "Invalid value for '--rows'"),
+        (
+            ["generate", "out.csv", "--start", "2022-01-01", "--end", "2021-01-01"],
+            "generate: end must be after start",
+        ),
+        (
+            ["generate", "out.csv", "--start", "soon"],
+            "generate: Unknown datetime string format, unable to parse: soon",
+        ),
+        (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
+        (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
+    ],
+)
+def test_a_bad_option_is_a_message_and_exit_2_not_a_traceback(env, tmp_path: Path, args, message) -> None:
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out.csv").exists()
