@@ -363,3 +363,22 @@ def test_a_bad_option_is_a_message_and_exit_2_not_a_traceback(env, tmp_path: Pat
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_demo_refuses_to_wipe_a_state_directory_it_did_not_make(env, tmp_path: Path) -> None:
+    """--state var would have deleted the real database beside the demo's (var/driftloop.db)."""
+    from service.demo import STATE_MARKER, state_problem
+
+    state = tmp_path / "var"
+    state.mkdir()
+    (state / "driftloop.db").write_text("the production database")
+    result = CliRunner().invoke(cli, ["demo", "--state", str(state)])
+    assert result.exit_code == 2
+    assert f"demo: {state} holds files the demo did not make" in result.output
+    assert (state / "driftloop.db").read_text() == "the production database"
+
+    assert state_problem(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert state_problem(tmp_path / "empty") is None
+    (state / STATE_MARKER).touch()  # a directory an earlier demo made is the demo's to wipe
+    assert state_problem(state) is None
