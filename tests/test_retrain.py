@@ -28,7 +28,7 @@ from core.schema import (
     PredictionLog,
     RetrainRun,
 )
-from core.spec import FeatureSpec, load_spec
+from core.spec import Feature, FeatureSpec, FeatureType, load_spec
 from retrain.dataset import EVENT_TIME, SOURCE, TrainingData, assemble, holdout
 from retrain.gate import evaluate_gate, sanity_reasons
 from retrain.runner import execute_run
@@ -602,7 +602,7 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
     spec: FeatureSpec,
 ) -> None:
     log_predictions(sessions, generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=7), spec)
-    Path(champion.artifact_path).write_bytes(b"not a model")  # the gate cannot load the champion
+    Path(champion.artifact_path).write_bytes(b"not a model")  # the run cannot load the champion
     run_id = start_run(sessions, trigger="manual", now=NOW)
 
     outcome = execute_run(
@@ -619,9 +619,38 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
         outcome.error,
         NOW,
     )
-    assert list(run.steps) == ["assemble", "train", "validate"]
+    assert run.steps == {}  # found before the data is assembled, not after a candidate was trained
     with sessions() as session:
         assert session.scalars(select(ModelVersion.version)).all() == [1]
+
+
+def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """A feature added to the spec file: the run fails before it assembles or trains anything, as /ready
+    and bootstrap do, naming the feature, rather than with pandas' KeyError from deep in the assembly."""
+    log_predictions(sessions, generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=7), spec)
+    extra = dataclasses.replace(
+        spec, features=(*spec.features, Feature(name="view", type=FeatureType.numeric, nullable=True))
+    )
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=extra, registry=registry, clock=lambda: NOW
+    )
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    assert outcome.error.startswith(
+        "FeatureMismatchError: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+    )
+    assert run_row(sessions, run_id).steps == {}
+    assert versions(registry) == {1: ModelStatus.champion}
 
 
 def test_metrics_are_json_safe(
