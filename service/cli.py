@@ -338,6 +338,8 @@ def retrain(wait: bool = True) -> None:
                 console.print(
                     format_retrain_outcome(session=session, run_id=handle.run_id)["text"], markup=False
                 )
+            if status == "failed":  # a rejection is the gate doing its work; a failure is not
+                raise typer.Exit(1)
 
 
 @cli.command()

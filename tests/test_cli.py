@@ -258,6 +258,20 @@ def test_retrain_waits_and_says_what_the_run_did_and_why(env) -> None:
     assert ("Gate: " in text) == (status == "rejected")  # a rejection names the gate's reasons
 
 
+def test_a_retrain_run_that_fails_exits_1(env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`driftloop retrain && deploy-something` must not go on after a failed run."""
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"  # a feature added: the champion does not fit, and the run fails
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    result = run("retrain")
+    text = " ".join(result.output.split())
+    assert "driftloop retrain run #1 (trigger: manual): failed; v1 stays champion." in text
+    assert "FeatureMismatchError: v1 does not fit the spec" in text
+    assert result.exit_code == 1
+
+
 @pytest.mark.parametrize("command", [["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]])
 def test_a_bad_spec_is_named_by_every_command_that_reads_it(
     env, tmp_path: Path, monkeypatch, command
