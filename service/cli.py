@@ -345,12 +345,12 @@ def retrain(wait: bool = True) -> None:
 @cli.command()
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
-    from core.registry import ArtifactIntegrityError
+    from core.registry import ArtifactIntegrityError, FeatureMismatchError
 
     with _loop(_settings()) as loop:
         try:
             outcome = loop.run_monitor()
-        except ArtifactIntegrityError as exc:
+        except (ArtifactIntegrityError, FeatureMismatchError) as exc:
             console.print(f"[red]the monitor cannot run: {exc}[/]")
             raise typer.Exit(2) from None
     typer.echo(json.dumps(outcome.to_json(), indent=2, default=str))

@@ -2,11 +2,13 @@
 
 import os
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from core.db import utcnow
 from core.generator import generate_transactions
 from core.schema import RetrainRun
 from core.settings import Settings
@@ -270,6 +272,35 @@ def test_a_retrain_run_that_fails_exits_1(env, tmp_path: Path, monkeypatch: pyte
     assert "driftloop retrain run #1 (trigger: manual): failed; v1 stays champion." in text
     assert "FeatureMismatchError: v1 does not fit the spec" in text
     assert result.exit_code == 1
+
+
+def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As bootstrap, /ready and a retrain run say it, not as 'reference is missing columns' in a traceback."""
+    from core.schema import PredictionLog
+    from core.spec import load_spec
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    spec = load_spec()
+    rows = generate_transactions(20, seed=5)[spec.feature_names].to_dict("records")
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        for features in rows:  # served by v1 before the spec file changed
+            session.add(PredictionLog(
+                id=str(uuid4()), created_at=utcnow(), model_version=1, features=features, prediction=1.0,
+                latency_ms=1.0,
+            ))  # fmt: skip
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    monkeypatch.setenv("DRIFTLOOP_MIN_WINDOW_ROWS", "10")
+    result = CliRunner().invoke(cli, ["monitor"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "the monitor cannot run: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+        in " ".join(result.output.split())
+    )
 
 
 @pytest.mark.parametrize("command", [["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]])
