@@ -15,6 +15,7 @@ from core.registry import Registry
 from core.spec import FeatureSpec
 
 log = logging.getLogger("driftloop.holder")
+NO_CHAMPION_IN_REGISTRY = "no champion in the registry"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class ModelHolder:
                 return False
             current = self.current
             if row is None or (current is not None and current.version == row.version):
-                self.last_error = None if row is not None else "no champion in the registry"
+                self.last_error = None if row is not None else NO_CHAMPION_IN_REGISTRY
                 self.load_failure = None
                 return False
             try:

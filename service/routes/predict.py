@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core.db import utcnow
 from core.spec import FeatureSpec, FeatureType
+from service.holder import NO_CHAMPION_IN_REGISTRY
 from service.lean import LeanRoute, json_body, read_json
 from service.logger import LogRow
 
@@ -52,7 +53,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         ctx = request.app.state.ctx
         served = ctx.holder.current
         if served is None:
-            raise HTTPException(503, NO_CHAMPION)
+            raise _unavailable(ctx.holder)
         features = instance.model_dump(by_alias=True)
         start = time.perf_counter()
         value = float(served.model.predict(to_row(features), thread_count=threads))
@@ -89,7 +90,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         ctx = request.app.state.ctx
         served = ctx.holder.current
         if served is None:
-            raise HTTPException(503, NO_CHAMPION)
+            raise _unavailable(ctx.holder)
         rows = [i.model_dump(by_alias=True) for i in batch.instances]  # type: ignore[attr-defined]
         start = time.perf_counter()
         pool = Pool([to_row(r) for r in rows], cat_features=cat_idx)
@@ -114,6 +115,15 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         return Response(json.dumps(body), media_type="application/json")
 
     cat_idx = [i for i, f in enumerate(spec.features) if f.type is FeatureType.categorical]
+
+
+def _unavailable(holder: Any) -> HTTPException:
+    """503 with why nothing serves: the registry's champion failing to load (a model that does not fit the
+    spec, say) or the registry unreachable, as /ready says; else that there is no champion yet."""
+    why = holder.last_error
+    if why is None or why == NO_CHAMPION_IN_REGISTRY:
+        return HTTPException(503, NO_CHAMPION)
+    return HTTPException(503, f"no champion model is loaded: {why}")
 
 
 def _row_encoder(spec: FeatureSpec) -> Any:
