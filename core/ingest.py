@@ -13,6 +13,7 @@ import codecs
 import csv
 import hashlib
 import io
+import math
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -379,7 +380,9 @@ class _Checker:
                 except ValueError:
                     problems.append(f"{f.name}: {text!r} is not a number")
                     continue
-                if f.type is FeatureType.integer and value.is_integer():
+                if math.isnan(value):  # how pandas and others write a missing number: JSON null, not NaN
+                    value = None
+                elif f.type is FeatureType.integer and value.is_integer():
                     value = int(value)
             why = f.check(value)
             if why:

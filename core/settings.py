@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -148,6 +148,22 @@ class Settings(BaseSettings):
             raise ValueError(f"the driver of {url.drivername!r} is not installed ({example})") from None
         return value
 
+    @model_validator(mode="after")
+    def _reachable_minimums(self) -> Settings:
+        """A minimum above the window it is counted in is never met, and would turn its rule off unnoticed:
+        every monitor run "insufficient", or an "ok" verdict whatever the accuracy window's MAE."""
+        for minimum, window, rule in (
+            ("min_window_rows", "window_rows", "the monitor would never reach a verdict"),
+            ("min_labelled_rows", "accuracy_window_rows", "the accuracy rule would never fire"),
+        ):
+            low, high = getattr(self, minimum), getattr(self, window)
+            if low > high:
+                raise ValueError(
+                    f"DRIFTLOOP_{minimum.upper()}={low} is above DRIFTLOOP_{window.upper()}={high}: the "
+                    f"window never holds that many rows, so {rule}; lower the one or raise the other"
+                )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -180,7 +196,9 @@ def load_settings() -> Settings:
 
 
 def _describe(error: Any) -> str:
-    field = str(error["loc"][0]) if error["loc"] else ""
+    if not error["loc"]:  # settings that do not fit together: the message names each variable
+        return str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0])
     name = f"DRIFTLOOP_{field.upper()}"
     where = name if name in os.environ else f"{name} (from .env or {field} in DRIFTLOOP_CONFIG)"
     message = str(error["msg"]).removeprefix("Value error, ")

@@ -382,7 +382,11 @@ class Loop:
         return MonitorOutcome(decision.verdict, report_id, decision, result, run_id, tuple(notes))
 
     def _reference_for(self, champion: ModelVersion) -> pd.DataFrame:
+        """The champion's reference snapshot, read once per version. A champion that does not fit the spec
+        (a feature added to the file since it was trained) is refused first, by name (FeatureMismatchError),
+        as /ready, bootstrap and a retrain run refuse it, rather than as a column missing from the report."""
         if self._reference is None or self._reference[0] != champion.version:
+            self.registry.load(champion, spec=self.spec)
             self._reference = (champion.version, self.registry.reference(champion))
         return self._reference[1]
 

@@ -202,13 +202,17 @@ class WebhookNotifier:
     def _attempt(self, client: httpx.Client, url: str, claimed: _Claimed) -> str:
         error = _post(client, url, _body(claimed), key=claimed.dedup_key, timeout_s=self._timeout_s)
         now = self._clock()
+        which = f"notification #{claimed.id} ({claimed.kind}, {claimed.dedup_key})"
+        attempt = f"attempt {claimed.attempts} of {self._max_attempts} failed"
         if error is None:
             outcome, values = DELIVERED, {"status": DELIVERED, "delivered_at": now, "last_error": None}
         elif claimed.attempts >= self._max_attempts:
             outcome, values = FAILED, {"status": FAILED, "last_error": error}
+            log.error("%s was not delivered: %s: %s", which, attempt, error)
         else:
             delay = timedelta(seconds=self._backoff_s * 2 ** (claimed.attempts - 1))
             outcome, values = RETRIED, {"last_error": error, "next_attempt_at": now + delay}
+            log.warning("%s: %s, retrying in %g s: %s", which, attempt, delay.total_seconds(), error)
         with self._sessions.begin() as session:
             session.execute(
                 update(Notification)
@@ -265,6 +269,11 @@ class WebhookNotifier:
             ]
         for kind in failed:
             self._count(kind, FAILED)
+        if failed:
+            log.error(
+                "%d notification(s) were not delivered: no outcome recorded for the final attempt",
+                len(failed),
+            )
         return len(failed)
 
     def _count(self, kind: str, outcome: str) -> None:

@@ -28,9 +28,9 @@ Rules, in order:
      costing accuracy, a baseline this data no longer allows), so it keeps alerting but spends compute
      ever more rarely. Any other run (one a hard breach launched, an operator's, a scheduled one) and
      any "ok" report start the count afresh;
-   - no new labels: when the latest run was for this champion and the gate rejected it, and no label has
-     arrived since it started, a run would train on the same rows and be rejected again ("no new labels
-     since retrain run 12 was rejected …"), so it waits for one;
+   - no new labels: when the latest run that did not fail was for this champion and the gate rejected it,
+     and no label has arrived since it started, a run would train on the same rows and be rejected again
+     ("no new labels since retrain run 12 was rejected …"), so it waits for one;
    - last, a drift-only breach waits for `min_labelled_rows` labelled rows from the drifted traffic,
      counted from the first breach of the streak ("waiting for labels: 37/200 …"): a candidate trained
      before the moved inputs have labels has nothing new to learn from.
@@ -321,11 +321,12 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
 def _rejected_without_new_labels(
     session: Session, *, champion_version: int | None, now: datetime
 ) -> int | None:
-    """The latest run before `now`, if the gate rejected it for this champion and no label (feedback or
-    ingest) has been received between its start and `now`; else None."""
+    """The latest run before `now` that was not failed, if the gate rejected it for this champion and no
+    label (feedback or ingest) has been received between its start and `now`; else None. A failed run
+    judged nothing, so it does not lift the hold: a run on the same rows would be rejected again."""
     last = session.execute(
         select(RetrainRun.id, RetrainRun.status, RetrainRun.champion_version, RetrainRun.started_at)
-        .where(RetrainRun.started_at < now)
+        .where(RetrainRun.started_at < now, RetrainRun.status != RunStatus.failed)
         .order_by(RetrainRun.started_at.desc(), RetrainRun.id.desc())
         .limit(1)
     ).first()

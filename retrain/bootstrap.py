@@ -6,13 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from catboost import CatBoostRegressor
 
 from core.generator import generate_transactions
 from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
 from retrain.data import DataError, read_labelled_csv, time_split
+from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE
 from retrain.train import (
+    REFERENCE_MAX_ROWS,
     TrainParams,
     feature_importance,
     predict,
@@ -70,7 +73,7 @@ def bootstrap(
     row = registry.register(
         NewVersion(
             model=model,
-            reference=reference_snapshot(model, data, spec, seed=seed),
+            reference=_reference(model, data, spec, times=times, seed=seed),
             trigger=Trigger.bootstrap,
             metrics=metrics,
             params=params.as_dict(),
@@ -95,3 +98,19 @@ def bootstrap(
         )
         return BootstrapResult(winner, created=False)
     return BootstrapResult(promoted, created=True)
+
+
+def _reference(
+    model: CatBoostRegressor, data: pd.DataFrame, spec: FeatureSpec, *, times: pd.Series | None, seed: int
+) -> pd.DataFrame:
+    """v1's reference snapshot, with each row's event time when the data has them: a windowed retrain
+    (DRIFTLOOP_TRAIN_WINDOW_DAYS) then keeps only the history inside its window, as it does for every later
+    generation's reference (retrain.dataset.candidate_reference), rather than all of it stamped with v1's
+    train_end."""
+    if times is None:
+        return reference_snapshot(model, data, spec, seed=seed)
+    rows = data.sample(REFERENCE_MAX_ROWS, random_state=seed) if len(data) > REFERENCE_MAX_ROWS else data
+    reference = reference_snapshot(model, rows, spec, seed=seed)
+    reference[EVENT_TIME] = pd.to_datetime(rows[spec.time_column], utc=True).to_numpy()
+    reference[SOURCE] = REFERENCE
+    return reference

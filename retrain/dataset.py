@@ -5,8 +5,9 @@ Three sources, one frame (spec features, target, `event_time` in UTC, `source`):
 - ``reference``: the rows of the champion's reference snapshot (up to 20k rows) that came from its own
   reference lineage. Snapshots written by `candidate_reference` keep each row's event time and source;
   rows that came from the database are dropped here because they are read afresh from it below (no row
-  twice, and no holdout row hiding in the training part). A snapshot without times (bootstrap) has its
-  rows stamped with the champion's ``train_end`` (else its ``created_at``).
+  twice, and no holdout row hiding in the training part). A bootstrap snapshot keeps its rows' times when
+  v1's data had a time column; one without times has its rows stamped with the champion's ``train_end``
+  (else its ``created_at``).
 - ``production_labelled``: logged predictions that received ground truth; event time = the prediction's
   ``created_at``.
 - ``ingested``: ``labelled_row`` rows; event time = their ``event_time``.

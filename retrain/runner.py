@@ -125,6 +125,9 @@ class _Run:
         champion = self.registry.champion()
         if champion is None:
             raise NoChampion()
+        # Before any work: a champion that does not fit the spec (a feature added to the file, say) fails the
+        # run naming the difference, as /ready and bootstrap do; a damaged artifact fails it here too.
+        champion_model = self.registry.load(champion, spec=self.spec)
         with self._step("assemble"):
             data = assemble(
                 sessions=self.sessions,
@@ -148,7 +151,7 @@ class _Run:
         with self._step("validate"):
             gate = evaluate_gate(
                 candidate=model,
-                champion=self.registry.load(champion, spec=self.spec),
+                champion=champion_model,
                 holdout=held,
                 spec=self.spec,
                 margin=self.settings.gate_margin,

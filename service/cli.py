@@ -204,7 +204,7 @@ def ingest(
     force: Annotated[
         bool, typer.Option("--force", help="Load a file already loaded again (its rows then count twice).")
     ] = False,
-    show: Annotated[int, typer.Option(help="How many bad lines to list.")] = 20,
+    show: Annotated[int, typer.Option(min=0, help="How many bad lines to list.")] = 20,
 ) -> None:
     """Load labelled transactions from a CSV into labelled_row, all or nothing: if any line violates the
     spec, nothing is loaded and the bad lines are listed (unless --skip-bad). A file already loaded is not
@@ -346,17 +346,19 @@ def retrain(wait: bool = True) -> None:
                 console.print(
                     format_retrain_outcome(session=session, run_id=handle.run_id)["text"], markup=False
                 )
+            if status == "failed":  # a rejection is the gate doing its work; a failure is not
+                raise typer.Exit(1)
 
 
 @cli.command()
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
-    from core.registry import ArtifactIntegrityError
+    from core.registry import ArtifactIntegrityError, FeatureMismatchError
 
     with _loop(_settings()) as loop:
         try:
             outcome = loop.run_monitor()
-        except ArtifactIntegrityError as exc:
+        except (ArtifactIntegrityError, FeatureMismatchError) as exc:
             console.print(f"[red]the monitor cannot run: {exc}[/]")
             raise typer.Exit(2) from None
     typer.echo(json.dumps(outcome.to_json(), indent=2, default=str))
@@ -365,7 +367,7 @@ def monitor() -> None:
 @cli.command()
 def generate(
     out: Path,
-    rows: int = 10_000,
+    rows: Annotated[int, typer.Option(min=0)] = 10_000,
     scenario: str = "none",
     start: str = "2019-01-01",
     end: str = "2021-12-31",
@@ -375,9 +377,13 @@ def generate(
     """Write generated apartment transactions (with a drift scenario) to a CSV."""
     from core.generator import generate_transactions
 
-    frame = generate_transactions(
-        rows, start=start, end=end, scenario=scenario, change_at=change_at, seed=seed
-    )
+    try:
+        frame = generate_transactions(
+            rows, start=start, end=end, scenario=scenario, change_at=change_at, seed=seed
+        )
+    except ValueError as exc:  # an unknown scenario, an unreadable or reversed date: named, not a traceback
+        console.print(f"[red]generate: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     console.print(f"wrote {len(frame)} rows to {out}")
@@ -390,8 +396,13 @@ def demo(
     seed: int = 0,
 ) -> None:
     """The whole loop on the embedded default: drift, alert, retrain, gate, hot swap."""
+    from core.generator import SCENARIOS
     from service.demo import run_demo
 
+    if scenario not in SCENARIOS:  # refused before the state is wiped and minutes of stable traffic streamed
+        choices = ", ".join(SCENARIOS)
+        console.print(f"[red]demo: unknown scenario {escape(repr(scenario))}; choose one of {choices}[/]")
+        raise typer.Exit(2)
     raise typer.Exit(run_demo(scenario=scenario, state=state, seed=seed))
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import SecretStr
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -39,6 +40,7 @@ FEEDBACK_DELAY_BATCHES = 3  # labels arrive three batches after their prediction
 DRIFT_CHUNK_ROWS = 6000
 AFTER_SWAP_ROWS = 1500  # drifted rows answered by the new model before the demo ends
 DRIFT_BUDGET_S = 300  # the longest the drifted stream waits for a swap
+STATE_MARKER = ".driftloop-demo"  # left in the state directory the demo made: only such a one is wiped
 
 
 @dataclass
@@ -114,10 +116,30 @@ def demo_env(settings: Settings) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DRIFTLOOP_")} | to_env(settings)
 
 
+def state_problem(state: Path) -> str | None:
+    """Why the demo may not wipe `state`, or None: it does not exist, is empty, or an earlier demo made it.
+
+    `--state var` must not delete the database and artifacts beside the demo's in ./var."""
+    if not state.exists():
+        return None
+    if not state.is_dir():
+        return f"{state} is not a directory"
+    if (state / STATE_MARKER).is_file() or not any(state.iterdir()):
+        return None
+    return (
+        f"{state} holds files the demo did not make, and the demo wipes its state directory: give --state a "
+        f"new or empty directory (one a demo made has a {STATE_MARKER} file; an older demo's, remove by hand)"
+    )
+
+
 def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), seed: int = 0) -> int:
     console = Console()
+    if problem := state_problem(state):
+        console.print(f"[red]demo: {escape(problem)}[/]", highlight=False)
+        return 2
     shutil.rmtree(state, ignore_errors=True)
     state.mkdir(parents=True)
+    (state / STATE_MARKER).touch()
     spec = load_spec()
     receiver = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     _Receiver.alerts = []

@@ -466,11 +466,17 @@ def test_a_champion_trained_on_other_features_is_not_served(
         assert response.json()["message"].startswith("no model is loaded: could not load v1: v1 does not fit")
         ready = client.get("/ready")
         assert ready.status_code == 503
-        assert ready.json()["problems"] == [
+        problem = (
             "could not load v1: v1 does not fit the spec (same features in another order: trained on "
             f"{', '.join(spec.feature_names)}); restore the spec it was trained with, or start a new model "
             "line for this spec (a fresh database and artifact directory, then driftloop bootstrap)"
-        ]
+        )
+        assert ready.json()["problems"] == [problem]
+        # Why, not "run driftloop bootstrap", which would only say the same
+        why = f"no champion model is loaded: {problem}"
+        assert response.json()["message"] == why
+        batch = client.post("/predict/batch", json={"instances": [features]})
+        assert (batch.status_code, batch.json()["message"]) == (503, why)
 
 
 def test_no_champion_means_no_retrain_run(db_url, tmp_path) -> None:

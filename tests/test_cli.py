@@ -3,11 +3,13 @@
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 from sqlalchemy import select
 from typer.testing import CliRunner
 
+from core.db import utcnow
 from core.generator import generate_transactions
 from core.schema import RetrainRun
 from core.settings import Settings
@@ -259,6 +261,49 @@ def test_retrain_waits_and_says_what_the_run_did_and_why(env) -> None:
     assert ("Gate: " in text) == (status == "rejected")  # a rejection names the gate's reasons
 
 
+def test_a_retrain_run_that_fails_exits_1(env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`driftloop retrain && deploy-something` must not go on after a failed run."""
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"  # a feature added: the champion does not fit, and the run fails
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    result = run("retrain")
+    text = " ".join(result.output.split())
+    assert "driftloop retrain run #1 (trigger: manual): failed; v1 stays champion." in text
+    assert "FeatureMismatchError: v1 does not fit the spec" in text
+    assert result.exit_code == 1
+
+
+def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As bootstrap, /ready and a retrain run say it, not as 'reference is missing columns' in a traceback."""
+    from core.schema import PredictionLog
+    from core.spec import load_spec
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    spec = load_spec()
+    rows = generate_transactions(20, seed=5)[spec.feature_names].to_dict("records")
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        for features in rows:  # served by v1 before the spec file changed
+            session.add(PredictionLog(
+                id=str(uuid4()), created_at=utcnow(), model_version=1, features=features, prediction=1.0,
+                latency_ms=1.0,
+            ))  # fmt: skip
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    monkeypatch.setenv("DRIFTLOOP_MIN_WINDOW_ROWS", "10")
+    result = CliRunner().invoke(cli, ["monitor"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "the monitor cannot run: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+        in " ".join(result.output.split())
+    )
+
+
 @pytest.mark.parametrize("command", [["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]])
 def test_a_bad_spec_is_named_by_every_command_that_reads_it(
     env, tmp_path: Path, monkeypatch, command
@@ -343,3 +388,51 @@ def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
 
     assert _instant(datetime(2022, 1, 1, tzinfo=UTC)) == "2022-01-01"
     assert _instant(datetime(2023, 7, 4, 18, 46, 12, tzinfo=UTC)) == "2023-07-04 18:46:12+00:00"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["generate", "out.csv", "--scenario", "rate-shock"],
+            "generate: unknown scenario 'rate-shock'; choose one of",
+        ),
+        (["generate", "out.csv", "--rows", "-5"], "Invalid value for '--rows'"),
+        (
+            ["generate", "out.csv", "--start", "2022-01-01", "--end", "2021-01-01"],
+            "generate: end must be after start",
+        ),
+        (
+            ["generate", "out.csv", "--start", "soon"],
+            "generate: Unknown datetime string format, unable to parse: soon",
+        ),
+        (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
+        (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
+    ],
+)
+def test_a_bad_option_is_a_message_and_exit_2_not_a_traceback(env, tmp_path: Path, args, message) -> None:
+    os.chdir(tmp_path)
+    result = CliRunner().invoke(cli, args)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_demo_refuses_to_wipe_a_state_directory_it_did_not_make(env, tmp_path: Path) -> None:
+    """--state var would have deleted the real database beside the demo's (var/driftloop.db)."""
+    from service.demo import STATE_MARKER, state_problem
+
+    state = tmp_path / "var"
+    state.mkdir()
+    (state / "driftloop.db").write_text("the production database")
+    result = CliRunner().invoke(cli, ["demo", "--state", str(state)])
+    assert result.exit_code == 2
+    assert f"demo: {state} holds files the demo did not make" in result.output
+    assert (state / "driftloop.db").read_text() == "the production database"
+
+    assert state_problem(tmp_path / "new") is None
+    (tmp_path / "empty").mkdir()
+    assert state_problem(tmp_path / "empty") is None
+    (state / STATE_MARKER).touch()  # a directory an earlier demo made is the demo's to wipe
+    assert state_problem(state) is None

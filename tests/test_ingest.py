@@ -13,7 +13,7 @@ from core.generator import generate_transactions
 from core.ingest import IngestError, ingest_csv, inspect_file
 from core.lease import try_acquire
 from core.schema import IngestedFile, LabelledRow
-from core.spec import FeatureSpec
+from core.spec import FeatureSpec, parse_spec
 
 
 def _count(sessions) -> int:
@@ -324,3 +324,27 @@ def test_a_file_loaded_by_another_ingest_while_this_one_checks_is_loaded_once(
     assert (others, report.loaded, report.good) == ([20], 0, 20)
     assert (report.already.rows, report.already.source, report.already.name) == (20, "other", str(copy))
     assert _count(sessions) == 20
+
+
+def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, sessions) -> None:
+    """pandas writes a missing number as NaN on request (na_rep), some tools always: the cell is missing,
+    stored as JSON null. Stored as the float NaN it was invalid JSON, which PostgreSQL refuses."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "target_min": 0, "time_column": "ts",
+        "features": [
+            {"name": "hour", "type": "integer", "min": 0, "max": 23},
+            {"name": "outdoor_temp_c", "type": "numeric", "nullable": True},
+        ],
+    })  # fmt: skip
+    path = tmp_path / "meters.csv"
+    path.write_text(
+        "ts,hour,outdoor_temp_c,kwh\n"
+        "2025-06-01T00:00:00+00:00,3,NaN,1.5\n"
+        "2025-06-01T01:00:00+00:00,4,nan,2.5\n"
+        "2025-06-01T02:00:00+00:00,5,,3.5\n"
+        "2025-06-01T03:00:00+00:00,6,12.5,4.5\n"
+    )
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 4
+    with sessions() as s:
+        stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
+    assert [row["outdoor_temp_c"] for row in stored] == [None, None, None, 12.5]

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.metrics import Metrics, build_metrics
 from core.schema import Notification, RetrainRun
+from monitor import LOOP_LOGGER
 from monitor.notify import (
     DeliveryStats,
     WebhookNotifier,
@@ -212,6 +213,38 @@ def test_gives_up_after_max_attempts(
     assert len(receiver.bodies) == 3
     assert (prom.count("breach", "retried"), prom.count("breach", "failed")) == (2, 1)
     assert prom.pending() == 0
+
+
+def test_failed_attempts_are_logged_naming_the_alert_and_the_error(
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    prom: Prom,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A webhook that refuses every alert (a mistyped URL, an expired key) is seen in the log, not only in a
+    counter: the alerts are the loop's way of being heard."""
+    receiver.statuses = [503] * 10
+    add(sessions)
+    webhook = notifier(sessions, receiver.url, prom, clock, max_attempts=2, backoff_s=1.0)
+
+    with caplog.at_level("WARNING", logger=LOOP_LOGGER):
+        webhook.deliver_due()
+        clock.advance(1)
+        webhook.deliver_due()
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "notification #1 (breach, breach:v3:episode-17): attempt 1 of 2 failed, retrying in 1 s: "
+            "HTTP 503 Service Unavailable: boom",
+        ),
+        (
+            "ERROR",
+            "notification #1 (breach, breach:v3:episode-17) was not delivered: attempt 2 of 2 failed: "
+            "HTTP 503 Service Unavailable: boom",
+        ),
+    ]
 
 
 def test_timeout_is_a_failed_attempt(

@@ -680,7 +680,24 @@ def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     assert waiting(T0) is None  # an ingested row arrived since
     with sessions.begin() as session:
         session.add(_run(minutes(-5), "failed"))
-    assert waiting(T0) is None  # the latest run was not rejected
+    assert (
+        waiting(T0) is None
+    )  # still: the label came after the rejected run, and a failed run changes nothing
+
+
+def test_a_failed_run_does_not_lift_the_hold_of_a_rejected_one(sessions: sessionmaker[Session]) -> None:
+    """Seen live: run 5 rejected, run 6 failed before training (a spec it did not fit), and 39 s later an
+    accuracy breach launched run 7 on the same rows, rejected with run 5's very figures. A failed run judged
+    nothing: the rejected run before it still says a run on the same rows is wasted."""
+    with sessions.begin() as session:
+        session.add(rejected := _run(minutes(-60), "rejected"))
+        session.flush()
+        session.add(_run(minutes(-30), "failed", trigger="manual"))
+
+    with sessions() as session:
+        history = load_history(session, champion_version=3, now=T0)
+    assert history.rejected_run_without_new_labels == rejected.id
+    assert not decide(obs(mae=130.0), history, CONFIG).retrain
 
 
 def test_a_rate_s_accuracy_breach_reads_in_its_units() -> None:

@@ -100,7 +100,8 @@ def test_loaded_champion_predicts_like_the_trained_model(
     registry: Registry, champion: ModelVersion, spec
 ) -> None:
     reference = registry.reference(champion)
-    assert list(reference.columns) == [*spec.feature_names, spec.target, "prediction"]
+    # Bootstrapped on data with a time column: each row keeps its event time (a windowed retrain reads it).
+    assert list(reference.columns) == [*spec.feature_names, spec.target, "prediction", "event_time", "source"]
     again = predict(registry.load(champion), reference, spec)
     assert again.tolist() == pytest.approx(reference["prediction"].tolist())
 

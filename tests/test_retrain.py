@@ -28,7 +28,7 @@ from core.schema import (
     PredictionLog,
     RetrainRun,
 )
-from core.spec import FeatureSpec, load_spec
+from core.spec import Feature, FeatureSpec, FeatureType, load_spec
 from retrain.dataset import EVENT_TIME, SOURCE, TrainingData, assemble, holdout
 from retrain.gate import evaluate_gate, sanity_reasons
 from retrain.runner import execute_run
@@ -149,8 +149,8 @@ def test_assemble_counts_rows_per_source_up_to_now(
     assert list(data.frame.columns) == [*spec.feature_names, spec.target, EVENT_TIME, SOURCE]
     assert len(data) == 3055
     assert data.frame[EVENT_TIME].is_monotonic_increasing
-    assert champion.train_end is not None
-    assert data.start == champion.train_end
+    assert champion.train_start is not None
+    assert data.start == champion.train_start  # v1's reference rows keep their own times
     assert data.end == NOW - timedelta(days=1)
     newest = data.frame.iloc[-1]
     first = mixed.iloc[0]
@@ -173,6 +173,28 @@ def test_assemble_with_a_window_keeps_only_recent_rows_and_drops_an_old_referenc
     assert data.sources == {"reference": 0, "production_labelled": 20, "ingested": 10}
     assert data.start == NOW - timedelta(days=20)
     assert data.end == NOW - timedelta(days=1)
+
+
+def test_a_window_keeps_only_the_bootstrap_history_inside_it(
+    sessions: sessionmaker[Session], registry: Registry, champion: ModelVersion, spec: FeatureSpec
+) -> None:
+    """v1 learnt 2019–2021 (a time column): a 180-day window a day after its data ends keeps the last 180
+    days of that history, not all three years stamped with v1's train_end."""
+    assert champion.train_end is not None
+    now = champion.train_end + timedelta(days=1)
+    since = now - timedelta(days=180)
+    history = generate_transactions(3000, seed=1)  # what the champion fixture bootstrapped on
+
+    data = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=180, now=now
+    )
+
+    assert data.sources["reference"] == int((history["contract_date"] >= since).sum())
+    assert data.start is not None and data.start >= since
+    everything = assemble(
+        sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=now
+    )
+    assert everything.start == champion.train_start  # the lineage's training window starts where v1's did
 
 
 def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_half(
@@ -459,7 +481,7 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
     assert (v2.parent_version, v2.trigger, v2.retrain_run_id, v2.report_id) == (1, "drift", run_id, report_id)
     # The gate judged a model trained on 4,200 rows; the one promoted was refit on all 4,500.
     assert (v2.train_start, v2.train_end, v2.train_rows) == (
-        champion.train_end,
+        champion.train_start,
         times.iloc[-1].to_pydatetime(),
         4500,
     )
@@ -467,7 +489,7 @@ def test_a_better_candidate_is_promoted_with_its_lineage(
         "rows": {"reference": 3000, "production_labelled": 1500, "ingested": 0},
         "reference_version": 1,
         "window_days": None,
-        "start": champion.train_end.isoformat() if champion.train_end else None,
+        "start": champion.train_start.isoformat() if champion.train_start else None,
         "end": times.iloc[-1].isoformat(),
         "train_rows": 4500,
         "holdout_rows": 300,
@@ -602,7 +624,7 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
     spec: FeatureSpec,
 ) -> None:
     log_predictions(sessions, generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=7), spec)
-    Path(champion.artifact_path).write_bytes(b"not a model")  # the gate cannot load the champion
+    Path(champion.artifact_path).write_bytes(b"not a model")  # the run cannot load the champion
     run_id = start_run(sessions, trigger="manual", now=NOW)
 
     outcome = execute_run(
@@ -619,9 +641,38 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
         outcome.error,
         NOW,
     )
-    assert list(run.steps) == ["assemble", "train", "validate"]
+    assert run.steps == {}  # found before the data is assembled, not after a candidate was trained
     with sessions() as session:
         assert session.scalars(select(ModelVersion.version)).all() == [1]
+
+
+def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """A feature added to the spec file: the run fails before it assembles or trains anything, as /ready
+    and bootstrap do, naming the feature, rather than with pandas' KeyError from deep in the assembly."""
+    log_predictions(sessions, generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=7), spec)
+    extra = dataclasses.replace(
+        spec, features=(*spec.features, Feature(name="view", type=FeatureType.numeric, nullable=True))
+    )
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path), spec=extra, registry=registry, clock=lambda: NOW
+    )
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    assert outcome.error.startswith(
+        "FeatureMismatchError: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+    )
+    assert run_row(sessions, run_id).steps == {}
+    assert versions(registry) == {1: ModelStatus.champion}
 
 
 def test_metrics_are_json_safe(

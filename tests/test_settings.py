@@ -53,6 +53,29 @@ def test_bad_values_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.parametrize(
+    ("minimum", "window", "rule"),
+    [
+        ("MIN_WINDOW_ROWS", "WINDOW_ROWS", "the monitor would never reach a verdict"),
+        ("MIN_LABELLED_ROWS", "ACCURACY_WINDOW_ROWS", "the accuracy rule would never fire"),
+    ],
+)
+def test_a_minimum_above_the_window_it_counts_in_is_refused(
+    monkeypatch: pytest.MonkeyPatch, minimum: str, window: str, rule: str
+) -> None:
+    """Unmet for ever, it would turn its rule off without a word: MAE far over the champion's, verdict ok."""
+    monkeypatch.setenv(f"DRIFTLOOP_{minimum}", "400")
+    monkeypatch.setenv(f"DRIFTLOOP_{window}", "300")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"DRIFTLOOP_{minimum}=400 is above DRIFTLOOP_{window}=300: the window never holds that many rows, "
+        f"so {rule}; lower the one or raise the other"
+    )
+    monkeypatch.setenv(f"DRIFTLOOP_{window}", "400")
+    load_settings()  # equal is fine
+
+
+@pytest.mark.parametrize(
     ("url", "problem"),
     [
         ("postgres://driftloop:hunter2@db/driftloop", "unknown database kind 'postgres'"),

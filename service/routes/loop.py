@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from core.registry import ArtifactIntegrityError
+from core.registry import ArtifactIntegrityError, FeatureMismatchError
 from core.schema import DriftReport, RetrainRun, Trigger
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
@@ -65,7 +65,10 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
     try:
         outcome: MonitorOutcome = await run_in_threadpool(ctx.loop.run_monitor)
-    except ArtifactIntegrityError as exc:  # the champion's reference snapshot is damaged: nothing to judge by
+    except (
+        ArtifactIntegrityError,
+        FeatureMismatchError,
+    ) as exc:  # a damaged artifact, or another spec's model
         raise HTTPException(409, f"the monitor cannot run: {exc}") from None
     return outcome.to_json()
 
