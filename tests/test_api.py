@@ -473,7 +473,7 @@ def test_a_champion_trained_on_other_features_is_not_served(
         )
         assert ready.json()["problems"] == [problem]
         # Why, not "run driftloop bootstrap", which would only say the same
-        why = f"no champion model is loaded: {problem}"
+        why = f"no model is loaded: {problem} (checked again every 0.2 s)"
         assert response.json()["message"] == why
         batch = client.post("/predict/batch", json={"instances": [features]})
         assert (batch.status_code, batch.json()["message"]) == (503, why)
