@@ -85,6 +85,8 @@ def generate_transactions(
     if t1 <= t0:
         raise ValueError("end must be after start")
     change = to_utc(change_at) if change_at is not None else t0 + (t1 - t0) / 2
+    if scenario != "none" and change >= t1:  # before start is fine: every row has changed
+        raise ValueError(f"change_at {change:%Y-%m-%d %H:%M} is not before end: no row would change")
     rng = np.random.default_rng(seed)
 
     seconds = np.sort(rng.uniform(0, (t1 - t0).total_seconds(), n))
