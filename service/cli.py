@@ -561,6 +561,11 @@ def _progress() -> Progress:
     )
 
 
+def _instant(at: datetime) -> str:
+    """A day when the time is midnight (2022-01-01), else to the second (2023-07-04 18:46:12+00:00)."""
+    return f"{at:%Y-%m-%d}" if (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0) else str(at)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apscheduler", "alembic", "httpx"):
@@ -570,8 +575,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _instant(at: datetime) -> str:
-    """A day when the time is midnight (2022-01-01), else to the second (2023-07-04 18:46:12+00:00)."""
-    return f"{at:%Y-%m-%d}" if (at.hour, at.minute, at.second, at.microsecond) == (0, 0, 0, 0) else str(at)

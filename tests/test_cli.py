@@ -1,6 +1,8 @@
 """The command line, in-process through typer's runner, against a real SQLite file."""
 
 import os
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
@@ -380,6 +382,20 @@ def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, m
     assert 0.01 < mae < 0.1
     assert f"trained and promoted v1 (validation MAE {figure(mae)})" in result.output
     assert f"│ {figure(mae)} " in run("models").output
+
+
+def test_python_m_service_cli_runs_a_backtest_to_its_end(env, tmp_path: Path) -> None:
+    """`python -m service.cli` (how the tests start servers) runs the module top to bottom and calls main()
+    at its end: every helper a command uses must be defined before that line, as CliRunner cannot show."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "backtest", "--data", "generated:none", "--rows", "2000",
+         "--policies", "never", "--step", "30d", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **env},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "v1 trains before 2022-01-01;" in result.stdout + result.stderr
+    assert (out / "summary.json").is_file()
 
 
 def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
