@@ -131,8 +131,7 @@ class Loop:
     # skips both.
     write_html: bool = True
     _scheduler: BackgroundScheduler | None = None
-    _reference: tuple[int, pd.DataFrame] | None = None
-    _model: tuple[int, CatBoostRegressor] | None = None
+    _artifacts: tuple[int, CatBoostRegressor, pd.DataFrame] | None = None  # version, model, reference
     _notifier: WebhookNotifier | None = None
     _watchers: list[threading.Thread] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -329,10 +328,11 @@ class Loop:
             if self.write_html and s.report_html_keep > 0:
                 name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
                 html_path = s.report_dir / name
+            model, reference = self._artifacts_for(champion)
             if labelled.rows:  # scored as the champion answers them, whichever model answered them then
-                labelled.frame[PREDICTION] = predict(self._model_for(champion), labelled.frame, self.spec)
+                labelled.frame[PREDICTION] = predict(model, labelled.frame, self.spec)
             result = compute_drift(
-                self._reference_for(champion), window.frame, self.spec,
+                reference, window.frame, self.spec,
                 importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
                 stattest_threshold=s.drift_stattest_threshold, html_path=html_path, labelled=labelled.frame,
             )  # fmt: skip
@@ -381,19 +381,15 @@ class Loop:
         self.deliver()
         return MonitorOutcome(decision.verdict, report_id, decision, result, run_id, tuple(notes))
 
-    def _reference_for(self, champion: ModelVersion) -> pd.DataFrame:
-        """The champion's reference snapshot, read once per version. A champion that does not fit the spec
-        (a feature added to the file since it was trained) is refused first, by name (FeatureMismatchError),
-        as /ready, bootstrap and a retrain run refuse it, rather than as a column missing from the report."""
-        if self._reference is None or self._reference[0] != champion.version:
-            self.registry.load(champion, spec=self.spec)
-            self._reference = (champion.version, self.registry.reference(champion))
-        return self._reference[1]
-
-    def _model_for(self, champion: ModelVersion) -> CatBoostRegressor:
-        if self._model is None or self._model[0] != champion.version:
-            self._model = (champion.version, self.registry.load(champion, spec=self.spec))
-        return self._model[1]
+    def _artifacts_for(self, champion: ModelVersion) -> tuple[CatBoostRegressor, pd.DataFrame]:
+        """The champion's model and reference snapshot, read once per version. A champion that does not fit
+        the spec (a feature added to the file since it was trained) is refused first, by name
+        (FeatureMismatchError), as /ready, bootstrap and a retrain run refuse it, rather than as a column
+        missing from the report."""
+        if self._artifacts is None or self._artifacts[0] != champion.version:
+            model = self.registry.load(champion, spec=self.spec)
+            self._artifacts = (champion.version, model, self.registry.reference(champion))
+        return self._artifacts[1], self._artifacts[2]
 
     def _store_report(
         self,
