@@ -13,9 +13,8 @@ from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
 from retrain.data import DataError, read_labelled_csv, time_split
-from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE
+from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE, timed_reference
 from retrain.train import (
-    REFERENCE_MAX_ROWS,
     TrainParams,
     feature_importance,
     predict,
@@ -109,8 +108,5 @@ def _reference(
     train_end."""
     if times is None:
         return reference_snapshot(model, data, spec, seed=seed)
-    rows = data.sample(REFERENCE_MAX_ROWS, random_state=seed) if len(data) > REFERENCE_MAX_ROWS else data
-    reference = reference_snapshot(model, rows, spec, seed=seed)
-    reference[EVENT_TIME] = pd.to_datetime(rows[spec.time_column], utc=True).to_numpy()
-    reference[SOURCE] = REFERENCE
-    return reference
+    timed = data.assign(**{EVENT_TIME: pd.to_datetime(times, utc=True), SOURCE: REFERENCE})
+    return timed_reference(model, timed, spec, seed=seed)

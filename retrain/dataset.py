@@ -164,9 +164,16 @@ def _share_weights(train: pd.DataFrame, *, new_share: float) -> np.ndarray | Non
 
 def candidate_reference(model: CatBoostRegressor, data: TrainingData, spec: FeatureSpec) -> pd.DataFrame:
     """The candidate's reference snapshot (train.reference_snapshot) plus each row's event time and source."""
-    frame = data.frame
+    return timed_reference(model, data.frame, spec)
+
+
+def timed_reference(
+    model: CatBoostRegressor, frame: pd.DataFrame, spec: FeatureSpec, *, seed: int = 0
+) -> pd.DataFrame:
+    """train.reference_snapshot of `frame`, which has EVENT_TIME and SOURCE columns, keeping both for each
+    row: a windowed retrain then keeps only the reference rows inside its window (see `assemble`)."""
     if len(frame) > REFERENCE_MAX_ROWS:
-        frame = frame.sample(REFERENCE_MAX_ROWS, random_state=0).sort_values(EVENT_TIME, kind="stable")
+        frame = frame.sample(REFERENCE_MAX_ROWS, random_state=seed).sort_values(EVENT_TIME, kind="stable")
     reference = reference_snapshot(model, frame, spec)
     reference[EVENT_TIME] = frame[EVENT_TIME].to_numpy()
     reference[SOURCE] = frame[SOURCE].to_numpy()
