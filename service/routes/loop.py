@@ -65,10 +65,8 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
     try:
         outcome: MonitorOutcome = await run_in_threadpool(ctx.loop.run_monitor)
-    except (
-        ArtifactIntegrityError,
-        FeatureMismatchError,
-    ) as exc:  # a damaged artifact, or another spec's model
+    # A damaged artifact, or a champion trained under another spec: nothing to judge by.
+    except (ArtifactIntegrityError, FeatureMismatchError) as exc:
         raise HTTPException(409, f"the monitor cannot run: {exc}") from None
     return outcome.to_json()
 
