@@ -361,15 +361,18 @@ class _Checker:
                 )
         return good, bad
 
-    def _text(self, fields: list[str], column: str) -> str:
+    def _text(self, fields: list[str], column: str, *, as_written: bool = False) -> str:
+        """The cell, stripped of surrounding blanks unless `as_written` (categories: " office" is not
+        "office" to the model, and `bootstrap --csv` and /predict keep it as it is too)."""
         i = self.columns[column]
-        return fields[i].strip() if i < len(fields) else ""
+        text = fields[i] if i < len(fields) else ""
+        return text if as_written else text.strip()
 
     def _values(self, fields: list[str], problems: list[str]) -> tuple[dict[str, Any], float]:
         """Typed features and target from one line's strings, adding every problem (naming the column)."""
         features: dict[str, Any] = {}
         for f in self.spec.features:
-            text = self._text(fields, f.name)
+            text = self._text(fields, f.name, as_written=f.type is FeatureType.categorical)
             if text == "":
                 value: Any = None
             elif f.type is FeatureType.categorical:

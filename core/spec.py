@@ -39,6 +39,13 @@ class FeatureType(StrEnum):
     categorical = "categorical"
 
 
+def blanks_hint(value: str, categories: tuple[str, ...]) -> str:
+    """For an unknown category that is a known one with blanks around it: say so, as the quotes alone hide
+    it. Categories are matched as written (see README), so it is not stripped silently."""
+    bare = value.strip()
+    return f" (the category {bare!r} with blanks around it)" if bare != value and bare in categories else ""
+
+
 class SpecError(ValueError):
     """The spec file itself is wrong; the message names the file and the field."""
 
@@ -61,7 +68,7 @@ class Feature:
             if not isinstance(value, str):
                 return "must be a string"
             if self.categories and value not in self.categories:
-                return f"unknown category {value!r}"
+                return f"unknown category {value!r}{blanks_hint(value, self.categories)}"
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             return "must be a number"

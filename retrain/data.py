@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from core.files import read_errors
-from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType
+from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, blanks_hint
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
 
@@ -226,9 +226,11 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
     if not bad.any():
         return None
     first = int(np.flatnonzero(bad)[0])
+    value = plain(values.iloc[first])
+    hint = blanks_hint(value, feature.categories) if isinstance(value, str) else ""
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
-        f"first at row {first + 2} ({plain(values.iloc[first])!r})"
+        f"first at row {first + 2} ({value!r}{hint})"
     )
 
 

@@ -14,6 +14,7 @@ from core.ingest import IngestError, ingest_csv, inspect_file
 from core.lease import try_acquire
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, parse_spec
+from retrain.data import DataError, read_labelled_csv
 
 
 def _count(sessions) -> int:
@@ -348,3 +349,41 @@ def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, s
     with sessions() as s:
         stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
     assert [row["outdoor_temp_c"] for row in stored] == [None, None, None, 12.5]
+
+
+def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:
+    """Categories "NA" and "01" are as the file writes them, and " office" is not "office": `bootstrap --csv`
+    reads the same file so (and /predict takes a value so). Stripped here alone, " office" trained as
+    "office" from an import while bootstrap refused it. The refusal names the blanks. Numbers and times
+    still allow blanks around them."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [
+            {"name": "kind", "type": "categorical", "nullable": True, "categories": ["office", "NA", "01"]},
+            {"name": "hour", "type": "integer", "min": 0, "max": 23},
+        ],
+    })  # fmt: skip
+    header = "ts,kind,hour,kwh\n"
+    rows = [
+        " 2025-06-01T00:00:00+00:00,office, 3 ,1.5\n",
+        "2025-06-01T01:00:00+00:00,NA,4, 2.5\n",
+        "2025-06-01T02:00:00+00:00,01,5,3.5\n",
+        "2025-06-01T03:00:00+00:00,,6,4.5\n",
+    ]
+    path = tmp_path / "meters.csv"
+    path.write_text(header + "".join(rows) + "2025-06-01T04:00:00+00:00, office,7,5.5\n")
+    blanks = "' office' (the category 'office' with blanks around it)"
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert (report.loaded, report.rejected) == (0, [(6, [f"kind: unknown category {blanks}"])])
+    with pytest.raises(DataError, match=re.escape(f"row 6 ({blanks})")):
+        read_labelled_csv(path, spec)
+
+    path.write_text(header + "".join(rows))
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 4
+    with sessions() as s:
+        stored = s.execute(select(LabelledRow.features, LabelledRow.target).order_by(LabelledRow.id)).all()
+    assert [features["kind"] for features, _ in stored] == ["office", "NA", "01", None]
+    assert [features["hour"] for features, _ in stored] == [3, 4, 5, 6]
+    assert [target for _, target in stored] == [1.5, 2.5, 3.5, 4.5]
+    read = read_labelled_csv(path, spec)
+    assert [None if pd.isna(k) else k for k in read["kind"]] == ["office", "NA", "01", None]
