@@ -46,7 +46,7 @@ from retrain.runs import NoChampion, RunInProgress, recover_stale
 from retrain.train import PREDICTION, predict
 
 if TYPE_CHECKING:
-    from monitor.report import DriftResult
+    from monitor.report import Accuracy, DriftResult
 
 log = logging.getLogger(LOOP_LOGGER)
 LEASE_NAME = "driftloop.scheduler"
@@ -66,9 +66,10 @@ class MonitorOutcome:
     verdict: str  # insufficient | ok | breach
     report_id: int | None
     decision: Decision | None
-    result: DriftResult | None
+    result: DriftResult | None  # None when the drift window was too short to judge
     retrain_run_id: int | None = None
     notes: tuple[str, ...] = ()
+    accuracy: Accuracy | None = None  # the accuracy window's, judged even when the drift window is short
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,6 +82,7 @@ class MonitorOutcome:
             "soft": bool(self.decision and self.decision.soft),
             "retrain_run_id": self.retrain_run_id,
             "drift": self.result.to_json() if self.result else None,
+            "accuracy": self.accuracy.to_json() if self.accuracy else None,
             "notes": list(self.notes),
         }
 
@@ -95,8 +97,8 @@ def log_outcome(outcome: MonitorOutcome) -> None:
     figures = []
     if outcome.result is not None:
         figures.append(f"drift share {outcome.result.drift_share:.2f}")
-        if outcome.result.accuracy is not None:
-            figures.append(f"MAE {figure(outcome.result.accuracy.mae)}")
+    if outcome.accuracy is not None:
+        figures.append(f"MAE {figure(outcome.accuracy.mae)}")
     measured = f" ({', '.join(figures)})" if figures else ""
     if not decision.breach:
         log.info("monitor run: report #%s, ok%s", outcome.report_id, measured)
@@ -319,30 +321,39 @@ class Loop:
             history = load_history(session, champion_version=champion.version, now=now)
         config = PolicyConfig.from_settings(s)
         result: DriftResult | None = None
+        accuracy: Accuracy | None = None
         html_path: Path | None = None
-        if window.rows >= config.min_window_rows:
+        judged = window.rows >= config.min_window_rows
+        if judged or labelled.rows >= config.min_labelled_rows:
             # Imported here, not at the top: Evidently takes seconds to import, and API replicas
             # (--no-scheduler) never monitor, so they should not pay for it at start-up.
-            from monitor.report import compute_drift
+            from monitor.report import compute_accuracy, compute_drift
 
-            if self.write_html and s.report_html_keep > 0:
-                name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
-                html_path = s.report_dir / name
             model, reference = self._artifacts_for(champion)
             if labelled.rows:  # scored as the champion answers them, whichever model answered them then
                 labelled.frame[PREDICTION] = predict(model, labelled.frame, self.spec)
-            result = compute_drift(
-                reference, window.frame, self.spec,
-                importance=champion.feature_importance, max_rows=s.evidently_max_rows, seed=s.sample_seed,
-                stattest_threshold=s.drift_stattest_threshold, html_path=html_path, labelled=labelled.frame,
-            )  # fmt: skip
+            if judged:
+                if self.write_html and s.report_html_keep > 0:
+                    name = f"report-{now:%Y%m%dT%H%M%S}-{uuid4().hex[:6]}-v{champion.version}.html"
+                    html_path = s.report_dir / name
+                result = compute_drift(
+                    reference, window.frame, self.spec,
+                    importance=champion.feature_importance, max_rows=s.evidently_max_rows,
+                    seed=s.sample_seed, stattest_threshold=s.drift_stattest_threshold, html_path=html_path,
+                    labelled=labelled.frame,
+                )  # fmt: skip
+                accuracy = result.accuracy
+            else:  # too few of the champion's answers to judge drift; its labels are judged all the same
+                accuracy = compute_accuracy(
+                    reference, labelled.frame, self.spec, max_rows=s.evidently_max_rows, seed=s.sample_seed
+                )
         observation = Observation(
             at=now,
             rows=window.rows,
             labelled_rows=labelled.rows,
             drift_share=result.drift_share if result else None,
             weighted_score=result.weighted_score if result else None,
-            mae=result.accuracy.mae if result and result.accuracy else None,
+            mae=accuracy.mae if accuracy else None,
             champion_mae=champion.metrics.get("val_mae"),
             drifted_features=tuple(result.drifted()) if result else (),
             baseline_mae=baseline_mae(champion),
@@ -350,11 +361,11 @@ class Loop:
         decision = decide(observation, history, config)
         self.metrics.drift_breach.set(int(decision.breach))
         report_id = self._store_report(
-            champion, window, observation, result, decision, html_path, now,
+            champion, window, observation, result, accuracy, decision, html_path, now,
             seconds=time.perf_counter() - started,
         )  # fmt: skip
         self._prune_pages()
-        self._publish(result, observation)
+        self._publish(result, accuracy, observation)
         notes: list[str] = []
         if decision.breach:
             with self.sessions.begin() as session:
@@ -379,7 +390,7 @@ class Loop:
             except RunInProgress as exc:
                 notes.append(f"retrain run {exc.run_id} already running")
         self.deliver()
-        return MonitorOutcome(decision.verdict, report_id, decision, result, run_id, tuple(notes))
+        return MonitorOutcome(decision.verdict, report_id, decision, result, run_id, tuple(notes), accuracy)
 
     def _artifacts_for(self, champion: ModelVersion) -> tuple[CatBoostRegressor, pd.DataFrame]:
         """The champion's model and reference snapshot, read once per version. A champion that does not fit
@@ -397,6 +408,7 @@ class Loop:
         window: Any,
         obs: Observation,
         result: DriftResult | None,
+        accuracy: Accuracy | None,
         decision: Decision,
         html_path: Path | None,
         now: datetime,
@@ -417,10 +429,10 @@ class Loop:
             drift_share=result.drift_share if result else None,
             weighted_drift_score=result.weighted_score if result else None,
             prediction_drift=payload.get("prediction") or {},
-            mae=result.accuracy.mae if result and result.accuracy else None,
-            rmse=result.accuracy.rmse if result and result.accuracy else None,
-            mape=result.accuracy.mape if result and result.accuracy else None,
-            mean_error=result.accuracy.mean_error if result and result.accuracy else None,
+            mae=accuracy.mae if accuracy else None,
+            rmse=accuracy.rmse if accuracy else None,
+            mape=accuracy.mape if accuracy else None,
+            mean_error=accuracy.mean_error if accuracy else None,
             champion_mae=obs.champion_mae,
             breach=decision.breach,
             reasons=list(decision.reasons),
@@ -448,22 +460,22 @@ class Loop:
                 "pruned the pages of reports %s (DRIFTLOOP_REPORT_HTML_KEEP=%d)", pruned, s.report_html_keep
             )
 
-    def _publish(self, result: DriftResult | None, obs: Observation) -> None:
+    def _publish(self, result: DriftResult | None, accuracy: Accuracy | None, obs: Observation) -> None:
         m = self.metrics
         nan = float("nan")
         m.window_rows.set(obs.rows)
         m.window_labelled_rows.set(obs.labelled_rows)
         m.champion_validation_mae.set(nan if obs.champion_mae is None else obs.champion_mae)
         m.champion_baseline_mae.set(nan if obs.baseline_mae is None else obs.baseline_mae)
-        if result is None:
+        if result is None and accuracy is None:
             return
-        m.drift_share.set(result.drift_share)
-        m.drift_weighted_score.set(result.weighted_score)
-        for f in result.features:
-            m.feature_drift_score.labels(feature=f.feature).set(f.score)
-            m.feature_drift_detected.labels(feature=f.feature).set(int(f.detected))
-        m.prediction_drift_score.set(result.prediction.score if result.prediction else nan)
-        accuracy = result.accuracy
+        if result is not None:
+            m.drift_share.set(result.drift_share)
+            m.drift_weighted_score.set(result.weighted_score)
+            for f in result.features:
+                m.feature_drift_score.labels(feature=f.feature).set(f.score)
+                m.feature_drift_detected.labels(feature=f.feature).set(int(f.detected))
+            m.prediction_drift_score.set(result.prediction.score if result.prediction else nan)
         m.window_mae.set(accuracy.mae if accuracy else nan)
         m.window_rmse.set(accuracy.rmse if accuracy else nan)
         m.window_mape.set(accuracy.mape if accuracy else nan)

@@ -4,7 +4,9 @@
 
 Rules, in order:
 
-1. A window with fewer than `min_window_rows` rows gets no verdict ("insufficient").
+1. A drift window with fewer than `min_window_rows` rows gets no drift verdict. Its report is
+   "insufficient" unless the accuracy rule below breaches: labels arrive on their own window, so a new
+   champion (whose drift window starts empty at its promotion) or a quiet service is still judged on them.
 2. A window breaches when any of these holds (each adds one reason sentence with the figures):
    drift share ≥ `drift_share_threshold`; weighted drift score ≥ `weighted_drift_threshold`;
    at least `min_labelled_rows` labelled rows and MAE > champion MAE × `mae_degradation_ratio`;
@@ -158,7 +160,10 @@ class Decision:
 
 
 def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision:
-    if obs.rows < config.min_window_rows:
+    short = obs.rows < config.min_window_rows
+    drift = [] if short else _drift_reasons(obs, config)
+    accuracy, baseline_only = _accuracy_reason(obs, config)
+    if short and not accuracy:
         reason = f"window has {obs.rows} rows, fewer than the {config.min_window_rows} needed for a verdict"
         return Decision(
             verdict="insufficient",
@@ -169,8 +174,6 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
             held_by=None,
             consecutive=0,
         )
-    drift = _drift_reasons(obs, config)
-    accuracy, baseline_only = _accuracy_reason(obs, config)
     reasons = (*drift, *((accuracy,) if accuracy else ()))
     if not reasons:
         return Decision(

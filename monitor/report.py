@@ -140,15 +140,11 @@ def compute_drift(
     if labelled is not None:
         _require_columns(labelled, needed, "labelled")
     source = current if labelled is None else labelled
-    with_actual = np.flatnonzero(source[spec.target].notna().to_numpy())
     ref = _prepare(_sample(reference, max_rows, seed), spec)
     cur = _prepare(_sample(current, max_rows, seed), spec)
     features, prediction, drift = _drift(ref, cur, spec, importance, stattest_threshold)
 
-    accuracy, accuracy_snapshot = None, None
-    if with_actual.size:
-        labelled_sample = _prepare(_sample(source, max_rows, seed, rows=with_actual), spec)
-        accuracy, accuracy_snapshot = _accuracy(ref, labelled_sample, spec)
+    accuracy, accuracy_snapshot = _labelled_accuracy(ref, source, spec, max_rows=max_rows, seed=seed)
 
     result = DriftResult(
         features=features,
@@ -158,11 +154,38 @@ def compute_drift(
         accuracy=accuracy,
         rows=len(current),
         sampled_rows=len(cur),
-        labelled_rows=int(with_actual.size),
+        labelled_rows=int(source[spec.target].notna().sum()),
     )
     if html_path is not None:
         _save_html(html_path, result, drift, accuracy_snapshot)
     return result
+
+
+def compute_accuracy(
+    reference: pd.DataFrame,
+    labelled: pd.DataFrame,
+    spec: FeatureSpec,
+    *,
+    max_rows: int = 50_000,
+    seed: int = 0,
+) -> Accuracy | None:
+    """Accuracy alone on the rows of `labelled` that have an actual (None when none has), as `compute_drift`
+    measures it: for a monitor run whose drift window is too short to judge while labels are not."""
+    needed = [*spec.feature_names, spec.target, PREDICTION]
+    _require_columns(reference, needed, "reference")
+    _require_columns(labelled, needed, "labelled")
+    ref = _prepare(_sample(reference, max_rows, seed), spec)
+    return _labelled_accuracy(ref, labelled, spec, max_rows=max_rows, seed=seed)[0]
+
+
+def _labelled_accuracy(
+    reference: pd.DataFrame, source: pd.DataFrame, spec: FeatureSpec, *, max_rows: int, seed: int
+) -> tuple[Accuracy | None, Snapshot | None]:
+    """`_accuracy` on a sample of the rows of `source` with an actual; (None, None) when none has."""
+    with_actual = np.flatnonzero(source[spec.target].notna().to_numpy())
+    if not with_actual.size:
+        return None, None
+    return _accuracy(reference, _prepare(_sample(source, max_rows, seed, rows=with_actual), spec), spec)
 
 
 def _drift(

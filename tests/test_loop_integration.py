@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select
 
 from bench.loadgen import LoadResult, json_payloads, run_load
 from core.db import utcnow
+from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import NewVersion, Registry
 from core.schema import (
@@ -269,6 +270,41 @@ def test_a_new_champion_is_measured_at_once_on_labels_for_answers_it_did_not_giv
     assert row.labelled_rows == 500
     assert row.mae == pytest.approx(float((predict(model, newest, spec) - newest[spec.target]).abs().mean()))
     assert outcome.verdict == "ok" and row.mae < champion.metrics["val_mae"] * 1.25
+
+
+def test_a_champion_with_too_few_answers_to_judge_drift_is_judged_on_its_labels(
+    make_loop, registry, champion, spec, metrics
+) -> None:
+    """Right after a swap the new champion's drift window holds only its first few answers, too few to
+    judge drift. The labels have a window of their own: a swap that did not cure the loss (v2 learnt the
+    old market) breaches on them at once, rather than after DRIFTLOOP_MIN_WINDOW_ROWS more answers."""
+    shocked = traffic("rate_shock", 1200, seed=5)
+    log_traffic(registry, champion, spec, shocked)  # v1's answers, labelled
+    stale = traffic("none", 3000, seed=8)
+    model = train_model(stale, spec, TINY)
+    v2 = registry.register(
+        NewVersion(
+            model=model, reference=reference_snapshot(model, stale, spec), trigger="manual",
+            metrics={"val_mae": champion.metrics["val_mae"]}, params={}, train_rows=len(stale),
+            train_end=stale["contract_date"].max().to_pydatetime(),
+        )
+    )  # fmt: skip
+    registry.promote(version=v2.version, reason="test")
+    v2 = registry.champion()
+    log_traffic(registry, v2, spec, traffic("rate_shock", 100, seed=9), labelled=False)  # < 300 rows
+    loop = make_loop(auto_retrain=False)
+
+    outcome = loop.run_monitor()
+
+    row = report_row(registry, outcome.report_id)
+    newest = shocked.tail(500)
+    v2_mae = float((predict(model, newest, spec) - newest[spec.target]).abs().mean())
+    assert (row.rows, row.labelled_rows, row.drift_share, row.html_path) == (100, 500, None, None)
+    assert row.mae == pytest.approx(v2_mae) and v2_mae > champion.metrics["val_mae"] * 1.25
+    assert (outcome.verdict, outcome.decision.trigger) == ("breach", "accuracy")
+    assert outcome.decision.reasons[0].startswith(f"MAE {figure(v2_mae)} on 500 labelled rows >")
+    assert outcome.to_json()["accuracy"]["mae"] == pytest.approx(v2_mae)
+    assert metrics_value(metrics)("driftloop_window_mae") == pytest.approx(v2_mae)
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(

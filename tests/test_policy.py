@@ -116,6 +116,28 @@ CASES = [
         ),
         id="insufficient-rows",
     ),
+    pytest.param(  # labels have their own window: a short drift window does not blind the accuracy rule
+        obs(rows=199, drift_share=0.9, mae=130.0),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (MAE,)),
+        id="short-window-accuracy-still-judged",
+    ),
+    pytest.param(
+        obs(rows=199, drift_share=0.9, mae=130.0, labelled_rows=99),
+        ONE_BEFORE,
+        CONFIG,
+        Decision(
+            verdict="insufficient",
+            breach=False,
+            retrain=False,
+            trigger=None,
+            reasons=("window has 199 rows, fewer than the 200 needed for a verdict",),
+            held_by=None,
+            consecutive=0,
+        ),
+        id="short-window-too-few-labels-insufficient",
+    ),
     pytest.param(STABLE, ONE_BEFORE, CONFIG, OK, id="stable-ok"),
     pytest.param(
         obs(drift_share=None, weighted_score=None, mae=None, champion_mae=None, labelled_rows=0),

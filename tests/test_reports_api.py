@@ -121,6 +121,7 @@ def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) 
         "soft": False,
         "retrain_run_id": None,
         "drift": None,
+        "accuracy": None,
         "notes": [],
     }
     report = client.get("/reports/1").json()

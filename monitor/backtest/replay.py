@@ -430,7 +430,7 @@ class _Player:
                     retrain=bool(decision and decision.retrain),
                     drift_share=result.drift_share if result else None,
                     weighted_score=result.weighted_score if result else None,
-                    mae=result.accuracy.mae if result and result.accuracy else None,
+                    mae=outcome.accuracy.mae if outcome.accuracy else None,
                     champion_mae=champion.metrics.get("val_mae") if champion else None,
                     baseline_mae=baseline_mae(champion) if champion else None,
                     reasons=decision.reasons if decision else outcome.notes,
