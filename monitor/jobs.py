@@ -456,6 +456,14 @@ class Loop:
         m.champion_validation_mae.set(nan if obs.champion_mae is None else obs.champion_mae)
         m.champion_baseline_mae.set(nan if obs.baseline_mae is None else obs.baseline_mae)
         if result is None:
+            # No verdict (too few rows, as after every swap): the last window's figures, another champion's
+            # perhaps, must not stand for this run's; WindowMaeHigh would compare them with this champion.
+            for gauge in (m.drift_share, m.drift_weighted_score, m.prediction_drift_score, m.window_mae,
+                          m.window_rmse, m.window_mape, m.window_mean_error):  # fmt: skip
+                gauge.set(nan)
+            for feature in self.spec.feature_names:
+                m.feature_drift_score.labels(feature=feature).set(nan)
+                m.feature_drift_detected.labels(feature=feature).set(nan)
             return
         m.drift_share.set(result.drift_share)
         m.drift_weighted_score.set(result.weighted_score)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -197,6 +198,38 @@ def test_concept_drift_is_an_accuracy_breach(make_loop, registry, champion, spec
     row = report_row(registry, outcome.report_id)
     assert row.drift_share < 0.5  # the features did not move; the prices did
     assert row.mae > 1.25 * champion.metrics["val_mae"]
+
+
+def test_a_run_without_a_verdict_leaves_no_figures_of_the_last_window(
+    make_loop, registry, champion, spec, metrics
+) -> None:
+    """After a swap the new champion has answered nothing yet: the run has no verdict, and the drift and
+    accuracy gauges must not go on showing the previous champion's breaching window (WindowMaeHigh would
+    compare its MAE with the new champion's, while labelled rows are there)."""
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=5))
+    loop = make_loop(auto_retrain=False)
+    assert loop.run_monitor().verdict == "breach"
+    sample = metrics_value(metrics)
+    assert sample("driftloop_window_mae") > 1.25 * champion.metrics["val_mae"]
+    v2 = registry.register(
+        NewVersion(
+            model=registry.load(champion), reference=registry.reference(champion), trigger="manual",
+            metrics=champion.metrics, params={}, train_rows=champion.train_rows, train_end=champion.train_end,
+        )
+    )  # fmt: skip
+    registry.promote(version=v2.version, reason="test")  # trained on the same data: v1's labels are unseen
+
+    outcome = loop.run_monitor()
+
+    assert (outcome.verdict, outcome.result) == ("insufficient", None)
+    assert (sample("driftloop_window_rows"), sample("driftloop_window_labelled_rows")) == (0, 500)
+    window = ("drift_share", "drift_weighted_score", "prediction_drift_score", "window_mae", "window_rmse",
+              "window_mape", "window_mean_error")  # fmt: skip
+    assert all(math.isnan(sample(f"driftloop_{name}")) for name in window)
+    for feature in spec.feature_names:
+        assert math.isnan(sample("driftloop_feature_drift_score", feature=feature))
+        assert math.isnan(sample("driftloop_feature_drift_detected", feature=feature))
+    assert sample("driftloop_drift_breach") == 0
 
 
 def import_labels(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, times: list) -> None:
