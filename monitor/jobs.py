@@ -467,8 +467,9 @@ class Loop:
         m.window_labelled_rows.set(obs.labelled_rows)
         m.champion_validation_mae.set(nan if obs.champion_mae is None else obs.champion_mae)
         m.champion_baseline_mae.set(nan if obs.baseline_mae is None else obs.baseline_mae)
-        if result is None and accuracy is None:
-            return
+        # A run without a drift verdict (too few rows, as after every swap) sets the drift gauges to NaN, and
+        # one without labels to judge the accuracy ones: the last window's figures, another champion's
+        # perhaps, must not stand for this run's (WindowMaeHigh would compare them with this champion).
         if result is not None:
             m.drift_share.set(result.drift_share)
             m.drift_weighted_score.set(result.weighted_score)
@@ -476,6 +477,12 @@ class Loop:
                 m.feature_drift_score.labels(feature=f.feature).set(f.score)
                 m.feature_drift_detected.labels(feature=f.feature).set(int(f.detected))
             m.prediction_drift_score.set(result.prediction.score if result.prediction else nan)
+        else:
+            for gauge in (m.drift_share, m.drift_weighted_score, m.prediction_drift_score):
+                gauge.set(nan)
+            for feature in self.spec.feature_names:
+                m.feature_drift_score.labels(feature=feature).set(nan)
+                m.feature_drift_detected.labels(feature=feature).set(nan)
         m.window_mae.set(accuracy.mae if accuracy else nan)
         m.window_rmse.set(accuracy.rmse if accuracy else nan)
         m.window_mape.set(accuracy.mape if accuracy else nan)

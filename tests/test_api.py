@@ -25,6 +25,7 @@ from monitor.jobs import Loop
 from retrain.train import predict
 from service.app import create_app
 from service.process import free_port
+from service.routes.feedback import FeedbackResult
 from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -278,6 +279,14 @@ def test_health_ready_and_metrics(client, make_features) -> None:
     assert 'driftloop_model_info{version="1"} 1.0' in text
     assert "driftloop_predict_seconds_count 1.0" in text
     assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
+
+
+def test_every_feedback_outcome_is_exported_before_the_first_label(client) -> None:
+    """The outcomes a /feedback answer counts are all series from the start, `updated` too (rate() of a
+    series born at its first label would lose that label, and the worker would never export it)."""
+    text = client.get("/metrics").text
+    exported = set(re.findall(r'^driftloop_feedback_total\{outcome="(\w+)"\} 0\.0$', text, re.MULTILINE))
+    assert exported == set(FeedbackResult.model_fields) == {"accepted", "updated", "duplicate", "unknown"}
 
 
 def test_admin_endpoints_need_the_token(client) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -200,6 +201,39 @@ def test_concept_drift_is_an_accuracy_breach(make_loop, registry, champion, spec
     assert row.mae > 1.25 * champion.metrics["val_mae"]
 
 
+def test_a_run_without_a_verdict_leaves_no_figures_of_the_last_window(
+    make_loop, registry, champion, spec, metrics
+) -> None:
+    """After a swap the new champion has answered nothing yet and (trained up to now) has no unseen label:
+    the run has no verdict, and the drift and accuracy gauges must not go on showing the previous champion's
+    breaching window (WindowMaeHigh would compare its MAE with the new champion's). With unseen labels the
+    accuracy gauges show the new champion's figures on them (see the test below)."""
+    log_traffic(registry, champion, spec, traffic("rate_shock", 1200, seed=5))
+    loop = make_loop(auto_retrain=False)
+    assert loop.run_monitor().verdict == "breach"
+    sample = metrics_value(metrics)
+    assert sample("driftloop_window_mae") > 1.25 * champion.metrics["val_mae"]
+    v2 = registry.register(
+        NewVersion(
+            model=registry.load(champion), reference=registry.reference(champion), trigger="manual",
+            metrics=champion.metrics, params={}, train_rows=champion.train_rows, train_end=utcnow(),
+        )
+    )  # fmt: skip
+    registry.promote(version=v2.version, reason="test")  # trained up to now: every label is seen
+
+    outcome = loop.run_monitor()
+
+    assert (outcome.verdict, outcome.result, outcome.accuracy) == ("insufficient", None, None)
+    assert (sample("driftloop_window_rows"), sample("driftloop_window_labelled_rows")) == (0, 0)
+    window = ("drift_share", "drift_weighted_score", "prediction_drift_score", "window_mae", "window_rmse",
+              "window_mape", "window_mean_error")  # fmt: skip
+    assert all(math.isnan(sample(f"driftloop_{name}")) for name in window)
+    for feature in spec.feature_names:
+        assert math.isnan(sample("driftloop_feature_drift_score", feature=feature))
+        assert math.isnan(sample("driftloop_feature_drift_detected", feature=feature))
+    assert sample("driftloop_drift_breach") == 0
+
+
 def import_labels(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, times: list) -> None:
     """What `driftloop ingest` stores: labelled rows with their event times, no prediction behind them."""
     rows = [
@@ -304,7 +338,9 @@ def test_a_champion_with_too_few_answers_to_judge_drift_is_judged_on_its_labels(
     assert (outcome.verdict, outcome.decision.trigger) == ("breach", "accuracy")
     assert outcome.decision.reasons[0].startswith(f"MAE {figure(v2_mae)} on 500 labelled rows >")
     assert outcome.to_json()["accuracy"]["mae"] == pytest.approx(v2_mae)
-    assert metrics_value(metrics)("driftloop_window_mae") == pytest.approx(v2_mae)
+    sample = metrics_value(metrics)
+    assert sample("driftloop_window_mae") == pytest.approx(v2_mae)
+    assert math.isnan(sample("driftloop_drift_share"))  # no drift verdict: no figure
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(
