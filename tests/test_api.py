@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -177,6 +178,35 @@ def test_batch_errors_name_the_instance_and_field(client, make_features) -> None
     response = client.post("/predict/batch", json={"instances": [make_features()] * 6})
     assert response.status_code == 422
     assert response.json()["message"].startswith("instances: List should have at most 5 items")
+    assert logged_rows(client) == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "at", "long_field"),
+    [
+        ("/predict", "", "x" * 100 + "… (3,000 characters)"),
+        ("/predict/batch", "instances[0].", "instances[0]." + "x" * 87 + "… (3,013 characters)"),
+    ],
+)
+def test_a_body_of_many_problems_or_long_names_gets_a_short_answer(
+    client, make_features, path, at, long_field
+) -> None:
+    def post(instance: dict[str, Any]):
+        return client.post(path, json=instance if path == "/predict" else {"instances": [instance]})
+
+    response = post({**make_features(), **{f"k{i}": 1 for i in range(300)}})  # within the 4,096 bytes
+    body = response.json()
+    assert (response.status_code, len(body["errors"]), body["errors"][-1]) == (
+        422, 100, {"field": f"{at}k99", "message": "unknown field"}
+    )  # fmt: skip
+    assert body["message"].endswith("; and 290 more (the first 100 are listed in errors)")
+    response = post({**make_features(), "x" * 3000: 1})
+    assert response.json()["errors"] == [{"field": long_field, "message": "unknown field"}]
+    response = post(make_features(district="y" * 3000))
+    assert response.json()["message"].startswith(
+        f"{at}district: unknown category '{'y' * 99}… (3,002 characters); expected 'Gangnam-gu'"
+    )
+    assert len(response.content) < 2000
     assert logged_rows(client) == 0
 
 
