@@ -328,6 +328,19 @@ def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path, tok
             assert "set DRIFTLOOP_ADMIN_TOKEN" in response.json()["message"]
 
 
+# A Secret's file ending in a newline, a quoted .env value: no Authorization header can carry the whitespace
+# (HTTP trims a field value), so it made every admin call a 401.
+@pytest.mark.parametrize("token", ["test-admin-token\n", " test-admin-token "])
+def test_whitespace_around_the_configured_token_is_not_part_of_it(champion, db_url, tmp_path, token) -> None:
+    settings = make_settings(db_url, tmp_path, admin_token=token)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        response = client.post("/models/rollback", headers=ADMIN)
+        assert (response.status_code, response.json()["message"]) == (
+            409,
+            "no previous champion to roll back to",
+        )
+
+
 def test_models_list_and_lineage(client) -> None:
     assert [m["version"] for m in client.get("/models").json()] == [1]
     v1 = client.get("/models/1").json()
