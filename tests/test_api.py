@@ -705,6 +705,16 @@ def test_text_holding_a_nul_character_is_refused_naming_the_field(
     assert client.get("/retrain/runs").json() == []
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_body_after_a_utf8_bom_is_read_on_the_lean_route_as_on_the_others(
+    client, make_features, batch
+) -> None:
+    body = json.dumps({"instances": [make_features()]} if batch else make_features())
+    response = post_raw(client, "/predict/batch" if batch else "/predict", "\ufeff" + body)
+    assert response.status_code == 200
+    assert logged_rows(client) == 1
+
+
 @pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])
 @pytest.mark.parametrize(
     ("body", "message"),
