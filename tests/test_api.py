@@ -5,6 +5,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -787,6 +788,33 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
         }
     finally:
         ctx.logger.stop()
+        ctx.holder.stop()
+        ctx.engine.dispose()
+
+
+def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
+    champion, db_url: str, tmp_path: Path, make_features, monkeypatch
+) -> None:
+    """Each waiting request holds one of the threads /ready also needs (60 held it for 4 s on a live serve):
+    past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
+    monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 3)
+    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
+    ctx = app.state.ctx
+    ctx.holder.start()  # serving, but the log writer is not running: every answered row waits in its queue
+    try:
+        client = TestClient(app)
+        pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+        label = [{"prediction_id": pid, "actual": 1}]
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: client.post("/feedback", json=label), range(20)))
+        assert {a.status_code for a in answers} == {503}
+        # 12 of the 20, unless some came only after the first 8 had waited their 3 s
+        told_at_once = [a for a in answers if "and 8 requests already wait for it" in a.json()["message"]]
+        assert 1 <= len(told_at_once) <= 12
+        assert told_at_once[0].headers["retry-after"] == "3"
+        with ctx.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+    finally:
         ctx.holder.stop()
         ctx.engine.dispose()
 
