@@ -105,9 +105,10 @@ class Settings(BaseSettings):
     @classmethod
     def _token(cls, value: Any) -> Any:
         """An empty token (`DRIFTLOOP_ADMIN_TOKEN=` from an unset compose variable) is no token: admin
-        endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401)."""
-        if isinstance(value, str) and not value.strip():
-            return None
+        endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401).
+        Whitespace around one (a Secret file's newline) is dropped: no Authorization header can carry it."""
+        if isinstance(value, str):
+            return value.strip() or None
         return value
 
     @field_validator("prediction_buckets")

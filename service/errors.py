@@ -26,13 +26,24 @@ def field_path(loc: Sequence[Any]) -> str:
     return path or "body"
 
 
+# A body can hold many thousands of problems (unknown keys, say): an answer lists this many, and echoes this
+# many characters of a name or value the client sent. Listing them all made a 2 MB body a 9 MB answer.
+MAX_LISTED = 100
+MAX_ECHO = 100
+
+
+def clip(text: str) -> str:
+    """`text` as echoed back to a client: its start, and its length when that is all."""
+    return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}… ({len(text):,} characters)"
+
+
 def describe(error: dict[str, Any]) -> dict[str, str]:
     kind = error.get("type", "")
     loc = error.get("loc", ())
     if kind == "json_invalid":
         ctx = error.get("ctx", {})
         return {"field": "body", "message": f"malformed JSON: {ctx.get('error', error.get('msg'))}"}
-    field = field_path(loc)
+    field = clip(field_path(loc))
     if kind == "extra_forbidden":
         return {"field": field, "message": "unknown field"}
     if kind in ("model_type", "dict_type", "model_attributes_type"):
@@ -46,9 +57,10 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
         if sent is None:
             return {"field": field, "message": "required (null is not allowed: the feature is not nullable)"}
         if not isinstance(sent, str):
-            return {"field": field, "message": f"must be a string, one of the categories, not {sent!r}"}
+            message = f"must be a string, one of the categories, not {clip(repr(sent))}"
+            return {"field": field, "message": message}
         expected = error.get("ctx", {}).get("expected", "")
-        return {"field": field, "message": f"unknown category {sent!r}; expected {expected}"}
+        return {"field": field, "message": f"unknown category {clip(repr(sent))}; expected {expected}"}
     return {"field": field, "message": error.get("msg", "invalid")}
 
 
@@ -60,18 +72,21 @@ def is_json_media(content_type: str | None) -> bool:
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [describe(e) for e in exc.errors()]
+    problems = exc.errors()
+    errors = [describe(e) for e in problems[:MAX_LISTED]]
     declared = request.headers.get("content-type")
     if not is_json_media(declared) and any(
         e["field"] == "body" and e["message"] != "required" for e in errors
     ):
         # FastAPI does not parse a body declared as anything but JSON; "must be a JSON object" would mislead.
-        errors = [
+        errors = problems = [
             {"field": "body", "message": f"Content-Type must be application/json, got {declared or 'none'}"}
         ]
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
-    if len(errors) > 10:
-        message += f"; and {len(errors) - 10} more"
+    if len(problems) > 10:
+        message += f"; and {len(problems) - 10:,} more" + (
+            f" (the first {MAX_LISTED} are listed in errors)" if len(problems) > MAX_LISTED else ""
+        )
     return JSONResponse({"error": error_name(422), "message": message, "errors": errors}, status_code=422)
 
 

@@ -5,8 +5,10 @@ import json
 import math
 import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +183,35 @@ def test_batch_errors_name_the_instance_and_field(client, make_features) -> None
     assert logged_rows(client) == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "at", "long_field"),
+    [
+        ("/predict", "", "x" * 100 + "… (3,000 characters)"),
+        ("/predict/batch", "instances[0].", "instances[0]." + "x" * 87 + "… (3,013 characters)"),
+    ],
+)
+def test_a_body_of_many_problems_or_long_names_gets_a_short_answer(
+    client, make_features, path, at, long_field
+) -> None:
+    def post(instance: dict[str, Any]):
+        return client.post(path, json=instance if path == "/predict" else {"instances": [instance]})
+
+    response = post({**make_features(), **{f"k{i}": 1 for i in range(300)}})  # within the 4,096 bytes
+    body = response.json()
+    assert (response.status_code, len(body["errors"]), body["errors"][-1]) == (
+        422, 100, {"field": f"{at}k99", "message": "unknown field"}
+    )  # fmt: skip
+    assert body["message"].endswith("; and 290 more (the first 100 are listed in errors)")
+    response = post({**make_features(), "x" * 3000: 1})
+    assert response.json()["errors"] == [{"field": long_field, "message": "unknown field"}]
+    response = post(make_features(district="y" * 3000))
+    assert response.json()["message"].startswith(
+        f"{at}district: unknown category '{'y' * 99}… (3,002 characters); expected 'Gangnam-gu'"
+    )
+    assert len(response.content) < 2000
+    assert logged_rows(client) == 0
+
+
 def test_body_over_the_limit_is_refused_before_parsing(client, make_features) -> None:
     big = json.dumps({"instances": [make_features()] * 40})
     assert len(big) > 4096
@@ -305,6 +336,19 @@ def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path, tok
             response = client.post("/models/1/promote", headers=headers)
             assert response.status_code == 403
             assert "set DRIFTLOOP_ADMIN_TOKEN" in response.json()["message"]
+
+
+# A Secret's file ending in a newline, a quoted .env value: no Authorization header can carry the whitespace
+# (HTTP trims a field value), so it made every admin call a 401.
+@pytest.mark.parametrize("token", ["test-admin-token\n", " test-admin-token "])
+def test_whitespace_around_the_configured_token_is_not_part_of_it(champion, db_url, tmp_path, token) -> None:
+    settings = make_settings(db_url, tmp_path, admin_token=token)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        response = client.post("/models/rollback", headers=ADMIN)
+        assert (response.status_code, response.json()["message"]) == (
+            409,
+            "no previous champion to roll back to",
+        )
 
 
 def test_models_list_and_lineage(client) -> None:
@@ -671,6 +715,16 @@ def test_text_holding_a_nul_character_is_refused_naming_the_field(
     assert client.get("/retrain/runs").json() == []
 
 
+@pytest.mark.parametrize("batch", [False, True])
+def test_a_body_after_a_utf8_bom_is_read_on_the_lean_route_as_on_the_others(
+    client, make_features, batch
+) -> None:
+    body = json.dumps({"instances": [make_features()]} if batch else make_features())
+    response = post_raw(client, "/predict/batch" if batch else "/predict", "\ufeff" + body)
+    assert response.status_code == 200
+    assert logged_rows(client) == 1
+
+
 @pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])
 @pytest.mark.parametrize(
     ("body", "message"),
@@ -743,6 +797,33 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
         }
     finally:
         ctx.logger.stop()
+        ctx.holder.stop()
+        ctx.engine.dispose()
+
+
+def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
+    champion, db_url: str, tmp_path: Path, make_features, monkeypatch
+) -> None:
+    """Each waiting request holds one of the threads /ready also needs (60 held it for 4 s on a live serve):
+    past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
+    monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 3)
+    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
+    ctx = app.state.ctx
+    ctx.holder.start()  # serving, but the log writer is not running: every answered row waits in its queue
+    try:
+        client = TestClient(app)
+        pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+        label = [{"prediction_id": pid, "actual": 1}]
+        with ThreadPoolExecutor(20) as pool:
+            answers = list(pool.map(lambda _: client.post("/feedback", json=label), range(20)))
+        assert {a.status_code for a in answers} == {503}
+        # 12 of the 20, unless some came only after the first 8 had waited their 3 s
+        told_at_once = [a for a in answers if "and 8 requests already wait for it" in a.json()["message"]]
+        assert 1 <= len(told_at_once) <= 12
+        assert told_at_once[0].headers["retry-after"] == "3"
+        with ctx.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+    finally:
         ctx.holder.stop()
         ctx.engine.dispose()
 

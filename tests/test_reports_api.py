@@ -1,6 +1,8 @@
 """Monitor runs and drift reports over HTTP: the admin gate, verdicts, report views, no token in logs."""
 
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from core.db import utcnow
 from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import sha256_file
@@ -91,6 +94,31 @@ def test_monitor_run_is_off_without_a_token(champion, db_url, tmp_path) -> None:
         response = client.post("/monitor/run", headers=ADMIN)
         assert (response.status_code, response.json()) == (403, {"error": "forbidden", "message": ADMIN_OFF})
         assert client.get("/reports").json() == []
+
+
+def test_a_second_monitor_run_is_refused_while_one_is_going(client) -> None:
+    inside, finish = threading.Event(), threading.Event()
+
+    def clock() -> Any:  # the loop's clock: the first run waits in it, mid-run, until told to go on
+        if not inside.is_set():
+            inside.set()
+            assert finish.wait(30)
+        return utcnow()
+
+    client.app.state.ctx.loop.clock = clock
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/monitor/run", headers=ADMIN)
+        assert inside.wait(30)
+        second = client.post("/monitor/run", headers=ADMIN)
+        finish.set()
+        assert first.result(timeout=60).status_code == 200
+    assert (second.status_code, second.json()["message"]) == (
+        409,
+        "a monitor run is already in progress; at most one runs at a time: "
+        "try again when it has finished (GET /reports/latest)",
+    )
+    assert len(client.get("/reports").json()) == 1  # the refused run stored no report
+    assert client.post("/monitor/run", headers=ADMIN).status_code == 200  # the next one runs
 
 
 def test_a_damaged_reference_stops_the_monitor_by_name_and_serving_goes_on(client, champion, spec) -> None:

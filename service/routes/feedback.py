@@ -1,6 +1,7 @@
 """POST /feedback: ground truth for earlier predictions, upserted idempotently."""
 
 import math
+import threading
 from typing import Annotated, Any, cast
 
 from fastapi import APIRouter, Body, HTTPException, Request
@@ -12,9 +13,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
+from service.logger import PredictionLogger
 from service.routes.params import Text
 
 IN_FLIGHT_WAIT_S = 5.0
+# Requests that wait for the log writer at once: each holds one of the threads every sync route shares,
+# /ready among them (60 waiting, the log writer stuck, held /ready for 4 s). The rest are told to retry now.
+MAX_WAITING = 8
 CHUNK = 500
 RACE_ATTEMPTS = 3  # a label inserted by a concurrent request between our read and our insert
 
@@ -37,6 +42,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     )
 
     router = APIRouter(tags=["feedback"])
+    waiting = threading.BoundedSemaphore(MAX_WAITING)
 
     @router.post("/feedback", response_model=FeedbackResult, summary="Ground truth for earlier predictions")
     def feedback(
@@ -59,13 +65,13 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             labels[pid] = actual
             first.setdefault(pid, i)
         in_flight = [pid for pid in labels if ctx.logger.is_pending(pid)]
-        if in_flight and (behind := ctx.logger.wait_written(in_flight, timeout=IN_FLIGHT_WAIT_S)):
-            # Answered here but not yet stored: "unknown" would tell the client to drop a good label.
+        behind, queue = _still_pending(ctx.logger, in_flight, waiting) if in_flight else (set(), "")
+        if behind:  # answered here but not yet stored: "unknown" would tell the client to drop a good label
             raise HTTPException(
                 503,
                 f"{len(behind)} of these predictions were answered but are not stored yet (the prediction "
-                "log is behind, or the database is down and they wait on the spool); nothing was stored: "
-                "retry the same request",
+                f"log is behind, or the database is down and they wait on the spool{queue}); nothing was "
+                "stored: retry the same request",
                 headers={"Retry-After": str(math.ceil(IN_FLIGHT_WAIT_S))},
             )
         try:
@@ -81,6 +87,19 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         return result
 
     return router
+
+
+def _still_pending(
+    logger: PredictionLogger, ids: list[str], waiting: threading.BoundedSemaphore
+) -> tuple[set[str], str]:
+    """The `ids` not stored after waiting for the log writer, and what the 503 should add; at once, without
+    waiting, while MAX_WAITING requests already wait."""
+    if not waiting.acquire(blocking=False):
+        return set(ids), f", and {MAX_WAITING} requests already wait for it"
+    try:
+        return logger.wait_written(ids, timeout=IN_FLIGHT_WAIT_S), ""
+    finally:
+        waiting.release()
 
 
 def _upsert_retrying(sessions: object, labels: dict[str, float]) -> FeedbackResult:

@@ -1,7 +1,7 @@
 """The loop's endpoints: retrain runs, monitor runs and drift reports."""
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -11,13 +11,11 @@ from sqlalchemy import select
 
 from core.registry import ArtifactIntegrityError, FeatureMismatchError
 from core.schema import DriftReport, RetrainRun, Trigger
+from monitor.jobs import MonitorBusy, MonitorOutcome
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
 from service.routes.params import MAX_LIST, Limit, RowId, Text
 from service.views import report_detail, report_summary, row_dict
-
-if TYPE_CHECKING:
-    from monitor.jobs import MonitorOutcome
 
 router = APIRouter(tags=["loop"])
 
@@ -68,6 +66,8 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     # A damaged artifact, or a champion trained under another spec: nothing to judge by.
     except (ArtifactIntegrityError, FeatureMismatchError) as exc:
         raise HTTPException(409, f"the monitor cannot run: {exc}") from None
+    except MonitorBusy as exc:
+        raise HTTPException(409, f"{exc}: try again when it has finished (GET /reports/latest)") from None
     return outcome.to_json()
 
 
