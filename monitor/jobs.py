@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(LOOP_LOGGER)
 LEASE_NAME = "driftloop.scheduler"
+# Held by the process doing a monitor run, across processes; left by a process that died mid-run, it is taken
+# over once expired. Longer than any run: Evidently samples the window to DRIFTLOOP_EVIDENTLY_MAX_ROWS.
+MONITOR_LEASE = "driftloop.monitor"
+MONITOR_LEASE_TTL_S = 600.0
 DELIVERY_INTERVAL_S = 2.0
 # A run's process beats every lease TTL / 3; it is taken for dead after this many TTLs without a beat (nine
 # beats: a database failover of tens of seconds must not fail a healthy run), or once it has run this long
@@ -62,8 +66,10 @@ ANNOUNCE_POLL_S = 0.5  # how soon a waiting announcer notices stop()
 
 
 class MonitorBusy(Exception):
-    """A monitor run is already going in this process: a second over the same window would only double
-    the work (Evidently's seconds of CPU, beside the request path) and count one breach twice."""
+    """A monitor run is already going, in this process or another on the database (an API replica's
+    POST /monitor/run, the worker's scheduled run, `driftloop monitor`): a second over the same window would
+    only double the work (Evidently's seconds of CPU, beside the request path), count one breach twice and,
+    not seeing the other's report, open a second breach episode with an alert of its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,29 +295,61 @@ class Loop:
             return
         try:
             self.run_monitor()
-        except MonitorBusy:
-            log.info("scheduled monitor run skipped: a monitor run (POST /monitor/run) is in progress")
+        except MonitorBusy as exc:
+            log.info("scheduled monitor run skipped: %s", exc)
         except Exception:
             log.exception("monitor run failed")
 
     # --- the monitor run ---------------------------------------------------------------
     def run_monitor(self, now: datetime | None = None) -> MonitorOutcome:
-        """MonitorBusy, without waiting, while another run of this process is going."""
+        """MonitorBusy, without waiting, while another run is going in this process or holds the database's
+        monitor lease."""
         if not self._monitoring.acquire(blocking=False):
-            raise MonitorBusy("a monitor run is already in progress; at most one runs at a time")
+            raise MonitorBusy(
+                "a monitor run is already in progress in this process; at most one runs at a time"
+            )
         started = time.perf_counter()
+        leased = False
         try:
-            outcome = self._run_monitor(now or self.clock())
+            at = now or self.clock()
+            leased = try_acquire(
+                self.sessions, name=MONITOR_LEASE, holder=self.holder_id, ttl_s=MONITOR_LEASE_TTL_S, now=at
+            )
+            if not leased:
+                raise MonitorBusy(self._monitor_elsewhere())
+            outcome = self._run_monitor(at)
+        except MonitorBusy:
+            raise
         except Exception:
             self.metrics.monitor_runs.labels(outcome="error").inc()
             raise
         finally:
+            if leased:
+                self._release_monitor_lease()
             self.metrics.monitor_seconds.observe(time.perf_counter() - started)
             self._monitoring.release()
         self.metrics.monitor_runs.labels(outcome=outcome.verdict).inc()
         self.metrics.monitor_last_run.set(time.time())
         log_outcome(outcome)
         return outcome
+
+    def _monitor_elsewhere(self) -> str:
+        lease = current_holder(self.sessions, name=MONITOR_LEASE)
+        where = (
+            f" in {lease.holder} (its lease expires {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC)"
+            if lease
+            else ""
+        )
+        return f"a monitor run is already in progress{where}; at most one runs at a time"
+
+    def _release_monitor_lease(self) -> None:
+        """Let the next run go at once; a failure only leaves the lease to expire (MONITOR_LEASE_TTL_S)."""
+        try:
+            release(self.sessions, name=MONITOR_LEASE, holder=self.holder_id)
+        except Exception as exc:
+            log.warning(
+                "could not release the monitor lease (%s); it expires in %g s", exc, MONITOR_LEASE_TTL_S
+            )
 
     def _run_monitor(self, now: datetime) -> MonitorOutcome:
         started = time.perf_counter()

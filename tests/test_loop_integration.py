@@ -19,6 +19,7 @@ from bench.loadgen import LoadResult, json_payloads, run_load
 from core.db import utcnow
 from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
+from core.lease import current_holder, try_acquire
 from core.registry import NewVersion, Registry
 from core.schema import (
     DriftReport,
@@ -31,7 +32,7 @@ from core.schema import (
 )
 from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
-from monitor.jobs import Loop
+from monitor.jobs import MONITOR_LEASE, MONITOR_LEASE_TTL_S, Loop, MonitorBusy
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
 from retrain.runs import NoChampion, start_run
@@ -232,6 +233,35 @@ def test_a_run_without_a_verdict_leaves_no_figures_of_the_last_window(
         assert math.isnan(sample("driftloop_feature_drift_score", feature=feature))
         assert math.isnan(sample("driftloop_feature_drift_detected", feature=feature))
     assert sample("driftloop_drift_breach") == 0
+
+
+def test_a_monitor_run_in_another_process_holds_off_this_ones(make_loop, registry, champion, spec) -> None:
+    """An API replica's POST /monitor/run, the worker's scheduled run and `driftloop monitor` share one
+    database lease: a second run over the same window would not see the first's report and open a breach
+    episode (and an alert) of its own. A run refused so stores nothing; a lease left by a process that died
+    mid-run is taken over once it expires."""
+    log_traffic(registry, champion, spec, traffic("rate_shock", 600, seed=5))
+    elsewhere = make_loop(auto_retrain=False)
+    loop = make_loop(auto_retrain=False)
+    now = utcnow()
+    assert try_acquire(
+        registry.sessions, name=MONITOR_LEASE, holder=elsewhere.holder_id, ttl_s=MONITOR_LEASE_TTL_S, now=now
+    )
+    expires = now + timedelta(seconds=MONITOR_LEASE_TTL_S)
+
+    with pytest.raises(MonitorBusy) as refused:
+        loop.run_monitor(now + timedelta(seconds=5))
+
+    assert str(refused.value) == (
+        f"a monitor run is already in progress in {elsewhere.holder_id} (its lease expires "
+        f"{expires:%Y-%m-%d %H:%M:%S} UTC); at most one runs at a time"
+    )
+    with registry.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DriftReport)) == 0
+    outcome = loop.run_monitor(expires + timedelta(seconds=1))  # the holder died: its lease has expired
+    assert outcome.verdict == "breach"
+    assert current_holder(registry.sessions, name=MONITOR_LEASE) is None  # released at the end of the run
+    assert elsewhere.run_monitor(expires + timedelta(seconds=2)).report_id == outcome.report_id + 1
 
 
 def import_labels(registry: Registry, spec: FeatureSpec, frame: pd.DataFrame, times: list) -> None:

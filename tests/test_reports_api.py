@@ -114,7 +114,7 @@ def test_a_second_monitor_run_is_refused_while_one_is_going(client) -> None:
         assert first.result(timeout=60).status_code == 200
     assert (second.status_code, second.json()["message"]) == (
         409,
-        "a monitor run is already in progress; at most one runs at a time: "
+        "a monitor run is already in progress in this process; at most one runs at a time: "
         "try again when it has finished (GET /reports/latest)",
     )
     assert len(client.get("/reports").json()) == 1  # the refused run stored no report
