@@ -354,6 +354,7 @@ def retrain(wait: bool = True) -> None:
 def monitor() -> None:
     """Run the monitor once now and print its verdict."""
     from core.registry import ArtifactIntegrityError, FeatureMismatchError
+    from monitor.jobs import MonitorBusy
 
     with _loop(_settings()) as loop:
         try:
@@ -361,6 +362,9 @@ def monitor() -> None:
         except (ArtifactIntegrityError, FeatureMismatchError) as exc:
             console.print(f"[red]the monitor cannot run: {exc}[/]")
             raise typer.Exit(2) from None
+        except MonitorBusy as exc:
+            console.print(f"[yellow]{exc}: try again when it has finished[/]")
+            raise typer.Exit(1) from None
     typer.echo(json.dumps(outcome.to_json(), indent=2, default=str))
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from core.db import utcnow
@@ -304,6 +304,25 @@ def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference
         "the monitor cannot run: v1 does not fit the spec (the spec lists view, which it was not trained on)"
         in " ".join(result.output.split())
     )
+
+
+def test_the_monitor_while_another_process_runs_it_says_so(env) -> None:
+    """The worker's scheduled run (or a replica's POST /monitor/run) holds the monitor lease: refused by
+    name, exit 1, no report, not a traceback."""
+    from core.lease import try_acquire
+    from core.schema import DriftReport
+    from monitor.jobs import MONITOR_LEASE
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    with _sessions(Settings()) as sessions:
+        assert try_acquire(sessions, name=MONITOR_LEASE, holder="worker-0:7:abc123", ttl_s=600, now=utcnow())
+        result = CliRunner().invoke(cli, ["monitor"])
+        with sessions() as session:
+            assert session.scalar(select(func.count()).select_from(DriftReport)) == 0
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "a monitor run is already in progress in worker-0:7:abc123 (its lease expires" in text
+    assert "try again when it has finished" in text and "Traceback" not in text
 
 
 @pytest.mark.parametrize("command", [["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]])
