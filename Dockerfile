@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # driftloop image: `docker build -t driftloop .`; every process runs from it (see compose.yaml):
-#   driftloop migrate | bootstrap | serve --host 0.0.0.0 --port 8000 [--no-scheduler] | worker --port 9100
+#   driftloop migrate | bootstrap | serve --host 0.0.0.0 --port 8000 [--no-scheduler] | worker --host 0.0.0.0 --port 9100
 
 # --- builder: compilers for any dependency without a wheel; produces a self-contained venv --------------
 FROM python:3.11-slim AS builder

@@ -48,11 +48,18 @@ def _spec(settings: Settings) -> Any:
 @contextmanager
 def _sessions(settings: Settings) -> Iterator[Any]:
     """Sessions on the configured database (migrated first if auto_migrate), for one command; the engine
-    is disposed afterwards."""
-    from core.db import make_engine, make_sessions, migrate
+    is disposed afterwards. Without auto_migrate, a schema that is not the newest is a message and exit 2,
+    not a traceback from the first query."""
+    from core.db import make_engine, make_sessions, migrate, schema_problem
 
     if settings.auto_migrate:
         migrate(settings.database_url)
+    elif problem := schema_problem(settings.database_url):
+        console.print(
+            f"[red]{problem}. DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the "
+            "migrate job), then run this again[/]"
+        )
+        raise typer.Exit(2)
     engine = make_engine(settings.database_url)
     try:
         yield make_sessions(engine)

@@ -146,6 +146,26 @@ def test_retrain_without_a_champion_is_refused_before_any_run(env) -> None:
         assert session.scalars(select(RetrainRun)).all() == []
 
 
+def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monkeypatch) -> None:
+    from alembic import command
+
+    from core.db import _alembic_config
+
+    monkeypatch.setenv("DRIFTLOOP_AUTO_MIGRATE", "false")
+    advice = "DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the migrate job)"
+    empty = run("models")
+    assert empty.exit_code == 2
+    assert f"the database has no driftloop schema yet, and this driftloop needs revision 0005. {advice}" in (
+        empty.output
+    )
+    command.upgrade(_alembic_config(env["DRIFTLOOP_DATABASE_URL"]), "0004")  # an image ahead of its migration
+    behind = run("bootstrap", "--rows", "2000")
+    assert behind.exit_code == 2
+    assert "the database is at schema revision 0004, and this driftloop needs revision 0005." in behind.output
+    assert run("migrate").exit_code == 0
+    assert run("models").exit_code == 0
+
+
 def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeypatch) -> None:
     config = tmp_path / "driftloop.yaml"
     config.write_text("monitor_interval_s: 60\nwindow_rows: 1234\nWEBHOOK_URL: http://127.0.0.1:9/hook\n")
