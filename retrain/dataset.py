@@ -43,10 +43,8 @@ REFERENCE = "reference"
 PRODUCTION = "production_labelled"
 INGESTED = "ingested"
 SOURCES = (REFERENCE, PRODUCTION, INGESTED)
-# With fewer new rows than this the holdout pool is every row (see `holdout`).
-MIN_NEW_ROWS_FOR_HOLDOUT = 50
-# An unseen holdout of fewer rows than this is too noisy for the gate's margin (see `holdout`).
-MIN_UNSEEN_HOLDOUT_ROWS = 50
+# A holdout of fewer new rows than this is too noisy for the gate's margin (see `holdout`).
+MIN_HOLDOUT_ROWS = 50
 HoldoutBasis = Literal["unseen", "new", "all"]
 
 
@@ -101,10 +99,10 @@ def holdout(
     The pool is, by preference, the new rows (production_labelled + ingested) stamped after `seen_until`,
     the end of the champion's training data ("unseen"): the gate compares candidate and champion on rows
     that neither trained on, where a champion scored on its own training rows would look better than it
-    is. When that pool would give fewer than MIN_UNSEEN_HOLDOUT_ROWS holdout rows (just after a
-    promotion, say), it is every new row ("new"): the champion may have trained on some of them, which
-    makes the gate stricter, where a holdout of a dozen rows would make it a coin toss. With fewer than
-    MIN_NEW_ROWS_FOR_HOLDOUT new rows it is every row ("all").
+    is. When that pool would give fewer than MIN_HOLDOUT_ROWS holdout rows (just after a promotion,
+    say), it is every new row ("new"): the champion may have trained on some of them, which makes the gate
+    stricter, where a holdout of a dozen rows would make it a coin toss. When every new row would not give
+    MIN_HOLDOUT_ROWS either, it is every row ("all"), reference included, stricter again.
 
     Of the newest 2 × `fraction` of the pool, every other row (the newest first) is held out and the rest
     train; with `fraction` over one half the holdout is simply the newest rows. Held out from the recent
@@ -117,9 +115,9 @@ def holdout(
     unseen = frame.index[is_new & (frame[EVENT_TIME] > seen_until)] if seen_until is not None else None
     new = frame.index[is_new]
     basis: HoldoutBasis
-    if unseen is not None and _held_size(len(unseen), fraction) >= MIN_UNSEEN_HOLDOUT_ROWS:
+    if unseen is not None and _held_size(len(unseen), fraction) >= MIN_HOLDOUT_ROWS:
         pool, basis = unseen, "unseen"
-    elif len(new) >= MIN_NEW_ROWS_FOR_HOLDOUT:
+    elif _held_size(len(new), fraction) >= MIN_HOLDOUT_ROWS:
         pool, basis = new, "new"
     else:
         pool, basis = frame.index, "all"

@@ -197,32 +197,49 @@ def test_a_window_keeps_only_the_bootstrap_history_inside_it(
     assert everything.start == champion.train_start  # the lineage's training window starts where v1's did
 
 
-def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_half(
+def test_holdout_is_every_other_row_of_the_newest_new_rows_or_the_newest_over_half(spec: FeatureSpec) -> None:
+    # 100 reference rows, then 300 new rows an hour apart, production and ingested in turn.
+    hours = [NOW - timedelta(hours=400 - i) for i in range(400)]
+    sources = ["reference"] * 100 + ["production_labelled", "ingested"] * 150
+    data = TrainingData(
+        frame=pd.DataFrame({EVENT_TIME: hours, SOURCE: sources}), sources={}, start=None, end=None
+    )
+
+    train, held, basis = holdout(data, spec, fraction=0.2)
+
+    assert basis == "new"  # no champion data end given
+    assert held.index.tolist() == list(range(280, 400))[1::2]  # 0.2 × 300: the newest held out, the one
+    assert set(range(280, 400)[0::2]) <= set(
+        train.index
+    )  # before trains: the candidate learns the recent past
+    assert len(train) == 400 - 60
+    assert set(held[SOURCE]) == {"ingested"} and held[EVENT_TIME].min() > hours[279]
+    # Over half of the rows: no room to interleave, so the newest rows.
+    train, held, _ = holdout(data, spec, fraction=0.6)
+    assert held.index.tolist() == list(range(220, 400))  # 0.6 × 300
+    assert len(train) == 400 - 180
+
+
+def test_a_holdout_of_a_dozen_new_rows_is_not_a_gate(
     sessions: sessionmaker[Session],
     registry: Registry,
     champion: ModelVersion,
     spec: FeatureSpec,
     mixed: pd.DataFrame,
 ) -> None:
+    """55 new labelled rows would hold out 11: a 2 % margin on 11 rows is a coin toss (a review promoted a
+    candidate on 12 so). The pool is every row then, reference included, which the champion trained on:
+    a stricter gate, as with fewer new rows still."""
     data = assemble(
         sessions=sessions, registry=registry, champion=champion, spec=spec, window_days=None, now=NOW
     )
+    assert sum(data.frame[SOURCE] != "reference") == 55
+
     train, held, basis = holdout(data, spec, fraction=0.2)
 
-    assert basis == "new"  # no champion data end given
-    new = data.frame.index[data.frame[SOURCE] != "reference"]
-    assert len(held) == 11  # ceil(0.2 × 55 new rows)
-    assert (
-        held.index.tolist() == new[-22:][1::2].tolist()
-    )  # the newest row is held out, the one before trains
-    assert new[-22:][0::2].isin(train.index).all()  # the candidate learns from the recent past too
-    assert len(train) == 3055 - 11
-    assert set(held[SOURCE]) == {"production_labelled", "ingested"}
-    assert held[EVENT_TIME].min() > data.frame.loc[new[:-22], EVENT_TIME].max()
-    # Over half of the rows: no room to interleave, so the newest rows.
-    train, held, _ = holdout(data, spec, fraction=0.6)
-    assert held.index.tolist() == new[-33:].tolist()  # ceil(0.6 × 55)
-    assert len(train) == 3055 - 33
+    assert basis == "all"
+    assert len(held) == 611  # ceil(0.2 × 3,055), every other row of the newest 1,222
+    assert len(train) == 3055 - 611
 
 
 def test_holdout_comes_from_rows_the_champion_never_trained_on_when_there_are_enough(
@@ -242,7 +259,7 @@ def test_holdout_comes_from_rows_the_champion_never_trained_on_when_there_are_en
     assert held.index.tolist() == list(range(2000, 2100))[1::2]
     assert held[EVENT_TIME].min() > seen_until
     assert len(train) == 2050
-    # 245 unseen rows would give 49 holdout rows, under MIN_UNSEEN_HOLDOUT_ROWS (50): too few to judge on,
+    # 245 unseen rows would give 49 holdout rows, under MIN_HOLDOUT_ROWS (50): too few to judge on,
     # so the pool is every new row.
     train, held, basis = holdout(data, spec, fraction=0.2, seen_until=hours[1854])
     assert basis == "new"
@@ -684,7 +701,7 @@ def test_metrics_are_json_safe(
     spec: FeatureSpec,
 ) -> None:
     """A NaN (e.g. MAPE over all-zero actuals) is stored as null: PostgreSQL's JSON rejects NaN."""
-    data = generate_transactions(200, start="2022-01-01", end="2022-06-30", seed=8)
+    data = generate_transactions(300, start="2022-01-01", end="2022-06-30", seed=8)  # a holdout of 60
     log_predictions(sessions, data.assign(**{spec.target: 0.0}), spec)
     run_id = start_run(sessions, trigger="manual", now=NOW)
 
