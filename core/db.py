@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -99,3 +100,9 @@ def schema_problem(url: str) -> str | None:
         return None
     found = "has no driftloop schema yet" if current is None else f"is at schema revision {current}"
     return f"the database {found}, and this driftloop needs revision {head}"
+
+
+def unreachable(exc: BaseException) -> bool:
+    """The database could not be reached (refused, shutting down, the connection dropped, SQLite's lock not
+    given up in time): a condition to wait out, not a fault."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

@@ -17,10 +17,9 @@ from uuid import uuid4
 import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
 from catboost import CatBoostRegressor
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, utcnow
+from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, unreachable, utcnow
 from core.figures import figure
 from core.lease import current_holder, release, try_acquire
 from core.metrics import Metrics
@@ -599,7 +598,7 @@ class Loop:
     def _database_down(self, job: str, exc: Exception, *, every_s: float) -> bool:
         """True when `exc` says the database is unreachable; logged as one line at the first failure of
         `job` in an outage, not as a traceback every few seconds on every worker until it ends."""
-        if not _unreachable(exc):
+        if not unreachable(exc):
             return False
         if job not in self._unreachable:
             self._unreachable.add(job)
@@ -614,8 +613,3 @@ class Loop:
         if job in self._unreachable:
             self._unreachable.discard(job)
             log.info("%s: database reachable again", job)
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The database could not be reached (refused, shutting down, the connection dropped)."""
-    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

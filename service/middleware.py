@@ -12,12 +12,14 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.db import unreachable
 from core.metrics import Metrics
 
 log = logging.getLogger("driftloop.service")
 # nginx's "client closed request": counted for a client that hung up before its body was in. No answer
 # reaches it, and it is not ours to alert on as a 5xx.
 CLIENT_CLOSED = 499
+DATABASE_RETRY_AFTER_S = 5  # Retry-After of a 503 for a database outage
 
 
 class Faults:
@@ -50,7 +52,15 @@ class Faults:
         except Exception as exc:
             if started:  # half an answer is out: only closing the connection tells the client
                 raise
-            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            method, path = scope.get("method"), scope.get("path")
+            if unreachable(exc):  # an outage to wait out, not a fault: 503, and no traceback per request
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                log.warning("%s %s: database unavailable (%s: %s)", method, path, type(exc).__name__, first)
+                message = f"database unavailable ({type(exc).__name__}): retry shortly"
+                body = {"error": error_name(503), "message": message}
+                await _send_json(send, 503, body, retry_after_s=DATABASE_RETRY_AFTER_S)
+                return
+            log.exception("internal error on %s %s", method, path)
             await _send_json(send, 500, internal_error_body(exc))
 
 
@@ -189,11 +199,15 @@ async def _error(send: Send, status: int, message: str) -> None:
     await _send_json(send, status, {"error": error_name(status), "message": message})
 
 
-async def _send_json(send: Send, status: int, content: dict[str, str]) -> None:
+async def _send_json(
+    send: Send, status: int, content: dict[str, str], *, retry_after_s: int | None = None
+) -> None:
     body = json.dumps(content).encode()
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
     ]
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

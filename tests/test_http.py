@@ -160,6 +160,35 @@ def test_a_replica_that_can_neither_log_nor_spool_is_not_ready(
         assert server.terminate()
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_reads_and_operations_in_a_database_outage_are_503_to_retry_not_500(
+    champion, db_url, pg_cluster, tmp_path
+) -> None:
+    """The registry, reports and runs live in the database: while it is down they are unavailable (503
+    with Retry-After, one log line each), not a fault of ours (500 with a traceback); predictions go on."""
+    server = start_server(make_settings(db_url, tmp_path, spool_replay_interval_s=0.2), tmp_path)
+    try:
+        assert server.get("/models").status_code == 200
+        pg_cluster.stop()
+        try:
+            for method, path in [("GET", "/models"), ("GET", "/reports"), ("GET", "/retrain/runs"),
+                                 ("POST", "/models/rollback")]:  # fmt: skip
+                answer = httpx.request(method, server.url + path, headers=ADMIN, timeout=30)
+                assert (answer.status_code, answer.headers.get("retry-after")) == (503, "5"), answer.text
+                assert answer.json() == {
+                    "error": "unavailable",
+                    "message": "database unavailable (OperationalError): retry shortly",
+                }
+            assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
+        finally:
+            pg_cluster.start()
+        wait_until(lambda: server.get("/models").status_code == 200, timeout=60, what="the registry back")
+    finally:
+        assert server.terminate()
+    assert "GET /models: database unavailable (OperationalError: " in server.log()
+    assert "internal error on" not in server.log()
+
+
 @pytest.mark.slow
 def test_promote_and_rollback_swap_under_load_without_a_failed_request(
     champion, registry: Registry, db_url, tmp_path, payloads, spec
