@@ -519,7 +519,14 @@ def backtest(
         console.print(f"[red]backtest: {exc}{shipped}[/]")
         raise typer.Exit(2) from None
     except (BacktestInputError, SpecError, ValueError) as exc:
-        console.print(f"[red]backtest: {exc}[/]")
+        chosen_by_env = data.startswith(GENERATED_PREFIX) and spec is None and settings.spec_path
+        hint = (
+            f" (the spec is DRIFTLOOP_SPEC_PATH's, {settings.spec_path}: generated data needs the apartment "
+            "spec, so pass --spec core/specs/apartments.yaml or unset the variable)"
+            if chosen_by_env and "makes the apartment columns" in str(exc)
+            else ""
+        )
+        console.print(f"[red]backtest: {exc}{hint}[/]")
         raise typer.Exit(2) from None
 
     workdir = out / "work"

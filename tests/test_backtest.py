@@ -597,6 +597,22 @@ def test_bad_options_are_refused_before_any_work(tmp_path: Path, args: list[str]
     assert message in refused(tmp_path / "out", *args)
 
 
+def test_generated_data_under_a_spec_chosen_by_the_environment_says_which_variable_chose_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generated data makes apartment columns; a spec of one's own set in DRIFTLOOP_SPEC_PATH (for the
+    service) asks for others. The refusal says where that spec came from, as no --spec was given."""
+    own = tmp_path / "bikes.yaml"
+    own.write_text(
+        "dataset: bikes\ntarget: rentals\ntime_column: ts\nfeatures:\n  - {name: hour, type: integer}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(own))
+    said = refused(tmp_path / "out", "--data", "generated:none")
+    assert "the spec asks for hour, rentals" in said
+    assert f"(the spec is DRIFTLOOP_SPEC_PATH's, {own}: generated data needs the apartment spec" in said
+
+
 def test_a_directory_for_data_or_spec_is_refused_by_name(tmp_path: Path, history_csv: Path) -> None:
     result = backtest(tmp_path / "out", "--data", str(tmp_path))
     assert result.exit_code == 2
