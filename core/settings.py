@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     report_dir: Path = Path("./var/reports")
     spec_path: Path | None = None  # None: the shipped apartment spec
     admin_token: SecretStr | None = None
+    # When set, POST /feedback needs it (or the admin token) as a bearer token; None: labels are open.
+    feedback_token: SecretStr | None = None
     auto_migrate: bool = True  # serve/worker/bootstrap upgrade the schema; off when a migrate job does it
 
     # --- serving -----------------------------------------------------------------------
@@ -101,12 +103,13 @@ class Settings(BaseSettings):
     # A retrain run (trigger "schedule") this often, whatever the monitor says; None: drift/accuracy only.
     scheduled_retrain_s: int | None = Field(default=None, ge=1)
 
-    @field_validator("admin_token", mode="before")
+    @field_validator("admin_token", "feedback_token", mode="before")
     @classmethod
     def _token(cls, value: Any) -> Any:
         """An empty token (`DRIFTLOOP_ADMIN_TOKEN=` from an unset compose variable) is no token: admin
-        endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401).
-        Whitespace around one (a Secret file's newline) is dropped: no Authorization header can carry it."""
+        endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401),
+        and /feedback stays open. Whitespace around one (a Secret file's newline) is dropped: no
+        Authorization header can carry it."""
         if isinstance(value, str):
             return value.strip() or None
         return value
@@ -210,7 +213,7 @@ def _describe(error: Any) -> str:
     return f"{where}={error['input']!r}: {message}"
 
 
-_SECRET = frozenset({"database_url", "admin_token", "webhook_url"})
+_SECRET = frozenset({"database_url", "admin_token", "feedback_token", "webhook_url"})
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -251,8 +254,9 @@ def to_env(settings: Settings) -> dict[str, str]:
     for name, value in settings.model_dump(mode="json").items():
         if value is None:
             continue
-        if name == "admin_token" and settings.admin_token is not None:
-            value = settings.admin_token.get_secret_value()
+        secret = getattr(settings, name)
+        if isinstance(secret, SecretStr):
+            value = secret.get_secret_value()
         env[f"DRIFTLOOP_{name.upper()}"] = value if isinstance(value, str) else _json(value)
     return env
 

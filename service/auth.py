@@ -1,4 +1,5 @@
-"""Admin bearer-token check (constant-time); the token is never logged or echoed."""
+"""Bearer-token checks (constant-time): the admin token for admin endpoints, and the optional feedback token
+for /feedback. A token is never logged or echoed."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from pydantic import SecretStr
 
 
 def require_admin(request: Request) -> None:
@@ -16,18 +18,46 @@ def require_admin(request: Request) -> None:
             "admin endpoints are disabled: set DRIFTLOOP_ADMIN_TOKEN, then send "
             "'Authorization: Bearer <token>'",
         )
+    if not _matches(_bearer(request, "DRIFTLOOP_ADMIN_TOKEN"), token):
+        raise _invalid()
+
+
+def require_feedback(request: Request) -> None:
+    """Open unless DRIFTLOOP_FEEDBACK_TOKEN is set; then it, or the admin token, must be sent. Labels decide
+    what a retrain learns and what the gate judges by: whoever may send them can steer the model."""
+    settings = request.app.state.ctx.settings
+    if settings.feedback_token is None:
+        return
+    given = _bearer(request, "DRIFTLOOP_FEEDBACK_TOKEN")
+    admin = settings.admin_token
+    # Both compared, whatever the first says: the time taken tells nothing of which one matched.
+    feedback_ok = _matches(given, settings.feedback_token)
+    admin_ok = admin is not None and _matches(given, admin)
+    if not (feedback_ok or admin_ok):
+        raise _invalid()
+
+
+def _bearer(request: Request, variable: str) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            "missing bearer token: send 'Authorization: Bearer <DRIFTLOOP_ADMIN_TOKEN>'",
+            f"missing bearer token: send 'Authorization: Bearer <{variable}>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
-        )
+    return given.strip()
+
+
+def _matches(given: str, token: SecretStr) -> bool:
+    return hmac.compare_digest(given.encode(), token.get_secret_value().encode())
+
+
+def _invalid() -> HTTPException:
+    return HTTPException(
+        status.HTTP_401_UNAUTHORIZED, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
 Admin = Annotated[None, Depends(require_admin)]
+Feedback = Annotated[None, Depends(require_feedback)]

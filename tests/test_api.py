@@ -271,6 +271,33 @@ def test_bad_feedback_names_the_field(client, body, message) -> None:
     assert response.json()["message"] == message
 
 
+def test_a_feedback_token_guards_the_labels_and_the_admin_token_opens_it_too(
+    champion, db_url, tmp_path, make_features
+) -> None:
+    """Labels decide what a retrain learns and what the gate judges by. With DRIFTLOOP_FEEDBACK_TOKEN set,
+    /feedback needs it (or the admin token); without one, nothing is stored. /predict stays open."""
+    settings = make_settings(db_url, tmp_path, feedback_token=" label-writer\n")  # as a Secret file holds it
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+        label = [{"prediction_id": pid, "actual": 90000.0}]
+        missing = "missing bearer token: send 'Authorization: Bearer <DRIFTLOOP_FEEDBACK_TOKEN>'"
+        for headers, message in [
+            ({}, missing),
+            ({"Authorization": "Bearer label-reader"}, "invalid bearer token"),
+            ({"Authorization": "Basic label-writer"}, missing),
+        ]:
+            refused = client.post("/feedback", json=label, headers=headers)
+            assert (refused.status_code, refused.json()["message"]) == (401, message)
+            assert refused.headers["www-authenticate"] == "Bearer"
+        with client.app.state.ctx.sessions() as session:
+            assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+        writer = client.post("/feedback", json=label, headers={"Authorization": "Bearer label-writer"})
+        assert writer.json() == {"accepted": 1, "updated": 0, "duplicate": 0, "unknown": []}
+        admin = client.post("/feedback", json=label, headers=ADMIN)
+        assert admin.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": []}
+        assert "label-writer" not in client.get("/metrics").text
+
+
 def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make_features) -> None:
     pid = client.post("/predict", json=make_features()).json()["prediction_id"]
     same = [{"prediction_id": pid, "actual": 90000.0}] * 2

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from core.db import utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
+from service.auth import Feedback
 from service.logger import PredictionLogger
 from service.routes.params import Text
 
@@ -47,6 +48,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     @router.post("/feedback", response_model=FeedbackResult, summary="Ground truth for earlier predictions")
     def feedback(
         request: Request,
+        _: Feedback,
         items: Annotated[list[FeedbackItem], Body(min_length=1, max_length=max_batch)],  # type: ignore[valid-type]
     ) -> FeedbackResult:
         ctx = request.app.state.ctx
