@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -102,7 +103,17 @@ def schema_problem(url: str) -> str | None:
     return f"the database {found}, and this driftloop needs revision {head}"
 
 
+# SQLite raises OperationalError for SQL it cannot run too ("no such table"): only these are waited out.
+_SQLITE_UNAVAILABLE = ("database is locked", "unable to open database", "disk i/o error")
+
+
 def unreachable(exc: BaseException) -> bool:
     """The database could not be reached (refused, shutting down, the connection dropped, SQLite's lock not
-    given up in time): a condition to wait out, not a fault."""
-    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    given up in time or its file gone): a condition to wait out, not a fault. A missing table is a fault."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    if isinstance(exc.orig, sqlite3.OperationalError):
+        return str(exc.orig).lower().startswith(_SQLITE_UNAVAILABLE)
+    return True  # psycopg's: connection, resources, operator intervention (SQLSTATE 08, 53, 57, 58)
