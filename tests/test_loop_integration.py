@@ -305,6 +305,22 @@ def test_imported_labels_the_champion_has_not_trained_on_measure_its_accuracy(
     assert row.mae == pytest.approx(float((answers - shocked[spec.target]).abs().mean()))
 
 
+def promote_trained_on(
+    registry: Registry, champion: ModelVersion, spec: FeatureSpec, frame: pd.DataFrame
+) -> tuple[Any, ModelVersion]:
+    """v2, trained on `frame` (its data ends with it) and promoted with v1's validation MAE: (model, v2)."""
+    model = train_model(frame, spec, TINY)
+    v2 = registry.register(
+        NewVersion(
+            model=model, reference=reference_snapshot(model, frame, spec), trigger="manual",
+            metrics={"val_mae": champion.metrics["val_mae"]}, params={}, train_rows=len(frame),
+            train_end=frame["contract_date"].max().to_pydatetime(),
+        )
+    )  # fmt: skip
+    registry.promote(version=v2.version, reason="test")
+    return model, registry.champion()
+
+
 def test_a_new_champion_is_measured_at_once_on_labels_for_answers_it_did_not_give(
     make_loop, registry, champion, spec
 ) -> None:
@@ -313,17 +329,7 @@ def test_a_new_champion_is_measured_at_once_on_labels_for_answers_it_did_not_giv
     ones it replaced: v1's answers to shocked traffic breach, v2 learnt the shock and does not."""
     shocked = traffic("rate_shock", 1200, seed=5)
     log_traffic(registry, champion, spec, shocked)  # v1's answers, labelled after the swap
-    learnt = traffic("rate_shock", 3000, seed=8)
-    model = train_model(learnt, spec, TINY)
-    v2 = registry.register(
-        NewVersion(
-            model=model, reference=reference_snapshot(model, learnt, spec), trigger="manual",
-            metrics={"val_mae": champion.metrics["val_mae"]}, params={}, train_rows=len(learnt),
-            train_end=learnt["contract_date"].max().to_pydatetime(),
-        )
-    )  # fmt: skip
-    registry.promote(version=v2.version, reason="test")
-    v2 = registry.champion()
+    model, v2 = promote_trained_on(registry, champion, spec, traffic("rate_shock", 3000, seed=8))
     log_traffic(registry, v2, spec, traffic("rate_shock", 1200, seed=9), labelled=False)
     loop = make_loop(auto_retrain=False)
 
@@ -344,17 +350,7 @@ def test_a_champion_with_too_few_answers_to_judge_drift_is_judged_on_its_labels(
     old market) breaches on them at once, rather than after DRIFTLOOP_MIN_WINDOW_ROWS more answers."""
     shocked = traffic("rate_shock", 1200, seed=5)
     log_traffic(registry, champion, spec, shocked)  # v1's answers, labelled
-    stale = traffic("none", 3000, seed=8)
-    model = train_model(stale, spec, TINY)
-    v2 = registry.register(
-        NewVersion(
-            model=model, reference=reference_snapshot(model, stale, spec), trigger="manual",
-            metrics={"val_mae": champion.metrics["val_mae"]}, params={}, train_rows=len(stale),
-            train_end=stale["contract_date"].max().to_pydatetime(),
-        )
-    )  # fmt: skip
-    registry.promote(version=v2.version, reason="test")
-    v2 = registry.champion()
+    model, v2 = promote_trained_on(registry, champion, spec, traffic("none", 3000, seed=8))  # the old market
     log_traffic(registry, v2, spec, traffic("rate_shock", 100, seed=9), labelled=False)  # < 300 rows
     loop = make_loop(auto_retrain=False)
 

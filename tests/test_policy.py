@@ -59,6 +59,17 @@ BASELINE = (
 )
 
 
+INSUFFICIENT = Decision(  # for a window of 199 rows
+    verdict="insufficient",
+    breach=False,
+    retrain=False,
+    trigger=None,
+    reasons=("window has 199 rows, fewer than the 200 needed for a verdict",),
+    held_by=None,
+    consecutive=0,
+)
+
+
 def obs(**changes: Any) -> Observation:
     return dataclasses.replace(STABLE, **changes)
 
@@ -105,15 +116,7 @@ CASES = [
         obs(rows=199, drift_share=0.9),
         ONE_BEFORE,
         CONFIG,
-        Decision(
-            verdict="insufficient",
-            breach=False,
-            retrain=False,
-            trigger=None,
-            reasons=("window has 199 rows, fewer than the 200 needed for a verdict",),
-            held_by=None,
-            consecutive=0,
-        ),
+        INSUFFICIENT,
         id="insufficient-rows",
     ),
     pytest.param(  # labels have their own window: a short drift window does not blind the accuracy rule
@@ -127,15 +130,7 @@ CASES = [
         obs(rows=199, drift_share=0.9, mae=130.0, labelled_rows=99),
         ONE_BEFORE,
         CONFIG,
-        Decision(
-            verdict="insufficient",
-            breach=False,
-            retrain=False,
-            trigger=None,
-            reasons=("window has 199 rows, fewer than the 200 needed for a verdict",),
-            held_by=None,
-            consecutive=0,
-        ),
+        INSUFFICIENT,
         id="short-window-too-few-labels-insufficient",
     ),
     pytest.param(STABLE, ONE_BEFORE, CONFIG, OK, id="stable-ok"),
