@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -795,17 +796,28 @@ def test_shutdown_drains_the_log_before_the_loop_stops(
     assert stored_when_loop_stopped == [7]
 
 
+@contextmanager
+def writer_not_running(db_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Any]]:
+    """A client of an app that serves, but whose log writer is not running: every answered row waits in its
+    queue (a test may start the writer). Stopped and disposed of at the end."""
+    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
+    ctx = app.state.ctx
+    ctx.holder.start()
+    try:
+        yield TestClient(app), ctx
+    finally:
+        ctx.logger.stop()
+        ctx.holder.stop()
+        ctx.engine.dispose()
+
+
 def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
     champion, db_url: str, tmp_path: Path, make_features, monkeypatch
 ) -> None:
     """A label for a prediction this process answered but could not store yet is a 503 to retry; answering
     'unknown' would tell the client to drop it."""
     monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 0.2)
-    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
-    ctx = app.state.ctx
-    ctx.holder.start()  # serving, but the log writer is not running: every answered row waits in its queue
-    try:
-        client = TestClient(app)
+    with writer_not_running(db_url, tmp_path) as (client, ctx):
         pid = client.post("/predict", json=make_features()).json()["prediction_id"]
         label = [{"prediction_id": pid, "actual": 50_000}]
         behind = client.post("/feedback", json=label)
@@ -822,10 +834,6 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
             "duplicate": 0,
             "unknown": [],
         }
-    finally:
-        ctx.logger.stop()
-        ctx.holder.stop()
-        ctx.engine.dispose()
 
 
 def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
@@ -834,11 +842,7 @@ def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
     """Each waiting request holds one of the threads /ready also needs (60 held it for 4 s on a live serve):
     past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
     monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 3)
-    app = create_app(make_settings(db_url, tmp_path), scheduler=False)
-    ctx = app.state.ctx
-    ctx.holder.start()  # serving, but the log writer is not running: every answered row waits in its queue
-    try:
-        client = TestClient(app)
+    with writer_not_running(db_url, tmp_path) as (client, ctx):
         pid = client.post("/predict", json=make_features()).json()["prediction_id"]
         label = [{"prediction_id": pid, "actual": 1}]
         with ThreadPoolExecutor(20) as pool:
@@ -850,9 +854,6 @@ def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
         assert told_at_once[0].headers["retry-after"] == "3"
         with ctx.sessions() as session:
             assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
-    finally:
-        ctx.holder.stop()
-        ctx.engine.dispose()
 
 
 def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -> None:
