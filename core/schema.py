@@ -93,7 +93,7 @@ class GroundTruth(Base):
         String(36), ForeignKey("prediction_log.id", ondelete="CASCADE"), primary_key=True
     )
     actual: Mapped[float] = mapped_column(Float)
-    received_at: Mapped[datetime]
+    received_at: Mapped[datetime] = mapped_column(index=True)  # the policy counts labels received since a run
 
 
 class LabelledRow(Base):
@@ -104,7 +104,7 @@ class LabelledRow(Base):
     target: Mapped[float] = mapped_column(Float)
     event_time: Mapped[datetime] = mapped_column(index=True)
     source: Mapped[str] = mapped_column(String(200))
-    ingested_at: Mapped[datetime]
+    ingested_at: Mapped[datetime] = mapped_column(index=True)  # as ground_truth.received_at
 
 
 class IngestedFile(Base):

@@ -155,13 +155,13 @@ def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monk
     advice = "DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the migrate job)"
     empty = run("models")
     assert empty.exit_code == 2
-    assert f"the database has no driftloop schema yet, and this driftloop needs revision 0005. {advice}" in (
+    assert f"the database has no driftloop schema yet, and this driftloop needs revision 0006. {advice}" in (
         empty.output
     )
     command.upgrade(_alembic_config(env["DRIFTLOOP_DATABASE_URL"]), "0004")  # an image ahead of its migration
     behind = run("bootstrap", "--rows", "2000")
     assert behind.exit_code == 2
-    assert "the database is at schema revision 0004, and this driftloop needs revision 0005." in behind.output
+    assert "the database is at schema revision 0004, and this driftloop needs revision 0006." in behind.output
     assert run("migrate").exit_code == 0
     assert run("models").exit_code == 0
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.schema import DriftReport, GroundTruth, LabelledRow, PredictionLog, RetrainRun
@@ -727,3 +729,38 @@ def test_a_rate_s_accuracy_breach_reads_in_its_units() -> None:
         "MAE 0.0390 on 300 labelled rows > 0.0376 (baseline MAE 0.0301, the best validation MAE of this "
         "model line, × 1.25; champion's own validation MAE 0.0419)",
     )
+
+
+def test_load_history_reads_the_tables_that_grow_by_index(sessions: sessionmaker[Session]) -> None:
+    """Every monitor run loads the history: a full scan of a table that grows with the traffic would make
+    each run slower than the last. Held by a rejected run in a breach streak, so every query runs;
+    PostgreSQL is told to avoid sequential scans, so it makes one only where no index serves."""
+    with sessions.begin() as session:
+        session.add(_report(minutes(-10), 3, breach=True))
+        session.add(_run(minutes(-60), "rejected"))
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        statements.append((statement, parameters))
+
+    with sessions() as session:
+        connection = session.connection()
+        postgres = connection.dialect.name == "postgresql"
+        if postgres:
+            connection.exec_driver_sql("SET enable_seqscan = off")
+        event.listen(connection, "before_cursor_execute", record)
+        history = load_history(session, champion_version=3, now=T0)
+        event.remove(connection, "before_cursor_execute", record)
+        explain = "EXPLAIN " if postgres else "EXPLAIN QUERY PLAN "
+        plans = [
+            str(line[-1]) for statement, parameters in statements
+            for line in connection.exec_driver_sql(explain + statement, parameters)
+        ]  # fmt: skip
+    assert (history.previous_breaches, history.rejected_run_without_new_labels) == (1, 1)
+    assert [p for p in plans if GROWING_TABLE_SCAN.search(p)] == []
+
+
+# A plan step that reads a whole table growing with the traffic (SQLite's SCAN, PostgreSQL's Seq Scan).
+GROWING_TABLE_SCAN = re.compile(
+    r"(\bSCAN|Seq Scan on) (prediction_log|ground_truth|labelled_row|drift_report)\b"
+)

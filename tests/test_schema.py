@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import text
 
-from core.db import make_engine
-from core.schema import Base
+from core.db import _alembic_config, make_engine, make_sessions, utcnow
+from core.schema import Base, DriftReport, GroundTruth, ModelVersion, PredictionLog
 
 
 def test_migrations_match_the_models(db_url: str) -> None:
@@ -20,3 +22,45 @@ def test_migrations_match_the_models(db_url: str) -> None:
     finally:
         engine.dispose()
     assert differences == []
+
+
+def test_migrating_keeps_the_rows_of_a_rebuilt_table_and_those_pointing_at_it(db_url: str) -> None:
+    """SQLite drops a column by rebuilding the table (0005's downgrade rebuilds drift_report, which a
+    model_version row points at; a change to prediction_log would take its ground_truth along)."""
+    now = utcnow()
+    engine = make_engine(db_url)
+    with make_sessions(engine).begin() as session:
+        session.add(
+            DriftReport(
+                id=1, created_at=now, rows=10, labelled_rows=1, sampled_rows=10, features={},
+                prediction_drift={}, breach=True, reasons=[], decision={}, duration_s=0.5,
+            )
+        )  # fmt: skip
+        session.flush()
+        session.add(
+            ModelVersion(
+                version=1, created_at=now, status="champion", trigger="drift", artifact_path="a",
+                sha256="0" * 64, reference_path="r", train_rows=10, metrics={}, params={},
+                feature_importance={}, data_sources={}, report_id=1,
+            )
+        )  # fmt: skip
+        session.add(
+            PredictionLog(
+                id="p1", created_at=now, model_version=1, features={}, prediction=1.0, latency_ms=1.0
+            )
+        )
+        session.flush()
+        session.add(GroundTruth(prediction_id="p1", actual=2.0, received_at=now))
+    engine.dispose()
+
+    config = _alembic_config(db_url)
+    command.downgrade(config, "0001")
+    command.upgrade(config, "head")
+
+    with engine.connect() as connection:
+        tables = ("drift_report", "model_version", "prediction_log", "ground_truth")
+        counts = {t: connection.scalar(text(f"SELECT count(*) FROM {t}")) for t in tables}
+        report_id = connection.scalar(text("SELECT report_id FROM model_version"))
+    engine.dispose()
+    assert counts == {"drift_report": 1, "model_version": 1, "prediction_log": 1, "ground_truth": 1}
+    assert report_id == 1
