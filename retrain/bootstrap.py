@@ -12,9 +12,10 @@ from core.generator import generate_transactions
 from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
-from retrain.data import DataError, read_labelled_csv, time_split
+from retrain.data import DataError, plain, read_labelled_csv, time_split
 from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE, timed_reference
 from retrain.train import (
+    MIN_TRAIN_ROWS,
     TrainParams,
     feature_importance,
     predict,
@@ -63,6 +64,7 @@ def bootstrap(
                 f"of spec '{spec.dataset}': train v1 on your own labelled data with --csv FILE"
             )
     train, holdout = time_split(data, spec, holdout_fraction=holdout_fraction)
+    _check_learnable(train, spec, rows=len(data), where=str(csv_path) if csv_path else source or "the data")
     model = train_model(train, spec, params)
     metrics = {
         "val_" + k: v
@@ -97,6 +99,22 @@ def bootstrap(
         )
         return BootstrapResult(winner, created=False)
     return BootstrapResult(promoted, created=True)
+
+
+def _check_learnable(train: pd.DataFrame, spec: FeatureSpec, *, rows: int, where: str) -> None:
+    """A DataError naming the problem, where CatBoost would stop with a traceback (no rows, one target value)
+    or train v1 on a handful of rows."""
+    if len(train) < MIN_TRAIN_ROWS:
+        raise DataError(
+            f"{where}: {rows} labelled row(s), of which {len(train)} to train v1 on (the rest validate it); "
+            f"it needs at least {MIN_TRAIN_ROWS}"
+        )
+    values = train[spec.target].unique()
+    if len(values) == 1:
+        raise DataError(
+            f"{where}: target {spec.target!r} is {plain(values[0])} in every one of v1's {len(train)} "
+            "training rows: a model cannot learn from a target that never varies"
+        )
 
 
 def _reference(

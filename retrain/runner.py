@@ -38,11 +38,9 @@ from retrain.dataset import (
 )
 from retrain.gate import GateResult, evaluate_gate, sanity_reasons
 from retrain.runs import NoChampion, observe_run, start_run
-from retrain.train import TrainParams, feature_importance, predict, train_model
+from retrain.train import MIN_TRAIN_ROWS, TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger(RETRAIN_LOGGER)
-
-MIN_TRAIN_ROWS = 10
 
 
 class RunAborted(RuntimeError):
