@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -127,13 +128,14 @@ class _Run:
         # run naming the difference, as /ready and bootstrap do; a damaged artifact fails it here too.
         champion_model = self.registry.load(champion, spec=self.spec)
         with self._step("assemble"):
+            now = self.clock()
             data = assemble(
                 sessions=self.sessions,
                 registry=self.registry,
                 champion=champion,
                 spec=self.spec,
                 window_days=self.settings.train_window_days,
-                now=self.clock(),
+                now=now,
             )
             train, held, basis = holdout(
                 data,
@@ -142,7 +144,8 @@ class _Run:
                 seen_until=data_end(champion),
             )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
-                raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
+                days = self.settings.train_window_days
+                raise RuntimeError(_too_little(len(train), len(held), data, window_days=days, now=now))
         with self._step("train"):
             params = TrainParams.from_settings(self.settings)
             model = self._train(train, params)
@@ -332,6 +335,19 @@ def run_inline(
     """
     run_id = start_run(registry.sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
     return execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=clock)
+
+
+def _too_little(train: int, held: int, data: TrainingData, *, window_days: int | None, now: datetime) -> str:
+    """Why a run cannot train: the split, the rows each source gave, and the window that bounded them."""
+    rows = ", ".join(f"{count} {name}" for name, count in data.sources.items())
+    window = ""
+    if window_days is not None:
+        since = now - timedelta(days=window_days)
+        window = f" dated since {since:%Y-%m-%d %H:%M} UTC (DRIFTLOOP_TRAIN_WINDOW_DAYS={window_days})"
+    return (
+        f"too little data: {train} train and {held} holdout rows (at least {MIN_TRAIN_ROWS} train rows are "
+        f"needed), of {rows} row(s){window}"
+    )
 
 
 def _version_metrics(gate: GateResult, champion_baseline: float | None) -> dict[str, Any]:

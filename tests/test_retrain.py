@@ -663,6 +663,34 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
         assert session.scalars(select(ModelVersion.version)).all() == [1]
 
 
+def test_a_run_left_too_little_data_by_its_window_fails_naming_the_window(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """v1's history ends in 2021 and 4 labels came since: a 30-day window leaves too little to train on,
+    and the error says where the rows went rather than only '0 train rows'."""
+    log_predictions(sessions, generate_transactions(4, start="2022-06-10", end="2022-06-20", seed=7), spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path, train_window_days=30), spec=spec, registry=registry,
+        clock=lambda: NOW,
+    )  # fmt: skip
+
+    assert outcome.status == "failed"
+    assert outcome.error == (
+        "RuntimeError: too little data: 3 train and 1 holdout rows (at least 10 train rows are needed), of 0 "
+        "reference, 4 production_labelled, 0 ingested row(s) dated since 2022-06-01 00:00 UTC "
+        "(DRIFTLOOP_TRAIN_WINDOW_DAYS=30)"
+    )
+    assert run_row(sessions, run_id).error == outcome.error
+    assert versions(registry) == {1: ModelStatus.champion}
+
+
 def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
     db_url: str,
     tmp_path: Path,
