@@ -364,6 +364,16 @@ def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None
         "spread: candidate prediction std 0.0707107 is outside [0.2, 5] × actual std 1.11803 "
         "= [0.223607, 5.59017]"
     )
+    # Features that explain little of the target: a champion as narrow makes that spread the data's.
+    narrow = np.array([2.4, 2.5, 2.5, 2.6])
+    assert sanity_reasons(narrow, actual, spec, champion=np.array([2.45, 2.5, 2.5, 2.55]))["spread"] is None
+    assert sanity_reasons(narrow, actual, spec, champion=np.array([1.0, 2.0, 3.0, 4.0]))["spread"] == (
+        "spread: candidate prediction std 0.0707107 is outside [0.2, 5] × actual std 1.11803 "
+        "= [0.223607, 5.59017], and beyond the champion's prediction std 1.11803"
+    )
+    assert sanity_reasons(np.full(4, 2.5), actual, spec, champion=np.full(4, 2.5))["spread"] == (
+        "spread: candidate predictions are constant (std 0)"
+    )
     # Every actual is far above the bound: any prediction under it is impossible.
     assert sanity_reasons(np.array([-0.05, 2.0, 3.0, 4.0]), actual, spec)["target_min"] == (
         "target_min: 1 of 4 candidate predictions are below 0"
