@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from catboost import CatBoostRegressor
 from sqlalchemy import update
@@ -203,6 +204,14 @@ class _Run:
             new_share=self.settings.new_data_weight_share,
             half_life_days=self.settings.train_half_life_days,
         )
+        weighted = len(frame) if weights is None else int(np.count_nonzero(weights))
+        if weighted < MIN_TRAIN_ROWS:  # only a half-life gives rows no weight: theirs underflows to 0
+            raise RuntimeError(
+                f"only {weighted} of {len(frame)} training rows carry any weight under "
+                f"DRIFTLOOP_TRAIN_HALF_LIFE_DAYS={self.settings.train_half_life_days} (a row's weight "
+                f"halves with each half-life it is older than the newest row); at least {MIN_TRAIN_ROWS} "
+                "are needed"
+            )
         return train_model(frame, self.spec, params, sample_weight=weights)
 
     def _decide(self, version: int, parent: int, gate: GateResult) -> RunStatus:

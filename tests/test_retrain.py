@@ -701,6 +701,37 @@ def test_a_run_left_too_little_data_by_its_window_fails_naming_the_window(
     assert versions(registry) == {1: ModelStatus.champion}
 
 
+def test_a_half_life_that_leaves_no_rows_any_weight_fails_the_run_naming_it(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """Rows a day apart under a half-life of 0.0864 s: every weight but the newest day's underflows to 0,
+    which CatBoost would refuse as 'Too few sampling units (subsample=0.8, bootstrap_type=MVS)'."""
+    data = generate_transactions(300, start="2022-01-01", end="2022-06-30", seed=8)
+    log_predictions(sessions, data, spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path, train_half_life_days=1e-6), spec=spec,
+        registry=registry, clock=lambda: NOW,
+    )  # fmt: skip
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    weighted, said = outcome.error.removeprefix("RuntimeError: only ").split(" ", 1)
+    assert 1 <= int(weighted) < 10  # the rows of the newest training day
+    assert said == (
+        f"of {3000 + 300 - 60} training rows carry any weight under DRIFTLOOP_TRAIN_HALF_LIFE_DAYS=1e-06 (a "
+        "row's weight halves with each half-life it is older than the newest row); at least 10 are needed"
+    )
+    assert run_row(sessions, run_id).error == outcome.error
+    assert versions(registry) == {1: ModelStatus.champion}
+
+
 def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
     db_url: str,
     tmp_path: Path,
