@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from catboost import CatBoostRegressor
 
+from core.db import Clock, utcnow
 from core.generator import generate_transactions
+from core.ingest import FUTURE_SLACK
 from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
-from retrain.data import DataError, read_labelled_csv, time_split
+from retrain.data import DataError, plain, read_labelled_csv, time_split
 from retrain.dataset import EVENT_TIME, REFERENCE, SOURCE, timed_reference
 from retrain.train import (
+    MIN_TRAIN_ROWS,
     TrainParams,
     feature_importance,
     predict,
@@ -41,6 +46,7 @@ def bootstrap(
     rows: int = 20_000,
     seed: int = 0,
     source: str | None = None,
+    clock: Clock = utcnow,
 ) -> BootstrapResult:
     """Return the existing champion, or train, register and promote v1.
 
@@ -54,6 +60,7 @@ def bootstrap(
         return BootstrapResult(existing, created=False)
     if data is None and csv_path is not None:
         data = read_labelled_csv(csv_path, spec)
+        _check_not_ahead(data, spec, csv_path, now=clock())
     elif data is None:
         data = generate_transactions(rows, seed=seed)
         missing = [c for c in (*spec.feature_names, spec.target) if c not in data.columns]
@@ -63,6 +70,7 @@ def bootstrap(
                 f"of spec '{spec.dataset}': train v1 on your own labelled data with --csv FILE"
             )
     train, holdout = time_split(data, spec, holdout_fraction=holdout_fraction)
+    _check_learnable(train, spec, rows=len(data), where=str(csv_path) if csv_path else source or "the data")
     model = train_model(train, spec, params)
     metrics = {
         "val_" + k: v
@@ -97,6 +105,36 @@ def bootstrap(
         )
         return BootstrapResult(winner, created=False)
     return BootstrapResult(promoted, created=True)
+
+
+def _check_not_ahead(data: pd.DataFrame, spec: FeatureSpec, path: Path, *, now: datetime) -> None:
+    """As ingest refuses them: a time more than a day ahead is a typo or a misread format, and as v1's
+    train_end it would hide every label until then from the accuracy window and the gate's unseen rows."""
+    if not spec.time_column:
+        return
+    ahead = np.flatnonzero(data[spec.time_column] > now + FUTURE_SLACK)
+    if len(ahead):
+        raise DataError(
+            f"{path}: column {spec.time_column!r} has {len(ahead)} time(s) more than a day ahead of now "
+            f"({now:%Y-%m-%d %H:%M} UTC), first at row {ahead[0] + 2} "
+            f"({data[spec.time_column].iloc[ahead[0]]:%Y-%m-%d %H:%M})"
+        )
+
+
+def _check_learnable(train: pd.DataFrame, spec: FeatureSpec, *, rows: int, where: str) -> None:
+    """A DataError naming the problem, where CatBoost would stop with a traceback (no rows, one target value)
+    or train v1 on a handful of rows."""
+    if len(train) < MIN_TRAIN_ROWS:
+        raise DataError(
+            f"{where}: {rows} labelled row(s), of which {len(train)} to train v1 on (the rest validate it); "
+            f"it needs at least {MIN_TRAIN_ROWS}"
+        )
+    values = train[spec.target].unique()
+    if len(values) == 1:
+        raise DataError(
+            f"{where}: target {spec.target!r} is {plain(values[0])} in every one of v1's {len(train)} "
+            "training rows: a model cannot learn from a target that never varies"
+        )
 
 
 def _reference(

@@ -80,8 +80,9 @@ def sanity_reasons(
     predicted: np.ndarray, actual: np.ndarray, spec: FeatureSpec, *, champion: np.ndarray | None = None
 ) -> dict[str, str | None]:
     """Each sanity check by name → why it failed, or None when it holds. `champion`: its predictions on the
-    same rows; the candidate may then dip under target_min as often as the champion does, or as there are
-    actuals at the bound (within the slack), no more."""
+    same rows; the candidate's spread may then be as narrow or as wide as the champion's, and it may dip
+    under target_min as often as the champion does, or as there are actuals at the bound (within the
+    slack), no more."""
     predicted = np.asarray(predicted, dtype=float)
     actual = np.asarray(actual, dtype=float)
     out: dict[str, str | None] = {"finite": None, "spread": None}
@@ -89,15 +90,20 @@ def sanity_reasons(
     if bad:
         out["finite"] = f"finite: {bad} of {predicted.size} candidate predictions are not finite"
     finite = predicted[np.isfinite(predicted)]
-    pred_std = float(np.std(finite)) if finite.size else 0.0
+    pred_std = _std(finite)
     actual_std = float(np.std(actual))
     low, high = MIN_SPREAD_RATIO * actual_std, MAX_SPREAD_RATIO * actual_std
+    # Features that explain little of the target (a noisy count, a weak spec) give any model of them a
+    # narrow spread: a candidate as narrow as the champion (or as wide) is that data, not a broken model.
+    champ_std = None if champion is None else _std(np.asarray(champion, dtype=float))
+    spread_range = (low, high) if champ_std is None else (min(low, champ_std), max(high, champ_std))
     if pred_std <= 0:
         out["spread"] = "spread: candidate predictions are constant (std 0)"
-    elif actual_std > 0 and not low <= pred_std <= high:
+    elif actual_std > 0 and not spread_range[0] <= pred_std <= spread_range[1]:
+        than = "" if champ_std is None else f", and beyond the champion's prediction std {champ_std:.6g}"
         out["spread"] = (
             f"spread: candidate prediction std {pred_std:.6g} is outside [{MIN_SPREAD_RATIO:g}, "
-            f"{MAX_SPREAD_RATIO:g}] × actual std {actual_std:.6g} = [{low:.6g}, {high:.6g}]"
+            f"{MAX_SPREAD_RATIO:g}] × actual std {actual_std:.6g} = [{low:.6g}, {high:.6g}]{than}"
         )
     if spec.target_min is not None:
         # A regressor's estimate for rows whose actual sits at the bound (no rentals at 4 am) may dip a
@@ -136,6 +142,11 @@ def sanity_reasons(
 
 def _metrics(actual: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
     metrics = regression_metrics(actual, predicted)
-    finite = predicted[np.isfinite(predicted)]
-    metrics["prediction_std"] = float(np.std(finite)) if finite.size else 0.0
+    metrics["prediction_std"] = _std(predicted)
     return metrics
+
+
+def _std(predicted: np.ndarray) -> float:
+    """The standard deviation of the finite predictions (0 for none)."""
+    finite = predicted[np.isfinite(predicted)]
+    return float(np.std(finite)) if finite.size else 0.0

@@ -13,8 +13,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from catboost import CatBoostRegressor
 from sqlalchemy import update
@@ -38,11 +40,9 @@ from retrain.dataset import (
 )
 from retrain.gate import GateResult, evaluate_gate, sanity_reasons
 from retrain.runs import NoChampion, observe_run, start_run
-from retrain.train import TrainParams, feature_importance, predict, train_model
+from retrain.train import MIN_TRAIN_ROWS, TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger(RETRAIN_LOGGER)
-
-MIN_TRAIN_ROWS = 10
 
 
 class RunAborted(RuntimeError):
@@ -129,13 +129,14 @@ class _Run:
         # run naming the difference, as /ready and bootstrap do; a damaged artifact fails it here too.
         champion_model = self.registry.load(champion, spec=self.spec)
         with self._step("assemble"):
+            now = self.clock()
             data = assemble(
                 sessions=self.sessions,
                 registry=self.registry,
                 champion=champion,
                 spec=self.spec,
                 window_days=self.settings.train_window_days,
-                now=self.clock(),
+                now=now,
             )
             train, held, basis = holdout(
                 data,
@@ -144,7 +145,8 @@ class _Run:
                 seen_until=data_end(champion),
             )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
-                raise RuntimeError(f"too little data: {len(train)} train and {len(held)} holdout rows")
+                days = self.settings.train_window_days
+                raise RuntimeError(_too_little(len(train), len(held), data, window_days=days, now=now))
         with self._step("train"):
             params = TrainParams.from_settings(self.settings)
             model = self._train(train, params)
@@ -202,6 +204,14 @@ class _Run:
             new_share=self.settings.new_data_weight_share,
             half_life_days=self.settings.train_half_life_days,
         )
+        weighted = len(frame) if weights is None else int(np.count_nonzero(weights))
+        if weighted < MIN_TRAIN_ROWS:  # only a half-life gives rows no weight: theirs underflows to 0
+            raise RuntimeError(
+                f"only {weighted} of {len(frame)} training rows carry any weight under "
+                f"DRIFTLOOP_TRAIN_HALF_LIFE_DAYS={self.settings.train_half_life_days} (a row's weight "
+                f"halves with each half-life it is older than the newest row); at least {MIN_TRAIN_ROWS} "
+                "are needed"
+            )
         return train_model(frame, self.spec, params, sample_weight=weights)
 
     def _decide(self, version: int, parent: int, gate: GateResult) -> RunStatus:
@@ -334,6 +344,19 @@ def run_inline(
     """
     run_id = start_run(registry.sessions, trigger=trigger, reason=reason, report_id=report_id, now=clock())
     return execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=clock)
+
+
+def _too_little(train: int, held: int, data: TrainingData, *, window_days: int | None, now: datetime) -> str:
+    """Why a run cannot train: the split, the rows each source gave, and the window that bounded them."""
+    rows = ", ".join(f"{count} {name}" for name, count in data.sources.items())
+    window = ""
+    if window_days is not None:
+        since = now - timedelta(days=window_days)
+        window = f" dated since {since:%Y-%m-%d %H:%M} UTC (DRIFTLOOP_TRAIN_WINDOW_DAYS={window_days})"
+    return (
+        f"too little data: {train} train and {held} holdout rows (at least {MIN_TRAIN_ROWS} train rows are "
+        f"needed), of {rows} row(s){window}"
+    )
 
 
 def _version_metrics(gate: GateResult, champion_baseline: float | None) -> dict[str, Any]:

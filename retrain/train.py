@@ -14,6 +14,7 @@ from core.spec import FeatureSpec
 
 PREDICTION = "prediction"
 REFERENCE_MAX_ROWS = 20_000
+MIN_TRAIN_ROWS = 10  # fewer rows than this train nothing worth serving or gating
 
 
 @dataclass(frozen=True, slots=True)

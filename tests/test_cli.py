@@ -246,6 +246,42 @@ def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_p
     )
 
 
+def test_bootstrap_from_too_few_rows_or_a_constant_target_says_so_instead_of_a_traceback(
+    env, tmp_path: Path
+) -> None:
+    path = tmp_path / "history.csv"
+    generate_transactions(5, seed=4).to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    assert (
+        f"bootstrap: {path}: 5 labelled row(s), of which 4 to train v1 on (the rest validate it); it needs "
+        "at least 10"
+    ) in " ".join(result.output.split())
+    generate_transactions(100, seed=4).assign(price_10k_krw=50_000).to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    assert (
+        f"bootstrap: {path}: target 'price_10k_krw' is 50000 in every one of v1's 80 training rows: a model "
+        "cannot learn from a target that never varies"
+    ) in " ".join(result.output.split())
+    assert run("models").output.count("champion") == 0
+
+
+def test_bootstrap_from_a_csv_dated_ahead_of_now_is_refused_as_ingest_refuses_it(env, tmp_path: Path) -> None:
+    """v1's train_end in 2099 would keep every label until then out of the accuracy window."""
+    frame = generate_transactions(100, start="2020-01-01", end="2021-12-31", seed=4)
+    frame["contract_date"] = frame["contract_date"].astype(str)
+    frame.loc[[6, 40], "contract_date"] = "2099-01-01"
+    path = tmp_path / "history.csv"
+    frame.to_csv(path, index=False)
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert f"bootstrap: {path}: column 'contract_date' has 2 time(s) more than a day ahead of now (" in output
+    assert "UTC), first at row 8 (2099-01-01 00:00)" in output
+    assert run("models").output.count("champion") == 0
+
+
 def test_bootstrap_of_a_spec_of_ones_own_without_a_csv_asks_for_one(env, tmp_path: Path, monkeypatch) -> None:
     spec = tmp_path / "bikes.yaml"
     spec.write_text("dataset: bikes\ntarget: rentals\nfeatures: [{name: temp_c, type: numeric}]\n")

@@ -364,6 +364,16 @@ def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None
         "spread: candidate prediction std 0.0707107 is outside [0.2, 5] × actual std 1.11803 "
         "= [0.223607, 5.59017]"
     )
+    # Features that explain little of the target: a champion as narrow makes that spread the data's.
+    narrow = np.array([2.4, 2.5, 2.5, 2.6])
+    assert sanity_reasons(narrow, actual, spec, champion=np.array([2.45, 2.5, 2.5, 2.55]))["spread"] is None
+    assert sanity_reasons(narrow, actual, spec, champion=np.array([1.0, 2.0, 3.0, 4.0]))["spread"] == (
+        "spread: candidate prediction std 0.0707107 is outside [0.2, 5] × actual std 1.11803 "
+        "= [0.223607, 5.59017], and beyond the champion's prediction std 1.11803"
+    )
+    assert sanity_reasons(np.full(4, 2.5), actual, spec, champion=np.full(4, 2.5))["spread"] == (
+        "spread: candidate predictions are constant (std 0)"
+    )
     # Every actual is far above the bound: any prediction under it is impossible.
     assert sanity_reasons(np.array([-0.05, 2.0, 3.0, 4.0]), actual, spec)["target_min"] == (
         "target_min: 1 of 4 candidate predictions are below 0"
@@ -661,6 +671,65 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
     assert run.steps == {}  # found before the data is assembled, not after a candidate was trained
     with sessions() as session:
         assert session.scalars(select(ModelVersion.version)).all() == [1]
+
+
+def test_a_run_left_too_little_data_by_its_window_fails_naming_the_window(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """v1's history ends in 2021 and 4 labels came since: a 30-day window leaves too little to train on,
+    and the error says where the rows went rather than only '0 train rows'."""
+    log_predictions(sessions, generate_transactions(4, start="2022-06-10", end="2022-06-20", seed=7), spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path, train_window_days=30), spec=spec, registry=registry,
+        clock=lambda: NOW,
+    )  # fmt: skip
+
+    assert outcome.status == "failed"
+    assert outcome.error == (
+        "RuntimeError: too little data: 3 train and 1 holdout rows (at least 10 train rows are needed), of 0 "
+        "reference, 4 production_labelled, 0 ingested row(s) dated since 2022-06-01 00:00 UTC "
+        "(DRIFTLOOP_TRAIN_WINDOW_DAYS=30)"
+    )
+    assert run_row(sessions, run_id).error == outcome.error
+    assert versions(registry) == {1: ModelStatus.champion}
+
+
+def test_a_half_life_that_leaves_no_rows_any_weight_fails_the_run_naming_it(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+) -> None:
+    """Rows a day apart under a half-life of 0.0864 s: every weight but the newest day's underflows to 0,
+    which CatBoost would refuse as 'Too few sampling units (subsample=0.8, bootstrap_type=MVS)'."""
+    data = generate_transactions(300, start="2022-01-01", end="2022-06-30", seed=8)
+    log_predictions(sessions, data, spec)
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+
+    outcome = execute_run(
+        run_id, settings=make_settings(db_url, tmp_path, train_half_life_days=1e-6), spec=spec,
+        registry=registry, clock=lambda: NOW,
+    )  # fmt: skip
+
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    weighted, said = outcome.error.removeprefix("RuntimeError: only ").split(" ", 1)
+    assert 1 <= int(weighted) < 10  # the rows of the newest training day
+    assert said == (
+        f"of {3000 + 300 - 60} training rows carry any weight under DRIFTLOOP_TRAIN_HALF_LIFE_DAYS=1e-06 (a "
+        "row's weight halves with each half-life it is older than the newest row); at least 10 are needed"
+    )
+    assert run_row(sessions, run_id).error == outcome.error
+    assert versions(registry) == {1: ModelStatus.champion}
 
 
 def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
