@@ -377,7 +377,10 @@ def _finish(
     if page is not None:
         saved = state / "latest_report.html"
         saved.write_text(page, encoding="utf-8")
-        console.print(f"latest Evidently report: [bold]{saved}[/] (served at GET {url}{latest['html_url']})")
+        console.print(
+            f"latest Evidently report: [bold]{saved}[/] (report {latest['id']}: a copy of the page the "
+            f"demo's service, stopped now, served at GET {latest['html_url']})"
+        )
     console.print(f"alerts delivered to the webhook receiver: {len(_Receiver.alerts)}")
 
 
