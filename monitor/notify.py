@@ -336,7 +336,8 @@ def format_breach(
         else f"No retraining: {decision.held_by}."
     )
     lines = [
-        f":rotating_light: driftloop: champion v{champion_version} breached the drift policy{report}, "
+        f":rotating_light: driftloop: champion v{champion_version} breached the drift policy on "
+        f"{decision.trigger or 'drift'}{report}, "
         f"{decision.consecutive} in a row.",
         *(f"• {reason}" for reason in decision.reasons),
         action,

@@ -395,7 +395,8 @@ def test_format_breach_reads_as_a_slack_message() -> None:
     payload = format_breach(decision=decision, champion_version=3, report_id=17, obs=observation)
 
     assert payload["text"] == (
-        ":rotating_light: driftloop: champion v3 breached the drift policy (report #17), 1 in a row.\n"
+        ":rotating_light: driftloop: champion v3 breached the drift policy on drift (report #17), "
+        "1 in a row.\n"
         "• drift share 0.667 ≥ threshold 0.500 (drifted: area_m2, floor)\n"
         "No retraining: hysteresis 1/2."
     )
@@ -406,6 +407,11 @@ def test_format_breach_reads_as_a_slack_message() -> None:
         decision=Decision("breach", True, True, "accuracy", ("MAE up",), None, 2),
         champion_version=3,
         report_id=18,
+    )
+    assert (
+        launched["text"]
+        .splitlines()[0]
+        .endswith("breached the drift policy on accuracy (report #18), 2 in a row.")
     )
     assert launched["text"].splitlines()[-1] == "Retraining launched (trigger: accuracy)."
     assert "observation" not in launched
