@@ -17,7 +17,7 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from core.metrics import VALUE_BUCKETS, build_metrics, prediction_buckets
 from core.registry import sha256_file
@@ -882,3 +882,14 @@ def test_every_fault_of_ours_is_named_internal(client, make_features) -> None:
         {"error": "internal", "message": "the model produced a non-finite prediction; nothing was logged"},
     )
     assert logged_rows(client) == 0
+
+
+def test_feedback_on_a_table_that_is_gone_is_a_fault_not_an_outage(client) -> None:
+    """A missing table is SQL the database cannot run, not an outage to wait out (core.db.unreachable):
+    a 500 with the traceback in the service log, as on every other route, not a 503 telling the client
+    to retry a request that cannot succeed (SQLite raises OperationalError, PostgreSQL ProgrammingError)."""
+    with client.app.state.ctx.sessions.begin() as session:
+        session.execute(text("DROP TABLE ground_truth"))
+    response = client.post("/feedback", json=[{"prediction_id": "no-such-id", "actual": 1.0}])
+    assert (response.status_code, response.json()["error"]) == (500, "internal")
+    assert "retry-after" not in response.headers

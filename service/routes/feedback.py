@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from core.db import utcnow
+from core.db import unreachable, utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
 from service.auth import Feedback
@@ -79,6 +79,8 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         try:
             result = _upsert_retrying(ctx.sessions, labels)
         except OperationalError as exc:
+            if not unreachable(exc):  # SQL the database cannot run (no such table): a fault, a 500
+                raise
             raise HTTPException(
                 503, "database unavailable: nothing was stored; retry the same request"
             ) from exc
