@@ -105,6 +105,9 @@ def schema_problem(url: str) -> str | None:
 
 # SQLite raises OperationalError for SQL it cannot run too ("no such table"): only these are waited out.
 _SQLITE_UNAVAILABLE = ("database is locked", "unable to open database", "disk i/o error")
+# SQLSTATE classes: connection exception, transaction rollback (serialization, deadlock), insufficient
+# resources, object not in prerequisite state (lock not available), operator intervention, system error.
+_POSTGRES_UNAVAILABLE = ("08", "40", "53", "55", "57", "58")
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -116,4 +119,7 @@ def unreachable(exc: BaseException) -> bool:
         return False
     if isinstance(exc.orig, sqlite3.OperationalError):
         return str(exc.orig).lower().startswith(_SQLITE_UNAVAILABLE)
-    return True  # psycopg's: connection, resources, operator intervention (SQLSTATE 08, 53, 57, 58)
+    # psycopg's: no SQLSTATE (the connection failed), or a class to wait out; not 54 (a limit the statement
+    # exceeds), which retrying cannot cure.
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    return sqlstate is None or str(sqlstate)[:2] in _POSTGRES_UNAVAILABLE

@@ -3,14 +3,17 @@
 import itertools
 import json
 import socket
+import sqlite3
 import threading
 
 import httpx
+import psycopg
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 
 from bench.loadgen import LoadResult, json_payloads, run_load
-from core.db import make_engine, make_sessions
+from core.db import make_engine, make_sessions, unreachable
 from core.generator import generate_transactions
 from core.registry import NewVersion, Registry
 from core.schema import PredictionLog, Trigger
@@ -158,6 +161,25 @@ def test_a_replica_that_can_neither_log_nor_spool_is_not_ready(
         wait_until(lambda: server.get("/ready").status_code == 200, timeout=60, what="ready again")
     finally:
         assert server.terminate()
+
+
+@pytest.mark.parametrize(
+    ("cause", "outage"),
+    [
+        (psycopg.errors.ConnectionFailure("gone"), True),
+        (psycopg.errors.OperationalError("connection refused"), True),  # no SQLSTATE: never connected
+        (psycopg.errors.AdminShutdown("terminating"), True),
+        (psycopg.errors.SerializationFailure("retry"), True),
+        (psycopg.errors.LockNotAvailable("busy"), True),
+        (psycopg.errors.ProgramLimitExceeded("index row too big"), False),  # retrying cannot cure it
+        (sqlite3.OperationalError("database is locked"), True),
+        (sqlite3.OperationalError("no such table: model_version"), False),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, Exception) else str(v),
+)
+def test_only_a_database_outage_is_one_to_wait_out(cause: Exception, outage: bool) -> None:
+    """503 'retry' for what passes (the connection, a lock, the server shutting down), 500 for a fault."""
+    assert unreachable(OperationalError("SELECT 1", {}, cause)) is outage
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
