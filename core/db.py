@@ -110,6 +110,13 @@ _SQLITE_UNAVAILABLE = ("database is locked", "unable to open database", "disk i/
 _POSTGRES_UNAVAILABLE = ("08", "40", "53", "55", "57", "58")
 
 
+def error_line(exc: BaseException) -> str:
+    """An exception in one line for a log: its class and the first line of its message (SQLAlchemy's run on
+    with the statement and a link)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def unreachable(exc: BaseException) -> bool:
     """The database could not be reached (refused, shutting down, the connection dropped, SQLite's lock not
     given up in time or its file gone): a condition to wait out, not a fault. A missing table is a fault."""

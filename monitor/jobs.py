@@ -19,7 +19,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from catboost import CatBoostRegressor
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, unreachable, utcnow
+from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, error_line, unreachable, utcnow
 from core.figures import figure
 from core.lease import current_holder, release, try_acquire
 from core.metrics import Metrics
@@ -602,10 +602,9 @@ class Loop:
             return False
         if job not in self._unreachable:
             self._unreachable.add(job)
-            first = str(exc).splitlines()[0] if str(exc) else ""
             log.warning(
-                "%s: database unavailable (%s: %s); retrying every %g s, logged again when it answers",
-                job, exc.__class__.__name__, first, every_s,
+                "%s: database unavailable (%s); retrying every %g s, logged again when it answers",
+                job, error_line(exc), every_s,
             )  # fmt: skip
         return True
 

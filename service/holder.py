@@ -10,6 +10,7 @@ from typing import Any
 
 from catboost import CatBoostRegressor
 
+from core.db import error_line
 from core.metrics import Metrics
 from core.registry import Registry
 from core.spec import FeatureSpec
@@ -67,10 +68,9 @@ class ModelHolder:
                 row = self.registry.champion()
             except Exception as exc:  # DB unreachable: keep serving what we have
                 if not self._unreachable:  # once per outage, not on every poll
-                    first = str(exc).splitlines()[0] if str(exc) else ""
                     log.warning(
-                        "registry unreachable (%s: %s); serving %s, polling every %g s",
-                        exc.__class__.__name__, first, _v(self.current), self.poll_s,
+                        "registry unreachable (%s); serving %s, polling every %g s",
+                        error_line(exc), _v(self.current), self.poll_s,
                     )  # fmt: skip
                 self._unreachable = True
                 self.last_error = f"registry unreachable: {exc.__class__.__name__}"

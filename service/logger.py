@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import error_line
 from core.metrics import Metrics
 from core.schema import PredictionLog
 from service.spool import Spool
@@ -315,9 +316,8 @@ class PredictionLogger:
         if not self._degraded:
             self._degraded = True
             log.warning(
-                "prediction log: database unavailable (%s: %s); spooling to %s, retrying every %g s",
-                exc.__class__.__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+                "prediction log: database unavailable (%s); spooling to %s, retrying every %g s",
+                error_line(exc),
                 self._spool.directory,
                 self._replay_interval_s,
             )

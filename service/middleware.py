@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.db import unreachable
+from core.db import error_line, unreachable
 from core.metrics import Metrics
 
 log = logging.getLogger("driftloop.service")
@@ -54,8 +54,7 @@ class Faults:
                 raise
             method, path = scope.get("method"), scope.get("path")
             if unreachable(exc):  # an outage to wait out, not a fault: 503, and no traceback per request
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                log.warning("%s %s: database unavailable (%s: %s)", method, path, type(exc).__name__, first)
+                log.warning("%s %s: database unavailable (%s)", method, path, error_line(exc))
                 message = f"database unavailable ({type(exc).__name__}): retry shortly"
                 body = {"error": error_name(503), "message": message}
                 await _send_json(send, 503, body, retry_after_s=DATABASE_RETRY_AFTER_S)
