@@ -5,7 +5,8 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -561,15 +562,31 @@ class EndsAsStopBegins:
         return "rejected" if self.ended else "running"
 
 
-def test_a_run_that_ends_just_before_stop_is_announced(make_loop, registry, champion, receiver) -> None:
+def add_run(
+    registry: Registry,
+    status: str,
+    *,
+    started: timedelta,
+    finished: timedelta | None,
+    trigger: str = "manual",
+    now: datetime | None = None,
+) -> int:
+    """A retrain run row against v1, begun `started` and ended `finished` before `now` (None: running); its
+    id. A promoted or rejected run has candidate v2."""
+    now = now or utcnow()
     with registry.sessions.begin() as session:
         run = RetrainRun(
-            trigger="manual", status="rejected", metrics={}, steps={}, champion_version=1,
-            candidate_version=2, started_at=utcnow() - timedelta(minutes=5), finished_at=utcnow(),
+            trigger=trigger, status=status, metrics={}, steps={}, champion_version=1,
+            candidate_version=2 if status in ("promoted", "rejected") else None,
+            started_at=now - started, finished_at=None if finished is None else now - finished,
         )  # fmt: skip
         session.add(run)
         session.flush()
-        run_id = run.id
+        return run.id
+
+
+def test_a_run_that_ends_just_before_stop_is_announced(make_loop, registry, champion, receiver) -> None:
+    run_id = add_run(registry, "rejected", started=timedelta(minutes=5), finished=timedelta(0))
     loop = make_loop(webhook_url=receiver.url)
     loop._announce(EndsAsStopBegins(run_id, loop))  # type: ignore[arg-type]
     assert outcomes(registry) == {f"retrain:{run_id}": "delivered"}
@@ -580,24 +597,13 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     make_loop, registry, champion, receiver
 ) -> None:
     now = utcnow()
-
-    def add_run(status: str, *, started: timedelta, finished: timedelta | None) -> int:
-        with registry.sessions.begin() as session:
-            run = RetrainRun(
-                trigger="drift", status=status, metrics={}, steps={}, champion_version=1,
-                candidate_version=2 if status in ("promoted", "rejected") else None,
-                started_at=now - started, finished_at=None if finished is None else now - finished,
-            )  # fmt: skip
-            session.add(run)
-            session.flush()
-            return run.id
-
-    recent = add_run("rejected", started=timedelta(hours=2), finished=timedelta(hours=1))
-    announced = add_run("promoted", started=timedelta(hours=3), finished=timedelta(hours=2))
+    drift_run = partial(add_run, registry, trigger="drift", now=now)
+    recent = drift_run("rejected", started=timedelta(hours=2), finished=timedelta(hours=1))
+    announced = drift_run("promoted", started=timedelta(hours=3), finished=timedelta(hours=2))
     with registry.sessions.begin() as session:
         enqueue_retrain_outcome(session, announced, now=now)
-    old = add_run("failed", started=timedelta(days=3), finished=timedelta(days=2))
-    dead = add_run("running", started=timedelta(minutes=10), finished=None)  # its process died
+    old = drift_run("failed", started=timedelta(days=3), finished=timedelta(days=2))
+    dead = drift_run("running", started=timedelta(minutes=10), finished=None)  # its process died
 
     loop = make_loop(webhook_url=receiver.url)
     assert loop.renew_lease() is True
@@ -618,14 +624,7 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
 def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:
     """A replica's run ends: between its row's finish and the replica's announcement lie the child's exit
     and the announcer's poll. A leader renewing its lease then must not announce it in its stead."""
-    with registry.sessions.begin() as session:
-        run = RetrainRun(
-            trigger="manual", status="rejected", metrics={}, steps={}, champion_version=1,
-            candidate_version=2, started_at=utcnow() - timedelta(minutes=1), finished_at=utcnow(),
-        )  # fmt: skip
-        session.add(run)
-        session.flush()
-        run_id = run.id
+    run_id = add_run(registry, "rejected", started=timedelta(minutes=1), finished=timedelta(0))
     leader = make_loop()
     assert leader.renew_lease() is True
     assert outcomes(registry) == {}  # the launcher, alive, announces it
