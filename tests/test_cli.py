@@ -37,6 +37,13 @@ def run(*args: str):
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 
 
+def bootstrap_refused(path: Path) -> str:
+    """`bootstrap --csv path` refused (exit 2); its output on one line, as the terminal wraps it."""
+    result = run("bootstrap", "--csv", str(path))
+    assert result.exit_code == 2, result.output
+    return " ".join(result.output.split())
+
+
 def test_bootstrap_is_idempotent_and_models_lists_v1(env) -> None:
     first = run("bootstrap", "--rows", "2000")
     assert first.exit_code == 0
@@ -218,12 +225,10 @@ def test_bootstrap_from_a_directory_or_a_csv_the_shipped_spec_does_not_fit_says_
     assert f"bootstrap: {tmp_path} is a directory; give the CSV file in it" in result.output
     path = tmp_path / "history.csv"
     generate_transactions(100, seed=4).rename(columns={"floor": "Floor"}).to_csv(path, index=False)
-    result = run("bootstrap", "--csv", str(path))
-    assert result.exit_code == 2
     assert (
         f"bootstrap: {path}: missing column(s): floor (the header has 'Floor'); the spec used was the "
         "shipped apartment spec: set DRIFTLOOP_SPEC_PATH to a spec describing your data's columns"
-    ) in " ".join(result.output.split())
+    ) in bootstrap_refused(path)
 
 
 def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_path: Path) -> None:
@@ -233,9 +238,7 @@ def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_p
     frame.loc[9, "build_year"] = 1999.5
     path = tmp_path / "history.csv"
     frame.to_csv(path, index=False)
-    result = run("bootstrap", "--csv", str(path))
-    assert result.exit_code == 2
-    output = " ".join(result.output.split())
+    output = bootstrap_refused(path)
     assert (
         "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu, Seocho-gu, "
         "Songpa-gu, Yongsan-gu, Seongdong-gu, Mapo-gu, Gwangjin-gu, Yangcheon-gu, Jongno-gu, Jung-gu, …), "
@@ -251,19 +254,15 @@ def test_bootstrap_from_too_few_rows_or_a_constant_target_says_so_instead_of_a_t
 ) -> None:
     path = tmp_path / "history.csv"
     generate_transactions(5, seed=4).to_csv(path, index=False)
-    result = run("bootstrap", "--csv", str(path))
-    assert result.exit_code == 2
     assert (
         f"bootstrap: {path}: 5 labelled row(s), of which 4 to train v1 on (the rest validate it); it needs "
         "at least 10"
-    ) in " ".join(result.output.split())
+    ) in bootstrap_refused(path)
     generate_transactions(100, seed=4).assign(price_10k_krw=50_000).to_csv(path, index=False)
-    result = run("bootstrap", "--csv", str(path))
-    assert result.exit_code == 2
     assert (
         f"bootstrap: {path}: target 'price_10k_krw' is 50000 in every one of v1's 80 training rows: a model "
         "cannot learn from a target that never varies"
-    ) in " ".join(result.output.split())
+    ) in bootstrap_refused(path)
     assert run("models").output.count("champion") == 0
 
 
@@ -274,9 +273,7 @@ def test_bootstrap_from_a_csv_dated_ahead_of_now_is_refused_as_ingest_refuses_it
     frame.loc[[6, 40], "contract_date"] = "2099-01-01"
     path = tmp_path / "history.csv"
     frame.to_csv(path, index=False)
-    result = run("bootstrap", "--csv", str(path))
-    assert result.exit_code == 2
-    output = " ".join(result.output.split())
+    output = bootstrap_refused(path)
     assert f"bootstrap: {path}: column 'contract_date' has 2 time(s) more than a day ahead of now (" in output
     assert "UTC), first at row 8 (2099-01-01 00:00)" in output
     assert run("models").output.count("champion") == 0
