@@ -28,6 +28,7 @@ from core.schema import (
     PredictionLog,
     RetrainRun,
 )
+from core.settings import Settings
 from core.spec import Feature, FeatureSpec, FeatureType, load_spec
 from retrain.dataset import EVENT_TIME, SOURCE, TrainingData, assemble, holdout
 from retrain.gate import evaluate_gate, sanity_reasons
@@ -673,6 +674,19 @@ def test_a_failing_run_is_marked_failed_and_leaves_the_champion_serving(
         assert session.scalars(select(ModelVersion.version)).all() == [1]
 
 
+def failed_run_error(
+    settings: Settings, sessions: sessionmaker[Session], registry: Registry, spec: FeatureSpec
+) -> str:
+    """A manual run at NOW that must fail, leaving its error on its row and v1 the only version: the error."""
+    run_id = start_run(sessions, trigger="manual", now=NOW)
+    outcome = execute_run(run_id, settings=settings, spec=spec, registry=registry, clock=lambda: NOW)
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    assert run_row(sessions, run_id).error == outcome.error
+    assert versions(registry) == {1: ModelStatus.champion}
+    return outcome.error
+
+
 def test_a_run_left_too_little_data_by_its_window_fails_naming_the_window(
     db_url: str,
     tmp_path: Path,
@@ -684,21 +698,14 @@ def test_a_run_left_too_little_data_by_its_window_fails_naming_the_window(
     """v1's history ends in 2021 and 4 labels came since: a 30-day window leaves too little to train on,
     and the error says where the rows went rather than only '0 train rows'."""
     log_predictions(sessions, generate_transactions(4, start="2022-06-10", end="2022-06-20", seed=7), spec)
-    run_id = start_run(sessions, trigger="manual", now=NOW)
 
-    outcome = execute_run(
-        run_id, settings=make_settings(db_url, tmp_path, train_window_days=30), spec=spec, registry=registry,
-        clock=lambda: NOW,
-    )  # fmt: skip
+    error = failed_run_error(make_settings(db_url, tmp_path, train_window_days=30), sessions, registry, spec)
 
-    assert outcome.status == "failed"
-    assert outcome.error == (
+    assert error == (
         "RuntimeError: too little data: 3 train and 1 holdout rows (at least 10 train rows are needed), of 0 "
         "reference, 4 production_labelled, 0 ingested row(s) dated since 2022-06-01 00:00 UTC "
         "(DRIFTLOOP_TRAIN_WINDOW_DAYS=30)"
     )
-    assert run_row(sessions, run_id).error == outcome.error
-    assert versions(registry) == {1: ModelStatus.champion}
 
 
 def test_a_half_life_that_leaves_no_rows_any_weight_fails_the_run_naming_it(
@@ -713,23 +720,17 @@ def test_a_half_life_that_leaves_no_rows_any_weight_fails_the_run_naming_it(
     which CatBoost would refuse as 'Too few sampling units (subsample=0.8, bootstrap_type=MVS)'."""
     data = generate_transactions(300, start="2022-01-01", end="2022-06-30", seed=8)
     log_predictions(sessions, data, spec)
-    run_id = start_run(sessions, trigger="manual", now=NOW)
 
-    outcome = execute_run(
-        run_id, settings=make_settings(db_url, tmp_path, train_half_life_days=1e-6), spec=spec,
-        registry=registry, clock=lambda: NOW,
-    )  # fmt: skip
+    error = failed_run_error(
+        make_settings(db_url, tmp_path, train_half_life_days=1e-6), sessions, registry, spec
+    )
 
-    assert outcome.status == "failed"
-    assert outcome.error is not None
-    weighted, said = outcome.error.removeprefix("RuntimeError: only ").split(" ", 1)
+    weighted, said = error.removeprefix("RuntimeError: only ").split(" ", 1)
     assert 1 <= int(weighted) < 10  # the rows of the newest training day
     assert said == (
         f"of {3000 + 300 - 60} training rows carry any weight under DRIFTLOOP_TRAIN_HALF_LIFE_DAYS=1e-06 (a "
         "row's weight halves with each half-life it is older than the newest row); at least 10 are needed"
     )
-    assert run_row(sessions, run_id).error == outcome.error
-    assert versions(registry) == {1: ModelStatus.champion}
 
 
 def test_a_run_under_a_spec_the_champion_does_not_fit_fails_naming_the_difference(
