@@ -191,6 +191,8 @@ def test_reads_and_operations_in_a_database_outage_are_503_to_retry_not_500(
     server = start_server(make_settings(db_url, tmp_path, spool_replay_interval_s=0.2), tmp_path)
     try:
         assert server.get("/models").status_code == 200
+        answered = httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).json()["prediction_id"]
+        wait_until(lambda: answered in logged_ids(db_url), timeout=30, what="the prediction to be stored")
         pg_cluster.stop()
         try:
             for method, path in [("GET", "/models"), ("GET", "/reports"), ("GET", "/retrain/runs"),
@@ -201,10 +203,18 @@ def test_reads_and_operations_in_a_database_outage_are_503_to_retry_not_500(
                     "error": "unavailable",
                     "message": "database unavailable (OperationalError): retry shortly",
                 }
+            label = [{"prediction_id": answered, "actual": 1.0}]
+            answer = httpx.post(f"{server.url}/feedback", json=label, timeout=30)
+            assert (answer.status_code, answer.headers.get("retry-after")) == (503, "5"), answer.text
+            assert answer.json() == {
+                "error": "unavailable",
+                "message": "database unavailable: nothing was stored; retry the same request",
+            }
             assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
         finally:
             pg_cluster.start()
         wait_until(lambda: server.get("/models").status_code == 200, timeout=60, what="the registry back")
+        assert httpx.post(f"{server.url}/feedback", json=label, timeout=30).json()["accepted"] == 1
     finally:
         assert server.terminate()
     assert "GET /models: database unavailable (OperationalError: " in server.log()

@@ -15,6 +15,7 @@ from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
 from service.auth import Feedback
 from service.logger import PredictionLogger
+from service.middleware import DATABASE_RETRY_AFTER_S
 from service.routes.params import Text
 
 IN_FLIGHT_WAIT_S = 5.0
@@ -82,7 +83,9 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             if not unreachable(exc):  # SQL the database cannot run (no such table): a fault, a 500
                 raise
             raise HTTPException(
-                503, "database unavailable: nothing was stored; retry the same request"
+                503,
+                "database unavailable: nothing was stored; retry the same request",
+                headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},  # as the middleware's 503 for an outage
             ) from exc
         result.duplicate += repeated
         for outcome in ("accepted", "updated", "duplicate"):
