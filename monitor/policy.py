@@ -7,6 +7,8 @@ Rules, in order:
 1. A drift window with fewer than `min_window_rows` rows gets no drift verdict. Its report is
    "insufficient" unless the accuracy rule below breaches: labels arrive on their own window, so a new
    champion (whose drift window starts empty at its promotion) or a quiet service is still judged on them.
+   When the labels are judged and within policy the report stays "insufficient" (drift was not judged)
+   but says so (`labels_within_policy`): it ends a run of accuracy breaches, not one of drift breaches.
 2. A window breaches when any of these holds (each adds one reason sentence with the figures):
    drift share ≥ `drift_share_threshold`; weighted drift score ≥ `weighted_drift_threshold`;
    at least `min_labelled_rows` labelled rows and MAE > champion MAE × `mae_degradation_ratio`;
@@ -19,7 +21,8 @@ Rules, in order:
 3. A breach launches retraining only when every gate is open, checked in this order (the first
    closed gate is reported in `held_by`):
    - `auto_retrain` ("alert-only mode");
-   - hysteresis: at least `consecutive_breaches` breaches in a row ("hysteresis 1/2");
+   - hysteresis: at least `consecutive_breaches` breaches in a row ("hysteresis 1/2"); for an accuracy
+     breach the row starts after the newest report whose labels were within policy;
    - cooldown since the last run started ("cooldown: 1234 s left");
    - daily budget ("daily budget 4/4");
    - backoff, for a soft breach (drift only, or the baseline alone: MAE within the champion's own
@@ -136,6 +139,9 @@ class History:
     soft_runs: int = 0
     # The latest run, when the gate rejected it for this champion and no label has arrived since it began.
     rejected_run_without_new_labels: int | None = None
+    # Breaches of that run newer than its newest "insufficient" report whose labels were within policy;
+    # None when it holds no such report. An accuracy breach counts only these (see the module docstring).
+    breaches_since_labels_ok: int | None = None
 
 
 NO_HISTORY = History(previous_breaches=0, last_retrain_at=None, retrains_last_24h=0)
@@ -151,6 +157,8 @@ class Decision:
     held_by: str | None  # why a breach did not retrain; None when it did, or when there was no breach
     consecutive: int  # breaches in a row including this one; 0 when this is not a breach
     soft: bool = False  # a breach of drift alone or of the baseline alone (see the module docstring)
+    # "insufficient" only: the drift window was too short, but the labels were judged and within policy.
+    labels_within_policy: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, for drift_report.decision."""
@@ -165,14 +173,21 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
     accuracy, baseline_only = _accuracy_reason(obs, config)
     if short and not accuracy:
         reason = f"window has {obs.rows} rows, fewer than the {config.min_window_rows} needed for a verdict"
+        labels_ok = _labels_judged(obs, config)
+        within = (
+            f"MAE {figure(obs.mae)} on {obs.labelled_rows} labelled rows is within policy"
+            if labels_ok and obs.mae is not None
+            else None
+        )
         return Decision(
             verdict="insufficient",
             breach=False,
             retrain=False,
             trigger=None,
-            reasons=(reason,),
+            reasons=(reason, *((within,) if within else ())),
             held_by=None,
             consecutive=0,
+            labels_within_policy=labels_ok,
         )
     reasons = (*drift, *((accuracy,) if accuracy else ()))
     if not reasons:
@@ -180,7 +195,10 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
             verdict="ok", breach=False, retrain=False, trigger=None, reasons=(), held_by=None, consecutive=0
         )
     trigger: PolicyTrigger = "accuracy" if accuracy else "drift"
-    consecutive = history.previous_breaches + 1
+    previous = history.previous_breaches
+    if trigger == "accuracy" and history.breaches_since_labels_ok is not None:
+        previous = history.breaches_since_labels_ok
+    consecutive = previous + 1
     soft = trigger == "drift" or baseline_only
     held_by = _held_by(obs.at, consecutive, history, config, drift_only=trigger == "drift", soft=soft)
     return Decision(
@@ -209,10 +227,17 @@ def _drift_reasons(obs: Observation, config: PolicyConfig) -> list[str]:
     return reasons
 
 
+def _labels_judged(obs: Observation, config: PolicyConfig) -> bool:
+    """Whether the accuracy rule can judge this observation: enough labelled rows and both MAEs."""
+    return (
+        obs.mae is not None and obs.champion_mae is not None and obs.labelled_rows >= config.min_labelled_rows
+    )
+
+
 def _accuracy_reason(obs: Observation, config: PolicyConfig) -> tuple[str | None, bool]:
     """(reason, baseline_only): the reason names the tightest yardstick the MAE is over; baseline_only
     when it is within the champion's own."""
-    if obs.mae is None or obs.champion_mae is None or obs.labelled_rows < config.min_labelled_rows:
+    if obs.mae is None or obs.champion_mae is None or not _labels_judged(obs, config):
         return None, False
     ratio = config.mae_degradation_ratio
     own = obs.champion_mae * ratio
@@ -292,7 +317,8 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
 
     Breaches in a row: walking back from `now`, breaching reports of this champion are counted until a
     report that did not breach or was made for another champion. Reports whose stored decision has
-    verdict "insufficient" (too few rows to judge) neither count nor end the run. Retrain runs count
+    verdict "insufficient" (too few rows to judge) neither count nor end the run; the newest such report
+    whose labels were within policy sets `breaches_since_labels_ok` to the count above it. Retrain runs count
     whatever their trigger and outcome: a rejected or failed run still spent the cooldown and budget.
     `soft_runs`: walking back from `now` over runs of any champion started after the newest report with
     an "ok" verdict, those launched by a soft breach (drift triggered, or accuracy triggered by a report
@@ -300,7 +326,8 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
     whose report is gone or predates the `soft` field counts as hard.
     `labelled_since_streak`: labelled rows dated from the streak's first report up to `now`.
     """
-    previous, streak_start, since = _breach_streak(session, champion_version=champion_version, now=now)
+    streak = _breach_streak(session, champion_version=champion_version, now=now)
+    previous, streak_start, since, since_labels_ok = streak
     labelled_since = _labelled_since(session, since=since, now=now) if since else 0
     last_retrain_at, recent = session.execute(
         select(
@@ -318,6 +345,7 @@ def load_history(session: Session, *, champion_version: int | None, now: datetim
         rejected_run_without_new_labels=_rejected_without_new_labels(
             session, champion_version=champion_version, now=now
         ),
+        breaches_since_labels_ok=since_labels_ok,
     )
 
 
@@ -392,8 +420,9 @@ def _labelled_since(session: Session, *, since: datetime, now: datetime) -> int:
 
 def _breach_streak(
     session: Session, *, champion_version: int | None, now: datetime
-) -> tuple[int, int | None, datetime | None]:
-    """Breaches in a row before `now`, and the id and time of the streak's first report (None: no streak)."""
+) -> tuple[int, int | None, datetime | None, int | None]:
+    """Breaches in a row before `now`, the id and time of the streak's first report (None: no streak), and
+    how many of them are newer than its newest short-window report with labels within policy (None: none)."""
     rows = session.execute(
         select(
             DriftReport.id,
@@ -406,16 +435,18 @@ def _breach_streak(
         .order_by(DriftReport.created_at.desc(), DriftReport.id.desc())
         .execution_options(yield_per=50)
     )
-    count, start, since = 0, None, None
+    count, start, since, since_labels_ok = 0, None, None, None
     try:
         for report_id, created_at, version, breach, decision in rows:
             if version != champion_version:
                 break
             if (decision or {}).get("verdict") == "insufficient":
+                if since_labels_ok is None and (decision or {}).get("labels_within_policy") is True:
+                    since_labels_ok = count
                 continue
             if not breach:
                 break
             count, start, since = count + 1, report_id, created_at
     finally:
         rows.close()
-    return count, start, since
+    return count, start, since, since_labels_ok

@@ -65,15 +65,17 @@ def log_traffic(
     frame: pd.DataFrame,
     *,
     labelled: bool = True,
+    ago: timedelta = timedelta(0),
 ) -> None:
-    """What the service would have logged: the champion's predictions, one second apart, ending now."""
+    """What the service would have logged: the champion's predictions, one second apart, ending `ago`
+    before now, with their labels (received now)."""
     predictions = predict(registry.load(champion), frame, spec)
     now = utcnow()
     ids = [str(uuid4()) for _ in range(len(frame))]
     rows = [
         {
             "id": pid,
-            "created_at": now - timedelta(seconds=len(frame) - i),
+            "created_at": now - ago - timedelta(seconds=len(frame) - i),
             "model_version": champion.version,
             "features": features,
             "prediction": float(p),
@@ -368,6 +370,36 @@ def test_a_champion_with_too_few_answers_to_judge_drift_is_judged_on_its_labels(
     sample = metrics_value(metrics)
     assert sample("driftloop_window_mae") == pytest.approx(v2_mae)
     assert math.isnan(sample("driftloop_drift_share"))  # no drift verdict: no figure
+
+
+def test_labels_within_policy_end_a_run_of_accuracy_breaches_while_the_drift_window_is_short(
+    make_loop, registry, champion, spec
+) -> None:
+    """With too few of v2's answers to judge drift, a report whose labels are within policy is no "ok"
+    (drift was not judged), but the next accuracy breach starts a new run: two breaches around it are not
+    two in a row, so hysteresis holds the retrain."""
+    hours = timedelta(hours=1)
+    log_traffic(registry, champion, spec, traffic("rate_shock", 600, seed=5), ago=3 * hours)  # v1's, labelled
+    _, v2 = promote_trained_on(registry, champion, spec, traffic("none", 3000, seed=8))  # the old market
+    log_traffic(registry, v2, spec, traffic("none", 100, seed=9), labelled=False)  # < 300 rows
+    loop = make_loop(consecutive_breaches=2)
+
+    first = loop.run_monitor()
+    log_traffic(registry, champion, spec, traffic("none", 600, seed=10), ago=2 * hours)  # newest 500: fine
+    calm = loop.run_monitor()
+    log_traffic(registry, champion, spec, traffic("rate_shock", 600, seed=11), ago=hours)
+    again = loop.run_monitor()
+
+    assert (first.verdict, first.decision.trigger, first.decision.held_by) == (
+        "breach", "accuracy", "hysteresis 1/2",
+    )  # fmt: skip
+    assert (calm.verdict, calm.decision.labels_within_policy) == ("insufficient", True)
+    assert report_row(registry, calm.report_id).decision["labels_within_policy"] is True
+    assert calm.decision.reasons[1].endswith("on 500 labelled rows is within policy")
+    assert (again.verdict, again.decision.consecutive, again.decision.held_by) == (
+        "breach", 1, "hysteresis 1/2",
+    )  # fmt: skip
+    assert again.retrain_run_id is None and runs(registry) == []
 
 
 def test_one_alert_per_breach_then_a_gated_retrain_promotes(

@@ -70,6 +70,12 @@ INSUFFICIENT = Decision(  # for a window of 199 rows
     held_by=None,
     consecutive=0,
 )
+# The same, with STABLE's 300 labelled rows judged and within policy.
+LABELS_OK = dataclasses.replace(
+    INSUFFICIENT,
+    reasons=(*INSUFFICIENT.reasons, "MAE 100 on 300 labelled rows is within policy"),
+    labels_within_policy=True,
+)
 
 
 def obs(**changes: Any) -> Observation:
@@ -115,11 +121,46 @@ def backoff(soft_runs: int, *, hours_ago: float, **changes: Any) -> History:
 
 CASES = [
     pytest.param(
-        obs(rows=199, drift_share=0.9),
+        obs(rows=199, drift_share=0.9, labelled_rows=0, mae=None),
         ONE_BEFORE,
         CONFIG,
         INSUFFICIENT,
         id="insufficient-rows",
+    ),
+    pytest.param(  # drift is not judged, so no "ok"; but the labels were, and the report says so
+        obs(rows=199, drift_share=0.9),
+        ONE_BEFORE,
+        CONFIG,
+        LABELS_OK,
+        id="short-window-labels-within-policy",
+    ),
+    pytest.param(
+        obs(rows=199, mae=125.0, champion_mae=None),
+        ONE_BEFORE,
+        CONFIG,
+        INSUFFICIENT,
+        id="short-window-labels-without-champion-mae-insufficient",
+    ),
+    pytest.param(  # labels judged within policy since the run's one breach: an accuracy breach starts afresh
+        obs(mae=130.0),
+        history(breaches_since_labels_ok=0),
+        CONFIG,
+        held("accuracy", (MAE,), "hysteresis 1/2", consecutive=1),
+        id="labels-within-policy-end-an-accuracy-run",
+    ),
+    pytest.param(  # ... but said nothing of drift, so a drift breach still counts the run's breaches
+        obs(weighted_score=0.42),
+        history(breaches_since_labels_ok=0),
+        CONFIG,
+        breach("drift", (WEIGHTED,)),
+        id="labels-within-policy-leave-a-drift-run",
+    ),
+    pytest.param(  # breaches after that report count
+        obs(mae=130.0),
+        history(previous_breaches=3, breaches_since_labels_ok=1),
+        CONFIG,
+        breach("accuracy", (MAE,)),
+        id="accuracy-run-counts-breaches-after-labels-within-policy",
     ),
     pytest.param(  # labels have their own window: a short drift window does not blind the accuracy rule
         obs(rows=199, drift_share=0.9, mae=130.0),
@@ -460,6 +501,7 @@ def test_decision_as_dict_is_json_ready() -> None:
         "held_by": "hysteresis 1/2",
         "consecutive": 1,
         "soft": True,
+        "labels_within_policy": False,
     }
 
 
@@ -562,6 +604,39 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
         streak_start_report_id=first.id,
         soft_runs=0,
     )
+
+
+def test_load_history_counts_the_breaches_since_labels_were_within_policy(
+    sessions: sessionmaker[Session],
+) -> None:
+    def labels_ok(at: datetime) -> DriftReport:
+        out = _report(at, 3, breach=False, verdict="insufficient")
+        out.decision = {"verdict": "insufficient", "labels_within_policy": True}
+        return out
+
+    with sessions.begin() as session:
+        session.add_all(
+            [
+                first := _report(minutes(-70), 3, breach=True),
+                labels_ok(minutes(-60)),  # older than the newest: not the one counted from
+                _report(minutes(-50), 3, breach=True),
+                labels_ok(minutes(-40)),
+                _report(minutes(-30), 3, breach=True),
+                _report(minutes(-20), 3, breach=False, verdict="insufficient"),  # labels not judged
+                _report(minutes(-10), 3, breach=True),
+            ]
+        )
+
+    def streak(now: datetime) -> tuple[int, int | None, int | None]:
+        with sessions() as session:
+            h = load_history(session, champion_version=3, now=now)
+        return h.previous_breaches, h.streak_start_report_id, h.breaches_since_labels_ok
+
+    # The run of breaches, for drift and for alerts, spans them; an accuracy breach counts from the newest.
+    assert streak(T0) == (4, first.id, 2)
+    assert streak(minutes(-35)) == (2, first.id, 0)
+    assert streak(minutes(-55)) == (1, first.id, 0)
+    assert streak(minutes(-65)) == (1, first.id, None)
 
 
 def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Session]) -> None:
