@@ -229,7 +229,7 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
         ),
         monitor_seconds=Histogram(
             "driftloop_monitor_seconds",
-            "Monitor run duration.",
+            "Monitor run duration (runs refused because another holds the monitor lease are not timed).",
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
             registry=r,
         ),

@@ -323,9 +323,9 @@ class Loop:
             self.metrics.monitor_runs.labels(outcome="error").inc()
             raise
         finally:
-            if leased:
+            if leased:  # a run refused (MonitorBusy) or failed before its lease is no run to time
                 self._release_monitor_lease()
-            self.metrics.monitor_seconds.observe(time.perf_counter() - started)
+                self.metrics.monitor_seconds.observe(time.perf_counter() - started)
             self._monitoring.release()
         self.metrics.monitor_runs.labels(outcome=outcome.verdict).inc()
         self.metrics.monitor_last_run.set(time.time())

@@ -238,7 +238,9 @@ def test_a_run_without_a_verdict_leaves_no_figures_of_the_last_window(
     assert sample("driftloop_drift_breach") == 0
 
 
-def test_a_monitor_run_in_another_process_holds_off_this_ones(make_loop, registry, champion, spec) -> None:
+def test_a_monitor_run_in_another_process_holds_off_this_ones(
+    make_loop, registry, champion, spec, metrics
+) -> None:
     """An API replica's POST /monitor/run, the worker's scheduled run and `driftloop monitor` share one
     database lease: a second run over the same window would not see the first's report and open a breach
     episode (and an alert) of its own. A run refused so stores nothing; a lease left by a process that died
@@ -261,6 +263,7 @@ def test_a_monitor_run_in_another_process_holds_off_this_ones(make_loop, registr
     )
     with registry.sessions() as session:
         assert session.scalar(select(func.count()).select_from(DriftReport)) == 0
+    assert metrics_value(metrics)("driftloop_monitor_seconds_count") == 0  # no run, nothing to time
     outcome = loop.run_monitor(expires + timedelta(seconds=1))  # the holder died: its lease has expired
     assert outcome.verdict == "breach"
     assert current_holder(registry.sessions, name=MONITOR_LEASE) is None  # released at the end of the run
