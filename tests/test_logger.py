@@ -164,7 +164,7 @@ def test_rows_from_many_threads_are_each_logged_once(harness: Callable[..., Harn
 def test_each_batch_is_one_transaction(harness: Callable[..., Harness], engine: Engine) -> None:
     commits: list[int] = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
-    h = harness(batch_size=100)
+    h = harness(batch_size=10)  # more batches than rows in one: batches of 11 would make 91
     rows = [make_row(i) for i in range(1000)]
     for row in rows:  # queued before the writer starts, so every batch it takes is full
         h.logger.submit(row)
@@ -173,7 +173,7 @@ def test_each_batch_is_one_transaction(harness: Callable[..., Harness], engine: 
     assert h.logger.flush(timeout=60)
     h.logger.stop()
 
-    assert len(commits) == 10
+    assert len(commits) == 100
     assert sorted(stored(engine)) == sorted(r.id for r in rows)
     assert h.counts()["logged"] == 1000
 
@@ -387,6 +387,62 @@ def test_waiting_for_a_row_writes_it_now_rather_than_at_the_next_flush(
     h.logger.submit(row)
     assert h.logger.wait_written([row.id], timeout=10) == set()
     assert stored(h.engine) == [row.id]
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush_interval(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(flush_interval_s=600, batch_size=10)
+    h.logger.start()
+    rows = [make_row(i) for i in range(10)]
+    for row in rows:
+        h.logger.submit(row)
+    assert h.logger.flush(timeout=10)
+    assert sorted(stored(h.engine)) == sorted(r.id for r in rows)
+
+
+def test_a_row_submitted_after_stop_goes_to_the_spool(
+    harness: Callable[..., Harness], engine: Engine
+) -> None:
+    """A request answered while the service shuts down: no writer is left to take it from the queue."""
+    h = harness()
+    h.logger.start()
+    h.logger.stop()
+    row = make_row()
+    h.logger.submit(row)
+    assert h.counts() == {"logged": 0, "spooled": 1, "replayed": 0, "dropped": 0}
+    assert h.gauges() == (0, 1)
+
+
+def test_a_row_that_is_not_json_is_kept_aside_and_the_rest_of_its_batch_spooled(
+    harness: Callable[..., Harness], engine: Engine, outage: Outage
+) -> None:
+    h = harness()
+    good = [make_row(1), make_row(2)]
+    bad = LogRow(str(uuid4()), utcnow(), 1, {"district": {"not", "json"}}, 1.0, 1.0)
+    with outage():
+        for row in (good[0], bad, good[1]):
+            h.logger.submit(row)
+        h.logger.stop()  # never started: the caller drains one batch, which the database cannot take
+    assert h.counts() == {"logged": 0, "spooled": 2, "replayed": 0, "dropped": 1}
+    assert h.spool.pending_rows() == 2
+    (kept,) = (h.spool.directory / "rejected").iterdir()
+    assert bad.id in kept.read_text()
+
+
+def test_a_spooled_row_the_database_refuses_is_not_counted_replayed(
+    harness: Callable[..., Harness], engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    spool_dir = tmp_path_factory.mktemp("spool")
+    rows = [make_row(i) for i in range(2)]
+    Spool(spool_dir).append([_doc(rows[0]), {"id": "no-other-field"}, _doc(rows[1])])
+
+    h = harness(spool_dir)
+    h.logger.start()
+    until(lambda: h.logger.spooled_pending == 0, "replay")
+    h.logger.stop()
+    assert sorted(stored(engine)) == sorted(r.id for r in rows)
+    assert h.counts() == {"logged": 0, "spooled": 0, "replayed": 2, "dropped": 1}
 
 
 def test_rows_the_database_refuses_are_kept_aside_and_counted(
