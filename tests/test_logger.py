@@ -255,6 +255,29 @@ def test_stop_drains_a_full_queue(harness: Callable[..., Harness], engine: Engin
     assert h.gauges() == (0, 0)
 
 
+def test_stop_spools_what_a_stuck_writer_holds(harness: Callable[..., Harness], engine: Engine) -> None:
+    """A writer held up past the stop timeout (a lock the insert waits on): the batch it holds and the rows
+    still queued go to the spool, so none is lost when the process exits."""
+    h = harness(batch_size=10)
+    rows = [make_row(i) for i in range(30)]
+    for row in rows:
+        h.logger.submit(row)
+    with engine.connect() as blocker:
+        if engine.dialect.name == "postgresql":
+            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
+        else:
+            blocker.execute(
+                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
+            )
+        h.logger.start()
+        until(lambda: len(h.logger) == 20, "the writer to take its first batch")
+        h.logger.stop(timeout=0.3)
+        assert h.spool.pending_rows() == 30
+        assert h.counts()["spooled"] == 30
+        blocker.rollback()
+    until(lambda: len(stored(engine)) == 10, "the stuck batch, written once the lock is gone")
+
+
 def test_stop_without_start_still_drains(harness: Callable[..., Harness], engine: Engine) -> None:
     h = harness()
     rows = [make_row(i) for i in range(150)]
