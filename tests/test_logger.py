@@ -309,6 +309,20 @@ def test_full_queue_spills_to_the_spool_without_losing_rows(
     assert h.gauges() == (0, 0)
 
 
+def test_a_row_the_spool_cannot_store_is_counted_dropped_and_no_longer_pending(
+    harness: Callable[..., Harness], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    blocked = tmp_path_factory.mktemp("spool") / "spool"
+    blocked.write_text("a file where the spool directory should be")
+    h = harness(blocked, queue_size=1)
+    queued, spilled = make_row(1), make_row(2)
+    h.logger.submit(queued)
+    h.logger.submit(spilled)  # no writer yet: the queue is full, and the spool write fails
+    assert h.counts() == {"logged": 0, "spooled": 0, "replayed": 0, "dropped": 1}
+    assert (h.logger.is_pending(queued.id), h.logger.is_pending(spilled.id)) == (True, False)
+    assert not h.logger.losing_rows  # the database is not down: answered rows still reach it
+
+
 def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(
     harness: Callable[..., Harness],
     engine: Engine,
