@@ -634,6 +634,9 @@ def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Se
     assert soft_runs(T0 - timedelta(hours=7)) == 1
     assert soft_runs(T0) == 2  # the runs after it
     with sessions.begin() as session:
+        session.add(_report(T0, 2, breach=False))
+    assert soft_runs(T0) == 2  # a report at now is not before it
+    with sessions.begin() as session:
         session.add(_report(T0 - timedelta(hours=1), 3, breach=False))
     assert soft_runs(T0) == 0
 
