@@ -387,3 +387,57 @@ def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, 
     assert [target for _, target in stored] == [1.5, 2.5, 3.5, 4.5]
     read = read_labelled_csv(path, spec)
     assert [None if pd.isna(k) else k for k in read["kind"]] == ["office", "NA", "01", None]
+
+
+METERS = {
+    "dataset": "buildings", "target": "kwh",
+    "features": [{"name": "hour", "type": "integer", "min": 0, "max": 23}],
+}  # fmt: skip
+
+
+def test_without_a_time_column_a_row_is_dated_when_it_is_ingested(tmp_path: Path, sessions) -> None:
+    at = datetime(2025, 6, 1, 9, 30, tzinfo=UTC)
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh\n3,1.5\n4,2.5\n")
+    assert ingest_csv(path, spec=parse_spec(METERS), sessions=sessions, clock=lambda: at).loaded == 2
+    with sessions() as s:
+        stored = s.execute(select(LabelledRow.event_time, LabelledRow.ingested_at)).all()
+    assert stored == [(at, at), (at, at)]
+
+
+def test_a_blank_line_is_no_row_and_a_last_line_without_a_newline_is_one(tmp_path: Path, sessions) -> None:
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh\n3,1.5\n\n4,2.5\n5,3.5")
+    progress: list[int] = []
+    assert inspect_file(path).lines == 4  # lines after the header: an upper bound on the rows
+    report = ingest_csv(
+        path, spec=parse_spec(METERS), sessions=sessions, chunk_size=2, on_progress=progress.append
+    )
+    assert (report.loaded, report.rejected) == (3, [])
+    assert progress == [2, 1]  # batches of chunk_size rows, the blank line in none
+
+
+def test_a_header_naming_a_column_twice_is_refused(tmp_path: Path, sessions) -> None:
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh,hour\n3,1.5,4\n")
+    with pytest.raises(IngestError, match=re.escape("header names column(s) more than once: hour")):
+        ingest_csv(path, spec=parse_spec(METERS), sessions=sessions)
+
+
+def test_only_the_first_thousand_bad_lines_are_listed_but_all_are_counted(tmp_path: Path, sessions) -> None:
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh\n" + "99,1.5\n" * 1003)
+    report = ingest_csv(path, spec=parse_spec(METERS), sessions=sessions, chunk_size=400)
+    assert (report.good, report.bad, len(report.rejected)) == (0, 1003, 1000)
+    assert report.rejected[-1] == (1001, ["hour: must be <= 23"])
+
+
+def test_a_file_of_bad_lines_only_is_not_recorded_even_when_skipping_them(tmp_path: Path, sessions) -> None:
+    """Nothing was loaded from it: run again (say, under a spec that accepts its lines) it loads, rather than
+    being taken for a file loaded before."""
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh\n99,1.5\n")
+    report = ingest_csv(path, spec=parse_spec(METERS), sessions=sessions, skip_bad=True)
+    assert (report.loaded, report.bad, report.already) == (0, 1, None)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0

@@ -164,7 +164,7 @@ def test_rows_from_many_threads_are_each_logged_once(harness: Callable[..., Harn
 def test_each_batch_is_one_transaction(harness: Callable[..., Harness], engine: Engine) -> None:
     commits: list[int] = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
-    h = harness(batch_size=100)
+    h = harness(batch_size=10)  # more batches than rows in one: batches of 11 would make 91
     rows = [make_row(i) for i in range(1000)]
     for row in rows:  # queued before the writer starts, so every batch it takes is full
         h.logger.submit(row)
@@ -173,7 +173,7 @@ def test_each_batch_is_one_transaction(harness: Callable[..., Harness], engine: 
     assert h.logger.flush(timeout=60)
     h.logger.stop()
 
-    assert len(commits) == 10
+    assert len(commits) == 100
     assert sorted(stored(engine)) == sorted(r.id for r in rows)
     assert h.counts()["logged"] == 1000
 
@@ -255,6 +255,29 @@ def test_stop_drains_a_full_queue(harness: Callable[..., Harness], engine: Engin
     assert h.gauges() == (0, 0)
 
 
+def test_stop_spools_what_a_stuck_writer_holds(harness: Callable[..., Harness], engine: Engine) -> None:
+    """A writer held up past the stop timeout (a lock the insert waits on): the batch it holds and the rows
+    still queued go to the spool, so none is lost when the process exits."""
+    h = harness(batch_size=10)
+    rows = [make_row(i) for i in range(30)]
+    for row in rows:
+        h.logger.submit(row)
+    with engine.connect() as blocker:
+        if engine.dialect.name == "postgresql":
+            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
+        else:
+            blocker.execute(
+                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
+            )
+        h.logger.start()
+        until(lambda: len(h.logger) == 20, "the writer to take its first batch")
+        h.logger.stop(timeout=0.3)
+        assert h.spool.pending_rows() == 30
+        assert h.counts()["spooled"] == 30
+        blocker.rollback()
+    until(lambda: len(stored(engine)) == 10, "the stuck batch, written once the lock is gone")
+
+
 def test_stop_without_start_still_drains(harness: Callable[..., Harness], engine: Engine) -> None:
     h = harness()
     rows = [make_row(i) for i in range(150)]
@@ -284,6 +307,20 @@ def test_full_queue_spills_to_the_spool_without_losing_rows(
     assert sorted(stored(engine)) == sorted(r.id for r in rows)
     assert h.counts() == {"logged": 100, "spooled": 50, "replayed": 50, "dropped": 0}
     assert h.gauges() == (0, 0)
+
+
+def test_a_row_the_spool_cannot_store_is_counted_dropped_and_no_longer_pending(
+    harness: Callable[..., Harness], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    blocked = tmp_path_factory.mktemp("spool") / "spool"
+    blocked.write_text("a file where the spool directory should be")
+    h = harness(blocked, queue_size=1)
+    queued, spilled = make_row(1), make_row(2)
+    h.logger.submit(queued)
+    h.logger.submit(spilled)  # no writer yet: the queue is full, and the spool write fails
+    assert h.counts() == {"logged": 0, "spooled": 0, "replayed": 0, "dropped": 1}
+    assert (h.logger.is_pending(queued.id), h.logger.is_pending(spilled.id)) == (True, False)
+    assert not h.logger.losing_rows  # the database is not down: answered rows still reach it
 
 
 def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(
@@ -387,6 +424,62 @@ def test_waiting_for_a_row_writes_it_now_rather_than_at_the_next_flush(
     h.logger.submit(row)
     assert h.logger.wait_written([row.id], timeout=10) == set()
     assert stored(h.engine) == [row.id]
+
+
+def test_a_full_batch_is_written_without_waiting_for_the_flush_interval(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness(flush_interval_s=600, batch_size=10)
+    h.logger.start()
+    rows = [make_row(i) for i in range(10)]
+    for row in rows:
+        h.logger.submit(row)
+    assert h.logger.flush(timeout=10)
+    assert sorted(stored(h.engine)) == sorted(r.id for r in rows)
+
+
+def test_a_row_submitted_after_stop_goes_to_the_spool(
+    harness: Callable[..., Harness], engine: Engine
+) -> None:
+    """A request answered while the service shuts down: no writer is left to take it from the queue."""
+    h = harness()
+    h.logger.start()
+    h.logger.stop()
+    row = make_row()
+    h.logger.submit(row)
+    assert h.counts() == {"logged": 0, "spooled": 1, "replayed": 0, "dropped": 0}
+    assert h.gauges() == (0, 1)
+
+
+def test_a_row_that_is_not_json_is_kept_aside_and_the_rest_of_its_batch_spooled(
+    harness: Callable[..., Harness], engine: Engine, outage: Outage
+) -> None:
+    h = harness()
+    good = [make_row(1), make_row(2)]
+    bad = LogRow(str(uuid4()), utcnow(), 1, {"district": {"not", "json"}}, 1.0, 1.0)
+    with outage():
+        for row in (good[0], bad, good[1]):
+            h.logger.submit(row)
+        h.logger.stop()  # never started: the caller drains one batch, which the database cannot take
+    assert h.counts() == {"logged": 0, "spooled": 2, "replayed": 0, "dropped": 1}
+    assert h.spool.pending_rows() == 2
+    (kept,) = (h.spool.directory / "rejected").iterdir()
+    assert bad.id in kept.read_text()
+
+
+def test_a_spooled_row_the_database_refuses_is_not_counted_replayed(
+    harness: Callable[..., Harness], engine: Engine, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    spool_dir = tmp_path_factory.mktemp("spool")
+    rows = [make_row(i) for i in range(2)]
+    Spool(spool_dir).append([_doc(rows[0]), {"id": "no-other-field"}, _doc(rows[1])])
+
+    h = harness(spool_dir)
+    h.logger.start()
+    until(lambda: h.logger.spooled_pending == 0, "replay")
+    h.logger.stop()
+    assert sorted(stored(engine)) == sorted(r.id for r in rows)
+    assert h.counts() == {"logged": 0, "spooled": 0, "replayed": 2, "dropped": 1}
 
 
 def test_rows_the_database_refuses_are_kept_aside_and_counted(

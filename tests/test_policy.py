@@ -176,6 +176,7 @@ CASES = [
         INSUFFICIENT,
         id="short-window-too-few-labels-insufficient",
     ),
+    pytest.param(obs(rows=200), ONE_BEFORE, CONFIG, OK, id="window-of-exactly-min-rows-judged"),
     pytest.param(STABLE, ONE_BEFORE, CONFIG, OK, id="stable-ok"),
     pytest.param(
         obs(drift_share=None, weighted_score=None, mae=None, champion_mae=None, labelled_rows=0),
@@ -195,7 +196,21 @@ CASES = [
     pytest.param(
         obs(weighted_score=0.42), ONE_BEFORE, CONFIG, breach("drift", (WEIGHTED,)), id="weighted-breach"
     ),
+    pytest.param(
+        obs(weighted_score=0.3),
+        ONE_BEFORE,
+        CONFIG,
+        breach("drift", ("weighted drift score 0.300 ≥ threshold 0.300",)),
+        id="weighted-breach-at-threshold",
+    ),
     pytest.param(obs(mae=130.0), ONE_BEFORE, CONFIG, breach("accuracy", (MAE,)), id="accuracy-breach"),
+    pytest.param(
+        obs(mae=130.0, labelled_rows=100),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (MAE.replace("300", "100"),)),
+        id="accuracy-judged-at-exactly-min-labels",
+    ),
     pytest.param(obs(mae=125.0), ONE_BEFORE, CONFIG, OK, id="accuracy-at-limit-ok"),
     pytest.param(obs(mae=130.0, labelled_rows=99), ONE_BEFORE, CONFIG, OK, id="accuracy-gated-by-labels"),
     pytest.param(
@@ -391,6 +406,13 @@ CASES = [
         id="baseline-breach-within-the-champions-own-yardstick",
     ),
     pytest.param(obs(mae=100.0, baseline_mae=80.0), ONE_BEFORE, CONFIG, OK, id="baseline-at-limit-ok"),
+    pytest.param(  # at the champion's own limit, not over it: still soft
+        obs(mae=125.0, baseline_mae=80.0),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", (BASELINE.replace("MAE 110 ", "MAE 125 "),), soft=True),
+        id="baseline-breach-at-the-champions-own-limit-is-soft",
+    ),
     pytest.param(
         obs(mae=110.0, baseline_mae=80.0),
         ONE_BEFORE,
@@ -404,6 +426,13 @@ CASES = [
         CONFIG,
         breach("accuracy", (MAE,)),
         id="a-baseline-laxer-than-the-champions-own-is-not-used",
+    ),
+    pytest.param(  # over both yardsticks: the reason names the tighter, the champion's own
+        obs(mae=160.0, baseline_mae=120.0),
+        ONE_BEFORE,
+        CONFIG,
+        breach("accuracy", ("MAE 160 on 300 labelled rows > 125 (champion MAE 100 × 1.25)",)),
+        id="a-laxer-baseline-is-not-named-when-both-are-breached",
     ),
     pytest.param(
         obs(mae=110.0, baseline_mae=80.0),
@@ -576,6 +605,7 @@ def test_load_history_counts_the_current_streak_and_recent_runs(sessions: sessio
                 _run(T0 - timedelta(hours=5), "rejected"),
                 _run(T0 - timedelta(hours=3), "rejected", trigger="accuracy"),  # no report saying soft: hard
                 _run(T0 - timedelta(hours=2), "promoted"),  # drift: soft
+                _run(T0, "failed"),  # at now: not before it
                 _run(T0 + timedelta(minutes=1), "failed"),  # after now
             ]
         )
@@ -679,6 +709,9 @@ def test_load_history_counts_soft_breach_runs_in_a_row(sessions: sessionmaker[Se
     assert soft_runs(T0 - timedelta(hours=7)) == 1
     assert soft_runs(T0) == 2  # the runs after it
     with sessions.begin() as session:
+        session.add(_report(T0, 2, breach=False))
+    assert soft_runs(T0) == 2  # a report at now is not before it
+    with sessions.begin() as session:
         session.add(_report(T0 - timedelta(hours=1), 3, breach=False))
     assert soft_runs(T0) == 0
 
@@ -777,6 +810,34 @@ def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     assert (
         waiting(T0) is None
     )  # still: the label came after the rejected run, and a failed run changes nothing
+
+
+def test_a_feedback_label_lifts_the_hold_from_when_it_is_received(
+    sessions: sessionmaker[Session], make_features: Any
+) -> None:
+    """A label sent as feedback (not only an ingested row) is a new row to train on, but only from the time
+    it was received: a history as of before then still holds."""
+    with sessions.begin() as session:
+        session.add(rejected := _run(minutes(-60), "rejected"))
+        session.add(
+            PredictionLog(
+                id="00000001-0000-0000-0000-000000000000", created_at=minutes(-90), model_version=3,
+                features=make_features(), prediction=1.0, latency_ms=1.0,
+            )
+        )  # fmt: skip
+        session.flush()
+        session.add(
+            GroundTruth(
+                prediction_id="00000001-0000-0000-0000-000000000000", actual=2.0, received_at=minutes(-10)
+            )
+        )
+
+    def waiting(now: datetime) -> int | None:
+        with sessions() as session:
+            return load_history(session, champion_version=3, now=now).rejected_run_without_new_labels
+
+    assert waiting(minutes(-20)) == rejected.id
+    assert waiting(T0) is None
 
 
 def test_a_failed_run_does_not_lift_the_hold_of_a_rejected_one(sessions: sessionmaker[Session]) -> None:

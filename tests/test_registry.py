@@ -120,6 +120,27 @@ def test_promote_archives_the_old_champion_and_rollback_restores_it(registry, ch
         registry.rollback()  # v2 was rolled back from: never chosen again by a rollback
 
 
+def test_rollback_restores_the_champion_promoted_most_recently(registry, champion, spec) -> None:
+    for _ in range(2):
+        registry.promote(version=_candidate(registry, champion, spec).version, reason="better")
+    assert registry.champion().version == 3
+    assert registry.rollback(reason="v3 misbehaves").version == 2  # not v1, promoted before it
+    assert registry.rollback(reason="v2 misbehaves").version == 1
+
+
+def test_a_registration_skips_the_artifacts_a_crashed_one_left(registry, champion, spec) -> None:
+    (registry.store.root / "v2").mkdir()  # saved, never committed: its files may be half written
+    assert _candidate(registry, champion, spec).version == 3
+
+
+def test_a_version_rejected_twice_is_refused_naming_its_latest_rejection(registry, champion, spec) -> None:
+    v2 = _candidate(registry, champion, spec)
+    registry.reject(version=v2.version, reason="worse than champion")
+    registry.reject(version=v2.version, reason="spread too narrow")
+    with pytest.raises(ReasonRequired, match=r"rejected by the gate \(spread too narrow\)"):
+        registry.promote(version=v2.version)
+
+
 def test_database_refuses_two_champions(registry: Registry, champion, spec) -> None:
     _candidate(registry, champion, spec)
     with pytest.raises(IntegrityError), registry.sessions.begin() as session:

@@ -161,6 +161,18 @@ def test_one_labelled_row_is_enough_for_accuracy(v1: Champion, spec: FeatureSpec
     assert result.accuracy.rmse == pytest.approx(abs(predicted - actual))
 
 
+def test_accuracy_is_measured_on_the_labelled_frame_when_one_is_given(
+    v1: Champion, spec: FeatureSpec
+) -> None:
+    """The monitor's accuracy window is a frame of its own: its labelled rows are counted, not the drift
+    window's."""
+    window = make_window(v1, spec, rows=600, labelled_every=3)  # 200 labelled
+    labelled = make_window(v1, spec, rows=500, labelled_every=1)
+    result = drift(v1, spec, window, labelled=labelled)
+    assert result.accuracy is not None
+    assert (result.rows, result.labelled_rows, result.accuracy.rows) == (600, 500, 500)
+
+
 def test_weighted_score_ranks_an_important_feature_above_an_unimportant_one(
     v1: Champion, spec: FeatureSpec
 ) -> None:
@@ -179,6 +191,10 @@ def test_weighted_score_ranks_an_important_feature_above_an_unimportant_one(
     assert floor_only.weighted_score == pytest.approx(v1.importance["floor"] / total)
     assert area_only.weighted_score == pytest.approx(v1.importance["area_m2"] / total)
     assert area_only.weighted_score > 10 * floor_only.weighted_score
+    # A negative weight counts as none; no weight at all falls back to equal weights (the drift share).
+    negative = compute_drift(v1.reference, area_moved, spec, importance={"area_m2": -5.0, "floor": 1.0})
+    unweighted = compute_drift(v1.reference, area_moved, spec, importance={})
+    assert (negative.weighted_score, unweighted.weighted_score) == (0.0, pytest.approx(1 / 6))
 
 
 @pytest.mark.parametrize("scenario", ["none", "unit_bug"])

@@ -311,6 +311,36 @@ def test_gate_rejects_a_candidate_no_better_than_the_champion(
     assert result.checks == {"mae": False, "finite": True, "spread": True, "target_min": True}
 
 
+def test_gate_refuses_an_empty_holdout(old_model: CatBoostRegressor, spec: FeatureSpec) -> None:
+    empty = generate_transactions(10, seed=9).iloc[:0]
+    result = evaluate_gate(candidate=old_model, champion=old_model, holdout=empty, spec=spec, margin=0.0)
+    assert (result.passed, result.reasons, result.checks) == (
+        False,
+        ["holdout: no rows to validate on"],
+        {"holdout": False},
+    )
+
+
+def test_gate_refuses_a_more_accurate_candidate_that_fails_a_sanity_check(
+    old_model: CatBoostRegressor, spec: FeatureSpec
+) -> None:
+    """The MAE is one check of several: a candidate that wins on it but dips under target_min more often than
+    the champion (which never does) and the holdout's actuals (all well above it) allow is refused."""
+    held = generate_transactions(400, start="2022-01-01", end="2022-06-30", seed=9)
+    bound = float(np.quantile(predict(old_model, held, spec, raw=True), 0.1))
+    counts = dataclasses.replace(spec, target_min=bound)
+    held = held.assign(**{spec.target: np.maximum(held[spec.target], bound + held[spec.target].std())})
+    data = generate_transactions(1000, seed=2)
+    tripled = train_model(data.assign(**{spec.target: data[spec.target] * 3}), spec, TINY)
+
+    result = evaluate_gate(candidate=old_model, champion=tripled, holdout=held, spec=counts, margin=0.02)
+
+    assert result.checks["mae"] is True
+    assert result.checks["target_min"] is False
+    assert [reason.split(":")[0] for reason in result.reasons] == ["target_min"]
+    assert not result.passed
+
+
 def test_gate_passes_a_clearly_better_candidate(old_model: CatBoostRegressor, spec: FeatureSpec) -> None:
     shocked = generate_transactions(
         2000, start="2022-01-01", end="2022-12-31", scenario="rate_shock", change_at="2022-01-01", seed=6
@@ -401,6 +431,19 @@ def test_sanity_checks_name_each_failure_with_figures(spec: FeatureSpec) -> None
     )
 
 
+def test_sanity_check_boundaries(spec: FeatureSpec) -> None:
+    actual = np.array([1.0, 2.0, 3.0, 4.0])  # std 1.118034
+    # A prediction at the bound is not under it.
+    assert sanity_reasons(np.array([0.0, 2.0, 3.0, 4.0]), actual, spec)["target_min"] is None
+    # The lowest actual exactly one slack (5 % of the std: 1) above the bound still earns the slack.
+    assert sanity_reasons(np.array([-0.5, 41.0]), np.array([1.0, 41.0]), spec)["target_min"] is None
+    # Constant actuals give the spread no yardstick: any spread passes.
+    assert sanity_reasons(actual, np.full(4, 2.0), spec)["spread"] is None
+    # A champion wider than 5 × the actual std widens the range as a narrower one lowers it.
+    assert sanity_reasons(actual * 10, actual, spec, champion=actual * 10)["spread"] is None
+    assert sanity_reasons(actual * 10, actual, spec)["spread"] is not None
+
+
 def test_a_candidate_may_dip_under_target_min_as_often_as_actuals_sit_at_it(spec: FeatureSpec) -> None:
     """A rate in [0, 1] that fell after a change: the stale champion predicts the old level and hardly ever
     dips under 0, while the candidate that learnt the new level undershoots a few of the rows now at 0.
@@ -435,6 +478,10 @@ def test_gate_holds_a_candidate_to_the_champion_s_dips_under_target_min(
     held = held.assign(**{spec.target: np.maximum(held[spec.target], bound)})  # the actuals respect it
 
     same = evaluate_gate(candidate=old_model, champion=old_model, holdout=held, spec=counts, margin=0.0)
+    assert same.checks["target_min"] is True and same.passed
+    # Every actual well above the bound (no slack, none at it): the champion's dips are the one yardstick.
+    clear = held.assign(**{spec.target: held[spec.target] + held[spec.target].std()})
+    same = evaluate_gate(candidate=old_model, champion=old_model, holdout=clear, spec=counts, margin=0.0)
     assert same.checks["target_min"] is True and same.passed
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.spec import RESERVED_NAMES, FeatureSpec, FeatureType, SpecError, load_spec
+from core.spec import RESERVED_NAMES, Feature, FeatureSpec, FeatureType, SpecError, load_spec
 from monitor.window import CREATED_AT, MODEL_VERSION, PREDICTION_ID
 from retrain.dataset import EVENT_TIME, SOURCE
 from retrain.train import PREDICTION
@@ -52,6 +52,17 @@ def test_row_errors_name_every_field(spec: FeatureSpec, make_features, DROP) -> 
         "build_year: must be an integer",
     ]
     assert spec.row_errors(make_features()) == []
+    # The bounds themselves are inside them.
+    assert spec.row_errors(make_features(area_m2=5)) == spec.row_errors(make_features(area_m2=350)) == []
+
+
+def test_a_nan_is_a_missing_value_for_a_nullable_feature_only() -> None:
+    """A CSV's empty cell reads as NaN: null for a nullable feature, not a number for any other."""
+    nullable = Feature(name="hour", type=FeatureType.integer, min=0, max=23, nullable=True)
+    required = Feature(name="hour", type=FeatureType.integer, min=0, max=23)
+    assert nullable.check(float("nan")) is None
+    assert required.check(float("nan")) == "must be a finite number"
+    assert required.check(None) == "is required (not nullable)"
 
 
 def test_users_bring_their_own_spec(tmp_path: Path) -> None:
@@ -87,6 +98,8 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
     assert model(a=-1e15).model_dump(by_alias=True) == {"a": -1e15}
     with pytest.raises(ValueError, match="less than or equal to 1000000000000000"):
         model(a=1e308)
+    with pytest.raises(ValueError, match="greater than or equal to -1000000000000000"):
+        model(a=-1e308)
     a = spec.feature("a")
     assert (a.check(1e15), a.check(-1e16)) == (None, "must be within ±1e+15")
     target = spec.target_feature
@@ -136,6 +149,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "(a) max 1e+20 is beyond ±1e+15, the largest value accepted",
         ),
         (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, min: -2.0e+15}]\n",
+            "(a) min -2e+15 is beyond ±1e+15, the largest value accepted",
+        ),
+        (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [yes, no]}]\n",
             'YAML reads yes/no/true/false/on/off unquoted as booleans; quote them ("yes")',
         ),
@@ -164,6 +181,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             'dataset: x\ntarget: ""\nfeatures: [{name: a, type: numeric}]\n',
             "target must be a non-empty string",
         ),
+        (
+            'dataset: x\ntarget: y\nfeatures: [{name: "  ", type: numeric}]\n',
+            "name must be a non-empty string, not '  '",
+        ),
         ("dataset: x\ntarget: y\nfeatures: [a, b]\n", "features[0] must be a mapping with 'name' and 'type'"),
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: integer, min: 0.5, max: 0.9}]\n",
@@ -179,6 +200,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
         ),
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b], min: 0}]\n",
+            "(a) is categorical: 'min' and 'max' are for numbers",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b], max: 9}]\n",
             "(a) is categorical: 'min' and 'max' are for numbers",
         ),
         (
@@ -201,6 +226,18 @@ def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str
     with pytest.raises(SpecError, match=r"spec\.yaml") as info:
         load_spec(path)
     assert message in str(info.value)
+
+
+def test_a_spec_may_pin_a_feature_to_one_value_and_take_its_time_from_a_reserved_name(tmp_path: Path) -> None:
+    """min = max is a bound, not a contradiction; the time column gives each row its time and is no column of
+    driftloop's frames, so it may bear one of the names they use."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "dataset: x\ntarget: y\ntime_column: event_time\n"
+        "features: [{name: a, type: integer, min: 3, max: 3}]\n"
+    )
+    spec = load_spec(path)
+    assert (spec.time_column, spec.feature("a").min, spec.feature("a").max) == ("event_time", 3, 3)
 
 
 def test_missing_spec_file_is_named(tmp_path: Path) -> None:

@@ -127,6 +127,15 @@ def test_the_accuracy_window_is_the_newest_labelled_rows_after_the_training_data
         none_after = load_unseen_labelled(
             session, spec, max_rows=100, after=T0 + timedelta(minutes=6), now=now
         )
+        # A row dated exactly at `after` is the training data's last: out, logged or imported.
+        after_answer = load_unseen_labelled(
+            session, spec, max_rows=100, after=T0 + timedelta(minutes=3), now=now
+        )
+        after_import = load_unseen_labelled(
+            session, spec, max_rows=100, after=T0 + timedelta(minutes=3.2), now=now
+        )
+        newest = load_unseen_labelled(session, spec, max_rows=1, after=T0 + timedelta(minutes=2), now=now)
+        newest_two = load_unseen_labelled(session, spec, max_rows=2, after=T0 + timedelta(minutes=2), now=now)
 
     frame = window.frame
     assert list(frame[spec.target]) == [7.0, 400.0, 5.0, 500.0, 9.0]  # minutes 3.2, 4, 4.5, 5, 5.5
@@ -140,6 +149,10 @@ def test_the_accuracy_window_is_the_newest_labelled_rows_after_the_training_data
     # Every row labelled by `now`: minute 5.5 is an imported one, newer than any labelled answer.
     assert list(everything.frame[spec.target]) == [0.0, 100.0, 200.0, 300.0, 7.0, 400.0, 5.0, 500.0, 9.0]
     assert none_after.rows == 0 and list(none_after.frame.columns) == list(window.frame.columns)
+    assert list(after_answer.frame[spec.target]) == [7.0, 400.0, 5.0, 500.0, 9.0]
+    assert list(after_import.frame[spec.target]) == [400.0, 5.0, 500.0, 9.0]
+    assert list(newest.frame[spec.target]) == [9.0]  # the newest of either kind
+    assert list(newest_two.frame[spec.target]) == [500.0, 9.0]
 
 
 def test_seconds_bounds_the_window_and_later_rows_are_left_out(
