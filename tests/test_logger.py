@@ -323,6 +323,27 @@ def test_a_row_the_spool_cannot_store_is_counted_dropped_and_no_longer_pending(
     assert not h.logger.losing_rows  # the database is not down: answered rows still reach it
 
 
+def test_a_spool_that_works_again_ends_the_loss_while_the_database_is_still_down(
+    harness: Callable[..., Harness], engine: Engine, outage: Outage, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`losing_rows` (what takes a replica out of /ready) clears on the first spool write that works, not
+    only when the database comes back."""
+    blocked = tmp_path_factory.mktemp("spool") / "spool"
+    blocked.write_text("a file where the spool directory should be")
+    h = harness(blocked)
+    with outage():
+        h.logger.start()
+        h.logger.submit(lost := make_row(1))
+        until(lambda: h.logger.losing_rows, "the logger to report it is losing rows")
+        blocked.unlink()
+        h.logger.submit(kept := make_row(2))
+        until(lambda: h.counts()["spooled"] == 1, "the second row to be spooled")
+        assert not h.logger.losing_rows
+        assert h.counts()["dropped"] == 1
+    until(lambda: kept.id in stored(engine), "the spooled row to be replayed")
+    assert lost.id not in stored(engine)
+
+
 def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(
     harness: Callable[..., Harness],
     engine: Engine,
