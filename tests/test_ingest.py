@@ -1,4 +1,5 @@
 import re
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -325,6 +326,44 @@ def test_a_file_loaded_by_another_ingest_while_this_one_checks_is_loaded_once(
     assert (others, report.loaded, report.good) == ([20], 0, 20)
     assert (report.already.rows, report.already.source, report.already.name) == (20, "other", str(copy))
     assert _count(sessions) == 20
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_file_claimed_by_another_ingest_in_the_same_instant_loads_nothing(
+    tmp_path: Path, sessions, spec
+) -> None:
+    """Two ingests of the same bytes that both found it unloaded: the second to claim it waits on the
+    first's claim (PostgreSQL's unique index) and, once that commits, loads nothing and says why. (SQLite,
+    one writer at a time, refuses it earlier: see the busy-timeout test above.)"""
+    path = _csv(tmp_path, generate_transactions(10, seed=4))
+    now = datetime.now(UTC)
+    claim = IngestedFile(
+        sha256=inspect_file(path).sha256, name="other.csv", source="other", rows=10, skipped=0, loads=1,
+        first_loaded_at=now, last_loaded_at=now,
+    )  # fmt: skip
+    other = sessions()
+    committed = threading.Timer(1.0, other.commit)
+
+    def claim_while_checking(lines: int) -> None:  # before this ingest claims the file, uncommitted for 1 s
+        if committed.ident is None:  # once
+            other.add(claim)
+            other.flush()
+            committed.start()
+
+    try:
+        with pytest.raises(
+            IngestError,
+            match=re.escape(
+                f"{path} was being loaded by another ingest at the same time; this one loaded nothing"
+            ),
+        ):
+            ingest_csv(path, spec=spec, sessions=sessions, on_progress=claim_while_checking)
+    finally:
+        committed.join()
+        other.close()
+    assert _count(sessions) == 0
+    with sessions() as s:
+        assert s.scalar(select(IngestedFile.source)) == "other"
 
 
 def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, sessions) -> None:
