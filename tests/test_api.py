@@ -1,6 +1,7 @@
 """The HTTP contract in-process (httpx over ASGI): bad input names the field, nothing is logged."""
 
 import dataclasses
+import gzip
 import json
 import math
 import re
@@ -224,6 +225,24 @@ def test_body_over_the_limit_is_refused_before_parsing(client, make_features) ->
     }
     assert logged_rows(client) == 0
     assert client.post("/predict", json=make_features()).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch", "/feedback"])
+def test_a_compressed_body_is_refused_naming_its_content_encoding(client, make_features, path) -> None:
+    body = {"/predict": make_features(), "/predict/batch": {"instances": [make_features()]}}.get(path, [])
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    response = client.post(path, content=gzip.compress(json.dumps(body).encode()), headers=headers)
+    assert (response.status_code, response.json()) == (
+        415,
+        {
+            "error": "unsupported_media_type",
+            "message": "Content-Encoding 'gzip' is not supported: send the body uncompressed",
+        },
+    )
+    assert response.headers["accept-encoding"] == "identity"
+    assert logged_rows(client) == 0
+    identity = client.post("/predict", json=make_features(), headers={"content-encoding": "identity"})
+    assert identity.status_code == 200
 
 
 def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> None:
