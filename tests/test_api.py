@@ -337,6 +337,41 @@ def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make
         assert session.scalars(select(GroundTruth.actual)).all() == [90000.0]
 
 
+def test_a_key_given_twice_in_one_object_is_refused_and_nothing_is_stored(client, make_features) -> None:
+    """JSON parsers keep the last of a repeated key, silently: `"actual": 1, "actual": 7` stored 7."""
+    pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+    features = json.dumps(make_features())
+    twice = features[:-1] + ', "area_m2": 99.0}'
+    label = f'{{"prediction_id": "{pid}", "actual": 90000.0, "actual": 7.0}}'
+    for path, body, key in [
+        ("/feedback", f"[{label}]", "actual"),
+        (
+            "/feedback",
+            f'[{{"prediction_id": "{pid}", "prediction_id": "other", "actual": 1.0}}]',
+            "prediction_id",
+        ),
+        ("/predict", twice, "area_m2"),
+        ("/predict/batch", f'{{"instances": [{features}, {twice}]}}', "area_m2"),
+        ("/predict/batch", f'{{"instances": [], "instances": [{features}]}}', "instances"),
+        ("/models/1/promote", '{"reason": "a", "reason": "b"}', "reason"),
+        ("/retrain", '{"reason": "a", "reason": "b"}', "reason"),
+    ]:
+        response = client.post(path, content=body, headers={"content-type": "application/json", **ADMIN})
+        message = f"body: the key '{key}' is given twice in one object: which value is meant? send it once"
+        assert (response.status_code, response.json()["message"]) == (422, message), path
+    assert logged_rows(client) == 1
+    with client.app.state.ctx.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+    assert client.get("/retrain/runs").json() == []
+    # A colon inside a value is no second key; a key in each of two objects is none either.
+    assert client.post("/predict", json=make_features(district="Mapo-gu")).status_code == 200
+    assert post_raw(client, "/predict", features[:-1] + ', "floor": 12}').status_code == 422
+    with_colon = post_raw(client, "/predict", json.dumps(make_features(district="Mapo:gu")))
+    assert with_colon.json()["message"].startswith("district: unknown category 'Mapo:gu'")
+    labels = [{"prediction_id": pid, "actual": 90000.0}, {"prediction_id": "other", "actual": 1.0}]
+    assert client.post("/feedback", json=labels).json()["accepted"] == 1
+
+
 def test_feedback_nan_actual_is_rejected(client) -> None:
     response = post_raw(client, "/feedback", '[{"prediction_id": "x", "actual": NaN}]')
     assert response.status_code == 422
