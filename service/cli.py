@@ -412,8 +412,18 @@ def generate(
     except ValueError as exc:  # an unknown scenario, an unreadable or reversed date: named, not a traceback
         console.print(f"[red]generate: {escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    try:
+        if out.is_dir():
+            raise OSError(f"{out} is a directory; give the CSV file to write in it")
+        parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OSError(f"{parent} is a file, not a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    except OSError as exc:  # a directory, a parent that is a file, no permission: named, not a traceback
+        reason = exc.strerror or str(exc)
+        console.print(f"[red]generate: cannot write {escape(str(out))}: {escape(reason)}[/]", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"wrote {len(frame)} rows to {out}")
 
 

@@ -521,6 +521,7 @@ def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
             ["generate", "out.csv", "--scenario", "unit_bug", "--change-at", "2023-01-01"],
             "generate: change_at 2023-01-01 00:00 is not before end: no row would change",
         ),
+        (["generate", "."], "generate: cannot write .: . is a directory; give the CSV file to write in it"),
         (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
         (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
     ],
