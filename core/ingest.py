@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
-from core.files import read_errors
+from core.files import missing_columns, read_errors
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, FeatureType
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
@@ -316,9 +316,8 @@ class _Checker:
 
     def __init__(self, path: Path, spec: FeatureSpec, header: list[str], now: datetime) -> None:
         required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise IngestError(f"{path}: header is missing column(s): {', '.join(missing)}")
+        if missing := missing_columns(header, required):
+            raise IngestError(f"{path}: header is missing column(s): {missing}")
         twice = [c for c in required if header.count(c) > 1]
         if twice:
             raise IngestError(f"{path}: header names column(s) more than once: {', '.join(twice)}")
