@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-from service.errors import DuplicateKey, duplicate_key_error, is_json_media, unique_keys
+from service.errors import DuplicateKey, duplicate_key_error, is_json_media, parse_problem, unique_keys
 from service.middleware import header
 
 M = TypeVar("M", bound=BaseModel)
@@ -48,9 +48,15 @@ async def read_json(request: Request, model: type[M]) -> M:
         # routes: pydantic-core refused it with "expected value at line 1 column 1", naming nothing.
         instance = model.model_validate_json(body.removeprefix(codecs.BOM_UTF8))
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from None
+        errors = exc.errors(include_url=False)
+        if errors[0]["type"] == "json_invalid":
+            # "expected value at line 1 column 1" for UTF-16 names nothing: say why, as the other routes do
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as cause:
+                invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(cause)}}
+                raise RequestValidationError([invalid]) from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
     # pydantic-core keeps the last of a key given twice. Every key in the body is a field set (the models
     # forbid others), so a body with no more colons than fields set names none twice: a count, not a parse,
     # on the hot path; a colon inside a string only costs the parse.

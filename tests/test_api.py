@@ -807,6 +807,22 @@ def test_a_body_after_a_utf8_bom_is_read_on_the_lean_route_as_on_the_others(
     assert logged_rows(client) == 1
 
 
+def test_a_predict_body_that_is_not_utf8_is_named_so(client, make_features) -> None:
+    """pydantic-core said "expected value at line 1 column 1" of a UTF-16 body, naming nothing."""
+    features = json.dumps(make_features())
+    latin1 = features.replace("Mapo-gu", "Map\xe9-gu").encode("latin-1")
+    for body, at in [
+        (features.encode("utf-16"), "invalid start byte at byte 0"),
+        (latin1, "invalid continuation byte at byte 17"),
+    ]:
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()["message"]) == (
+            422,
+            f"body: malformed JSON: not UTF-8 ({at})",
+        )
+    assert logged_rows(client) == 0
+
+
 @pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])
 @pytest.mark.parametrize(
     ("body", "message"),
