@@ -37,6 +37,9 @@ def clip(text: str) -> str:
     return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}… ({len(text):,} characters)"
 
 
+NOT_NULLABLE = "required (null is not allowed: the feature is not nullable)"
+
+
 def describe(error: dict[str, Any]) -> dict[str, str]:
     kind = error.get("type", "")
     loc = error.get("loc", ())
@@ -52,10 +55,12 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
         return {"field": field, "message": "required"}
     if kind == "finite_number":
         return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
+    if kind in ("float_type", "int_type") and "input" in error and error["input"] is None:
+        return {"field": field, "message": NOT_NULLABLE}  # "Input should be a valid number" of a null
     if kind == "literal_error":  # a category: say what was sent, not only the (long) list of what may be
         sent = error.get("input")
         if sent is None:
-            return {"field": field, "message": "required (null is not allowed: the feature is not nullable)"}
+            return {"field": field, "message": NOT_NULLABLE}
         if not isinstance(sent, str):
             message = f"must be a string, one of the categories, not {clip(repr(sent))}"
             return {"field": field, "message": message}

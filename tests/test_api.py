@@ -679,6 +679,21 @@ def test_a_category_sent_as_null_or_a_number_is_named_as_such(client, make_featu
     assert (response.status_code, response.json()["message"]) == (422, message)
 
 
+def test_a_number_sent_as_null_is_named_as_such_as_a_category_is(client, make_features) -> None:
+    """It was "Input should be a valid number", which null, JSON's "no value", does not tell apart."""
+    null = "required (null is not allowed: the feature is not nullable)"
+    for field in ("area_m2", "floor"):
+        response = client.post("/predict", json=make_features(**{field: None}))
+        assert (response.status_code, response.json()["message"]) == (422, f"{field}: {null}")
+        batch = client.post(
+            "/predict/batch", json={"instances": [make_features(), make_features(**{field: None})]}
+        )
+        assert (batch.status_code, batch.json()["message"]) == (422, f"instances[1].{field}: {null}")
+    label = client.post("/feedback", json=[{"prediction_id": "x", "actual": None}])
+    assert (label.status_code, label.json()["message"]) == (422, f"[0].actual: {null}")
+    assert logged_rows(client) == 0
+
+
 def test_predictions_are_served_inside_the_spec_s_target_bounds(
     champion, registry, db_url: str, tmp_path: Path, spec: FeatureSpec, make_features
 ) -> None:
