@@ -28,6 +28,9 @@ class Faults:
     Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then drops the keep-alive
     connection: a client's next request on it, however good, fails with a reset. Outermost of ours, so
     RequestMetrics still counts the 500. A client that hung up mid-body is logged as that, not answered.
+
+    HEAD is answered as GET, without the body (RFC 9110: a server supports HEAD wherever it supports GET):
+    FastAPI's routes answered `curl -I /health`, or a monitor's HEAD probe, with 405.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -38,10 +41,15 @@ class Faults:
             await self.app(scope, receive, send)
             return
         started = False
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_wrapper(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:

@@ -394,6 +394,19 @@ def test_health_ready_and_metrics(client, make_features) -> None:
     assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
 
 
+def test_head_is_answered_as_get_without_the_body(client) -> None:
+    """A HEAD probe (`curl -I /health`, an uptime monitor's) was 405 on every route."""
+    for path, status in [("/health", 200), ("/ready", 200), ("/models/1", 200), ("/reports/9", 404)]:
+        got = client.get(path)
+        head = client.head(path)
+        assert (head.status_code, head.content) == (status, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == got.headers["content-length"]
+    refused = client.head("/predict")
+    assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
+    assert logged_rows(client) == 0
+
+
 def test_every_feedback_outcome_is_exported_before_the_first_label(client) -> None:
     """The outcomes a /feedback answer counts are all series from the start, `updated` too (rate() of a
     series born at its first label would lose that label, and the worker would never export it)."""
