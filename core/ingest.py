@@ -39,6 +39,12 @@ _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _TO_UTF8 = 'save it as UTF-8 (e.g. "CSV UTF-8" in a spreadsheet)'
 
 
+# The lengths of labelled_row.source and ingested_file.name (the path, kept to say where a file was loaded
+# from: its end is what tells one file from another).
+MAX_SOURCE = 200
+MAX_NAME = 500
+
+
 class IngestError(ValueError):
     """The file as a whole cannot be ingested (unreadable, not UTF-8 text, header lacks columns)."""
 
@@ -140,6 +146,12 @@ def ingest_csv(
     csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
     report = IngestReport(sha256=csv_file.sha256)
     source = source or csv_file.path.name
+    if len(source) > MAX_SOURCE:  # PostgreSQL refused it after every line was checked (a traceback)
+        given = "source" if source != csv_file.path.name else "source (the file's name)"
+        raise IngestError(
+            f"{given} {source[:50]!r}… is {len(source)} characters, over the {MAX_SOURCE} a source may have: "
+            "give a shorter --source"
+        )
     now = clock()
     with _connection(sessions, csv_file.path) as conn:
         previous = _previous_load(conn, csv_file.sha256)
@@ -226,7 +238,12 @@ def _load(
         if previous and not force:
             conn.rollback()
             return previous
-        file = {"name": str(csv_file.path), "source": source, "skipped": report.bad, "last_loaded_at": now}
+        file = {
+            "name": str(csv_file.path)[-MAX_NAME:],
+            "source": source,
+            "skipped": report.bad,
+            "last_loaded_at": now,
+        }
         if previous is None:  # claims the file: a concurrent ingest of the same bytes fails here or at commit
             conn.execute(
                 insert(IngestedFile).values(
