@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,3 +22,24 @@ def read_errors(
         raise error(f"{path} is a directory; give the {kind} in it") from None
     except OSError as exc:
         raise error(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def missing_columns(header: list[str], required: list[str]) -> str:
+    """The `required` columns the CSV `header` lacks, each with a header column spelt nearly the same
+    (`floor (the header has 'Floor')`), and why all are missing when the file is not comma-separated; ""
+    when none is missing."""
+    missing = [c for c in required if c not in header]
+    if not missing:
+        return ""
+    hint = ""
+    if len(header) == 1 and ";" in header[0]:
+        hint = " (the header is one column holding ';': save the file comma-separated)"
+    return ", ".join(name + _near(name, header, required) for name in missing) + hint
+
+
+def _near(name: str, header: list[str], required: list[str]) -> str:
+    """' (the header has 'x ')' for a column named nearly as the spec names it, else ''."""
+    others = [h for h in header if h not in required]
+    close = [h for h in others if h.strip().casefold() == name.casefold()]
+    close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
+    return f" (the header has {close[0]!r})" if close else ""

@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
-from core.files import read_errors
+from core.files import missing_columns, read_errors
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, FeatureType
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
@@ -37,6 +37,12 @@ MAX_LISTED = 1000  # bad lines kept with their problems; beyond, only counted
 FUTURE_SLACK = timedelta(days=1)  # an event time further ahead of now is a typo or a wrong format
 _UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
 _TO_UTF8 = 'save it as UTF-8 (e.g. "CSV UTF-8" in a spreadsheet)'
+
+
+# The lengths of labelled_row.source and ingested_file.name (the path, kept to say where a file was loaded
+# from: its end is what tells one file from another).
+MAX_SOURCE = 200
+MAX_NAME = 500
 
 
 class IngestError(ValueError):
@@ -140,6 +146,12 @@ def ingest_csv(
     csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
     report = IngestReport(sha256=csv_file.sha256)
     source = source or csv_file.path.name
+    if len(source) > MAX_SOURCE:  # PostgreSQL refused it after every line was checked (a traceback)
+        given = "source" if source != csv_file.path.name else "source (the file's name)"
+        raise IngestError(
+            f"{given} {source[:50]!r}… is {len(source)} characters, over the {MAX_SOURCE} a source may have: "
+            "give a shorter --source"
+        )
     now = clock()
     with _connection(sessions, csv_file.path) as conn:
         previous = _previous_load(conn, csv_file.sha256)
@@ -226,7 +238,12 @@ def _load(
         if previous and not force:
             conn.rollback()
             return previous
-        file = {"name": str(csv_file.path), "source": source, "skipped": report.bad, "last_loaded_at": now}
+        file = {
+            "name": str(csv_file.path)[-MAX_NAME:],
+            "source": source,
+            "skipped": report.bad,
+            "last_loaded_at": now,
+        }
         if previous is None:  # claims the file: a concurrent ingest of the same bytes fails here or at commit
             conn.execute(
                 insert(IngestedFile).values(
@@ -316,9 +333,8 @@ class _Checker:
 
     def __init__(self, path: Path, spec: FeatureSpec, header: list[str], now: datetime) -> None:
         required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise IngestError(f"{path}: header is missing column(s): {', '.join(missing)}")
+        if missing := missing_columns(header, required):
+            raise IngestError(f"{path}: header is missing column(s): {missing}")
         twice = [c for c in required if header.count(c) > 1]
         if twice:
             raise IngestError(f"{path}: header names column(s) more than once: {', '.join(twice)}")

@@ -122,6 +122,18 @@ class Settings(BaseSettings):
             return value
         return None
 
+    @field_validator("artifact_dir", "spool_dir", "report_dir")
+    @classmethod
+    def _directory(cls, value: Path) -> Path:
+        """A directory that is a file, or lies under one, is refused here by name: the spool's would
+        otherwise fail only in a database outage, dropping the answers it was there to keep."""
+        for path in (value, *value.parents):
+            if path.exists():
+                if not path.is_dir():
+                    raise ValueError(f"{path} is a file, not a directory")
+                break
+        return value
+
     @field_validator("predict_threads", "train_thread_count")
     @classmethod
     def _threads(cls, value: int) -> int:

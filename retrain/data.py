@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from core.files import read_errors
+from core.files import missing_columns, read_errors
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, blanks_hint
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
@@ -122,13 +121,8 @@ def _check_header(path: Path, header: list[str], odd: _OddRows, required: list[s
     ]
     if twice:
         raise DataError(f"{path}: {'; '.join(twice)}")
-    missing = [c for c in required if c not in header]
-    if missing:
-        hint = ""
-        if len(header) == 1 and ";" in header[0]:
-            hint = " (the header is one column holding ';': save the file comma-separated)"
-        named = ", ".join(name + _near(name, header, required) for name in missing)
-        raise MissingColumnsError(f"{path}: missing column(s): {named}{hint}")
+    if missing := missing_columns(header, required):
+        raise MissingColumnsError(f"{path}: missing column(s): {missing}")
     if odd.count:
         width = len(header)
         if len(odd.widths) > 1:
@@ -141,14 +135,6 @@ def _check_header(path: Path, header: list[str], odd: _OddRows, required: list[s
             f"{path}: {odd.count} row(s) have {min(odd.widths)} fields, the header {width}{hint}; "
             f"first at line {odd.first_line}"
         )
-
-
-def _near(name: str, header: list[str], required: list[str]) -> str:
-    """' (the header has 'x ')' for a column named nearly as the spec names it, else ''."""
-    others = [h for h in header if h not in required]
-    close = [h for h in others if h.strip().casefold() == name.casefold()]
-    close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
-    return f" (the header has {close[0]!r})" if close else ""
 
 
 def _times(values: pd.Series, column: str, path: Path) -> pd.Series:

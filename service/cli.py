@@ -45,21 +45,42 @@ def _spec(settings: Settings) -> Any:
         raise typer.Exit(2) from None
 
 
-@contextmanager
-def _sessions(settings: Settings) -> Iterator[Any]:
-    """Sessions on the configured database (migrated first if auto_migrate), for one command; the engine
-    is disposed afterwards. Without auto_migrate, a schema that is not the newest is a message and exit 2,
-    not a traceback from the first query."""
-    from core.db import make_engine, make_sessions, migrate, schema_problem
+def _open_database(settings: Settings, *, migrate: bool) -> None:
+    """Migrate the configured database (`migrate`), or check that its schema is the newest.
 
-    if settings.auto_migrate:
-        migrate(settings.database_url)
-    elif problem := schema_problem(settings.database_url):
+    A database that cannot be opened (refused, unreachable, a file that is not SQLite's) is a message and
+    exit 2, naming DRIFTLOOP_DATABASE_URL and the driver's first line (never the URL: it may hold a
+    password), not a traceback of some 500 lines. Without auto_migrate, a schema that is not the newest is
+    a message and exit 2 too, not a traceback from the first query."""
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db import error_line, schema_problem
+    from core.db import migrate as do_migrate
+
+    try:
+        if migrate:
+            do_migrate(settings.database_url)
+            return
+        problem = schema_problem(settings.database_url)
+    except DBAPIError as exc:
+        reason = escape(error_line(exc.orig or exc))
+        console.print(f"[red]cannot open the database (DRIFTLOOP_DATABASE_URL): {reason}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    if problem:
         console.print(
             f"[red]{problem}. DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the "
             "migrate job), then run this again[/]"
         )
         raise typer.Exit(2)
+
+
+@contextmanager
+def _sessions(settings: Settings) -> Iterator[Any]:
+    """Sessions on the configured database (migrated first if auto_migrate, see _open_database), for one
+    command; the engine is disposed afterwards."""
+    from core.db import make_engine, make_sessions
+
+    _open_database(settings, migrate=settings.auto_migrate)
     engine = make_engine(settings.database_url)
     try:
         yield make_sessions(engine)
@@ -102,10 +123,8 @@ def _loop(settings: Settings) -> Iterator[Any]:
 @cli.command()
 def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
-    from core.db import migrate as do_migrate
-
     settings = _settings()
-    do_migrate(settings.database_url)
+    _open_database(settings, migrate=True)
     console.print("[green]schema is up to date[/]")
 
 
@@ -166,13 +185,12 @@ def serve(
     """Run the API (and, unless --no-scheduler, the monitor scheduler) in this process."""
     import uvicorn
 
-    from core.db import migrate as do_migrate
     from service.app import create_app
 
     settings = _settings()
     _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
     if settings.auto_migrate:
-        do_migrate(settings.database_url)
+        _open_database(settings, migrate=True)
     app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER decides
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
@@ -191,13 +209,12 @@ def worker(
     """Scale-out worker: monitor scheduler + retrain runner, /metrics and /health on --port."""
     import uvicorn
 
-    from core.db import migrate as do_migrate
     from service.worker import create_worker_app
 
     settings = _settings()
     _spec(settings)
     if settings.auto_migrate:
-        do_migrate(settings.database_url)
+        _open_database(settings, migrate=True)
     uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
 
 
@@ -395,8 +412,18 @@ def generate(
     except ValueError as exc:  # an unknown scenario, an unreadable or reversed date: named, not a traceback
         console.print(f"[red]generate: {escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
+    try:
+        if out.is_dir():
+            raise OSError(f"{out} is a directory; give the CSV file to write in it")
+        parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise OSError(f"{parent} is a file, not a directory")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out, index=False)
+    except OSError as exc:  # a directory, a parent that is a file, no permission: named, not a traceback
+        reason = exc.strerror or str(exc)
+        console.print(f"[red]generate: cannot write {escape(str(out))}: {escape(reason)}[/]", highlight=False)
+        raise typer.Exit(2) from None
     console.print(f"wrote {len(frame)} rows to {out}")
 
 

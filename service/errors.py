@@ -37,6 +37,9 @@ def clip(text: str) -> str:
     return text if len(text) <= MAX_ECHO else f"{text[:MAX_ECHO]}… ({len(text):,} characters)"
 
 
+NOT_NULLABLE = "required (null is not allowed: the feature is not nullable)"
+
+
 def describe(error: dict[str, Any]) -> dict[str, str]:
     kind = error.get("type", "")
     loc = error.get("loc", ())
@@ -52,10 +55,12 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
         return {"field": field, "message": "required"}
     if kind == "finite_number":
         return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
+    if kind in ("float_type", "int_type") and "input" in error and error["input"] is None:
+        return {"field": field, "message": NOT_NULLABLE}  # "Input should be a valid number" of a null
     if kind == "literal_error":  # a category: say what was sent, not only the (long) list of what may be
         sent = error.get("input")
         if sent is None:
-            return {"field": field, "message": "required (null is not allowed: the feature is not nullable)"}
+            return {"field": field, "message": NOT_NULLABLE}
         if not isinstance(sent, str):
             message = f"must be a string, one of the categories, not {clip(repr(sent))}"
             return {"field": field, "message": message}
@@ -90,6 +95,34 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": error_name(422), "message": message, "errors": errors}, status_code=422)
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice. json.loads and pydantic-core keep the last value, silently:
+    `{"actual": 1, "actual": 7}` stored a label of 7 for a client that may have meant 1."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads's object_pairs_hook: the object, or DuplicateKey for a key it names twice."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
+def duplicate_key_error(exc: DuplicateKey) -> RequestValidationError:
+    message = (
+        f"the key {clip(repr(exc.key))} is given twice in one object: which value is meant? send it once"
+    )
+    return RequestValidationError([{"type": "duplicate_key", "loc": ("body",), "msg": message}])
+
+
 PARSE_FAILURE = "There was an error parsing the body"  # FastAPI's words for a body json.loads raised on
 
 
@@ -106,6 +139,8 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if isinstance(exc.__cause__, ClientDisconnect):
         raise exc.__cause__  # no one to answer: middleware counts it as such (FastAPI made it a 400)
+    if exc.status_code == 400 and exc.detail == PARSE_FAILURE and isinstance(exc.__cause__, DuplicateKey):
+        return await validation_error(request, duplicate_key_error(exc.__cause__))
     if exc.status_code == 400 and exc.detail == PARSE_FAILURE and exc.__cause__ is not None:
         # Answered as every other malformed body is, naming the problem: not a bare 400 "error".
         invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(exc.__cause__)}}

@@ -1,4 +1,5 @@
-"""A lean route for the hot path: FastAPI documents it, but the endpoint reads its own body.
+"""A lean route for the hot path: FastAPI documents it, but the endpoint reads its own body. And the route
+class of every other route with a body, which refuses a JSON object naming a key twice, as read_json does.
 
 A `LeanRoute` endpoint is a plain `async (request) -> Response`: no dependency resolution, and the body
 is parsed and validated in one pass by pydantic-core instead of json.loads plus field-by-field checks.
@@ -9,6 +10,7 @@ RequestValidationError FastAPI raises, so they reach the same handler and read t
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -17,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
-from service.errors import is_json_media
+from service.errors import DuplicateKey, duplicate_key_error, is_json_media, parse_problem, unique_keys
 from service.middleware import header
 
 M = TypeVar("M", bound=BaseModel)
@@ -44,11 +46,49 @@ async def read_json(request: Request, model: type[M]) -> M:
     try:
         # A UTF-8 BOM (which RFC 8259 lets a parser ignore) is read past, as json.loads does on FastAPI's
         # routes: pydantic-core refused it with "expected value at line 1 column 1", naming nothing.
-        return model.model_validate_json(body.removeprefix(codecs.BOM_UTF8))
+        instance = model.model_validate_json(body.removeprefix(codecs.BOM_UTF8))
     except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        ) from None
+        errors = exc.errors(include_url=False)
+        if errors[0]["type"] == "json_invalid":
+            # "expected value at line 1 column 1" for UTF-16 names nothing: say why, as the other routes do
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as cause:
+                invalid = {"type": "json_invalid", "loc": ("body",), "ctx": {"error": parse_problem(cause)}}
+                raise RequestValidationError([invalid]) from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    # pydantic-core keeps the last of a key given twice. Every key in the body is a field set (the models
+    # forbid others), so a body with no more colons than fields set names none twice: a count, not a parse,
+    # on the hot path; a colon inside a string only costs the parse.
+    if body.count(b":") > len(instance.model_fields_set):
+        try:
+            json.loads(body, object_pairs_hook=unique_keys)
+        except DuplicateKey as exc:
+            raise duplicate_key_error(exc) from None
+        except ValueError:
+            pass  # read and validated above: json's own quibbles are not the client's to hear about
+    return instance
+
+
+class UniqueKeysRequest(Request):
+    """A request whose JSON body is refused when an object in it names a key twice (see DuplicateKey)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=unique_keys)
+        return self._json
+
+
+class StrictJsonRoute(APIRoute):
+    """A FastAPI route that reads its JSON body through UniqueKeysRequest; every route but the lean one."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(UniqueKeysRequest(request.scope, request.receive))
+
+        return route
 
 
 def json_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -28,6 +28,9 @@ class Faults:
     Starlette's ServerErrorMiddleware re-raises after answering, and uvicorn then drops the keep-alive
     connection: a client's next request on it, however good, fails with a reset. Outermost of ours, so
     RequestMetrics still counts the 500. A client that hung up mid-body is logged as that, not answered.
+
+    HEAD is answered as GET, without the body (RFC 9110: a server supports HEAD wherever it supports GET):
+    FastAPI's routes answered `curl -I /health`, or a monitor's HEAD probe, with 405.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -38,10 +41,15 @@ class Faults:
             await self.app(scope, receive, send)
             return
         started = False
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
 
         async def send_wrapper(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
+            if head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
@@ -89,7 +97,9 @@ def internal_error_body(exc: BaseException) -> dict[str, str]:
 
 
 class BodyLimit:
-    """Answer 413 before the app sees a body larger than `max_bytes` (declared or streamed)."""
+    """Answer 413 before the app sees a body larger than `max_bytes` (declared or streamed), and 415 for a
+    compressed one: no route decompresses, so a gzip body read as JSON was "expected value at line 1 column
+    1" on /predict and "not UTF-8" on the others, naming neither the header nor the cure."""
 
     def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
         self.app = app
@@ -98,6 +108,13 @@ class BodyLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
+            return
+        encoding = header(scope, b"content-encoding")
+        if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+            named = encoding.decode("latin-1")
+            named = named if len(named) <= 100 else f"{named[:100]}…"
+            problem = f"Content-Encoding {named!r} is not supported: send the body uncompressed"
+            await _error(send, 415, problem, headers=[(b"accept-encoding", b"identity")])
             return
         declared = header(scope, b"content-length")
         if declared is not None:
@@ -194,17 +211,25 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return next((value for key, value in scope["headers"] if key == name), None)
 
 
-async def _error(send: Send, status: int, message: str) -> None:
-    await _send_json(send, status, {"error": error_name(status), "message": message})
+async def _error(
+    send: Send, status: int, message: str, *, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    await _send_json(send, status, {"error": error_name(status), "message": message}, extra=headers)
 
 
 async def _send_json(
-    send: Send, status: int, content: dict[str, str], *, retry_after_s: int | None = None
+    send: Send,
+    status: int,
+    content: dict[str, str],
+    *,
+    retry_after_s: int | None = None,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     body = json.dumps(content).encode()
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
+        *(extra or []),
     ]
     if retry_after_s is not None:
         headers.append((b"retry-after", str(retry_after_s).encode()))

@@ -1,6 +1,7 @@
 """The HTTP contract in-process (httpx over ASGI): bad input names the field, nothing is logged."""
 
 import dataclasses
+import gzip
 import json
 import math
 import re
@@ -226,6 +227,24 @@ def test_body_over_the_limit_is_refused_before_parsing(client, make_features) ->
     assert client.post("/predict", json=make_features()).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/predict", "/predict/batch", "/feedback"])
+def test_a_compressed_body_is_refused_naming_its_content_encoding(client, make_features, path) -> None:
+    body = {"/predict": make_features(), "/predict/batch": {"instances": [make_features()]}}.get(path, [])
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    response = client.post(path, content=gzip.compress(json.dumps(body).encode()), headers=headers)
+    assert (response.status_code, response.json()) == (
+        415,
+        {
+            "error": "unsupported_media_type",
+            "message": "Content-Encoding 'gzip' is not supported: send the body uncompressed",
+        },
+    )
+    assert response.headers["accept-encoding"] == "identity"
+    assert logged_rows(client) == 0
+    identity = client.post("/predict", json=make_features(), headers={"content-encoding": "identity"})
+    assert identity.status_code == 200
+
+
 def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> None:
     ids = [client.post("/predict", json=make_features(floor=f)).json()["prediction_id"] for f in (1, 2, 3)]
     first = client.post("/feedback", json=[{"prediction_id": i, "actual": 90000.0} for i in ids[:2]])
@@ -318,6 +337,41 @@ def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make
         assert session.scalars(select(GroundTruth.actual)).all() == [90000.0]
 
 
+def test_a_key_given_twice_in_one_object_is_refused_and_nothing_is_stored(client, make_features) -> None:
+    """JSON parsers keep the last of a repeated key, silently: `"actual": 1, "actual": 7` stored 7."""
+    pid = client.post("/predict", json=make_features()).json()["prediction_id"]
+    features = json.dumps(make_features())
+    twice = features[:-1] + ', "area_m2": 99.0}'
+    label = f'{{"prediction_id": "{pid}", "actual": 90000.0, "actual": 7.0}}'
+    for path, body, key in [
+        ("/feedback", f"[{label}]", "actual"),
+        (
+            "/feedback",
+            f'[{{"prediction_id": "{pid}", "prediction_id": "other", "actual": 1.0}}]',
+            "prediction_id",
+        ),
+        ("/predict", twice, "area_m2"),
+        ("/predict/batch", f'{{"instances": [{features}, {twice}]}}', "area_m2"),
+        ("/predict/batch", f'{{"instances": [], "instances": [{features}]}}', "instances"),
+        ("/models/1/promote", '{"reason": "a", "reason": "b"}', "reason"),
+        ("/retrain", '{"reason": "a", "reason": "b"}', "reason"),
+    ]:
+        response = client.post(path, content=body, headers={"content-type": "application/json", **ADMIN})
+        message = f"body: the key '{key}' is given twice in one object: which value is meant? send it once"
+        assert (response.status_code, response.json()["message"]) == (422, message), path
+    assert logged_rows(client) == 1
+    with client.app.state.ctx.sessions() as session:
+        assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+    assert client.get("/retrain/runs").json() == []
+    # A colon inside a value is no second key; a key in each of two objects is none either.
+    assert client.post("/predict", json=make_features(district="Mapo-gu")).status_code == 200
+    assert post_raw(client, "/predict", features[:-1] + ', "floor": 12}').status_code == 422
+    with_colon = post_raw(client, "/predict", json.dumps(make_features(district="Mapo:gu")))
+    assert with_colon.json()["message"].startswith("district: unknown category 'Mapo:gu'")
+    labels = [{"prediction_id": pid, "actual": 90000.0}, {"prediction_id": "other", "actual": 1.0}]
+    assert client.post("/feedback", json=labels).json()["accepted"] == 1
+
+
 def test_feedback_nan_actual_is_rejected(client) -> None:
     response = post_raw(client, "/feedback", '[{"prediction_id": "x", "actual": NaN}]')
     assert response.status_code == 422
@@ -338,6 +392,19 @@ def test_health_ready_and_metrics(client, make_features) -> None:
     assert 'driftloop_model_info{version="1"} 1.0' in text
     assert "driftloop_predict_seconds_count 1.0" in text
     assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
+
+
+def test_head_is_answered_as_get_without_the_body(client) -> None:
+    """A HEAD probe (`curl -I /health`, an uptime monitor's) was 405 on every route."""
+    for path, status in [("/health", 200), ("/ready", 200), ("/models/1", 200), ("/reports/9", 404)]:
+        got = client.get(path)
+        head = client.head(path)
+        assert (head.status_code, head.content) == (status, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert head.headers["content-length"] == got.headers["content-length"]
+    refused = client.head("/predict")
+    assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
+    assert logged_rows(client) == 0
 
 
 def test_every_feedback_outcome_is_exported_before_the_first_label(client) -> None:
@@ -625,6 +692,21 @@ def test_a_category_sent_as_null_or_a_number_is_named_as_such(client, make_featu
     assert (response.status_code, response.json()["message"]) == (422, message)
 
 
+def test_a_number_sent_as_null_is_named_as_such_as_a_category_is(client, make_features) -> None:
+    """It was "Input should be a valid number", which null, JSON's "no value", does not tell apart."""
+    null = "required (null is not allowed: the feature is not nullable)"
+    for field in ("area_m2", "floor"):
+        response = client.post("/predict", json=make_features(**{field: None}))
+        assert (response.status_code, response.json()["message"]) == (422, f"{field}: {null}")
+        batch = client.post(
+            "/predict/batch", json={"instances": [make_features(), make_features(**{field: None})]}
+        )
+        assert (batch.status_code, batch.json()["message"]) == (422, f"instances[1].{field}: {null}")
+    label = client.post("/feedback", json=[{"prediction_id": "x", "actual": None}])
+    assert (label.status_code, label.json()["message"]) == (422, f"[0].actual: {null}")
+    assert logged_rows(client) == 0
+
+
 def test_predictions_are_served_inside_the_spec_s_target_bounds(
     champion, registry, db_url: str, tmp_path: Path, spec: FeatureSpec, make_features
 ) -> None:
@@ -751,6 +833,22 @@ def test_a_body_after_a_utf8_bom_is_read_on_the_lean_route_as_on_the_others(
     response = post_raw(client, "/predict/batch" if batch else "/predict", "\ufeff" + body)
     assert response.status_code == 200
     assert logged_rows(client) == 1
+
+
+def test_a_predict_body_that_is_not_utf8_is_named_so(client, make_features) -> None:
+    """pydantic-core said "expected value at line 1 column 1" of a UTF-16 body, naming nothing."""
+    features = json.dumps(make_features())
+    latin1 = features.replace("Mapo-gu", "Map\xe9-gu").encode("latin-1")
+    for body, at in [
+        (features.encode("utf-16"), "invalid start byte at byte 0"),
+        (latin1, "invalid continuation byte at byte 17"),
+    ]:
+        response = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        assert (response.status_code, response.json()["message"]) == (
+            422,
+            f"body: malformed JSON: not UTF-8 ({at})",
+        )
+    assert logged_rows(client) == 0
 
 
 @pytest.mark.parametrize("path", ["/predict/batch", "/feedback", "/models/1/promote", "/retrain"])

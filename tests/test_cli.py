@@ -173,6 +173,29 @@ def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monk
     assert run("models").exit_code == 0
 
 
+@pytest.mark.parametrize("auto_migrate", ["true", "false"])
+def test_a_database_that_cannot_be_opened_is_named_not_a_traceback(
+    env, tmp_path: Path, monkeypatch, auto_migrate: str
+) -> None:
+    from service.process import free_port
+
+    monkeypatch.setenv("DRIFTLOOP_AUTO_MIGRATE", auto_migrate)
+    not_a_database = tmp_path / "history.csv"
+    generate_transactions(10, seed=9).to_csv(not_a_database, index=False)
+    refused = f"postgresql+psycopg://driftloop:s3cret-pw@127.0.0.1:{free_port()}/driftloop"
+    for url, problem in (
+        (f"sqlite:///{not_a_database}", "DatabaseError: file is not a database"),
+        (refused, "OperationalError: connection failed"),
+    ):
+        monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+        for args in (("models",), ("migrate",), ("ingest", str(not_a_database)), ("monitor",)):
+            result = run(*args)
+            assert result.exit_code == 2, (args, result.output)
+            output = " ".join(result.output.split())
+            assert f"cannot open the database (DRIFTLOOP_DATABASE_URL): {problem}" in output, output
+            assert "Traceback" not in output and "s3cret-pw" not in output
+
+
 def test_settings_read_a_yaml_file_under_the_environment(tmp_path: Path, monkeypatch) -> None:
     config = tmp_path / "driftloop.yaml"
     config.write_text("monitor_interval_s: 60\nwindow_rows: 1234\nWEBHOOK_URL: http://127.0.0.1:9/hook\n")
@@ -498,6 +521,7 @@ def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
             ["generate", "out.csv", "--scenario", "unit_bug", "--change-at", "2023-01-01"],
             "generate: change_at 2023-01-01 00:00 is not before end: no row would change",
         ),
+        (["generate", "."], "generate: cannot write .: . is a directory; give the CSV file to write in it"),
         (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
         (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
     ],

@@ -238,6 +238,36 @@ def test_ingest_refuses_a_file_missing_columns(tmp_path: Path, sessions, spec: F
     generate_transactions(5).drop(columns=["floor", "price_10k_krw"]).to_csv(path, index=False)
     with pytest.raises(IngestError, match="missing column\\(s\\): floor, price_10k_krw"):
         ingest_csv(path, spec=spec, sessions=sessions)
+    # As bootstrap and the backtest name them: a column spelt nearly the same, a file not comma-separated.
+    frame = generate_transactions(5).rename(columns={"floor": "Floor", "area_m2": "area_m2 "})
+    frame.to_csv(path, index=False)
+    near = "header is missing column(s): area_m2 (the header has 'area_m2 '), floor (the header has 'Floor')"
+    with pytest.raises(IngestError, match=re.escape(near)):
+        ingest_csv(path, spec=spec, sessions=sessions)
+    generate_transactions(5).to_csv(path, index=False, sep=";")
+    semicolons = "(the header is one column holding ';': save the file comma-separated)"
+    with pytest.raises(IngestError, match=re.escape(semicolons)):
+        ingest_csv(path, spec=spec, sessions=sessions)
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(LabelledRow)) == 0
+
+
+def test_a_source_too_long_to_store_is_refused_before_any_check_and_a_long_path_is_kept(
+    tmp_path: Path, sessions, spec: FeatureSpec
+) -> None:
+    """PostgreSQL refused a --source over labelled_row.source's 200 characters once every line was checked,
+    with a traceback; SQLite stored it."""
+    path = tmp_path / "jan.csv"
+    generate_transactions(5).to_csv(path, index=False)
+    with pytest.raises(IngestError, match=re.escape(f"source {'s' * 50!r}… is 201 characters, over the 200")):
+        ingest_csv(path, spec=spec, sessions=sessions, source="s" * 201)
+    deep = tmp_path.joinpath(*["d" * 100] * 5)  # a path over ingested_file.name's 500 characters
+    deep.mkdir(parents=True)
+    generate_transactions(5).to_csv(deep / "jan.csv", index=False)
+    assert ingest_csv(deep / "jan.csv", spec=spec, sessions=sessions, source="s" * 200).loaded == 5
+    with sessions() as session:
+        assert session.scalars(select(LabelledRow.source)).all() == ["s" * 200] * 5
+        assert session.scalar(select(IngestedFile.name)).endswith("/jan.csv")
 
 
 def test_a_bad_line_in_a_later_batch_stores_nothing_of_the_earlier_ones(

@@ -52,6 +52,27 @@ def test_bad_values_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch)
     ]
 
 
+def test_a_directory_that_is_a_file_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The spool's was taken, and failed only when the database was down: the answers it should keep were
+    dropped."""
+    (tmp_path / "history.csv").write_text("a,b\n")
+    monkeypatch.setenv("DRIFTLOOP_SPOOL_DIR", "history.csv")
+    monkeypatch.setenv("DRIFTLOOP_REPORT_DIR", "history.csv/reports")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value).splitlines() == [
+        "DRIFTLOOP_SPOOL_DIR='history.csv': history.csv is a file, not a directory",
+        "DRIFTLOOP_REPORT_DIR='history.csv/reports': history.csv is a file, not a directory",
+    ]
+    result = CliRunner().invoke(cli, ["serve"])
+    assert result.exit_code == 2 and "DRIFTLOOP_SPOOL_DIR='history.csv'" in result.output
+    monkeypatch.setenv("DRIFTLOOP_SPOOL_DIR", "not/yet/made")  # made when first needed, as before
+    monkeypatch.delenv("DRIFTLOOP_REPORT_DIR")
+    assert load_settings().spool_dir == Path("not/yet/made")
+
+
 @pytest.mark.parametrize(
     ("minimum", "window", "rule"),
     [

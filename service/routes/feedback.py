@@ -14,6 +14,7 @@ from core.db import unreachable, utcnow
 from core.schema import GroundTruth, PredictionLog
 from core.spec import FeatureSpec, spec_field
 from service.auth import Feedback
+from service.lean import StrictJsonRoute
 from service.logger import PredictionLogger
 from service.middleware import DATABASE_RETRY_AFTER_S
 from service.routes.params import Text
@@ -43,7 +44,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         actual=spec_field(spec.target_feature),  # a JSON number within the spec's target bounds
     )
 
-    router = APIRouter(tags=["feedback"])
+    router = APIRouter(tags=["feedback"], route_class=StrictJsonRoute)
     waiting = threading.BoundedSemaphore(MAX_WAITING)
 
     @router.post("/feedback", response_model=FeedbackResult, summary="Ground truth for earlier predictions")

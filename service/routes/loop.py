@@ -14,10 +14,11 @@ from core.schema import DriftReport, RetrainRun, Trigger
 from monitor.jobs import MonitorBusy, MonitorOutcome
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
+from service.lean import StrictJsonRoute
 from service.routes.params import MAX_LIST, Limit, RowId, Text
 from service.views import report_detail, report_summary, row_dict
 
-router = APIRouter(tags=["loop"])
+router = APIRouter(tags=["loop"], route_class=StrictJsonRoute)
 
 
 class RetrainRequest(BaseModel):

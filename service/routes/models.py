@@ -8,10 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
+from service.lean import StrictJsonRoute
 from service.routes.params import RowId, Text
 from service.views import model_lineage, model_summary
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=StrictJsonRoute)
 
 
 class PromoteRequest(BaseModel):

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from core.db import utcnow
 from core.spec import FeatureSpec, FeatureType
 from service.holder import NO_CHAMPION_IN_REGISTRY, ModelHolder
-from service.lean import LeanRoute, json_body, read_json
+from service.lean import LeanRoute, StrictJsonRoute, json_body, read_json
 from service.logger import LogRow
 
 NO_CHAMPION = "no champion model is loaded yet: run `driftloop bootstrap` (or promote a version)"
@@ -89,12 +89,6 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         route_class_override=LeanRoute,  # the hot path: see service/lean.py
     )
 
-    @router.post(
-        "/predict/batch",
-        response_model=BatchPrediction,
-        summary=f"Predict 1..{max_batch} instances",
-        tags=["predict"],
-    )
     async def predict_batch(request: Request, batch: batch_model = Body()) -> Response:  # type: ignore[valid-type]
         ctx = request.app.state.ctx
         served = ctx.holder.current
@@ -122,6 +116,16 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
             "model_version": served.version,
         }
         return Response(json.dumps(body), media_type="application/json")
+
+    router.add_api_route(
+        "/predict/batch",
+        predict_batch,
+        methods=["POST"],
+        response_model=BatchPrediction,
+        summary=f"Predict 1..{max_batch} instances",
+        tags=["predict"],
+        route_class_override=StrictJsonRoute,
+    )
 
     cat_idx = [i for i, f in enumerate(spec.features) if f.type is FeatureType.categorical]
 
