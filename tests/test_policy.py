@@ -766,6 +766,23 @@ def test_load_history_counts_labels_of_the_traffic_since_the_streak_began(
     assert (before_streak.previous_breaches, before_streak.labelled_since_streak) == (1, 1)  # prediction 2
 
 
+def _labelled_prediction(session: Session, features: dict[str, Any], *, received_at: datetime) -> None:
+    """One prediction by champion 3, answered 90 min before T0, with its label received at `received_at`."""
+    pid = "00000001-0000-0000-0000-000000000000"
+    session.add(
+        PredictionLog(
+            id=pid,
+            created_at=minutes(-90),
+            model_version=3,
+            features=features,
+            prediction=1.0,
+            latency_ms=1.0,
+        )
+    )
+    session.flush()
+    session.add(GroundTruth(prediction_id=pid, actual=2.0, received_at=received_at))
+
+
 def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     sessions: sessionmaker[Session], make_features: Any
 ) -> None:
@@ -778,18 +795,7 @@ def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     with sessions.begin() as session:
         session.add(rejected := _run(minutes(-60), "rejected"))  # for champion 3
         session.flush()
-        session.add(
-            PredictionLog(
-                id="00000001-0000-0000-0000-000000000000", created_at=minutes(-90), model_version=3,
-                features=make_features(), prediction=1.0, latency_ms=1.0,
-            )
-        )  # fmt: skip
-        session.flush()
-        session.add(
-            GroundTruth(
-                prediction_id="00000001-0000-0000-0000-000000000000", actual=2.0, received_at=minutes(-70)
-            )
-        )
+        _labelled_prediction(session, make_features(), received_at=minutes(-70))
 
     def waiting(now: datetime, champion: int = 3) -> int | None:
         with sessions() as session:
@@ -807,9 +813,8 @@ def test_a_rejected_run_is_not_repeated_until_a_label_arrives(
     assert waiting(T0) is None  # an ingested row arrived since
     with sessions.begin() as session:
         session.add(_run(minutes(-5), "failed"))
-    assert (
-        waiting(T0) is None
-    )  # still: the label came after the rejected run, and a failed run changes nothing
+    # Still none: the label came after the rejected run, and a failed run changes nothing.
+    assert waiting(T0) is None
 
 
 def test_a_feedback_label_lifts_the_hold_from_when_it_is_received(
@@ -819,18 +824,7 @@ def test_a_feedback_label_lifts_the_hold_from_when_it_is_received(
     it was received: a history as of before then still holds."""
     with sessions.begin() as session:
         session.add(rejected := _run(minutes(-60), "rejected"))
-        session.add(
-            PredictionLog(
-                id="00000001-0000-0000-0000-000000000000", created_at=minutes(-90), model_version=3,
-                features=make_features(), prediction=1.0, latency_ms=1.0,
-            )
-        )  # fmt: skip
-        session.flush()
-        session.add(
-            GroundTruth(
-                prediction_id="00000001-0000-0000-0000-000000000000", actual=2.0, received_at=minutes(-10)
-            )
-        )
+        _labelled_prediction(session, make_features(), received_at=minutes(-10))
 
     def waiting(now: datetime) -> int | None:
         with sessions() as session:
