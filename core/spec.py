@@ -281,6 +281,9 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
         categories = tuple(str(c) for c in raw_categories)
         if ftype is FeatureType.categorical and not categories:
             raise SpecError(f"{source}: {where} ({name}) is categorical and needs 'categories'")
+        if len(set(categories)) < len(categories):
+            twice = next(c for i, c in enumerate(categories) if c in categories[:i])
+            raise SpecError(f"{source}: {where} ({name}) categories: {twice!r} is listed twice")
         if ftype is not FeatureType.categorical and categories:
             raise SpecError(f"{source}: {where} ({name}) is {ftype.value}: 'categories' are for categorical")
         low, high = _bounds(item.get("min"), item.get("max"), f"{source}: {where} ({name})")

@@ -117,6 +117,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
         ("dataset: x\ntarget: y\n", "spec is missing 'features'"),
         ("dataset: x\ntarget: y\nfeatures: [{name: a, type: text}]\n", "type must be one of numeric"),
         ("dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical}]\n", "(a) is categorical and needs"),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b, c, b]}]\n",
+            "(a) categories: 'b' is listed twice",
+        ),
         ("dataset: x\ntarget: a\nfeatures: [{name: a, type: numeric}]\n", "target 'a' is also listed"),
         ("dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric}, {name: a, type: numeric}]\n", "unique"),
         ("dataset: [unclosed\n", "not valid YAML"),
