@@ -964,6 +964,19 @@ def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -
     assert response.headers["allow"] == "POST"
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+def test_rollback_by_another_method_is_405_not_a_bad_version(client, method: str) -> None:
+    """/models/rollback is POST only; /models/{version} must not read 'rollback' as a malformed version."""
+    response = client.request(method, "/models/rollback")
+    assert (response.status_code, response.headers["allow"]) == (405, "POST")
+    if method != "HEAD":
+        assert response.json() == {
+            "error": "method_not_allowed",
+            "message": f"{method} is not allowed on /models/rollback; it takes POST",
+        }
+    assert client.get("/models/1").status_code == 200
+
+
 class _NanModel:
     def predict(self, row: object, thread_count: int = 1) -> float:
         return math.nan
