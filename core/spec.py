@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -350,6 +351,8 @@ def _name(value: Any, where: str, *, reserved: bool = True) -> str:
     """A column name as written in the spec: a non-empty string, not one driftloop uses itself."""
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{where} must be a non-empty string, not {value!r}")
+    if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):
+        raise SpecError(f"{where} {value!r} holds the control character {control!r}; a column name cannot")
     if reserved and value in RESERVED_NAMES:
         raise SpecError(
             f"{where} '{value}' is a name driftloop uses for its own columns "

@@ -189,6 +189,14 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             'dataset: x\ntarget: y\nfeatures: [{name: "  ", type: numeric}]\n',
             "name must be a non-empty string, not '  '",
         ),
+        (
+            'dataset: x\ntarget: y\nfeatures: [{name: "a\\0b", type: numeric}]\n',
+            "name 'a\\x00b' holds the control character '\\x00'; a column name cannot",
+        ),
+        (
+            'dataset: x\ntarget: "y\\n"\nfeatures: [{name: a, type: numeric}]\n',
+            "target 'y\\n' holds the control character '\\n'",
+        ),
         ("dataset: x\ntarget: y\nfeatures: [a, b]\n", "features[0] must be a mapping with 'name' and 'type'"),
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: integer, min: 0.5, max: 0.9}]\n",
