@@ -964,7 +964,7 @@ def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -
     assert response.headers["allow"] == "POST"
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE"])
+@pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])
 def test_rollback_by_another_method_is_405_not_a_bad_version(client, method: str) -> None:
     """/models/rollback is POST only; /models/{version} must not read 'rollback' as a malformed version."""
     response = client.request(method, "/models/rollback")

@@ -27,7 +27,9 @@ def list_models(request: Request) -> list[dict[str, Any]]:
     return [model_summary(row) for row in request.app.state.ctx.registry.list()]
 
 
-@router.api_route("/models/rollback", methods=["GET", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+@router.api_route(
+    "/models/rollback", methods=["GET", "PUT", "PATCH", "DELETE", "OPTIONS"], include_in_schema=False
+)
 def rollback_takes_post() -> None:
     """405 naming POST: matched before /models/{version}, which would refuse 'rollback' as a version (422)."""
     raise HTTPException(405, headers={"Allow": "POST"})
