@@ -1,4 +1,4 @@
-"""Naming why a file given by a user could not be read, the same way for every kind of file."""
+"""Naming why a file or folder given by a user could not be read or used, the same way for every kind."""
 
 from __future__ import annotations
 
@@ -43,3 +43,10 @@ def _near(name: str, header: list[str], required: list[str]) -> str:
     close = [h for h in others if h.strip().casefold() == name.casefold()]
     close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
     return f" (the header has {close[0]!r})" if close else ""
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of `folder` and its parents that exists, when it is a file: a folder cannot be made
+    there. None when that one is a directory, or none exists yet (it can be made)."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None

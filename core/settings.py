@@ -14,6 +14,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from core.files import file_in_the_way
 from core.metrics import parse_buckets
 
 
@@ -127,11 +128,8 @@ class Settings(BaseSettings):
     def _directory(cls, value: Path) -> Path:
         """A directory that is a file, or lies under one, is refused here by name: the spool's would
         otherwise fail only in a database outage, dropping the answers it was there to keep."""
-        for path in (value, *value.parents):
-            if path.exists():
-                if not path.is_dir():
-                    raise ValueError(f"{path} is a file, not a directory")
-                break
+        if (blocked := file_in_the_way(value)) is not None:
+            raise ValueError(f"{blocked} is a file, not a directory")
         return value
 
     @field_validator("predict_threads", "train_thread_count")

@@ -403,6 +403,7 @@ def generate(
     seed: int = 0,
 ) -> None:
     """Write generated apartment transactions (with a drift scenario) to a CSV."""
+    from core.files import file_in_the_way
     from core.generator import generate_transactions
 
     try:
@@ -415,9 +416,8 @@ def generate(
     try:
         if out.is_dir():
             raise OSError(f"{out} is a directory; give the CSV file to write in it")
-        parent = next((p for p in (out.parent, *out.parent.parents) if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise OSError(f"{parent} is a file, not a directory")
+        if (blocked := file_in_the_way(out.parent)) is not None:
+            raise OSError(f"{blocked} is a file, not a directory")
         out.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(out, index=False)
     except OSError as exc:  # a directory, a parent that is a file, no permission: named, not a traceback
