@@ -65,7 +65,8 @@ class Faults:
                 log.warning("%s %s: database unavailable (%s)", method, path, error_line(exc))
                 message = f"database unavailable ({type(exc).__name__}): retry shortly"
                 body = {"error": error_name(503), "message": message}
-                await _send_json(send, 503, body, retry_after_s=DATABASE_RETRY_AFTER_S)
+                retry = [(b"retry-after", str(DATABASE_RETRY_AFTER_S).encode())]
+                await _send_json(send, 503, body, headers=retry)
                 return
             log.exception("internal error on %s %s", method, path)
             await _send_json(send, 500, internal_error_body(exc))
@@ -214,24 +215,17 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 async def _error(
     send: Send, status: int, message: str, *, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    await _send_json(send, status, {"error": error_name(status), "message": message}, extra=headers)
+    await _send_json(send, status, {"error": error_name(status), "message": message}, headers=headers)
 
 
 async def _send_json(
-    send: Send,
-    status: int,
-    content: dict[str, str],
-    *,
-    retry_after_s: int | None = None,
-    extra: list[tuple[bytes, bytes]] | None = None,
+    send: Send, status: int, content: dict[str, str], *, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     body = json.dumps(content).encode()
-    headers: list[Any] = [
+    start: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        *(extra or []),
+        *(headers or []),
     ]
-    if retry_after_s is not None:
-        headers.append((b"retry-after", str(retry_after_s).encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": start})
     await send({"type": "http.response.body", "body": body})
