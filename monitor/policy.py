@@ -173,21 +173,17 @@ def decide(obs: Observation, history: History, config: PolicyConfig) -> Decision
     accuracy, baseline_only = _accuracy_reason(obs, config)
     if short and not accuracy:
         reason = f"window has {obs.rows} rows, fewer than the {config.min_window_rows} needed for a verdict"
-        labels_ok = _labels_judged(obs, config)
-        within = (
-            f"MAE {figure(obs.mae)} on {obs.labelled_rows} labelled rows is within policy"
-            if labels_ok and obs.mae is not None
-            else None
-        )
+        judged = _judged_maes(obs, config)  # and within policy, since the accuracy rule gave no reason
+        within = () if judged is None else (f"{_labels_lead(obs, judged[0])} is within policy",)
         return Decision(
             verdict="insufficient",
             breach=False,
             retrain=False,
             trigger=None,
-            reasons=(reason, *((within,) if within else ())),
+            reasons=(reason, *within),
             held_by=None,
             consecutive=0,
-            labels_within_policy=labels_ok,
+            labels_within_policy=judged is not None,
         )
     reasons = (*drift, *((accuracy,) if accuracy else ()))
     if not reasons:
@@ -227,30 +223,36 @@ def _drift_reasons(obs: Observation, config: PolicyConfig) -> list[str]:
     return reasons
 
 
-def _labels_judged(obs: Observation, config: PolicyConfig) -> bool:
-    """Whether the accuracy rule can judge this observation: enough labelled rows and both MAEs."""
-    return (
-        obs.mae is not None and obs.champion_mae is not None and obs.labelled_rows >= config.min_labelled_rows
-    )
+def _judged_maes(obs: Observation, config: PolicyConfig) -> tuple[float, float] | None:
+    """(MAE, champion MAE) when the accuracy rule can judge this observation (enough labelled rows and
+    both MAEs); None when it cannot."""
+    if obs.mae is None or obs.champion_mae is None or obs.labelled_rows < config.min_labelled_rows:
+        return None
+    return obs.mae, obs.champion_mae
+
+
+def _labels_lead(obs: Observation, mae: float) -> str:
+    return f"MAE {figure(mae)} on {obs.labelled_rows} labelled rows"
 
 
 def _accuracy_reason(obs: Observation, config: PolicyConfig) -> tuple[str | None, bool]:
     """(reason, baseline_only): the reason names the tightest yardstick the MAE is over; baseline_only
     when it is within the champion's own."""
-    if obs.mae is None or obs.champion_mae is None or not _labels_judged(obs, config):
+    if (judged := _judged_maes(obs, config)) is None:
         return None, False
+    mae, champion_mae = judged
     ratio = config.mae_degradation_ratio
-    own = obs.champion_mae * ratio
-    lead = f"MAE {figure(obs.mae)} on {obs.labelled_rows} labelled rows"
+    own = champion_mae * ratio
+    lead = _labels_lead(obs, mae)
     baseline = obs.baseline_mae if config.lineage_baseline else None
-    if baseline is not None and baseline < obs.champion_mae and obs.mae > baseline * ratio:
+    if baseline is not None and baseline < champion_mae and mae > baseline * ratio:
         return (
             f"{lead} > {figure(baseline * ratio)} (baseline MAE {figure(baseline)}, the best validation MAE "
-            f"of this model line, × {ratio:g}; champion's own validation MAE {figure(obs.champion_mae)})"
-        ), obs.mae <= own
-    if obs.mae <= own:
+            f"of this model line, × {ratio:g}; champion's own validation MAE {figure(champion_mae)})"
+        ), mae <= own
+    if mae <= own:
         return None, False
-    return f"{lead} > {figure(own)} (champion MAE {figure(obs.champion_mae)} × {ratio:g})", False
+    return f"{lead} > {figure(own)} (champion MAE {figure(champion_mae)} × {ratio:g})", False
 
 
 def _held_by(
@@ -440,8 +442,9 @@ def _breach_streak(
         for report_id, created_at, version, breach, decision in rows:
             if version != champion_version:
                 break
-            if (decision or {}).get("verdict") == "insufficient":
-                if since_labels_ok is None and (decision or {}).get("labels_within_policy") is True:
+            decided = decision or {}
+            if decided.get("verdict") == "insufficient":
+                if since_labels_ok is None and decided.get("labels_within_policy") is True:
                     since_labels_ok = count
                 continue
             if not breach:
