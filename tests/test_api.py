@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
@@ -28,6 +29,7 @@ from core.spec import FeatureSpec
 from monitor.jobs import Loop
 from retrain.train import predict
 from service.app import create_app
+from service.lean import LeanRoute, StrictJsonRoute
 from service.process import free_port
 from service.routes.feedback import FeedbackResult
 from tests.conftest import make_settings, register_copy
@@ -370,6 +372,16 @@ def test_a_key_given_twice_in_one_object_is_refused_and_nothing_is_stored(client
     assert with_colon.json()["message"].startswith("district: unknown category 'Mapo:gu'")
     labels = [{"prediction_id": pid, "actual": 90000.0}, {"prediction_id": "other", "actual": 1.0}]
     assert client.post("/feedback", json=labels).json()["accepted"] == 1
+
+
+def test_every_route_with_a_body_refuses_a_key_given_twice(client) -> None:
+    """The routes above are sampled; a new router must read its body the same way (service/lean.py)."""
+    routes = list(client.app.routes)
+    for included in [r.original_router for r in routes if hasattr(r, "original_router")]:  # FastAPI 0.165
+        routes += included.routes
+    with_body = [r for r in routes if isinstance(r, APIRoute) and r.body_field is not None]
+    assert {r.path for r in with_body} >= {"/feedback", "/predict/batch", "/models/{version}/promote"}
+    assert [r.path for r in with_body if not isinstance(r, StrictJsonRoute | LeanRoute)] == []
 
 
 def test_feedback_nan_actual_is_rejected(client) -> None:
