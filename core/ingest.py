@@ -4,7 +4,10 @@ A file is loaded whole or not at all. Its lines are checked first, in batches (m
 no write lock held: the good rows wait in a temporary table on the ingest's own connection. Then one short
 transaction copies them into labelled_row, unless a line was bad and the caller did not ask to skip bad
 lines. A file already loaded (the same bytes, by sha256) is not loaded again unless forced, so re-running an
-ingest never counts rows twice by accident.
+ingest never counts rows twice by accident; nor is a row that an earlier file gave (the same event time,
+features and target, by `row_key`), so overlapping exports ("the last 90 days", every month) load each sale
+once. A file may give the same row more than once (two sales alike in every column): it is loaded as often as
+the file gives it beyond the times it is already there.
 """
 
 from __future__ import annotations
@@ -23,13 +26,27 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Column, Connection, Engine, Integer, MetaData, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Clock, utcnow
 from core.files import missing_columns, read_errors
-from core.schema import IngestedFile, LabelledRow
+from core.schema import IngestedFile, LabelledRow, row_key
 from core.spec import FeatureSpec, FeatureType
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
 
@@ -74,6 +91,7 @@ class IngestReport:
     bad: int = 0  # lines that did not
     rejected: list[tuple[int, list[str]]] = field(default_factory=list)  # the first MAX_LISTED bad lines
     loaded: int = 0  # rows committed to labelled_row
+    repeated: int = 0  # good rows not loaded because an earlier file loaded them (unless forced)
     already: PreviousLoad | None = None  # set when the file was loaded before and not loaded again
     ignored_columns: list[str] = field(default_factory=list)  # header columns the spec does not read
 
@@ -140,7 +158,8 @@ def ingest_csv(
 
     If any line is bad, nothing is loaded (the report lists them with their line numbers) unless
     `skip_bad`, which loads the good rows only. A file whose bytes were loaded before is not loaded again
-    (`report.already` says when and as what) unless `force`. The lines are checked with no write lock held:
+    (`report.already` says when and as what), nor are rows an earlier file loaded (`report.repeated`),
+    unless `force`. The lines are checked with no write lock held:
     the good rows wait in a temporary table on the ingest's own connection, and one short transaction then
     claims the file and copies them into labelled_row, so other writers wait for the copy, not the checks."""
     csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
@@ -170,10 +189,12 @@ def ingest_csv(
                 on_progress(line_count)
         if (report.bad and not skip_bad) or not report.good:
             return report
+        if not force:
+            _index_keys(conn, staging)
         report.already = _load(
             conn, staging, csv_file=csv_file, source=source, report=report, force=force, now=now
         )
-    report.loaded = 0 if report.already else report.good
+    report.loaded = 0 if report.already else report.good - report.repeated
     return report
 
 
@@ -256,18 +277,53 @@ def _load(
                 .where(IngestedFile.sha256 == csv_file.sha256)
                 .values(rows=IngestedFile.rows + report.good, loads=IngestedFile.loads + 1, **file)
             )
-        columns = [c.name for c in staging.columns if c.name != "seq"]
-        conn.execute(
-            insert(LabelledRow).from_select(
-                columns, select(*(staging.c[c] for c in columns)).order_by(staging.c.seq)
-            )
-        )
+        if conn.dialect.name == "postgresql":  # two overlapping files' copies must not both find a row absent
+            conn.execute(text("LOCK TABLE labelled_row IN SHARE ROW EXCLUSIVE MODE"))
+        copied = conn.execute(
+            _copy(staging, every_row=force), execution_options={"preserve_rowcount": True}
+        ).rowcount
+        report.repeated = report.good - copied
         conn.commit()
     except IntegrityError:
         raise IngestError(
             f"{csv_file.path} was being loaded by another ingest at the same time; this one loaded nothing"
         ) from None
     return None
+
+
+def _copy(staging: Table, *, every_row: bool) -> Any:
+    """INSERT … SELECT of the staged rows in the file's order; unless `every_row`, the n-th staged row with
+    a key goes in only if labelled_row holds fewer than n rows with that key (both counted through an
+    index on (event_time, row_key): see `_index_keys`)."""
+    columns = [c.name for c in staging.columns if c.name != "seq"]
+    query = select(*(staging.c[c] for c in columns)).order_by(staging.c.seq)
+    if every_row:
+        return insert(LabelledRow).from_select(columns, query)
+    earlier = staging.alias("earlier")
+    nth = (
+        select(func.count())
+        .select_from(earlier)
+        .where(
+            earlier.c.event_time == staging.c.event_time,
+            earlier.c.row_key == staging.c.row_key,
+            earlier.c.seq <= staging.c.seq,
+        )
+        .scalar_subquery()
+    )
+    present = (
+        select(func.count())
+        .select_from(LabelledRow)
+        .where(LabelledRow.event_time == staging.c.event_time, LabelledRow.row_key == staging.c.row_key)
+        .scalar_subquery()
+    )
+    query = query.where(or_(staging.c.row_key.is_(None), present < nth))
+    return insert(LabelledRow).from_select(columns, query)
+
+
+def _index_keys(conn: Connection, staging: Table) -> None:
+    """Index the staged rows as labelled_row is, before the copy: on the temporary table, no lock held."""
+    Index("ix_ingest_staging_key", staging.c.event_time, staging.c.row_key, staging.c.seq).create(conn)
+    conn.commit()
 
 
 def _checked(
@@ -366,13 +422,13 @@ class _Checker:
             if found:
                 bad.append((line, found))
             else:
-                event_time = event_time or self.now
                 good.append(
                     {
                         "features": features,
                         "target": target,
-                        "event_time": event_time,
+                        "event_time": event_time or self.now,
                         "ingested_at": self.now,
+                        "row_key": row_key(event_time, features, target) if event_time else None,
                     }
                 )
         return good, bad

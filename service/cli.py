@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 
 from core.figures import figure
 from core.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from core.spec import FeatureSpec
 
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
 console = Console(stderr=True)
@@ -218,6 +221,19 @@ def worker(
     uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
 
 
+def _to_load_the_rest(spec: FeatureSpec, loaded: int) -> str:
+    if spec.time_column:  # rows carry their own time: a second ingest knows the rows it loaded
+        return (
+            "To load those, fix them and ingest the file again: the rows loaded now are known by their "
+            f"{spec.time_column}, features and {spec.target}, and are not loaded a second time."
+        )
+    return (
+        "To load those, put them, fixed, in a new file under the same header and ingest that: with no time "
+        f"column in the spec, ingesting this file again, fixed, would load its {loaded} good row(s) a second "
+        "time."
+    )
+
+
 @cli.command()
 def ingest(
     file: Path,
@@ -226,13 +242,16 @@ def ingest(
         bool, typer.Option("--skip-bad", help="Load the good rows of a file that has bad lines.")
     ] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Load a file already loaded again (its rows then count twice).")
+        bool,
+        typer.Option(
+            "--force", help="Load every row, even of a file or rows already loaded (they then count twice)."
+        ),
     ] = False,
     show: Annotated[int, typer.Option(min=0, help="How many bad lines to list.")] = 20,
 ) -> None:
     """Load labelled transactions from a CSV into labelled_row, all or nothing: if any line violates the
     spec, nothing is loaded and the bad lines are listed (unless --skip-bad). A file already loaded is not
-    loaded again (unless --force)."""
+    loaded again, nor a row an earlier file loaded (same time, features and target), unless --force."""
     from core.ingest import IngestError, ingest_csv, inspect_file
 
     settings = _settings()
@@ -272,12 +291,15 @@ def ingest(
     elif report.bad:
         console.print(
             f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}, "
-            f"{report.bad} bad line(s) skipped (listed below). To load those, put them, fixed, in a new file "
-            "under the same header and ingest that: ingesting this file again, fixed, would load its "
-            f"{report.loaded} good row(s) a second time."
+            f"{report.bad} bad line(s) skipped (listed below). {_to_load_the_rest(spec, report.loaded)}"
         )
     else:
         console.print(f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}")
+    if report.repeated:
+        console.print(
+            f"{report.repeated} row(s) an earlier file loaded (the same {spec.time_column}, features and "
+            f"{spec.target}) were not loaded again; --force loads them a second time."
+        )
     if report.ignored_columns:
         console.print(
             f"column(s) the spec does not read, not loaded: {', '.join(map(repr, report.ignored_columns))}"

@@ -70,8 +70,35 @@ def test_ingest_with_a_bad_line_loads_nothing_and_exits_1_unless_skip_bad(env, t
     skipped = run("ingest", str(path), "--skip-bad")
     assert skipped.exit_code == 0
     assert "29 row(s) loaded as source 'new.csv', 1 bad line(s) skipped (listed below)." in skipped.output
-    assert "would load its 29 good row(s) a second time" in skipped.output
+    assert (
+        "To load those, fix them and ingest the file again: the rows loaded now are known by their "
+        "contract_date, features and price_10k_krw, and are not loaded a second time." in skipped.output
+    )
     assert "line 6: floor: 'tenth' is not a number" in skipped.output
+    frame.loc[4, "floor"] = 10
+    frame.to_csv(path, index=False)
+    fixed = run("ingest", str(path))
+    assert (fixed.exit_code, "1 row(s) loaded as source 'new.csv'" in fixed.output) == (0, True)
+    assert (
+        "29 row(s) an earlier file loaded (the same contract_date, features and price_10k_krw) were not "
+        "loaded again; --force loads them a second time." in fixed.output
+    )
+
+
+def test_ingest_without_a_time_column_says_a_fixed_file_would_load_its_good_rows_twice(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = tmp_path / "meters.yaml"
+    spec.write_text("dataset: meters\ntarget: kwh\nfeatures:\n  - {name: hour, type: integer, max: 23}\n")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    path = tmp_path / "meters.csv"
+    path.write_text("hour,kwh\n3,1.5\n99,2.5\n")
+    skipped = run("ingest", str(path), "--skip-bad")
+    assert skipped.exit_code == 0
+    assert (
+        "To load those, put them, fixed, in a new file under the same header and ingest that: with no time "
+        "column in the spec, ingesting this file again, fixed, would load its 1 good row(s) a second time."
+    ) in " ".join(skipped.output.split())  # as the terminal wraps it
 
 
 def test_ingest_of_a_file_already_loaded_loads_nothing_unless_forced(env, tmp_path: Path) -> None:
@@ -155,20 +182,25 @@ def test_retrain_without_a_champion_is_refused_before_any_run(env) -> None:
 
 def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monkeypatch) -> None:
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     from core.db import _alembic_config
 
+    head = ScriptDirectory.from_config(_alembic_config(env["DRIFTLOOP_DATABASE_URL"])).get_current_head()
     monkeypatch.setenv("DRIFTLOOP_AUTO_MIGRATE", "false")
     advice = "DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the migrate job)"
     empty = run("models")
     assert empty.exit_code == 2
-    assert f"the database has no driftloop schema yet, and this driftloop needs revision 0006. {advice}" in (
-        empty.output
+    assert (
+        f"the database has no driftloop schema yet, and this driftloop needs revision {head}. {advice}"
+        in (empty.output)
     )
     command.upgrade(_alembic_config(env["DRIFTLOOP_DATABASE_URL"]), "0004")  # an image ahead of its migration
     behind = run("bootstrap", "--rows", "2000")
     assert behind.exit_code == 2
-    assert "the database is at schema revision 0004, and this driftloop needs revision 0006." in behind.output
+    assert (
+        f"the database is at schema revision 0004, and this driftloop needs revision {head}." in behind.output
+    )
     assert run("migrate").exit_code == 0
     assert run("models").exit_code == 0
 

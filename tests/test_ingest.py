@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import delete, event, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessions
@@ -36,6 +36,12 @@ def impatient(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
     event.listen(engine, "connect", lambda dbapi, _: dbapi.execute("PRAGMA busy_timeout=0"))
     yield make_sessions(engine)
     engine.dispose()
+
+
+def _csv_text(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
 
 
 def _bad_file(tmp_path: Path) -> tuple[pd.DataFrame, Path]:
@@ -107,6 +113,43 @@ def test_a_file_is_loaded_once_unless_forced(tmp_path: Path, sessions, spec) -> 
     with sessions() as s:
         record = s.get(IngestedFile, first.sha256)
     assert (record.rows, record.loads, record.name) == (60, 2, str(copy))
+
+
+def test_a_row_an_earlier_file_loaded_is_not_loaded_again(tmp_path: Path, sessions, spec) -> None:
+    """Exports that overlap ("the last 90 days", monthly) load each sale once, however each file writes
+    it: another time format and "84" for 84.0 are the same row. A file's own repeats are kept (two sales
+    alike in every column): loaded as often as the file gives them beyond the times already loaded."""
+    frame = generate_transactions(40, seed=3)
+    first = frame.iloc[:30].copy()
+    first.loc[5] = first.loc[4]  # the first file gives row 4 twice
+    assert ingest_csv(_csv(tmp_path, first, "jan.csv"), spec=spec, sessions=sessions).loaded == 30
+
+    overlap = frame.iloc[20:40].copy()
+    overlap["contract_date"] = pd.to_datetime(overlap["contract_date"]).dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    overlap["area_m2"] = overlap["area_m2"].map(lambda x: f"{x:.6f}")  # 84.5 written as 84.500000
+    overlap = pd.concat([overlap, first.loc[[4, 4, 4]]])  # row 4 three times: one more than loaded
+    report = ingest_csv(_csv(tmp_path, overlap, "feb.csv"), spec=spec, sessions=sessions, chunk_size=7)
+    assert (report.good, report.loaded, report.repeated) == (23, 11, 12)  # rows 30-39 and one row 4
+    assert _count(sessions) == 41
+    with sessions() as s:
+        record = s.get(IngestedFile, report.sha256)
+        sources = s.scalars(select(LabelledRow.source).order_by(LabelledRow.id)).all()
+    assert record.rows == 23  # what the file gave: rows repeated from jan.csv stay as jan.csv loaded them
+    assert sources == ["jan.csv"] * 30 + ["feb.csv"] * 11
+
+    forced = ingest_csv(_csv(tmp_path, overlap, "feb.csv"), spec=spec, sessions=sessions, force=True)
+    assert (forced.loaded, forced.repeated, _count(sessions)) == (23, 0, 64)
+
+
+def test_without_a_time_column_no_row_is_taken_for_one_loaded_before(tmp_path: Path, sessions) -> None:
+    """A row's time is then the ingest's: alike rows from two files may be two events, and are both loaded."""
+    spec = parse_spec(METERS)
+    assert (
+        ingest_csv(_csv_text(tmp_path, "a.csv", "hour,kwh\n3,1.5\n"), spec=spec, sessions=sessions).loaded
+        == 1
+    )
+    again = ingest_csv(_csv_text(tmp_path, "b.csv", "hour,kwh\n3,1.5\n4,2.5\n"), spec=spec, sessions=sessions)
+    assert (again.loaded, again.repeated, _count(sessions)) == (2, 0, 3)
 
 
 def test_a_file_fixed_after_a_refusal_loads_each_row_once(tmp_path: Path, sessions, spec) -> None:
@@ -394,6 +437,47 @@ def test_a_file_claimed_by_another_ingest_in_the_same_instant_loads_nothing(
     assert _count(sessions) == 0
     with sessions() as s:
         assert s.scalar(select(IngestedFile.source)) == "other"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_rows_another_ingest_is_copying_in_the_same_instant_are_loaded_once(
+    tmp_path: Path, sessions, spec
+) -> None:
+    """Two overlapping files whose copies overlap in time: the second copy's lock on labelled_row waits for
+    the first copy to commit, and then it finds the shared rows there. Without that lock it would read the
+    table as it was before the other committed, and load them again. (SQLite has one writer at a time.)"""
+    frame = generate_transactions(20, seed=5)
+    ingest_csv(_csv(tmp_path, frame.iloc[:10], "jan.csv"), spec=spec, sessions=sessions)
+    with sessions.begin() as s:  # jan.csv's rows, as its copy will write them again below
+        jan = [
+            {
+                c: getattr(row, c)
+                for c in ("features", "target", "event_time", "source", "ingested_at", "row_key")
+            }
+            for row in s.scalars(select(LabelledRow))
+        ]
+        s.execute(delete(LabelledRow))
+    other = sessions()
+    committed = threading.Timer(1.0, other.commit)
+
+    def copy_while_checking(lines: int) -> None:  # jan.csv's copy, uncommitted for 1 s
+        if committed.ident is None:  # once
+            other.execute(
+                insert(LabelledRow), jan
+            )  # its insert's lock, without the copy's own, to show that one
+            committed.start()
+
+    try:
+        report = ingest_csv(
+            _csv(tmp_path, frame.iloc[5:], "feb.csv"),
+            spec=spec,
+            sessions=sessions,
+            on_progress=copy_while_checking,
+        )
+    finally:
+        committed.join()
+        other.close()
+    assert (report.loaded, report.repeated, _count(sessions)) == (10, 5, 20)
 
 
 def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, sessions) -> None:
