@@ -22,11 +22,13 @@ from prometheus_client import CollectorRegistry
 from core.metrics import build_metrics
 from core.settings import Settings
 from tests.promql import (
+    cumulative_series,
     dashboard_queries,
     iter_panels,
     known_series,
     metric_names,
     metrics_markdown,
+    raw_counters,
     rule_expressions,
     substitute,
     unknown_metrics,
@@ -413,6 +415,37 @@ def test_dashboards_and_rules_use_only_exported_metrics() -> None:
     queries = all_queries()
     assert len(queries) > 50
     assert unknown_metrics(queries, known()) == []
+
+
+def cumulative() -> set[str]:
+    registry = CollectorRegistry()
+    build_metrics(registry)
+    return cumulative_series(registry)
+
+
+def test_dashboards_read_counters_through_rate_or_increase() -> None:
+    """A panel plotting a counter's raw value shows totals since each process started: they fall at every
+    restart or swap of replicas, and say nothing about the dashboard's time range."""
+    queries = [
+        (f"{path.name}: {title}", expr) for path in DASHBOARDS for title, expr in dashboard_queries(path)
+    ]
+    assert raw_counters(queries, cumulative()) == []
+
+
+def test_a_raw_counter_is_named_and_rate_or_increase_pass() -> None:
+    queries = [
+        ("raw", "sum by (outcome) (driftloop_monitor_runs_total)"),
+        ("raw bucket", "histogram_quantile(0.9, sum by (le) (driftloop_monitor_seconds_bucket))"),
+        ("fine", 'sum(increase(driftloop_logger_rows_total{outcome="dropped"}[5m])) or vector(0)'),
+        ("fine too", "sum by (le) (rate(driftloop_predict_seconds_bucket[1m])) / sum(irate(x_total[1m]))"),
+        ("a gauge", "max(driftloop_notifications_pending)"),
+    ]
+    assert raw_counters(queries, cumulative()) == [
+        "raw: 'driftloop_monitor_runs_total' is read raw, not through rate() or increase() "
+        "(expr: sum by (outcome) (driftloop_monitor_runs_total))",
+        "raw bucket: 'driftloop_monitor_seconds_bucket' is read raw, not through rate() or increase() "
+        "(expr: histogram_quantile(0.9, sum by (le) (driftloop_monitor_seconds_bucket)))",
+    ]
 
 
 def test_every_metric_is_on_a_dashboard() -> None:

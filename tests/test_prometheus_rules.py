@@ -303,7 +303,7 @@ def test_a_panel_reading_a_missing_metric_fails_naming_that_panel(stack: LiveSta
     broken = tmp_path / "serving.json"
     broken.write_text(json.dumps(dashboard), encoding="utf-8")
     assert dashboard_failures(stack.prometheus, [broken]) == [
-        "serving.json: Hot swaps: empty result for sum(driftloop_model_swapz_total)"
+        "serving.json: Hot swaps: empty result for sum(increase(driftloop_model_swapz_total[1m]))"
     ]
 
 
