@@ -527,7 +527,7 @@ def test_rules_file_has_the_driftloop_group_and_every_alert() -> None:
     assert [name for name, _ in rule_expressions(RULES)] == [
         "DriftBreach", "WindowMaeHigh", "MonitorStale", "RetrainFailed", "NotificationFailed",
         "PredictionLogSpooling",
-        "PredictionLogDropping", "NoChampionLoaded", "HighErrorRate", "HighP99Latency",
+        "PredictionLogDropping", "ServingDown", "NoChampionLoaded", "HighErrorRate", "HighP99Latency",
     ]  # fmt: skip
     assert "driftloop_monitor_interval_seconds" in dict(rule_expressions(RULES))["MonitorStale"]
 
