@@ -521,6 +521,49 @@ def test_mae_ratio_is_the_settings_default_everywhere() -> None:
     assert drift["Window MAE vs champion validation MAE"].startswith(f"{ratio} * ")
 
 
+RATE_RANGE = re.compile(r"\b(?:rate|irate|increase)\(\s*[^\[()]*\[([^\]]+)\]")
+GRAFANA_RANGES = ("$__rate_interval", "$__range")  # $__interval, one step, can be shorter than 4 scrapes
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d)", duration))
+
+
+def short_rate_windows(queries: list[tuple[str, str]], shortest_s: float) -> list[str]:
+    """Each rate()/irate()/increase() window that is a literal under `shortest_s` or a Grafana variable other
+    than $__rate_interval/$__range, as `title: [window]`."""
+    return [
+        f"{title}: [{window}]"
+        for title, expr in queries
+        for window in RATE_RANGE.findall(expr)
+        if (window not in GRAFANA_RANGES if window.startswith("$") else seconds(window) < shortest_s)
+    ]
+
+
+def test_rate_windows_hold_four_scrapes() -> None:
+    """rate()/increase() need two samples in the window, and one missed scrape must not empty it: at least
+    4 scrape intervals. Dashboards get that from $__rate_interval, which reads the datasource's timeInterval,
+    so that must be the scrape interval of both shipped configs."""
+    configs = [load_yaml(ROOT / "prometheus" / name) for name in ("prometheus.yml", "prometheus.k8s.yml")]
+    scrape = {config["global"]["scrape_interval"] for config in configs}
+    assert scrape == {load_yaml(DATASOURCE)["datasources"][0]["jsonData"]["timeInterval"]}
+    raw = [  # the dashboards' own text, variables not substituted
+        (f"{path.name}: {panel['title']}", target.get("expr") or "")
+        for path in DASHBOARDS
+        for panel in iter_panels(json.loads(path.read_text(encoding="utf-8")))
+        for target in panel.get("targets") or ()
+    ]
+    queries = raw + [(f"rule {name}", expr) for name, expr in rule_expressions(RULES)]
+    assert sum(len(RATE_RANGE.findall(expr)) for _, expr in queries) >= 30  # the pattern finds them
+    assert short_rate_windows(queries, 4 * seconds(scrape.pop())) == []
+    assert short_rate_windows(
+        [("a", "rate(x_total[30s])"), ("b", "increase(x_total[$__interval])"), ("c", "sum(rate(y[1m]))"),
+         ("d", 'increase(z{a="b"}[$__range]) + rate(z[$__rate_interval]) + max_over_time(u[10s])')],
+        60,
+    ) == ["a: [30s]", "b: [$__interval]"]  # fmt: skip
+
+
 def test_rules_file_has_the_driftloop_group_and_every_alert() -> None:
     groups = load_yaml(RULES)["groups"]
     assert [g["name"] for g in groups] == ["driftloop"]
