@@ -564,6 +564,36 @@ def test_rate_windows_hold_four_scrapes() -> None:
     ) == ["a: [30s]", "b: [$__interval]"]  # fmt: skip
 
 
+QUANTILE = re.compile(r"histogram_quantile\(\s*[\d.]+\s*,\s*(?:sum\s+by\s*\(([^)]*)\)\s*)?")
+
+
+def unaggregated_quantiles(queries: list[tuple[str, str]]) -> list[str]:
+    """Each histogram_quantile() whose buckets are not `sum by (…, le)`: without the sum it gives one
+    quantile per replica (and per status, …), not the service's."""
+    return [
+        f"{title}: {expr}"
+        for title, expr in queries
+        for labels in QUANTILE.findall(expr)
+        if "le" not in re.split(r"\s*,\s*", labels.strip())
+    ]
+
+
+def test_histogram_quantiles_sum_buckets_by_le() -> None:
+    queries = all_queries()
+    assert sum(len(QUANTILE.findall(expr)) for _, expr in queries) >= 8
+    assert unaggregated_quantiles(queries) == []
+    assert unaggregated_quantiles(
+        [
+            ("a", "histogram_quantile(0.99, rate(x_bucket[5m]))"),
+            ("b", "histogram_quantile(0.9, sum by (job) (rate(x_bucket[5m])))"),
+            ("c", "histogram_quantile(0.5, sum by (endpoint, le) (rate(x_bucket[5m])))"),
+        ]
+    ) == [
+        "a: histogram_quantile(0.99, rate(x_bucket[5m]))",
+        "b: histogram_quantile(0.9, sum by (job) (rate(x_bucket[5m])))",
+    ]
+
+
 def test_rules_file_has_the_driftloop_group_and_every_alert() -> None:
     groups = load_yaml(RULES)["groups"]
     assert [g["name"] for g in groups] == ["driftloop"]
