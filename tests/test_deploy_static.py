@@ -605,6 +605,35 @@ def test_rules_file_has_the_driftloop_group_and_every_alert() -> None:
     assert "driftloop_monitor_interval_seconds" in dict(rule_expressions(RULES))["MonitorStale"]
 
 
+def test_every_alert_has_severity_category_summary_description_and_a_runbook_that_exists() -> None:
+    """What Alertmanager routes on and what the on-call reads; the runbook anchor must be a heading of the
+    file it names, and the docs' alert table must list the alert."""
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    anchors = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in operations.splitlines()
+        if line.startswith("#")
+    }
+    problems = []
+    for rule in load_yaml(RULES)["groups"][0]["rules"]:
+        name, labels, notes = rule["alert"], rule.get("labels") or {}, rule.get("annotations") or {}
+        if labels.get("severity") not in ("warning", "critical"):
+            problems.append(f"{name}: severity {labels.get('severity')!r}")
+        if labels.get("category") not in ("drift", "serving", "pipeline"):
+            problems.append(f"{name}: category {labels.get('category')!r}")
+        problems += [
+            f"{name}: no {key}" for key in ("summary", "description", "runbook") if not notes.get(key)
+        ]
+        path, _, anchor = str(notes.get("runbook", "")).partition("#")
+        if path != "docs/operations.md" or anchor not in anchors:
+            problems.append(
+                f"{name}: runbook {notes.get('runbook')!r} is not a heading of docs/operations.md"
+            )
+        if f"| {name} |" not in operations:
+            problems.append(f"{name}: not in the alert table of docs/operations.md")
+    assert problems == []
+
+
 def test_prometheus_scrapes_the_compose_services() -> None:
     config = load_yaml(ROOT / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
