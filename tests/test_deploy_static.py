@@ -564,6 +564,26 @@ def test_rate_windows_hold_four_scrapes() -> None:
     ) == ["a: [30s]", "b: [$__interval]"]  # fmt: skip
 
 
+PER_SECOND_UNITS = ("reqps", "ops", "cps", "rps", "wps", "suffix:/s")
+BARE_RATE = re.compile(r"^\s*sum(?:\s+by\s*\([^)]*\))?\s*\(\s*i?rate\([^/]*\)\s*$")
+
+
+def test_panels_of_bare_rates_have_a_per_second_unit() -> None:
+    """A panel that only plots sum(rate(…)) shows events per second; with a plain number unit the axis
+    does not say per what (a per-minute reading would be 60 times off)."""
+    wrong = [
+        f"{path.name}: {panel['title']}: unit {panel['fieldConfig']['defaults'].get('unit')!r}"
+        for path in DASHBOARDS
+        for panel in iter_panels(json.loads(path.read_text(encoding="utf-8")))
+        if panel.get("targets")
+        and all(BARE_RATE.match(target.get("expr") or "") for target in panel["targets"])
+        and panel["fieldConfig"]["defaults"].get("unit") not in PER_SECOND_UNITS
+    ]
+    assert wrong == []
+    assert BARE_RATE.match("sum by (outcome) (rate(driftloop_feedback_total[$__rate_interval]))")
+    assert not BARE_RATE.match("sum(rate(a_total[1m])) / sum(rate(b_total[1m]))")
+
+
 QUANTILE = re.compile(r"histogram_quantile\(\s*[\d.]+\s*,\s*(?:sum\s+by\s*\(([^)]*)\)\s*)?")
 
 
