@@ -58,6 +58,7 @@ class Metrics:
     drift_breach: Gauge
     window_rows: Gauge
     window_labelled_rows: Gauge
+    min_labelled_rows: Gauge
     window_mae: Gauge
     window_rmse: Gauge
     window_mean_error: Gauge
@@ -206,6 +207,11 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
         window_labelled_rows=Gauge(
             "driftloop_window_labelled_rows",
             "Rows in the last accuracy window (the newest labelled rows the champion has not trained on).",
+            registry=r,
+        ),
+        min_labelled_rows=Gauge(
+            "driftloop_min_labelled_rows",
+            "Labelled rows the accuracy rule needs to judge a window (DRIFTLOOP_MIN_LABELLED_ROWS).",
             registry=r,
         ),
         window_mae=Gauge("driftloop_window_mae", "MAE on the accuracy window.", registry=r),

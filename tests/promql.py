@@ -130,6 +130,34 @@ def known_series(registry: CollectorRegistry) -> set[str]:
     return names
 
 
+def cumulative_series(registry: CollectorRegistry) -> set[str]:
+    """The series of the registry's metrics that only ever grow while a process lives: counters' `_total`,
+    histograms' `_bucket`, `_sum` and `_count`."""
+    names: set[str] = set()
+    for family in registry.collect():
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+        elif family.type == "histogram":
+            names |= {f"{family.name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+    return names
+
+
+def raw_counters(queries: Iterable[tuple[str, str]], cumulative: set[str]) -> list[str]:
+    """One message per (title, series) where a query reads a cumulative series other than as the direct
+    argument of rate()/irate()/increase(). Its raw value is a total since its process started: it drops at
+    every restart, and a sum over replicas adds up processes of different ages."""
+    problems = []
+    for title, expr in queries:
+        text = _STRING.sub('""', expr)
+        for match in _IDENT.finditer(text):
+            name = match.group(1)
+            if name in cumulative and not text[: match.start()].rstrip().endswith(("rate(", "increase(")):
+                problems.append(
+                    f"{title}: {name!r} is read raw, not through rate() or increase() (expr: {expr})"
+                )
+    return problems
+
+
 def metrics_markdown(metrics: Any) -> str:
     """The table of every exported metric for docs/operations.md, from a `core.metrics.Metrics` instance."""
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]

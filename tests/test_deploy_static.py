@@ -22,11 +22,13 @@ from prometheus_client import CollectorRegistry
 from core.metrics import build_metrics
 from core.settings import Settings
 from tests.promql import (
+    cumulative_series,
     dashboard_queries,
     iter_panels,
     known_series,
     metric_names,
     metrics_markdown,
+    raw_counters,
     rule_expressions,
     substitute,
     unknown_metrics,
@@ -415,6 +417,37 @@ def test_dashboards_and_rules_use_only_exported_metrics() -> None:
     assert unknown_metrics(queries, known()) == []
 
 
+def cumulative() -> set[str]:
+    registry = CollectorRegistry()
+    build_metrics(registry)
+    return cumulative_series(registry)
+
+
+def test_dashboards_read_counters_through_rate_or_increase() -> None:
+    """A panel plotting a counter's raw value shows totals since each process started: they fall at every
+    restart or swap of replicas, and say nothing about the dashboard's time range."""
+    queries = [
+        (f"{path.name}: {title}", expr) for path in DASHBOARDS for title, expr in dashboard_queries(path)
+    ]
+    assert raw_counters(queries, cumulative()) == []
+
+
+def test_a_raw_counter_is_named_and_rate_or_increase_pass() -> None:
+    queries = [
+        ("raw", "sum by (outcome) (driftloop_monitor_runs_total)"),
+        ("raw bucket", "histogram_quantile(0.9, sum by (le) (driftloop_monitor_seconds_bucket))"),
+        ("fine", 'sum(increase(driftloop_logger_rows_total{outcome="dropped"}[5m])) or vector(0)'),
+        ("fine too", "sum by (le) (rate(driftloop_predict_seconds_bucket[1m])) / sum(irate(x_total[1m]))"),
+        ("a gauge", "max(driftloop_notifications_pending)"),
+    ]
+    assert raw_counters(queries, cumulative()) == [
+        "raw: 'driftloop_monitor_runs_total' is read raw, not through rate() or increase() "
+        "(expr: sum by (outcome) (driftloop_monitor_runs_total))",
+        "raw bucket: 'driftloop_monitor_seconds_bucket' is read raw, not through rate() or increase() "
+        "(expr: histogram_quantile(0.9, sum by (le) (driftloop_monitor_seconds_bucket)))",
+    ]
+
+
 def test_every_metric_is_on_a_dashboard() -> None:
     used = {name for _, expr in all_queries() for name in metric_names(expr)}
     registry = CollectorRegistry()
@@ -488,15 +521,137 @@ def test_mae_ratio_is_the_settings_default_everywhere() -> None:
     assert drift["Window MAE vs champion validation MAE"].startswith(f"{ratio} * ")
 
 
+RATE_RANGE = re.compile(r"\b(?:rate|irate|increase)\(\s*[^\[()]*\[([^\]]+)\]")
+GRAFANA_RANGES = ("$__rate_interval", "$__range")  # $__interval, one step, can be shorter than 4 scrapes
+
+
+def seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)(ms|s|m|h|d)", duration))
+
+
+def short_rate_windows(queries: list[tuple[str, str]], shortest_s: float) -> list[str]:
+    """Each rate()/irate()/increase() window that is a literal under `shortest_s` or a Grafana variable other
+    than $__rate_interval/$__range, as `title: [window]`."""
+    return [
+        f"{title}: [{window}]"
+        for title, expr in queries
+        for window in RATE_RANGE.findall(expr)
+        if (window not in GRAFANA_RANGES if window.startswith("$") else seconds(window) < shortest_s)
+    ]
+
+
+def test_rate_windows_hold_four_scrapes() -> None:
+    """rate()/increase() need two samples in the window, and one missed scrape must not empty it: at least
+    4 scrape intervals. Dashboards get that from $__rate_interval, which reads the datasource's timeInterval,
+    so that must be the scrape interval of both shipped configs."""
+    configs = [load_yaml(ROOT / "prometheus" / name) for name in ("prometheus.yml", "prometheus.k8s.yml")]
+    scrape = {config["global"]["scrape_interval"] for config in configs}
+    assert scrape == {load_yaml(DATASOURCE)["datasources"][0]["jsonData"]["timeInterval"]}
+    raw = [  # the dashboards' own text, variables not substituted
+        (f"{path.name}: {panel['title']}", target.get("expr") or "")
+        for path in DASHBOARDS
+        for panel in iter_panels(json.loads(path.read_text(encoding="utf-8")))
+        for target in panel.get("targets") or ()
+    ]
+    queries = raw + [(f"rule {name}", expr) for name, expr in rule_expressions(RULES)]
+    assert sum(len(RATE_RANGE.findall(expr)) for _, expr in queries) >= 30  # the pattern finds them
+    assert short_rate_windows(queries, 4 * seconds(scrape.pop())) == []
+    assert short_rate_windows(
+        [("a", "rate(x_total[30s])"), ("b", "increase(x_total[$__interval])"), ("c", "sum(rate(y[1m]))"),
+         ("d", 'increase(z{a="b"}[$__range]) + rate(z[$__rate_interval]) + max_over_time(u[10s])')],
+        60,
+    ) == ["a: [30s]", "b: [$__interval]"]  # fmt: skip
+
+
+PER_SECOND_UNITS = ("reqps", "ops", "cps", "rps", "wps", "suffix:/s")
+BARE_RATE = re.compile(r"^\s*sum(?:\s+by\s*\([^)]*\))?\s*\(\s*i?rate\([^/]*\)\s*$")
+
+
+def test_panels_of_bare_rates_have_a_per_second_unit() -> None:
+    """A panel that only plots sum(rate(…)) shows events per second; with a plain number unit the axis
+    does not say per what (a per-minute reading would be 60 times off)."""
+    wrong = [
+        f"{path.name}: {panel['title']}: unit {panel['fieldConfig']['defaults'].get('unit')!r}"
+        for path in DASHBOARDS
+        for panel in iter_panels(json.loads(path.read_text(encoding="utf-8")))
+        if panel.get("targets")
+        and all(BARE_RATE.match(target.get("expr") or "") for target in panel["targets"])
+        and panel["fieldConfig"]["defaults"].get("unit") not in PER_SECOND_UNITS
+    ]
+    assert wrong == []
+    assert BARE_RATE.match("sum by (outcome) (rate(driftloop_feedback_total[$__rate_interval]))")
+    assert not BARE_RATE.match("sum(rate(a_total[1m])) / sum(rate(b_total[1m]))")
+
+
+QUANTILE = re.compile(r"histogram_quantile\(\s*[\d.]+\s*,\s*(?:sum\s+by\s*\(([^)]*)\)\s*)?")
+
+
+def unaggregated_quantiles(queries: list[tuple[str, str]]) -> list[str]:
+    """Each histogram_quantile() whose buckets are not `sum by (…, le)`: without the sum it gives one
+    quantile per replica (and per status, …), not the service's."""
+    return [
+        f"{title}: {expr}"
+        for title, expr in queries
+        for labels in QUANTILE.findall(expr)
+        if "le" not in re.split(r"\s*,\s*", labels.strip())
+    ]
+
+
+def test_histogram_quantiles_sum_buckets_by_le() -> None:
+    queries = all_queries()
+    assert sum(len(QUANTILE.findall(expr)) for _, expr in queries) >= 8
+    assert unaggregated_quantiles(queries) == []
+    assert unaggregated_quantiles(
+        [
+            ("a", "histogram_quantile(0.99, rate(x_bucket[5m]))"),
+            ("b", "histogram_quantile(0.9, sum by (job) (rate(x_bucket[5m])))"),
+            ("c", "histogram_quantile(0.5, sum by (endpoint, le) (rate(x_bucket[5m])))"),
+        ]
+    ) == [
+        "a: histogram_quantile(0.99, rate(x_bucket[5m]))",
+        "b: histogram_quantile(0.9, sum by (job) (rate(x_bucket[5m])))",
+    ]
+
+
 def test_rules_file_has_the_driftloop_group_and_every_alert() -> None:
     groups = load_yaml(RULES)["groups"]
     assert [g["name"] for g in groups] == ["driftloop"]
     assert [name for name, _ in rule_expressions(RULES)] == [
         "DriftBreach", "WindowMaeHigh", "MonitorStale", "RetrainFailed", "NotificationFailed",
         "PredictionLogSpooling",
-        "PredictionLogDropping", "NoChampionLoaded", "HighErrorRate", "HighP99Latency",
+        "PredictionLogDropping", "ServingDown", "NoChampionLoaded", "HighErrorRate", "HighP99Latency",
     ]  # fmt: skip
     assert "driftloop_monitor_interval_seconds" in dict(rule_expressions(RULES))["MonitorStale"]
+
+
+def test_every_alert_has_severity_category_summary_description_and_a_runbook_that_exists() -> None:
+    """What Alertmanager routes on and what the on-call reads; the runbook anchor must be a heading of the
+    file it names, and the docs' alert table must list the alert."""
+    operations = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    anchors = {
+        re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in operations.splitlines()
+        if line.startswith("#")
+    }
+    problems = []
+    for rule in load_yaml(RULES)["groups"][0]["rules"]:
+        name, labels, notes = rule["alert"], rule.get("labels") or {}, rule.get("annotations") or {}
+        if labels.get("severity") not in ("warning", "critical"):
+            problems.append(f"{name}: severity {labels.get('severity')!r}")
+        if labels.get("category") not in ("drift", "serving", "pipeline"):
+            problems.append(f"{name}: category {labels.get('category')!r}")
+        problems += [
+            f"{name}: no {key}" for key in ("summary", "description", "runbook") if not notes.get(key)
+        ]
+        path, _, anchor = str(notes.get("runbook", "")).partition("#")
+        if path != "docs/operations.md" or anchor not in anchors:
+            problems.append(
+                f"{name}: runbook {notes.get('runbook')!r} is not a heading of docs/operations.md"
+            )
+        if f"| {name} |" not in operations:
+            problems.append(f"{name}: not in the alert table of docs/operations.md")
+    assert problems == []
 
 
 def test_prometheus_scrapes_the_compose_services() -> None:

@@ -68,13 +68,13 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_config(promtool: str, config: str) -> None:
     result = run(promtool, "check", "config", str(PROMETHEUS / config))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout  # the config's rule_files reach the rules
+    assert "SUCCESS: 11 rules found" in result.stdout  # the config's rule_files reach the rules
 
 
 def test_promtool_check_rules(promtool: str) -> None:
     result = run(promtool, "check", "rules", str(RULES))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 10 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_promtool_test_rules(promtool: str) -> None:
@@ -124,6 +124,31 @@ def test_amtool_checks_the_alertmanager_config(tmp_path: Path) -> None:
     result = run(amtool, "check-config", str(config))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 receivers" in result.stdout
+
+
+def test_amtool_routes_each_alert_by_its_category(tmp_path: Path) -> None:
+    """Every alert, with the labels its rule gives it, reaches drift-webhook when its category is drift and
+    ops-webhook otherwise: a typo in a category (or a matcher) would send model alerts to the ops channel."""
+    amtool = shutil.which("amtool")
+    if amtool is None:
+        pytest.skip("amtool not found: install Debian's 'prometheus-alertmanager' package")
+    text = (ROOT / "alertmanager" / "alertmanager.yml").read_text(encoding="utf-8")
+    config = tmp_path / "alertmanager.yml"
+    config.write_text(text.replace("url_file: /etc/alertmanager/webhook_url", "url: http://127.0.0.1:9/x"))
+    routed = {}
+    for rule in yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"][0]["rules"]:
+        labels = [f"alertname={rule['alert']}", *(f"{k}={v}" for k, v in rule["labels"].items())]
+        result = run(amtool, "config", "routes", "test", f"--config.file={config}", *labels)
+        assert result.returncode == 0, result.stdout + result.stderr
+        expected = "drift-webhook" if rule["labels"]["category"] == "drift" else "ops-webhook"
+        routed[rule["alert"]] = (result.stdout.strip(), expected)
+    assert {name: got for name, (got, _) in routed.items()} == {
+        name: want for name, (_, want) in routed.items()
+    }
+    assert [name for name, (got, _) in routed.items() if got == "drift-webhook"] == [
+        "DriftBreach",
+        "WindowMaeHigh",
+    ]
 
 
 # --- coverage of the rule unit tests (static) ---------------------------------------------------------
@@ -303,7 +328,7 @@ def test_a_panel_reading_a_missing_metric_fails_naming_that_panel(stack: LiveSta
     broken = tmp_path / "serving.json"
     broken.write_text(json.dumps(dashboard), encoding="utf-8")
     assert dashboard_failures(stack.prometheus, [broken]) == [
-        "serving.json: Hot swaps: empty result for sum(driftloop_model_swapz_total)"
+        "serving.json: Hot swaps: empty result for sum(increase(driftloop_model_swapz_total[1m]))"
     ]
 
 
