@@ -189,8 +189,9 @@ def serve(
 
     settings = _settings()
     _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
-    if settings.auto_migrate:
-        _open_database(settings, migrate=True)
+    # Without auto_migrate, a schema the migrate job has not brought up yet is refused here too, rather than
+    # served with a traceback per registry poll and lease renewal ('no such table').
+    _open_database(settings, migrate=settings.auto_migrate)
     app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER decides
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
@@ -213,8 +214,7 @@ def worker(
 
     settings = _settings()
     _spec(settings)
-    if settings.auto_migrate:
-        _open_database(settings, migrate=True)
+    _open_database(settings, migrate=settings.auto_migrate)
     uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
 
 

@@ -173,6 +173,28 @@ def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monk
     assert run("models").exit_code == 0
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_without_auto_migrate_serve_and_worker_refuse_a_database_with_no_schema(env, command: str) -> None:
+    """The README says every command that opens the database refuses a schema that is not the newest when
+    DRIFTLOOP_AUTO_MIGRATE is false. serve and worker used to start anyway, logging a 'no such table'
+    traceback every registry poll and lease renewal until the migrate job ran. A subprocess, so that a
+    server that does start fails the test by its timeout instead of blocking it."""
+    from service.process import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", command, "--port", str(free_port())],
+        env={**os.environ, "DRIFTLOOP_AUTO_MIGRATE": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, output
+    assert "the database has no driftloop schema yet" in output
+    assert "DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate`" in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("auto_migrate", ["true", "false"])
 def test_a_database_that_cannot_be_opened_is_named_not_a_traceback(
     env, tmp_path: Path, monkeypatch, auto_migrate: str
