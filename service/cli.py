@@ -74,6 +74,21 @@ def _open_database(settings: Settings, *, migrate: bool) -> None:
         raise typer.Exit(2)
 
 
+def _spool_free(settings: Settings) -> None:
+    """A spool directory another serving process owns (two replicas started from one working directory
+    share the default var/spool), or one that cannot be made, is a message and exit 2, not a traceback
+    from the app's start."""
+    from service.spool import Spool, SpoolInUse
+
+    spool = Spool(settings.spool_dir)
+    try:
+        spool.claim()
+    except (SpoolInUse, OSError) as exc:
+        console.print(f"[red]DRIFTLOOP_SPOOL_DIR: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    spool.release()  # the app's prediction logger claims it for the life of the process
+
+
 @contextmanager
 def _sessions(settings: Settings) -> Iterator[Any]:
     """Sessions on the configured database (migrated first if auto_migrate, see _open_database), for one
@@ -192,6 +207,7 @@ def serve(
     # Without auto_migrate, a schema the migrate job has not brought up yet is refused here too, rather than
     # served with a traceback per registry poll and lease renewal ('no such table').
     _open_database(settings, migrate=settings.auto_migrate)
+    _spool_free(settings)
     app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER decides
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30

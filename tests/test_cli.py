@@ -195,6 +195,33 @@ def test_without_auto_migrate_serve_and_worker_refuse_a_database_with_no_schema(
     assert "Traceback" not in output
 
 
+def test_serve_on_a_spool_directory_another_process_owns_is_refused(env, tmp_path: Path) -> None:
+    """A second `driftloop serve` started from the same working directory (the default var/spool) exits 2
+    naming the directory and its owner, rather than share the spool with the first."""
+    from service.process import free_port
+    from service.spool import Spool
+
+    owner = Spool(tmp_path / "spool")
+    owner.claim()  # as the first replica's prediction logger holds it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+            env={**os.environ, "DRIFTLOOP_SPOOL_DIR": str(tmp_path / "spool")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        owner.release()
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, output
+    assert (
+        f"DRIFTLOOP_SPOOL_DIR: the spool directory {tmp_path / 'spool'} is in use by another driftloop "
+        f"process (pid {os.getpid()}): give each serving process its own DRIFTLOOP_SPOOL_DIR"
+    ) in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("auto_migrate", ["true", "false"])
 def test_a_database_that_cannot_be_opened_is_named_not_a_traceback(
     env, tmp_path: Path, monkeypatch, auto_migrate: str
