@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -28,10 +29,23 @@ _SHIPPED_SPEC = "; the spec used was the shipped apartment spec: {how} describin
 def _settings() -> Settings:
     """The configured settings; a bad value (naming its DRIFTLOOP_ variable) is a message and exit 2."""
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         console.print(f"[red]bad setting: {escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
+    _warn_misspelt_variables()
+    return settings
+
+
+def _warn_misspelt_variables() -> None:
+    """A DRIFTLOOP_ variable (or .env key) that nearly spells a setting is named: it is read by nobody."""
+    from dotenv import dotenv_values
+
+    from core.settings import misspelt_variables
+
+    dotenv = dotenv_values(".env") if os.path.isfile(".env") else {}
+    for warning in misspelt_variables({**dotenv, **os.environ}):
+        console.print(f"[yellow]warning: {escape(warning)}[/]", highlight=False)
 
 
 def _spec(settings: Settings) -> Any:

@@ -601,3 +601,25 @@ def test_demo_refuses_to_wipe_a_state_directory_it_did_not_make(env, tmp_path: P
     assert state_problem(tmp_path / "empty") is None
     (state / STATE_MARKER).touch()  # a directory an earlier demo made is the demo's to wipe
     assert state_problem(state) is None
+
+
+def test_a_variable_that_nearly_spells_a_setting_is_named_not_silently_ignored(
+    env, tmp_path: Path, monkeypatch
+) -> None:
+    """DRIFTLOOP_MIN_LABELED_ROWS (the US spelling) was read by nobody, unnoticed: the setting stayed at its
+    default. A YAML key is refused; a variable is warned of, since other DRIFTLOOP_* variables are legitimate
+    (Kubernetes' service links for the driftloop-api Service), and only near misses are named."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DRIFTLOOP_MIN_LABELED_ROWS", "50")
+    monkeypatch.setenv("DRIFTLOOP_API_SERVICE_HOST", "10.0.0.1")
+    (tmp_path / ".env").write_text("DRIFTLOOP_MONITOR_INTERVAL=60\n")
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    near_misses = (("MIN_LABELED_ROWS", "MIN_LABELLED_ROWS"), ("MONITOR_INTERVAL", "MONITOR_INTERVAL_S"))
+    for wrong, right in near_misses:
+        assert (
+            f"warning: DRIFTLOOP_{wrong} is not a driftloop setting and is ignored: did you mean "
+            f"DRIFTLOOP_{right}?"
+        ) in output
+    assert "API_SERVICE_HOST" not in output
