@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,6 +257,25 @@ def _near(key: str) -> str:
 
     close = difflib.get_close_matches(key.removeprefix("driftloop_"), Settings.model_fields, n=1)
     return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
+
+
+def misspelt_variables(environ: Mapping[str, str | None]) -> list[str]:
+    """Warnings for DRIFTLOOP_* names in `environ` (the environment, or .env's keys) that are no setting but
+    nearly spell one (DRIFTLOOP_MIN_LABELED_ROWS): read by nobody, they leave the setting at its default.
+    Warned, not refused as a YAML key is: other DRIFTLOOP_* variables are legitimate (Kubernetes' service
+    links for a Service named driftloop-…, the retrain child's own), and only a near miss is named."""
+    import difflib
+
+    warnings = []
+    for name in sorted(environ):
+        field = name.removeprefix("DRIFTLOOP_").lower()
+        if not name.startswith("DRIFTLOOP_") or field in Settings.model_fields:
+            continue
+        close = difflib.get_close_matches(field, Settings.model_fields, n=1, cutoff=0.85)
+        if close:
+            hint = f"did you mean DRIFTLOOP_{close[0].upper()}?"
+            warnings.append(f"{name} is not a driftloop setting and is ignored: {hint}")
+    return warnings
 
 
 def to_env(settings: Settings) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,10 +32,23 @@ _SHIPPED_SPEC = "; the spec used was the shipped apartment spec: {how} describin
 def _settings() -> Settings:
     """The configured settings; a bad value (naming its DRIFTLOOP_ variable) is a message and exit 2."""
     try:
-        return load_settings()
+        settings = load_settings()
     except SettingsError as exc:
         console.print(f"[red]bad setting: {escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
+    _warn_misspelt_variables()
+    return settings
+
+
+def _warn_misspelt_variables() -> None:
+    """A DRIFTLOOP_ variable (or .env key) that nearly spells a setting is named: it is read by nobody."""
+    from dotenv import dotenv_values
+
+    from core.settings import misspelt_variables
+
+    dotenv = dotenv_values(".env") if os.path.isfile(".env") else {}
+    for warning in misspelt_variables({**dotenv, **os.environ}):
+        console.print(f"[yellow]warning: {escape(warning)}[/]", highlight=False)
 
 
 def _spec(settings: Settings) -> Any:
@@ -75,6 +89,21 @@ def _open_database(settings: Settings, *, migrate: bool) -> None:
             "migrate job), then run this again[/]"
         )
         raise typer.Exit(2)
+
+
+def _spool_free(settings: Settings) -> None:
+    """A spool directory another serving process owns (two replicas started from one working directory
+    share the default var/spool), or one that cannot be made, is a message and exit 2, not a traceback
+    from the app's start."""
+    from service.spool import Spool, SpoolInUse
+
+    spool = Spool(settings.spool_dir)
+    try:
+        spool.claim()
+    except (SpoolInUse, OSError) as exc:
+        console.print(f"[red]DRIFTLOOP_SPOOL_DIR: {escape(str(exc))}[/]", highlight=False)
+        raise typer.Exit(2) from None
+    spool.release()  # the app's prediction logger claims it for the life of the process
 
 
 @contextmanager
@@ -192,8 +221,10 @@ def serve(
 
     settings = _settings()
     _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
-    if settings.auto_migrate:
-        _open_database(settings, migrate=True)
+    # Without auto_migrate, a schema the migrate job has not brought up yet is refused here too, rather than
+    # served with a traceback per registry poll and lease renewal ('no such table').
+    _open_database(settings, migrate=settings.auto_migrate)
+    _spool_free(settings)
     app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER decides
     uvicorn.run(
         app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
@@ -216,8 +247,7 @@ def worker(
 
     settings = _settings()
     _spec(settings)
-    if settings.auto_migrate:
-        _open_database(settings, migrate=True)
+    _open_database(settings, migrate=settings.auto_migrate)
     uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
 
 

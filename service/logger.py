@@ -120,6 +120,7 @@ class PredictionLogger:
         """Start the writer; it first replays any segments a previous process left on the spool."""
         if self._thread is not None:
             raise RuntimeError("PredictionLogger.start() called twice")
+        self._spool.claim()  # raises SpoolInUse, naming the holder, if another process owns the directory
         if left := self._spool.pending_rows():
             log.info("prediction log: %d rows on the spool at %s from an earlier run; replaying", left,
                      self._spool.directory)  # fmt: skip
@@ -182,6 +183,7 @@ class PredictionLogger:
                 "prediction log: stopped with %d rows on the spool at %s, not in the database; a process "
                 "started with this DRIFTLOOP_SPOOL_DIR replays them", left, self._spool.directory,
             )  # fmt: skip
+        self._spool.release()
 
     # --- the writer thread -----------------------------------------------------------------
 

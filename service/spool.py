@@ -3,11 +3,12 @@
 A segment is one JSON-lines file per appended batch, written under a temporary name, fsynced, then
 renamed into place, so a segment is either absent or complete. `read` still tolerates a torn last line
 (a file copied or edited by hand, a filesystem that broke its promise). One process owns a spool
-directory; within that process the methods are thread-safe.
+directory (`claim` holds a lock on it); within that process the methods are thread-safe.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -22,8 +23,13 @@ log = logging.getLogger("driftloop.spool")
 SUFFIX = ".jsonl"
 TMP_PREFIX = ".tmp-"
 REJECTED = "rejected"
+LOCK = ".lock"  # held (flock) by the process that owns the directory; holds its pid
 # <time_ns>-<sequence>-<rows>.jsonl: the name sorts oldest first and carries the row count.
 _NAME = re.compile(r"^(\d{20})-(\d{9})-(\d+)\.jsonl$")
+
+
+class SpoolInUse(RuntimeError):
+    """Another process holds the spool directory."""
 
 
 class Spool:
@@ -35,6 +41,33 @@ class Spool:
         self._rows: int | None = None  # counted from the directory on first use
         self._last_ns = 0
         self._seq = 0
+        self._lock_fd: int | None = None
+
+    def claim(self) -> None:
+        """Own the directory until `release` (or the process's end), creating it. Raises SpoolInUse, naming
+        the holder's pid, when another process owns it: two processes on one spool would each count, replay
+        and remove the other's segments (its gauge and /ready then report rows that are gone), and one
+        starting would delete a segment the other is writing as unfinished."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SpoolInUse(
+                f"the spool directory {self.directory} is in use by another driftloop process "
+                f"(pid {holder}): give each serving process its own DRIFTLOOP_SPOOL_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def release(self) -> None:
+        """Let another process claim the directory."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
 
     def append(self, rows: list[dict[str, Any]]) -> None:
         """Store `rows` durably as one new segment. Raises TypeError/ValueError for a row that is not JSON."""

@@ -15,6 +15,8 @@ from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import load_spec
 from monitor.jobs import Loop
+from service import errors
+from service.middleware import Faults
 
 
 def create_worker_app(settings: Settings, *, prom_registry: CollectorRegistry | None = None) -> FastAPI:
@@ -41,6 +43,9 @@ def create_worker_app(settings: Settings, *, prom_registry: CollectorRegistry | 
 
     app = FastAPI(title="driftloop worker", lifespan=lifespan)
     app.state.loop = loop
+    # As the API's: errors in its JSON shape, and HEAD answered as GET (`curl -I :9100/health` was 405).
+    errors.install(app)
+    app.add_middleware(Faults)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

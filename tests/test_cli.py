@@ -205,6 +205,55 @@ def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monk
     assert run("models").exit_code == 0
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_without_auto_migrate_serve_and_worker_refuse_a_database_with_no_schema(env, command: str) -> None:
+    """The README says every command that opens the database refuses a schema that is not the newest when
+    DRIFTLOOP_AUTO_MIGRATE is false. serve and worker used to start anyway, logging a 'no such table'
+    traceback every registry poll and lease renewal until the migrate job ran. A subprocess, so that a
+    server that does start fails the test by its timeout instead of blocking it."""
+    from service.process import free_port
+
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", command, "--port", str(free_port())],
+        env={**os.environ, "DRIFTLOOP_AUTO_MIGRATE": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, output
+    assert "the database has no driftloop schema yet" in output
+    assert "DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate`" in output
+    assert "Traceback" not in output
+
+
+def test_serve_on_a_spool_directory_another_process_owns_is_refused(env, tmp_path: Path) -> None:
+    """A second `driftloop serve` started from the same working directory (the default var/spool) exits 2
+    naming the directory and its owner, rather than share the spool with the first."""
+    from service.process import free_port
+    from service.spool import Spool
+
+    owner = Spool(tmp_path / "spool")
+    owner.claim()  # as the first replica's prediction logger holds it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(free_port())],
+            env={**os.environ, "DRIFTLOOP_SPOOL_DIR": str(tmp_path / "spool")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        owner.release()
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, output
+    assert (
+        f"DRIFTLOOP_SPOOL_DIR: the spool directory {tmp_path / 'spool'} is in use by another driftloop "
+        f"process (pid {os.getpid()}): give each serving process its own DRIFTLOOP_SPOOL_DIR"
+    ) in output
+    assert "Traceback" not in output
+
+
 @pytest.mark.parametrize("auto_migrate", ["true", "false"])
 def test_a_database_that_cannot_be_opened_is_named_not_a_traceback(
     env, tmp_path: Path, monkeypatch, auto_migrate: str
@@ -584,3 +633,25 @@ def test_demo_refuses_to_wipe_a_state_directory_it_did_not_make(env, tmp_path: P
     assert state_problem(tmp_path / "empty") is None
     (state / STATE_MARKER).touch()  # a directory an earlier demo made is the demo's to wipe
     assert state_problem(state) is None
+
+
+def test_a_variable_that_nearly_spells_a_setting_is_named_not_silently_ignored(
+    env, tmp_path: Path, monkeypatch
+) -> None:
+    """DRIFTLOOP_MIN_LABELED_ROWS (the US spelling) was read by nobody, unnoticed: the setting stayed at its
+    default. A YAML key is refused; a variable is warned of, since other DRIFTLOOP_* variables are legitimate
+    (Kubernetes' service links for the driftloop-api Service), and only near misses are named."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DRIFTLOOP_MIN_LABELED_ROWS", "50")
+    monkeypatch.setenv("DRIFTLOOP_API_SERVICE_HOST", "10.0.0.1")
+    (tmp_path / ".env").write_text("DRIFTLOOP_MONITOR_INTERVAL=60\n")
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    near_misses = (("MIN_LABELED_ROWS", "MIN_LABELLED_ROWS"), ("MONITOR_INTERVAL", "MONITOR_INTERVAL_S"))
+    for wrong, right in near_misses:
+        assert (
+            f"warning: DRIFTLOOP_{wrong} is not a driftloop setting and is ignored: did you mean "
+            f"DRIFTLOOP_{right}?"
+        ) in output
+    assert "API_SERVICE_HOST" not in output

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 import socket
 import sqlite3
 import threading
@@ -137,6 +138,7 @@ def test_a_replica_that_can_neither_log_nor_spool_is_not_ready(
     """With the database down and the spool unwritable (here a file where its directory should be), every
     answer is lost: only then does /ready take the replica out, and it comes back once rows are kept."""
     server = start_server(make_settings(db_url, tmp_path, spool_replay_interval_s=0.2), tmp_path)
+    shutil.rmtree(tmp_path / "spool")  # made and claimed by the start
     (tmp_path / "spool").write_text("not a directory")  # after the start, which refuses one (settings)
     try:
         assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +21,7 @@ from core.db import make_engine, utcnow
 from core.metrics import LOGGER_OUTCOMES, build_metrics
 from core.schema import PredictionLog
 from service.logger import LogRow, PredictionLogger
-from service.spool import Spool
+from service.spool import Spool, SpoolInUse
 
 Outage = Callable[[], AbstractContextManager[None]]
 
@@ -329,10 +331,11 @@ def test_a_spool_that_works_again_ends_the_loss_while_the_database_is_still_down
     """`losing_rows` (what takes a replica out of /ready) clears on the first spool write that works, not
     only when the database comes back."""
     blocked = tmp_path_factory.mktemp("spool") / "spool"
-    blocked.write_text("a file where the spool directory should be")
     h = harness(blocked)
     with outage():
-        h.logger.start()
+        h.logger.start()  # makes and claims the directory
+        shutil.rmtree(blocked)
+        blocked.write_text("a file where the spool directory should be")
         h.logger.submit(lost := make_row(1))
         until(lambda: h.logger.losing_rows, "the logger to report it is losing rows")
         blocked.unlink()
@@ -342,6 +345,28 @@ def test_a_spool_that_works_again_ends_the_loss_while_the_database_is_still_down
         assert h.counts()["dropped"] == 1
     until(lambda: kept.id in stored(engine), "the spooled row to be replayed")
     assert lost.id not in stored(engine)
+
+
+def test_a_second_logger_on_a_spool_directory_in_use_is_refused_naming_the_holder(
+    harness: Callable[..., Harness], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Two replicas started from one working directory share the default var/spool. Each would count,
+    replay and remove the other's segments (its gauge and /ready then report rows that are gone) and delete
+    one the other is writing as unfinished; the second is refused at its start instead."""
+    spool_dir = tmp_path_factory.mktemp("spool")
+    first = harness(spool_dir)
+    first.logger.start()
+    second = harness(spool_dir)
+    with pytest.raises(SpoolInUse) as refused:
+        second.logger.start()
+    assert str(refused.value) == (
+        f"the spool directory {spool_dir} is in use by another driftloop process (pid {os.getpid()}): give "
+        "each serving process its own DRIFTLOOP_SPOOL_DIR"
+    )
+    first.logger.stop()  # the directory is free again: the next process on it replays what is left
+    third = harness(spool_dir)
+    third.logger.start()
+    assert third.spool.segments() == []  # the lock file is not a segment
 
 
 def test_spool_left_at_shutdown_is_replayed_by_the_next_logger(

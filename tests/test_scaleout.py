@@ -6,12 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.generator import generate_transactions
 from core.schema import DriftReport, ModelVersion
 from core.spec import FeatureSpec
+from service.worker import create_worker_app
 from tests.conftest import make_settings
 from tests.live import LiveServer, start_server, wait_until
 
@@ -81,3 +83,13 @@ def test_the_worker_does_not_log_every_probe_and_scrape(sqlite_url: str, tmp_pat
         assert worker.terminate()
     assert "scheduler lease taken by" in worker.log()
     assert "GET /health" not in worker.log() and "GET /metrics" not in worker.log()
+
+
+def test_the_worker_answers_head_and_errors_as_the_api_does(sqlite_url: str, tmp_path: Path) -> None:
+    """The README's `curl -I /health` was 405 on the worker, and its 404 was FastAPI's {"detail": …}
+    rather than the {"error", "message"} every API error has. No lifespan: the scheduler is not needed."""
+    client = TestClient(create_worker_app(make_settings(sqlite_url, tmp_path)))
+    head = client.head("/health")
+    assert (head.status_code, head.content) == (200, b"")
+    missing = client.get("/ready")
+    assert (missing.status_code, missing.json()) == (404, {"error": "not_found", "message": "Not Found"})
