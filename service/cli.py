@@ -358,10 +358,20 @@ def models() -> None:
     Console().print(table)
 
 
+def _version(text: str) -> int:
+    """A model version as `driftloop models` prints it ("v2") or as a number ("2")."""
+    digits = text.strip().removeprefix("v")
+    # 2**31 - 1 is core.schema.MAX_ID, the id columns' range, written out to keep core off the import path
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= 2**31 - 1:
+        raise typer.BadParameter(
+            f"{text!r} is not a model version: give its number, 2 or v2 (1 … 2147483647)"
+        )
+    return int(digits)
+
+
 @cli.command()
 def promote(
-    # 2**31 - 1 is core.schema.MAX_ID, the id columns' range, written out to keep core off the import path
-    version: Annotated[int, typer.Argument(min=1, max=2**31 - 1)],
+    version: Annotated[int, typer.Argument(parser=_version, metavar="VERSION")],
     reason: Annotated[str, typer.Option(help="Why; required to promote a version the gate rejected.")] = "",
 ) -> None:
     """Make VERSION the champion; serving processes swap within their poll interval."""

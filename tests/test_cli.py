@@ -145,9 +145,12 @@ def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path
 def test_promote_and_rollback_explain_refusals(env) -> None:
     run("bootstrap", "--rows", "2000")
     assert "model version 5 does not exist" in run("promote", "5").output
-    for beyond in ("0", "2147483648", "99999999999999999999"):  # refused by name, never sent to the DB
-        result = run("promote", beyond)
-        assert result.exit_code == 2 and "Invalid value for 'version'" in result.output, beyond
+    for beyond in ("0", "2147483648", "99999999999999999999", "v0", "two", "-1", "²"):  # never sent to the DB
+        result = run("promote", "--", beyond)
+        assert result.exit_code == 2, beyond
+        assert f"{beyond!r} is not a model version: give its number, 2 or v2" in result.output, beyond
+    assert "model version 5 does not exist" in run("promote", "v5").output  # as `driftloop models` lists it
+    assert "v1 is the champion" in run("promote", "v1").output
     assert "no previous champion to roll back to" in run("rollback").output
 
 
