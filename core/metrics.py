@@ -59,6 +59,7 @@ class Metrics:
     window_rows: Gauge
     window_labelled_rows: Gauge
     min_labelled_rows: Gauge
+    mae_degradation_ratio: Gauge
     window_mae: Gauge
     window_rmse: Gauge
     window_mean_error: Gauge
@@ -207,6 +208,12 @@ def build_metrics(registry: CollectorRegistry, *, buckets: tuple[float, ...] = V
         window_labelled_rows=Gauge(
             "driftloop_window_labelled_rows",
             "Rows in the last accuracy window (the newest labelled rows the champion has not trained on).",
+            registry=r,
+        ),
+        mae_degradation_ratio=Gauge(
+            "driftloop_mae_degradation_ratio",
+            "Accuracy-window MAE over this times the champion's validation MAE breaches "
+            "(DRIFTLOOP_MAE_DEGRADATION_RATIO).",
             registry=r,
         ),
         min_labelled_rows=Gauge(

@@ -517,6 +517,7 @@ class Loop:
         # The accuracy gauges below are set from as few as one labelled row; WindowMaeHigh compares the rows
         # with this, so it does not alert on an MAE the policy would not judge.
         m.min_labelled_rows.set(self.settings.min_labelled_rows)
+        m.mae_degradation_ratio.set(self.settings.mae_degradation_ratio)  # WindowMaeHigh's, as the policy's
         m.champion_validation_mae.set(nan if obs.champion_mae is None else obs.champion_mae)
         m.champion_baseline_mae.set(nan if obs.baseline_mae is None else obs.baseline_mae)
         # A run without a drift verdict (too few rows, as after every swap) sets the drift gauges to NaN, and

@@ -230,6 +230,9 @@ def test_a_run_without_a_verdict_leaves_no_figures_of_the_last_window(
     assert (outcome.verdict, outcome.result, outcome.accuracy) == ("insufficient", None, None)
     assert (sample("driftloop_window_rows"), sample("driftloop_window_labelled_rows")) == (0, 0)
     assert sample("driftloop_min_labelled_rows") == 100  # what WindowMaeHigh compares the labelled rows with
+    assert (
+        sample("driftloop_mae_degradation_ratio") == loop.settings.mae_degradation_ratio == 1.25
+    )  # and the MAE
     window = ("drift_share", "drift_weighted_score", "prediction_drift_score", "window_mae", "window_rmse",
               "window_mape", "window_mean_error")  # fmt: skip
     assert all(math.isnan(sample(f"driftloop_{name}")) for name in window)
