@@ -71,16 +71,20 @@ def _alembic_config(url: str) -> Config:
     return cfg
 
 
-def migrate(url: str) -> None:
-    """Bring the database at `url` to the newest schema (alembic upgrade head)."""
+def migrate(url: str) -> tuple[str | None, str | None]:
+    """Bring the database at `url` to the newest schema (alembic upgrade head). Returns the revision it
+    was at (None: no schema yet) and the one it is at now."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     cfg = _alembic_config(url)
     engine = make_engine(url)
     try:
         with engine.begin() as connection:
+            before = MigrationContext.configure(connection).get_current_revision()
             cfg.attributes["connection"] = connection
             command.upgrade(cfg, "head")
+            return before, MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
 

@@ -62,8 +62,9 @@ def _spec(settings: Settings) -> Any:
         raise typer.Exit(2) from None
 
 
-def _open_database(settings: Settings, *, migrate: bool) -> None:
-    """Migrate the configured database (`migrate`), or check that its schema is the newest.
+def _open_database(settings: Settings, *, migrate: bool) -> tuple[str | None, str | None] | None:
+    """Migrate the configured database (`migrate`: returns the revisions before and after), or check that
+    its schema is the newest.
 
     A database that cannot be opened (refused, unreachable, a file that is not SQLite's) is a message and
     exit 2, naming DRIFTLOOP_DATABASE_URL and the driver's first line (never the URL: it may hold a
@@ -76,8 +77,7 @@ def _open_database(settings: Settings, *, migrate: bool) -> None:
 
     try:
         if migrate:
-            do_migrate(settings.database_url)
-            return
+            return do_migrate(settings.database_url)
         problem = schema_problem(settings.database_url)
     except DBAPIError as exc:
         reason = escape(error_line(exc.orig or exc))
@@ -89,6 +89,7 @@ def _open_database(settings: Settings, *, migrate: bool) -> None:
             "migrate job), then run this again[/]"
         )
         raise typer.Exit(2)
+    return None
 
 
 def _spool_free(settings: Settings) -> None:
@@ -156,8 +157,14 @@ def _loop(settings: Settings) -> Iterator[Any]:
 def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
     settings = _settings()
-    _open_database(settings, migrate=True)
-    console.print("[green]schema is up to date[/]")
+    revisions = _open_database(settings, migrate=True)
+    before, now = revisions or (None, None)
+    if before == now:
+        console.print(f"[green]schema is up to date[/] (revision {now})")
+    elif before is None:
+        console.print(f"[green]created the schema[/] (revision {now})")
+    else:
+        console.print(f"[green]migrated the schema[/] from revision {before} to {now}")
 
 
 @cli.command()

@@ -204,8 +204,20 @@ def test_without_auto_migrate_a_schema_behind_is_named_not_a_traceback(env, monk
     assert (
         f"the database is at schema revision 0004, and this driftloop needs revision {head}." in behind.output
     )
-    assert run("migrate").exit_code == 0
+    migrated = run("migrate")
+    assert (migrated.exit_code, migrated.output) == (0, f"migrated the schema from revision 0004 to {head}\n")
     assert run("models").exit_code == 0
+    assert run("migrate").output == f"schema is up to date (revision {head})\n"
+
+
+def test_migrate_says_it_created_the_schema_of_an_empty_database(env) -> None:
+    from alembic.script import ScriptDirectory
+
+    from core.db import _alembic_config
+
+    head = ScriptDirectory.from_config(_alembic_config(env["DRIFTLOOP_DATABASE_URL"])).get_current_head()
+    created = run("migrate")
+    assert (created.exit_code, created.output) == (0, f"created the schema (revision {head})\n")
 
 
 @pytest.mark.parametrize("command", ["serve", "worker"])
