@@ -552,6 +552,7 @@ def backtest(
     from monitor.backtest.results import (
         blind_monitor_warning,
         carried_breach_warnings,
+        clear_outputs,
         failed_retrain_warning,
         summarize,
         write_outputs,
@@ -619,6 +620,7 @@ def backtest(
         raise typer.Exit(2) from None
 
     workdir = out / "work"
+    clear_outputs(out)  # checked; an earlier run's outputs must not outlive this one cut short
     console.print(
         f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {_instant(until)}; "
         f"policies {', '.join(chosen)}"

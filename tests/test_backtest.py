@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -971,3 +976,28 @@ def test_the_table_marks_a_ratio_whose_interval_could_not_be_drawn() -> None:
     drawn = dataclasses.replace(summary, mae_vs_never_ci=(0.9, 0.97))
     assert table_row(drawn)[2] == "0.930 (0.900–0.970)"
     assert table_row(dataclasses.replace(summary, mae_vs_never=None))[2] == "-"
+
+
+def test_a_rerun_cut_short_leaves_no_earlier_run_s_outputs_beside_its_scratch(tmp_path: Path) -> None:
+    """A run into an --out holding an earlier run's summary.json, periods.csv and backtest.png removes them
+    before it replays: one interrupted (Ctrl-C) must not leave them looking like its own results."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("summary.json", "periods.csv", "backtest.png"):
+        (out / name).write_text("an earlier run's")
+    env = {**os.environ, **SMALL}
+    command = [sys.executable, "-m", "service.cli", "backtest", "--out", str(out), "--data", "generated:none"]
+    quiet = subprocess.DEVNULL
+    proc = subprocess.Popen([*command, *STEP_ARGS], env=env, stdout=quiet, stderr=quiet)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "work" / "never" / "backtest.db").exists():  # the replay has begun
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert not [p.name for p in out.iterdir() if p.name != "work"]

@@ -306,15 +306,27 @@ def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -
     return pd.concat(frames, ignore_index=True)
 
 
+OUTPUTS = {"summary": "summary.json", "periods": "periods.csv", "plot": "backtest.png"}
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from `out` before a replay, so that a run cut short (Ctrl-C, a crash)
+    does not leave them beside its own scratch state, looking like its results."""
+    for name in OUTPUTS.values():
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
 def write_outputs(
     replay: Replay, summaries: list[PolicySummary], periods: pd.DataFrame, out: Path
 ) -> dict[str, Path]:
     """summary.json, periods.csv and backtest.png in `out`; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "periods": out / "periods.csv", "plot": out / "backtest.png"}
-    paths["summary"].write_text(json.dumps(_summary_json(replay, summaries), indent=2, default=str))
+    paths = {kind: out / name for kind, name in OUTPUTS.items()}
     periods.to_csv(paths["periods"], index=False)
     _plot(replay, periods, paths["plot"])
+    # Last: a summary.json is there only once the other outputs are.
+    paths["summary"].write_text(json.dumps(_summary_json(replay, summaries), indent=2, default=str))
     return paths
 
 
