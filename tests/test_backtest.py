@@ -1001,3 +1001,13 @@ def test_a_rerun_cut_short_leaves_no_earlier_run_s_outputs_beside_its_scratch(tm
         proc.wait()
     assert proc.returncode != 0
     assert not [p.name for p in out.iterdir() if p.name != "work"]
+
+
+def test_the_run_says_how_it_read_its_durations(tmp_path: Path, history_csv: Path) -> None:
+    """`1m` is a minute, not a month: the run spells out the step and label delay it replays with."""
+    result = backtest(
+        tmp_path / "out", "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never",
+        "--step", "30d", "--label-delay", "1m", "--initial-train-until", "2021-01-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "steps of 30 days, labels 1 minute after their predictions" in " ".join(result.output.split())
