@@ -243,18 +243,24 @@ def _detection(
         # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
         return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
-    def streak_start(at: datetime) -> datetime:
-        """Where the run of breaches ending with the one at `at` began; runs without a verdict (too few rows)
-        neither count nor end it, as in the policy's own count."""
-        judged = [m for m in trace.monitors if m.at < at and m.verdict != "insufficient"]
-        for m in reversed(judged):
+    def streak_start(last: MonitorRecord) -> datetime:
+        """Where the run of breaches ending with `last` began, as in the policy's own count: a run for
+        another champion ends it (a swap starts a new one); runs without a verdict (too few rows) neither
+        count nor end it."""
+        at = last.at
+        for m in reversed([m for m in trace.monitors if m.at < last.at]):
+            if m.champion_version != last.champion_version:
+                break
+            if m.verdict == "insufficient":
+                continue
             if not m.breach:
                 break
             at = m.at
         return at
 
-    breach = next((m.at for m in trace.monitors if m.breach and within(m.at)), None)
-    since = streak_start(breach) if breach else None
+    first = next((m for m in trace.monitors if m.breach and within(m.at)), None)
+    breach = first.at if first else None
+    since = streak_start(first) if first else None
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)
     swap = next((r.at for r in trace.retrains if r.status == "promoted" and within(r.at)), None)
     return Detection(
