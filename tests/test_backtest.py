@@ -1057,3 +1057,13 @@ def test_a_breach_by_a_champion_swapped_in_before_the_change_starts_its_own_run(
     # Had v3 still served on the 14th, its breach would continue v3's run, begun on 7-17 (not v1's on 5-15).
     monitors[-2:] = [SimpleNamespace(at=at(8, 14), verdict="breach", breach=True, champion_version=3)]
     assert _detection(replay, trace, change, None, times).breaching_since == at(7, 17)  # type: ignore[arg-type]
+
+
+def test_each_policy_keeps_one_colour_and_none_is_the_breach_bands_red() -> None:
+    """The plot coloured policies by their order in --policies: the oracle of a full run was drawn in the
+    red of the drift policy's breach bands, and drift was green in one run's plot and blue in the next's."""
+    from monitor.backtest.replay import POLICIES
+    from monitor.backtest.results import BREACH_COLOR, POLICY_COLORS
+
+    colours = [POLICY_COLORS[p] for p in POLICIES]
+    assert len(set(colours)) == len(POLICIES) and BREACH_COLOR not in colours

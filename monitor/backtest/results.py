@@ -388,6 +388,11 @@ def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, A
     }
 
 
+# One colour per policy whatever the policies replayed, none of them the breach bands' red.
+POLICY_COLORS = {"never": "tab:blue", "periodic": "tab:orange", "drift": "tab:green", "oracle": "tab:purple"}
+BREACH_COLOR = "tab:red"
+
+
 def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -401,18 +406,19 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     for name, frame in periods.groupby("policy", sort=False):
         ends = pd.to_datetime(frame["period_end"], utc=True)
         served = (frame["rows"] > 0).to_numpy()
-        (line,) = ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6)
+        color = POLICY_COLORS[str(name)]
+        ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6, color=color)
         # A swap at the end of a step without rows sits on the line between its neighbours.
         swaps = (frame["retrain"] == "promoted").to_numpy()
         at = ends.to_numpy(dtype="datetime64[ns]").astype(np.int64)
         height = np.interp(at[swaps], at[served], frame["mae"].to_numpy()[served])
-        ax.scatter(ends[swaps], height, marker="^", s=40, color=line.get_color(), zorder=3)
+        ax.scatter(ends[swaps], height, marker="^", s=40, color=color, zorder=3)
     for change in replay.stream.change_points or ():
         ax.axvline(change, color="black", ls="--", lw=1)
     if drift is not None:
         for m in drift.monitors:
             if m.breach:
-                ax.axvline(m.at, color="tab:red", alpha=0.15, lw=3)
+                ax.axvline(m.at, color=BREACH_COLOR, alpha=0.15, lw=3)
     ax.set_ylabel(f"MAE per {replay.config.step.days or 1}-day period")
     ax.set_title(
         f"Backtest on {replay.stream.source}: error per policy (▲ swap, red band drift breach, -- change)"
