@@ -1067,3 +1067,12 @@ def test_each_policy_keeps_one_colour_and_none_is_the_breach_bands_red() -> None
 
     colours = [POLICY_COLORS[p] for p in POLICIES]
     assert len(set(colours)) == len(POLICIES) and BREACH_COLOR not in colours
+
+
+def test_the_error_axis_names_the_step_in_its_own_unit() -> None:
+    """A 12-hour --step was labelled "MAE per 1-day period", and a 36-hour one the same."""
+    from monitor.backtest.results import error_axis_label
+
+    assert error_axis_label(timedelta(hours=12)) == "MAE per step (12 hours)"
+    assert error_axis_label(timedelta(hours=36)) == "MAE per step (36 hours)"
+    assert error_axis_label(timedelta(days=7)) == "MAE per step (7 days)"

@@ -16,6 +16,7 @@ import pandas as pd
 from core.figures import figure
 from monitor.backtest.compare import bootstrap_blocks, paired_ratio, replay_errors, replay_times
 from monitor.backtest.replay import MonitorRecord, PolicyTrace, Replay, step_bounds
+from monitor.backtest.stream import duration_words
 from retrain.runner import jsonable
 
 
@@ -388,6 +389,11 @@ def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, A
     }
 
 
+def error_axis_label(step: timedelta) -> str:
+    """The plot's error axis, in the step's own unit: a 12-hour step is not a "1-day period"."""
+    return f"MAE per step ({duration_words(step)})"
+
+
 # One colour per policy whatever the policies replayed, none of them the breach bands' red.
 POLICY_COLORS = {"never": "tab:blue", "periodic": "tab:orange", "drift": "tab:green", "oracle": "tab:purple"}
 BREACH_COLOR = "tab:red"
@@ -419,7 +425,7 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
         for m in drift.monitors:
             if m.breach:
                 ax.axvline(m.at, color=BREACH_COLOR, alpha=0.15, lw=3)
-    ax.set_ylabel(f"MAE per {replay.config.step.days or 1}-day period")
+    ax.set_ylabel(error_axis_label(replay.config.step))
     ax.set_title(
         f"Backtest on {replay.stream.source}: error per policy (▲ swap, red band drift breach, -- change)"
     )
