@@ -521,7 +521,9 @@ def backtest(
         Path | None, typer.Option(help="Feature spec (default: DRIFTLOOP_SPEC_PATH or shipped).")
     ] = None,
     time_column: Annotated[str | None, typer.Option(help="Orders the history (default: the spec's).")] = None,
-    label_delay: Annotated[str, typer.Option(help="How long after a prediction its label arrives.")] = "30d",
+    label_delay: Annotated[
+        str, typer.Option(help="How long after a prediction its label arrives (30d, 12h, 2w; m is minutes).")
+    ] = "30d",
     policies: Annotated[str, typer.Option(help="Comma-separated: never, periodic, drift, oracle.")] = (
         "never,periodic,drift,oracle"
     ),
@@ -559,6 +561,7 @@ def backtest(
     from monitor.backtest.results import (
         blind_monitor_warning,
         carried_breach_warnings,
+        clear_outputs,
         failed_retrain_warning,
         summarize,
         write_outputs,
@@ -566,6 +569,7 @@ def backtest(
     from monitor.backtest.stream import (
         GENERATED_PREFIX,
         BacktestInputError,
+        duration_words,
         load_stream,
         parse_duration,
         parse_time,
@@ -626,9 +630,11 @@ def backtest(
         raise typer.Exit(2) from None
 
     workdir = out / "work"
+    clear_outputs(out)  # checked; an earlier run's outputs must not outlive this one cut short
     console.print(
         f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {_instant(until)}; "
-        f"policies {', '.join(chosen)}"
+        f"policies {', '.join(chosen)}; steps of {duration_words(config.step)}, labels "
+        f"{duration_words(config.label_delay)} after their predictions"
     )
     with _progress() as progress:
         task = progress.add_task("training v1", total=None)

@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -806,13 +811,18 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
         return datetime(2021, 1, day, tzinfo=UTC)
 
     first, second = at(10), at(20)
-    monitors = [
-        SimpleNamespace(at=at(10), breach=True, verdict="breach"),  # rows before the 10th: the stable stream
-        SimpleNamespace(at=at(20), breach=True, verdict="breach"),  # rows before the 20th: the first change's
-        SimpleNamespace(at=at(22), breach=True, verdict="breach"),
+    monitors = [  # rows before the 10th: the stable stream's; before the 20th: the first change's
+        SimpleNamespace(at=at(10), breach=True, verdict="breach", champion_version=1),
+        SimpleNamespace(at=at(20), breach=True, verdict="breach", champion_version=1),
+        SimpleNamespace(at=at(22), breach=True, verdict="breach", champion_version=2),  # swapped on the 20th
     ]
     retrains = [SimpleNamespace(at=at(20), status="promoted"), SimpleNamespace(at=at(22), status="promoted")]
-    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {"at", "breach", "verdict"}
+    assert {f.name for f in dataclasses.fields(MonitorRecord)} >= {
+        "at",
+        "breach",
+        "verdict",
+        "champion_version",
+    }
     assert {f.name for f in dataclasses.fields(RetrainRecord)} >= {"at", "status"}
     trace = SimpleNamespace(monitors=monitors, retrains=retrains)
     replay = SimpleNamespace(
@@ -825,8 +835,8 @@ def test_a_breach_at_a_change_point_s_own_time_answers_the_change_before_it() ->
     assert (one.first_breach_at, one.first_swap_at) == (at(20), at(20))
     assert (two.first_breach_at, two.first_swap_at, two.delay_days) == (at(22), at(22), 2.0)
     assert _before(first, [m.at for m in monitors], known=True) == 1  # the run on the 10th: a false breach
-    # Both breaches after a change continue the run begun on the 10th, at the first change point.
-    assert (one.breaching_since, two.breaching_since) == (at(10), at(10))
+    # The first change's breach continues v1's run begun on the 10th; the second's is v2's first, after it.
+    assert (one.breaching_since, two.breaching_since) == (at(10), None)
 
 
 def test_a_breach_that_only_continues_breaches_from_before_a_change_is_not_passed_off_as_its_detection() -> (
@@ -844,7 +854,10 @@ def test_a_breach_that_only_continues_breaches_from_before_a_change_is_not_passe
 
     change = at(8)
     verdicts = [(1, "ok"), (2, "breach"), (4, "breach"), (6, "insufficient"), (7, "breach"), (8, "breach")]
-    monitors = [SimpleNamespace(at=at(d, 18), verdict=v, breach=v == "breach") for d, v in verdicts]
+    monitors = [
+        SimpleNamespace(at=at(d, 18), verdict=v, breach=v == "breach", champion_version=1)
+        for d, v in verdicts
+    ]
     trace = SimpleNamespace(monitors=monitors, retrains=[])
     replay = SimpleNamespace(
         settings=SimpleNamespace(min_labelled_rows=1, min_window_rows=1),
@@ -862,7 +875,7 @@ def test_a_breach_that_only_continues_breaches_from_before_a_change_is_not_passe
         "monitor saw it"
     )
     # A run of breaches that began after the change is the change's own: no warning.
-    monitors[4] = SimpleNamespace(at=at(7, 18), verdict="ok", breach=False)
+    monitors[4] = SimpleNamespace(at=at(7, 18), verdict="ok", breach=False, champion_version=1)
     fresh = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
     assert (fresh.first_breach_at, fresh.breaching_since) == (at(8, 18), None)
     assert carried_breach_warnings(SimpleNamespace(policy="drift", detections=(fresh,))) == []  # type: ignore[arg-type]
@@ -971,3 +984,95 @@ def test_the_table_marks_a_ratio_whose_interval_could_not_be_drawn() -> None:
     drawn = dataclasses.replace(summary, mae_vs_never_ci=(0.9, 0.97))
     assert table_row(drawn)[2] == "0.930 (0.900–0.970)"
     assert table_row(dataclasses.replace(summary, mae_vs_never=None))[2] == "-"
+
+
+def test_a_rerun_cut_short_leaves_no_earlier_run_s_outputs_beside_its_scratch(tmp_path: Path) -> None:
+    """A run into an --out holding an earlier run's summary.json, periods.csv and backtest.png removes them
+    before it replays: one interrupted (Ctrl-C) must not leave them looking like its own results."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("summary.json", "periods.csv", "backtest.png"):
+        (out / name).write_text("an earlier run's")
+    env = {**os.environ, **SMALL}
+    command = [sys.executable, "-m", "service.cli", "backtest", "--out", str(out), "--data", "generated:none"]
+    quiet = subprocess.DEVNULL
+    proc = subprocess.Popen([*command, *STEP_ARGS], env=env, stdout=quiet, stderr=quiet)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "work" / "never" / "backtest.db").exists():  # the replay has begun
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    assert not [p.name for p in out.iterdir() if p.name != "work"]
+
+
+def test_the_run_says_how_it_read_its_durations(tmp_path: Path, history_csv: Path) -> None:
+    """`1m` is a minute, not a month: the run spells out the step and label delay it replays with."""
+    result = backtest(
+        tmp_path / "out", "--data", str(history_csv), "--time-column", "sold_on", "--policies", "never",
+        "--step", "30d", "--label-delay", "1m", "--initial-train-until", "2021-01-01",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "steps of 30 days, labels 1 minute after their predictions" in " ".join(result.output.split())
+
+
+def test_a_breach_by_a_champion_swapped_in_before_the_change_starts_its_own_run() -> None:
+    """Hourly energy load with a seasonal drift before the change: v3 breached for weeks, was swapped for v4
+    the day before the change; v4's first judged run breached on the change (an MAE 4x its yardstick, the
+    policy's own count at 1, "hysteresis 1/2"), yet was reported as continuing a run of v1's, v2's and
+    v3's breaches begun months before, with a warning that its delay did not measure how soon the monitor
+    saw it."""
+    from types import SimpleNamespace
+
+    from monitor.backtest.results import _detection, carried_breach_warnings
+
+    def at(month: int, day: int) -> datetime:
+        return datetime(2023, month, day, tzinfo=UTC)
+
+    change = at(8, 1)
+    runs = [
+        (at(5, 15), "breach", 1), (at(5, 22), "breach", 1), (at(5, 29), "insufficient", 2),
+        (at(7, 17), "breach", 3), (at(7, 24), "breach", 3), (at(7, 31), "breach", 3),  # v4 promoted on 7-31
+        (at(8, 7), "insufficient", 4), (at(8, 14), "breach", 4),
+    ]  # fmt: skip
+    monitors = [
+        SimpleNamespace(at=t, verdict=v, breach=v == "breach", champion_version=c) for t, v, c in runs
+    ]
+    trace = SimpleNamespace(monitors=monitors, retrains=[])
+    replay = SimpleNamespace(
+        settings=SimpleNamespace(min_labelled_rows=1, min_window_rows=1),
+        config=SimpleNamespace(label_delay=timedelta(days=2)),
+    )
+    times = np.array(
+        [np.datetime64("2023-05-01T00:00", "ns") + np.timedelta64(h, "h") for h in range(24 * 120)]
+    )
+    detection = _detection(replay, trace, change, None, times)  # type: ignore[arg-type]
+    assert (detection.first_breach_at, detection.breaching_since) == (at(8, 14), None)
+    assert carried_breach_warnings(SimpleNamespace(policy="drift", detections=(detection,))) == []  # type: ignore[arg-type]
+    # Had v3 still served on the 14th, its breach would continue v3's run, begun on 7-17 (not v1's on 5-15).
+    monitors[-2:] = [SimpleNamespace(at=at(8, 14), verdict="breach", breach=True, champion_version=3)]
+    assert _detection(replay, trace, change, None, times).breaching_since == at(7, 17)  # type: ignore[arg-type]
+
+
+def test_each_policy_keeps_one_colour_and_none_is_the_breach_bands_red() -> None:
+    """The plot coloured policies by their order in --policies: the oracle of a full run was drawn in the
+    red of the drift policy's breach bands, and drift was green in one run's plot and blue in the next's."""
+    from monitor.backtest.replay import POLICIES
+    from monitor.backtest.results import BREACH_COLOR, POLICY_COLORS
+
+    colours = [POLICY_COLORS[p] for p in POLICIES]
+    assert len(set(colours)) == len(POLICIES) and BREACH_COLOR not in colours
+
+
+def test_the_error_axis_names_the_step_in_its_own_unit() -> None:
+    """A 12-hour --step was labelled "MAE per 1-day period", and a 36-hour one the same."""
+    from monitor.backtest.results import error_axis_label
+
+    assert error_axis_label(timedelta(hours=12)) == "MAE per step (12 hours)"
+    assert error_axis_label(timedelta(hours=36)) == "MAE per step (36 hours)"
+    assert error_axis_label(timedelta(days=7)) == "MAE per step (7 days)"

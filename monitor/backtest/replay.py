@@ -95,6 +95,7 @@ class MonitorRecord:
     # …or, with DRIFTLOOP_LINEAGE_BASELINE, this when lower: the best validation MAE of the champion's line
     baseline_mae: float | None
     reasons: tuple[str, ...]
+    champion_version: int | None = None  # the champion the run judged: a breach streak is one champion's
 
 
 @dataclass(slots=True)
@@ -434,6 +435,7 @@ class _Player:
                     champion_mae=champion.metrics.get("val_mae") if champion else None,
                     baseline_mae=baseline_mae(champion) if champion else None,
                     reasons=decision.reasons if decision else outcome.notes,
+                    champion_version=champion.version if champion else None,
                 )
             )  # fmt: skip
 

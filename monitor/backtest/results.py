@@ -16,6 +16,7 @@ import pandas as pd
 from core.figures import figure
 from monitor.backtest.compare import bootstrap_blocks, paired_ratio, replay_errors, replay_times
 from monitor.backtest.replay import MonitorRecord, PolicyTrace, Replay, step_bounds
+from monitor.backtest.stream import duration_words
 from retrain.runner import jsonable
 
 
@@ -243,18 +244,24 @@ def _detection(
         # A run at time t saw the rows before t: the first run after `ready` is the first that held them.
         return sum(1 for m in trace.monitors if ready < m.at <= breach) if breach > ready else 0
 
-    def streak_start(at: datetime) -> datetime:
-        """Where the run of breaches ending with the one at `at` began; runs without a verdict (too few rows)
-        neither count nor end it, as in the policy's own count."""
-        judged = [m for m in trace.monitors if m.at < at and m.verdict != "insufficient"]
-        for m in reversed(judged):
+    def streak_start(last: MonitorRecord) -> datetime:
+        """Where the run of breaches ending with `last` began, as in the policy's own count: a run for
+        another champion ends it (a swap starts a new one); runs without a verdict (too few rows) neither
+        count nor end it."""
+        at = last.at
+        for m in reversed([m for m in trace.monitors if m.at < last.at]):
+            if m.champion_version != last.champion_version:
+                break
+            if m.verdict == "insufficient":
+                continue
             if not m.breach:
                 break
             at = m.at
         return at
 
-    breach = next((m.at for m in trace.monitors if m.breach and within(m.at)), None)
-    since = streak_start(breach) if breach else None
+    first = next((m for m in trace.monitors if m.breach and within(m.at)), None)
+    breach = first.at if first else None
+    since = streak_start(first) if first else None
     labelled = nth_post_change_row(replay.settings.min_labelled_rows)
     swap = next((r.at for r in trace.retrains if r.status == "promoted" and within(r.at)), None)
     return Detection(
@@ -306,15 +313,27 @@ def _periods(replay: Replay, errors: dict[str, np.ndarray], times: np.ndarray) -
     return pd.concat(frames, ignore_index=True)
 
 
+OUTPUTS = {"summary": "summary.json", "periods": "periods.csv", "plot": "backtest.png"}
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove an earlier run's outputs from `out` before a replay, so that a run cut short (Ctrl-C, a crash)
+    does not leave them beside its own scratch state, looking like its results."""
+    for name in OUTPUTS.values():
+        if (out / name).is_file():
+            (out / name).unlink()
+
+
 def write_outputs(
     replay: Replay, summaries: list[PolicySummary], periods: pd.DataFrame, out: Path
 ) -> dict[str, Path]:
     """summary.json, periods.csv and backtest.png in `out`; returns their paths by kind."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"summary": out / "summary.json", "periods": out / "periods.csv", "plot": out / "backtest.png"}
-    paths["summary"].write_text(json.dumps(_summary_json(replay, summaries), indent=2, default=str))
+    paths = {kind: out / name for kind, name in OUTPUTS.items()}
     periods.to_csv(paths["periods"], index=False)
     _plot(replay, periods, paths["plot"])
+    # Last: a summary.json is there only once the other outputs are.
+    paths["summary"].write_text(json.dumps(_summary_json(replay, summaries), indent=2, default=str))
     return paths
 
 
@@ -370,6 +389,16 @@ def _summary_json(replay: Replay, summaries: list[PolicySummary]) -> dict[str, A
     }
 
 
+def error_axis_label(step: timedelta) -> str:
+    """The plot's error axis, in the step's own unit: a 12-hour step is not a "1-day period"."""
+    return f"MAE per step ({duration_words(step)})"
+
+
+# One colour per policy whatever the policies replayed, none of them the breach bands' red.
+POLICY_COLORS = {"never": "tab:blue", "periodic": "tab:orange", "drift": "tab:green", "oracle": "tab:purple"}
+BREACH_COLOR = "tab:red"
+
+
 def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -383,19 +412,20 @@ def _plot(replay: Replay, periods: pd.DataFrame, path: Path) -> None:
     for name, frame in periods.groupby("policy", sort=False):
         ends = pd.to_datetime(frame["period_end"], utc=True)
         served = (frame["rows"] > 0).to_numpy()
-        (line,) = ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6)
+        color = POLICY_COLORS[str(name)]
+        ax.plot(ends[served], frame["mae"][served], label=str(name), lw=1.6, color=color)
         # A swap at the end of a step without rows sits on the line between its neighbours.
         swaps = (frame["retrain"] == "promoted").to_numpy()
         at = ends.to_numpy(dtype="datetime64[ns]").astype(np.int64)
         height = np.interp(at[swaps], at[served], frame["mae"].to_numpy()[served])
-        ax.scatter(ends[swaps], height, marker="^", s=40, color=line.get_color(), zorder=3)
+        ax.scatter(ends[swaps], height, marker="^", s=40, color=color, zorder=3)
     for change in replay.stream.change_points or ():
         ax.axvline(change, color="black", ls="--", lw=1)
     if drift is not None:
         for m in drift.monitors:
             if m.breach:
-                ax.axvline(m.at, color="tab:red", alpha=0.15, lw=3)
-    ax.set_ylabel(f"MAE per {replay.config.step.days or 1}-day period")
+                ax.axvline(m.at, color=BREACH_COLOR, alpha=0.15, lw=3)
+    ax.set_ylabel(error_axis_label(replay.config.step))
     ax.set_title(
         f"Backtest on {replay.stream.source}: error per policy (▲ swap, red band drift breach, -- change)"
     )

@@ -135,6 +135,17 @@ def duration_text(delta: timedelta) -> str:
     return f"{seconds:g}s"
 
 
+_UNIT_WORDS = {"d": "day", "h": "hour", "m": "minute", "s": "second"}
+
+
+def duration_words(delta: timedelta) -> str:
+    """`duration_text` spelt out (7 days, 1 minute), for echoing what an option was read as: `1m` is a
+    minute, not a month."""
+    text = duration_text(delta)
+    value, unit = text[:-1], _UNIT_WORDS[text[-1]]
+    return f"{value} {unit}" + ("" if value == "1" else "s")
+
+
 def parse_time(text: str, *, option: str) -> datetime:
     """A fixed point in the history: not empty, not now or today (which pandas would read as the clock's),
     and with an offset rather than a zone name (which pandas would drop)."""
