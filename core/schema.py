@@ -120,10 +120,13 @@ class LabelledRow(Base):
 def row_key(event_time: datetime, features: dict[str, Any], target: float) -> int:
     """A labelled row's event time (to the microsecond, in UTC), features and target, hashed: the first 8
     bytes of their sha256 as a signed 64-bit integer, cheaper to index than hex text. Equal for the same
-    sale however its file wrote it ("84" or "84.0", "2022-04-01" or "2022-04-01T00:00:00Z"). Rows are only
-    compared with rows of the same event time: two different ones share a key once in 1.8e19 pairs."""
+    sale however its file wrote it ("84" or "84.0", "-0" or "0", "2022-04-01" or "2022-04-01T00:00:00Z").
+    Rows are only compared with rows of the same event time: two different ones share a key once in 1.8e19
+    pairs."""
     moment = event_time.astimezone(UTC) if event_time.tzinfo else event_time
-    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), features, target]
+    # + 0.0 makes -0.0 0.0 (equal numbers, written apart by JSON), leaving every other float as it is
+    numbers = {name: value + 0.0 if isinstance(value, float) else value for name, value in features.items()}
+    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), numbers, target + 0.0]
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 

@@ -141,6 +141,23 @@ def test_a_row_an_earlier_file_loaded_is_not_loaded_again(tmp_path: Path, sessio
     assert (forced.loaded, forced.repeated, _count(sessions)) == (23, 0, 64)
 
 
+def test_a_row_written_with_minus_zero_is_the_row_written_with_zero(tmp_path: Path, sessions) -> None:
+    """-0 and 0 are one number (an export rounding -0.04 to one place writes "-0.0", another "0"), but JSON
+    writes them apart, so the row's key told them apart and the sale was loaded twice."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [{"name": "outdoor_temp_c", "type": "numeric"}],
+    })  # fmt: skip
+    header = "ts,outdoor_temp_c,kwh\n"
+    first = ingest_csv(
+        _csv_text(tmp_path, "a.csv", header + "2025-06-01,0,0\n"), spec=spec, sessions=sessions
+    )
+    again = ingest_csv(
+        _csv_text(tmp_path, "b.csv", header + "2025-06-01,-0.0,-0\n"), spec=spec, sessions=sessions
+    )
+    assert (first.loaded, again.loaded, again.repeated, _count(sessions)) == (1, 0, 1, 1)
+
+
 def test_without_a_time_column_no_row_is_taken_for_one_loaded_before(tmp_path: Path, sessions) -> None:
     """A row's time is then the ingest's: alike rows from two files may be two events, and are both loaded."""
     spec = parse_spec(METERS)
