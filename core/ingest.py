@@ -34,6 +34,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Table,
+    and_,
     func,
     insert,
     or_,
@@ -237,11 +238,12 @@ def _previous_load(conn: Connection, sha256: str, *, lock: bool = False) -> Prev
 
 
 def _staging_table(conn: Connection) -> Table:
-    """A temporary table with labelled_row's columns (and a sequence, to keep the file's order)."""
+    """A temporary table with labelled_row's columns, a sequence (to keep the file's order) and `nth`, the
+    row's number among the rows with its key (see `_index_keys`)."""
     columns = [Column(c.name, c.type) for c in LabelledRow.__table__.columns if not c.primary_key]
     staging = Table(
         "ingest_staging", MetaData(), Column("seq", Integer, primary_key=True), *columns,
-        prefixes=["TEMPORARY"],
+        Column("nth", Integer), prefixes=["TEMPORARY"],
     )  # fmt: skip
     staging.create(conn)
     conn.commit()
@@ -293,36 +295,39 @@ def _load(
 
 def _copy(staging: Table, *, every_row: bool) -> Any:
     """INSERT … SELECT of the staged rows in the file's order; unless `every_row`, the n-th staged row with
-    a key goes in only if labelled_row holds fewer than n rows with that key (both counted through an
-    index on (event_time, row_key): see `_index_keys`)."""
-    columns = [c.name for c in staging.columns if c.name != "seq"]
+    a key (its `nth`) goes in only if labelled_row holds fewer than n rows with that key. The rows held are
+    counted once per key, not again for each alike staged row: so, k alike rows cost k² index steps under
+    the write lock (20,000 alike rows: 45 s on SQLite, loaded a second time)."""
+    columns = [c.name for c in staging.columns if c.name not in ("seq", "nth")]
     query = select(*(staging.c[c] for c in columns)).order_by(staging.c.seq)
     if every_row:
         return insert(LabelledRow).from_select(columns, query)
-    earlier = staging.alias("earlier")
-    nth = (
-        select(func.count())
-        .select_from(earlier)
-        .where(
-            earlier.c.event_time == staging.c.event_time,
-            earlier.c.row_key == staging.c.row_key,
-            earlier.c.seq <= staging.c.seq,
+    first = staging.alias("first")
+    same = and_(LabelledRow.event_time == first.c.event_time, LabelledRow.row_key == first.c.row_key)
+    held = (  # through labelled_row's (event_time, row_key) index
+        select(first.c.event_time, first.c.row_key, func.count().label("n"))
+        .select_from(first.join(LabelledRow, same))
+        .where(first.c.nth == 1)
+        .group_by(first.c.event_time, first.c.row_key)
+        .subquery("held")
+    )
+    query = query.select_from(
+        staging.outerjoin(
+            held, and_(held.c.event_time == staging.c.event_time, held.c.row_key == staging.c.row_key)
         )
-        .scalar_subquery()
-    )
-    present = (
-        select(func.count())
-        .select_from(LabelledRow)
-        .where(LabelledRow.event_time == staging.c.event_time, LabelledRow.row_key == staging.c.row_key)
-        .scalar_subquery()
-    )
-    query = query.where(or_(staging.c.row_key.is_(None), present < nth))
+    ).where(or_(staging.c.row_key.is_(None), staging.c.nth > func.coalesce(held.c.n, 0)))
     return insert(LabelledRow).from_select(columns, query)
 
 
 def _index_keys(conn: Connection, staging: Table) -> None:
-    """Index the staged rows as labelled_row is, before the copy: on the temporary table, no lock held."""
+    """Number each staged row among those with its key (`nth`), through an index on (event_time, row_key)
+    as labelled_row's, before the copy: on the temporary table, no lock held."""
     Index("ix_ingest_staging_key", staging.c.event_time, staging.c.row_key, staging.c.seq).create(conn)
+    key = (staging.c.event_time, staging.c.row_key)
+    numbered = select(
+        staging.c.seq, func.row_number().over(partition_by=key, order_by=staging.c.seq).label("n")
+    ).subquery()
+    conn.execute(update(staging).where(staging.c.seq == numbered.c.seq).values(nth=numbered.c.n))
     conn.commit()
 
 

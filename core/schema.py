@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -120,12 +121,22 @@ class LabelledRow(Base):
 def row_key(event_time: datetime, features: dict[str, Any], target: float) -> int:
     """A labelled row's event time (to the microsecond, in UTC), features and target, hashed: the first 8
     bytes of their sha256 as a signed 64-bit integer, cheaper to index than hex text. Equal for the same
-    sale however its file wrote it ("84" or "84.0", "2022-04-01" or "2022-04-01T00:00:00Z"). Rows are only
-    compared with rows of the same event time: two different ones share a key once in 1.8e19 pairs."""
+    sale however its file wrote it ("84" or "84.0", "-0" or "0", "2022-04-01" or "2022-04-01T00:00:00Z").
+    Rows are only compared with rows of the same event time: two different ones share a key once in 1.8e19
+    pairs."""
     moment = event_time.astimezone(UTC) if event_time.tzinfo else event_time
-    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), features, target]
+    numbers = {name: _canonical(value) for name, value in features.items()}
+    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), numbers, target + 0.0]
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
+def _canonical(value: Any) -> Any:
+    """A feature as a fresh ingest stores it: NaN (how ingests before a96dad8 stored a missing number, on
+    SQLite) as None, and -0.0 as 0.0 (+ 0.0: equal numbers, which JSON writes apart)."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value + 0.0
+    return value
 
 
 class IngestedFile(Base):

@@ -96,3 +96,36 @@ def test_0007_keys_the_rows_loaded_before_it_as_an_ingest_keys_them(db_url: str,
     path.write_bytes(path.read_bytes() + b"\n")  # other bytes, the same rows
     assert ingest_csv(path, spec=load_spec(), sessions=sessions).repeated == 20
     engine.dispose()
+
+
+def test_0007_keys_a_missing_number_stored_as_nan_as_an_ingest_keys_it_now(sqlite_url: str, tmp_path) -> None:
+    """Ingests before a96dad8 stored a number written NaN as the float NaN, which SQLite's JSON kept; the
+    backfill failed on it ("Out of range float values are not JSON compliant") and 0007 could not be
+    applied. Such a row is the row a fresh ingest stores with null, and is found so."""
+    from core.ingest import ingest_csv
+    from core.spec import parse_spec
+
+    config = _alembic_config(sqlite_url)
+    command.downgrade(config, "0006")
+    engine = make_engine(sqlite_url)
+    with engine.begin() as connection:  # as such an ingest wrote the row 2025-06-01,3,NaN,1.5
+        connection.execute(
+            text(
+                "INSERT INTO labelled_row (features, target, event_time, source, ingested_at) VALUES "
+                "('{\"hour\": 3, \"outdoor_temp_c\": NaN}', 1.5, '2025-06-01 00:00:00.000000', 'old.csv', "
+                "'2025-06-02 00:00:00.000000')"
+            )
+        )
+    command.upgrade(config, "head")
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [
+            {"name": "hour", "type": "integer"},
+            {"name": "outdoor_temp_c", "type": "numeric", "nullable": True},
+        ],
+    })  # fmt: skip
+    path = tmp_path / "meters.csv"
+    path.write_text("ts,hour,outdoor_temp_c,kwh\n2025-06-01,3,,1.5\n")
+    report = ingest_csv(path, spec=spec, sessions=make_sessions(engine))
+    engine.dispose()
+    assert (report.loaded, report.repeated) == (0, 1)
