@@ -296,8 +296,8 @@ def _load(
 def _copy(staging: Table, *, every_row: bool) -> Any:
     """INSERT … SELECT of the staged rows in the file's order; unless `every_row`, the n-th staged row with
     a key (its `nth`) goes in only if labelled_row holds fewer than n rows with that key. The rows held are
-    counted once per key, not again for each alike staged row: so, k alike rows cost k² index steps under
-    the write lock (20,000 alike rows: 45 s on SQLite, loaded a second time)."""
+    counted once per key, not again for each alike staged row: that cost k² index steps for k alike rows
+    under the write lock (20,000 alike rows, loaded a second time: 45 s on SQLite)."""
     columns = [c.name for c in staging.columns if c.name not in ("seq", "nth")]
     query = select(*(staging.c[c] for c in columns)).order_by(staging.c.seq)
     if every_row:
