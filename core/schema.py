@@ -104,7 +104,7 @@ class LabelledRow(Base):
     __tablename__ = "labelled_row"
     # Reads select by event_time (its prefix); an ingest finds a row loaded before by both. Rows come in
     # time order, so the copy adds to this index near its end, where one on row_key alone is added to at
-    # random (3.2 s against 13.9 s under SQLite's write lock for 1,000,000 rows, in bench/ingest.py).
+    # random (3.4 s against 13.9 s under SQLite's write lock for 1,000,000 rows, in bench/ingest.py).
     __table_args__ = (Index("ix_labelled_row_event_time_row_key", "event_time", "row_key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
