@@ -122,10 +122,12 @@ def row_key(event_time: datetime, features: dict[str, Any], target: float) -> in
     """A labelled row's event time (to the microsecond, in UTC), features and target, hashed: the first 8
     bytes of their sha256 as a signed 64-bit integer, cheaper to index than hex text. Equal for the same
     sale however its file wrote it ("84" or "84.0", "-0" or "0", "2022-04-01" or "2022-04-01T00:00:00Z").
-    Rows are only compared with rows of the same event time: two different ones share a key once in 1.8e19
-    pairs."""
+    A missing feature is left out, as one the row does not have: a row loaded before the spec gained a
+    nullable feature is the row a later file gives with that feature empty. Rows are only compared with
+    rows of the same event time: two different ones share a key once in 1.8e19 pairs."""
     moment = event_time.astimezone(UTC) if event_time.tzinfo else event_time
-    numbers = {name: _canonical(value) for name, value in features.items()}
+    canonical_features = {name: _canonical(value) for name, value in features.items()}
+    numbers = {name: value for name, value in canonical_features.items() if value is not None}
     canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), numbers, target + 0.0]
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)

@@ -186,6 +186,29 @@ def test_alike_rows_are_counted_once_per_key_not_once_per_row(tmp_path: Path, sq
     assert steps[0] < 1000 * 6001
 
 
+def test_a_row_loaded_before_the_spec_gained_a_nullable_feature_is_that_row_with_it_empty(
+    tmp_path: Path, sessions
+) -> None:
+    """Absent and empty are one: the export after the spec gained `temp` repeats the old rows with it empty,
+    and those are not loaded again; a row that gives a temperature is new information, and loads."""
+    before = parse_spec({"dataset": "m", "target": "kwh", "time_column": "ts",
+                         "features": [{"name": "hour", "type": "integer"}]})  # fmt: skip
+    after = parse_spec({"dataset": "m", "target": "kwh", "time_column": "ts",
+                        "features": [{"name": "hour", "type": "integer"},
+                                     {"name": "temp", "type": "numeric", "nullable": True}]})  # fmt: skip
+    old = _csv_text(
+        tmp_path, "old.csv", "ts,hour,kwh\n2025-06-01T00:00:00Z,3,1.5\n2025-06-01T01:00:00Z,4,2.5\n"
+    )
+    assert ingest_csv(old, spec=before, sessions=sessions).loaded == 2
+    new = _csv_text(
+        tmp_path,
+        "new.csv",
+        "ts,hour,temp,kwh\n2025-06-01T00:00:00Z,3,,1.5\n2025-06-01T01:00:00Z,4,18.5,2.5\n",
+    )
+    report = ingest_csv(new, spec=after, sessions=sessions)
+    assert (report.loaded, report.repeated, _count(sessions)) == (1, 1, 3)
+
+
 def test_without_a_time_column_no_row_is_taken_for_one_loaded_before(tmp_path: Path, sessions) -> None:
     """A row's time is then the ingest's: alike rows from two files may be two events, and are both loaded."""
     spec = parse_spec(METERS)
