@@ -126,9 +126,8 @@ def row_key(event_time: datetime, features: dict[str, Any], target: float) -> in
     nullable feature is the row a later file gives with that feature empty. Rows are only compared with
     rows of the same event time: two different ones share a key once in 1.8e19 pairs."""
     moment = event_time.astimezone(UTC) if event_time.tzinfo else event_time
-    canonical_features = {name: _canonical(value) for name, value in features.items()}
-    numbers = {name: value for name, value in canonical_features.items() if value is not None}
-    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), numbers, target + 0.0]
+    present = {name: value for name, raw in features.items() if (value := _canonical(raw)) is not None}
+    canonical = [moment.strftime("%Y-%m-%dT%H:%M:%S.%f"), present, target + 0.0]
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
 
