@@ -62,34 +62,48 @@ def _spec(settings: Settings) -> Any:
         raise typer.Exit(2) from None
 
 
-def _open_database(settings: Settings, *, migrate: bool) -> tuple[str | None, str | None] | None:
-    """Migrate the configured database (`migrate`: returns the revisions before and after), or check that
-    its schema is the newest.
-
-    A database that cannot be opened (refused, unreachable, a file that is not SQLite's) is a message and
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database that cannot be opened (refused, unreachable, a file that is not SQLite's) is a message and
     exit 2, naming DRIFTLOOP_DATABASE_URL and the driver's first line (never the URL: it may hold a
-    password), not a traceback of some 500 lines. Without auto_migrate, a schema that is not the newest is
-    a message and exit 2 too, not a traceback from the first query."""
+    password), not a traceback of some 500 lines."""
     from sqlalchemy.exc import DBAPIError
 
-    from core.db import error_line, schema_problem
-    from core.db import migrate as do_migrate
+    from core.db import error_line
 
     try:
-        if migrate:
-            return do_migrate(settings.database_url)
-        problem = schema_problem(settings.database_url)
+        yield
     except DBAPIError as exc:
         reason = escape(error_line(exc.orig or exc))
         console.print(f"[red]cannot open the database (DRIFTLOOP_DATABASE_URL): {reason}[/]", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _migrate(settings: Settings) -> tuple[str | None, str | None]:
+    """Migrate the configured database; the revisions before (None: no schema yet) and after."""
+    from core.db import migrate
+
+    with _database_errors():
+        return migrate(settings.database_url)
+
+
+def _open_database(settings: Settings, *, migrate: bool) -> None:
+    """Migrate the configured database (`migrate`), or check that its schema is the newest: without
+    auto_migrate, a schema that is not the newest is a message and exit 2, not a traceback from the first
+    query."""
+    from core.db import schema_problem
+
+    if migrate:
+        _migrate(settings)
+        return
+    with _database_errors():
+        problem = schema_problem(settings.database_url)
     if problem:
         console.print(
             f"[red]{problem}. DRIFTLOOP_AUTO_MIGRATE is false: run `driftloop migrate` (or wait for the "
             "migrate job), then run this again[/]"
         )
         raise typer.Exit(2)
-    return None
 
 
 def _spool_free(settings: Settings) -> None:
@@ -156,9 +170,7 @@ def _loop(settings: Settings) -> Iterator[Any]:
 @cli.command()
 def migrate() -> None:
     """Bring the database schema up to date (alembic upgrade head)."""
-    settings = _settings()
-    revisions = _open_database(settings, migrate=True)
-    before, now = revisions or (None, None)
+    before, now = _migrate(_settings())
     if before == now:
         console.print(f"[green]schema is up to date[/] (revision {now})")
     elif before is None:
