@@ -21,6 +21,7 @@ from core.figures import figure
 from core.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from core.retention import Retention
     from core.spec import FeatureSpec
 
 cli = typer.Typer(help="driftloop: serve, monitor and retrain a regression model.", no_args_is_help=True)
@@ -359,6 +360,95 @@ def ingest(
         console.print(f"  … and {report.bad - min(show, len(report.rejected))} more")
     if report.bad and not skip_bad:
         raise typer.Exit(1)
+
+
+@cli.command()
+def prune(
+    older_than: Annotated[
+        int, typer.Option(min=1, help="Delete rows logged (or, ingested, whose time is) more than DAYS ago.")
+    ],
+    labelled: Annotated[
+        bool,
+        typer.Option(
+            "--labelled",
+            help="Also delete labelled predictions (with their labels) and ingested rows: training data.",
+        ),
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
+) -> None:
+    """Delete logged predictions older than --older-than days, in short batches (serving goes on). Kept
+    whatever their age: the drift window's rows, and with --labelled the labelled rows newer than the
+    champion's training data."""
+    from datetime import UTC, timedelta
+
+    from sqlalchemy.exc import DBAPIError
+
+    from core.db import error_line
+    from core.retention import plan
+    from core.retention import prune as delete_rows
+
+    settings = _settings()
+    cutoff = datetime.now(UTC) - timedelta(days=older_than)
+    with _sessions(settings) as sessions:
+        with _database_errors(), sessions() as session:
+            retention = plan(session, cutoff=cutoff, window_rows=settings.window_rows, labelled=labelled)
+        _print_retention(retention)
+        window = settings.train_window_days
+        if labelled and (window is None or window > older_than):
+            reads = "every labelled row" if window is None else f"labelled rows up to {window} days old"
+            console.print(
+                f"[yellow]warning: a retrain reads {reads} (DRIFTLOOP_TRAIN_WINDOW_DAYS): the labelled rows "
+                "pruned are training data it would have used[/]",
+                highlight=False,
+            )
+        if dry_run or not retention.total:
+            return
+        deleted = 0
+
+        def advance(rows: int) -> None:
+            nonlocal deleted
+            deleted += rows
+            progress.advance(task, rows)
+
+        try:
+            with _progress() as progress:
+                task = progress.add_task("deleting", total=retention.total)
+                done = delete_rows(sessions, retention, on_progress=advance)
+        except DBAPIError as exc:
+            reason = escape(error_line(exc.orig or exc))
+            console.print(
+                f"[red]pruning stopped after {deleted:,} row(s): {reason}. What was deleted stays deleted; "
+                "run it again to go on[/]",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+    console.print(f"deleted {done.total:,} row(s)")
+    if settings.database_url.startswith("sqlite"):
+        console.print(
+            "SQLite keeps the file's size: new rows reuse the freed space (`VACUUM`, with every process "
+            "stopped, gives it back to the disk)"
+        )
+
+
+def _print_retention(retention: Retention) -> None:
+    """What a prune deletes, and what it keeps that is older than asked."""
+    console.print(f"rows older than {retention.cutoff:%Y-%m-%d %H:%M} UTC:")
+    before = retention.predictions_before
+    window = f" (the drift window's rows are kept: {before:%Y-%m-%d %H:%M} UTC on)"
+    console.print(
+        f"  unlabelled predictions: {retention.predictions:,}" + (window if before < retention.cutoff else "")
+    )
+    if retention.labelled_before is None:
+        console.print("  labelled predictions and ingested rows: kept (--labelled deletes them)")
+        return
+    kept = (
+        f" (kept from {retention.labelled_before:%Y-%m-%d %H:%M} UTC on: the drift window's, and the rows "
+        "newer than the champion's training data)"
+        if retention.labelled_before < retention.cutoff
+        else ""
+    )
+    console.print(f"  labelled predictions, each with its label: {retention.labelled_predictions:,}{kept}")
+    console.print(f"  ingested labelled rows: {retention.labelled_rows:,}{kept}")
 
 
 @cli.command()

@@ -1,0 +1,141 @@
+"""Retention: delete logged predictions, and on request labelled data, older than a cutoff.
+
+Deletes go in short batches, each its own transaction, so serving processes writing the log wait at most one
+batch for SQLite's write lock. Two kinds of rows are kept whatever their age:
+- the drift window's: the newest `window_rows` predictions, and the newest `window_rows` the champion served
+  (the monitor reads one or the other);
+- labelled rows newer than the champion's training data: the accuracy window reads them, and the next
+  retrain learns from them as the new data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.schema import GroundTruth, LabelledRow, ModelStatus, ModelVersion, PredictionLog
+
+BATCH_ROWS = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What a prune deletes (or, dry, would): rows before each bound."""
+
+    cutoff: datetime  # what was asked
+    predictions_before: datetime  # the cutoff, or the drift window's oldest row when older
+    # None: labelled data is kept; else the cutoff, or the champion's train_end when that is older
+    labelled_before: datetime | None
+    predictions: int  # unlabelled predictions
+    labelled_predictions: int  # labelled predictions, each with its label
+    labelled_rows: int  # ingested rows (labelled_row)
+
+    @property
+    def total(self) -> int:
+        return self.predictions + self.labelled_predictions + self.labelled_rows
+
+
+def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool) -> Retention:
+    """The bounds and row counts of a prune at `cutoff`; `labelled` also deletes labelled data."""
+    predictions_before = min([cutoff, *_window_starts(session, window_rows)])
+    labelled_before = None
+    if labelled:
+        train_end = session.scalar(
+            select(ModelVersion.train_end).where(ModelVersion.status == ModelStatus.champion)
+        )
+        labelled_before = min(predictions_before, train_end) if train_end else predictions_before
+    return Retention(
+        cutoff=cutoff,
+        predictions_before=predictions_before,
+        labelled_before=labelled_before,
+        predictions=_count(session, _unlabelled(predictions_before)),
+        labelled_predictions=_count(session, _labelled(labelled_before)) if labelled_before else 0,
+        labelled_rows=_count(session, _ingested(labelled_before)) if labelled_before else 0,
+    )
+
+
+def prune(
+    sessions: sessionmaker[Session],
+    retention: Retention,
+    *,
+    on_progress: Callable[[int], None] = lambda rows: None,
+) -> Retention:
+    """Delete what `retention` (from `plan`) counted, in batches; the rows actually deleted, which may differ
+    from the plan's counts by labels and rows that arrived meanwhile."""
+    predictions = _delete_batches(
+        sessions, PredictionLog, _unlabelled(retention.predictions_before), on_progress
+    )
+    labelled_predictions = labelled_rows = 0
+    if (before := retention.labelled_before) is not None:
+        labelled_predictions = _delete_batches(sessions, PredictionLog, _labelled(before), on_progress)
+        labelled_rows = _delete_batches(sessions, LabelledRow, _ingested(before), on_progress)
+    return Retention(
+        cutoff=retention.cutoff,
+        predictions_before=retention.predictions_before,
+        labelled_before=retention.labelled_before,
+        predictions=predictions,
+        labelled_predictions=labelled_predictions,
+        labelled_rows=labelled_rows,
+    )
+
+
+def _window_starts(session: Session, window_rows: int) -> list[datetime]:
+    """The oldest of the newest `window_rows` predictions, of all and of the champion's (when as many)."""
+    newest = select(PredictionLog.created_at).order_by(PredictionLog.created_at.desc())
+    champion = select(ModelVersion.version).where(ModelVersion.status == ModelStatus.champion)
+    queries = [newest, newest.where(PredictionLog.model_version == champion.scalar_subquery())]
+    starts = (session.scalar(q.offset(window_rows - 1).limit(1)) for q in queries)
+    return [start for start in starts if start is not None]
+
+
+def _unlabelled(before: datetime) -> Select[Any, datetime]:
+    return (
+        select(PredictionLog.id, PredictionLog.created_at)
+        .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id, isouter=True)
+        .where(PredictionLog.created_at < before, GroundTruth.prediction_id.is_(None))
+    )
+
+
+def _labelled(before: datetime) -> Select[Any, datetime]:
+    return (
+        select(PredictionLog.id, PredictionLog.created_at)
+        .join(GroundTruth, GroundTruth.prediction_id == PredictionLog.id)
+        .where(PredictionLog.created_at < before)
+    )
+
+
+def _ingested(before: datetime) -> Select[Any, datetime]:
+    return select(LabelledRow.id, LabelledRow.event_time).where(LabelledRow.event_time < before)
+
+
+def _count(session: Session, rows: Select[Any, datetime]) -> int:
+    return int(session.scalar(select(func.count()).select_from(rows.subquery())) or 0)
+
+
+def _delete_batches(
+    sessions: sessionmaker[Session],
+    table: type[PredictionLog] | type[LabelledRow],
+    rows: Select[Any, datetime],
+    on_progress: Callable[[int], None],
+) -> int:
+    """Delete the rows of `table` that `rows` (id, time) selects, oldest first, BATCH_ROWS per transaction;
+    how many. Each batch reads on from the last one's time, not past the rows kept before it again."""
+    time = rows.selected_columns[1]
+    deleted, since = 0, None
+    while True:
+        with sessions.begin() as session:
+            query = rows if since is None else rows.where(time >= since)
+            batch: Sequence[Any] = session.execute(query.order_by(time).limit(BATCH_ROWS)).all()
+            if not batch:
+                return deleted
+            ids = [row[0] for row in batch]
+            if table is PredictionLog:  # a label goes with its prediction (the foreign key cascades too)
+                session.execute(delete(GroundTruth).where(GroundTruth.prediction_id.in_(ids)))
+            session.execute(delete(table).where(table.id.in_(ids)))
+        deleted, since = deleted + len(batch), batch[-1][1]
+        on_progress(len(batch))

@@ -1,0 +1,223 @@
+"""Retention (`driftloop prune`) on real SQLite files and a real PostgreSQL server."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+from typer.testing import CliRunner
+
+import core.retention
+from core.retention import plan, prune
+from core.schema import GroundTruth, LabelledRow, ModelVersion, PredictionLog
+from core.settings import Settings
+from service.cli import _sessions, cli
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+DAY = timedelta(days=1)
+
+
+def add_champion(session: Session, *, train_end: datetime | None, version: int = 1) -> None:
+    session.add(
+        ModelVersion(
+            version=version, created_at=NOW - 400 * DAY, status="champion", trigger="bootstrap",
+            artifact_path="a", sha256="0" * 64, reference_path="r", train_rows=10, metrics={}, params={},
+            feature_importance={}, data_sources={}, train_end=train_end,
+        )
+    )  # fmt: skip
+
+
+def log(
+    session: Session, name: str, *, age_days: float, version: int = 1, actual: float | None = None
+) -> None:
+    """A logged prediction `age_days` old, with its label when `actual` is given."""
+    session.add(
+        PredictionLog(
+            id=name, created_at=NOW - age_days * DAY, model_version=version, features={"floor": 3},
+            prediction=100.0, latency_ms=1.0,
+        )
+    )  # fmt: skip
+    if actual is not None:
+        session.flush()
+        session.add(GroundTruth(prediction_id=name, actual=actual, received_at=NOW))
+
+
+def ingested(session: Session, *, age_days: float) -> None:
+    session.add(
+        LabelledRow(
+            features={"floor": 3}, target=90.0, event_time=NOW - age_days * DAY, source="x.csv",
+            ingested_at=NOW, row_key=None,
+        )
+    )  # fmt: skip
+
+
+def left(sessions: sessionmaker[Session]) -> tuple[list[str], list[str], list[float]]:
+    """Prediction ids, labelled prediction ids and ingested rows' ages in days, all sorted."""
+    with sessions() as session:
+        predictions = sorted(session.scalars(select(PredictionLog.id)))
+        labels = sorted(session.scalars(select(GroundTruth.prediction_id)))
+        ages = sorted(
+            round((NOW - t).total_seconds() / 86400) for t in session.scalars(select(LabelledRow.event_time))
+        )
+    return predictions, labels, ages
+
+
+def test_old_unlabelled_predictions_go_and_labelled_data_stays_unless_asked(sessions) -> None:
+    with sessions.begin() as session:
+        add_champion(session, train_end=NOW - 300 * DAY)
+        for age in (200, 150, 100, 10, 5):
+            log(session, f"u{age}", age_days=age)
+        log(session, "l200", age_days=200, actual=1.0)
+        ingested(session, age_days=200)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=2, labelled=False)
+    assert (retention.predictions, retention.labelled_predictions, retention.labelled_rows) == (3, 0, 0)
+    assert retention.predictions_before == NOW - 90 * DAY and retention.labelled_before is None
+    done = prune(sessions, retention)
+    assert done.total == 3
+    assert left(sessions) == (["l200", "u10", "u5"], ["l200"], [200])
+
+
+def test_labelled_data_newer_than_the_champions_training_data_is_kept(sessions) -> None:
+    with sessions.begin() as session:
+        add_champion(session, train_end=NOW - 150 * DAY)
+        for age in (200, 160, 140, 100, 2):
+            log(session, f"l{age}", age_days=age, actual=float(age))
+            ingested(session, age_days=age)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=True)
+    assert retention.labelled_before == NOW - 150 * DAY
+    assert (retention.predictions, retention.labelled_predictions, retention.labelled_rows) == (0, 2, 2)
+    prune(sessions, retention)
+    assert left(sessions) == (["l100", "l140", "l2"], ["l100", "l140", "l2"], [2, 100, 140])
+
+
+def test_the_drift_windows_rows_are_kept_whatever_their_age_the_champions_too(sessions) -> None:
+    """The monitor reads the newest window_rows predictions, or the newest the champion served: v2 is the
+    champion but served only its 3 oldest rows, so they stay, older than the cutoff as they are."""
+    with sessions.begin() as session:
+        add_champion(session, train_end=None, version=2)
+        for age in (400, 300, 200, 100):
+            log(session, f"v2-{age}", age_days=age, version=2)
+        for age in (50, 40, 30):
+            log(session, f"v1-{age}", age_days=age, version=1)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 10 * DAY, window_rows=3, labelled=True)
+    assert retention.predictions_before == NOW - 300 * DAY
+    assert retention.predictions == 1
+    prune(sessions, retention)
+    assert left(sessions)[0] == ["v1-30", "v1-40", "v1-50", "v2-100", "v2-200", "v2-300"]
+
+
+def test_deletes_go_in_batches_oldest_first_past_rows_kept_and_times_shared(
+    sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch reads on from the last one's time: rows sharing a time across a batch's end, and labelled
+    rows kept between them, leave none of the rows to delete behind."""
+    monkeypatch.setattr(core.retention, "BATCH_ROWS", 4)
+    with sessions.begin() as session:
+        for n in range(10):
+            log(session, f"u{n}", age_days=100 + n // 3)  # three rows to a time
+            log(session, f"l{n}", age_days=100 + n // 3, actual=1.0)
+        log(session, "new", age_days=1)
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=False)
+    batches: list[int] = []
+    done = prune(sessions, retention, on_progress=batches.append)
+    assert batches == [4, 4, 2] and done.predictions == 10
+    assert left(sessions)[0] == sorted(["new", *(f"l{n}" for n in range(10))])
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    url = f"sqlite:///{tmp_path / 'prune.db'}"
+    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
+    monkeypatch.setenv("DRIFTLOOP_ARTIFACT_DIR", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("DRIFTLOOP_WINDOW_ROWS", "1")
+    monkeypatch.setenv("DRIFTLOOP_MIN_WINDOW_ROWS", "1")
+    monkeypatch.setenv("COLUMNS", "250")
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        add_champion(session, train_end=NOW - 190 * DAY)
+        for age in (200, 150, 100, 10):
+            log(session, f"u{age}", age_days=age)
+        log(session, "l200", age_days=200, actual=1.0)
+    return url
+
+
+def run(*args: str):
+    result = CliRunner().invoke(cli, ["prune", *args])
+    return result, " ".join(result.output.split())
+
+
+def test_cli_dry_run_counts_and_deletes_nothing_then_prune_deletes(env: str) -> None:
+    result, output = run("--older-than", "90", "--dry-run")
+    assert result.exit_code == 0, output
+    assert "unlabelled predictions: 3" in output
+    assert "labelled predictions and ingested rows: kept (--labelled deletes them)" in output
+    with _sessions(Settings()) as sessions:
+        assert len(left(sessions)[0]) == 5
+
+    result, output = run("--older-than", "90", "--labelled")
+    assert result.exit_code == 0, output
+    assert (
+        "labelled predictions, each with its label: 1 (kept from "
+        f"{NOW - 190 * DAY:%Y-%m-%d %H:%M} UTC on: the drift window's, and the rows newer than the "
+        "champion's training data)" in output
+    )
+    assert (
+        "warning: a retrain reads every labelled row (DRIFTLOOP_TRAIN_WINDOW_DAYS): the labelled rows pruned "
+        "are training data it would have used" in output
+    )
+    assert "deleted 4 row(s)" in output
+    assert "SQLite keeps the file's size" in output
+    with _sessions(Settings()) as sessions:
+        assert left(sessions) == (["u10"], [], [])
+
+    result, output = run("--older-than", "90")
+    assert result.exit_code == 0 and "unlabelled predictions: 0" in output and "deleted" not in output
+    assert "warning" not in output
+
+
+def test_cli_no_warning_when_the_training_window_ends_before_the_cutoff(
+    env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_TRAIN_WINDOW_DAYS", "90")
+    result, output = run("--older-than", "90", "--labelled", "--dry-run")
+    assert result.exit_code == 0 and "labelled predictions, each with its label: 1" in output
+    assert "warning" not in output
+    monkeypatch.setenv("DRIFTLOOP_TRAIN_WINDOW_DAYS", "120")
+    result, output = run("--older-than", "90", "--labelled", "--dry-run")
+    assert "warning: a retrain reads labelled rows up to 120 days old" in output
+
+
+@pytest.mark.parametrize("days", ["0", "-5", "ninety"])
+def test_cli_refuses_an_older_than_that_is_not_a_number_of_days(env: str, days: str) -> None:
+    result, output = run("--older-than", days)
+    assert result.exit_code == 2
+    assert "--older-than" in output
+    with _sessions(Settings()) as sessions:
+        assert len(left(sessions)[0]) == 5
+
+
+def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_again(
+    env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core.retention, "BATCH_ROWS", 1)
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        # A real SQLite error on the second batch (the oldest row goes first): as a full disk would fail it.
+        session.execute(text(
+            "CREATE TRIGGER refuse BEFORE DELETE ON prediction_log WHEN old.id = 'u150' "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        ))  # fmt: skip
+    result, output = run("--older-than", "90")
+    assert result.exit_code == 1
+    assert (
+        "pruning stopped after 1 row(s): IntegrityError: database or disk is full. What was deleted stays "
+        "deleted; run it again to go on" in output
+    )
+    with _sessions(Settings()) as sessions:
+        assert left(sessions)[0] == ["l200", "u10", "u100", "u150"]
