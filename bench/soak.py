@@ -41,6 +41,7 @@ from service.process import free_port, wait_http_ok  # noqa: E402
 ADMIN = "soak-admin-token"
 PHASES = ("none", "unit_bug", "none", "new_town")  # each switch is drift against the newest champion
 PROCS = ("serve", "worker")
+RSS = ("rss_kb", "rss_anon_kb")
 
 
 def soak_env(state: Path, database_url: str, args: argparse.Namespace) -> dict[str, str]:
@@ -258,10 +259,10 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], t0: float, path
     import matplotlib.pyplot as plt
 
     panels: list[tuple[str, list[tuple[str, float]]]] = [
-        ("RSS (MB; anon = heap)", [(f"{p}_{k}", 1 / 1024) for p in PROCS for k in ("rss_kb", "rss_anon_kb")]),
+        ("RSS (MiB; anon: the heap)", [(f"{p}_{k}", 1 / 1024) for p in PROCS for k in RSS]),
         ("open fds", [(f"{p}_fds", 1) for p in PROCS]),
         ("threads", [(f"{p}_threads", 1) for p in PROCS]),
-        ("database (MB)", [("db_bytes", 1 / 2**20)]),
+        ("database (MiB)", [("db_bytes", 1 / 2**20)]),
         ("files", [("reports_files", 1), ("artifacts_files", 1), ("spool_files", 1)]),
         ("loop (cumulative)", [("monitor_runs", 1), ("retrains", 1), ("swaps", 1)]),
     ]
