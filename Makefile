@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop bench-ingest lint format typecheck clean
+.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop bench-ingest bench-soak lint format typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-loop: $(STAMP)
 
 bench-ingest: $(STAMP)
 	$(BIN)/python bench/ingest.py
+
+bench-soak: $(STAMP)  ## 35 minutes of traffic with the loop acting; not part of `make bench`
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
