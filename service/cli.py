@@ -394,7 +394,8 @@ def prune(
             retention = plan(session, cutoff=cutoff, window_rows=settings.window_rows, labelled=labelled)
         _print_retention(retention)
         window = settings.train_window_days
-        if labelled and (window is None or window > older_than):
+        pruned_labels = retention.labelled_predictions + retention.labelled_rows
+        if pruned_labels and (window is None or window > older_than):
             reads = "every labelled row" if window is None else f"labelled rows up to {window} days old"
             console.print(
                 f"[yellow]warning: a retrain reads {reads} (DRIFTLOOP_TRAIN_WINDOW_DAYS): the labelled rows "

@@ -177,9 +177,9 @@ def test_cli_dry_run_counts_and_deletes_nothing_then_prune_deletes(env: str) -> 
     with _sessions(Settings()) as sessions:
         assert left(sessions) == (["u10"], [], [])
 
-    result, output = run("--older-than", "90")
+    result, output = run("--older-than", "90", "--labelled")
     assert result.exit_code == 0 and "unlabelled predictions: 0" in output and "deleted" not in output
-    assert "warning" not in output
+    assert "warning" not in output  # no labelled row left to prune
 
 
 def test_cli_no_warning_when_the_training_window_ends_before_the_cutoff(
