@@ -363,6 +363,15 @@ def test_k8s_worker_is_single_and_recreated() -> None:
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
 
 
+def test_k8s_prune_runs_daily_one_at_a_time_with_the_database_and_config() -> None:
+    cron = k8s("CronJob", "driftloop-prune")
+    assert (cron["spec"]["schedule"], cron["spec"]["concurrencyPolicy"]) == ("17 3 * * *", "Forbid")
+    container = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["prune", "--older-than", "90"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "driftloop-config"}}]
+    assert [e["name"] for e in container["env"]] == ["DRIFTLOOP_DATABASE_URL"]
+
+
 def test_k8s_state_and_secrets() -> None:
     pvc = k8s("PersistentVolumeClaim", "driftloop-artifacts")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
