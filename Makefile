@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test serve worker bench bench-serve bench-monitor bench-loop bench-ingest bench-soak lint format typecheck clean
+.PHONY: demo test test-lowest serve worker bench bench-serve bench-monitor bench-loop bench-ingest bench-soak lint format typecheck clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,17 @@ demo: $(STAMP)  ## the whole loop on the embedded default (SQLite, local artifac
 
 test: $(STAMP)  ## SQLite + a real PostgreSQL cluster + promtool, when their binaries are installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+LOWEST := .venv-lowest
+
+$(LOWEST)/.installed: pyproject.toml ci/constraints-lowest.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST)/bin/python -m pip install --quiet --only-binary=:all: -c ci/constraints-lowest.txt -e ".[dev]"
+	touch $@
+
+test-lowest: $(LOWEST)/.installed  ## the suite with every direct dependency at its lower bound in pyproject.toml
+	$(LOWEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 serve: $(STAMP)
 	$(BIN)/driftloop bootstrap
