@@ -103,7 +103,7 @@ def test_the_oracle_retrains_once_post_change_labels_can_exist(unit_bug: Path) -
     oracle, never, drift = s["policies"]["oracle"], s["policies"]["never"], s["policies"]["drift"]
     periods = pd.read_csv(unit_bug / "periods.csv", parse_dates=["period_end"])
     retrained = periods[(periods["policy"] == "oracle") & periods["retrain"].notna()]["period_end"]
-    first_turn = pd.Timestamp(s["change_points"][0]) + pd.Timedelta(days=s["label_delay_days"])
+    first_turn = pd.Timestamp(s["change_points"][0]) + timedelta(days=s["label_delay_days"])
     assert retrained.min() >= first_turn and oracle["retrains"] == len(retrained) >= 10
     assert oracle["mae_after_change"] < 0.8 * never["mae_after_change"]
     assert drift["post_swap_oracle_mae"] > 0  # the drift policy's post-swap rows, scored for the oracle
@@ -364,7 +364,7 @@ def test_steps_without_rows_keep_their_retrains_in_periods_csv(tmp_path: Path, h
     s = summary(out)
     periods = pd.read_csv(out / "periods.csv", parse_dates=["period_start", "period_end"])
     last = pd.to_datetime(frame["sold_on"], utc=True).max()
-    steps = int((last - pd.Timestamp("2021-01-01", tz="UTC")) / pd.Timedelta(days=14)) + 1
+    steps = int((last - pd.Timestamp("2021-01-01", tz="UTC")) / timedelta(days=14)) + 1
     for policy, rows in periods.groupby("policy"):
         assert len(rows) == steps, policy  # every step, one row
         assert rows["rows"].sum() == s["rows"]["replayed"], policy
