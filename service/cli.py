@@ -365,7 +365,10 @@ def ingest(
 @cli.command()
 def prune(
     older_than: Annotated[
-        int, typer.Option(min=1, help="Delete rows logged (or, ingested, whose time is) more than DAYS ago.")
+        int,
+        typer.Option(
+            min=1, max=36_500, help="Delete rows logged (or, ingested, whose time is) more than DAYS ago."
+        ),
     ],
     labelled: Annotated[
         bool,
@@ -393,15 +396,7 @@ def prune(
         with _database_errors(), sessions() as session:
             retention = plan(session, cutoff=cutoff, window_rows=settings.window_rows, labelled=labelled)
         _print_retention(retention)
-        window = settings.train_window_days
-        pruned_labels = retention.labelled_predictions + retention.labelled_rows
-        if pruned_labels and (window is None or window > older_than):
-            reads = "every labelled row" if window is None else f"labelled rows up to {window} days old"
-            console.print(
-                f"[yellow]warning: a retrain reads {reads} (DRIFTLOOP_TRAIN_WINDOW_DAYS): the labelled rows "
-                "pruned are training data it would have used[/]",
-                highlight=False,
-            )
+        _warn_of_training_data(retention, older_than=older_than, train_window_days=settings.train_window_days)
         if dry_run or not retention.total:
             return
         deleted = 0
@@ -428,6 +423,23 @@ def prune(
         console.print(
             "SQLite keeps the file's size: new rows reuse the freed space (`VACUUM`, with every process "
             "stopped, gives it back to the disk)"
+        )
+
+
+def _warn_of_training_data(retention: Retention, *, older_than: int, train_window_days: int | None) -> None:
+    """Labelled rows to go that a retrain would read (DRIFTLOOP_TRAIN_WINDOW_DAYS) are named as such."""
+    if not retention.labelled_predictions + retention.labelled_rows:
+        return
+    if train_window_days is None or train_window_days > older_than:
+        reads = (
+            "every labelled row"
+            if train_window_days is None
+            else f"labelled rows up to {train_window_days} days old"
+        )
+        console.print(
+            f"[yellow]warning: a retrain reads {reads} (DRIFTLOOP_TRAIN_WINDOW_DAYS): the labelled rows "
+            "pruned are training data it would have used[/]",
+            highlight=False,
         )
 
 
