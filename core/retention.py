@@ -29,7 +29,7 @@ class Retention:
 
     cutoff: datetime  # what was asked
     predictions_before: datetime  # the cutoff, or the drift window's oldest row when older
-    # None: labelled data is kept; else the cutoff, or the champion's train_end when that is older
+    # None: labelled data is kept; else the cutoff, or the end of the champion's training data when older
     labelled_before: datetime | None
     predictions: int  # unlabelled predictions
     labelled_predictions: int  # labelled predictions, each with its label
@@ -45,10 +45,14 @@ def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool
     predictions_before = min([cutoff, *_window_starts(session, window_rows)])
     labelled_before = None
     if labelled:
-        train_end = session.scalar(
-            select(ModelVersion.train_end).where(ModelVersion.status == ModelStatus.champion)
+        # as retrain.dataset.data_end: a champion without train_end (a bootstrap without times) trained on
+        # data up to its creation, and the accuracy window reads the labelled rows after it
+        data_end = session.scalar(
+            select(func.coalesce(ModelVersion.train_end, ModelVersion.created_at)).where(
+                ModelVersion.status == ModelStatus.champion
+            )
         )
-        labelled_before = min(predictions_before, train_end) if train_end else predictions_before
+        labelled_before = min(predictions_before, data_end) if data_end else predictions_before
     return Retention(
         cutoff=cutoff,
         predictions_before=predictions_before,

@@ -221,3 +221,21 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
     )
     with _sessions(Settings()) as sessions:
         assert left(sessions)[0] == ["l200", "u10", "u100", "u150"]
+
+
+def test_a_champion_without_train_end_keeps_the_labelled_rows_after_its_creation(sessions) -> None:
+    """A bootstrap without a time column has no train_end: its training data ends at its created_at
+    (retrain.dataset.data_end), and the accuracy window reads the labelled rows after it."""
+    with sessions.begin() as session:
+        add_champion(session, train_end=None)  # created 400 days ago
+        for age in (500, 300, 100):
+            log(session, f"l{age}", age_days=age, actual=1.0)
+            ingested(session, age_days=age)
+        log(session, "new", age_days=1)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=True)
+    assert retention.labelled_before == NOW - 400 * DAY
+    assert (retention.labelled_predictions, retention.labelled_rows) == (1, 1)
+    prune(sessions, retention)
+    assert left(sessions) == (["l100", "l300", "new"], ["l100", "l300"], [100, 300])
