@@ -196,11 +196,19 @@ def test_cli_no_warning_when_the_training_window_ends_before_the_cutoff(
     assert "warning: a retrain reads labelled rows up to 120 days old" in output
 
 
-@pytest.mark.parametrize("days", ["0", "-5", "ninety", "1000000"])
+@pytest.mark.parametrize("days", ["0", "-5", "ninety", "1.5", "1000000"])
 def test_cli_refuses_an_older_than_that_is_not_a_number_of_days(env: str, days: str) -> None:
     result, output = run("--older-than", days)
     assert result.exit_code == 2
     assert "--older-than" in output
+    with _sessions(Settings()) as sessions:
+        assert len(left(sessions)[0]) == 5
+
+
+def test_cli_refuses_a_prune_without_older_than(env: str) -> None:
+    result, output = run("--labelled")
+    assert result.exit_code == 2
+    assert "Missing option '--older-than'" in output
     with _sessions(Settings()) as sessions:
         assert len(left(sessions)[0]) == 5
 
