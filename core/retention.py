@@ -29,7 +29,7 @@ class Retention:
 
     cutoff: datetime  # what was asked
     predictions_before: datetime  # the cutoff, or the drift window's oldest row when older
-    # None: labelled data is kept; else the cutoff, or the champion's train_end when that is older
+    # None: labelled data is kept; else the cutoff, or the end of the champion's training data when older
     labelled_before: datetime | None
     predictions: int  # unlabelled predictions
     labelled_predictions: int  # labelled predictions, each with its label
@@ -45,10 +45,14 @@ def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool
     predictions_before = min([cutoff, *_window_starts(session, window_rows)])
     labelled_before = None
     if labelled:
-        train_end = session.scalar(
-            select(ModelVersion.train_end).where(ModelVersion.status == ModelStatus.champion)
+        # as retrain.dataset.data_end: a champion without train_end (a bootstrap without times) trained on
+        # data up to its creation, and the accuracy window reads the labelled rows after it
+        data_end = session.scalar(
+            select(func.coalesce(ModelVersion.train_end, ModelVersion.created_at)).where(
+                ModelVersion.status == ModelStatus.champion
+            )
         )
-        labelled_before = min(predictions_before, train_end) if train_end else predictions_before
+        labelled_before = min(predictions_before, data_end) if data_end else predictions_before
     return Retention(
         cutoff=cutoff,
         predictions_before=predictions_before,
@@ -125,17 +129,20 @@ def _delete_batches(
 ) -> int:
     """Delete the rows of `table` that `rows` (id, time) selects, oldest first, BATCH_ROWS per transaction;
     how many. Each batch reads on from the last one's time, not past the rows kept before it again."""
-    time = rows.selected_columns[1]
+    row_id, time = rows.selected_columns
     deleted, since = 0, None
     while True:
         with sessions.begin() as session:
             query = rows if since is None else rows.where(time >= since)
-            batch: Sequence[Any] = session.execute(query.order_by(time).limit(BATCH_ROWS)).all()
+            # FOR UPDATE (PostgreSQL): a label being stored for one of these waits for this transaction, and
+            # then finds its prediction gone (POST /feedback answers it unknown), or was stored first
+            locked = query.order_by(time).limit(BATCH_ROWS).with_for_update(of=table)
+            batch: Sequence[Any] = session.execute(locked).all()
             if not batch:
                 return deleted
-            ids = [row[0] for row in batch]
-            if table is PredictionLog:  # a label goes with its prediction (the foreign key cascades too)
-                session.execute(delete(GroundTruth).where(GroundTruth.prediction_id.in_(ids)))
-            session.execute(delete(table).where(table.id.in_(ids)))
-        deleted, since = deleted + len(batch), batch[-1][1]
-        on_progress(len(batch))
+            # Only the rows `rows` still selects: a label stored since the read makes a prediction labelled,
+            # kept without --labelled. The DELETE runs under SQLite's write lock, so none comes in between.
+            still = rows.with_only_columns(row_id).where(row_id.in_([row[0] for row in batch]))
+            done = session.connection().execute(delete(table).where(table.id.in_(still)))  # labels: cascade
+        deleted, since = deleted + done.rowcount, batch[-1][1]
+        on_progress(done.rowcount)

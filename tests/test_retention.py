@@ -1,10 +1,12 @@
 """Retention (`driftloop prune`) on real SQLite files and a real PostgreSQL server."""
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
@@ -194,11 +196,19 @@ def test_cli_no_warning_when_the_training_window_ends_before_the_cutoff(
     assert "warning: a retrain reads labelled rows up to 120 days old" in output
 
 
-@pytest.mark.parametrize("days", ["0", "-5", "ninety", "1000000"])
+@pytest.mark.parametrize("days", ["0", "-5", "ninety", "1.5", "1000000"])
 def test_cli_refuses_an_older_than_that_is_not_a_number_of_days(env: str, days: str) -> None:
     result, output = run("--older-than", days)
     assert result.exit_code == 2
     assert "--older-than" in output
+    with _sessions(Settings()) as sessions:
+        assert len(left(sessions)[0]) == 5
+
+
+def test_cli_refuses_a_prune_without_older_than(env: str) -> None:
+    result, output = run("--labelled")
+    assert result.exit_code == 2
+    assert "Missing option '--older-than'" in output
     with _sessions(Settings()) as sessions:
         assert len(left(sessions)[0]) == 5
 
@@ -221,3 +231,70 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
     )
     with _sessions(Settings()) as sessions:
         assert left(sessions)[0] == ["l200", "u10", "u100", "u150"]
+
+
+def test_a_label_stored_as_a_batch_deletes_keeps_its_prediction(sessions) -> None:
+    """POST /feedback for an old unlabelled prediction while prune deletes it: the label, stored and
+    answered accepted, makes the prediction labelled, kept with it. On SQLite the label is committed between
+    the batch's read and its delete; on PostgreSQL it is being stored as prune starts and committed while
+    prune waits for it."""
+    with sessions.begin() as session:
+        for age in (200, 150):
+            log(session, f"u{age}", age_days=age)
+        log(session, "new", age_days=1)
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=False)
+    engine = sessions.kw["bind"]
+    label = {"prediction_id": "u200", "actual": 1.0, "received_at": NOW}
+    if engine.dialect.name == "sqlite":
+        stored: list[str] = []
+
+        def label_after_the_read(conn, cursor, statement: str, *args: object) -> None:
+            if not stored and statement.lstrip().upper().startswith("SELECT"):
+                stored.append("u200")
+                with engine.begin() as other:  # another connection: the feedback request's
+                    other.execute(GroundTruth.__table__.insert(), label)
+
+        event.listen(engine, "after_cursor_execute", label_after_the_read)
+        try:
+            done = prune(sessions, retention)
+        finally:
+            event.remove(engine, "after_cursor_execute", label_after_the_read)
+        assert stored == ["u200"]
+    else:
+        with engine.connect() as feedback, ThreadPoolExecutor(1) as pool:
+            feedback.execute(GroundTruth.__table__.insert(), label)  # its transaction still open
+            pruning = pool.submit(prune, sessions, retention)
+            while not pruning.done() and not _waiting_for_a_lock(engine):
+                time.sleep(0.01)
+            feedback.commit()
+            done = pruning.result()
+    assert done.predictions == 1
+    assert left(sessions)[:2] == (["new", "u200"], ["u200"])
+
+
+def _waiting_for_a_lock(engine) -> bool:
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    with engine.connect() as conn:
+        return bool(conn.scalar(text(waiting)))
+
+
+def test_a_champion_without_train_end_keeps_the_labelled_rows_after_its_creation(sessions) -> None:
+    """A bootstrap without a time column has no train_end: its training data ends at its created_at
+    (retrain.dataset.data_end), and the accuracy window reads the labelled rows after it."""
+    with sessions.begin() as session:
+        add_champion(session, train_end=None)  # created 400 days ago
+        for age in (500, 300, 100):
+            log(session, f"l{age}", age_days=age, actual=1.0)
+            ingested(session, age_days=age)
+        log(session, "new", age_days=1)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=True)
+    assert retention.labelled_before == NOW - 400 * DAY
+    assert (retention.labelled_predictions, retention.labelled_rows) == (1, 1)
+    prune(sessions, retention)
+    assert left(sessions) == (["l100", "l300", "new"], ["l100", "l300"], [100, 300])
