@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -1002,8 +1003,14 @@ def test_a_rerun_cut_short_leaves_no_earlier_run_s_outputs_beside_its_scratch(tm
         while not (out / "work" / "never" / "backtest.db").exists():  # the replay has begun
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
+        # Ctrl-C until it stops, as a user would press it again: in one CI run a single SIGINT was lost and
+        # the replay went on to its end (exit 0). Cause not found; Python drops a KeyboardInterrupt raised
+        # inside a finaliser ("Exception ignored in ..."), one way it can happen.
+        for _ in range(60):
+            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+                break
     finally:
         proc.kill()
         proc.wait()
