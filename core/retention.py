@@ -11,7 +11,7 @@ batch for SQLite's write lock. Two kinds of rows are kept whatever their age:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -42,17 +42,11 @@ class Retention:
 
 def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool) -> Retention:
     """The bounds and row counts of a prune at `cutoff`; `labelled` also deletes labelled data."""
-    predictions_before = min([cutoff, *_window_starts(session, window_rows)])
+    champion = session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.champion))
+    predictions_before = min([cutoff, *_window_starts(session, window_rows, champion)])
     labelled_before = None
     if labelled:
-        # as retrain.dataset.data_end: a champion without train_end (a bootstrap without times) trained on
-        # data up to its creation, and the accuracy window reads the labelled rows after it
-        data_end = session.scalar(
-            select(func.coalesce(ModelVersion.train_end, ModelVersion.created_at)).where(
-                ModelVersion.status == ModelStatus.champion
-            )
-        )
-        labelled_before = min(predictions_before, data_end) if data_end else predictions_before
+        labelled_before = min(predictions_before, champion.data_end) if champion else predictions_before
     return Retention(
         cutoff=cutoff,
         predictions_before=predictions_before,
@@ -78,21 +72,20 @@ def prune(
     if (before := retention.labelled_before) is not None:
         labelled_predictions = _delete_batches(sessions, PredictionLog, _labelled(before), on_progress)
         labelled_rows = _delete_batches(sessions, LabelledRow, _ingested(before), on_progress)
-    return Retention(
-        cutoff=retention.cutoff,
-        predictions_before=retention.predictions_before,
-        labelled_before=retention.labelled_before,
+    return replace(
+        retention,
         predictions=predictions,
         labelled_predictions=labelled_predictions,
         labelled_rows=labelled_rows,
     )
 
 
-def _window_starts(session: Session, window_rows: int) -> list[datetime]:
+def _window_starts(session: Session, window_rows: int, champion: ModelVersion | None) -> list[datetime]:
     """The oldest of the newest `window_rows` predictions, of all and of the champion's (when as many)."""
     newest = select(PredictionLog.created_at).order_by(PredictionLog.created_at.desc())
-    champion = select(ModelVersion.version).where(ModelVersion.status == ModelStatus.champion)
-    queries = [newest, newest.where(PredictionLog.model_version == champion.scalar_subquery())]
+    queries = [newest]
+    if champion is not None:
+        queries.append(newest.where(PredictionLog.model_version == champion.version))
     starts = (session.scalar(q.offset(window_rows - 1).limit(1)) for q in queries)
     return [start for start in starts if start is not None]
 

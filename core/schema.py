@@ -190,6 +190,13 @@ class ModelVersion(Base):
     promoted_at: Mapped[datetime | None]
     note: Mapped[str] = mapped_column(Text, default="")
 
+    @property
+    def data_end(self) -> datetime:
+        """The newest event time this version's training data can hold: its `train_end`, else (a bootstrap
+        without times) its `created_at`. Reference rows without times are stamped with it, and only rows
+        after it are unseen by it (the accuracy window, the gate's holdout, what prune keeps)."""
+        return self.train_end or self.created_at
+
 
 class DriftReport(Base):
     __tablename__ = "drift_report"

@@ -39,7 +39,6 @@ from monitor.notify import (
 from monitor.pages import prune_pages
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_unseen_labelled, load_window
-from retrain.dataset import data_end
 from retrain.process import RunHandle, launch
 from retrain.runs import NoChampion, RunInProgress, recover_stale
 from retrain.train import PREDICTION, predict
@@ -365,7 +364,7 @@ class Loop:
             # measured on its own window, the newest `accuracy_window_rows` labelled rows the champion has
             # not trained on, as it answers them (see load_unseen_labelled).
             labelled = load_unseen_labelled(
-                session, self.spec, max_rows=s.accuracy_window_rows, after=data_end(champion), now=now
+                session, self.spec, max_rows=s.accuracy_window_rows, after=champion.data_end, now=now
             )
             history = load_history(session, champion_version=champion.version, now=now)
         config = PolicyConfig.from_settings(s)

@@ -178,17 +178,10 @@ def timed_reference(
     return reference
 
 
-def data_end(champion: ModelVersion) -> datetime:
-    """The newest event time the champion's training data can hold: its `train_end`, else (a bootstrap
-    without times) its `created_at`. Reference rows without times are stamped with it, and only rows
-    after it are unseen by the champion (see `holdout`)."""
-    return champion.train_end or champion.created_at
-
-
 def _reference(
     registry: Registry, champion: ModelVersion, spec: FeatureSpec, *, since: datetime | None
 ) -> pd.DataFrame:
-    stamp = data_end(champion)
+    stamp = champion.data_end
     reference = registry.reference(champion)
     if spec.target not in reference.columns:
         return _empty(spec)

@@ -34,7 +34,6 @@ from retrain.dataset import (
     TrainingData,
     assemble,
     candidate_reference,
-    data_end,
     holdout,
     sample_weights,
 )
@@ -142,7 +141,7 @@ class _Run:
                 data,
                 self.spec,
                 fraction=self.settings.holdout_fraction,
-                seen_until=data_end(champion),
+                seen_until=champion.data_end,
             )
             if len(train) < MIN_TRAIN_ROWS or len(held) == 0:
                 days = self.settings.train_window_days
