@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -149,30 +151,36 @@ def run_replay(
     initial, replay = stream.split(until)
     check_timing(config, until=until, last=replay[stream.time_column].iloc[-1], policies=policies)
     spec = stream.spec
-    _fresh_workdir(workdir)
-    clock = SimClock(until)
-    players = [
-        _Player.create(name, settings, spec, workdir / name, clock, config, stream) for name in policies
-    ]
-    v1 = players[0].bootstrap(initial, settings)
-    for player in players[1:]:
-        player.adopt(players[0].registry, v1)
+    with _ctrl_c_remembered() as pressed:
+        _fresh_workdir(workdir)
+        clock = SimClock(until)
+        players = [
+            _Player.create(name, settings, spec, workdir / name, clock, config, stream) for name in policies
+        ]
+        v1 = players[0].bootstrap(initial, settings)
+        for player in players[1:]:
+            player.adopt(players[0].registry, v1)
+        _stop_if(pressed)
 
-    times = ns_times(replay[stream.time_column])
-    ids = [str(UUID(int=i + 1)) for i in range(len(replay))]  # deterministic: the window breaks ties by id
-    bounds = step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
-    cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
-    with _quiet_loop_log():
-        for k in range(1, len(bounds)):
-            clock.now = bounds[k]
-            rows = slice(int(cuts[k - 1]), int(cuts[k]))
-            monitor_due = _due(bounds[k], until, config.monitor_every, config.step)
-            for player in players:
-                player.serve(replay.iloc[rows], ids[rows], rows)
-                player.release_labels(clock.now)
-                player.act(clock.now, monitor_due=monitor_due)
-            if on_step is not None:
-                on_step(clock.now, k, len(bounds) - 1)
+        times = ns_times(replay[stream.time_column])
+        ids = [
+            str(UUID(int=i + 1)) for i in range(len(replay))
+        ]  # deterministic: the window breaks ties by id
+        bounds = step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
+        cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
+        with _quiet_loop_log():
+            for k in range(1, len(bounds)):
+                clock.now = bounds[k]
+                rows = slice(int(cuts[k - 1]), int(cuts[k]))
+                monitor_due = _due(bounds[k], until, config.monitor_every, config.step)
+                for player in players:
+                    player.serve(replay.iloc[rows], ids[rows], rows)
+                    player.release_labels(clock.now)
+                    player.act(clock.now, monitor_due=monitor_due)
+                    _stop_if(pressed)
+                if on_step is not None:
+                    on_step(clock.now, k, len(bounds) - 1)
+                _stop_if(pressed)
     for player in players:
         player.close()
     return Replay(
@@ -185,6 +193,38 @@ def run_replay(
         v1_validation_mae=v1.metrics.get("val_mae"),
         workdir=workdir,
     )
+
+
+@contextmanager
+def _ctrl_c_remembered() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as ever, and is also remembered in the event yielded.
+
+    Python drops an exception raised inside a finaliser (it prints "Exception ignored in ..."), and a replay
+    runs CatBoost, Evidently and SQLAlchemy, whose objects are finalised all the time: a Ctrl-C that lands in
+    one would be lost and the replay would go on to its end. The replay checks the event after each policy's
+    turn, so the press stops it there. A handler other than Python's default is left as it is (the event is
+    then never set), and so is any thread but the main one, which cannot set handlers.
+    """
+    pressed = threading.Event()
+    before = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or before is not signal.default_int_handler:
+        yield pressed
+        return
+
+    def remember(signum: int, frame: Any) -> None:
+        pressed.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, remember)
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _stop_if(pressed: threading.Event) -> None:
+    if pressed.is_set():
+        raise KeyboardInterrupt("Ctrl-C: the replay stops")
 
 
 @contextmanager
