@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,22 +31,9 @@ sys.path.insert(0, str(ROOT))
 from bench.loadgen import LoadResult, json_payloads, run_load  # noqa: E402
 from core.generator import generate_transactions  # noqa: E402
 from core.spec import load_spec  # noqa: E402
-from service.process import free_port, wait_http_ok  # noqa: E402
+from service.process import start_server, stop_server  # noqa: E402
 
 console = Console(width=120)
-
-
-def start(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    wait_http_ok(url + "/health", proc, timeout=60)
-    return proc, url
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)
 
 
 def warm(url: str, payloads: list[bytes], args: argparse.Namespace) -> int:
@@ -146,13 +132,13 @@ def main() -> None:
         model_path = next(Path(tmp, "artifacts").glob("v1/model.cbm"))
 
         with console.status("starting both servers…"):
-            plain_proc, plain_url = start(
+            plain_proc, plain_url = start_server(
                 [sys.executable, "-m", "uvicorn", "--factory", "bench.plain_app:app",
                  "--log-level", "warning", "--no-access-log"],
-                {**env, "BENCH_MODEL_PATH": str(model_path)},
+                {**env, "BENCH_MODEL_PATH": str(model_path)}, cwd=ROOT,
             )  # fmt: skip
-            ours_proc, ours_url = start(
-                [*driftloop, "serve", "--no-scheduler", "--log-level", "warning"], env
+            ours_proc, ours_url = start_server(
+                [*driftloop, "serve", "--no-scheduler", "--log-level", "warning"], env, cwd=ROOT
             )
         try:
             with console.status(f"{args.rounds} alternating rounds of load…"):
@@ -162,8 +148,8 @@ def main() -> None:
                 pids = {"plain": plain_proc.pid, "driftloop": ours_proc.pid}
                 results, ratios, cpu = rounds(urls, pids, payloads, args)
         finally:
-            stop(plain_proc)
-            stop(ours_proc)  # SIGTERM: the logger drains before exit
+            stop_server(plain_proc)
+            stop_server(ours_proc)  # SIGTERM: the logger drains before exit
         plain, ours = results["plain"], results["driftloop"]
         answered_total = ours.ok + warmed  # warm-up answers are logged too
         engine = create_engine(f"sqlite:///{db}")

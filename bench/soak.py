@@ -17,7 +17,6 @@ import csv
 import itertools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from core.generator import generate_transactions  # noqa: E402
 from core.spec import load_spec  # noqa: E402
-from service.process import free_port, wait_http_ok  # noqa: E402
+from service.process import start_server, stop_server  # noqa: E402
 
 ADMIN = "soak-admin-token"
 PHASES = ("none", "unit_bug", "none", "new_town")  # each switch is drift against the newest champion
@@ -232,26 +231,6 @@ def database(state: Path, postgres: bool, stack: ExitStack) -> tuple[str, Callab
     return cluster.create_database("soak"), size
 
 
-def start(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--port", str(port), "--no-access-log"], env=env, stdout=out, stderr=out
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_http_ok(url + "/health", proc, timeout=120)
-    return proc, url
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], t0: float, path: Path) -> None:
     import matplotlib
 
@@ -349,8 +328,10 @@ def soak(args: argparse.Namespace, state: Path, database_url: str, db_bytes: Cal
     urls: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     try:
-        procs["serve"], urls["serve"] = start([*cli, "serve", "--no-scheduler"], env, args.out / "serve.log")
-        procs["worker"], urls["worker"] = start([*cli, "worker"], env, args.out / "worker.log")
+        for name, command in (("serve", ["serve", "--no-scheduler"]), ("worker", ["worker"])):
+            procs[name], urls[name] = start_server(
+                [*cli, *command, "--no-access-log"], env, cwd=ROOT, log=args.out / f"{name}.log", timeout=120
+            )
         pids = {name: proc.pid for name, proc in procs.items()}
         t0, started = time.time(), time.monotonic()
         traffic = Traffic(urls["serve"], args, started + args.minutes * 60)
@@ -367,7 +348,7 @@ def soak(args: argparse.Namespace, state: Path, database_url: str, db_bytes: Cal
         rows.append(sample(state, pids, urls, time.monotonic() - started, db_bytes))
     finally:
         for proc in procs.values():
-            stop(proc)
+            stop_server(proc)
     with (args.out / "soak.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -13,9 +14,10 @@ from pathlib import Path
 import httpx
 
 from core.settings import Settings, to_env
-from service.process import free_port
+from service.process import start_server as start_process
 
 ROOT = Path(__file__).resolve().parents[1]
+_SERVERS = itertools.count(1)  # names each server's log in its test's directory
 
 
 @dataclass
@@ -54,30 +56,15 @@ class LiveServer:
 def start_server(
     settings: Settings, log_dir: Path, *, command: tuple[str, ...] = ("serve",), timeout: float = 60
 ) -> LiveServer:
-    port = free_port()
-    env = {**os.environ, **to_env(settings)}
-    log_path = log_dir / f"server-{port}.log"
-    with log_path.open("wb") as fh:  # the child keeps its own descriptor
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", *command, "--host", "127.0.0.1", "--port", str(port)],
-            env=env,
-            cwd=ROOT,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-3000:]}")
-        try:
-            if httpx.get(server.url + "/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    server.terminate()
-    raise RuntimeError(f"server did not answer /health within {timeout}s:\n{server.log()[-3000:]}")
+    log_path = log_dir / f"server-{next(_SERVERS)}.log"
+    try:
+        proc, url = start_process(
+            [sys.executable, "-m", "service.cli", *command, "--host", "127.0.0.1"],
+            {**os.environ, **to_env(settings)}, cwd=ROOT, log=log_path, timeout=timeout,
+        )  # fmt: skip
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}:\n{log_path.read_text(errors='replace')[-3000:]}") from None
+    return LiveServer(proc, url, log_path)
 
 
 def wait_until(predicate, *, timeout: float, interval: float = 0.05, what: str = "condition"):  # type: ignore[no-untyped-def]

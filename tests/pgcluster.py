@@ -12,7 +12,6 @@ import pwd
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,8 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from service.process import free_port
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -50,12 +51,6 @@ def find_pg_bin() -> Path | None:
 
 def _has_server(bin_dir: Path) -> bool:
     return all(os.access(bin_dir / name, os.X_OK) for name in SERVER_BINARIES)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgCluster:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,6 +18,8 @@ from typing import Any
 import httpx
 import yaml
 from prometheus_client import CollectorRegistry
+
+from service.process import free_port
 
 # Grafana's built-in interval variables, replaced by one concrete duration for evaluation outside Grafana.
 # Longest names first so `$__interval_ms` is not read as `$__interval` + `_ms`.
@@ -294,12 +295,6 @@ def prometheus_server(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_ready(base_url: str, process: subprocess.Popen[bytes], timeout_s: float, log_path: Path) -> None:

@@ -3,8 +3,11 @@
 import itertools
 import json
 import shutil
+import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -19,6 +22,7 @@ from core.generator import generate_transactions
 from core.registry import NewVersion, Registry
 from core.schema import PredictionLog, Trigger
 from retrain.train import reference_snapshot
+from service.process import stop_server
 from tests.conftest import make_settings
 from tests.live import start_server, wait_until
 
@@ -418,3 +422,18 @@ def test_a_client_gone_mid_body_is_counted_as_499_not_as_our_fault(champion, db_
         assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
     finally:
         assert server.terminate()
+
+
+def test_a_server_that_exits_before_answering_is_reported_with_its_log(tmp_path, sqlite_url) -> None:
+    with pytest.raises(RuntimeError) as raised:
+        start_server(make_settings(sqlite_url, tmp_path), tmp_path, command=("serve", "--no-such-option"))
+    assert "process exited with 2 before" in str(raised.value)
+    assert "No such option: --no-such-option" in str(raised.value)  # the tail of its own log
+
+
+def test_a_process_that_ignores_sigterm_is_killed_once_the_wait_is_over() -> None:
+    ignores = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(1); time.sleep(60)"
+    with subprocess.Popen([sys.executable, "-u", "-c", ignores], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stdout.readline() == b"1\n"  # its handler is set
+        stop_server(proc, timeout=1)
+    assert proc.returncode == -signal.SIGKILL
