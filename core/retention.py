@@ -70,7 +70,9 @@ def prune(
     )
     labelled_predictions = labelled_rows = 0
     if (before := retention.labelled_before) is not None:
-        labelled_predictions = _delete_batches(sessions, PredictionLog, _labelled(before), on_progress)
+        labelled_predictions = _delete_batches(
+            sessions, PredictionLog, _labelled(before), on_progress, also_lock=(GroundTruth,)
+        )
         labelled_rows = _delete_batches(sessions, LabelledRow, _ingested(before), on_progress)
     return replace(
         retention,
@@ -119,17 +121,26 @@ def _delete_batches(
     table: type[PredictionLog] | type[LabelledRow],
     rows: Select[Any, datetime],
     on_progress: Callable[[int], None],
+    also_lock: tuple[type[GroundTruth], ...] = (),
 ) -> int:
     """Delete the rows of `table` that `rows` (id, time) selects, oldest first, BATCH_ROWS per transaction;
-    how many. Each batch reads on from the last one's time, not past the rows kept before it again."""
+    how many. Each batch reads on from the last one's time, not past the rows kept before it again.
+    `also_lock`: the other tables `rows` joins whose rows go with them (labels, by cascade)."""
     row_id, time = rows.selected_columns
     deleted, since = 0, None
     while True:
         with sessions.begin() as session:
             query = rows if since is None else rows.where(time >= since)
             # FOR UPDATE (PostgreSQL): a label being stored for one of these waits for this transaction, and
-            # then finds its prediction gone (POST /feedback answers it unknown), or was stored first
-            locked = query.order_by(time).limit(BATCH_ROWS).with_for_update(of=table)
+            # then finds its prediction gone (POST /feedback answers it unknown), or was stored first. SKIP
+            # LOCKED: a row a request holds (a label being stored or changed) is left to the next prune, so
+            # the batch never waits for a request that may be waiting for it (one /feedback labelling two
+            # of its rows would deadlock with it).
+            locked = (
+                query.order_by(time)
+                .limit(BATCH_ROWS)
+                .with_for_update(of=(table, *also_lock), skip_locked=True)
+            )
             batch: Sequence[Any] = session.execute(locked).all()
             if not batch:
                 return deleted

@@ -236,8 +236,8 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
 def test_a_label_stored_as_a_batch_deletes_keeps_its_prediction(sessions) -> None:
     """POST /feedback for an old unlabelled prediction while prune deletes it: the label, stored and
     answered accepted, makes the prediction labelled, kept with it. On SQLite the label is committed between
-    the batch's read and its delete; on PostgreSQL it is being stored as prune starts and committed while
-    prune waits for it."""
+    the batch's read and its delete; on PostgreSQL it is being stored as prune starts (prune skips the row
+    the request holds) and committed afterwards."""
     with sessions.begin() as session:
         for age in (200, 150):
             log(session, f"u{age}", age_days=age)
@@ -271,6 +271,48 @@ def test_a_label_stored_as_a_batch_deletes_keeps_its_prediction(sessions) -> Non
             done = pruning.result()
     assert done.predictions == 1
     assert left(sessions)[:2] == (["new", "u200"], ["u200"])
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("labelled", [False, True], ids=["unlabelled", "labelled"])
+def test_a_request_holding_one_of_a_batch_s_rows_is_not_waited_for(sessions, labelled: bool) -> None:
+    """One POST /feedback storing (or changing) labels for two old predictions while prune deletes them: it
+    holds the first and waits for the second, which a batch that waited for the first would hold too, and
+    PostgreSQL would abort one of them as deadlocked. The batch skips the row the request holds, deletes the
+    rest, and the request's second label finds its prediction gone (answered unknown); nobody deadlocks."""
+    from psycopg.errors import ForeignKeyViolation
+    from sqlalchemy.exc import IntegrityError
+
+    actual = 1.0 if labelled else None
+    with sessions.begin() as session:
+        add_champion(session, train_end=NOW - 100 * DAY)
+        log(session, "older", age_days=200, actual=actual)  # the batch reaches it first
+        log(session, "newer", age_days=150, actual=actual)
+        log(session, "new", age_days=1)
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=labelled)
+    engine = sessions.kw["bind"]
+    table = GroundTruth.__table__
+
+    with engine.connect() as feedback, ThreadPoolExecutor(1) as pool:
+        # The request holds its first row (a label changed, or stored), its transaction still open.
+        if labelled:
+            feedback.execute(table.update().where(table.c.prediction_id == "newer").values(actual=2.0))
+        else:
+            feedback.execute(table.insert(), {"prediction_id": "newer", "actual": 2.0, "received_at": NOW})
+        pruning = pool.submit(prune, sessions, retention)
+        try:
+            done = pruning.result(timeout=30)  # not waiting for the request: it may be waiting for prune
+            with pytest.raises(IntegrityError) as second:  # its next label, whose prediction prune deleted
+                feedback.execute(
+                    table.insert(), {"prediction_id": "older", "actual": 2.0, "received_at": NOW}
+                )
+        finally:
+            feedback.rollback()
+    assert isinstance(second.value.orig, ForeignKeyViolation)  # POST /feedback answers it unknown
+    assert (done.predictions, done.labelled_predictions) == ((0, 1) if labelled else (1, 0))
+    assert left(sessions)[0] == ["new", "newer"]
 
 
 def _waiting_for_a_lock(engine) -> bool:
