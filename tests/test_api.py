@@ -269,6 +269,35 @@ def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> 
     assert shouted.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": []}  # the same UUID
 
 
+def test_a_label_changed_as_prune_deletes_its_prediction_is_answered_unknown(client, make_features) -> None:
+    """`driftloop prune --labelled` deletes a labelled prediction, and its label, between /feedback's read of
+    the label and its update: the update matches no row. It was a 500; it is tried again, as a label stored
+    by a concurrent request is, and the id is answered unknown, as for any deleted prediction."""
+    from sqlalchemy import event
+
+    pid = client.post("/predict", json=make_features(floor=2)).json()["prediction_id"]
+    logged_rows(client)
+    assert client.post("/feedback", json=[{"prediction_id": pid, "actual": 90000.0}]).json()["accepted"] == 1
+    engine = client.app.state.ctx.sessions.kw["bind"]
+    pruned: list[str] = []
+
+    def prune_after_the_label_is_read(conn, cursor, statement: str, *args: object) -> None:
+        if not pruned and statement.lstrip().upper().startswith("SELECT") and "ground_truth" in statement:
+            pruned.append(pid)
+            with engine.begin() as other:  # another connection: prune's, its labels going by the cascade
+                other.execute(PredictionLog.__table__.delete().where(PredictionLog.id == pid))
+
+    event.listen(engine, "after_cursor_execute", prune_after_the_label_is_read)
+    try:
+        answer = client.post("/feedback", json=[{"prediction_id": pid, "actual": 95000.0}])
+    finally:
+        event.remove(engine, "after_cursor_execute", prune_after_the_label_is_read)
+    assert pruned == [pid]
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {"accepted": 0, "updated": 0, "duplicate": 0, "unknown": [pid]}
+    assert client.get("/health").status_code == 200
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

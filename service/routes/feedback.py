@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm.exc import StaleDataError
 
 from core.db import unreachable, utcnow
 from core.schema import GroundTruth, PredictionLog
@@ -24,7 +25,7 @@ IN_FLIGHT_WAIT_S = 5.0
 # /ready among them (60 waiting, the log writer stuck, held /ready for 4 s). The rest are told to retry now.
 MAX_WAITING = 8
 CHUNK = 500
-RACE_ATTEMPTS = 3  # a label inserted by a concurrent request between our read and our insert
+RACE_ATTEMPTS = 3  # a label stored, or a prediction pruned, by another between our read and our write
 
 
 class FeedbackResult(BaseModel):
@@ -112,11 +113,13 @@ def _still_pending(
 
 def _upsert_retrying(sessions: object, labels: dict[str, float]) -> FeedbackResult:
     """`_upsert`, again when a concurrent request stored a label for one of these ids first (the same id
-    sent twice at once): the rolled-back attempt stored nothing, the next one sees that label."""
+    sent twice at once), or `driftloop prune` deleted one of their predictions after it was read (a label's
+    insert then breaks the foreign key, its update matches no row): the rolled-back attempt stored nothing,
+    the next one sees that label, or the id unknown."""
     for attempt in range(1, RACE_ATTEMPTS + 1):
         try:
             return _upsert(sessions, labels)
-        except IntegrityError:
+        except (IntegrityError, StaleDataError):
             if attempt == RACE_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")
