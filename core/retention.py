@@ -6,13 +6,19 @@ batch for SQLite's write lock. Two kinds of rows are kept whatever their age:
   (the monitor reads one or the other);
 - labelled rows newer than the champion's training data: the accuracy window reads them, and the next
   retrain learns from them as the new data.
+
+On request it also deletes the artifact directories (model, reference snapshot) of gate-rejected versions
+older than the cutoff; their rows stay, with a note, and the champion's, former champions' (rollback's) and
+candidates' directories are never touched.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Select, delete, func, select
@@ -34,19 +40,27 @@ class Retention:
     predictions: int  # unlabelled predictions
     labelled_predictions: int  # labelled predictions, each with its label
     labelled_rows: int  # ingested rows (labelled_row)
+    # With artifacts asked for: the gate-rejected versions created before the cutoff, with their directories
+    artifacts: tuple[tuple[int, Path], ...] = ()
+    artifact_bytes: int = 0
 
     @property
     def total(self) -> int:
+        """Rows, not artifacts."""
         return self.predictions + self.labelled_predictions + self.labelled_rows
 
 
-def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool) -> Retention:
-    """The bounds and row counts of a prune at `cutoff`; `labelled` also deletes labelled data."""
+def plan(
+    session: Session, *, cutoff: datetime, window_rows: int, labelled: bool, artifact_dir: Path | None = None
+) -> Retention:
+    """The bounds and row counts of a prune at `cutoff`; `labelled` also deletes labelled data, and
+    `artifact_dir` the directories there of gate-rejected versions created before the cutoff."""
     champion = session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.champion))
     predictions_before = min([cutoff, *_window_starts(session, window_rows, champion)])
     labelled_before = None
     if labelled:
         labelled_before = min(predictions_before, champion.data_end) if champion else predictions_before
+    artifacts = _rejected_artifacts(session, cutoff, artifact_dir) if artifact_dir is not None else ()
     return Retention(
         cutoff=cutoff,
         predictions_before=predictions_before,
@@ -54,6 +68,8 @@ def plan(session: Session, *, cutoff: datetime, window_rows: int, labelled: bool
         predictions=_count(session, _unlabelled(predictions_before)),
         labelled_predictions=_count(session, _labelled(labelled_before)) if labelled_before else 0,
         labelled_rows=_count(session, _ingested(labelled_before)) if labelled_before else 0,
+        artifacts=artifacts,
+        artifact_bytes=sum(f.stat().st_size for _, d in artifacts for f in d.rglob("*") if f.is_file()),
     )
 
 
@@ -80,6 +96,46 @@ def prune(
         labelled_predictions=labelled_predictions,
         labelled_rows=labelled_rows,
     )
+
+
+def prune_artifacts(sessions: sessionmaker[Session], retention: Retention, *, now: datetime) -> int:
+    """Delete the directories `retention.artifacts` names (from `plan`); how many.
+
+    Each goes while its row is locked and still rejected, and the row's note says so: a version promoted
+    since the plan keeps its files, and a promotion waiting for the lock then finds them gone and is refused.
+    """
+    deleted = 0
+    for version, directory in retention.artifacts:
+        with sessions.begin() as session:
+            row = session.get(ModelVersion, version, with_for_update=True)
+            if row is None or row.status != ModelStatus.rejected:
+                continue
+            pruned = f"artifacts pruned {now:%Y-%m-%d %H:%M} UTC: it can no longer be promoted"
+            row.note = (row.note + "\n" if row.note else "") + pruned
+            session.flush()  # SQLite's write lock, held until the files are gone
+            shutil.rmtree(directory)
+        deleted += 1
+    return deleted
+
+
+def _rejected_artifacts(
+    session: Session, cutoff: datetime, artifact_dir: Path
+) -> tuple[tuple[int, Path], ...]:
+    """Gate-rejected versions created before `cutoff` whose directory under `artifact_dir` is there and is
+    the one their row names (a row naming a file elsewhere is left alone)."""
+    rows = session.execute(
+        select(ModelVersion.version, ModelVersion.artifact_path)
+        .where(ModelVersion.status == ModelStatus.rejected, ModelVersion.created_at < cutoff)
+        .order_by(ModelVersion.version)
+    ).all()
+    from core.registry import ArtifactStore  # here: it imports CatBoost, which pruning rows does not need
+
+    store, found = ArtifactStore(artifact_dir), []
+    for version, artifact_path in rows:
+        directory = store.version_dir(version)
+        if directory.is_dir() and Path(artifact_path).parent.resolve() == directory.resolve():
+            found.append((version, directory))
+    return tuple(found)
 
 
 def _window_starts(session: Session, window_rows: int, champion: ModelVersion | None) -> list[datetime]:

@@ -377,27 +377,48 @@ def prune(
             help="Also delete labelled predictions (with their labels) and ingested rows: training data.",
         ),
     ] = False,
+    artifacts: Annotated[
+        bool,
+        typer.Option(
+            "--artifacts",
+            help="Also delete the model files of gate-rejected versions created that long ago (rows stay).",
+        ),
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would go; delete nothing.")] = False,
 ) -> None:
     """Delete logged predictions older than --older-than days, in short batches (serving goes on). Kept
     whatever their age: the drift window's rows, and with --labelled the labelled rows newer than the
-    champion's training data."""
+    champion's training data. --artifacts never touches the champion's, former champions' or candidates'."""
     from datetime import UTC, timedelta
 
     from sqlalchemy.exc import DBAPIError
 
     from core.db import error_line
-    from core.retention import plan
+    from core.retention import plan, prune_artifacts
     from core.retention import prune as delete_rows
 
     settings = _settings()
-    cutoff = datetime.now(UTC) - timedelta(days=older_than)
+    now = datetime.now(UTC)
+    cutoff = now - timedelta(days=older_than)
     with _sessions(settings) as sessions:
         with _database_errors(), sessions() as session:
-            retention = plan(session, cutoff=cutoff, window_rows=settings.window_rows, labelled=labelled)
-        _print_retention(retention)
+            retention = plan(
+                session, cutoff=cutoff, window_rows=settings.window_rows, labelled=labelled,
+                artifact_dir=settings.artifact_dir if artifacts else None,
+            )  # fmt: skip
+        _print_retention(retention, artifacts=artifacts)
         _warn_of_training_data(retention, older_than=older_than, train_window_days=settings.train_window_days)
-        if dry_run or not retention.total:
+        if dry_run:
+            return
+        if retention.artifacts:
+            try:
+                gone = prune_artifacts(sessions, retention, now=now)
+            except (OSError, DBAPIError) as exc:
+                reason = escape(error_line(exc.orig or exc) if isinstance(exc, DBAPIError) else str(exc))
+                console.print(f"[red]pruning artifacts stopped: {reason}; run it again[/]", highlight=False)
+                raise typer.Exit(1) from None
+            console.print(f"deleted the artifacts of {gone} rejected version(s)")
+        if not retention.total:
             return
         deleted = 0
 
@@ -443,9 +464,13 @@ def _warn_of_training_data(retention: Retention, *, older_than: int, train_windo
         )
 
 
-def _print_retention(retention: Retention) -> None:
+def _print_retention(retention: Retention, *, artifacts: bool) -> None:
     """What a prune deletes, and what it keeps that is older than asked."""
-    console.print(f"rows older than {retention.cutoff:%Y-%m-%d %H:%M} UTC:")
+    console.print(f"older than {retention.cutoff:%Y-%m-%d %H:%M} UTC:")
+    if artifacts:
+        versions = ", ".join(f"v{version}" for version, _ in retention.artifacts) or "none"
+        size = f" ({retention.artifact_bytes / 2**20:.1f} MiB)" if retention.artifacts else ""
+        console.print(f"  artifacts of gate-rejected versions: {versions}{size}")
     before = retention.predictions_before
     window = f" (the drift window's rows are kept: {before:%Y-%m-%d %H:%M} UTC on)"
     console.print(

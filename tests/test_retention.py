@@ -11,7 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from typer.testing import CliRunner
 
 import core.retention
-from core.retention import plan, prune
+from core.registry import sha256_file
+from core.retention import plan, prune, prune_artifacts
 from core.schema import GroundTruth, LabelledRow, ModelVersion, PredictionLog
 from core.settings import Settings
 from service.cli import _sessions, cli
@@ -20,12 +21,31 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)
 
 
-def add_champion(session: Session, *, train_end: datetime | None, version: int = 1) -> None:
+def add_champion(
+    session: Session,
+    *,
+    train_end: datetime | None,
+    version: int = 1,
+    status: str = "champion",
+    age_days: float = 400,
+    artifact_dir: Path | None = None,
+) -> None:
+    """A version row; given `artifact_dir`, with its directory there holding a model file and a snapshot."""
+    model, reference = Path("a"), Path("r")
+    if artifact_dir is not None:
+        (artifact_dir / f"v{version}").mkdir(parents=True)
+        model, reference = (
+            artifact_dir / f"v{version}" / "model.cbm",
+            artifact_dir / f"v{version}" / "ref.parquet",
+        )
+        model.write_bytes(b"m" * 1000)
+        reference.write_bytes(b"r" * 1000)
     session.add(
         ModelVersion(
-            version=version, created_at=NOW - 400 * DAY, status="champion", trigger="bootstrap",
-            artifact_path="a", sha256="0" * 64, reference_path="r", train_rows=10, metrics={}, params={},
-            feature_importance={}, data_sources={}, train_end=train_end,
+            version=version, created_at=NOW - age_days * DAY, status=status, trigger="bootstrap",
+            artifact_path=str(model), sha256=sha256_file(model) if artifact_dir else "0" * 64,
+            reference_path=str(reference), train_rows=10, metrics={}, params={}, feature_importance={},
+            data_sources={}, train_end=train_end,
         )
     )  # fmt: skip
 
@@ -231,6 +251,61 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
     )
     with _sessions(Settings()) as sessions:
         assert left(sessions)[0] == ["l200", "u10", "u100", "u150"]
+
+
+def test_rejected_versions_artifacts_go_and_every_other_version_s_stay(sessions, tmp_path: Path) -> None:
+    """--artifacts: the directories of gate-rejected versions created before the cutoff go, their rows stay
+    with a note. The champion, former champions (rollback's), candidates, newer rejected versions and a row
+    naming a file outside the artifact directory keep theirs; a version promoted since the plan keeps its."""
+    store = tmp_path / "artifacts"
+    with sessions.begin() as session:
+        add_champion(session, train_end=None, version=1, status="archived", age_days=300, artifact_dir=store)
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=store)
+        add_champion(session, train_end=None, version=3, status="rejected", age_days=150, artifact_dir=store)
+        add_champion(session, train_end=None, version=4, status="candidate", age_days=120, artifact_dir=store)
+        add_champion(session, train_end=None, version=5, status="champion", age_days=100, artifact_dir=store)
+        add_champion(session, train_end=None, version=6, status="rejected", age_days=10, artifact_dir=store)
+        add_champion(
+            session, train_end=None, version=7, status="rejected", age_days=200, artifact_dir=tmp_path
+        )
+        (store / "v7").mkdir()  # a directory by its name, not the one its row names
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=False, artifact_dir=store)
+    assert [version for version, _ in retention.artifacts] == [2, 3]
+    assert retention.artifact_bytes == 4000 and retention.total == 0
+    with sessions.begin() as session:
+        session.get(ModelVersion, 5).status = "archived"  # v3 promoted by hand since the plan
+        session.flush()
+        session.get(ModelVersion, 3).status = "champion"
+
+    assert prune_artifacts(sessions, retention, now=NOW) == 1
+    assert sorted(p.name for p in store.iterdir()) == ["v1", "v3", "v4", "v5", "v6", "v7"]
+    assert (tmp_path / "v7" / "model.cbm").is_file()
+    with sessions() as session:
+        rows = {row.version: row for row in session.scalars(select(ModelVersion))}
+    assert len(rows) == 7 and rows[2].status == "rejected"
+    assert rows[2].note == f"artifacts pruned {NOW:%Y-%m-%d %H:%M} UTC: it can no longer be promoted"
+    assert rows[3].note == ""
+
+
+def test_cli_artifacts_counts_then_deletes_and_the_version_cannot_be_promoted(
+    env: str, tmp_path: Path
+) -> None:
+    store = tmp_path / "artifacts"
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=store)
+    result, output = run("--older-than", "90", "--artifacts", "--dry-run")
+    assert result.exit_code == 0, output
+    assert "artifacts of gate-rejected versions: v2 (0.0 MiB)" in output and (store / "v2").is_dir()
+    result, output = run("--older-than", "90")
+    assert "artifacts" not in output and (store / "v2").is_dir()  # not without --artifacts
+
+    result, output = run("--older-than", "90", "--artifacts")
+    assert result.exit_code == 0, output
+    assert "deleted the artifacts of 1 rejected version(s)" in output and not (store / "v2").exists()
+    promote = CliRunner().invoke(cli, ["promote", "2", "--reason", "it was better after all"])
+    assert promote.exit_code != 0
+    assert "model version 2 not promoted" in promote.output and "missing" in promote.output
 
 
 def test_a_label_stored_as_a_batch_deletes_keeps_its_prediction(sessions) -> None:
