@@ -113,7 +113,8 @@ def prune_artifacts(sessions: sessionmaker[Session], retention: Retention, *, no
             pruned = f"artifacts pruned {now:%Y-%m-%d %H:%M} UTC: it can no longer be promoted"
             row.note = (row.note + "\n" if row.note else "") + pruned
             session.flush()  # SQLite's write lock, held until the files are gone
-            shutil.rmtree(directory)
+            if directory.is_dir():  # else removed by hand since the plan
+                shutil.rmtree(directory)
         deleted += 1
     return deleted
 
@@ -123,13 +124,13 @@ def _rejected_artifacts(
 ) -> tuple[tuple[int, Path], ...]:
     """Gate-rejected versions created before `cutoff` whose directory under `artifact_dir` is there and is
     the one their row names (a row naming a file elsewhere is left alone)."""
+    from core.registry import ArtifactStore  # here: it imports CatBoost, which pruning rows does not need
+
     rows = session.execute(
         select(ModelVersion.version, ModelVersion.artifact_path)
         .where(ModelVersion.status == ModelStatus.rejected, ModelVersion.created_at < cutoff)
         .order_by(ModelVersion.version)
     ).all()
-    from core.registry import ArtifactStore  # here: it imports CatBoost, which pruning rows does not need
-
     store, found = ArtifactStore(artifact_dir), []
     for version, artifact_path in rows:
         directory = store.version_dir(version)

@@ -163,9 +163,8 @@ def run_replay(
         _stop_if(pressed)
 
         times = ns_times(replay[stream.time_column])
-        ids = [
-            str(UUID(int=i + 1)) for i in range(len(replay))
-        ]  # deterministic: the window breaks ties by id
+        # Deterministic ids: the window breaks ties by id.
+        ids = [str(UUID(int=i + 1)) for i in range(len(replay))]
         bounds = step_bounds(until, replay[stream.time_column].iloc[-1].to_pydatetime(), config.step)
         cuts = np.searchsorted(times, ns_times(pd.Series(bounds)))
         with _quiet_loop_log():
