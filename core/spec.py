@@ -349,6 +349,12 @@ def _known_keys(mapping: dict[str, Any], known: tuple[str, ...], where: str) -> 
 
 def _name(value: Any, where: str, *, reserved: bool = True) -> str:
     """A column name as written in the spec: a non-empty string, not one driftloop uses itself."""
+    if isinstance(value, bool | int | float):  # `name: on` is True to YAML, `name: 010` is 8
+        kind = "a boolean (yes/no/true/false/on/off)" if isinstance(value, bool) else "a number"
+        raise SpecError(
+            f"{where} must be a non-empty string, not {value!r}: YAML reads it unquoted as {kind}; "
+            'quote it as the data\'s header writes it (name: "on")'
+        )
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{where} must be a non-empty string, not {value!r}")
     if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):
