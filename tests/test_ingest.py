@@ -572,6 +572,32 @@ def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, s
     assert [row["outdoor_temp_c"] for row in stored] == [None, None, None, 12.5]
 
 
+def test_missing_number_markers_are_missing_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:
+    """R writes a missing number as NA, databases' exports as NULL: `bootstrap --csv` (pandas) reads them as
+    missing, so ingest must too. It refused every such line ("'NA' is not a number"), so the next export of
+    the file v1 was trained on could not be loaded."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [
+            {"name": "hour", "type": "integer", "min": 0, "max": 23},
+            {"name": "outdoor_temp_c", "type": "numeric", "nullable": True},
+        ],
+    })  # fmt: skip
+    markers = ["NA", "null", "NULL", "N/A", "None", "#N/A"]
+    path = tmp_path / "meters.csv"
+    path.write_text(
+        "ts,hour,outdoor_temp_c,kwh\n"
+        + "".join(f"2025-06-01T{i:02d}:00:00+00:00,{i},{m},{i + 1.5}\n" for i, m in enumerate(markers))
+        + "2025-06-01T10:00:00+00:00,10,12.5,4.5\n"
+    )
+    assert read_labelled_csv(path, spec)["outdoor_temp_c"].isna().sum() == len(markers)
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert (report.loaded, report.rejected) == (len(markers) + 1, [])
+    with sessions() as s:
+        stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
+    assert [row["outdoor_temp_c"] for row in stored] == [None] * len(markers) + [12.5]
+
+
 def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:
     """Categories "NA" and "01" are as the file writes them, and " office" is not "office": `bootstrap --csv`
     reads the same file so (and /predict takes a value so). Stripped here alone, " office" trained as
