@@ -1,5 +1,7 @@
+import functools
 import re
 import threading
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -596,6 +598,32 @@ def test_missing_number_markers_are_missing_as_bootstrap_reads_them(tmp_path: Pa
     with sessions() as s:
         stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
     assert [row["outdoor_temp_c"] for row in stored] == [None] * len(markers) + [12.5]
+
+
+def test_a_name_or_category_in_another_unicode_form_says_so(tmp_path: Path, sessions) -> None:
+    """macOS writes Korean text decomposed (NFD), most tools composed (NFC): the two print alike, so
+    "unknown category '아파트'" or "missing column(s): 유형" beside the same-looking text told nothing. The
+    refusal names the other form; nothing is normalized silently (categories are matched as written)."""
+    spec = parse_spec({
+        "dataset": "homes", "target": "가격",
+        "features": [{"name": "유형", "type": "categorical", "categories": ["아파트", "빌라"]}],
+    })  # fmt: skip
+    nfd = functools.partial(unicodedata.normalize, "NFD")
+    header = tmp_path / "header.csv"
+    header.write_text(f"{nfd('유형')},가격\n아파트,1.5\n" + "빌라,2.5\n" * 12)
+    form = "in another Unicode form: NFD and NFC look alike but differ"
+    near = f"column(s): 유형 (the header has '{nfd('유형')}' {form}"
+    with pytest.raises(IngestError, match=re.escape(near)):
+        ingest_csv(header, spec=spec, sessions=sessions)
+    with pytest.raises(DataError, match=re.escape(f"(the header has '{nfd('유형')}' {form}")):
+        read_labelled_csv(header, spec)
+    value = tmp_path / "value.csv"
+    value.write_text(f"유형,가격\n{nfd('아파트')},1.5\n" + "빌라,2.5\n" * 12)
+    report = ingest_csv(value, spec=spec, sessions=sessions)
+    unknown = f"unknown category '{nfd('아파트')}' (the category '아파트' {form}; write both in one)"
+    assert (report.loaded, report.rejected) == (0, [(2, [f"유형: {unknown}"])])
+    with pytest.raises(DataError, match=re.escape(f"row 2 ('{nfd('아파트')}' (the category '아파트' {form}")):
+        read_labelled_csv(value, spec)
 
 
 def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:
