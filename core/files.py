@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +41,22 @@ def missing_columns(header: list[str], required: list[str]) -> str:
 def _near(name: str, header: list[str], required: list[str]) -> str:
     """' (the header has 'x ')' for a column named nearly as the spec names it, else ''."""
     others = [h for h in header if h not in required]
+    if (twin := unicode_twin(name, others)) is not None:
+        return f" (the header has {twin!r} in another Unicode form{FORMS})"
     close = [h for h in others if h.strip().casefold() == name.casefold()]
     close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
     return f" (the header has {close[0]!r})" if close else ""
+
+
+FORMS = ": NFD and NFC look alike but differ; write both in one"
+
+
+def unicode_twin(value: str, known: Iterable[str]) -> str | None:
+    """The one of `known` that is `value` in another Unicode normalization form (macOS writes 아파트 or é
+    decomposed, NFD, where most tools write them composed, NFC), else None: the two print alike, so an
+    error that only quotes them cannot show the difference."""
+    composed = unicodedata.normalize("NFC", value)
+    return next((k for k in known if k != value and unicodedata.normalize("NFC", k) == composed), None)
 
 
 def file_in_the_way(folder: Path) -> Path | None:

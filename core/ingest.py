@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from pandas._libs.parsers import STR_NA_VALUES
 from sqlalchemy import (
     Column,
     Connection,
@@ -454,6 +455,8 @@ class _Checker:
                 value: Any = None
             elif f.type is FeatureType.categorical:
                 value = text
+            elif text in STR_NA_VALUES:  # NA, null, N/A…: missing, as `bootstrap --csv` (pandas) reads them
+                value = None
             else:
                 try:
                     value = float(text)

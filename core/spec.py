@@ -17,7 +17,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from core.files import read_errors
+from core.files import FORMS, read_errors, unicode_twin
 
 # The largest magnitude a feature or target may have. Beyond it a value is a unit slip or garbage, not
 # data: its square overflows float64 in the monitor's statistics and in Evidently's binning, so one such row
@@ -40,11 +40,15 @@ class FeatureType(StrEnum):
     categorical = "categorical"
 
 
-def blanks_hint(value: str, categories: tuple[str, ...]) -> str:
-    """For an unknown category that is a known one with blanks around it: say so, as the quotes alone hide
-    it. Categories are matched as written (see README), so it is not stripped silently."""
+def lookalike_hint(value: str, categories: tuple[str, ...]) -> str:
+    """For an unknown category that is a known one with blanks around it, or in another Unicode form: say
+    so, as the quotes alone hide it. Categories are matched as written (see README), so it is not stripped
+    or normalized silently."""
     bare = value.strip()
-    return f" (the category {bare!r} with blanks around it)" if bare != value and bare in categories else ""
+    if bare != value and bare in categories:
+        return f" (the category {bare!r} with blanks around it)"
+    twin = unicode_twin(value, categories)
+    return f" (the category {twin!r} in another Unicode form{FORMS})" if twin is not None else ""
 
 
 class SpecError(ValueError):
@@ -69,7 +73,7 @@ class Feature:
             if not isinstance(value, str):
                 return "must be a string"
             if self.categories and value not in self.categories:
-                return f"unknown category {value!r}{blanks_hint(value, self.categories)}"
+                return f"unknown category {value!r}{lookalike_hint(value, self.categories)}"
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             return "must be a number"
@@ -349,6 +353,12 @@ def _known_keys(mapping: dict[str, Any], known: tuple[str, ...], where: str) -> 
 
 def _name(value: Any, where: str, *, reserved: bool = True) -> str:
     """A column name as written in the spec: a non-empty string, not one driftloop uses itself."""
+    if isinstance(value, bool | int | float):  # `name: on` is True to YAML, `name: 010` is 8
+        kind = "a boolean (yes/no/true/false/on/off)" if isinstance(value, bool) else "a number"
+        raise SpecError(
+            f"{where} must be a non-empty string, not {value!r}: YAML reads it unquoted as {kind}; "
+            'quote it as the data\'s header writes it (name: "on")'
+        )
     if not isinstance(value, str) or not value.strip():
         raise SpecError(f"{where} must be a non-empty string, not {value!r}")
     if control := next((c for c in value if unicodedata.category(c) == "Cc"), None):

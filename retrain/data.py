@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from core.files import missing_columns, read_errors
-from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, blanks_hint
+from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, lookalike_hint
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
 
@@ -213,7 +213,7 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
         return None
     first = int(np.flatnonzero(bad)[0])
     value = plain(values.iloc[first])
-    hint = blanks_hint(value, feature.categories) if isinstance(value, str) else ""
+    hint = lookalike_hint(value, feature.categories) if isinstance(value, str) else ""
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
         f"first at row {first + 2} ({value!r}{hint})"

@@ -11,6 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from core.files import FORMS, unicode_twin
+from core.spec import FeatureSpec, lookalike_hint
 from service.middleware import error_name, internal_error_body
 
 
@@ -40,7 +42,9 @@ def clip(text: str) -> str:
 NOT_NULLABLE = "required (null is not allowed: the feature is not nullable)"
 
 
-def describe(error: dict[str, Any]) -> dict[str, str]:
+def describe(error: dict[str, Any], spec: FeatureSpec | None = None) -> dict[str, str]:
+    """One problem as {"field", "message"}; with the served `spec`, a category or field name that is a
+    known one written otherwise (blanks, another Unicode form) says which."""
     kind = error.get("type", "")
     loc = error.get("loc", ())
     if kind == "json_invalid":
@@ -48,7 +52,9 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
         return {"field": "body", "message": f"malformed JSON: {ctx.get('error', error.get('msg'))}"}
     field = clip(field_path(loc))
     if kind == "extra_forbidden":
-        return {"field": field, "message": "unknown field"}
+        twin = unicode_twin(str(loc[-1]), spec.feature_names) if spec and loc else None
+        hint = f" (the feature {twin!r} in another Unicode form{FORMS})" if twin is not None else ""
+        return {"field": field, "message": "unknown field" + hint}
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return {"field": field, "message": "must be a JSON object"}
     if kind == "missing":
@@ -65,7 +71,10 @@ def describe(error: dict[str, Any]) -> dict[str, str]:
             message = f"must be a string, one of the categories, not {clip(repr(sent))}"
             return {"field": field, "message": message}
         expected = error.get("ctx", {}).get("expected", "")
-        return {"field": field, "message": f"unknown category {clip(repr(sent))}; expected {expected}"}
+        name = loc[-1] if loc else None
+        known = spec.feature(name).categories if spec and name in spec.feature_names else ()
+        hint = lookalike_hint(sent, known)
+        return {"field": field, "message": f"unknown category {clip(repr(sent))}{hint}; expected {expected}"}
     return {"field": field, "message": error.get("msg", "invalid")}
 
 
@@ -78,7 +87,8 @@ def is_json_media(content_type: str | None) -> bool:
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = exc.errors()
-    errors = [describe(e) for e in problems[:MAX_LISTED]]
+    spec = getattr(getattr(request.app.state, "ctx", None), "spec", None)
+    errors = [describe(e, spec) for e in problems[:MAX_LISTED]]
     declared = request.headers.get("content-type")
     if not is_json_media(declared) and any(
         e["field"] == "body" and e["message"] != "required" for e in errors

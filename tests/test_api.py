@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,10 +26,11 @@ from core.metrics import VALUE_BUCKETS, build_metrics, prediction_buckets
 from core.registry import sha256_file
 from core.schema import GroundTruth, PredictionLog
 from core.settings import Settings
-from core.spec import FeatureSpec
+from core.spec import FeatureSpec, parse_spec
 from monitor.jobs import Loop
 from retrain.train import predict
 from service.app import create_app
+from service.errors import describe
 from service.lean import LeanRoute, StrictJsonRoute
 from service.process import free_port
 from service.routes.feedback import FeedbackResult
@@ -1054,3 +1056,28 @@ def test_feedback_on_a_table_that_is_gone_is_a_fault_not_an_outage(client) -> No
     response = client.post("/feedback", json=[{"prediction_id": "no-such-id", "actual": 1.0}])
     assert (response.status_code, response.json()["error"]) == (500, "internal")
     assert "retry-after" not in response.headers
+
+
+def test_a_category_or_field_written_otherwise_says_which_it_resembles(client, make_features) -> None:
+    """/predict names a known category sent with blanks around it, or a category or feature name in another
+    Unicode form (macOS writes Korean decomposed, NFD), as ingest and bootstrap do: the quotes alone hide
+    the difference, so "unknown category '아파트'; expected '아파트', …" told the client nothing."""
+    response = client.post("/predict", json=make_features(district=" Mapo-gu"))
+    assert response.json()["message"].startswith(
+        "district: unknown category ' Mapo-gu' (the category 'Mapo-gu' with blanks around it); expected"
+    )
+    spec = parse_spec({
+        "dataset": "homes", "target": "가격",
+        "features": [{"name": "주택 유형", "type": "categorical", "categories": ["아파트", "빌라"]}],
+    })  # fmt: skip
+    nfd = unicodedata.normalize("NFD", "아파트"), unicodedata.normalize("NFD", "주택 유형")
+    form = "in another Unicode form: NFD and NFC look alike but differ; write both in one"
+    with pytest.raises(ValidationError) as caught:
+        spec.request_model().model_validate({"주택 유형": nfd[0]})
+    assert describe(caught.value.errors()[0], spec)["message"].startswith(
+        f"unknown category '{nfd[0]}' (the category '아파트' {form}); expected"
+    )
+    with pytest.raises(ValidationError) as caught:
+        spec.request_model().model_validate({nfd[1]: "빌라"})
+    messages = [describe(e, spec) for e in caught.value.errors()]
+    assert {"field": nfd[1], "message": f"unknown field (the feature '주택 유형' {form})"} in messages

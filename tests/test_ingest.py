@@ -1,5 +1,7 @@
+import functools
 import re
 import threading
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -570,6 +572,58 @@ def test_nan_written_in_a_nullable_column_is_stored_as_missing(tmp_path: Path, s
     with sessions() as s:
         stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
     assert [row["outdoor_temp_c"] for row in stored] == [None, None, None, 12.5]
+
+
+def test_missing_number_markers_are_missing_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:
+    """R writes a missing number as NA, databases' exports as NULL: `bootstrap --csv` (pandas) reads them as
+    missing, so ingest must too. It refused every such line ("'NA' is not a number"), so the next export of
+    the file v1 was trained on could not be loaded."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [
+            {"name": "hour", "type": "integer", "min": 0, "max": 23},
+            {"name": "outdoor_temp_c", "type": "numeric", "nullable": True},
+        ],
+    })  # fmt: skip
+    markers = ["NA", "null", "NULL", "N/A", "None", "#N/A"]
+    path = tmp_path / "meters.csv"
+    path.write_text(
+        "ts,hour,outdoor_temp_c,kwh\n"
+        + "".join(f"2025-06-01T{i:02d}:00:00+00:00,{i},{m},{i + 1.5}\n" for i, m in enumerate(markers))
+        + "2025-06-01T10:00:00+00:00,10,12.5,4.5\n"
+    )
+    assert read_labelled_csv(path, spec)["outdoor_temp_c"].isna().sum() == len(markers)
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert (report.loaded, report.rejected) == (len(markers) + 1, [])
+    with sessions() as s:
+        stored = s.scalars(select(LabelledRow.features).order_by(LabelledRow.id)).all()
+    assert [row["outdoor_temp_c"] for row in stored] == [None] * len(markers) + [12.5]
+
+
+def test_a_name_or_category_in_another_unicode_form_says_so(tmp_path: Path, sessions) -> None:
+    """macOS writes Korean text decomposed (NFD), most tools composed (NFC): the two print alike, so
+    "unknown category '아파트'" or "missing column(s): 유형" beside the same-looking text told nothing. The
+    refusal names the other form; nothing is normalized silently (categories are matched as written)."""
+    spec = parse_spec({
+        "dataset": "homes", "target": "가격",
+        "features": [{"name": "유형", "type": "categorical", "categories": ["아파트", "빌라"]}],
+    })  # fmt: skip
+    nfd = functools.partial(unicodedata.normalize, "NFD")
+    header = tmp_path / "header.csv"
+    header.write_text(f"{nfd('유형')},가격\n아파트,1.5\n" + "빌라,2.5\n" * 12)
+    form = "in another Unicode form: NFD and NFC look alike but differ"
+    near = f"column(s): 유형 (the header has '{nfd('유형')}' {form}"
+    with pytest.raises(IngestError, match=re.escape(near)):
+        ingest_csv(header, spec=spec, sessions=sessions)
+    with pytest.raises(DataError, match=re.escape(f"(the header has '{nfd('유형')}' {form}")):
+        read_labelled_csv(header, spec)
+    value = tmp_path / "value.csv"
+    value.write_text(f"유형,가격\n{nfd('아파트')},1.5\n" + "빌라,2.5\n" * 12)
+    report = ingest_csv(value, spec=spec, sessions=sessions)
+    unknown = f"unknown category '{nfd('아파트')}' (the category '아파트' {form}; write both in one)"
+    assert (report.loaded, report.rejected) == (0, [(2, [f"유형: {unknown}"])])
+    with pytest.raises(DataError, match=re.escape(f"row 2 ('{nfd('아파트')}' (the category '아파트' {form}")):
+        read_labelled_csv(value, spec)
 
 
 def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, sessions) -> None:

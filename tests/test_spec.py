@@ -181,6 +181,19 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "dataset: x\ntarget: y\nfeatures: [{name: null, type: numeric}]\n",
             "name must be a non-empty string",
         ),
+        # a column named on/off/yes/no, or 2020, 010: YAML reads the unquoted name as True or a number
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: on, type: numeric}]\n",
+            "name must be a non-empty string, not True: YAML reads it unquoted as a boolean",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: 010, type: numeric}]\n",
+            "name must be a non-empty string, not 8: YAML reads it unquoted as a number; quote it",
+        ),
+        (
+            "dataset: x\ntarget: no\nfeatures: [{name: a, type: numeric}]\n",
+            "target must be a non-empty string, not False: YAML reads it unquoted as a boolean",
+        ),
         (
             'dataset: x\ntarget: ""\nfeatures: [{name: a, type: numeric}]\n',
             "target must be a non-empty string",
