@@ -389,6 +389,14 @@ class _Hashing(io.RawIOBase):
         return n
 
 
+def _number(text: str) -> float:
+    """A CSV number cell as `bootstrap --csv` (pandas) reads it: Python's float() also takes digit groups
+    with underscores (1_0.5 as 10.5), which pandas and other CSV readers refuse."""
+    if "_" in text:
+        raise ValueError(text)
+    return float(text)
+
+
 class _Checker:
     """Checks lines against the spec; the file's time format is inferred once, from the first line that
     has one, and holds for every later batch."""
@@ -459,7 +467,7 @@ class _Checker:
                 value = None
             else:
                 try:
-                    value = float(text)
+                    value = _number(text)
                 except ValueError:
                     problems.append(f"{f.name}: {text!r} is not a number")
                     continue
@@ -474,7 +482,7 @@ class _Checker:
         target = float("nan")
         text = self._text(fields, self.spec.target)
         try:
-            target = float(text)
+            target = _number(text)
         except ValueError:
             problems.append(f"{self.spec.target}: {text!r} is not a number")
         else:

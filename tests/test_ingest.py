@@ -600,6 +600,29 @@ def test_missing_number_markers_are_missing_as_bootstrap_reads_them(tmp_path: Pa
     assert [row["outdoor_temp_c"] for row in stored] == [None] * len(markers) + [12.5]
 
 
+def test_a_number_with_digit_group_underscores_is_refused_as_bootstrap_refuses_it(
+    tmp_path: Path, sessions
+) -> None:
+    """Python's float() reads 1_0.5 as 10.5; pandas, and so `bootstrap --csv`, refuses it. Ingest loaded such
+    lines, so a file bootstrap refused was half loaded by ingest, its values read differently."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [{"name": "outdoor_temp_c", "type": "numeric"}],
+    })  # fmt: skip
+    path = tmp_path / "meters.csv"
+    path.write_text(
+        "ts,outdoor_temp_c,kwh\n2025-06-01T00:00:00+00:00,1_0.5,4.5\n2025-06-01T01:00:00+00:00,10.5,4_5\n"
+    )
+    with pytest.raises(DataError):
+        read_labelled_csv(path, spec)
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert report.loaded == 0
+    assert report.rejected == [
+        (2, ["outdoor_temp_c: '1_0.5' is not a number"]),
+        (3, ["kwh: '4_5' is not a number"]),
+    ]
+
+
 def test_a_name_or_category_in_another_unicode_form_says_so(tmp_path: Path, sessions) -> None:
     """macOS writes Korean text decomposed (NFD), most tools composed (NFC): the two print alike, so
     "unknown category '아파트'" or "missing column(s): 유형" beside the same-looking text told nothing. The
