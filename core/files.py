@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,12 @@ def missing_columns(header: list[str], required: list[str]) -> str:
 def _near(name: str, header: list[str], required: list[str]) -> str:
     """' (the header has 'x ')' for a column named nearly as the spec names it, else ''."""
     others = [h for h in header if h not in required]
+    nfc = unicodedata.normalize("NFC", name)
+    if same := [h for h in others if unicodedata.normalize("NFC", h) == nfc]:  # 기온 as NFC and as NFD
+        return (
+            f" (the header has {same[0]!r}, the same text in another Unicode form: save the spec and the "
+            "file in one form, NFC)"
+        )
     close = [h for h in others if h.strip().casefold() == name.casefold()]
     close = close or difflib.get_close_matches(name, others, n=1, cutoff=0.8)
     return f" (the header has {close[0]!r})" if close else ""

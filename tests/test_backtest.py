@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -743,6 +744,23 @@ def test_a_spec_that_does_not_match_the_data_is_refused(tmp_path: Path, history_
     )
     assert result.exit_code == 2
     assert "missing column(s): balcony" in " ".join(result.output.split())
+
+
+def test_a_header_spelling_a_column_in_another_unicode_form_is_named(tmp_path: Path) -> None:
+    """기온 typed in the spec (NFC, one code point a syllable) and in a header saved on macOS (NFD, its
+    jamo): the same text to the eye, other strings to Python; the refusal says so, not just "missing 기온"
+    beside a header that plainly has it."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "dataset: weather\ntarget: sales\ntime_column: day\nfeatures:\n  - {name: 기온, type: numeric}\n",
+        encoding="utf-8",
+    )
+    data = tmp_path / "sales.csv"
+    header = f"day,{unicodedata.normalize('NFD', '기온')},sales"
+    data.write_text(f"{header}\n2021-01-01,3.5,10\n", encoding="utf-8")
+    said = refused(tmp_path / "out", "--data", str(data), "--spec", str(spec))
+    nfd = unicodedata.normalize("NFD", "기온")
+    assert f"missing column(s): 기온 (the header has '{nfd}', the same text in another Unicode form" in said
 
 
 def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:
