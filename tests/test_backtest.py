@@ -454,6 +454,11 @@ def _broken(history_csv: Path, change: str) -> Path:
     elif change == "target NaN":
         frame["price_10k_krw"] = frame["price_10k_krw"].astype(float)
         frame.loc[4, "price_10k_krw"] = float("nan")
+    elif change == "empty category":
+        frame.loc[4, "district"] = ""
+    elif change == "N/A area":
+        frame["area_m2"] = frame["area_m2"].astype(object)
+        frame.loc[4, "area_m2"] = "N/A"
     elif change == "unknown category":
         frame.loc[5, "district"] = "Atlantis-gu"
     elif change == "out of bounds":
@@ -509,6 +514,16 @@ def _broken(history_csv: Path, change: str) -> Path:
             "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu,",
         ),
         ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at row 11"),
+        (  # not "(<NA>)" or "(nan)", which the cell does not hold
+            "empty category",
+            "column 'district' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "(empty)",
+        ),
+        (
+            "N/A area",
+            "column 'area_m2' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "(empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…)",
+        ),
         ("epoch times", "column 'sold_on' holds numbers (first 1577"),  # not nanoseconds since 1970
         (
             "target below target_min",
