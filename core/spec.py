@@ -266,7 +266,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
             raise SpecError(
                 f"{source}: {where} ({name}) categories must be a list (e.g. [a, b]), not {raw_categories!r}"
             )
-        if any(c is None for c in raw_categories):
+        if any(c is None or c == "" for c in raw_categories):  # an empty cell is missing, not ''
             raise SpecError(
                 f"{source}: {where} ({name}) categories: an empty or null entry; a missing value is "
                 "'nullable: true', not a category"

@@ -214,9 +214,13 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
     first = int(np.flatnonzero(bad)[0])
     value = plain(values.iloc[first])
     hint = lookalike_hint(value, feature.categories) if isinstance(value, str) else ""
+    shown = f"{value!r}{hint}"
+    if missing[first]:  # not <NA> or nan, which the cell does not hold; only an empty one in a category
+        categorical = feature.type is FeatureType.categorical
+        shown = "empty" if categorical else "empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…"
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
-        f"first at row {first + 2} ({value!r}{hint})"
+        f"first at row {first + 2} ({shown})"
     )
 
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from importlib import resources
@@ -453,6 +454,11 @@ def _broken(history_csv: Path, change: str) -> Path:
     elif change == "target NaN":
         frame["price_10k_krw"] = frame["price_10k_krw"].astype(float)
         frame.loc[4, "price_10k_krw"] = float("nan")
+    elif change == "empty category":
+        frame.loc[4, "district"] = ""
+    elif change == "N/A area":
+        frame["area_m2"] = frame["area_m2"].astype(object)
+        frame.loc[4, "area_m2"] = "N/A"
     elif change == "unknown category":
         frame.loc[5, "district"] = "Atlantis-gu"
     elif change == "out of bounds":
@@ -508,6 +514,16 @@ def _broken(history_csv: Path, change: str) -> Path:
             "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu,",
         ),
         ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at row 11"),
+        (  # not "(<NA>)" or "(nan)", which the cell does not hold
+            "empty category",
+            "column 'district' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "(empty)",
+        ),
+        (
+            "N/A area",
+            "column 'area_m2' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "(empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…)",
+        ),
         ("epoch times", "column 'sold_on' holds numbers (first 1577"),  # not nanoseconds since 1970
         (
             "target below target_min",
@@ -743,6 +759,23 @@ def test_a_spec_that_does_not_match_the_data_is_refused(tmp_path: Path, history_
     )
     assert result.exit_code == 2
     assert "missing column(s): balcony" in " ".join(result.output.split())
+
+
+def test_a_header_spelling_a_column_in_another_unicode_form_is_named(tmp_path: Path) -> None:
+    """기온 typed in the spec (NFC, one code point a syllable) and in a header saved on macOS (NFD, its
+    jamo): the same text to the eye, other strings to Python; the refusal says so, not just "missing 기온"
+    beside a header that plainly has it."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "dataset: weather\ntarget: sales\ntime_column: day\nfeatures:\n  - {name: 기온, type: numeric}\n",
+        encoding="utf-8",
+    )
+    data = tmp_path / "sales.csv"
+    header = f"day,{unicodedata.normalize('NFD', '기온')},sales"
+    data.write_text(f"{header}\n2021-01-01,3.5,10\n", encoding="utf-8")
+    said = refused(tmp_path / "out", "--data", str(data), "--spec", str(spec))
+    nfd = unicodedata.normalize("NFD", "기온")
+    assert f"missing column(s): 기온 (the header has '{nfd}' in another Unicode form: NFD and NFC" in said
 
 
 def test_a_replay_starts_from_empty_scratch_state(tmp_path: Path) -> None:

@@ -144,6 +144,10 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: [b, null]}]\n",
             "(a) categories: an empty or null entry; a missing value is 'nullable: true', not a category",
         ),
+        (  # an empty cell is a missing value, never this category: every such row would be refused
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: categorical, categories: ['', b]}]\n",
+            "(a) categories: an empty or null entry; a missing value is 'nullable: true', not a category",
+        ),
         (
             "dataset: x\ntarget: y\ntarget_min: 10\ntarget_max: 1\nfeatures: [{name: a, type: numeric}]\n",
             "target_min 10 is above target_max 1",
