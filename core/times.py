@@ -1,12 +1,13 @@
 """Reading a column of written times the same way everywhere (ingest, bootstrap --csv, the backtest).
 
 A file's times are in one format, inferred once from its first value that has one (month first when a
-value such as 01/02/2022 could be either), or else in any ISO 8601 form (with or without a time, fractional
-seconds or an offset; forms may mix). A value is never guessed on its own: one that fits neither is
-unparsable, so 13/02/2022 in a file whose format is %m/%d/%Y is refused rather than read day first. Numbers
-(20220401, 1648771200) are refused, not read as dates or as nanoseconds since 1970, and so are times whose
-zone is a name (CET, KST, Europe/Paris): pandas would drop it and read the time as UTC, and an abbreviation
-can stand for more than one offset; UTC and GMT are read as what they are. Times without an offset are UTC.
+value such as 01/02/2022 could be either, but day first in 01.02.2022, as dotted dates are written), or
+else in any ISO 8601 form (with or without a time, fractional seconds or an offset; forms may mix). A value
+is never guessed on its own: one that fits neither is unparsable, so 13/02/2022 in a file whose format is
+%m/%d/%Y is refused rather than read day first. Numbers (20220401, 1648771200) are refused, not read as
+dates or as nanoseconds since 1970, and so are times whose zone is a name (CET, KST, Europe/Paris): pandas
+would drop it and read the time as UTC, and an abbreviation can stand for more than one offset; UTC and
+GMT are read as what they are. Times without an offset are UTC.
 """
 
 from __future__ import annotations
@@ -48,8 +49,15 @@ def guess_format(values: pd.Series) -> tuple[Hashable, str] | None:
         for index, value in text.items():
             fmt = guess_datetime_format(value)
             if fmt:
-                return index, fmt
+                return index, _day_first_when_dotted(fmt)
     return None
+
+
+def _day_first_when_dotted(fmt: str) -> str:
+    """01.02.2014 is 1 February wherever dates are written with dots and the year last (de, ru, pl, …); no
+    convention writes the month first so. pandas guesses month first as for slashes, which would read a
+    monthly file dated on the 1st (01.02.2014, 01.03.2014, …) as days of January, in order and unnoticed."""
+    return "%d.%m." + fmt.removeprefix("%m.%d.") if fmt.startswith("%m.%d.%Y") else fmt
 
 
 def parse_times(values: pd.Series, fmt: str | None) -> pd.Series:

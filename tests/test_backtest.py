@@ -691,6 +691,24 @@ def test_times_are_read_as_ingest_reads_them(tmp_path: Path) -> None:
     ]
 
 
+def test_dotted_dates_with_the_year_last_are_read_day_first(tmp_path: Path) -> None:
+    """Monthly data on the 1st written as 01.02.2014 (German, Russian, Polish …): pandas guesses month first
+    as for slashes, so the file was read as 2 to 12 January, still in order, and replayed without a word."""
+    frame = generate_transactions(3, seed=1)
+    frame["contract_date"] = ["01.02.2014", "01.03.2014", "01.04.2014"]
+    path = tmp_path / "times.csv"
+    frame.to_csv(path, index=False)
+    assert read_labelled_csv(path, load_spec())["contract_date"].tolist() == [
+        pd.Timestamp("2014-02-01", tz="UTC"),
+        pd.Timestamp("2014-03-01", tz="UTC"),
+        pd.Timestamp("2014-04-01", tz="UTC"),
+    ]
+    frame["contract_date"] = ["02.13.2014", "2014.02.01", "2014.03.01"]  # month first, had it been written so
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at row 2 \(02.13.2014\)"):
+        read_labelled_csv(path, load_spec())
+
+
 def test_categories_are_read_as_written(tmp_path: Path) -> None:
     """A zero-padded code stays "01", and "NA" is a category like any other: only an empty cell is missing."""
     spec_path = tmp_path / "spec.yaml"
