@@ -48,9 +48,10 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     target = pd.to_numeric(frame[spec.target], errors="coerce")
     bad = np.flatnonzero(target.isna())
     if len(bad):
+        written = frame[spec.target].iloc[bad[0]]
         raise DataError(
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
-            f"first at row {bad[0] + 2}"
+            f"first at row {bad[0] + 2} ({MISSING_NUMBER if pd.isna(written) else repr(plain(written))})"
         )
     limits = [
         (~np.isfinite(target), "is infinite"),
@@ -166,6 +167,10 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
     return parsed
 
 
+# A number column's cell pandas read as missing: the text is gone, and it may not have been empty.
+MISSING_NUMBER = "empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…"
+
+
 def _shown(value: object) -> object:
     return "empty" if pd.isna(value) else plain(value)
 
@@ -217,7 +222,7 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
     shown = f"{value!r}{hint}"
     if missing[first]:  # not <NA> or nan, which the cell does not hold; only an empty one in a category
         categorical = feature.type is FeatureType.categorical
-        shown = "empty" if categorical else "empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…"
+        shown = "empty" if categorical else MISSING_NUMBER
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
         f"first at row {first + 2} ({shown})"

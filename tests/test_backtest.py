@@ -454,6 +454,9 @@ def _broken(history_csv: Path, change: str) -> Path:
     elif change == "target NaN":
         frame["price_10k_krw"] = frame["price_10k_krw"].astype(float)
         frame.loc[4, "price_10k_krw"] = float("nan")
+    elif change == "target in words":
+        frame["price_10k_krw"] = frame["price_10k_krw"].astype(object)
+        frame.loc[5, "price_10k_krw"] = "1.2 EUR"
     elif change == "empty category":
         frame.loc[4, "district"] = ""
     elif change == "N/A area":
@@ -508,7 +511,15 @@ def _broken(history_csv: Path, change: str) -> Path:
         ("missing column", "missing column(s): floor"),
         ("unsorted", "not sorted by 'sold_on': row 13"),
         ("unparsable time", "column 'sold_on' has 1 unparsable value(s), first at row 9"),
-        ("target NaN", "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 6"),
+        (
+            "target NaN",
+            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 6 (empty, or a mark "
+            "pandas reads as missing",
+        ),
+        (
+            "target in words",
+            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 7 ('1.2 EUR')",
+        ),
         (
             "unknown category",
             "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu,",
