@@ -200,9 +200,13 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
         shown = ", ".join(feature.categories[:10]) + (", …" if len(feature.categories) > 10 else "")
         what = f"unknown categories (the spec's: {shown})"
     else:
-        numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
-        bad = ~missing & ~np.isfinite(numbers)
+        # True/False read by pandas as booleans would pass as 1/0; ingest and /predict refuse them in a number
+        truth = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
+        numbers = pd.to_numeric(values.mask(truth), errors="coerce").to_numpy(dtype=float)
+        bad = ~missing & (truth | ~np.isfinite(numbers))
         what = "values that are not finite numbers"
+        if truth.any():
+            what += " (true/false: write 1/0, or make the feature categorical)"
         if not bad.any():
             low = feature.min if feature.min is not None else -MAX_MAGNITUDE
             high = feature.max if feature.max is not None else MAX_MAGNITUDE
