@@ -129,7 +129,7 @@ def _rejected_artifacts(
     session: Session, cutoff: datetime, artifact_dir: Path
 ) -> tuple[tuple[int, Path], ...]:
     """Gate-rejected versions created before `cutoff` whose directory under `artifact_dir` is there and is
-    the one their row names (a row naming a file elsewhere is left alone)."""
+    the one their row names (a row naming a file elsewhere is left alone, and so is a symlinked directory)."""
     from core.registry import ArtifactStore  # here: it imports CatBoost, which pruning rows does not need
 
     rows = session.execute(
@@ -140,7 +140,11 @@ def _rejected_artifacts(
     store, found = ArtifactStore(artifact_dir), []
     for version, artifact_path in rows:
         directory = store.version_dir(version)
-        if directory.is_dir() and Path(artifact_path).parent.resolve() == directory.resolve():
+        if (
+            directory.is_dir()
+            and not directory.is_symlink()  # rmtree refuses one: every run would stop there
+            and Path(artifact_path).parent.resolve() == directory.resolve()
+        ):
             found.append((version, directory))
     return tuple(found)
 

@@ -340,6 +340,25 @@ def test_a_promotion_racing_prune_artifacts_never_leaves_a_champion_without_its_
     assert Path(champion.artifact_path).is_file(), f"v{champion.version} is the champion without its model"
 
 
+def test_cli_artifacts_leaves_a_symlinked_version_directory_and_prunes_the_rows(
+    env: str, tmp_path: Path
+) -> None:
+    """A rejected version whose directory in the store is a symlink (moved to another disk) is left alone;
+    it used to stop every run (rmtree refuses a symlink: "run it again"), the rows' prune with it."""
+    store = tmp_path / "artifacts"
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        disk = tmp_path / "disk"
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=disk)
+        store.mkdir()
+        (store / "v2").symlink_to(tmp_path / "disk" / "v2")
+        session.flush()
+        session.get(ModelVersion, 2).artifact_path = str(store / "v2" / "model.cbm")
+    result, output = run("--older-than", "90", "--artifacts")
+    assert result.exit_code == 0, output
+    assert "artifacts of gate-rejected versions: none" in output and "deleted 3" in output
+    assert (tmp_path / "disk" / "v2" / "model.cbm").is_file() and (store / "v2").is_symlink()
+
+
 def test_cli_artifacts_counts_then_deletes_and_the_version_cannot_be_promoted(
     env: str, tmp_path: Path
 ) -> None:
