@@ -323,11 +323,6 @@ class Registry:
                 f"model version {row.version} was rejected by the gate ({_rejection(row)}); "
                 "a reason is needed to promote it anyway"
             )
-        try:
-            self.store.verify(row.artifact_path, row.sha256)
-            self.store.verify_reference(row.reference_path, row.reference_sha256)
-        except ArtifactIntegrityError as exc:
-            raise ArtifactIntegrityError(f"model version {row.version} not promoted: {exc}") from None
         reason = reason or default_reason
         session.execute(
             update(ModelVersion)
@@ -335,6 +330,13 @@ class Registry:
             .values(status=ModelStatus.archived)
         )
         session.flush()
+        # The files are checked after that write: on SQLite it takes the write lock (on PostgreSQL the row
+        # is locked already), so `driftloop prune --artifacts` cannot delete them between check and commit.
+        try:
+            self.store.verify(row.artifact_path, row.sha256)
+            self.store.verify_reference(row.reference_path, row.reference_sha256)
+        except ArtifactIntegrityError as exc:
+            raise ArtifactIntegrityError(f"model version {row.version} not promoted: {exc}") from None
         row.status = ModelStatus.champion
         row.promoted_at = utcnow()
         if reason:

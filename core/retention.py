@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.schema import GroundTruth, LabelledRow, ModelStatus, ModelVersion, PredictionLog
@@ -107,12 +107,18 @@ def prune_artifacts(sessions: sessionmaker[Session], retention: Retention, *, no
     deleted = 0
     for version, directory in retention.artifacts:
         with sessions.begin() as session:
-            row = session.get(ModelVersion, version, with_for_update=True)
-            if row is None or row.status != ModelStatus.rejected:
+            # Still rejected, checked by a write: it takes SQLite's write lock (a read there locks nothing,
+            # and a promotion could commit between it and the delete) and PostgreSQL's row lock, held until
+            # the files are gone.
+            still = (ModelVersion.version == version, ModelVersion.status == ModelStatus.rejected)
+            marked = session.execute(update(ModelVersion).where(*still).values(status=ModelStatus.rejected))
+            if marked.rowcount != 1:  # type: ignore[attr-defined]
                 continue
+            row = session.get(ModelVersion, version)
+            assert row is not None
             pruned = f"artifacts pruned {now:%Y-%m-%d %H:%M} UTC: it can no longer be promoted"
             row.note = (row.note + "\n" if row.note else "") + pruned
-            session.flush()  # SQLite's write lock, held until the files are gone
+            session.flush()
             if directory.is_dir():  # else removed by hand since the plan
                 shutil.rmtree(directory)
         deleted += 1
@@ -123,7 +129,7 @@ def _rejected_artifacts(
     session: Session, cutoff: datetime, artifact_dir: Path
 ) -> tuple[tuple[int, Path], ...]:
     """Gate-rejected versions created before `cutoff` whose directory under `artifact_dir` is there and is
-    the one their row names (a row naming a file elsewhere is left alone)."""
+    the one their row names (a row naming a file elsewhere is left alone, and so is a symlinked directory)."""
     from core.registry import ArtifactStore  # here: it imports CatBoost, which pruning rows does not need
 
     rows = session.execute(
@@ -134,7 +140,11 @@ def _rejected_artifacts(
     store, found = ArtifactStore(artifact_dir), []
     for version, artifact_path in rows:
         directory = store.version_dir(version)
-        if directory.is_dir() and Path(artifact_path).parent.resolve() == directory.resolve():
+        if (
+            directory.is_dir()
+            and not directory.is_symlink()  # rmtree refuses one: every run would stop there
+            and Path(artifact_path).parent.resolve() == directory.resolve()
+        ):
             found.append((version, directory))
     return tuple(found)
 

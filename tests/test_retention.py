@@ -1,5 +1,6 @@
 """Retention (`driftloop prune`) on real SQLite files and a real PostgreSQL server."""
 
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -286,6 +287,76 @@ def test_rejected_versions_artifacts_go_and_every_other_version_s_stay(sessions,
     assert len(rows) == 7 and rows[2].status == "rejected"
     assert rows[2].note == f"artifacts pruned {NOW:%Y-%m-%d %H:%M} UTC: it can no longer be promoted"
     assert rows[3].note == ""
+
+
+@pytest.mark.parametrize("first", ["prune_reads", "promote_verifies"])
+def test_a_promotion_racing_prune_artifacts_never_leaves_a_champion_without_its_files(
+    sessions, tmp_path: Path, first: str
+) -> None:
+    """`driftloop promote` of an old rejected version while `prune --artifacts` deletes its directory, in
+    each order: prune having read the row as rejected as the promotion commits, or the promotion having
+    checked the files as prune deletes them. Either the version is promoted and keeps its files, or its
+    files go and it is not promoted; never a champion whose model is gone (on SQLite, which has no row
+    locks, both happened)."""
+    from sqlalchemy import create_engine
+
+    from core.db import make_sessions
+    from core.registry import ArtifactStore, Registry, RegistryError
+
+    store = tmp_path / "artifacts"
+    with sessions.begin() as session:
+        add_champion(session, train_end=None, version=1, age_days=300, artifact_dir=store)
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=store)
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 90 * DAY, window_rows=1, labelled=False, artifact_dir=store)
+    assert [version for version, _ in retention.artifacts] == [2]
+    other = create_engine(sessions.kw["bind"].url)  # the other process
+    registry = Registry(make_sessions(other), ArtifactStore(store))
+    promote = lambda: registry.promote(version=2, reason="better after all")  # noqa: E731
+    deleting = lambda: prune_artifacts(sessions, retention, now=NOW)  # noqa: E731
+    # `first` runs until its write, the other runs then (or waits for `first`'s lock a while), `first` goes on
+    engine, then = (sessions.kw["bind"], promote) if first == "prune_reads" else (other, deleting)
+    outcome: list[object] = []
+
+    def interleave(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if statement.startswith("UPDATE model_version") and not outcome:
+            outcome.append(pool.submit(then))
+            time.sleep(0.5)
+
+    with ThreadPoolExecutor(1) as pool:
+        event.listen(engine, "before_cursor_execute", interleave)
+        try:
+            for step in (deleting, promote) if first == "prune_reads" else (promote, deleting):
+                if step is not then:
+                    with contextlib.suppress(RegistryError):
+                        step()
+            with contextlib.suppress(RegistryError):
+                outcome[0].result(timeout=30)  # type: ignore[attr-defined]
+        finally:
+            event.remove(engine, "before_cursor_execute", interleave)
+            other.dispose()
+    with sessions() as session:
+        champion = session.scalar(select(ModelVersion).where(ModelVersion.status == "champion"))
+    assert Path(champion.artifact_path).is_file(), f"v{champion.version} is the champion without its model"
+
+
+def test_cli_artifacts_leaves_a_symlinked_version_directory_and_prunes_the_rows(
+    env: str, tmp_path: Path
+) -> None:
+    """A rejected version whose directory in the store is a symlink (moved to another disk) is left alone;
+    it used to stop every run (rmtree refuses a symlink: "run it again"), the rows' prune with it."""
+    store = tmp_path / "artifacts"
+    with _sessions(Settings()) as sessions, sessions.begin() as session:
+        disk = tmp_path / "disk"
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=disk)
+        store.mkdir()
+        (store / "v2").symlink_to(tmp_path / "disk" / "v2")
+        session.flush()
+        session.get(ModelVersion, 2).artifact_path = str(store / "v2" / "model.cbm")
+    result, output = run("--older-than", "90", "--artifacts")
+    assert result.exit_code == 0, output
+    assert "artifacts of gate-rejected versions: none" in output and "deleted 3" in output
+    assert (tmp_path / "disk" / "v2" / "model.cbm").is_file() and (store / "v2").is_symlink()
 
 
 def test_cli_artifacts_counts_then_deletes_and_the_version_cannot_be_promoted(
