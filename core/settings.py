@@ -129,7 +129,11 @@ class Settings(BaseSettings):
     def _directory(cls, value: Path) -> Path:
         """A directory that is a file, or lies under one, is refused here by name: the spool's would
         otherwise fail only in a database outage, dropping the answers it was there to keep."""
-        if (blocked := file_in_the_way(value)) is not None:
+        try:
+            blocked = file_in_the_way(value)
+        except OSError as exc:  # a name too long for the file system, say: named, not a traceback
+            raise ValueError(f"cannot be a directory: {exc.strerror or exc}") from None
+        if blocked is not None:
             raise ValueError(f"{blocked} is a file, not a directory")
         return value
 

@@ -52,6 +52,19 @@ def test_bad_values_are_named_by_their_variable(monkeypatch: pytest.MonkeyPatch)
     ]
 
 
+def test_a_directory_the_file_system_cannot_hold_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name longer than the file system allows (255 bytes on Linux) made every command a traceback."""
+    monkeypatch.setenv("DRIFTLOOP_ARTIFACT_DIR", "x" * 300)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert (
+        str(caught.value)
+        == f"DRIFTLOOP_ARTIFACT_DIR='{'x' * 300}': cannot be a directory: File name too long"
+    )
+    result = CliRunner().invoke(cli, ["migrate"])
+    assert result.exit_code == 2 and "bad setting: DRIFTLOOP_ARTIFACT_DIR=" in " ".join(result.output.split())
+
+
 def test_a_directory_that_is_a_file_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
