@@ -45,10 +45,12 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
         raise DataError(f"{path}: no data rows, only a header")
     if spec.time_column:
         frame[spec.time_column] = _times(frame[spec.time_column], spec.time_column, path)
-    target = pd.to_numeric(frame[spec.target], errors="coerce")
+    written_target = frame[spec.target]
+    truth = written_target.map(lambda v: isinstance(v, bool | np.bool_))  # True/False: not 1/0, as in ingest
+    target = pd.to_numeric(written_target.mask(truth), errors="coerce")
     bad = np.flatnonzero(target.isna())
     if len(bad):
-        written = frame[spec.target].iloc[bad[0]]
+        written = written_target.iloc[bad[0]]
         raise DataError(
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
             f"first at row {bad[0] + 2} ({MISSING_NUMBER if pd.isna(written) else repr(plain(written))})"

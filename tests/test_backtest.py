@@ -456,6 +456,8 @@ def _broken(history_csv: Path, change: str) -> Path:
         frame.loc[4, "price_10k_krw"] = float("nan")
     elif change == "true/false floor":
         frame["floor"] = [bool(i % 2) for i in range(len(frame))]
+    elif change == "target true/false":
+        frame["price_10k_krw"] = [bool(i % 2) for i in range(len(frame))]
     elif change == "target in words":
         frame["price_10k_krw"] = frame["price_10k_krw"].astype(object)
         frame.loc[5, "price_10k_krw"] = "1.2 EUR"
@@ -522,6 +524,10 @@ def _broken(history_csv: Path, change: str) -> Path:
             "true/false floor",
             "column 'floor' has 1500 row(s) with values that are not finite numbers (true/false: write 1/0, "
             "or make the feature categorical), first at row 2 (False)",
+        ),
+        (
+            "target true/false",
+            "target 'price_10k_krw' is missing or not a number in 1500 row(s), first at row 2 (False)",
         ),
         (
             "target in words",
