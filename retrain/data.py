@@ -46,8 +46,7 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     if spec.time_column:
         frame[spec.time_column] = _times(frame[spec.time_column], spec.time_column, path)
     written_target = frame[spec.target]
-    truth = written_target.map(lambda v: isinstance(v, bool | np.bool_))  # True/False: not 1/0, as in ingest
-    target = pd.to_numeric(written_target.mask(truth), errors="coerce")
+    target = pd.to_numeric(written_target.mask(_true_false(written_target)), errors="coerce")
     bad = np.flatnonzero(target.isna())
     if len(bad):
         written = written_target.iloc[bad[0]]
@@ -169,6 +168,18 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
     return parsed
 
 
+def _true_false(values: pd.Series) -> np.ndarray:
+    """The cells pandas read as booleans (from True/False): to_numeric would take them as 1/0, where ingest
+    and /predict refuse them as numbers. Only a bool or object column can hold one, so a column of numbers
+    costs no look at each cell."""
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return np.ones(len(values), dtype=bool)
+    if values.dtype != object:
+        return np.zeros(len(values), dtype=bool)
+    truth: np.ndarray = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
+    return truth
+
+
 # A number column's cell pandas read as missing: the text is gone, and it may not have been empty.
 MISSING_NUMBER = "empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…"
 
@@ -202,8 +213,7 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
         shown = ", ".join(feature.categories[:10]) + (", …" if len(feature.categories) > 10 else "")
         what = f"unknown categories (the spec's: {shown})"
     else:
-        # True/False read by pandas as booleans would pass as 1/0; ingest and /predict refuse them in a number
-        truth = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy(dtype=bool)
+        truth = _true_false(values)
         numbers = pd.to_numeric(values.mask(truth), errors="coerce").to_numpy(dtype=float)
         bad = ~missing & (truth | ~np.isfinite(numbers))
         what = "values that are not finite numbers"
