@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from catboost import CatBoostRegressor
 
 from core.db import Clock, utcnow
 from core.generator import generate_transactions
-from core.ingest import FUTURE_SLACK
 from core.registry import ChampionChanged, NewVersion, Registry
 from core.schema import ModelVersion, Trigger
 from core.spec import FeatureSpec
@@ -59,8 +56,8 @@ def bootstrap(
         registry.load(existing, spec=spec)  # FeatureMismatchError for another spec's model
         return BootstrapResult(existing, created=False)
     if data is None and csv_path is not None:
-        data = read_labelled_csv(csv_path, spec)
-        _check_not_ahead(data, spec, csv_path, now=clock())
+        # v1's train_end ahead of now would hide every label until then from the accuracy window
+        data = read_labelled_csv(csv_path, spec, now=clock())
     elif data is None:
         data = generate_transactions(rows, seed=seed)
         missing = [c for c in (*spec.feature_names, spec.target) if c not in data.columns]
@@ -105,20 +102,6 @@ def bootstrap(
         )
         return BootstrapResult(winner, created=False)
     return BootstrapResult(promoted, created=True)
-
-
-def _check_not_ahead(data: pd.DataFrame, spec: FeatureSpec, path: Path, *, now: datetime) -> None:
-    """As ingest refuses them: a time more than a day ahead is a typo or a misread format, and as v1's
-    train_end it would hide every label until then from the accuracy window and the gate's unseen rows."""
-    if not spec.time_column:
-        return
-    ahead = np.flatnonzero(data[spec.time_column] > now + FUTURE_SLACK)
-    if len(ahead):
-        raise DataError(
-            f"{path}: column {spec.time_column!r} has {len(ahead)} time(s) more than a day ahead of now "
-            f"({now:%Y-%m-%d %H:%M} UTC), first at row {ahead[0] + 2} "
-            f"({data[spec.time_column].iloc[ahead[0]]:%Y-%m-%d %H:%M})"
-        )
 
 
 def _check_learnable(train: pd.DataFrame, spec: FeatureSpec, *, rows: int, where: str) -> None:

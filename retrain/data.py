@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+from array import array
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from core.files import missing_columns, read_errors
+from core.ingest import FUTURE_SLACK
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, lookalike_hint
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
 
@@ -22,15 +25,41 @@ class MissingColumnsError(DataError):
     """The header lacks columns the spec reads; a caller that knows where the spec came from may say so."""
 
 
-def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
-    """A CSV with every spec feature and the target; the time column (if the spec has one) parsed as UTC.
+@dataclass(frozen=True, slots=True)
+class Rows:
+    """How a message names a frame's row: by its line in the CSV it came from (blank lines and quoted line
+    breaks make that differ from its position), or else by position, the first data row being row 2."""
+
+    lines: np.ndarray | None = None
+
+    def name(self, position: int) -> str:
+        return f"line {int(self.lines[position])}" if self.lines is not None else f"row {position + 2}"
+
+
+def read_labelled_csv(
+    path: Path, spec: FeatureSpec, *, time_ordered: bool = False, now: datetime | None = None
+) -> pd.DataFrame:
+    """A CSV with every spec feature and the target; the time column (if the spec has one) parsed as UTC,
+    refused with `time_ordered` unless its rows are in time order, and given `now` if a time is more than a
+    day ahead of it, as ingest refuses one (a typo or a misread format). Errors name the file's line.
 
     Categorical columns are read as text, exactly as written ("01" stays "01", "NA" is a category), and
     only an empty cell is missing in them; numbers read as pandas does.
     """
     required = [*spec.feature_names, spec.target] + ([spec.time_column] if spec.time_column else [])
-    _check_header(path, *_header_and_odd_rows(path), required)
-    categorical = spec.categorical_features
+    header, odd, lines = _scan(path)
+    _check_header(path, header, odd, required)
+    frame = _read(path, spec.categorical_features)
+    rows = Rows(lines if len(lines) == len(frame) else None)  # pandas skips what csv does: a safeguard
+    if column := spec.time_column:
+        frame[column] = _times(frame[column], column, path, rows)
+        _check_times(frame[column], column, path, rows, time_ordered=time_ordered, now=now)
+    frame[spec.target] = _target(frame[spec.target], spec, path, rows)
+    check_features(frame, spec, source=str(path), rows=rows)
+    return frame
+
+
+def _read(path: Path, categorical: list[str]) -> pd.DataFrame:
     try:  # index_col=False: the first column is never taken as the index, shifting the others
         frame = pd.read_csv(path, index_col=False, dtype=dict.fromkeys(categorical, "string"))
         if categorical:  # again, as written: pandas would read "NA" or "null" as missing
@@ -43,16 +72,35 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
         raise DataError(f"{path}: not a readable CSV: {exc}") from exc
     if frame.empty:
         raise DataError(f"{path}: no data rows, only a header")
-    if spec.time_column:
-        frame[spec.time_column] = _times(frame[spec.time_column], spec.time_column, path)
-    written_target = frame[spec.target]
-    target = pd.to_numeric(written_target.mask(_true_false(written_target)), errors="coerce")
+    return frame
+
+
+def _check_times(
+    times: pd.Series, column: str, path: Path, rows: Rows, *, time_ordered: bool, now: datetime | None
+) -> None:
+    ahead = np.flatnonzero(times > now + FUTURE_SLACK) if now is not None else np.array([], dtype=int)
+    if len(ahead):
+        raise DataError(
+            f"{path}: column {column!r} has {len(ahead)} time(s) more than a day ahead of now "
+            f"({now:%Y-%m-%d %H:%M} UTC), first at {rows.name(ahead[0])} "
+            f"({times.iloc[ahead[0]]:%Y-%m-%d %H:%M})"
+        )
+    if time_ordered and (back := unordered(times)) is not None:
+        raise DataError(
+            f"{path}: not sorted by {column!r}: {rows.name(back)} ({times.iloc[back]}) comes after "
+            f"{rows.name(back - 1)} ({times.iloc[back - 1]}); sort the file by time"
+        )
+
+
+def _target(written: pd.Series, spec: FeatureSpec, path: Path, rows: Rows) -> pd.Series:
+    """The target as floats, refused where it is missing, not a number or outside the spec's bounds."""
+    target = pd.to_numeric(written.mask(_true_false(written)), errors="coerce")
     bad = np.flatnonzero(target.isna())
     if len(bad):
-        written = written_target.iloc[bad[0]]
+        value = written.iloc[bad[0]]
         raise DataError(
             f"{path}: target {spec.target!r} is missing or not a number in {len(bad)} row(s), "
-            f"first at row {bad[0] + 2} ({MISSING_NUMBER if pd.isna(written) else repr(plain(written))})"
+            f"first at {rows.name(bad[0])} ({MISSING_NUMBER if pd.isna(value) else repr(plain(value))})"
         )
     limits = [
         (~np.isfinite(target), "is infinite"),
@@ -63,15 +111,20 @@ def read_labelled_csv(path: Path, spec: FeatureSpec) -> pd.DataFrame:
     if spec.target_max is not None:
         limits.append((target > spec.target_max, f"is above the spec's target_max {spec.target_max:g}"))
     for outside, what in limits:
-        rows = np.flatnonzero(outside)
-        if len(rows):
+        at = np.flatnonzero(outside)
+        if len(at):
             raise DataError(
-                f"{path}: target {spec.target!r} {what} in {len(rows)} row(s), first at row {rows[0] + 2} "
-                f"({target.iloc[rows[0]]:g})"
+                f"{path}: target {spec.target!r} {what} in {len(at)} row(s), first at {rows.name(at[0])} "
+                f"({target.iloc[at[0]]:g})"
             )
-    frame[spec.target] = target.astype(float)
-    check_features(frame, spec, source=str(path))
-    return frame
+    return target.astype(float)
+
+
+def unordered(times: pd.Series) -> int | None:
+    """The position of the first time earlier than the one before it, if any."""
+    naive = pd.to_datetime(times, utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    back = np.flatnonzero(np.diff(naive.astype(np.int64)) < 0)
+    return int(back[0]) + 1 if back.size else None
 
 
 @dataclass(slots=True)
@@ -90,19 +143,22 @@ class _OddRows:
         self.empty_last = self.empty_last and fields[-1].strip() == ""
 
 
-def _header_and_odd_rows(path: Path) -> tuple[list[str], _OddRows]:
-    """The header, and the rows not as wide as it (blank lines are no rows), read once with csv."""
-    odd = _OddRows()
+def _scan(path: Path) -> tuple[list[str], _OddRows, np.ndarray]:
+    """The header, the rows not as wide as it, and each row's first line (blank lines are no rows), read
+    once with csv."""
+    odd, lines = _OddRows(), array("q")
     try:
         with read_errors(path, DataError, kind="CSV file"), path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path} is empty: the first line must be the header")
-            line = 2
+            line = reader.line_num + 1
             for fields in reader:
-                if fields and len(fields) != len(header):
-                    odd.add(line, fields)
+                if fields:
+                    lines.append(line)
+                    if len(fields) != len(header):
+                        odd.add(line, fields)
                 line = reader.line_num + 1
     except UnicodeDecodeError as exc:
         raise DataError(
@@ -110,7 +166,7 @@ def _header_and_odd_rows(path: Path) -> tuple[list[str], _OddRows]:
         ) from None
     except csv.Error as exc:
         raise DataError(f"{path}: not a readable CSV: {exc}") from None
-    return header, odd
+    return header, odd, np.frombuffer(lines, dtype=np.int64)
 
 
 def _check_header(path: Path, header: list[str], odd: _OddRows, required: list[str]) -> None:
@@ -139,7 +195,7 @@ def _check_header(path: Path, header: list[str], odd: _OddRows, required: list[s
         )
 
 
-def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
+def _times(values: pd.Series, column: str, path: Path, rows: Rows) -> pd.Series:
     """The time column as UTC, read as core.times reads every file's times: one format inferred once (from
     the first value that has one), or else any ISO 8601 form; numbers are refused, not read as
     nanoseconds."""
@@ -154,14 +210,14 @@ def _times(values: pd.Series, column: str, path: Path) -> pd.Series:
     if len(zoned):
         raise DataError(
             f"{path}: column {column!r} has {len(zoned)} time(s) naming their time zone, which is not read, "
-            f"first at row {zoned[0] + 2} ({values.iloc[zoned[0]]}); {ZONE_ADVICE}"
+            f"first at {rows.name(zoned[0])} ({values.iloc[zoned[0]]}); {ZONE_ADVICE}"
         )
     guess = guess_format(values)
     parsed = parse_times(values, guess[1] if guess else None)
     bad = np.flatnonzero(parsed.isna())
     if len(bad):
         raise DataError(
-            f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at row {bad[0] + 2} "
+            f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at {rows.name(bad[0])} "
             f"({_shown(values.iloc[bad[0]])}); every time must be a date or time in one format, ISO 8601 is "
             "safest"
         )
@@ -195,17 +251,17 @@ def plain(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def check_features(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
+def check_features(frame: pd.DataFrame, spec: FeatureSpec, *, source: str, rows: Rows = Rows()) -> None:
     """Every feature column against the spec (categories, numbers, bounds, whole numbers, nullability).
 
-    Raises DataError naming each offending column, how many rows, and the first (as a CSV line number).
+    Raises DataError naming each offending column, how many rows, and the first (as `rows` names it).
     """
-    problems = [p for f in spec.features if (p := _column_problem(frame[f.name], f, source))]
+    problems = [p for f in spec.features if (p := _column_problem(frame[f.name], f, source, rows))]
     if problems:
         raise DataError("; ".join(problems))
 
 
-def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | None:
+def _column_problem(values: pd.Series, feature: Feature, source: str, rows: Rows) -> str | None:
     missing = values.isna().to_numpy()
     if feature.type is FeatureType.categorical:
         text = values.astype("string")
@@ -241,7 +297,7 @@ def _column_problem(values: pd.Series, feature: Feature, source: str) -> str | N
         shown = "empty" if categorical else MISSING_NUMBER
     return (
         f"{source}: column {feature.name!r} has {int(bad.sum())} row(s) with {what}, "
-        f"first at row {first + 2} ({shown})"
+        f"first at {rows.name(first)} ({shown})"
     )
 
 

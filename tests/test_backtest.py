@@ -513,50 +513,50 @@ def _broken(history_csv: Path, change: str) -> Path:
     ("change", "message"),
     [
         ("missing column", "missing column(s): floor"),
-        ("unsorted", "not sorted by 'sold_on': row 13"),
-        ("unparsable time", "column 'sold_on' has 1 unparsable value(s), first at row 9"),
+        ("unsorted", "not sorted by 'sold_on': line 13"),
+        ("unparsable time", "column 'sold_on' has 1 unparsable value(s), first at line 9"),
         (
             "target NaN",
-            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 6 (empty, or a mark "
-            "pandas reads as missing",
+            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at line 6 (empty, or a "
+            "mark pandas reads as missing",
         ),
         (  # pandas reads the column as booleans, which would pass as 1/0; ingest and /predict refuse them
             "true/false floor",
             "column 'floor' has 1500 row(s) with values that are not finite numbers (true/false: write 1/0, "
-            "or make the feature categorical), first at row 2 (False)",
+            "or make the feature categorical), first at line 2 (False)",
         ),
         (
             "target true/false",
-            "target 'price_10k_krw' is missing or not a number in 1500 row(s), first at row 2 (False)",
+            "target 'price_10k_krw' is missing or not a number in 1500 row(s), first at line 2 (False)",
         ),
         (
             "target in words",
-            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at row 7 ('1.2 EUR')",
+            "target 'price_10k_krw' is missing or not a number in 1 row(s), first at line 7 ('1.2 EUR')",
         ),
         (
             "unknown category",
             "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu,",
         ),
-        ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at row 11"),
+        ("out of bounds", "column 'area_m2' has 1 row(s) with values outside [5, 350], first at line 11"),
         (  # not "(<NA>)" or "(nan)", which the cell does not hold
             "empty category",
-            "column 'district' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "column 'district' has 1 row(s) with empty values (the feature is not nullable), first at line 6 "
             "(empty)",
         ),
         (
             "N/A area",
-            "column 'area_m2' has 1 row(s) with empty values (the feature is not nullable), first at row 6 "
+            "column 'area_m2' has 1 row(s) with empty values (the feature is not nullable), first at line 6 "
             "(empty, or a mark pandas reads as missing: NA, N/A, NULL, nan…)",
         ),
         ("epoch times", "column 'sold_on' holds numbers (first 1577"),  # not nanoseconds since 1970
         (
             "target below target_min",
-            "target 'price_10k_krw' is below the spec's target_min 0 in 1 row(s), first at row 5 (-5)",
+            "target 'price_10k_krw' is below the spec's target_min 0 in 1 row(s), first at line 5 (-5)",
         ),
-        ("absurd target", "target 'price_10k_krw' is beyond ±1e+15 in 1 row(s), first at row 8 (1e+300)"),
+        ("absurd target", "target 'price_10k_krw' is beyond ±1e+15 in 1 row(s), first at line 8 (1e+300)"),
         ("header only", "no data rows, only a header"),
         ("empty time column", "column 'sold_on' is empty"),
-        ("an epoch among dates", "column 'sold_on' has 1 unparsable value(s), first at row 2 (1577836800)"),
+        ("an epoch among dates", "column 'sold_on' has 1 unparsable value(s), first at line 2 (1577836800)"),
         ("semicolons", "(the header is one column holding ';': save the file comma-separated)"),
         ("trailing comma", "1500 row(s) have 9 fields, the header 8 (a trailing comma?); first at line 2"),
         ("a row too wide", "1 row(s) have 9 fields, the header 8; first at line 31"),
@@ -565,7 +565,7 @@ def _broken(history_csv: Path, change: str) -> Path:
         ("twice: sold_on", "column 'sold_on' appears twice in the header"),
         (
             "zone names",
-            "column 'sold_on' has 1500 time(s) naming their time zone, which is not read, first at row 2 "
+            "column 'sold_on' has 1500 time(s) naming their time zone, which is not read, first at line 2 "
             "(2020-01-01 13:38 CET); write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z for UTC",
         ),
         ("header 'floor '", "missing column(s): floor (the header has 'floor ')"),
@@ -703,7 +703,7 @@ def test_times_are_read_as_ingest_reads_them(tmp_path: Path) -> None:
     frame["contract_date"] = ["01/02/2022", "2022-03-04T05:06:07+09:00", "02/01/2022", "13/02/2022"]
     path = tmp_path / "times.csv"
     frame.to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at row 5 \(13/02/2022\)"):
+    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at line 5 \(13/02/2022\)"):
         read_labelled_csv(path, load_spec())
     frame.loc[3, "contract_date"] = "12/02/2022"
     frame.to_csv(path, index=False)
@@ -729,7 +729,7 @@ def test_dotted_dates_with_the_year_last_are_read_day_first(tmp_path: Path) -> N
     ]
     frame["contract_date"] = ["02.13.2014", "2014.02.01", "2014.03.01"]  # month first, had it been written so
     frame.to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at row 2 \(02.13.2014\)"):
+    with pytest.raises(DataError, match=r"1 unparsable value\(s\), first at line 2 \(02.13.2014\)"):
         read_labelled_csv(path, load_spec())
 
 

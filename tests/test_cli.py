@@ -361,9 +361,9 @@ def test_bootstrap_from_a_csv_with_values_the_spec_refuses_names_them(env, tmp_p
     assert (
         "column 'district' has 1 row(s) with unknown categories (the spec's: Gangnam-gu, Seocho-gu, "
         "Songpa-gu, Yongsan-gu, Seongdong-gu, Mapo-gu, Gwangjin-gu, Yangcheon-gu, Jongno-gu, Jung-gu, …), "
-        "first at row 8 ('Atlantis-gu')"
+        "first at line 8 ('Atlantis-gu')"
     ) in output
-    assert "column 'build_year' has 1 row(s) with values that are not whole numbers, first at row 11" in (
+    assert "column 'build_year' has 1 row(s) with values that are not whole numbers, first at line 11" in (
         output
     )
 
@@ -394,7 +394,7 @@ def test_bootstrap_from_a_csv_dated_ahead_of_now_is_refused_as_ingest_refuses_it
     frame.to_csv(path, index=False)
     output = bootstrap_refused(path)
     assert f"bootstrap: {path}: column 'contract_date' has 2 time(s) more than a day ahead of now (" in output
-    assert "UTC), first at row 8 (2099-01-01 00:00)" in output
+    assert "UTC), first at line 8 (2099-01-01 00:00)" in output
     assert run("models").output.count("champion") == 0
 
 

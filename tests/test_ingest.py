@@ -645,7 +645,8 @@ def test_a_name_or_category_in_another_unicode_form_says_so(tmp_path: Path, sess
     report = ingest_csv(value, spec=spec, sessions=sessions)
     unknown = f"unknown category '{nfd('아파트')}' (the category '아파트' {form}; write both in one)"
     assert (report.loaded, report.rejected) == (0, [(2, [f"유형: {unknown}"])])
-    with pytest.raises(DataError, match=re.escape(f"row 2 ('{nfd('아파트')}' (the category '아파트' {form}")):
+    at_line_2 = f"line 2 ('{nfd('아파트')}' (the category '아파트' {form}"
+    with pytest.raises(DataError, match=re.escape(at_line_2)):
         read_labelled_csv(value, spec)
 
 
@@ -673,7 +674,7 @@ def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, 
     blanks = "' office' (the category 'office' with blanks around it)"
     report = ingest_csv(path, spec=spec, sessions=sessions)
     assert (report.loaded, report.rejected) == (0, [(6, [f"kind: unknown category {blanks}"])])
-    with pytest.raises(DataError, match=re.escape(f"row 6 ({blanks})")):
+    with pytest.raises(DataError, match=re.escape(f"line 6 ({blanks})")):
         read_labelled_csv(path, spec)
 
     path.write_text(header + "".join(rows))
@@ -685,6 +686,36 @@ def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, 
     assert [target for _, target in stored] == [1.5, 2.5, 3.5, 4.5]
     read = read_labelled_csv(path, spec)
     assert [None if pd.isna(k) else k for k in read["kind"]] == ["office", "NA", "01", None]
+
+
+@pytest.mark.parametrize(
+    ("bad_row", "said"),
+    [
+        ("2025-06-01T05:00:00+00:00,,lots,6.5", "column 'hour' has 1 row(s) with values that are not finite"),
+        ("2025-06-01T05:00:00+00:00,,7,x", "target 'kwh' is missing or not a number in 1 row(s)"),
+        ("soon,,7,6.5", "column 'ts' has 1 unparsable value(s)"),
+        ("2099-01-01T00:00:00+00:00,,7,6.5", "column 'ts' has 1 time(s) more than a day ahead of now"),
+    ],
+)
+def test_a_refusal_names_the_line_that_ingest_names_across_blank_lines_and_quoted_line_breaks(
+    tmp_path: Path, sessions, bad_row: str, said: str
+) -> None:
+    """bootstrap and the backtest counted records from row 2, so after a blank line or a note written over
+    two lines they named a line above the one at fault, where ingest named the right one."""
+    spec = parse_spec({
+        "dataset": "buildings", "target": "kwh", "time_column": "ts",
+        "features": [{"name": "hour", "type": "integer", "min": 0, "max": 23}],
+    })  # fmt: skip
+    path = tmp_path / "meters.csv"
+    path.write_text(
+        "ts,note,hour,kwh\n2025-06-01T00:00:00+00:00,,3,1.5\n\n"
+        '2025-06-01T01:00:00+00:00,"meter swapped,\nread by hand",4,2.5\n\n\n' + bad_row + "\n"
+    )
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert [line for line, _ in report.rejected] == [8]
+    with pytest.raises(DataError, match=re.escape(said)) as refused:
+        read_labelled_csv(path, spec, now=datetime.now(UTC))  # as bootstrap reads it
+    assert "first at line 8 (" in str(refused.value)
 
 
 METERS = {

@@ -15,7 +15,7 @@ from core.generator import SCENARIOS, generate_transactions
 from core.generator import to_utc as _utc
 from core.spec import FeatureSpec
 from core.times import ISO_EXAMPLE, ZONE_ADVICE, zone_names
-from retrain.data import DataError, MissingColumnsError, check_features, plain, read_labelled_csv
+from retrain.data import DataError, MissingColumnsError, check_features, plain, read_labelled_csv, unordered
 
 GENERATED_PREFIX = "generated:"
 # The built-in stream: three years of transactions; v1 learns 2020–2021, 2022 is replayed, and a drift
@@ -178,12 +178,11 @@ def load_stream(
         return _generated(data.removeprefix(GENERATED_PREFIX), spec, rows=rows, seed=seed)
     path = Path(data)
     try:
-        frame = read_labelled_csv(path, spec)
+        frame = read_labelled_csv(path, spec, time_ordered=True)  # and with a finite target
     except MissingColumnsError:
         raise  # the caller knows where the spec came from
     except DataError as exc:
         raise BacktestInputError(str(exc)) from None
-    _check(frame, spec, source=str(path))
     return Stream(frame.reset_index(drop=True), spec, str(path), change_points=None)
 
 
@@ -213,11 +212,9 @@ def _generated(scenario: str, spec: FeatureSpec, *, rows: int, seed: int) -> Str
 
 
 def _check(frame: pd.DataFrame, spec: FeatureSpec, *, source: str) -> None:
-    """Time order and a finite target: what the backtest needs beyond read_labelled_csv's checks."""
+    """Time order and a finite target, which read_labelled_csv checks in a CSV."""
     times = frame[spec.time_column]
-    back = np.flatnonzero(np.diff(ns_times(times).astype(np.int64)) < 0)
-    if back.size:
-        i = int(back[0]) + 1
+    if (i := unordered(times)) is not None:
         raise BacktestInputError(
             f"{source}: not sorted by {spec.time_column!r}: row {i + 2} ({times.iloc[i]}) comes after "
             f"row {i + 1} ({times.iloc[i - 1]}); sort the file by time"
