@@ -50,7 +50,16 @@ from core.db import Clock, utcnow
 from core.files import missing_columns, read_errors
 from core.schema import IngestedFile, LabelledRow, row_key
 from core.spec import FeatureSpec, FeatureType
-from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, is_number, parse_times, zone_names
+from core.times import (
+    ISO_EXAMPLE,
+    OUT_OF_RANGE,
+    ZONE_ADVICE,
+    guess_format,
+    is_number,
+    out_of_range,
+    parse_times,
+    zone_names,
+)
 
 MAX_LISTED = 1000  # bad lines kept with their problems; beyond, only counted
 FUTURE_SLACK = timedelta(days=1)  # an event time further ahead of now is a typo or a wrong format
@@ -520,6 +529,8 @@ class _Checker:
         zone = zone_names(pd.Series([value])).iloc[0]
         if not pd.isna(zone):
             return f"{value!r} names its time zone ({zone}), which is not read; {ZONE_ADVICE}"
+        if out_of_range(value, self.time_format[0] if self.time_format else None):
+            return f"{value!r} is {OUT_OF_RANGE}"
         if self.time_format is None:
             return f"{value!r} is not a date/time; write e.g. {ISO_EXAMPLE}"
         fmt, line, first = self.time_format

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Hashable
+from datetime import UTC, datetime
 
 import pandas as pd
 from pandas.tseries.api import guess_datetime_format
@@ -24,6 +25,9 @@ ZONE_ADVICE = "write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z f
 _NUMBER = r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*"
 # An upper-case abbreviation (CET, CEST, KST) or an IANA name (Europe/Paris) standing on its own, not
 # AM/PM, UTC, GMT or a month's or weekday's abbreviation.
+# What pandas' nanosecond timestamps hold, to the day.
+EARLIEST, LATEST = datetime(1677, 9, 22), datetime(2262, 4, 11)
+OUT_OF_RANGE = f"outside the times pandas can hold, {EARLIEST:%Y-%m-%d} … {LATEST:%Y-%m-%d}: a typo?"
 _NOT_ZONES = "AM|PM|UTC|GMT|JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEPT?|OCT|NOV|DEC|MON|TUE|WED|THU|FRI|SAT|SUN"
 _ZONE_NAME = re.compile(
     rf"(?<![A-Za-z])(?!(?:{_NOT_ZONES})(?![A-Za-z]))([A-Z]{{2,5}}|[A-Z][A-Za-z_]+(?:/[A-Za-z_]+)+)(?![A-Za-z])"
@@ -72,3 +76,20 @@ def parse_times(values: pd.Series, fmt: str | None) -> pd.Series:
     if rest.any():
         parsed[rest] = pd.to_datetime(text[rest], format="ISO8601", errors="coerce", utc=True)
     return parsed
+
+
+def out_of_range(value: str, fmt: str | None) -> bool:
+    """Whether a time pandas could not read is one in `fmt` or ISO 8601 that falls outside EARLIEST…LATEST
+    (a sale in 2302 or 1022), which a message should not call unparsable."""
+    parsers = [lambda text: datetime.strptime(text, fmt)] if fmt else []
+    for parse in [*parsers, datetime.fromisoformat]:
+        try:
+            written = parse(value.strip())
+        except ValueError:
+            continue
+        try:
+            utc = written.astimezone(UTC).replace(tzinfo=None) if written.tzinfo else written
+        except OverflowError:  # 0001-01-01T00:00+09:00 is in year 0 in UTC
+            return True
+        return not EARLIEST <= utc <= LATEST
+    return False

@@ -14,7 +14,15 @@ import pandas as pd
 from core.files import missing_columns, read_errors
 from core.ingest import FUTURE_SLACK
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, lookalike_hint
-from core.times import ISO_EXAMPLE, ZONE_ADVICE, guess_format, parse_times, zone_names
+from core.times import (
+    ISO_EXAMPLE,
+    OUT_OF_RANGE,
+    ZONE_ADVICE,
+    guess_format,
+    out_of_range,
+    parse_times,
+    zone_names,
+)
 
 
 class DataError(ValueError):
@@ -216,10 +224,14 @@ def _times(values: pd.Series, column: str, path: Path, rows: Rows) -> pd.Series:
     parsed = parse_times(values, guess[1] if guess else None)
     bad = np.flatnonzero(parsed.isna())
     if len(bad):
+        first = values.iloc[bad[0]]
+        outside = isinstance(first, str) and out_of_range(first, guess[1] if guess else None)
+        why = (
+            OUT_OF_RANGE if outside else "every time must be a date or time in one format, ISO 8601 is safest"
+        )
         raise DataError(
             f"{path}: column {column!r} has {len(bad)} unparsable value(s), first at {rows.name(bad[0])} "
-            f"({_shown(values.iloc[bad[0]])}); every time must be a date or time in one format, ISO 8601 is "
-            "safest"
+            f"({_shown(first)}); {why}"
         )
     return parsed
 

@@ -303,6 +303,35 @@ def test_event_times_more_than_a_day_ahead_are_refused(tmp_path: Path, sessions,
     assert ingest_csv(_csv(tmp_path, frame), spec=spec, sessions=sessions, clock=lambda: now).loaded == 3
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        ["2022-01-01", "2302-01-01", "1022-01-03"],
+        ["01/02/2022", "12/31/2302", "01/03/1022"],  # in the file's format
+        ["2022-01-01", "0001-01-01T00:00:00+09:00", "9999-12-31T23:59:59-05:00"],  # beyond datetime in UTC
+    ],
+)
+def test_a_time_outside_what_pandas_holds_is_called_so_not_unparsable(
+    tmp_path: Path, sessions, spec, written: list[str]
+) -> None:
+    """2302-01-01 is plain ISO 8601; "unparsable" sent people looking for a format error."""
+    frame = generate_transactions(3, seed=1)
+    frame["contract_date"] = written
+    path = _csv(tmp_path, frame)
+    outside = "outside the times pandas can hold, 1677-09-22 … 2262-04-11: a typo?"
+    report = ingest_csv(path, spec=spec, sessions=sessions, skip_bad=True)
+    assert report.rejected == [
+        (3, [f"contract_date: {written[1]!r} is {outside}"]),
+        (4, [f"contract_date: {written[2]!r} is {outside}"]),
+    ]
+    with pytest.raises(DataError) as refused:
+        read_labelled_csv(path, spec)
+    assert (
+        f"column 'contract_date' has 2 unparsable value(s), first at line 3 ({written[1]}); {outside}"
+        in str(refused.value)
+    )
+
+
 def test_a_line_with_more_or_fewer_fields_than_the_header_is_bad(tmp_path: Path, sessions, spec) -> None:
     path = _csv(tmp_path, generate_transactions(4, seed=3))
     lines = path.read_text().splitlines()
