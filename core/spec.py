@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import math
 import unicodedata
@@ -41,14 +42,28 @@ class FeatureType(StrEnum):
 
 
 def lookalike_hint(value: str, categories: tuple[str, ...]) -> str:
-    """For an unknown category that is a known one with blanks around it, or in another Unicode form: say
-    so, as the quotes alone hide it. Categories are matched as written (see README), so it is not stripped
-    or normalized silently."""
+    """For an unknown category that is a known one with blanks around it, in another Unicode form or in
+    other letter case (gangnam-gu, "Queens "): say so, as the quotes alone hide it, or hide it among a long
+    list. Categories are matched as written (see README), so it is not stripped or folded silently."""
     bare = value.strip()
     if bare != value and bare in categories:
         return f" (the category {bare!r} with blanks around it)"
     twin = unicode_twin(value, categories)
-    return f" (the category {twin!r} in another Unicode form{FORMS})" if twin is not None else ""
+    if twin is not None:
+        return f" (the category {twin!r} in another Unicode form{FORMS})"
+    folded = _folded(categories).get(_fold(value))
+    return f" (the category is written {folded!r})" if folded is not None else ""
+
+
+def _fold(text: str) -> str:
+    return unicodedata.normalize("NFC", text.strip()).casefold()
+
+
+@functools.lru_cache(maxsize=64)
+def _folded(categories: tuple[str, ...]) -> dict[str, str]:
+    """Each category by its folded form, the first of any that fold alike; built once per spec, as a file
+    of bad rows asks for every one of them."""
+    return {_fold(c): c for c in reversed(categories)}
 
 
 class SpecError(ValueError):

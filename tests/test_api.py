@@ -1059,13 +1059,19 @@ def test_feedback_on_a_table_that_is_gone_is_a_fault_not_an_outage(client) -> No
 
 
 def test_a_category_or_field_written_otherwise_says_which_it_resembles(client, make_features) -> None:
-    """/predict names a known category sent with blanks around it, or a category or feature name in another
-    Unicode form (macOS writes Korean decomposed, NFD), as ingest and bootstrap do: the quotes alone hide
-    the difference, so "unknown category '아파트'; expected '아파트', …" told the client nothing."""
+    """/predict names a known category sent with blanks around it or in other letter case, or a category or
+    feature name in another Unicode form (macOS writes Korean decomposed, NFD), as ingest and bootstrap do:
+    the quotes alone hide the difference, so "unknown category '아파트'; expected '아파트', …" told the
+    client nothing."""
     response = client.post("/predict", json=make_features(district=" Mapo-gu"))
     assert response.json()["message"].startswith(
         "district: unknown category ' Mapo-gu' (the category 'Mapo-gu' with blanks around it); expected"
     )
+    for sent in ("mapo-gu", "MAPO-GU ", "Mapo-Gu"):  # 25 districts follow: the case hid among them
+        response = client.post("/predict", json=make_features(district=sent))
+        assert response.json()["message"].startswith(
+            f"district: unknown category {sent!r} (the category is written 'Mapo-gu'); expected"
+        )
     spec = parse_spec({
         "dataset": "homes", "target": "가격",
         "features": [{"name": "주택 유형", "type": "categorical", "categories": ["아파트", "빌라"]}],

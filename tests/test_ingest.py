@@ -705,6 +705,12 @@ def test_categories_are_read_as_written_as_bootstrap_reads_them(tmp_path: Path, 
     assert (report.loaded, report.rejected) == (0, [(6, [f"kind: unknown category {blanks}"])])
     with pytest.raises(DataError, match=re.escape(f"line 6 ({blanks})")):
         read_labelled_csv(path, spec)
+    path.write_text(header + "".join(rows) + "2025-06-01T04:00:00+00:00,Office,7,5.5\n")
+    cased = "'Office' (the category is written 'office')"
+    report = ingest_csv(path, spec=spec, sessions=sessions)
+    assert (report.loaded, report.rejected) == (0, [(6, [f"kind: unknown category {cased}"])])
+    with pytest.raises(DataError, match=re.escape(f"line 6 ({cased})")):
+        read_labelled_csv(path, spec)
 
     path.write_text(header + "".join(rows))
     assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 4
