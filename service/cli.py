@@ -224,6 +224,20 @@ def bootstrap(
         )
 
 
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _log_level(text: str) -> str:
+    """A uvicorn log level, refused here by name: uvicorn's own check is a KeyError traceback."""
+    level = text.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise typer.BadParameter(f"{text!r} is not a log level: give one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+LogLevel = Annotated[str, typer.Option(parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ".")]
+
+
 @cli.command()
 def serve(
     host: str = "127.0.0.1",
@@ -231,7 +245,7 @@ def serve(
     no_scheduler: Annotated[
         bool, typer.Option("--no-scheduler", help="API replica: no monitor jobs.")
     ] = False,
-    log_level: str = "info",
+    log_level: LogLevel = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request (metrics count them anyway).")] = False,
 ) -> None:
     """Run the API (and, unless --no-scheduler, the monitor scheduler) in this process."""
@@ -255,7 +269,7 @@ def serve(
 def worker(
     host: str = "127.0.0.1",
     port: int = 9100,
-    log_level: str = "info",
+    log_level: LogLevel = "info",
     access_log: Annotated[
         bool, typer.Option(help="Log every request (health probes and Prometheus scrapes, mostly).")
     ] = False,

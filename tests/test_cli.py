@@ -620,6 +620,8 @@ def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
         (["generate", "."], "generate: cannot write .: . is a directory; give the CSV file to write in it"),
         (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
         (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
+        (["serve", "--log-level", "loud"], "Invalid value for '--log-level': 'loud' is not a log level"),
+        (["worker", "--log-level", "loud"], "Invalid value for '--log-level': 'loud' is not a log level"),
     ],
 )
 def test_a_bad_option_is_a_message_and_exit_2_not_a_traceback(env, tmp_path: Path, args, message) -> None:
