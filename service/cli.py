@@ -236,12 +236,14 @@ def _log_level(text: str) -> str:
 
 
 LogLevel = Annotated[str, typer.Option(parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ".")]
+# uvicorn would bind 70000 as 70000 mod 65536, its log still saying :70000
+Port = Annotated[int, typer.Option(min=1, max=65535)]
 
 
 @cli.command()
 def serve(
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Port = 8000,
     no_scheduler: Annotated[
         bool, typer.Option("--no-scheduler", help="API replica: no monitor jobs.")
     ] = False,
@@ -268,7 +270,7 @@ def serve(
 @cli.command()
 def worker(
     host: str = "127.0.0.1",
-    port: int = 9100,
+    port: Port = 9100,
     log_level: LogLevel = "info",
     access_log: Annotated[
         bool, typer.Option(help="Log every request (health probes and Prometheus scrapes, mostly).")
