@@ -224,14 +224,30 @@ def bootstrap(
         )
 
 
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
+def _log_level(text: str) -> str:
+    """A uvicorn log level, refused here by name: uvicorn's own check is a KeyError traceback."""
+    level = text.strip().lower()
+    if level not in _LOG_LEVELS:
+        raise typer.BadParameter(f"{text!r} is not a log level: give one of {', '.join(_LOG_LEVELS)}")
+    return level
+
+
+LogLevel = Annotated[str, typer.Option(parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ".")]
+# uvicorn would bind 70000 as 70000 mod 65536, its log still saying :70000
+Port = Annotated[int, typer.Option(min=1, max=65535)]
+
+
 @cli.command()
 def serve(
     host: str = "127.0.0.1",
-    port: int = 8000,
+    port: Port = 8000,
     no_scheduler: Annotated[
         bool, typer.Option("--no-scheduler", help="API replica: no monitor jobs.")
     ] = False,
-    log_level: str = "info",
+    log_level: LogLevel = "info",
     access_log: Annotated[bool, typer.Option(help="Log every request (metrics count them anyway).")] = False,
 ) -> None:
     """Run the API (and, unless --no-scheduler, the monitor scheduler) in this process."""
@@ -254,8 +270,8 @@ def serve(
 @cli.command()
 def worker(
     host: str = "127.0.0.1",
-    port: int = 9100,
-    log_level: str = "info",
+    port: Port = 9100,
+    log_level: LogLevel = "info",
     access_log: Annotated[
         bool, typer.Option(help="Log every request (health probes and Prometheus scrapes, mostly).")
     ] = False,

@@ -242,6 +242,21 @@ def test_without_auto_migrate_serve_and_worker_refuse_a_database_with_no_schema(
     assert "Traceback" not in output
 
 
+@pytest.mark.parametrize(("command", "port"), [("serve", "70000"), ("worker", "65536"), ("serve", "0")])
+def test_a_port_outside_1_to_65535_is_refused_not_served_on_another(env, command: str, port: str) -> None:
+    """uvicorn took 70000 as 70000 mod 65536 = 4464, listening there while its log said :70000. A
+    subprocess, so that a server that does start fails the test by its timeout instead of blocking it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", command, "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    output = " ".join(result.stderr.split())
+    assert result.returncode == 2, output
+    assert "Invalid value for '--port': Input should be" in output
+
+
 def test_serve_on_a_spool_directory_another_process_owns_is_refused(env, tmp_path: Path) -> None:
     """A second `driftloop serve` started from the same working directory (the default var/spool) exits 2
     naming the directory and its owner, rather than share the spool with the first."""
@@ -620,6 +635,8 @@ def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
         (["generate", "."], "generate: cannot write .: . is a directory; give the CSV file to write in it"),
         (["demo", "--scenario", "rate-shock"], "demo: unknown scenario 'rate-shock'; choose one of"),
         (["ingest", "missing.csv", "--show", "-1"], "Invalid value for '--show'"),
+        (["serve", "--log-level", "loud"], "Invalid value for '--log-level': 'loud' is not a log level"),
+        (["worker", "--log-level", "loud"], "Invalid value for '--log-level': 'loud' is not a log level"),
     ],
 )
 def test_a_bad_option_is_a_message_and_exit_2_not_a_traceback(env, tmp_path: Path, args, message) -> None:
