@@ -254,7 +254,7 @@ def test_a_port_outside_1_to_65535_is_refused_not_served_on_another(env, command
     )
     output = " ".join(result.stderr.split())
     assert result.returncode == 2, output
-    assert "Invalid value for '--port': Input should be" in output
+    assert "Invalid value for '--port':" in output  # its wording differs between typer releases
 
 
 def test_serve_on_a_spool_directory_another_process_owns_is_refused(env, tmp_path: Path) -> None:
