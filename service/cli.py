@@ -235,7 +235,18 @@ def _log_level(text: str) -> str:
     return level
 
 
-LogLevel = Annotated[str, typer.Option(parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ".")]
+def _log_at(level: str) -> None:
+    """driftloop's own loggers at `level` too, not only uvicorn's (which uvicorn sets): at warning, a replica
+    went on logging every champion poll and monitor run at INFO."""
+    logging.getLogger().setLevel(logging.DEBUG if level == "trace" else level.upper())
+
+
+LogLevel = Annotated[
+    str,
+    typer.Option(
+        parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ": uvicorn's and driftloop's logs."
+    ),
+]
 # uvicorn would bind 70000 as 70000 mod 65536, its log still saying :70000
 Port = Annotated[int, typer.Option(min=1, max=65535)]
 
@@ -255,6 +266,7 @@ def serve(
 
     from service.app import create_app
 
+    _log_at(log_level)
     settings = _settings()
     _spec(settings)  # refused here, by name, rather than as a traceback from the app's start
     # Without auto_migrate, a schema the migrate job has not brought up yet is refused here too, rather than
@@ -281,6 +293,7 @@ def worker(
 
     from service.worker import create_worker_app
 
+    _log_at(log_level)
     settings = _settings()
     _spec(settings)
     _open_database(settings, migrate=settings.auto_migrate)
@@ -534,7 +547,7 @@ def _version(text: str) -> int:
 
 @cli.command()
 def promote(
-    version: Annotated[int, typer.Argument(parser=_version, metavar="VERSION")],
+    version: Annotated[int, typer.Argument(parser=_version, metavar="VERSION", help="2 or v2.")],
     reason: Annotated[str, typer.Option(help="Why; required to promote a version the gate rejected.")] = "",
 ) -> None:
     """Make VERSION the champion; serving processes swap within their poll interval."""

@@ -384,6 +384,29 @@ def test_serve_runs_the_scheduler_as_driftloop_scheduler_and_no_scheduler_say(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("command", [("serve",), ("worker",)])
+def test_log_level_quiets_driftloop_s_own_logs_as_well_as_uvicorn_s(
+    champion, db_url, tmp_path, command
+) -> None:
+    """--log-level set uvicorn's loggers only: at warning, driftloop's INFO lines (the champion loaded, the
+    scheduler started) went on."""
+    settings = make_settings(db_url, tmp_path, monitor_interval_s=3600)
+    logs = []
+    for level in ("info", "warning"):
+        server = start_server(settings, tmp_path, command=(*command, "--log-level", level))
+        try:
+            assert server.get("/health").status_code == 200
+        finally:
+            assert server.proc.poll() is None
+            server.proc.terminate()
+            server.proc.wait(timeout=60)
+        logs.append(server.log())
+    loud, quiet = ([line for line in log.splitlines() if " INFO " in line] for log in logs)
+    assert any(" INFO driftloop." in line for line in loud), logs[0]
+    assert quiet == [], logs[1]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_a_client_gone_mid_body_is_counted_as_499_not_as_our_fault(champion, db_url, tmp_path) -> None:
     """A client that hangs up before its body is in is no fault of ours: not an internal error in the log,
     not a 500 in the error counters HighErrorRate watches, but 499 (nginx's "client closed request")."""
