@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import re
+import threading
 import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1081,3 +1082,21 @@ def test_a_category_or_field_written_otherwise_says_which_it_resembles(client, m
         spec.request_model().model_validate({nfd[1]: "빌라"})
     messages = [describe(e, spec) for e in caught.value.errors()]
     assert {"field": nfd[1], "message": f"unknown field (the feature '주택 유형' {form})"} in messages
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_ready_answers_and_names_a_database_that_does_not_reply(client, pg_cluster) -> None:
+    """A frozen server (its connections open, no reply) held /ready until TCP gave up: every replica failed
+    its readiness probe at once, and predictions, which the spool keeps going, stopped with it."""
+    answers: list[Any] = []
+    with pg_cluster.frozen():
+        probe = threading.Thread(target=lambda: answers.append(client.get("/ready")), daemon=True)
+        probe.start()
+        probe.join(30)  # the bound of a hang, not a speed check: the probe's own wait is 1 s
+        assert answers, "/ready did not answer while the database hung"
+    ready = answers[0]
+    assert (ready.status_code, ready.json()["ready"]) == (200, True)
+    [problem] = ready.json()["problems"]
+    assert problem.startswith("database not answering: SELECT 1 has waited ")
+    assert client.get("/ready").json()["problems"] == []  # the hung check ends with the freeze
