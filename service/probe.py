@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
+_POLL_S = 0.01
 # Under the readiness probe's own timeout (3 s in deploy/k8s), so /ready answers before the kubelet gives up.
 TIMEOUT_S = 1.0
 
@@ -19,7 +21,8 @@ class DatabaseProbe:
     packets) would otherwise hold /ready, and the thread it runs on, until TCP gives up, which can take
     minutes: every replica would fail its readiness probe at once and stop serving predictions, which the
     spool keeps going through a database outage. At most one check is in flight; while it hangs, later
-    calls report how long it has waited instead of starting another.
+    calls report how long it has waited instead of starting another. The wait is asynchronous: requests
+    hung on the database can hold every thread of the pool sync routes share, and /ready needs none.
     """
 
     def __init__(
@@ -31,7 +34,7 @@ class DatabaseProbe:
         self._lock = threading.Lock()
         self._inflight: tuple[threading.Thread, float, list[str | None]] | None = None
 
-    def problem(self) -> str | None:
+    async def problem(self) -> str | None:
         """None when the database answered; else what is wrong with it, in one line."""
         with self._lock:
             if self._inflight is None or not self._inflight[0].is_alive():
@@ -42,7 +45,9 @@ class DatabaseProbe:
                 thread.start()
                 self._inflight = (thread, self._clock(), outcome)
             thread, started, outcome = self._inflight
-        thread.join(self._timeout_s)
+        deadline = self._clock() + self._timeout_s
+        while thread.is_alive() and self._clock() < deadline:
+            await asyncio.sleep(_POLL_S)
         if thread.is_alive():
             return (
                 f"database not answering: SELECT 1 has waited {self._clock() - started:.1f} s; predictions "

@@ -990,8 +990,8 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
 def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
     champion, db_url: str, tmp_path: Path, make_features, monkeypatch
 ) -> None:
-    """Each waiting request holds one of the threads /ready also needs (60 held it for 4 s on a live serve):
-    past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
+    """Each waiting request holds one of the threads sync routes share (60 held /ready for 4 s on a live
+    serve): past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
     monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 3)
     with writer_not_running(db_url, tmp_path) as (client, ctx):
         pid = client.post("/predict", json=make_features()).json()["prediction_id"]

@@ -13,7 +13,7 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", summary="Readiness: a champion is loaded and every answer is logged or spooled")
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """503 only when this replica cannot answer, or would lose what it answers. A database outage alone is
     a problem to name, not a reason to leave the load balancer: answers go to the spool and are replayed,
     and every replica shares the database, so taking them all out would only turn an outage of labels and
@@ -27,7 +27,7 @@ def ready(request: Request) -> JSONResponse:
     if ctx.logger.losing_rows:
         problems.append("database unreachable and the spool write failing: answered predictions are dropped")
     ready = not problems
-    if database := ctx.db_probe.problem():
+    if database := await ctx.db_probe.problem():
         problems.append(database)
     # A champion that failed to load while an older one answers is worth an operator's look, not a reason
     # to take the replica out of the load balancer.
