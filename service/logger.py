@@ -182,9 +182,16 @@ class PredictionLogger:
         if self._thread is None:
             self._run()  # never started: drain in the caller
         else:
-            self._thread.join(timeout)
+            # A writer hung on the database would spend the orchestrator's whole grace period here: give up
+            # on it as soon as its call counts as hung.
+            deadline = self._clock() + timeout
+            while self._thread.is_alive() and self._clock() < deadline and not self._stalled():
+                self._thread.join(min(self._flush_interval_s, max(0.0, deadline - self._clock())))
             if self._thread.is_alive():
-                log.error("prediction logger did not drain within %.1f s; spooling what it holds", timeout)
+                log.error(
+                    "prediction logger did not drain (%s); spooling what it holds",
+                    "a database write hung" if self._stalled() else f"within {timeout:.1f} s",
+                )
                 self._settle_on_spool(self._inflight)
         if self._watchdog is not None:
             self._watchdog.join(timeout)
@@ -222,12 +229,16 @@ class PredictionLogger:
                 log.exception("prediction logger: unexpected error; DROPPED %d rows", len(lost))
                 self._stopping.wait(self._flush_interval_s)
 
+    def _stalled(self) -> bool:
+        since = self._db_call_since
+        return since is not None and self._clock() - since >= self._stall_s
+
     def _watch(self) -> None:
         """While a database call hangs, move the queue to the spool every flush interval."""
         warned_for: float | None = None
         while not self._stopping.wait(self._flush_interval_s):
             since = self._db_call_since
-            if since is None or self._clock() - since < self._stall_s:
+            if since is None or not self._stalled():
                 continue
             if warned_for != since:
                 warned_for = since

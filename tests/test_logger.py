@@ -634,3 +634,29 @@ def test_rows_queued_while_a_database_write_hangs_go_to_the_spool(
     assert h.logger.flush(timeout=30)
     assert sorted(stored(engine)) == sorted(r.id for r in rows)
     assert h.counts() == {"logged": 1, "spooled": 29, "replayed": 29, "dropped": 0}
+
+
+def test_stop_does_not_wait_out_its_timeout_for_a_hung_database_write(
+    harness: Callable[..., Harness], engine: Engine
+) -> None:
+    """SIGTERM with PostgreSQL frozen took 40 s live: 30 of them the drain waiting on a write that could not
+    return, of a 45 s grace period. Once the write counts as hung, stop spools what the writer holds."""
+    h = harness(batch_size=10, stall_s=0.2)
+    rows = [make_row(i) for i in range(30)]
+    with engine.connect() as blocker:
+        if engine.dialect.name == "postgresql":
+            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
+        else:
+            blocker.execute(
+                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
+            )
+        for row in rows:
+            h.logger.submit(row)
+        h.logger.start()
+        until(lambda: len(h.logger) == 20, "the writer to take its first batch")
+        stopping = threading.Thread(target=h.logger.stop, kwargs={"timeout": 600}, daemon=True)
+        stopping.start()
+        until(lambda: not stopping.is_alive(), "stop to give up on the hung write", timeout=60)
+        assert h.spool.pending_rows() == 30
+        blocker.rollback()
+    until(lambda: len(stored(engine)) == 10, "the hung batch, written once the lock is gone")
