@@ -184,9 +184,9 @@ class PredictionLogger:
         else:
             # A writer hung on the database would spend the orchestrator's whole grace period here: give up
             # on it as soon as its call counts as hung.
-            deadline = self._clock() + timeout
-            while self._thread.is_alive() and self._clock() < deadline and not self._stalled():
-                self._thread.join(min(self._flush_interval_s, max(0.0, deadline - self._clock())))
+            deadline = time.monotonic() + timeout  # real time, as join's: an injected clock may stand still
+            while self._thread.is_alive() and time.monotonic() < deadline and not self._stalled():
+                self._thread.join(min(self._flush_interval_s, max(0.0, deadline - time.monotonic())))
             if self._thread.is_alive():
                 log.error(
                     "prediction logger did not drain (%s); spooling what it holds",
