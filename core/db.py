@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 if TYPE_CHECKING:
@@ -123,7 +124,12 @@ def error_line(exc: BaseException) -> str:
 
 def unreachable(exc: BaseException) -> bool:
     """The database could not be reached (refused, shutting down, the connection dropped, SQLite's lock not
-    given up in time or its file gone): a condition to wait out, not a fault. A missing table is a fault."""
+    given up in time or its file gone): a condition to wait out, not a fault. A missing table is a fault.
+
+    So is no pooled connection freed within the pool's timeout: every one is held by a request waiting on a
+    database that accepts connections but does not reply."""
+    if isinstance(exc, PoolTimeout):
+        return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True
     if not isinstance(exc, OperationalError):

@@ -17,7 +17,7 @@ from sqlalchemy import case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import utcnow
+from core.db import error_line, utcnow
 from core.metrics import Metrics
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus, Trigger
 from retrain import RETRAIN_LOGGER
@@ -114,6 +114,7 @@ class Heartbeat:
         self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"retrain-heartbeat-{run_id}", daemon=True)
+        self._failing = False  # the last beat failed; logged once, when it began
 
     def __enter__(self) -> Heartbeat:
         self._beat()
@@ -136,8 +137,17 @@ class Heartbeat:
                     .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
                     .values(heartbeat_at=utcnow())
                 )
-        except Exception:  # the database may be briefly away; the next beat tries again
-            log.warning("retrain run %s: heartbeat failed", self._run_id, exc_info=True)
+        except Exception as exc:  # the database may be briefly away; the next beat tries again
+            if not self._failing:  # once per outage: a traceback every beat buried the run's own log
+                log.warning(
+                    "retrain run %s: heartbeat failed (%s); retrying every %g s, logged again when it beats",
+                    self._run_id, error_line(exc), self._interval_s,
+                )  # fmt: skip
+            self._failing = True
+        else:
+            if self._failing:
+                log.info("retrain run %s: heartbeat renewed again", self._run_id)
+            self._failing = False
 
 
 def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:

@@ -22,6 +22,7 @@ from service import errors
 from service.holder import ModelHolder
 from service.logger import PredictionLogger
 from service.middleware import BodyLimit, Faults, RequestMetrics
+from service.probe import DatabaseProbe
 from service.routes import feedback, loop, models, ops, predict
 from service.spool import Spool
 
@@ -40,6 +41,7 @@ class ServiceContext:
     holder: ModelHolder
     logger: PredictionLogger
     loop: Loop
+    db_probe: DatabaseProbe
 
 
 def build_context(settings: Settings, *, prom_registry: CollectorRegistry | None = None) -> ServiceContext:
@@ -69,6 +71,7 @@ def build_context(settings: Settings, *, prom_registry: CollectorRegistry | None
         holder=ModelHolder(registry, metrics, poll_s=settings.champion_poll_s, spec=spec),
         logger=logger,
         loop=Loop(settings=settings, spec=spec, sessions=sessions, registry=registry, metrics=metrics),
+        db_probe=DatabaseProbe(engine),
     )
 
 

@@ -5,7 +5,10 @@ database fails, the batch goes to the disk spool and later batches follow it the
 `replay_interval_s` the writer tries the database again by replaying the oldest segment. Inserts are
 idempotent (ON CONFLICT DO NOTHING), so a commit whose acknowledgement was lost, or a crash between
 commit and segment removal, never duplicates a row. A full queue spills the row to the spool instead of
-blocking or dropping it.
+blocking or dropping it. A database write that has not returned for `stall_s` (a server that accepts
+connections but does not reply gives no error for minutes) does not keep the queue in memory meanwhile: a
+watchdog thread moves it to the spool every flush interval, so a process killed then loses at most the batch
+the writer holds.
 
 Counters: each submitted row is counted once as `logged` (inserted directly) or `spooled`; a spooled
 row is later counted `replayed` once it is confirmed in the database. `dropped` counts rows the spool
@@ -37,6 +40,10 @@ log = logging.getLogger("driftloop.logger")
 
 Row = dict[str, Any]
 
+# A database call running this long is taken as hung: the queue goes to the spool meanwhile. Well above a
+# healthy batch insert (milliseconds), so a slow moment only costs a replay.
+STALL_S = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class LogRow:
@@ -65,9 +72,10 @@ class PredictionLogger:
         batch_size: int,
         flush_interval_s: float,
         replay_interval_s: float,
+        stall_s: float = STALL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`clock` (monotonic seconds) times the database retries and the batch-fill deadline."""
+        """`clock` (monotonic seconds) times the database retries, the batch-fill deadline and stalls."""
         self._engine = _engine_of(engine_or_sessions)
         self._upsert = _idempotent_insert(self._engine)
         self._spool = spool
@@ -87,6 +95,9 @@ class PredictionLogger:
         self._closed = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
+        self._stall_s = stall_s
+        self._db_call_since: float | None = None  # when the writer's current database call began
         self._inflight: list[LogRow] = []
         self._next_db_attempt = float("-inf")
         self._degraded = False
@@ -126,6 +137,8 @@ class PredictionLogger:
                      self._spool.directory)  # fmt: skip
         self._thread = threading.Thread(target=self._run, name="prediction-logger", daemon=True)
         self._thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="prediction-logger-watchdog", daemon=True)
+        self._watchdog.start()
 
     def submit(self, row: LogRow) -> None:
         """Enqueue a row; never blocks on the database. A full queue spills it to the spool (slow, rare)."""
@@ -169,10 +182,19 @@ class PredictionLogger:
         if self._thread is None:
             self._run()  # never started: drain in the caller
         else:
-            self._thread.join(timeout)
+            # A writer hung on the database would spend the orchestrator's whole grace period here: give up
+            # on it as soon as its call counts as hung.
+            deadline = time.monotonic() + timeout  # real time, as join's: an injected clock may stand still
+            while self._thread.is_alive() and time.monotonic() < deadline and not self._stalled():
+                self._thread.join(min(self._flush_interval_s, max(0.0, deadline - time.monotonic())))
             if self._thread.is_alive():
-                log.error("prediction logger did not drain within %.1f s; spooling what it holds", timeout)
+                log.error(
+                    "prediction logger did not drain (%s); spooling what it holds",
+                    "a database write hung" if self._stalled() else f"within {timeout:.1f} s",
+                )
                 self._settle_on_spool(self._inflight)
+        if self._watchdog is not None:
+            self._watchdog.join(timeout)
         with self._cond:
             self._closed = True  # from here on, submit() spills straight to the spool
         self._settle_on_spool(_drain(self._queue))
@@ -206,6 +228,28 @@ class PredictionLogger:
                 self._finish(len(lost), [str(getattr(r, "id", "")) for r in lost])
                 log.exception("prediction logger: unexpected error; DROPPED %d rows", len(lost))
                 self._stopping.wait(self._flush_interval_s)
+
+    def _stalled(self) -> bool:
+        since = self._db_call_since
+        return since is not None and self._clock() - since >= self._stall_s
+
+    def _watch(self) -> None:
+        """While a database call hangs, move the queue to the spool every flush interval."""
+        warned_for: float | None = None
+        while not self._stopping.wait(self._flush_interval_s):
+            since = self._db_call_since
+            if since is None or not self._stalled():
+                continue
+            if warned_for != since:
+                warned_for = since
+                log.warning(
+                    "prediction log: a database write has not returned for %.0f s; spooling the queue to %s "
+                    "meanwhile", self._clock() - since, self._spool.directory,
+                )  # fmt: skip
+            try:
+                self._settle_on_spool(_drain(self._queue))
+            except Exception:  # never let the watchdog die; the writer still holds the queue's rows
+                log.exception("prediction logger watchdog: unexpected error")
 
     def _idle_wait(self) -> float:
         if self._degraded and self._spool.pending_rows() > 0:
@@ -300,15 +344,19 @@ class PredictionLogger:
     def _insert(self, rows: list[Row]) -> None:
         if not rows:
             return
-        with self._engine.begin() as conn:
-            if self._upsert is not None:
-                conn.execute(self._upsert, rows)
-                return
-            ids = [r["id"] for r in rows]  # a dialect without ON CONFLICT: skip ids already present
-            present = set(conn.scalars(select(PredictionLog.id).where(PredictionLog.id.in_(ids))))
-            fresh = [r for r in rows if r["id"] not in present]
-            if fresh:
-                conn.execute(insert(PredictionLog), fresh)
+        self._db_call_since = self._clock()
+        try:
+            with self._engine.begin() as conn:
+                if self._upsert is not None:
+                    conn.execute(self._upsert, rows)
+                    return
+                ids = [r["id"] for r in rows]  # a dialect without ON CONFLICT: skip ids already present
+                present = set(conn.scalars(select(PredictionLog.id).where(PredictionLog.id.in_(ids))))
+                fresh = [r for r in rows if r["id"] not in present]
+                if fresh:
+                    conn.execute(insert(PredictionLog), fresh)
+        finally:
+            self._db_call_since = None
 
     def _db_due(self) -> bool:
         return self._clock() >= self._next_db_attempt

@@ -12,9 +12,12 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -149,6 +152,31 @@ class PgCluster:
         if not self.running:
             return
         self._run("pg_ctl", "stop", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60")
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP the postmaster and its backends: connections open and queries sent get no reply (a hung
+        server, a stalled disk), unlike stop(), which refuses them at once. SIGCONT on the way out."""
+        pids = self._server_pids()
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
+    def _server_pids(self) -> list[int]:
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended while we looked
+                continue
+            if int(fields[1]) == postmaster:
+                children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     def restart(self) -> None:
         self.stop()

@@ -5,6 +5,7 @@ import gzip
 import json
 import math
 import re
+import threading
 import unicodedata
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -989,8 +990,8 @@ def test_feedback_for_a_prediction_not_yet_stored_is_retried_not_unknown(
 def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
     champion, db_url: str, tmp_path: Path, make_features, monkeypatch
 ) -> None:
-    """Each waiting request holds one of the threads /ready also needs (60 held it for 4 s on a live serve):
-    past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
+    """Each waiting request holds one of the threads sync routes share (60 held /ready for 4 s on a live
+    serve): past MAX_WAITING, a label for a prediction not stored yet is told to retry at once."""
     monkeypatch.setattr("service.routes.feedback.IN_FLIGHT_WAIT_S", 3)
     with writer_not_running(db_url, tmp_path) as (client, ctx):
         pid = client.post("/predict", json=make_features()).json()["prediction_id"]
@@ -1087,3 +1088,21 @@ def test_a_category_or_field_written_otherwise_says_which_it_resembles(client, m
         spec.request_model().model_validate({nfd[1]: "빌라"})
     messages = [describe(e, spec) for e in caught.value.errors()]
     assert {"field": nfd[1], "message": f"unknown field (the feature '주택 유형' {form})"} in messages
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_ready_answers_and_names_a_database_that_does_not_reply(client, pg_cluster) -> None:
+    """A frozen server (its connections open, no reply) held /ready until TCP gave up: every replica failed
+    its readiness probe at once, and predictions, which the spool keeps going, stopped with it."""
+    answers: list[Any] = []
+    with pg_cluster.frozen():
+        probe = threading.Thread(target=lambda: answers.append(client.get("/ready")), daemon=True)
+        probe.start()
+        probe.join(30)  # the bound of a hang, not a speed check: the probe's own wait is 1 s
+        assert answers, "/ready did not answer while the database hung"
+    ready = answers[0]
+    assert (ready.status_code, ready.json()["ready"]) == (200, True)
+    [problem] = ready.json()["problems"]
+    assert problem.startswith("database not answering: SELECT 1 has waited ")
+    assert client.get("/ready").json()["problems"] == []  # the hung check ends with the freeze

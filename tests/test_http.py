@@ -9,12 +9,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import psycopg
 import pytest
 from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bench.loadgen import LoadResult, json_payloads, run_load
 from core.db import make_engine, make_sessions, unreachable
@@ -186,6 +188,57 @@ def test_a_replica_that_can_neither_log_nor_spool_is_not_ready(
 def test_only_a_database_outage_is_one_to_wait_out(cause: Exception, outage: bool) -> None:
     """503 'retry' for what passes (the connection, a lock, the server shutting down), 500 for a fault."""
     assert unreachable(OperationalError("SELECT 1", {}, cause)) is outage
+
+
+def test_a_pool_with_no_connection_free_in_time_is_an_outage_to_wait_out() -> None:
+    """Every pooled connection held by a request waiting on a database that does not reply."""
+    assert unreachable(PoolTimeout("QueuePool limit of size 5 overflow 10 reached")) is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_database_that_does_not_reply_leaves_ready_and_predict_answering_and_labels_503(
+    champion, db_url, pg_cluster, tmp_path
+) -> None:
+    """A frozen PostgreSQL (connections open, no reply): 60 labels posted at once hold every thread sync
+    routes share, and /ready, which needed one, went unanswered; those that found no pooled connection within
+    its 30 s were a 500 with a traceback. /ready answers, names it, and stays 200; those labels are 503."""
+    server = start_server(make_settings(db_url, tmp_path), tmp_path)
+    try:
+        answered = httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).json()["prediction_id"]
+        wait_until(lambda: answered in logged_ids(db_url), timeout=30, what="the prediction to be stored")
+        label = [{"prediction_id": answered, "actual": 1.0}]
+        answers: list[httpx.Response] = []
+
+        def post_label() -> None:
+            answers.append(httpx.post(f"{server.url}/feedback", json=label, timeout=120))
+
+        with pg_cluster.frozen():
+            posts = [in_background(post_label) for _ in range(60)]
+            time.sleep(
+                5
+            )  # pacing, not an assertion: the posts take every thread long before the pool gives up
+            ready = httpx.get(f"{server.url}/ready", timeout=15)
+            assert (ready.status_code, ready.json()["ready"]) == (200, True), ready.text
+            assert ready.json()["problems"][0].startswith("database not answering: SELECT 1 has waited ")
+            assert httpx.post(f"{server.url}/predict", json=INSTANCE, timeout=30).status_code == 200
+            wait_until(lambda: answers, timeout=60, what="the first label to find no pooled connection")
+        for post in posts:
+            post.join(timeout=120)
+        statuses = {a.status_code for a in answers}
+        assert len(answers) == 60 and statuses <= {200, 503}, [
+            a.text for a in answers if a.status_code != 200
+        ]
+        assert 503 in statuses
+        unavailable = next(a for a in answers if a.status_code == 503)
+        assert unavailable.headers.get("retry-after") == "5"
+        assert unavailable.json() == {
+            "error": "unavailable",
+            "message": "database unavailable: nothing was stored; retry the same request",
+        }
+    finally:
+        assert server.terminate()
+    assert "internal error on" not in server.log()
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

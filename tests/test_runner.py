@@ -15,6 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import utcnow
@@ -304,3 +305,44 @@ def test_launch_while_a_run_is_in_progress_is_refused_at_once(
     assert refused.value.run_id == running
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(RetrainRun)) == 1
+
+
+class FlakySessions:
+    """A sessionmaker whose database is away while `down`: begin() fails as an unreachable server does."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions, self.down, self.attempts = sessions, True, 0
+
+    def begin(self) -> Any:
+        self.attempts += 1
+        if self.down:
+            raise OperationalError("UPDATE retrain_run", {}, ConnectionRefusedError("connection refused"))
+        return self.sessions.begin()
+
+
+def test_a_heartbeat_in_a_database_outage_logs_once_when_it_fails_and_once_when_it_beats_again(
+    sessions: sessionmaker[Session], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A traceback every beat (7 in a live run's 20 s outage) buried the run's own log."""
+    run_id = start_run(sessions, trigger="manual", now=utcnow() - timedelta(minutes=10))
+    flaky = FlakySessions(sessions)
+    with caplog.at_level("INFO", logger="driftloop.retrain"), Heartbeat(flaky, run_id, interval_s=0.01):  # type: ignore[arg-type]
+        wait_until(lambda: flaky.attempts >= 5, timeout=30, what="five beats in the outage")
+        flaky.down = False
+        wait_until(
+            lambda: run_row(sessions, run_id).heartbeat_at > utcnow() - timedelta(seconds=5),
+            timeout=30,
+            what="a beat once the database is back",
+        )
+    beats = [
+        (r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if "heartbeat" in r.getMessage()
+    ]
+    assert beats == [
+        (
+            "WARNING",
+            f"retrain run {run_id}: heartbeat failed (OperationalError: (builtins.ConnectionRefusedError) "
+            "connection refused); retrying every 0.01 s, logged again when it beats",
+            None,
+        ),
+        ("INFO", f"retrain run {run_id}: heartbeat renewed again", None),
+    ]

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
 from core.db import unreachable, utcnow
@@ -81,7 +82,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             )
         try:
             result = _upsert_retrying(ctx.sessions, labels)
-        except OperationalError as exc:
+        except (OperationalError, PoolTimeout) as exc:
             if not unreachable(exc):  # SQL the database cannot run (no such table): a fault, a 500
                 raise
             raise HTTPException(

@@ -3,7 +3,6 @@
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 
 router = APIRouter(tags=["operations"])
 
@@ -14,7 +13,7 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready", summary="Readiness: a champion is loaded and every answer is logged or spooled")
-def ready(request: Request) -> JSONResponse:
+async def ready(request: Request) -> JSONResponse:
     """503 only when this replica cannot answer, or would lose what it answers. A database outage alone is
     a problem to name, not a reason to leave the load balancer: answers go to the spool and are replayed,
     and every replica shares the database, so taking them all out would only turn an outage of labels and
@@ -28,14 +27,8 @@ def ready(request: Request) -> JSONResponse:
     if ctx.logger.losing_rows:
         problems.append("database unreachable and the spool write failing: answered predictions are dropped")
     ready = not problems
-    try:
-        with ctx.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-    except Exception as exc:
-        problems.append(
-            f"database unreachable: {exc.__class__.__name__}; predictions go to the spool and are replayed "
-            "when it answers, labels and model operations are refused"
-        )
+    if database := await ctx.db_probe.problem():
+        problems.append(database)
     # A champion that failed to load while an older one answers is worth an operator's look, not a reason
     # to take the replica out of the load balancer.
     if served is not None and failure is not None:
