@@ -7,6 +7,7 @@ The port is chosen once, so `stop()` then `start()` comes back on the same port 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import pwd
 import re
@@ -159,12 +160,12 @@ class PgCluster:
         server, a stalled disk), unlike stop(), which refuses them at once. SIGCONT on the way out."""
         pids = self._server_pids()
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
+            _signal(pid, signal.SIGSTOP)
         try:
             yield
         finally:
             for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+                _signal(pid, signal.SIGCONT)
 
     def _server_pids(self) -> list[int]:
         postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
@@ -330,3 +331,10 @@ def _ensure_os_user(user: str) -> None:
         pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", user], check=True)
+
+
+def _signal(pid: int, signum: int) -> None:
+    """A backend may end between the look at /proc and the signal: one exiting then is reaped by the
+    postmaster as soon as it runs again (seen once: ProcessLookupError on SIGCONT)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signum)
