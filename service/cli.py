@@ -237,8 +237,10 @@ def _log_level(text: str) -> str:
 
 def _log_at(level: str) -> None:
     """driftloop's own loggers at `level` too, not only uvicorn's (which uvicorn sets): at warning, a replica
-    went on logging every champion poll and monitor run at INFO."""
-    logging.getLogger().setLevel(logging.DEBUG if level == "trace" else level.upper())
+    went on logging every champion poll and monitor run at INFO. `main` has set info, the default; setting it
+    again would only change a caller's logging (a test's, running the command in its own process)."""
+    if level != "info":
+        logging.getLogger().setLevel(logging.DEBUG if level == "trace" else level.upper())
 
 
 LogLevel = Annotated[
