@@ -1,8 +1,10 @@
 """The HTTP contract in-process (httpx over ASGI): bad input names the field, nothing is logged."""
 
+import asyncio
 import dataclasses
 import gzip
 import json
+import logging
 import math
 import re
 import threading
@@ -22,6 +24,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 from sqlalchemy import func, select, text
+from starlette.requests import ClientDisconnect
 
 from core.metrics import VALUE_BUCKETS, build_metrics, prediction_buckets
 from core.registry import sha256_file
@@ -33,6 +36,7 @@ from retrain.train import predict
 from service.app import create_app
 from service.errors import describe
 from service.lean import LeanRoute, StrictJsonRoute
+from service.middleware import Faults
 from service.process import free_port
 from service.routes.feedback import FeedbackResult
 from tests.conftest import make_settings, register_copy
@@ -449,6 +453,33 @@ def test_head_is_answered_as_get_without_the_body(client) -> None:
     refused = client.head("/predict")
     assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
     assert logged_rows(client) == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "line"),
+    [
+        (ClientDisconnect(), "client closed the connection before its body was in: POST"),
+        (RuntimeError(), "internal error on POST"),
+    ],
+)
+def test_a_newline_in_the_path_cannot_write_a_log_line(fault, line, caplog) -> None:
+    """Logged decoded, `/models/1%0A<a line of one's own>/promote` wrote that line into the service log,
+    from any client that hung up mid-body (the route matches before the version is checked)."""
+
+    async def app(scope, receive, send) -> None:
+        raise fault
+
+    async def send(message) -> None:
+        pass
+
+    forged = "2026-01-01 00:00:00,000 CRITICAL driftloop.service: forged"
+    scope = {
+        "type": "http", "method": "POST", "headers": [], "path": f"/models/1\n{forged}/promote",
+        "raw_path": f"/models/1%0A{forged.replace(' ', '%20')}/promote".encode(),
+    }  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="driftloop.service"):
+        asyncio.run(Faults(app)(scope, None, send))
+    assert caplog.messages == [f"{line} /models/1%0A{forged.replace(' ', '%20')}/promote"]
 
 
 def test_every_feedback_outcome_is_exported_before_the_first_label(client) -> None:
