@@ -521,13 +521,16 @@ def test_whitespace_around_the_configured_token_is_not_part_of_it(champion, db_u
         )
 
 
-def test_models_list_and_lineage(client) -> None:
+def test_models_list_and_lineage(client, champion) -> None:
     assert [m["version"] for m in client.get("/models").json()] == [1]
     v1 = client.get("/models/1").json()
     assert v1["status"] == "champion"
     assert v1["lineage"]["trigger"] == "bootstrap"
     assert v1["lineage"]["training_window"]["rows"] == 2400
     assert v1["lineage"]["replaced_version"] is None
+    # an open route: the server's file system is not the API's business, as for a report's page
+    assert "artifact_path" not in v1 and "reference_path" not in v1
+    assert (v1["sha256"], v1["reference_sha256"]) == (champion.sha256, champion.reference_sha256)
     missing = client.get("/models/7")
     assert (missing.status_code, missing.json()["message"]) == (404, "model version 7 does not exist")
 
