@@ -372,6 +372,16 @@ def test_a_feedback_token_guards_the_labels_and_the_admin_token_opens_it_too(
         assert "label-writer" not in client.get("/metrics").text
 
 
+@pytest.mark.parametrize(("token", "warned"), [(None, True), ("", True), ("label-writer", False)])
+def test_open_labels_are_warned_of_at_start(champion, db_url, tmp_path, caplog, token, warned) -> None:
+    """/feedback is open without DRIFTLOOP_FEEDBACK_TOKEN: said in the service log, not only the README."""
+    app = create_app(make_settings(db_url, tmp_path, feedback_token=token), scheduler=False)
+    with caplog.at_level(logging.WARNING, logger="driftloop.service"), TestClient(app):
+        pass
+    open_labels = [m for m in caplog.messages if m.startswith("DRIFTLOOP_FEEDBACK_TOKEN is not set: ")]
+    assert len(open_labels) == warned
+
+
 def test_feedback_with_two_labels_for_one_prediction_stores_nothing(client, make_features) -> None:
     pid = client.post("/predict", json=make_features()).json()["prediction_id"]
     same = [{"prediction_id": pid, "actual": 90000.0}] * 2
