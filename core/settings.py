@@ -167,6 +167,27 @@ class Settings(BaseSettings):
             raise ValueError(f"the driver of {url.drivername!r} is not installed ({example})") from None
         return value
 
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        """A URL httpx cannot POST to is refused here, by name and not echoed (it may hold a key), rather
+        than at the first notification: httpx's InvalidURL escaped every delivery run, and the row ended
+        failed as if its worker had died."""
+        if value is None:
+            return None
+        import httpx
+
+        example = "e.g. https://hooks.slack.com/services/…"
+        try:
+            url = httpx.URL(value)
+        except httpx.InvalidURL:  # its message can quote the URL: not passed on
+            raise ValueError(
+                f"not a URL: a bad port, a control character or an unclosed '[' ({example})"
+            ) from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"must be an http:// or https:// URL with a host ({example})")
+        return value
+
     @model_validator(mode="after")
     def _reachable_minimums(self) -> Settings:
         """A minimum above the window it is counted in is never met, and would turn its rule off unnoticed:

@@ -88,6 +88,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.feedback_token is None:  # documented, but a default that lets anyone steer retraining
+            log.warning(
+                "DRIFTLOOP_FEEDBACK_TOKEN is not set: POST /feedback stores labels, which decide what a "
+                "retrain learns and what its gate judges by, from any client that can reach this API"
+            )
         ctx.logger.start()
         ctx.holder.start()
         if run_scheduler:

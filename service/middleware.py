@@ -55,12 +55,12 @@ class Faults:
         try:
             await self.app(scope, receive, send_wrapper)
         except ClientDisconnect:
-            method, path = scope.get("method"), scope.get("path")
+            method, path = scope.get("method"), loggable_path(scope)
             log.info("client closed the connection before its body was in: %s %s", method, path)
         except Exception as exc:
             if started:  # half an answer is out: only closing the connection tells the client
                 raise
-            method, path = scope.get("method"), scope.get("path")
+            method, path = scope.get("method"), loggable_path(scope)
             if unreachable(exc):  # an outage to wait out, not a fault: 503, and no traceback per request
                 log.warning("%s %s: database unavailable (%s)", method, path, error_line(exc))
                 message = f"database unavailable ({type(exc).__name__}): retry shortly"
@@ -205,6 +205,17 @@ class RequestMetrics:
         )
         self._children[(endpoint, status)] = children
         return children
+
+
+def loggable_path(scope: Scope) -> str:
+    """The request's path for a log line, as the client sent it (percent-encoded): the decoded path of
+    `/models/1%0A…` holds a newline, and any client could write a log line of its own with it."""
+    raw = scope.get("raw_path") or str(scope.get("path", "")).encode("utf-8", "backslashreplace")
+    return raw.decode("ascii", "backslashreplace").translate(_CONTROL)
+
+
+# What is left of control characters after percent-encoding (a server that let one through): escaped.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:

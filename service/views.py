@@ -35,9 +35,10 @@ def model_summary(row: ModelVersion) -> dict[str, Any]:
 
 
 def model_lineage(row: ModelVersion, *, report: DriftReport | None, run: RetrainRun | None) -> dict[str, Any]:
-    """Which data trained it, what triggered it, which report, which metrics, which version it replaced."""
+    """Which data trained it, what triggered it, which report, which metrics, which version it replaced.
+    Its files are named by their sha256, not by the server's paths (an open route, as a report's page is)."""
     return {
-        **row_dict(row),
+        **row_dict(row, exclude=("artifact_path", "reference_path")),
         "lineage": {
             "replaced_version": row.parent_version,
             "trigger": row.trigger,

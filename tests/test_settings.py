@@ -129,6 +129,31 @@ def test_a_bad_database_url_is_refused_without_echoing_it(
     )
 
 
+NOT_A_URL = "not a URL: a bad port, a control character or an unclosed '['"
+NOT_HTTP = "must be an http:// or https:// URL with a host"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1/hook?key=SECRET", NOT_A_URL),
+        ("http://hooks.example/x?key=SECRET\r\nX-Injected: 1", NOT_A_URL),
+        ("ftp://hooks.example/x?key=SECRET", NOT_HTTP),
+        ("hooks.example/x?key=SECRET", NOT_HTTP),
+        ("http:///x?key=SECRET", NOT_HTTP),
+    ],
+)
+def test_a_webhook_url_that_cannot_be_posted_to_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, url: str, problem: str
+) -> None:
+    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", url)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == f"DRIFTLOOP_WEBHOOK_URL: {problem} (e.g. https://hooks.slack.com/services/…)"
+    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", "https://hooks.example:8443/x?key=SECRET")
+    assert load_settings().webhook_url == "https://hooks.example:8443/x?key=SECRET"
+
+
 def test_a_bad_value_in_the_config_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "driftloop.yaml"
     config.write_text("gate_margin: 2\n", encoding="utf-8")

@@ -14,7 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from core.db import unreachable, utcnow
 from core.schema import GroundTruth, PredictionLog
-from core.spec import FeatureSpec, spec_field
+from core.spec import FeatureSpec, few_unknown_keys, spec_field
 from service.auth import Feedback
 from service.lean import StrictJsonRoute
 from service.logger import PredictionLogger
@@ -42,6 +42,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
     FeedbackItem = create_model(
         "FeedbackItem",
         __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+        __validators__=few_unknown_keys(["prediction_id", "actual"]),
         prediction_id=(Text, Field(min_length=1, max_length=36)),
         actual=spec_field(spec.target_feature),  # a JSON number within the spec's target bounds
     )

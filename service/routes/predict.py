@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core.db import utcnow
-from core.spec import FeatureSpec, FeatureType
+from core.spec import FeatureSpec, FeatureType, few_unknown_keys
 from service.holder import NO_CHAMPION_IN_REGISTRY, ModelHolder
 from service.lean import LeanRoute, StrictJsonRoute, json_body, read_json
 from service.logger import LogRow
@@ -50,6 +50,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
     batch_model = create_model(
         "PredictBatch",
         __config__=ConfigDict(extra="forbid"),
+        __validators__=few_unknown_keys(["instances"]),
         instances=(list[instance_model], Field(min_length=1, max_length=max_batch)),  # type: ignore[valid-type]
     )
     to_row = _row_encoder(spec)
