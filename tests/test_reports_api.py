@@ -259,6 +259,8 @@ def test_the_report_page_is_evidentlys_dashboard_of_that_window(client, spec) ->
     page = client.get(report["html_url"])
     assert page.status_code == 200
     assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert page.headers["content-security-policy"] == "frame-ancestors 'self'"  # no framing by another site
+    assert page.headers["x-content-type-options"] == "nosniff"
     assert "window.drawDashboard(" in page.text  # Evidently's page template
     assert '"Drift by feature"' in page.text
     assert f'"{report["features"]["area_m2"]["score"]:.4f}"' in page.text  # this report's figures

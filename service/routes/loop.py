@@ -111,7 +111,16 @@ def get_report_html(request: Request, report_id: RowId) -> FileResponse:
         raise HTTPException(
             404, f"report {report_id}'s page is not in DRIFTLOOP_REPORT_DIR, so it is not served"
         )
-    return FileResponse(page, media_type="text/html")
+    return FileResponse(page, media_type="text/html", headers=PAGE_HEADERS)
+
+
+# Evidently's page runs inline scripts, so no script policy; but no other site may frame it (clickjacking),
+# nor a browser read it as anything but HTML.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "frame-ancestors 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def _no_page(report_id: int, *, keep: int) -> str:
