@@ -111,10 +111,16 @@ class Settings(BaseSettings):
         """An empty token (`DRIFTLOOP_ADMIN_TOKEN=` from an unset compose variable) is no token: admin
         endpoints stay disabled (403, saying how to enable them) rather than refusing every token (401),
         and /feedback stays open. Whitespace around one (a Secret file's newline) is dropped: no
-        Authorization header can carry it."""
-        if isinstance(value, str):
-            return value.strip() or None
-        return value
+        Authorization header can carry it. Nor can it carry a letter beyond ASCII as written (servers read
+        header bytes as latin-1), so a token holding one would refuse every request: it is refused here."""
+        if not isinstance(value, str):
+            return value
+        if any(not " " <= c <= "~" for c in value.strip()):
+            raise ValueError(
+                "must be printable ASCII: an HTTP header carries no other character as written, so no "
+                "request could match it"
+            )
+        return value.strip() or None
 
     @field_validator("prediction_buckets")
     @classmethod

@@ -154,6 +154,26 @@ def test_a_webhook_url_that_cannot_be_posted_to_is_refused_without_echoing_it(
     assert load_settings().webhook_url == "https://hooks.example:8443/x?key=SECRET"
 
 
+@pytest.mark.parametrize("variable", ["DRIFTLOOP_ADMIN_TOKEN", "DRIFTLOOP_FEEDBACK_TOKEN"])
+def test_a_token_no_http_header_can_carry_is_refused_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A token with a letter beyond ASCII was taken, and then refused every request (401): a header's bytes
+    are read as latin-1, the token compared as UTF-8."""
+    for token in ("Pässwort-SECRET", "비밀-SECRET", "tab\there-SECRET"):
+        monkeypatch.setenv(variable, token)
+        with pytest.raises(SettingsError) as caught:
+            load_settings()
+        assert str(caught.value) == (
+            f"{variable}: must be printable ASCII: an HTTP header carries no other character as written, so "
+            "no request could match it"
+        )
+    monkeypatch.setenv(variable, " s3cr3t!~ with spaces\n")
+    assert load_settings().model_dump()[variable.removeprefix("DRIFTLOOP_").lower()].get_secret_value() == (
+        "s3cr3t!~ with spaces"
+    )
+
+
 def test_a_bad_value_in_the_config_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "driftloop.yaml"
     config.write_text("gate_margin: 2\n", encoding="utf-8")
