@@ -40,7 +40,7 @@ from monitor.pages import prune_pages
 from monitor.policy import Decision, Observation, PolicyConfig, decide, load_history
 from monitor.window import load_unseen_labelled, load_window
 from retrain.process import RunHandle, launch
-from retrain.runs import NoChampion, RunInProgress, recover_stale
+from retrain.runs import NoChampion, RunInProgress, recover_stale, started_since
 from retrain.train import PREDICTION, predict
 
 if TYPE_CHECKING:
@@ -61,6 +61,9 @@ RUN_GRACE_S = 300
 # The leader announces runs nobody announced (their launcher exited first) if they ended this recently.
 ANNOUNCE_HORIZON = timedelta(days=1)
 ANNOUNCE_POLL_S = 0.5  # how soon a waiting announcer notices stop()
+# How often the leader looks whether a scheduled retrain is due: the cadence is kept in the database, so a
+# worker restart or a standby taking over neither resets it nor adds a run.
+SCHEDULE_CHECK_S = 60
 
 
 class MonitorBusy(Exception):
@@ -170,8 +173,8 @@ class Loop:
         )
         if s.scheduled_retrain_s is not None:
             scheduler.add_job(
-                self.scheduled_retrain, "interval", seconds=s.scheduled_retrain_s, id="retrain.schedule",
-                **common,
+                self.scheduled_retrain, "interval", seconds=min(s.scheduled_retrain_s, SCHEDULE_CHECK_S),
+                id="retrain.schedule", **common,
             )  # fmt: skip
         scheduler.start()
         self._scheduler = scheduler
@@ -272,20 +275,26 @@ class Loop:
             log.info("announced retrain run(s) %s, whose launcher did not", announced)
 
     def scheduled_retrain(self) -> int | None:
-        """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only; its run id, or None."""
-        if not self.leader:
+        """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only, once that long has passed
+        since the last scheduled run started, whichever process started it; its run id, or None."""
+        every = self.settings.scheduled_retrain_s
+        if not self.leader or every is None:
             return None
         try:
-            every = self.settings.scheduled_retrain_s
-            return self.launch_retrain(
-                trigger="schedule", reason=f"scheduled retrain (every {every} s)"
-            ).run_id
+            due = not started_since(
+                self.sessions, trigger="schedule", since=self.clock() - timedelta(seconds=every)
+            )
+            self._database_up("scheduled retrain")
+            if due:
+                reason = f"scheduled retrain (every {every} s)"
+                return self.launch_retrain(trigger="schedule", reason=reason).run_id
         except RunInProgress as exc:
-            log.info("scheduled retrain skipped: run %s is in progress", exc.run_id)
+            log.info("scheduled retrain waits: run %s is in progress", exc.run_id)
         except NoChampion as exc:
             log.warning("scheduled retrain skipped: %s", exc)
-        except Exception:
-            log.exception("scheduled retrain could not start")
+        except Exception as exc:
+            if not self._database_down("scheduled retrain", exc, every_s=min(every, SCHEDULE_CHECK_S)):
+                log.exception("scheduled retrain could not start")
         return None
 
     def _scheduled_monitor(self) -> None:

@@ -150,6 +150,17 @@ class Heartbeat:
             self._failing = False
 
 
+def started_since(sessions: sessionmaker[Session], *, trigger: str, since: datetime) -> bool:
+    """Whether a run with this trigger started after `since`, in any process."""
+    with sessions() as session:
+        found = session.scalar(
+            select(RetrainRun.id)
+            .where(RetrainRun.trigger == Trigger(trigger).value, RetrainRun.started_at > since)
+            .limit(1)
+        )
+    return found is not None
+
+
 def fail_run(sessions: sessionmaker[Session], run_id: int, *, error: str, now: datetime) -> bool:
     """Mark the run failed if it is still running; False when it had already finished."""
     with sessions.begin() as session:

@@ -798,6 +798,34 @@ def test_a_scheduled_retrain_runs_on_the_leader_only_and_is_gated(
     loop.stop()
 
 
+def test_a_scheduled_retrain_is_due_by_the_last_scheduled_run_not_by_the_leaders_start(
+    make_loop, registry, champion
+) -> None:
+    """A standby that takes over (or a restarted worker) keeps the cadence the database records: two
+    scheduled runs seconds apart at a hand-over, or none at all under restarts, were what a process-local
+    interval gave."""
+    first = make_loop(scheduled_retrain_s=3600)
+    assert first.renew_lease() is True
+    first_run = first.scheduled_retrain()
+    assert first_run is not None
+    wait_until(lambda: runs(registry)[0].status != "running", timeout=120, what="the scheduled run to end")
+    first.stop()  # releases the lease, as a SIGTERMed worker does
+
+    successor = make_loop(scheduled_retrain_s=3600)
+    assert successor.renew_lease() is True
+    assert successor.scheduled_retrain() is None  # the first leader's run started moments ago
+    assert [run.id for run in runs(registry)] == [first_run]
+
+    successor.clock = lambda: utcnow() + timedelta(seconds=3600)
+    second_run = successor.scheduled_retrain()
+    assert second_run is not None
+    wait_until(lambda: runs(registry)[-1].status != "running", timeout=120, what="the second run to end")
+    assert [(run.id, run.trigger) for run in runs(registry)] == [
+        (first_run, "schedule"),
+        (second_run, "schedule"),
+    ]
+
+
 def test_without_a_champion_no_retrain_run_is_started(make_loop, registry, caplog) -> None:
     loop = make_loop(scheduled_retrain_s=3600)
     with pytest.raises(NoChampion) as refused:
