@@ -281,9 +281,12 @@ class Loop:
         if not self.leader or every is None:
             return None
         try:
-            due = not started_since(
-                self.sessions, trigger="schedule", since=self.clock() - timedelta(seconds=every)
-            )
+            # Half a check early counts as due: the last run started just after the check that started it,
+            # so a check exactly one period later would find it inside the period and wait one check more
+            # (a period of 30 s, checked every 30 s, ran every 60 s).
+            early = min(every, SCHEDULE_CHECK_S) / 2
+            since = self.clock() - timedelta(seconds=every - early)
+            due = not started_since(self.sessions, trigger="schedule", since=since)
             self._database_up("scheduled retrain")
             if due:
                 reason = f"scheduled retrain (every {every} s)"

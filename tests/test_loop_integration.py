@@ -805,6 +805,8 @@ def test_a_scheduled_retrain_is_due_by_the_last_scheduled_run_not_by_the_leaders
     scheduled runs seconds apart at a hand-over, or none at all under restarts, were what a process-local
     interval gave."""
     first = make_loop(scheduled_retrain_s=3600)
+    started = utcnow()
+    first.clock = lambda: started  # the run's start
     assert first.renew_lease() is True
     first_run = first.scheduled_retrain()
     assert first_run is not None
@@ -816,7 +818,12 @@ def test_a_scheduled_retrain_is_due_by_the_last_scheduled_run_not_by_the_leaders
     assert successor.scheduled_retrain() is None  # the first leader's run started moments ago
     assert [run.id for run in runs(registry)] == [first_run]
 
-    successor.clock = lambda: utcnow() + timedelta(seconds=3600)
+    successor.clock = lambda: started + timedelta(seconds=3600 - 60)  # the check a minute before it is due
+    assert successor.scheduled_retrain() is None
+    # The next check, a second short of the period: a run starts a moment after the check that starts it, so
+    # one period after that check is a moment short of one after the run; waiting a check more doubled a
+    # period under a minute.
+    successor.clock = lambda: started + timedelta(seconds=3600 - 1)
     second_run = successor.scheduled_retrain()
     assert second_run is not None
     wait_until(lambda: runs(registry)[-1].status != "running", timeout=120, what="the second run to end")
