@@ -152,6 +152,8 @@ class Loop:
     _monitoring: threading.Lock = field(default_factory=threading.Lock)  # one monitor run at a time
     # Scheduled jobs whose last attempt found the database unreachable: logged once per outage, not per try.
     _unreachable: set[str] = field(default_factory=set)
+    # Why the last check found a scheduled retrain held: said once, not at each minute's check.
+    _schedule_held: str | None = None
 
     # --- scheduling --------------------------------------------------------------------
     def start(self) -> None:
@@ -290,15 +292,22 @@ class Loop:
             self._database_up("scheduled retrain")
             if due:
                 reason = f"scheduled retrain (every {every} s)"
-                return self.launch_retrain(trigger="schedule", reason=reason).run_id
+                run_id = self.launch_retrain(trigger="schedule", reason=reason).run_id
+                self._schedule_held = None
+                return run_id
         except RunInProgress as exc:
-            log.info("scheduled retrain waits: run %s is in progress", exc.run_id)
+            self._say_schedule_held(logging.INFO, f"scheduled retrain waits: run {exc.run_id} is in progress")
         except NoChampion as exc:
-            log.warning("scheduled retrain skipped: %s", exc)
+            self._say_schedule_held(logging.WARNING, f"scheduled retrain skipped: {exc}")
         except Exception as exc:
             if not self._database_down("scheduled retrain", exc, every_s=min(every, SCHEDULE_CHECK_S)):
                 log.exception("scheduled retrain could not start")
         return None
+
+    def _say_schedule_held(self, level: int, message: str) -> None:
+        if message != self._schedule_held:
+            log.log(level, "%s", message)
+        self._schedule_held = message
 
     def _scheduled_monitor(self) -> None:
         if not self.leader:
