@@ -58,7 +58,8 @@ def read_labelled_csv(
     header, odd, lines = _scan(path)
     _check_header(path, header, odd, required)
     frame = _read(path, spec.categorical_features)
-    rows = Rows(lines if len(lines) == len(frame) else None)  # pandas skips what csv does: a safeguard
+    # Should pandas and csv ever count the rows differently, rows are named by position rather than wrongly
+    rows = Rows(lines if len(lines) == len(frame) else None)
     if column := spec.time_column:
         frame[column] = _times(frame[column], column, path, rows)
         _check_times(frame[column], column, path, rows, time_ordered=time_ordered, now=now)
