@@ -17,6 +17,7 @@ from uuid import uuid4
 import pandas as pd
 from apscheduler.schedulers.background import BackgroundScheduler
 from catboost import CatBoostRegressor
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, error_line, unreachable, utcnow
@@ -313,11 +314,27 @@ class Loop:
         if not self.leader:
             return
         try:
+            if self._ran_lately():
+                return
             self.run_monitor()
         except MonitorBusy as exc:
             log.info("scheduled monitor run skipped: %s", exc)
         except Exception:
             log.exception("monitor run failed")
+
+    def _ran_lately(self) -> bool:
+        """A report younger than half the interval: a leader that just took over (its timer started with its
+        process) or an operator ran one moments ago. A run over nearly the same window would count as a
+        second breach in a row, and so halve the wait the policy's hysteresis asks for."""
+        with self.sessions() as session:
+            last = session.scalar(select(func.max(DriftReport.created_at)))
+        if last is None:
+            return False
+        age = (self.clock() - last).total_seconds()
+        if age >= self.settings.monitor_interval_s / 2:
+            return False
+        log.info("scheduled monitor run skipped: report made %.0f s ago, within half the interval", age)
+        return True
 
     # --- the monitor run ---------------------------------------------------------------
     def run_monitor(self, now: datetime | None = None) -> MonitorOutcome:

@@ -145,6 +145,28 @@ def test_a_stable_window_is_not_flagged(make_loop, registry, champion, spec, met
     assert runs(registry) == []
 
 
+def test_a_scheduled_monitor_run_is_skipped_within_half_an_interval_of_the_last_report(
+    make_loop, registry, champion, spec
+) -> None:
+    """A standby that takes over runs on its own process's timer, perhaps seconds after the old leader's last
+    run: a second report over nearly the same window counted as a second breach in a row."""
+    log_traffic(registry, champion, spec, traffic("none", 1200, seed=3))
+    loop = make_loop(monitor_interval_s=600)
+    assert loop.renew_lease() is True
+    now = utcnow()
+    loop.clock = lambda: now
+    first = loop.run_monitor().report_id  # the previous leader's, or an operator's
+    loop._scheduled_monitor()
+    loop.clock = lambda: now + timedelta(seconds=299)
+    loop._scheduled_monitor()
+    with registry.sessions() as session:
+        assert session.scalars(select(DriftReport.id)).all() == [first]
+    loop.clock = lambda: now + timedelta(seconds=300)
+    loop._scheduled_monitor()
+    with registry.sessions() as session:
+        assert len(session.scalars(select(DriftReport.id)).all()) == 2
+
+
 def test_pruning_deletes_only_pages_inside_the_report_dir(make_loop, registry, champion, tmp_path) -> None:
     loop = make_loop(report_html_keep=1)
     pages = loop.settings.report_dir
