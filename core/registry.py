@@ -360,8 +360,18 @@ class Registry:
                 .order_by(ModelVersion.promoted_at.desc())
                 .limit(1)
             )
+            demoted = s.scalars(  # former champions a rollback left: never chosen by another
+                select(ModelVersion.version)
+                .where(ModelVersion.status == ModelStatus.archived, ModelVersion.promoted_at.is_(None))
+                .order_by(ModelVersion.version)
+            ).all()
         if previous is None:
-            raise RegistryError("no previous champion to roll back to")
+            left = ", ".join(f"v{v}" for v in demoted)
+            raise RegistryError(
+                "no previous champion to roll back to"
+                + (f": {left} {'was' if len(demoted) == 1 else 'were'} rolled back from, which a rollback "
+                   "never returns to; promote one by number to serve it again" if demoted else "")
+            )  # fmt: skip
         promoted = self.promote(
             version=previous.version, reason=reason, replaces=current.version if current else None
         )

@@ -116,8 +116,12 @@ def test_promote_archives_the_old_champion_and_rollback_restores_it(registry, ch
     assert restored.version == 1
     assert registry.champion().version == 1
     assert registry.get(2).status == ModelStatus.archived
-    with pytest.raises(RegistryError, match="no previous champion"):
+    with pytest.raises(RegistryError) as refused:
         registry.rollback()  # v2 was rolled back from: never chosen again by a rollback
+    assert str(refused.value) == (
+        "no previous champion to roll back to: v2 was rolled back from, which a rollback never returns to; "
+        "promote one by number to serve it again"
+    )
 
 
 def test_rollback_restores_the_champion_promoted_most_recently(registry, champion, spec) -> None:
