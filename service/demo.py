@@ -88,6 +88,9 @@ def demo_settings(state: Path, webhook_url: str) -> Settings:
         os.environ.update(saved)
 
 
+DEMO_FEEDBACK_TOKEN = "demo-feedback-token"
+
+
 def _demo_settings(state: Path, webhook_url: str) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -96,6 +99,7 @@ def _demo_settings(state: Path, webhook_url: str) -> Settings:
         spool_dir=state / "spool",
         report_dir=state / "reports",
         admin_token=SecretStr("demo-admin-token"),
+        feedback_token=SecretStr(DEMO_FEEDBACK_TOKEN),  # labels steer retraining: the demo guards them too
         webhook_url=webhook_url,
         webhook_backoff_s=0.5,
         monitor_interval_s=3,
@@ -166,7 +170,10 @@ def run_demo(*, scenario: str = "rate_shock", state: Path = Path("var/demo"), se
         )
         stable = generate_transactions(1500, start="2022-01-01", end="2022-06-30", seed=seed + 1)
         drifted = _drifted(scenario, seed)
-        with httpx.Client(base_url=url, timeout=30) as client, _progress(console) as progress:
+        labeller = httpx.Client(
+            base_url=url, timeout=30, headers={"Authorization": f"Bearer {DEMO_FEEDBACK_TOKEN}"}
+        )
+        with labeller as client, _progress(console) as progress:
             _stream(client, stable, spec, served, "stable", progress, pace_s=0.12)
             tl.mark(f"streamed {len(stable):,} stable transactions with delayed feedback")
             _wait_reports(client, 1, console)
