@@ -15,7 +15,7 @@ from uuid import uuid4
 
 import pytest
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Connection, Engine, event, select
 
 from core.db import make_engine, utcnow
 from core.metrics import LOGGER_OUTCOMES, build_metrics
@@ -119,6 +119,20 @@ def make_row(i: int = 0) -> LogRow:
 def stored(engine: Engine) -> list[str]:
     with engine.connect() as conn:
         return list(conn.scalars(select(PredictionLog.id)))
+
+
+@contextmanager
+def write_lock(engine: Engine) -> Iterator[Connection]:
+    """A connection holding prediction_log's write lock until it rolls back: the writer's inserts wait on it
+    (PostgreSQL: a table lock; SQLite: an open write transaction)."""
+    with engine.connect() as blocker:
+        if engine.dialect.name == "postgresql":
+            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
+        else:
+            blocker.execute(
+                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
+            )
+        yield blocker
 
 
 def until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -264,13 +278,7 @@ def test_stop_spools_what_a_stuck_writer_holds(harness: Callable[..., Harness], 
     rows = [make_row(i) for i in range(30)]
     for row in rows:
         h.logger.submit(row)
-    with engine.connect() as blocker:
-        if engine.dialect.name == "postgresql":
-            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
-        else:
-            blocker.execute(
-                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
-            )
+    with write_lock(engine) as blocker:
         h.logger.start()
         until(lambda: len(h.logger) == 20, "the writer to take its first batch")
         h.logger.stop(timeout=0.3)
@@ -613,13 +621,7 @@ def test_rows_queued_while_a_database_write_hangs_go_to_the_spool(
     """A database that does not reply gives the writer no error to spool on: without the watchdog every row
     answered meanwhile stayed in memory, lost to a SIGKILL or an OOM kill (5,320 in a live run's 20 s)."""
     h = harness(batch_size=10, stall_s=0.2)
-    with engine.connect() as blocker:
-        if engine.dialect.name == "postgresql":
-            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
-        else:
-            blocker.execute(
-                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
-            )
+    with write_lock(engine) as blocker:
         h.logger.start()
         rows = [make_row(i) for i in range(30)]
         h.logger.submit(rows[0])
@@ -643,13 +645,7 @@ def test_stop_does_not_wait_out_its_timeout_for_a_hung_database_write(
     return, of a 45 s grace period. Once the write counts as hung, stop spools what the writer holds."""
     h = harness(batch_size=10, stall_s=0.2)
     rows = [make_row(i) for i in range(30)]
-    with engine.connect() as blocker:
-        if engine.dialect.name == "postgresql":
-            blocker.exec_driver_sql("LOCK TABLE prediction_log IN EXCLUSIVE MODE")
-        else:
-            blocker.execute(
-                PredictionLog.__table__.insert().values(_doc(make_row()) | {"created_at": utcnow()})
-            )
+    with write_lock(engine) as blocker:
         for row in rows:
             h.logger.submit(row)
         h.logger.start()

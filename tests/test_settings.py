@@ -109,6 +109,14 @@ def test_a_minimum_above_the_window_it_counts_in_is_refused(
     load_settings()  # equal is fine
 
 
+def refusal(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> str:
+    """What load_settings says of `value` in `variable` (it must refuse it)."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    return str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -120,10 +128,7 @@ def test_a_minimum_above_the_window_it_counts_in_is_refused(
 def test_a_bad_database_url_is_refused_without_echoing_it(
     monkeypatch: pytest.MonkeyPatch, url: str, problem: str
 ) -> None:
-    monkeypatch.setenv("DRIFTLOOP_DATABASE_URL", url)
-    with pytest.raises(SettingsError) as caught:
-        load_settings()
-    assert str(caught.value) == (
+    assert refusal(monkeypatch, "DRIFTLOOP_DATABASE_URL", url) == (
         f"DRIFTLOOP_DATABASE_URL: {problem} "
         "(e.g. sqlite:///./var/driftloop.db or postgresql+psycopg://USER:PASSWORD@HOST/DB)"
     )
@@ -146,10 +151,9 @@ NOT_HTTP = "must be an http:// or https:// URL with a host"
 def test_a_webhook_url_that_cannot_be_posted_to_is_refused_without_echoing_it(
     monkeypatch: pytest.MonkeyPatch, url: str, problem: str
 ) -> None:
-    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", url)
-    with pytest.raises(SettingsError) as caught:
-        load_settings()
-    assert str(caught.value) == f"DRIFTLOOP_WEBHOOK_URL: {problem} (e.g. https://hooks.slack.com/services/…)"
+    assert refusal(monkeypatch, "DRIFTLOOP_WEBHOOK_URL", url) == (
+        f"DRIFTLOOP_WEBHOOK_URL: {problem} (e.g. https://hooks.slack.com/services/…)"
+    )
     monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", "https://hooks.example:8443/x?key=SECRET")
     assert load_settings().webhook_url == "https://hooks.example:8443/x?key=SECRET"
 
@@ -161,10 +165,7 @@ def test_a_token_no_http_header_can_carry_is_refused_without_echoing_it(
     """A token with a letter beyond ASCII was taken, and then refused every request (401): a header's bytes
     are read as latin-1, the token compared as UTF-8."""
     for token in ("Pässwort-SECRET", "비밀-SECRET", "tab\there-SECRET"):
-        monkeypatch.setenv(variable, token)
-        with pytest.raises(SettingsError) as caught:
-            load_settings()
-        assert str(caught.value) == (
+        assert refusal(monkeypatch, variable, token) == (
             f"{variable}: must be printable ASCII: an HTTP header carries no other character as written, so "
             "no request could match it"
         )
