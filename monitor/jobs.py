@@ -62,9 +62,13 @@ RUN_GRACE_S = 300
 # The leader announces runs nobody announced (their launcher exited first) if they ended this recently.
 ANNOUNCE_HORIZON = timedelta(days=1)
 ANNOUNCE_POLL_S = 0.5  # how soon a waiting announcer notices stop()
-# How often the leader looks whether a scheduled retrain is due: the cadence is kept in the database, so a
-# worker restart or a standby taking over neither resets it nor adds a run.
-SCHEDULE_CHECK_S = 60
+
+
+def schedule_check_s(period_s: int) -> float:
+    """How often the leader looks whether a scheduled retrain is due: a tenth of the period, at least every
+    second and at most every minute, so a run comes at most that late. The cadence is kept in the database,
+    so a worker restart or a standby taking over neither resets it nor adds a run."""
+    return min(max(period_s / 10, 1.0), 60.0)
 
 
 class MonitorBusy(Exception):
@@ -176,7 +180,7 @@ class Loop:
         )
         if s.scheduled_retrain_s is not None:
             scheduler.add_job(
-                self.scheduled_retrain, "interval", seconds=min(s.scheduled_retrain_s, SCHEDULE_CHECK_S),
+                self.scheduled_retrain, "interval", seconds=schedule_check_s(s.scheduled_retrain_s),
                 id="retrain.schedule", **common,
             )  # fmt: skip
         scheduler.start()
@@ -284,11 +288,9 @@ class Loop:
         if not self.leader or every is None:
             return None
         try:
-            # Half a check early counts as due: the last run started just after the check that started it,
-            # so a check exactly one period later would find it inside the period and wait one check more
-            # (a period of 30 s, checked every 30 s, ran every 60 s).
-            early = min(every, SCHEDULE_CHECK_S) / 2
-            since = self.clock() - timedelta(seconds=every - early)
+            # Due once a whole period has passed since the last scheduled run started, whoever started it:
+            # never early, and late by at most a check (a tenth of the period, up to a minute).
+            since = self.clock() - timedelta(seconds=every)
             due = not started_since(self.sessions, trigger="schedule", since=since)
             self._database_up("scheduled retrain")
             if due:
@@ -301,7 +303,7 @@ class Loop:
         except NoChampion as exc:
             self._say_schedule_held(logging.WARNING, f"scheduled retrain skipped: {exc}")
         except Exception as exc:
-            if not self._database_down("scheduled retrain", exc, every_s=min(every, SCHEDULE_CHECK_S)):
+            if not self._database_down("scheduled retrain", exc, every_s=schedule_check_s(every)):
                 log.exception("scheduled retrain could not start")
         return None
 
@@ -331,7 +333,7 @@ class Loop:
         if last is None:
             return False
         age = (self.clock() - last).total_seconds()
-        if age >= self.settings.monitor_interval_s / 2:
+        if not 0 <= age < self.settings.monitor_interval_s / 2:  # below 0: a clock ahead of ours wrote it
             return False
         log.info("scheduled monitor run skipped: report made %.0f s ago, within half the interval", age)
         return True

@@ -33,7 +33,7 @@ from core.schema import (
 )
 from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
-from monitor.jobs import MONITOR_LEASE, MONITOR_LEASE_TTL_S, Loop, MonitorBusy
+from monitor.jobs import MONITOR_LEASE, MONITOR_LEASE_TTL_S, Loop, MonitorBusy, schedule_check_s
 from monitor.notify import enqueue_retrain_outcome
 from monitor.policy import load_history
 from retrain.runs import NoChampion, start_run
@@ -840,12 +840,9 @@ def test_a_scheduled_retrain_is_due_by_the_last_scheduled_run_not_by_the_leaders
     assert successor.scheduled_retrain() is None  # the first leader's run started moments ago
     assert [run.id for run in runs(registry)] == [first_run]
 
-    successor.clock = lambda: started + timedelta(seconds=3600 - 60)  # the check a minute before it is due
+    successor.clock = lambda: started + timedelta(seconds=3600 - 1)  # never early
     assert successor.scheduled_retrain() is None
-    # The next check, a second short of the period: a run starts a moment after the check that starts it, so
-    # one period after that check is a moment short of one after the run; waiting a check more doubled a
-    # period under a minute.
-    successor.clock = lambda: started + timedelta(seconds=3600 - 1)
+    successor.clock = lambda: started + timedelta(seconds=3600)
     second_run = successor.scheduled_retrain()
     assert second_run is not None
     wait_until(lambda: runs(registry)[-1].status != "running", timeout=120, what="the second run to end")
@@ -853,6 +850,15 @@ def test_a_scheduled_retrain_is_due_by_the_last_scheduled_run_not_by_the_leaders
         (first_run, "schedule"),
         (second_run, "schedule"),
     ]
+
+
+@pytest.mark.parametrize(("period", "check"), [(5, 1.0), (30, 3.0), (89, 8.9), (600, 60.0), (86_400, 60.0)])
+def test_a_scheduled_retrain_is_looked_for_often_enough_to_come_at_most_a_tenth_late(
+    period: int, check: float
+) -> None:
+    """Checked every min(period, 60 s) and due half a check early, periods of 61-89 s ran every 60 s and of
+    90-119 s every 120 s."""
+    assert schedule_check_s(period) == check
 
 
 def test_without_a_champion_no_retrain_run_is_started(make_loop, registry, caplog) -> None:
