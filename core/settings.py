@@ -183,6 +183,7 @@ class Settings(BaseSettings):
             return None
         import httpx
 
+        value = value.strip()  # a Secret file's newline is no part of it, as for the tokens
         example = "e.g. https://hooks.slack.com/services/…"
         try:
             url = httpx.URL(value)
@@ -192,7 +193,9 @@ class Settings(BaseSettings):
             ) from None
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"must be an http:// or https:// URL with a host ({example})")
-        return value
+        if url.port is not None and not 1 <= url.port <= 65535:  # httpx would post to it mod 65536
+            raise ValueError(f"its port is not 1-65535 ({example})")
+        return value or None
 
     @model_validator(mode="after")
     def _reachable_minimums(self) -> Settings:

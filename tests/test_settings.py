@@ -146,6 +146,8 @@ NOT_HTTP = "must be an http:// or https:// URL with a host"
         ("ftp://hooks.example/x?key=SECRET", NOT_HTTP),
         ("hooks.example/x?key=SECRET", NOT_HTTP),
         ("http:///x?key=SECRET", NOT_HTTP),
+        ("https://hooks.example:99999/x?key=SECRET", "its port is not 1-65535"),  # sent to 34463 otherwise
+        ("https://hooks.example:0/x?key=SECRET", "its port is not 1-65535"),
     ],
 )
 def test_a_webhook_url_that_cannot_be_posted_to_is_refused_without_echoing_it(
@@ -154,7 +156,7 @@ def test_a_webhook_url_that_cannot_be_posted_to_is_refused_without_echoing_it(
     assert refusal(monkeypatch, "DRIFTLOOP_WEBHOOK_URL", url) == (
         f"DRIFTLOOP_WEBHOOK_URL: {problem} (e.g. https://hooks.slack.com/services/…)"
     )
-    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", "https://hooks.example:8443/x?key=SECRET")
+    monkeypatch.setenv("DRIFTLOOP_WEBHOOK_URL", " https://hooks.example:8443/x?key=SECRET\n")
     assert load_settings().webhook_url == "https://hooks.example:8443/x?key=SECRET"
 
 
