@@ -7,8 +7,8 @@ idempotent (ON CONFLICT DO NOTHING), so a commit whose acknowledgement was lost,
 commit and segment removal, never duplicates a row. A full queue spills the row to the spool instead of
 blocking or dropping it. A database write that has not returned for `stall_s` (a server that accepts
 connections but does not reply gives no error for minutes) does not keep the queue in memory meanwhile: a
-watchdog thread moves it to the spool every flush interval, so a process killed then loses at most the batch
-the writer holds.
+watchdog thread moves it to the spool every flush interval once the call has hung `stall_s`, so a process
+killed then loses the batch the writer holds and at most `stall_s` of answers.
 
 Counters: each submitted row is counted once as `logged` (inserted directly) or `spooled`; a spooled
 row is later counted `replayed` once it is confirmed in the database. `dropped` counts rows the spool
