@@ -165,6 +165,10 @@ def test_a_scheduled_monitor_run_is_skipped_within_half_an_interval_of_the_last_
     loop._scheduled_monitor()
     with registry.sessions() as session:
         assert len(session.scalars(select(DriftReport.id)).all()) == 2
+    loop.clock = lambda: now  # behind the clock that dated the newest report: not held for the skew
+    loop._scheduled_monitor()
+    with registry.sessions() as session:
+        assert len(session.scalars(select(DriftReport.id)).all()) == 3
 
 
 def test_pruning_deletes_only_pages_inside_the_report_dir(make_loop, registry, champion, tmp_path) -> None:
