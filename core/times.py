@@ -17,17 +17,18 @@ import warnings
 from collections.abc import Hashable
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 from pandas.tseries.api import guess_datetime_format
 
 ISO_EXAMPLE = "2022-04-01 or 2022-04-01T09:30:00+09:00"
 ZONE_ADVICE = "write the offset instead (e.g. 2022-04-01T09:30:00+09:00), or Z for UTC"
 _NUMBER = r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*"
-# An upper-case abbreviation (CET, CEST, KST) or an IANA name (Europe/Paris) standing on its own, not
-# AM/PM, UTC, GMT or a month's or weekday's abbreviation.
 # What pandas' nanosecond timestamps hold, to the day.
 EARLIEST, LATEST = datetime(1677, 9, 22), datetime(2262, 4, 11)
 OUT_OF_RANGE = f"outside the times pandas can hold, {EARLIEST:%Y-%m-%d} … {LATEST:%Y-%m-%d}: a typo?"
+# An upper-case abbreviation (CET, CEST, KST) or an IANA name (Europe/Paris) standing on its own, not
+# AM/PM, UTC, GMT or a month's or weekday's abbreviation.
 _NOT_ZONES = "AM|PM|UTC|GMT|JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEPT?|OCT|NOV|DEC|MON|TUE|WED|THU|FRI|SAT|SUN"
 _ZONE_NAME = re.compile(
     rf"(?<![A-Za-z])(?!(?:{_NOT_ZONES})(?![A-Za-z]))([A-Z]{{2,5}}|[A-Z][A-Za-z_]+(?:/[A-Za-z_]+)+)(?![A-Za-z])"
@@ -93,3 +94,9 @@ def out_of_range(value: str, fmt: str | None) -> bool:
             return True
         return not EARLIEST <= utc <= LATEST
     return False
+
+
+def ns_times(times: pd.Series) -> np.ndarray:
+    """UTC times as naive datetime64[ns], for numpy comparisons and searches."""
+    naive = pd.to_datetime(times, utc=True).dt.tz_localize(None)
+    return np.asarray(naive.to_numpy(dtype="datetime64[ns]"))

@@ -19,6 +19,7 @@ from core.times import (
     OUT_OF_RANGE,
     ZONE_ADVICE,
     guess_format,
+    ns_times,
     out_of_range,
     parse_times,
     zone_names,
@@ -87,8 +88,7 @@ def _read(path: Path, categorical: list[str]) -> pd.DataFrame:
 def _check_times(
     times: pd.Series, column: str, path: Path, rows: Rows, *, time_ordered: bool, now: datetime | None
 ) -> None:
-    ahead = np.flatnonzero(times > now + FUTURE_SLACK) if now is not None else np.array([], dtype=int)
-    if len(ahead):
+    if now is not None and len(ahead := np.flatnonzero(times > now + FUTURE_SLACK)):
         raise DataError(
             f"{path}: column {column!r} has {len(ahead)} time(s) more than a day ahead of now "
             f"({now:%Y-%m-%d %H:%M} UTC), first at {rows.name(ahead[0])} "
@@ -131,8 +131,7 @@ def _target(written: pd.Series, spec: FeatureSpec, path: Path, rows: Rows) -> pd
 
 def unordered(times: pd.Series) -> int | None:
     """The position of the first time earlier than the one before it, if any."""
-    naive = pd.to_datetime(times, utc=True).dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
-    back = np.flatnonzero(np.diff(naive.astype(np.int64)) < 0)
+    back = np.flatnonzero(np.diff(ns_times(times).astype(np.int64)) < 0)
     return int(back[0]) + 1 if back.size else None
 
 

@@ -7,8 +7,8 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 
+from core.times import ns_times
 from monitor.backtest.replay import Replay
-from monitor.backtest.stream import ns_times
 
 # Error is correlated in time (a model is off for weeks at a stretch, the market has seasons), so the
 # bootstrap resamples whole blocks of this much replayed time rather than single rows.

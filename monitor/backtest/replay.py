@@ -44,8 +44,9 @@ from core.registry import ArtifactStore, NewVersion, Registry, baseline_mae
 from core.schema import GroundTruth, ModelVersion, PredictionLog, Trigger
 from core.settings import Settings
 from core.spec import FeatureSpec
+from core.times import ns_times
 from monitor import LOOP_LOGGER
-from monitor.backtest.stream import BacktestInputError, Stream, duration_text, ns_times
+from monitor.backtest.stream import BacktestInputError, Stream, duration_text
 from monitor.jobs import Loop
 from retrain import RETRAIN_LOGGER
 from retrain.bootstrap import bootstrap

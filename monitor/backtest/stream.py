@@ -110,12 +110,6 @@ class Stream:
         return _utc(self.times.iloc[int(len(self.frame) * 0.4)])
 
 
-def ns_times(times: pd.Series) -> np.ndarray:
-    """UTC times as naive datetime64[ns], for numpy comparisons and searches."""
-    naive = pd.to_datetime(times, utc=True).dt.tz_localize(None)
-    return np.asarray(naive.to_numpy(dtype="datetime64[ns]"))
-
-
 def parse_duration(text: str, *, option: str) -> timedelta:
     """'30d', '12h', '2w', '90m', '45s' (or a plain number of days) → timedelta."""
     match = _DURATION.match(text) or re.match(r"^\s*(\d+(?:\.\d+)?)\s*()$", text)
