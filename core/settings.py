@@ -115,12 +115,13 @@ class Settings(BaseSettings):
         header bytes as latin-1), so a token holding one would refuse every request: it is refused here."""
         if not isinstance(value, str):
             return value
-        if any(not " " <= c <= "~" for c in value.strip()):
+        token = value.strip()
+        if any(not " " <= c <= "~" for c in token):
             raise ValueError(
                 "must be printable ASCII: an HTTP header carries no other character as written, so no "
                 "request could match it"
             )
-        return value.strip() or None
+        return token or None
 
     @field_validator("prediction_buckets")
     @classmethod
@@ -195,7 +196,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL with a host ({example})")
         if url.port is not None and not 1 <= url.port <= 65535:  # httpx would post to it mod 65536
             raise ValueError(f"its port is not 1-65535 ({example})")
-        return value or None
+        return value
 
     @model_validator(mode="after")
     def _reachable_minimums(self) -> Settings:
