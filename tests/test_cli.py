@@ -15,7 +15,8 @@ from core.db import utcnow
 from core.generator import generate_transactions
 from core.schema import RetrainRun
 from core.settings import Settings
-from service.cli import _registry, _sessions, cli
+from service.cli import cli
+from service.cli.common import open_registry, open_sessions
 from tests.conftest import register_copy
 
 
@@ -156,7 +157,7 @@ def test_promote_and_rollback_explain_refusals(env) -> None:
 
 def test_a_rejected_version_needs_a_reason_to_be_promoted(env) -> None:
     run("bootstrap", "--rows", "2000")
-    with _registry(Settings()) as registry:
+    with open_registry(Settings()) as registry:
         v2 = register_copy(registry, registry.champion())
         registry.reject(version=v2.version, reason="worse than champion")
     refused = run("promote", "2")
@@ -167,11 +168,11 @@ def test_a_rejected_version_needs_a_reason_to_be_promoted(env) -> None:
     ) in refused.output
     forced = run("promote", "2", "--reason", "holdout was a holiday week")
     assert (forced.exit_code, "v2 is the champion" in forced.output) == (0, True)
-    with _registry(Settings()) as registry:
+    with open_registry(Settings()) as registry:
         assert registry.get(2).note.endswith("\npromoted: holdout was a holiday week")
         v3 = register_copy(registry, registry.champion())
     assert run("promote", str(v3.version)).exit_code == 0
-    with _registry(Settings()) as registry:
+    with open_registry(Settings()) as registry:
         assert registry.get(3).note == "promoted: manual promote via CLI"
 
 
@@ -179,7 +180,7 @@ def test_retrain_without_a_champion_is_refused_before_any_run(env) -> None:
     result = run("retrain")
     assert result.exit_code == 1
     assert "no champion to retrain against: run `driftloop bootstrap` (or promote a version)" in result.output
-    with _sessions(Settings()) as sessions, sessions() as session:
+    with open_sessions(Settings()) as sessions, sessions() as session:
         assert session.scalars(select(RetrainRun)).all() == []
 
 
@@ -445,7 +446,7 @@ def test_retrain_waits_and_says_what_the_run_did_and_why(env) -> None:
     text = " ".join(result.output.split())
     assert "driftloop retrain run #1 (trigger: manual): candidate v2" in text
     assert "Reason: manual trigger via CLI" in text
-    with _sessions(Settings()) as sessions, sessions() as session:
+    with open_sessions(Settings()) as sessions, sessions() as session:
         status = session.get(RetrainRun, 1).status
     assert ("Gate: " in text) == (status == "rejected")  # a rejection names the gate's reasons
 
@@ -474,7 +475,7 @@ def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference
     assert run("bootstrap", "--rows", "2000").exit_code == 0
     spec = load_spec()
     rows = generate_transactions(20, seed=5)[spec.feature_names].to_dict("records")
-    with _sessions(Settings()) as sessions, sessions.begin() as session:
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
         for features in rows:  # served by v1 before the spec file changed
             session.add(PredictionLog(
                 id=str(uuid4()), created_at=utcnow(), model_version=1, features=features, prediction=1.0,
@@ -501,7 +502,7 @@ def test_the_monitor_while_another_process_runs_it_says_so(env) -> None:
     from monitor.jobs import MONITOR_LEASE
 
     assert run("bootstrap", "--rows", "2000").exit_code == 0
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert try_acquire(sessions, name=MONITOR_LEASE, holder="worker-0:7:abc123", ttl_s=600, now=utcnow())
         result = CliRunner().invoke(cli, ["monitor"])
         with sessions() as session:
@@ -581,7 +582,7 @@ def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, m
     monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
     result = run("bootstrap", "--csv", str(path))
     assert result.exit_code == 0, result.output
-    with _registry(Settings()) as registry:
+    with open_registry(Settings()) as registry:
         v1 = registry.champion()
         assert v1 is not None
         mae = v1.metrics["val_mae"]
@@ -591,8 +592,8 @@ def test_a_rate_model_s_validation_mae_reads_in_its_units(env, tmp_path: Path, m
 
 
 def test_python_m_service_cli_runs_a_backtest_to_its_end(env, tmp_path: Path) -> None:
-    """`python -m service.cli` (how the tests start servers) runs the module top to bottom and calls main()
-    at its end: every helper a command uses must be defined before that line, as CliRunner cannot show."""
+    """`python -m service.cli` (how the tests start servers) runs the package's __main__, which CliRunner
+    never imports, and a command there reaches its end."""
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "backtest", "--data", "generated:none", "--rows", "2000",
@@ -606,7 +607,7 @@ def test_python_m_service_cli_runs_a_backtest_to_its_end(env, tmp_path: Path) ->
 
 def test_the_backtest_header_names_a_cut_inside_a_day_to_the_second() -> None:
     """'v1 trains before 2023-07-04' for a cut at 18:46 that day would hide 18 hours of training rows."""
-    from service.cli import _instant
+    from service.cli.replay import _instant
 
     assert _instant(datetime(2022, 1, 1, tzinfo=UTC)) == "2022-01-01"
     assert _instant(datetime(2023, 7, 4, 18, 46, 12, tzinfo=UTC)) == "2023-07-04 18:46:12+00:00"

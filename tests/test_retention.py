@@ -16,7 +16,8 @@ from core.registry import sha256_file
 from core.retention import plan, prune, prune_artifacts
 from core.schema import GroundTruth, LabelledRow, ModelVersion, PredictionLog
 from core.settings import Settings
-from service.cli import _sessions, cli
+from service.cli import cli
+from service.cli.common import open_sessions
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 DAY = timedelta(days=1)
@@ -163,7 +164,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DRIFTLOOP_WINDOW_ROWS", "1")
     monkeypatch.setenv("DRIFTLOOP_MIN_WINDOW_ROWS", "1")
     monkeypatch.setenv("COLUMNS", "250")
-    with _sessions(Settings()) as sessions, sessions.begin() as session:
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
         add_champion(session, train_end=NOW - 190 * DAY)
         for age in (200, 150, 100, 10):
             log(session, f"u{age}", age_days=age)
@@ -181,7 +182,7 @@ def test_cli_dry_run_counts_and_deletes_nothing_then_prune_deletes(env: str) -> 
     assert result.exit_code == 0, output
     assert "unlabelled predictions: 3" in output
     assert "labelled predictions and ingested rows: kept (--labelled deletes them)" in output
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert len(left(sessions)[0]) == 5
 
     result, output = run("--older-than", "90", "--labelled")
@@ -197,7 +198,7 @@ def test_cli_dry_run_counts_and_deletes_nothing_then_prune_deletes(env: str) -> 
     )
     assert "deleted 4 row(s)" in output
     assert "SQLite keeps the file's size" in output
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert left(sessions) == (["u10"], [], [])
 
     result, output = run("--older-than", "90", "--labelled")
@@ -222,7 +223,7 @@ def test_cli_refuses_an_older_than_that_is_not_a_number_of_days(env: str, days: 
     result, output = run("--older-than", days)
     assert result.exit_code == 2
     assert "--older-than" in output
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert len(left(sessions)[0]) == 5
 
 
@@ -230,7 +231,7 @@ def test_cli_refuses_a_prune_without_older_than(env: str) -> None:
     result, output = run("--labelled")
     assert result.exit_code == 2
     assert "Missing option '--older-than'" in output
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert len(left(sessions)[0]) == 5
 
 
@@ -238,7 +239,7 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
     env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(core.retention, "BATCH_ROWS", 1)
-    with _sessions(Settings()) as sessions, sessions.begin() as session:
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
         # A real SQLite error on the second batch (the oldest row goes first): as a full disk would fail it.
         session.execute(text(
             "CREATE TRIGGER refuse BEFORE DELETE ON prediction_log WHEN old.id = 'u150' "
@@ -250,7 +251,7 @@ def test_cli_a_database_error_midway_keeps_what_was_deleted_and_says_to_run_agai
         "pruning stopped after 1 row(s): IntegrityError: database or disk is full. What was deleted stays "
         "deleted; run it again to go on" in output
     )
-    with _sessions(Settings()) as sessions:
+    with open_sessions(Settings()) as sessions:
         assert left(sessions)[0] == ["l200", "u10", "u100", "u150"]
 
 
@@ -346,7 +347,7 @@ def test_cli_artifacts_leaves_a_symlinked_version_directory_and_prunes_the_rows(
     """A rejected version whose directory in the store is a symlink (moved to another disk) is left alone;
     it used to stop every run (rmtree refuses a symlink: "run it again"), the rows' prune with it."""
     store = tmp_path / "artifacts"
-    with _sessions(Settings()) as sessions, sessions.begin() as session:
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
         disk = tmp_path / "disk"
         add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=disk)
         store.mkdir()
@@ -363,7 +364,7 @@ def test_cli_artifacts_counts_then_deletes_and_the_version_cannot_be_promoted(
     env: str, tmp_path: Path
 ) -> None:
     store = tmp_path / "artifacts"
-    with _sessions(Settings()) as sessions, sessions.begin() as session:
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
         add_champion(session, train_end=None, version=2, status="rejected", age_days=200, artifact_dir=store)
     result, output = run("--older-than", "90", "--artifacts", "--dry-run")
     assert result.exit_code == 0, output
