@@ -11,7 +11,8 @@ from sqlalchemy import select
 
 from core.registry import ArtifactIntegrityError, FeatureMismatchError
 from core.schema import DriftReport, RetrainRun, Trigger
-from monitor.jobs import MonitorBusy, MonitorOutcome
+from monitor.jobs import MonitorBusy
+from monitor.verdict import MonitorOutcome
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
 from service.lean import StrictJsonRoute
