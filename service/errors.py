@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -171,6 +172,47 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
     Only a fault outside middleware.Faults (which answers the others) reaches this."""
     return JSONResponse(internal_error_body(exc), status_code=500)
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="What kind of error, as an identifier: invalid_request, not_found, …")
+    message: str = Field(description="What is wrong, naming the field, header or setting at fault.")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where: `instances[3].area_m2`, `[0].actual`, `path.version`, `body`.")
+    message: str
+
+
+class InvalidRequest(ErrorBody):
+    """A 422's body: the problems, each naming its field (the first 100; `message` counts the rest)."""
+
+    errors: list[FieldProblem]
+
+
+INVALID_REQUEST = "Invalid request: every problem names its field"
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema`, an OpenAPI document FastAPI generated, with its 422 answers described as they are sent:
+    FastAPI documents its own `{"detail": [{"loc", "msg", "type"}]}`, which no route of ours answers."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    invalid = InvalidRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(invalid.pop("$defs", {}))
+    components["InvalidRequest"] = invalid
+    answer = {"schema": {"$ref": "#/components/schemas/InvalidRequest"}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            if "422" in operation.get("responses", {}):
+                operation["responses"]["422"] = {
+                    "description": INVALID_REQUEST,
+                    "content": {"application/json": answer},
+                }
+    return schema
 
 
 def install(app: FastAPI) -> None:

@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import yaml
@@ -180,6 +181,29 @@ def test_openapi_documents_the_predict_body_from_the_spec(client, spec) -> None:
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {f.name for f in spec.features if not f.nullable}
     assert "200" in operation["responses"]
+
+
+def test_openapi_describes_the_422_bodies_the_routes_send(client, make_features) -> None:
+    """FastAPI documented its own `{"detail": [{"loc", "msg", "type"}]}` for every 422, which no route sends,
+    and /predict's 422 not at all: a client generated from the document could not read one error."""
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    bad = make_features(area_m2=-1)
+    sent = {
+        ("/predict", "post"): client.post("/predict", json=bad),
+        ("/predict/batch", "post"): client.post("/predict/batch", json={"instances": [bad]}),
+        ("/feedback", "post"): client.post("/feedback", json=[{"prediction_id": "x", "actual": "y"}]),
+        ("/models/{version}", "get"): client.get("/models/0"),
+        ("/retrain/runs", "get"): client.get("/retrain/runs?limit=0"),
+    }
+    for (path, method), answer in sent.items():
+        assert answer.status_code == 422, path
+        documented = document["paths"][path][method]["responses"]["422"]["content"]["application/json"]
+        jsonschema.validate(answer.json(), {**documented["schema"], "components": document["components"]})
+    assert set(schemas["InvalidRequest"]["required"]) == {"error", "message", "errors"}
+    page = document["paths"]["/reports/{report_id}/html"]["get"]["responses"]["200"]["content"]
+    assert list(page) == ["text/html"]
 
 
 def test_batch_errors_name_the_instance_and_field(client, make_features) -> None:

@@ -5,7 +5,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -95,7 +95,9 @@ def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
     return report_detail(_report(request, report_id))
 
 
-@router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
+@router.get(
+    "/reports/{report_id}/html", summary="The Evidently HTML page of a report", response_class=HTMLResponse
+)
 def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
     if row.html_path is None and row.decision.get("verdict") != "insufficient":
