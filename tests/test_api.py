@@ -505,6 +505,21 @@ def test_head_is_answered_as_get_without_the_body(client) -> None:
     assert logged_rows(client) == 0
 
 
+def test_a_405_s_allow_header_names_head_where_get_is_allowed(client) -> None:
+    """RFC 9110: Allow lists the methods the resource supports; HEAD is answered wherever GET is, but a
+    405 on /health said `Allow: GET`."""
+    for method, path, allow in [
+        ("POST", "/health", "GET, HEAD"),
+        ("PUT", "/models/1", "GET, HEAD"),
+        ("DELETE", "/reports/latest", "GET, HEAD"),
+        ("GET", "/predict", "POST"),
+        ("GET", "/models/rollback", "POST"),
+    ]:
+        answer = client.request(method, path)
+        assert (answer.status_code, answer.headers["allow"]) == (405, allow), path
+        assert answer.json()["message"] == f"{method} is not allowed on {path}; it takes {allow}"
+
+
 @pytest.mark.parametrize(
     ("fault", "line"),
     [
