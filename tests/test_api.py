@@ -492,6 +492,22 @@ def test_health_ready_and_metrics(client, make_features) -> None:
     assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
 
 
+def test_requests_answered_before_routing_are_counted_under_their_route(client, make_features) -> None:
+    """BodyLimit answers 413 and 415 before any route is matched, and FastAPI does not record its /docs and
+    /openapi.json in the scope: all were endpoint="unmatched", a 413 on /predict counted as no route's."""
+    gzipped = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert client.post("/predict", content=gzip.compress(b"{}"), headers=gzipped).status_code == 415
+    assert post_raw(client, "/feedback", "[" + " " * 5000 + "]").status_code == 413
+    assert client.get("/openapi.json").status_code == client.get("/docs").status_code == 200
+    assert client.get("/models/1/nothing").status_code == 404
+    text = client.get("/metrics").text
+    for endpoint, status in [
+        ("/predict", 415), ("/feedback", 413), ("/openapi.json", 200), ("/docs", 200), ("unmatched", 404)
+    ]:  # fmt: skip
+        assert f'driftloop_http_requests_total{{endpoint="{endpoint}",status="{status}"}} 1.0' in text
+    assert 'endpoint="unmatched",status="4' not in text.replace('status="404"', "")
+
+
 def test_head_is_answered_as_get_without_the_body(client) -> None:
     """A HEAD probe (`curl -I /health`, an uptime monitor's) was 405 on every route."""
     for path, status in [("/health", 200), ("/ready", 200), ("/models/1", 200), ("/reports/9", 404)]:
