@@ -7,10 +7,23 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+# The schemes as OpenAPI documents them (the /docs page's Authorize button sends the header); they refuse
+# nothing: the header is read and judged below, with errors that name the variable.
+ADMIN_SCHEME = HTTPBearer(
+    scheme_name="admin", auto_error=False, description="DRIFTLOOP_ADMIN_TOKEN; unset: admin routes answer 403"
+)
+FEEDBACK_SCHEME = HTTPBearer(
+    scheme_name="feedback",
+    auto_error=False,
+    description="DRIFTLOOP_FEEDBACK_TOKEN, or the admin token; unset: /feedback is open",
+)
+Documented = HTTPAuthorizationCredentials | None
 
-def require_admin(request: Request) -> None:
+
+def require_admin(request: Request, _: Annotated[Documented, Depends(ADMIN_SCHEME)]) -> None:
     token = request.app.state.ctx.settings.admin_token
     if token is None:
         raise HTTPException(
@@ -22,7 +35,7 @@ def require_admin(request: Request) -> None:
         raise _invalid()
 
 
-def require_feedback(request: Request) -> None:
+def require_feedback(request: Request, _: Annotated[Documented, Depends(FEEDBACK_SCHEME)]) -> None:
     """Open unless DRIFTLOOP_FEEDBACK_TOKEN is set; then it, or the admin token, must be sent. Labels decide
     what a retrain learns and what the gate judges by: whoever may send them can steer the model."""
     settings = request.app.state.ctx.settings

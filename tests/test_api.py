@@ -206,6 +206,30 @@ def test_openapi_describes_the_422_bodies_the_routes_send(client, make_features)
     assert list(page) == ["text/html"]
 
 
+def test_openapi_documents_which_routes_take_which_bearer_token(client) -> None:
+    """The tokens were read from the header by hand, so the document named no security scheme: /docs had
+    no Authorize button, and "Try it out" on an admin route could only ever get a 401."""
+    document = client.get("/openapi.json").json()
+    assert {name: scheme["scheme"] for name, scheme in document["components"]["securitySchemes"].items()} == {
+        "admin": "bearer",
+        "feedback": "bearer",
+    }
+    secured = {
+        (method.upper(), path): operation["security"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    }
+    admin = [{"admin": []}]
+    assert secured == {
+        ("POST", "/feedback"): [{"feedback": []}],
+        ("POST", "/models/{version}/promote"): admin,
+        ("POST", "/models/rollback"): admin,
+        ("POST", "/retrain"): admin,
+        ("POST", "/monitor/run"): admin,
+    }
+
+
 def test_batch_errors_name_the_instance_and_field(client, make_features) -> None:
     response = client.post("/predict/batch", json={"instances": [make_features(), make_features(area_m2=-1)]})
     assert response.status_code == 422
