@@ -340,6 +340,14 @@ def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> 
     assert shouted.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": []}  # the same UUID
 
 
+def test_unknown_ids_are_named_as_they_were_sent(client) -> None:
+    """An id is matched whatever its case, but `unknown` named it in lower case: a client that takes its
+    sent ids less the unknown ones as stored counted "No-Such-ID" as stored."""
+    sent = [{"prediction_id": "No-Such-ID", "actual": 1.0}, {"prediction_id": "no-such-id", "actual": 1.0}]
+    answer = client.post("/feedback", json=sent)
+    assert answer.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": ["No-Such-ID"]}
+
+
 def test_a_label_changed_as_prune_deletes_its_prediction_is_answered_unknown(client, make_features) -> None:
     """`driftloop prune --labelled` deletes a labelled prediction, and its label, between /feedback's read of
     the label and its update: the update matches no row. It was a 500; it is tried again, as a label stored
