@@ -634,6 +634,15 @@ def test_whitespace_around_the_configured_token_is_not_part_of_it(champion, db_u
         )
 
 
+def test_a_started_retrain_run_is_located_by_a_header_too(client, monkeypatch) -> None:
+    """A 202's status monitor in the Location header, where HTTP clients look for it, not only in the body."""
+    launched = type("Handle", (), {"run_id": 7})()
+    monkeypatch.setattr(Loop, "launch_retrain", lambda self, **_: launched)
+    answer = client.post("/retrain", headers=ADMIN, json={"reason": "located"})
+    assert answer.status_code == 202
+    assert answer.headers["location"] == answer.json()["url"] == "/retrain/runs/7"
+
+
 def test_models_list_and_lineage(client, champion) -> None:
     assert [m["version"] for m in client.get("/models").json()] == [1]
     v1 = client.get("/models/1").json()

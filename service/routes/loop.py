@@ -37,9 +37,10 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
         ) from exc
     except NoChampion as exc:
         raise HTTPException(409, str(exc)) from exc
+    url = f"/retrain/runs/{handle.run_id}"
+    # Location: where a client polls the run (RFC 9110's status monitor of a 202), as well as in the body.
     return JSONResponse(
-        {"run_id": handle.run_id, "status": "running", "url": f"/retrain/runs/{handle.run_id}"},
-        status_code=202,
+        {"run_id": handle.run_id, "status": "running", "url": url}, status_code=202, headers={"Location": url}
     )
 
 
