@@ -196,25 +196,30 @@ class InvalidRequest(ErrorBody):
 
 
 INVALID_REQUEST = "Invalid request: every problem names its field"
+ANY_OTHER_ERROR = "Any other error (401, 403, 404, 405, 409, 413, 415, 500, 503): what is wrong, in `message`"
 
 
 def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema`, an OpenAPI document FastAPI generated, with its 422 answers described as they are sent:
-    FastAPI documents its own `{"detail": [{"loc", "msg", "type"}]}`, which no route of ours answers."""
+    """`schema`, an OpenAPI document FastAPI generated, with its error answers described as they are sent:
+    FastAPI documents its own `{"detail": [{"loc", "msg", "type"}]}` for a 422, which no route of ours
+    answers, and no other error at all."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     invalid = InvalidRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(invalid.pop("$defs", {}))
     components["InvalidRequest"] = invalid
+    components["ErrorBody"] = ErrorBody.model_json_schema()
     answer = {"schema": {"$ref": "#/components/schemas/InvalidRequest"}}
+    other = {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            if "422" in operation.get("responses", {}):
-                operation["responses"]["422"] = {
-                    "description": INVALID_REQUEST,
-                    "content": {"application/json": answer},
-                }
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": INVALID_REQUEST, "content": {"application/json": answer}}
+            responses.setdefault(
+                "default", {"description": ANY_OTHER_ERROR, "content": {"application/json": other}}
+            )
     return schema
 
 

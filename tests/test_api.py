@@ -204,6 +204,24 @@ def test_openapi_describes_the_422_bodies_the_routes_send(client, make_features)
     assert set(schemas["InvalidRequest"]["required"]) == {"error", "message", "errors"}
     page = document["paths"]["/reports/{report_id}/html"]["get"]["responses"]["200"]["content"]
     assert list(page) == ["text/html"]
+    # Every other error is {"error", "message"}, documented as every operation's default answer.
+    others = {
+        ("/models/rollback", "post"): client.post("/models/rollback"),  # 401
+        ("/models/{version}", "get"): client.get("/models/9"),  # 404
+        ("/health", "get"): client.post("/health"),  # 405
+        ("/predict", "post"): client.post("/predict", content=b"{}", headers={"content-encoding": "gzip"}),
+    }
+    assert all(
+        operation["responses"]["default"]
+        for path in document["paths"].values()
+        for operation in path.values()
+    )
+    for (path, method), answer in others.items():
+        assert answer.status_code in (401, 404, 405, 415), path
+        documented = document["paths"][path][method]["responses"]["default"]["content"]["application/json"]
+        schema = {**documented["schema"], "components": document["components"]}
+        jsonschema.validate(answer.json(), schema)
+        assert set(answer.json()) == set(schemas["ErrorBody"]["required"])
 
 
 def test_openapi_documents_which_routes_take_which_bearer_token(client) -> None:
