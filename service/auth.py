@@ -53,10 +53,13 @@ def require_feedback(request: Request, _: Annotated[Documented, Depends(FEEDBACK
 def _bearer(request: Request, variable: str) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    if scheme.lower() != "bearer" or not given.strip():
+        # Another scheme (Basic …) was "missing bearer token" too, to a client that had sent a header. Its
+        # words are not echoed: without a scheme, the first word is the credential itself.
+        problem = "no bearer token in the Authorization header" if header.strip() else "missing bearer token"
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            f"missing bearer token: send 'Authorization: Bearer <{variable}>'",
+            f"{problem}: send 'Authorization: Bearer <{variable}>'",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return given.strip()

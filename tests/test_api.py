@@ -43,6 +43,7 @@ from service.routes.feedback import FeedbackResult
 from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
+NO_BEARER = "no bearer token in the Authorization header"
 
 
 @pytest.fixture
@@ -432,7 +433,7 @@ def test_a_feedback_token_guards_the_labels_and_the_admin_token_opens_it_too(
         for headers, message in [
             ({}, missing),
             ({"Authorization": "Bearer label-reader"}, "invalid bearer token"),
-            ({"Authorization": "Basic label-writer"}, missing),
+            ({"Authorization": "Basic label-writer"}, missing.replace("missing bearer token", NO_BEARER)),
         ]:
             refused = client.post("/feedback", json=label, headers=headers)
             assert (refused.status_code, refused.json()["message"]) == (401, message)
@@ -627,6 +628,17 @@ def test_admin_endpoints_need_the_token(client) -> None:
     assert (wrong.status_code, wrong.json()["message"]) == (401, "invalid bearer token")
     conflict = client.post("/models/rollback", headers=ADMIN)
     assert (conflict.status_code, conflict.json()["message"]) == (409, "no previous champion to roll back to")
+
+
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "test-admin-token", "Bearer", "Bearer   "])
+def test_an_authorization_header_without_a_bearer_token_is_named_so(client, header) -> None:
+    """A client that sent a header was told "missing bearer token"; its words are not echoed back."""
+    answer = client.post("/models/rollback", headers={"Authorization": header})
+    assert (answer.status_code, answer.headers["www-authenticate"]) == (401, "Bearer")
+    expected = (
+        "no bearer token in the Authorization header: send 'Authorization: Bearer <DRIFTLOOP_ADMIN_TOKEN>'"
+    )
+    assert answer.json()["message"] == expected
 
 
 @pytest.mark.parametrize("token", [None, "", "  "])  # empty: an unset compose variable
