@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +144,9 @@ def parse_problem(cause: BaseException) -> str:
         return "nested too deeply"
     if isinstance(cause, UnicodeDecodeError):
         return f"not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        # Python's words tell the client to call sys.set_int_max_str_digits(); /predict says "out of range"
+        return f"number out of range (more than {sys.get_int_max_str_digits():,} digits)"
     return f"{type(cause).__name__}: {cause}"
 
 

@@ -1092,6 +1092,7 @@ TOO_DEEP = b"[" * 100_000 + b"]" * 100_000
     [
         (TOO_DEEP, "body: malformed JSON: nested too deeply"),
         (b'{"reason": "\xff"}', "body: malformed JSON: not UTF-8 (invalid start byte at byte 12)"),
+        (b"[" + b"9" * 5000 + b"]", "body: malformed JSON: number out of range (more than 4,300 digits)"),
     ],
 )
 def test_a_body_json_cannot_read_is_named_on_every_route(
