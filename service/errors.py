@@ -96,9 +96,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         e["field"] == "body" and e["message"] != "required" for e in errors
     ):
         # FastAPI does not parse a body declared as anything but JSON; "must be a JSON object" would mislead.
-        errors = problems = [
-            {"field": "body", "message": f"Content-Type must be application/json, got {declared or 'none'}"}
-        ]
+        # 415, as for a compressed body (RFC 9110: content in a format the route does not take), not 422.
+        message = f"Content-Type must be application/json, got {clip(declared) if declared else 'none'}"
+        return JSONResponse({"error": error_name(415), "message": message}, status_code=415)
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
     if len(problems) > 10:
         message += f"; and {len(problems) - 10:,} more" + (

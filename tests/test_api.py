@@ -151,11 +151,12 @@ def test_malformed_json_and_wrong_shapes(client, make_features) -> None:
 def test_predict_body_must_be_declared_json(client, make_features, content_type) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/predict", content=json.dumps(make_features()), headers=headers)
-    assert response.status_code == 422
-    assert (
-        response.json()["message"]
-        == f"body: Content-Type must be application/json, got {content_type or 'none'}"
-    )
+    # 415 (RFC 9110: content in a format the route does not take), as for a compressed body; it was 422
+    assert response.json() == {
+        "error": "unsupported_media_type",
+        "message": f"Content-Type must be application/json, got {content_type or 'none'}",
+    }
+    assert response.status_code == 415
     assert logged_rows(client) == 0
     response = post_raw(client, "/predict", json.dumps(make_features()))
     assert response.status_code == 200
@@ -163,8 +164,8 @@ def test_predict_body_must_be_declared_json(client, make_features, content_type)
     for path, body in (("/predict/batch", {"instances": [make_features()]}), ("/feedback", [])):
         response = client.post(path, content=json.dumps(body), headers=headers)
         assert (response.status_code, response.json()["message"]) == (
-            422,
-            f"body: Content-Type must be application/json, got {content_type or 'none'}",
+            415,
+            f"Content-Type must be application/json, got {content_type or 'none'}",
         )
     vendor = client.post(
         "/predict",
