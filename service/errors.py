@@ -162,6 +162,8 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         return await validation_error(request, RequestValidationError([invalid]))
     headers = getattr(exc, "headers", None)
     message = exc.detail
+    if exc.status_code == 404 and request.scope.get("route") is None:  # Starlette's "Not Found": no route
+        message = f"no route takes the path {clip(request.url.path)!r}: GET /docs lists them"
     if exc.status_code == 405 and headers and headers.get("Allow"):
         allowed = [method.strip() for method in headers["Allow"].split(",")]
         if "GET" in allowed and "HEAD" not in allowed:  # middleware.Faults answers HEAD wherever GET is

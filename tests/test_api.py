@@ -1195,6 +1195,18 @@ def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
             assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
 
 
+def test_a_path_no_route_takes_is_named(client) -> None:
+    """Starlette's 404 said "Not Found", naming neither the path nor where the routes are listed."""
+    for path, named in [("/v1/predict", "/v1/predict"), ("/x" * 100, "/x" * 50 + "… (200 characters)")]:
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": "not_found",
+            "message": f"no route takes the path {named!r}: GET /docs lists them",
+        }
+    assert client.get("/models/9").json()["message"] == "model version 9 does not exist"  # a route's own
+
+
 def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -> None:
     response = client.get("/predict")
     assert response.status_code == 405
