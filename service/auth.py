@@ -75,5 +75,8 @@ def _invalid() -> HTTPException:
     )
 
 
+# Checked before a route's body is read (service.lean.StrictJsonRoute), as well as by FastAPI.
+TOKEN_CHECKS = (require_admin, require_feedback)
+
 Admin = Annotated[None, Depends(require_admin)]
 Feedback = Annotated[None, Depends(require_feedback)]

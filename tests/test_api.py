@@ -642,6 +642,26 @@ def test_an_authorization_header_without_a_bearer_token_is_named_so(client, head
     assert answer.json()["message"] == expected
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b'{"reason": ', "application/json"), (b'{"reason": "a", "reason": "b"}', "application/json"),
+     (b'{"reason": "a"}', "text/plain"), (b"x" * 3000, "application/json")],
+)  # fmt: skip
+def test_a_token_is_checked_before_the_body_is_read(champion, db_url, tmp_path, body, content_type) -> None:
+    """FastAPI parses a body before it resolves a dependency: a client without the token was told what was
+    wrong with its JSON (422, 415), not 401, and the body was read for nothing."""
+    settings = make_settings(db_url, tmp_path, feedback_token="label-writer", max_body_bytes=4096)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        for path in ("/models/1/promote", "/retrain", "/feedback"):
+            refused = client.post(path, content=body, headers={"content-type": content_type})
+            assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer"), path
+        # With the token, the body is judged as before.
+        judged = client.post(
+            "/models/1/promote", content=body, headers={"content-type": content_type, **ADMIN}
+        )
+        assert judged.status_code in (415, 422)
+
+
 @pytest.mark.parametrize("token", [None, "", "  "])  # empty: an unset compose variable
 def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path, token) -> None:
     settings = make_settings(db_url, tmp_path, admin_token=token)
