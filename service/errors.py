@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -94,9 +96,9 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         e["field"] == "body" and e["message"] != "required" for e in errors
     ):
         # FastAPI does not parse a body declared as anything but JSON; "must be a JSON object" would mislead.
-        errors = problems = [
-            {"field": "body", "message": f"Content-Type must be application/json, got {declared or 'none'}"}
-        ]
+        # 415, as for a compressed body (RFC 9110: content in a format the route does not take), not 422.
+        message = f"Content-Type must be application/json, got {clip(declared) if declared else 'none'}"
+        return JSONResponse({"error": error_name(415), "message": message}, status_code=415)
     message = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:10])
     if len(problems) > 10:
         message += f"; and {len(problems) - 10:,} more" + (
@@ -142,6 +144,9 @@ def parse_problem(cause: BaseException) -> str:
         return "nested too deeply"
     if isinstance(cause, UnicodeDecodeError):
         return f"not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        # Python's words tell the client to call sys.set_int_max_str_digits(); /predict says "out of range"
+        return f"number out of range (more than {sys.get_int_max_str_digits():,} digits)"
     return f"{type(cause).__name__}: {cause}"
 
 
@@ -157,7 +162,12 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         return await validation_error(request, RequestValidationError([invalid]))
     headers = getattr(exc, "headers", None)
     message = exc.detail
+    if exc.status_code == 404 and request.scope.get("route") is None:  # Starlette's "Not Found": no route
+        message = f"no route takes the path {clip(request.url.path)!r}: GET /docs lists them"
     if exc.status_code == 405 and headers and headers.get("Allow"):
+        allowed = [method.strip() for method in headers["Allow"].split(",")]
+        if "GET" in allowed and "HEAD" not in allowed:  # middleware.Faults answers HEAD wherever GET is
+            headers = {**headers, "Allow": ", ".join([*allowed, "HEAD"])}
         message = f"{request.method} is not allowed on {request.url.path}; it takes {headers['Allow']}"
     return JSONResponse(
         {"error": error_name(exc.status_code), "message": message},
@@ -171,6 +181,52 @@ async def internal_error(request: Request, exc: Exception) -> JSONResponse:
 
     Only a fault outside middleware.Faults (which answers the others) reaches this."""
     return JSONResponse(internal_error_body(exc), status_code=500)
+
+
+class ErrorBody(BaseModel):
+    """Every error's body."""
+
+    error: str = Field(description="What kind of error, as an identifier: invalid_request, not_found, …")
+    message: str = Field(description="What is wrong, naming the field, header or setting at fault.")
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where: `instances[3].area_m2`, `[0].actual`, `path.version`, `body`.")
+    message: str
+
+
+class InvalidRequest(ErrorBody):
+    """A 422's body: the problems, each naming its field (the first 100; `message` counts the rest)."""
+
+    errors: list[FieldProblem]
+
+
+INVALID_REQUEST = "Invalid request: every problem names its field"
+ANY_OTHER_ERROR = "Any other error (401, 403, 404, 405, 409, 413, 415, 500, 503): what is wrong, in `message`"
+
+
+def document_errors(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema`, an OpenAPI document FastAPI generated, with its error answers described as they are sent:
+    FastAPI documents its own `{"detail": [{"loc", "msg", "type"}]}` for a 422, which no route of ours
+    answers, and no other error at all."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    invalid = InvalidRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(invalid.pop("$defs", {}))
+    components["InvalidRequest"] = invalid
+    components["ErrorBody"] = ErrorBody.model_json_schema()
+    answer = {"schema": {"$ref": "#/components/schemas/InvalidRequest"}}
+    other = {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            if "422" in responses:
+                responses["422"] = {"description": INVALID_REQUEST, "content": {"application/json": answer}}
+            responses.setdefault(
+                "default", {"description": ANY_OTHER_ERROR, "content": {"application/json": other}}
+            )
+    return schema
 
 
 def install(app: FastAPI) -> None:

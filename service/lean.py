@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
+from service.auth import TOKEN_CHECKS
 from service.errors import DuplicateKey, duplicate_key_error, is_json_media, parse_problem, unique_keys
 from service.middleware import header
 
@@ -80,12 +81,19 @@ class UniqueKeysRequest(Request):
 
 
 class StrictJsonRoute(APIRoute):
-    """A FastAPI route that reads its JSON body through UniqueKeysRequest; every route but the lean one."""
+    """A FastAPI route that reads its JSON body through UniqueKeysRequest; every route but the lean one.
+
+    A route that needs a token checks it first: FastAPI reads and parses the body before it resolves any
+    dependency, so a client without the token was told what is wrong with its JSON (422, 415) instead of
+    401, and made the service read a body up to the limit for nothing."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+        guards = [d.call for d in self.dependant.dependencies if d.call in TOKEN_CHECKS]
 
         async def route(request: Request) -> Response:
+            for guard in guards:
+                guard(request, None)  # raises the 401 (or 403); FastAPI calls it again, to the same end
             return await handler(UniqueKeysRequest(request.scope, request.receive))
 
         return route

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.db import error_line, unreachable
@@ -188,7 +190,7 @@ class RequestMetrics:
             status = CLIENT_CLOSED
             raise
         finally:
-            endpoint = getattr(scope.get("route"), "path", None) or "unmatched"
+            endpoint = route_template(scope)
             children = self._children.get((endpoint, status)) or self._child(endpoint, status)
             requests, errors, seconds = children
             requests.inc()
@@ -205,6 +207,32 @@ class RequestMetrics:
         )
         self._children[(endpoint, status)] = children
         return children
+
+
+def route_template(scope: Scope) -> str:
+    """The template of the route a request is for (`/models/{version}`), else "unmatched": never the raw
+    path, which any client can make a new series of. A route that handled the request is in the scope; one
+    that did not is matched here: a 413, 415 or 499 of BodyLimit's, answered before routing (they were
+    all "unmatched", so /predict's 413s were counted as no route's), and FastAPI's own /docs and
+    /openapi.json, which it does not record in the scope."""
+    route = scope.get("route")
+    if route is None:
+        router = getattr(scope.get("app"), "router", None)
+        route = _matching(getattr(router, "routes", ()), scope)
+    return getattr(route, "path", None) or "unmatched"
+
+
+def _matching(routes: Sequence[Any], scope: Scope) -> Any:
+    """The first of `routes` that matches `scope` (a method it does not take too: a 405's), descending
+    into a router FastAPI's include_router wrapped; None for none."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            if (found := _matching(included.routes, scope)) is not None:
+                return found
+        elif getattr(route, "path", None) and route.matches(scope)[0] is not Match.NONE:
+            return route
+    return None
 
 
 def loggable_path(scope: Scope) -> str:

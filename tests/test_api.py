@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import numpy as np
 import pytest
 import yaml
@@ -42,6 +43,7 @@ from service.routes.feedback import FeedbackResult
 from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
+NO_BEARER = "no bearer token in the Authorization header"
 
 
 @pytest.fixture
@@ -149,11 +151,12 @@ def test_malformed_json_and_wrong_shapes(client, make_features) -> None:
 def test_predict_body_must_be_declared_json(client, make_features, content_type) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = client.post("/predict", content=json.dumps(make_features()), headers=headers)
-    assert response.status_code == 422
-    assert (
-        response.json()["message"]
-        == f"body: Content-Type must be application/json, got {content_type or 'none'}"
-    )
+    # 415 (RFC 9110: content in a format the route does not take), as for a compressed body; it was 422
+    assert response.json() == {
+        "error": "unsupported_media_type",
+        "message": f"Content-Type must be application/json, got {content_type or 'none'}",
+    }
+    assert response.status_code == 415
     assert logged_rows(client) == 0
     response = post_raw(client, "/predict", json.dumps(make_features()))
     assert response.status_code == 200
@@ -161,8 +164,8 @@ def test_predict_body_must_be_declared_json(client, make_features, content_type)
     for path, body in (("/predict/batch", {"instances": [make_features()]}), ("/feedback", [])):
         response = client.post(path, content=json.dumps(body), headers=headers)
         assert (response.status_code, response.json()["message"]) == (
-            422,
-            f"body: Content-Type must be application/json, got {content_type or 'none'}",
+            415,
+            f"Content-Type must be application/json, got {content_type or 'none'}",
         )
     vendor = client.post(
         "/predict",
@@ -180,6 +183,71 @@ def test_openapi_documents_the_predict_body_from_the_spec(client, spec) -> None:
     assert schema["additionalProperties"] is False
     assert set(schema["required"]) == {f.name for f in spec.features if not f.nullable}
     assert "200" in operation["responses"]
+
+
+def test_openapi_describes_the_422_bodies_the_routes_send(client, make_features) -> None:
+    """FastAPI documented its own `{"detail": [{"loc", "msg", "type"}]}` for every 422, which no route sends,
+    and /predict's 422 not at all: a client generated from the document could not read one error."""
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert "HTTPValidationError" not in schemas
+    bad = make_features(area_m2=-1)
+    sent = {
+        ("/predict", "post"): client.post("/predict", json=bad),
+        ("/predict/batch", "post"): client.post("/predict/batch", json={"instances": [bad]}),
+        ("/feedback", "post"): client.post("/feedback", json=[{"prediction_id": "x", "actual": "y"}]),
+        ("/models/{version}", "get"): client.get("/models/0"),
+        ("/retrain/runs", "get"): client.get("/retrain/runs?limit=0"),
+    }
+    for (path, method), answer in sent.items():
+        assert answer.status_code == 422, path
+        documented = document["paths"][path][method]["responses"]["422"]["content"]["application/json"]
+        jsonschema.validate(answer.json(), {**documented["schema"], "components": document["components"]})
+    assert set(schemas["InvalidRequest"]["required"]) == {"error", "message", "errors"}
+    page = document["paths"]["/reports/{report_id}/html"]["get"]["responses"]["200"]["content"]
+    assert list(page) == ["text/html"]
+    # Every other error is {"error", "message"}, documented as every operation's default answer.
+    others = {
+        ("/models/rollback", "post"): client.post("/models/rollback"),  # 401
+        ("/models/{version}", "get"): client.get("/models/9"),  # 404
+        ("/health", "get"): client.post("/health"),  # 405
+        ("/predict", "post"): client.post("/predict", content=b"{}", headers={"content-encoding": "gzip"}),
+    }
+    assert all(
+        operation["responses"]["default"]
+        for path in document["paths"].values()
+        for operation in path.values()
+    )
+    for (path, method), answer in others.items():
+        assert answer.status_code in (401, 404, 405, 415), path
+        documented = document["paths"][path][method]["responses"]["default"]["content"]["application/json"]
+        schema = {**documented["schema"], "components": document["components"]}
+        jsonschema.validate(answer.json(), schema)
+        assert set(answer.json()) == set(schemas["ErrorBody"]["required"])
+
+
+def test_openapi_documents_which_routes_take_which_bearer_token(client) -> None:
+    """The tokens were read from the header by hand, so the document named no security scheme: /docs had
+    no Authorize button, and "Try it out" on an admin route could only ever get a 401."""
+    document = client.get("/openapi.json").json()
+    assert {name: scheme["scheme"] for name, scheme in document["components"]["securitySchemes"].items()} == {
+        "admin": "bearer",
+        "feedback": "bearer",
+    }
+    secured = {
+        (method.upper(), path): operation["security"]
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+        if "security" in operation
+    }
+    admin = [{"admin": []}]
+    assert secured == {
+        ("POST", "/feedback"): [{"feedback": []}],
+        ("POST", "/models/{version}/promote"): admin,
+        ("POST", "/models/rollback"): admin,
+        ("POST", "/retrain"): admin,
+        ("POST", "/monitor/run"): admin,
+    }
 
 
 def test_batch_errors_name_the_instance_and_field(client, make_features) -> None:
@@ -292,6 +360,14 @@ def test_feedback_is_idempotent_and_lists_unknown_ids(client, make_features) -> 
     assert shouted.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": []}  # the same UUID
 
 
+def test_unknown_ids_are_named_as_they_were_sent(client) -> None:
+    """An id is matched whatever its case, but `unknown` named it in lower case: a client that takes its
+    sent ids less the unknown ones as stored counted "No-Such-ID" as stored."""
+    sent = [{"prediction_id": "No-Such-ID", "actual": 1.0}, {"prediction_id": "no-such-id", "actual": 1.0}]
+    answer = client.post("/feedback", json=sent)
+    assert answer.json() == {"accepted": 0, "updated": 0, "duplicate": 1, "unknown": ["No-Such-ID"]}
+
+
 def test_a_label_changed_as_prune_deletes_its_prediction_is_answered_unknown(client, make_features) -> None:
     """`driftloop prune --labelled` deletes a labelled prediction, and its label, between /feedback's read of
     the label and its update: the update matches no row. It was a 500; it is tried again, as a label stored
@@ -358,7 +434,7 @@ def test_a_feedback_token_guards_the_labels_and_the_admin_token_opens_it_too(
         for headers, message in [
             ({}, missing),
             ({"Authorization": "Bearer label-reader"}, "invalid bearer token"),
-            ({"Authorization": "Basic label-writer"}, missing),
+            ({"Authorization": "Basic label-writer"}, missing.replace("missing bearer token", NO_BEARER)),
         ]:
             refused = client.post("/feedback", json=label, headers=headers)
             assert (refused.status_code, refused.json()["message"]) == (401, message)
@@ -468,6 +544,22 @@ def test_health_ready_and_metrics(client, make_features) -> None:
     assert 'driftloop_logger_rows_total{outcome="dropped"} 0.0' in text
 
 
+def test_requests_answered_before_routing_are_counted_under_their_route(client, make_features) -> None:
+    """BodyLimit answers 413 and 415 before any route is matched, and FastAPI does not record its /docs and
+    /openapi.json in the scope: all were endpoint="unmatched", a 413 on /predict counted as no route's."""
+    gzipped = {"content-type": "application/json", "content-encoding": "gzip"}
+    assert client.post("/predict", content=gzip.compress(b"{}"), headers=gzipped).status_code == 415
+    assert post_raw(client, "/feedback", "[" + " " * 5000 + "]").status_code == 413
+    assert client.get("/openapi.json").status_code == client.get("/docs").status_code == 200
+    assert client.get("/models/1/nothing").status_code == 404
+    text = client.get("/metrics").text
+    for endpoint, status in [
+        ("/predict", 415), ("/feedback", 413), ("/openapi.json", 200), ("/docs", 200), ("unmatched", 404)
+    ]:  # fmt: skip
+        assert f'driftloop_http_requests_total{{endpoint="{endpoint}",status="{status}"}} 1.0' in text
+    assert 'endpoint="unmatched",status="4' not in text.replace('status="404"', "")
+
+
 def test_head_is_answered_as_get_without_the_body(client) -> None:
     """A HEAD probe (`curl -I /health`, an uptime monitor's) was 405 on every route."""
     for path, status in [("/health", 200), ("/ready", 200), ("/models/1", 200), ("/reports/9", 404)]:
@@ -479,6 +571,21 @@ def test_head_is_answered_as_get_without_the_body(client) -> None:
     refused = client.head("/predict")
     assert (refused.status_code, refused.headers["allow"], refused.content) == (405, "POST", b"")
     assert logged_rows(client) == 0
+
+
+def test_a_405_s_allow_header_names_head_where_get_is_allowed(client) -> None:
+    """RFC 9110: Allow lists the methods the resource supports; HEAD is answered wherever GET is, but a
+    405 on /health said `Allow: GET`."""
+    for method, path, allow in [
+        ("POST", "/health", "GET, HEAD"),
+        ("PUT", "/models/1", "GET, HEAD"),
+        ("DELETE", "/reports/latest", "GET, HEAD"),
+        ("GET", "/predict", "POST"),
+        ("GET", "/models/rollback", "POST"),
+    ]:
+        answer = client.request(method, path)
+        assert (answer.status_code, answer.headers["allow"]) == (405, allow), path
+        assert answer.json()["message"] == f"{method} is not allowed on {path}; it takes {allow}"
 
 
 @pytest.mark.parametrize(
@@ -524,6 +631,37 @@ def test_admin_endpoints_need_the_token(client) -> None:
     assert (conflict.status_code, conflict.json()["message"]) == (409, "no previous champion to roll back to")
 
 
+@pytest.mark.parametrize("header", ["Basic dXNlcjpwYXNz", "test-admin-token", "Bearer", "Bearer   "])
+def test_an_authorization_header_without_a_bearer_token_is_named_so(client, header) -> None:
+    """A client that sent a header was told "missing bearer token"; its words are not echoed back."""
+    answer = client.post("/models/rollback", headers={"Authorization": header})
+    assert (answer.status_code, answer.headers["www-authenticate"]) == (401, "Bearer")
+    expected = (
+        "no bearer token in the Authorization header: send 'Authorization: Bearer <DRIFTLOOP_ADMIN_TOKEN>'"
+    )
+    assert answer.json()["message"] == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [(b'{"reason": ', "application/json"), (b'{"reason": "a", "reason": "b"}', "application/json"),
+     (b'{"reason": "a"}', "text/plain"), (b"x" * 3000, "application/json")],
+)  # fmt: skip
+def test_a_token_is_checked_before_the_body_is_read(champion, db_url, tmp_path, body, content_type) -> None:
+    """FastAPI parses a body before it resolves a dependency: a client without the token was told what was
+    wrong with its JSON (422, 415), not 401, and the body was read for nothing."""
+    settings = make_settings(db_url, tmp_path, feedback_token="label-writer", max_body_bytes=4096)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        for path in ("/models/1/promote", "/retrain", "/feedback"):
+            refused = client.post(path, content=body, headers={"content-type": content_type})
+            assert (refused.status_code, refused.headers["www-authenticate"]) == (401, "Bearer"), path
+        # With the token, the body is judged as before.
+        judged = client.post(
+            "/models/1/promote", content=body, headers={"content-type": content_type, **ADMIN}
+        )
+        assert judged.status_code in (415, 422)
+
+
 @pytest.mark.parametrize("token", [None, "", "  "])  # empty: an unset compose variable
 def test_admin_endpoints_are_off_without_a_token(champion, db_url, tmp_path, token) -> None:
     settings = make_settings(db_url, tmp_path, admin_token=token)
@@ -545,6 +683,15 @@ def test_whitespace_around_the_configured_token_is_not_part_of_it(champion, db_u
             409,
             "no previous champion to roll back to",
         )
+
+
+def test_a_started_retrain_run_is_located_by_a_header_too(client, monkeypatch) -> None:
+    """A 202's status monitor in the Location header, where HTTP clients look for it, not only in the body."""
+    launched = type("Handle", (), {"run_id": 7})()
+    monkeypatch.setattr(Loop, "launch_retrain", lambda self, **_: launched)
+    answer = client.post("/retrain", headers=ADMIN, json={"reason": "located"})
+    assert answer.status_code == 202
+    assert answer.headers["location"] == answer.json()["url"] == "/retrain/runs/7"
 
 
 def test_models_list_and_lineage(client, champion) -> None:
@@ -966,6 +1113,7 @@ TOO_DEEP = b"[" * 100_000 + b"]" * 100_000
     [
         (TOO_DEEP, "body: malformed JSON: nested too deeply"),
         (b'{"reason": "\xff"}', "body: malformed JSON: not UTF-8 (invalid start byte at byte 12)"),
+        (b"[" + b"9" * 5000 + b"]", "body: malformed JSON: number out of range (more than 4,300 digits)"),
     ],
 )
 def test_a_body_json_cannot_read_is_named_on_every_route(
@@ -1065,6 +1213,18 @@ def test_labels_for_unstored_predictions_wait_a_few_at_a_time(
         assert told_at_once[0].headers["retry-after"] == "3"
         with ctx.sessions() as session:
             assert session.scalar(select(func.count()).select_from(GroundTruth)) == 0
+
+
+def test_a_path_no_route_takes_is_named(client) -> None:
+    """Starlette's 404 said "Not Found", naming neither the path nor where the routes are listed."""
+    for path, named in [("/v1/predict", "/v1/predict"), ("/x" * 100, "/x" * 50 + "… (200 characters)")]:
+        response = client.get(path)
+        assert response.status_code == 404
+        assert response.json() == {
+            "error": "not_found",
+            "message": f"no route takes the path {named!r}: GET /docs lists them",
+        }
+    assert client.get("/models/9").json()["message"] == "model version 9 does not exist"  # a route's own
 
 
 def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -> None:

@@ -92,4 +92,7 @@ def test_the_worker_answers_head_and_errors_as_the_api_does(sqlite_url: str, tmp
     head = client.head("/health")
     assert (head.status_code, head.content) == (200, b"")
     missing = client.get("/ready")
-    assert (missing.status_code, missing.json()) == (404, {"error": "not_found", "message": "Not Found"})
+    assert (missing.status_code, missing.json()) == (
+        404,
+        {"error": "not_found", "message": "no route takes the path '/ready': GET /docs lists them"},
+    )

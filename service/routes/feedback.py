@@ -35,7 +35,7 @@ class FeedbackResult(BaseModel):
     duplicate: int = Field(
         description="Labels already stored with the same value (or repeated in this request)."
     )
-    unknown: list[str] = Field(description="prediction_ids this service has no record of.")
+    unknown: list[str] = Field(description="prediction_ids this service has no record of, as sent.")
 
 
 def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
@@ -59,6 +59,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
         ctx = request.app.state.ctx
         labels: dict[str, float] = {}
         first: dict[str, int] = {}
+        spelt: dict[str, str] = {}  # an id as the client first sent it: `unknown` names it so
         repeated = 0
         for i, item in enumerate(cast(list[Any], items)):
             pid, actual = item.prediction_id.lower(), item.actual  # a UUID in capitals is the same id
@@ -71,6 +72,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
             repeated += pid in labels
             labels[pid] = actual
             first.setdefault(pid, i)
+            spelt.setdefault(pid, item.prediction_id)
         in_flight = [pid for pid in labels if ctx.logger.is_pending(pid)]
         behind, queue = _still_pending(ctx.logger, in_flight, waiting) if in_flight else (set(), "")
         if behind:  # answered here but not yet stored: "unknown" would tell the client to drop a good label
@@ -92,6 +94,7 @@ def build_router(spec: FeatureSpec, *, max_batch: int) -> APIRouter:
                 headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},  # as the middleware's 503 for an outage
             ) from exc
         result.duplicate += repeated
+        result.unknown = [spelt[pid] for pid in result.unknown]
         for outcome in ("accepted", "updated", "duplicate"):
             ctx.metrics.feedback.labels(outcome=outcome).inc(getattr(result, outcome))
         ctx.metrics.feedback.labels(outcome="unknown").inc(len(result.unknown))

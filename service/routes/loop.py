@@ -5,7 +5,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -38,9 +38,10 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
         ) from exc
     except NoChampion as exc:
         raise HTTPException(409, str(exc)) from exc
+    url = f"/retrain/runs/{handle.run_id}"
+    # Location: where a client polls the run (RFC 9110's status monitor of a 202), as well as in the body.
     return JSONResponse(
-        {"run_id": handle.run_id, "status": "running", "url": f"/retrain/runs/{handle.run_id}"},
-        status_code=202,
+        {"run_id": handle.run_id, "status": "running", "url": url}, status_code=202, headers={"Location": url}
     )
 
 
@@ -96,7 +97,9 @@ def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
     return report_detail(_report(request, report_id))
 
 
-@router.get("/reports/{report_id}/html", summary="The Evidently HTML page of a report")
+@router.get(
+    "/reports/{report_id}/html", summary="The Evidently HTML page of a report", response_class=HTMLResponse
+)
 def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
     if row.html_path is None and row.decision.get("verdict") != "insufficient":

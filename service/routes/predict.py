@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from core.db import utcnow
 from core.spec import FeatureSpec, FeatureType, few_unknown_keys
+from service.errors import INVALID_REQUEST
 from service.holder import NO_CHAMPION_IN_REGISTRY, ModelHolder
 from service.lean import LeanRoute, StrictJsonRoute, json_body, read_json
 from service.logger import LogRow
@@ -87,6 +88,7 @@ def add_routes(router: APIRouter, spec: FeatureSpec, *, max_batch: int, threads:
         summary="Predict one instance",
         tags=["predict"],
         openapi_extra=json_body(instance_model),
+        responses={422: {"description": INVALID_REQUEST}},  # FastAPI adds none: the route reads its own body
         route_class_override=LeanRoute,  # the hot path: see service/lean.py
     )
 
