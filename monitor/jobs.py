@@ -395,6 +395,10 @@ class Loop:
         champion = self.registry.champion()
         if champion is None:
             return MonitorOutcome("insufficient", None, None, None, notes=("no champion model yet",))
+        # Read (and checked) whatever the window holds: a champion that does not fit the spec, or whose files
+        # are damaged, is refused by name even with no answers to judge. Replicas under a changed spec are
+        # not ready and answer nothing, so "window has 0 rows" would hide the reason run after run.
+        model, reference = self._artifacts_for(champion)
         with self.sessions() as session:
             window = load_window(
                 session, self.spec, max_rows=s.window_rows, seconds=s.window_seconds, now=now,
@@ -417,7 +421,6 @@ class Loop:
             # (--no-scheduler) never monitor, so they should not pay for it at start-up.
             from monitor.report import compute_accuracy, compute_drift
 
-            model, reference = self._artifacts_for(champion)
             if labelled.rows:  # scored as the champion answers them, whichever model answered them then
                 labelled.frame[PREDICTION] = predict(model, labelled.frame, self.spec)
             if judged:

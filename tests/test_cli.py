@@ -493,6 +493,28 @@ def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference
     )
 
 
+def test_the_monitor_under_a_spec_the_champion_does_not_fit_refuses_even_with_no_traffic_to_judge(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas under the changed spec are not ready, so no answer arrives: a report of "window has 0 rows"
+    would hide why, run after run."""
+    from core.schema import DriftReport
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    result = CliRunner().invoke(cli, ["monitor"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "the monitor cannot run: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+        in " ".join(result.output.split())
+    )
+    with _sessions(Settings()) as sessions, sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DriftReport)) == 0
+
+
 def test_the_monitor_while_another_process_runs_it_says_so(env) -> None:
     """The worker's scheduled run (or a replica's POST /monitor/run) holds the monitor lease: refused by
     name, exit 1, no report, not a traceback."""
