@@ -490,7 +490,7 @@ class Loop:
         missing from the report."""
         if self._artifacts is None or self._artifacts[0] != champion.version:
             model = self.registry.load(champion, spec=self.spec)
-            self._artifacts = (champion.version, model, self.registry.reference(champion))
+            self._artifacts = (champion.version, model, self.registry.reference(champion, spec=self.spec))
         return self._artifacts[1], self._artifacts[2]
 
     def _store_report(
