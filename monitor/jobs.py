@@ -395,7 +395,7 @@ class Loop:
         champion = self.registry.champion()
         if champion is None:
             return MonitorOutcome("insufficient", None, None, None, notes=("no champion model yet",))
-        # Read (and checked) whatever the window holds: a champion that does not fit the spec, or whose files
+        # Read and checked whatever the window holds: a champion that does not fit the spec, or whose files
         # are damaged, is refused by name even with no answers to judge. Replicas under a changed spec are
         # not ready and answer nothing, so "window has 0 rows" would hide the reason run after run.
         model, reference = self._artifacts_for(champion)
