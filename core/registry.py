@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import utcnow
 from core.schema import ModelStatus, ModelVersion
-from core.spec import FeatureSpec
+from core.spec import RESERVED_NAMES, FeatureSpec
 
 MODEL_FILE = "model.cbm"
 REFERENCE_FILE = "reference.parquet"
@@ -89,6 +89,18 @@ def check_features(model: CatBoostRegressor, spec: FeatureSpec, *, version: int)
     else:
         what = f"same features in another order: trained on {', '.join(trained)}"
     _mismatch(version, what)
+
+
+def check_target(reference: pd.DataFrame, spec: FeatureSpec, *, version: int) -> None:
+    """Raise FeatureMismatchError unless the version's reference snapshot holds its labels under the spec's
+    target: after a renamed target the model still serves (it never sees the target), but the monitor would
+    find no labels to compare with and a retrain would drop the whole reference."""
+    if spec.target in reference.columns:
+        return
+    own = {*spec.feature_names, *RESERVED_NAMES}
+    other = [str(c) for c in reference.columns if c not in own]
+    held = f"holds the target {', '.join(other)}" if other else "holds no target"
+    _mismatch(version, f"its reference data {held}, the spec names {spec.target}")
 
 
 def _mismatch(version: int, what: str) -> NoReturn:
@@ -392,9 +404,13 @@ class Registry:
             check_features(model, spec, version=row.version)
         return model
 
-    def reference(self, row: ModelVersion) -> pd.DataFrame:
-        """The version's reference snapshot, checked against its recorded sha256 (ArtifactIntegrityError)."""
-        return self.store.load_reference(row.reference_path, row.reference_sha256)
+    def reference(self, row: ModelVersion, *, spec: FeatureSpec | None = None) -> pd.DataFrame:
+        """The version's reference snapshot, checked against its recorded sha256 (ArtifactIntegrityError)
+        and, given a spec, for the spec's target (FeatureMismatchError)."""
+        reference = self.store.load_reference(row.reference_path, row.reference_sha256)
+        if spec is not None:
+            check_target(reference, spec, version=row.version)
+        return reference
 
 
 def _rejection(row: ModelVersion) -> str:

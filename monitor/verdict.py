@@ -149,6 +149,10 @@ class Monitor:
 
     def _measure(self, champion: ModelVersion, now: datetime, config: PolicyConfig) -> _Measures:
         s = self.settings
+        # Read and checked whatever the window holds: a champion that does not fit the spec, or whose files
+        # are damaged, is refused by name even with no answers to judge. Replicas under a changed spec are
+        # not ready and answer nothing, so "window has 0 rows" would hide the reason run after run.
+        model, reference = self._artifacts_for(champion)
         with self.sessions() as session:
             window = load_window(
                 session, self.spec, max_rows=s.window_rows, seconds=s.window_seconds, now=now,
@@ -170,7 +174,6 @@ class Monitor:
             # (--no-scheduler) never monitor, so they should not pay for it at start-up.
             from monitor.report import compute_accuracy, compute_drift
 
-            model, reference = self._artifacts_for(champion)
             if labelled.rows:  # scored as the champion answers them, whichever model answered them then
                 labelled.frame[PREDICTION] = predict(model, labelled.frame, self.spec)
             if judged:
@@ -197,7 +200,7 @@ class Monitor:
         missing from the report."""
         if self._artifacts is None or self._artifacts[0] != champion.version:
             model = self.registry.load(champion, spec=self.spec)
-            self._artifacts = (champion.version, model, self.registry.reference(champion))
+            self._artifacts = (champion.version, model, self.registry.reference(champion, spec=self.spec))
         return self._artifacts[1], self._artifacts[2]
 
     def _store_report(

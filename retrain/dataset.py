@@ -182,9 +182,7 @@ def _reference(
     registry: Registry, champion: ModelVersion, spec: FeatureSpec, *, since: datetime | None
 ) -> pd.DataFrame:
     stamp = champion.data_end
-    reference = registry.reference(champion)
-    if spec.target not in reference.columns:
-        return _empty(spec)
+    reference = registry.reference(champion, spec=spec)
     if SOURCE in reference.columns:
         reference = reference[reference[SOURCE] == REFERENCE]
     times = reference[EVENT_TIME] if EVENT_TIME in reference.columns else [stamp] * len(reference)

@@ -494,6 +494,61 @@ def test_the_monitor_under_a_spec_the_champion_does_not_fit_names_the_difference
     )
 
 
+def test_the_monitor_under_a_spec_the_champion_does_not_fit_refuses_even_with_no_traffic_to_judge(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas under the changed spec are not ready, so no answer arrives: a report of "window has 0 rows"
+    would hide why, run after run."""
+    from core.schema import DriftReport
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    grown = tmp_path / "grown.yaml"
+    grown.write_text(shipped + "  - {name: view, type: numeric, nullable: true}\n", encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(grown))
+    result = CliRunner().invoke(cli, ["monitor"])
+    assert result.exit_code == 2, result.output
+    assert (
+        "the monitor cannot run: v1 does not fit the spec (the spec lists view, which it was not trained on)"
+        in " ".join(result.output.split())
+    )
+    with open_sessions(Settings()) as sessions, sessions() as session:
+        assert session.scalar(select(func.count()).select_from(DriftReport)) == 0
+
+
+def test_a_spec_whose_target_was_renamed_is_refused_by_the_monitor_and_a_retrain_naming_both_names(
+    env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The features still fit, so the model serves; but the champion's reference holds its labels under the
+    old name. The monitor crashed on it ('reference is missing columns'), and a retrain dropped every
+    reference row without a word and trained on the new labels alone."""
+    from core.schema import ModelVersion
+
+    assert run("bootstrap", "--rows", "2000").exit_code == 0
+    shipped = (Path(__file__).parents[1] / "core" / "specs" / "apartments.yaml").read_text(encoding="utf-8")
+    renamed = tmp_path / "renamed.yaml"
+    renamed.write_text(shipped.replace("target: price_10k_krw", "target: price_krw"), encoding="utf-8")
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(renamed))
+    monkeypatch.setenv("DRIFTLOOP_MIN_LABELLED_ROWS", "10")
+    rows = tmp_path / "new.csv"
+    generate_transactions(60, start="2022-02-01", end="2022-03-01", seed=7).rename(
+        columns={"price_10k_krw": "price_krw"}
+    ).to_csv(rows, index=False)
+    assert run("ingest", str(rows)).exit_code == 0
+    why = (
+        "v1 does not fit the spec (its reference data holds the target price_10k_krw, the spec names "
+        "price_krw)"
+    )
+    monitor = CliRunner().invoke(cli, ["monitor"])
+    assert monitor.exit_code == 2, monitor.output
+    assert f"the monitor cannot run: {why}" in " ".join(monitor.output.split())
+    retrain = run("retrain")
+    assert retrain.exit_code == 1
+    assert f"FeatureMismatchError: {why}" in " ".join(retrain.output.split())
+    with open_sessions(Settings()) as sessions, sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ModelVersion)) == 1
+
+
 def test_the_monitor_while_another_process_runs_it_says_so(env) -> None:
     """The worker's scheduled run (or a replica's POST /monitor/run) holds the monitor lease: refused by
     name, exit 1, no report, not a traceback."""

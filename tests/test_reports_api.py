@@ -173,6 +173,22 @@ def test_a_thin_window_is_insufficient_and_its_report_has_no_page(client, spec) 
     )
 
 
+def test_a_report_judged_on_labels_alone_has_no_page_and_does_not_say_it_was_pruned(
+    champion, db_url, tmp_path, spec
+) -> None:
+    # Too few of the champion's answers for a drift verdict (no Evidently page), but enough labels to breach.
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, min_window_rows=500)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "unit_bug", 150, seed=38, labelled=True)
+        outcome = run_monitor(client)
+        assert (outcome["verdict"], outcome["drift"]) == ("breach", None)
+        page = client.get(f"/reports/{outcome['report_id']}/html")
+    assert (page.status_code, page.json()["message"]) == (
+        404,
+        f"report {outcome['report_id']} has no HTML page (too few rows for a verdict, or file removed)",
+    )
+
+
 def test_a_unit_bug_breaches_on_the_weighted_score_and_the_report_shows_the_figures(
     client, spec, champion
 ) -> None:

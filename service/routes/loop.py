@@ -102,7 +102,9 @@ def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
 )
 def get_report_html(request: Request, report_id: RowId) -> FileResponse:
     row = _report(request, report_id)
-    if row.html_path is None and row.decision.get("verdict") != "insufficient":
+    # Only a report that judged drift had a page: one judged on its labels alone (too few of the champion's
+    # answers) never did, whatever its verdict, so retention did not remove it.
+    if row.html_path is None and row.drift_share is not None:
         raise HTTPException(404, _no_page(report_id, keep=request.app.state.ctx.settings.report_html_keep))
     if not row.html_path or not Path(row.html_path).is_file():
         raise HTTPException(
