@@ -306,7 +306,12 @@ def _accuracy(
     reference: pd.DataFrame, labelled: pd.DataFrame, spec: FeatureSpec
 ) -> tuple[Accuracy, Snapshot]:
     """Evidently's MAE, RMSE, MAPE and mean error (the model's bias) on the labelled rows; the reference is
-    shown alongside in the report."""
+    shown alongside in the report.
+
+    Without Evidently's tests: with a reference they ask each figure to equal the reference's within 10 %,
+    and the reference's predictions are the champion's on its own training rows, so a window within
+    policy (an MAE within `mae_degradation_ratio` of the validation MAE, a bias near 0) failed them on the
+    page. The policy judges accuracy (monitor.policy); the page's tests are the drift verdicts alone."""
     columns = [spec.target, PREDICTION]
     definition = DataDefinition(
         numerical_columns=columns, regression=[Regression(target=spec.target, prediction=PREDICTION)]
@@ -317,7 +322,7 @@ def _accuracy(
         # normality (undefined for one labelled row): expected here, not a problem to report.
         warnings.filterwarnings("ignore", r"R\^2 score is not well-defined", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", "One or more sample arguments is too small", RuntimeWarning)
-        snapshot = Report([mae, rmse, mape, bias], include_tests=True).run(
+        snapshot = Report([mae, rmse, mape, bias], include_tests=False).run(
             Dataset.from_pandas(labelled[columns], data_definition=definition),
             Dataset.from_pandas(reference[columns], data_definition=definition),
         )

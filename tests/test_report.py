@@ -254,6 +254,23 @@ def test_html_report_is_written(v1: Champion, spec: FeatureSpec, tmp_path: Path)
         assert name in page
 
 
+def test_the_page_fails_no_test_on_a_window_within_policy(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """A stable window whose MAE is within the policy's ratio of the validation MAE: Evidently's accuracy
+    tests held each figure to the reference's within 10 %, the champion's fit on its own training rows, and
+    the page showed four failed tests (MAE, RMSE, MAPE, mean error) for a window the policy found ok."""
+    path = tmp_path / "r.html"
+    result = drift(v1, spec, make_window(v1, spec), html_path=path)
+
+    assert result.drifted() == [] and result.accuracy is not None
+    assert result.accuracy.mae < 1.25 * v1.val_mae
+    page = path.read_text(encoding="utf-8")
+    assert '"state": "fail"' not in page
+    assert json.dumps({"value": "0", "label": "FAIL"}) in page
+    assert "Value Drift for column area_m2" in page and "Mean Absolute Error" in page
+
+
 def test_to_json_is_plain_json(v1: Champion, spec: FeatureSpec) -> None:
     result = drift(v1, spec, make_window(v1, spec, scenario="unit_bug", rows=1500))
 
