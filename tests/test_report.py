@@ -358,3 +358,16 @@ def test_a_category_the_reference_lacks_has_drifted_without_a_warning(
     window.loc[:100, "district"] = "Gangnam-gu"
     result = compute_drift(reference, window, spec, importance=v1.importance)
     assert "district" in result.drifted()
+
+
+def test_a_small_reference_s_categories_are_compared_as_a_sample(v1: Champion, spec: FeatureSpec) -> None:
+    """Reference and window split at random from the same 3,000 rows: no district can have drifted. With a
+    reference of 1,000 rows Evidently picks chi-square, which took the reference's shares as exact and
+    flagged the district in all ten of these splits; the two-sample test, about 1 in 20."""
+    districts = []
+    for seed in range(10):
+        shuffled = v1.reference.sample(frac=1, random_state=seed).reset_index(drop=True)
+        result = compute_drift(shuffled.iloc[:1000], shuffled.iloc[1000:], spec, importance=v1.importance)
+        districts.append(result.features[spec.feature_names.index("district")])
+    assert sum(d.detected for d in districts) <= 2
+    assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.05)}
