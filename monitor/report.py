@@ -1,14 +1,15 @@
 """Drift and accuracy of a window of served predictions against the champion's reference, via Evidently.
 
 Evidently runs per-column `ValueDrift` metrics (its default method choice per column) on a uniform sample of
-at most `max_rows` rows, and `MAE`/`RMSE`/`MAPE` on the labelled rows. With a reference over 1,000 rows
-Evidently picks distances (Wasserstein, Jensen-Shannon), which a large sample estimates closely, so verdicts
-match `DataDriftPreset` + `RegressionPreset` on the whole window at a fraction of the time and memory
-(bench/monitor.py checks this). A reference of 1,000 rows or fewer gets p-value tests (KS, chi²), whose
-verdicts do depend on the number of rows. Where Evidently would pick its chi-square (a categorical column, or
-a numeric one of 3 to 5 values), the two-sample chi-square of both sides' counts is run instead: Evidently's
-tests the window against the reference's shares as if they were exact, and on stable data it flagged
-about half the windows of 2,000 rows or more against a reference of 1,000.
+at most `max_rows` rows, and `MAE`/`RMSE`/`MeanError` on the labelled rows (MAPE is measured here, as the
+champion's validation MAPE is). With a reference over 1,000 rows Evidently picks distances (Wasserstein,
+Jensen-Shannon), which a large sample estimates closely, so verdicts match `DataDriftPreset` +
+`RegressionPreset` on the whole window at a fraction of the time and memory (bench/monitor.py checks this).
+A reference of 1,000 rows or fewer gets p-value tests (KS, chi²), whose verdicts do depend on the number of
+rows. Where Evidently would pick its chi-square (a categorical column, or a numeric one of 3 to 5 values),
+the two-sample chi-square of both sides' counts is run instead: Evidently's tests the window against the
+reference's shares as if they were exact, and on stable data it flagged about half the windows of 2,000
+rows or more against a reference of 1,000.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from evidently.legacy.renderers.html_widgets import (
     table_data,
 )
 from evidently.legacy.tests.base_test import TestStatus
-from evidently.metrics import MAE, MAPE, RMSE, MeanError, ValueDrift
+from evidently.metrics import MAE, RMSE, MeanError, ValueDrift
 from scipy.stats import chi2_contingency
 from sklearn.exceptions import UndefinedMetricWarning
 
 from core.figures import figure
 from core.spec import MAX_MAGNITUDE, FeatureSpec
-from retrain.train import PREDICTION
+from retrain.train import PREDICTION, regression_metrics
 
 DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
 
@@ -344,8 +345,11 @@ def _weighted_score(features: tuple[FeatureDrift, ...]) -> float:
 def _accuracy(
     reference: pd.DataFrame, labelled: pd.DataFrame, spec: FeatureSpec
 ) -> tuple[Accuracy, Snapshot]:
-    """Evidently's MAE, RMSE, MAPE and mean error (the model's bias) on the labelled rows; the reference is
-    shown alongside in the report.
+    """Evidently's MAE, RMSE and mean error (the model's bias) on the labelled rows; the reference is shown
+    alongside in the report. MAPE is the champion's validation MAPE's (retrain.train.regression_metrics:
+    each error over its actual's size, zero actuals skipped), not Evidently's, which divides by
+    max(actual, 2.2e-16) (a MAPE of 1e17 % and more for a target that can be negative) and counts a zero
+    actual as 100 %; so Evidently's MAPE widget is left off the page, whose summary shows this one.
 
     Without Evidently's tests: with a reference they ask each figure to equal the reference's within 10 %,
     and the reference's predictions are the champion's on its own training rows, so a window within
@@ -355,13 +359,13 @@ def _accuracy(
     definition = DataDefinition(
         numerical_columns=columns, regression=[Regression(target=spec.target, prediction=PREDICTION)]
     )
-    mae, rmse, mape, bias = MAE(), RMSE(), MAPE(), MeanError()
+    mae, rmse, bias = MAE(), RMSE(), MeanError()
     with warnings.catch_warnings():
         # Evidently's accuracy plots score R² per target bin (a bin may hold one row) and test the errors for
         # normality (undefined for one labelled row): expected here, not a problem to report.
         warnings.filterwarnings("ignore", r"R\^2 score is not well-defined", UndefinedMetricWarning)
         warnings.filterwarnings("ignore", "One or more sample arguments is too small", RuntimeWarning)
-        snapshot = Report([mae, rmse, mape, bias], include_tests=False).run(
+        snapshot = Report([mae, rmse, bias], include_tests=False).run(
             Dataset.from_pandas(labelled[columns], data_definition=definition),
             Dataset.from_pandas(reference[columns], data_definition=definition),
         )
@@ -369,7 +373,7 @@ def _accuracy(
     accuracy = Accuracy(
         mae=float(results[mae.metric_id].mean.value),
         rmse=float(results[rmse.metric_id].value),
-        mape=float(results[mape.metric_id].mean.value),
+        mape=regression_metrics(labelled[spec.target], labelled[PREDICTION])["mape"],
         rows=len(labelled),
         mean_error=float(results[bias.metric_id].mean.value),
     )

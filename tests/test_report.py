@@ -17,7 +17,7 @@ from core.registry import Registry
 from core.schema import ModelVersion
 from core.spec import FeatureSpec
 from monitor.report import DriftResult, compute_drift
-from retrain.train import PREDICTION, predict
+from retrain.train import PREDICTION, predict, regression_metrics
 
 JS = "Jensen-Shannon distance"
 WASSERSTEIN = "Wasserstein distance (normed)"
@@ -137,6 +137,28 @@ def test_accuracy_is_evidently_mae_rmse_mape_and_mean_error_on_the_labelled_rows
     assert result.accuracy.mape == pytest.approx((err / labelled[spec.target]).abs().mean() * 100)
     assert result.accuracy.mean_error == pytest.approx(err.mean())
     assert result.to_json()["accuracy"]["mean_error"] == pytest.approx(err.mean())
+
+
+def test_mape_divides_by_the_size_of_each_actual_and_skips_zeros_as_validation_does(
+    v1: Champion, spec: FeatureSpec
+) -> None:
+    """A target that goes negative (here the prices less their median), two actuals at exactly 0: Evidently's
+    MAPE divided each error by max(actual, 2.2e-16), a MAPE of ~1e20 %, and counted a zero actual as 100 %,
+    where the champion's validation MAPE (retrain.train.regression_metrics) skips it."""
+    window = make_window(v1, spec, rows=1000, labelled_every=1)
+    shift = window[spec.target].median()
+    for column in (spec.target, PREDICTION):
+        window[column] = window[column] - shift
+    window.loc[:1, spec.target] = 0.0
+    result = drift(v1, spec, window)
+
+    actual, err = window[spec.target], window[PREDICTION] - window[spec.target]
+    assert (actual < 0).sum() > 400
+    nonzero = actual != 0
+    assert result.accuracy is not None
+    assert result.accuracy.mape == pytest.approx((err[nonzero] / actual[nonzero]).abs().mean() * 100)
+    assert result.accuracy.mape == pytest.approx(regression_metrics(actual, window[PREDICTION])["mape"])
+    assert result.accuracy.mae == pytest.approx(err.abs().mean())
 
 
 def test_a_window_without_labels_has_no_accuracy(v1: Champion, spec: FeatureSpec) -> None:
