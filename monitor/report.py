@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from evidently import DataDefinition, Dataset, Regression, Report
-from evidently.core.metric_types import MetricTestResult, metric_tests_widget, render_widgets
+from evidently.core.metric_types import MetricConfig, MetricTestResult, metric_tests_widget, render_widgets
 from evidently.core.report import Snapshot, metric_tests_stats
 from evidently.legacy.calculations.stattests import chi_stat_test
 from evidently.legacy.calculations.stattests.registry import StatTest, get_stattest, register_stattest
@@ -46,6 +46,7 @@ from core.spec import MAX_MAGNITUDE, FeatureSpec
 from retrain.train import PREDICTION, regression_metrics
 
 DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
+NO_VALUES = "no values in"  # how a column judged here, not by Evidently, names its method (`_empty_drift`)
 
 
 def _two_sample_chi2(
@@ -280,7 +281,7 @@ def _empty_drift(name: str, side: str, importance: float) -> FeatureDrift:
     drifted = side != "both"
     return FeatureDrift(
         feature=name,
-        method=f"no values in {'either' if side == 'both' else 'the ' + side}",
+        method=f"{NO_VALUES} {'either' if side == 'both' else 'the ' + side}",
         score=1.0 if drifted else 0.0,
         threshold=math.nan,
         detected=drifted,
@@ -381,9 +382,10 @@ def _accuracy(
 
 
 def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snapshot | None) -> None:
-    """One page: summary, drift table, per-column distributions, accuracy figures, Evidently's tests."""
+    """One page: summary, drift table, per-column distributions, accuracy figures, the drift tests."""
     snapshots = [s for s in (drift, accuracy) if s is not None]
     tests: list[MetricTestResult] = [t for s in snapshots for t in s.tests_results]
+    tests += [_empty_test(f) for f in result.features if f.method.startswith(NO_VALUES)]
     widgets = [
         group_widget(title="Summary", widgets=[_summary_widget(result), _drift_table(result)]),
         group_widget(title="Drift by column", widgets=_widgets(drift)),
@@ -393,6 +395,20 @@ def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snaps
     widgets += [metric_tests_stats(tests), metric_tests_widget(tests)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_widgets(widgets, as_iframe=False), encoding="utf-8")
+
+
+def _empty_test(feature: FeatureDrift) -> MetricTestResult:
+    """The drift test of a column judged here (`_empty_drift`), which Evidently never saw, so the page's
+    tests count it as the report does."""
+    metric = ValueDrift(column=feature.feature)
+    return MetricTestResult(
+        id=DRIFT_TEST_ID,
+        name=f"Value Drift for column {feature.feature}",
+        description=f"{feature.method.capitalize()}: {'drifted' if feature.detected else 'unchanged'}.",
+        metric_config=MetricConfig(metric_id=metric.metric_id, params=metric.dict(exclude_none=True)),
+        test_config={},
+        status=TestStatus.FAIL if feature.detected else TestStatus.SUCCESS,
+    )
 
 
 def _widgets(snapshot: Snapshot) -> list[Any]:

@@ -352,6 +352,28 @@ def test_a_column_with_no_values_on_one_side_has_drifted_and_stops_nothing(
     assert result.accuracy is not None and page.stat().st_size > 0
 
 
+def test_the_page_s_tests_count_a_column_with_no_values(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """The page's tests were Evidently's alone, so a sensor that died (drifted in the report) was missing from
+    them and the page counted every test passed."""
+    window = make_window(v1, spec)
+    window["subway_distance_m"] = np.nan
+    reference = v1.reference.copy()
+    reference["floor"], window["floor"] = np.nan, np.nan
+    page = tmp_path / "report.html"
+    result = compute_drift(reference, window, spec, importance=v1.importance, html_path=page)
+
+    assert result.drifted() == ["subway_distance_m"]
+    assert result.prediction is not None and not result.prediction.detected
+    html = page.read_text(encoding="utf-8")
+    tests = len(spec.feature_names) + 1
+    assert json.dumps({"value": "1", "label": "FAIL"}) in html
+    assert json.dumps({"value": str(tests - 1), "label": "SUCCESS"}) in html
+    assert html.count('"state": "fail"') == 1
+    assert "Value Drift for column subway_distance_m" in html and "Value Drift for column floor" in html
+
+
 def test_the_page_shows_a_rate_s_errors_in_its_units(v1: Champion, spec: FeatureSpec, tmp_path: Path) -> None:
     """A target in [0, 1] (here the prices scaled down to one): the page's MAE and RMSE had one decimal, so
     an on-time rate's MAE of 0.0834 read 0.1 and 0.177 read 0.2."""
