@@ -17,7 +17,7 @@ from core.registry import Registry
 from core.schema import ModelVersion
 from core.spec import FeatureSpec
 from monitor.report import DriftResult, compute_drift
-from retrain.train import PREDICTION, predict
+from retrain.train import PREDICTION, predict, regression_metrics
 
 JS = "Jensen-Shannon distance"
 WASSERSTEIN = "Wasserstein distance (normed)"
@@ -139,6 +139,28 @@ def test_accuracy_is_evidently_mae_rmse_mape_and_mean_error_on_the_labelled_rows
     assert result.to_json()["accuracy"]["mean_error"] == pytest.approx(err.mean())
 
 
+def test_mape_divides_by_the_size_of_each_actual_and_skips_zeros_as_validation_does(
+    v1: Champion, spec: FeatureSpec
+) -> None:
+    """A target that goes negative (here the prices less their median), two actuals at exactly 0: Evidently's
+    MAPE divided each error by max(actual, 2.2e-16), a MAPE of ~1e20 %, and counted a zero actual as 100 %,
+    where the champion's validation MAPE (retrain.train.regression_metrics) skips it."""
+    window = make_window(v1, spec, rows=1000, labelled_every=1)
+    shift = window[spec.target].median()
+    for column in (spec.target, PREDICTION):
+        window[column] = window[column] - shift
+    window.loc[:1, spec.target] = 0.0
+    result = drift(v1, spec, window)
+
+    actual, err = window[spec.target], window[PREDICTION] - window[spec.target]
+    assert (actual < 0).sum() > 400
+    nonzero = actual != 0
+    assert result.accuracy is not None
+    assert result.accuracy.mape == pytest.approx((err[nonzero] / actual[nonzero]).abs().mean() * 100)
+    assert result.accuracy.mape == pytest.approx(regression_metrics(actual, window[PREDICTION])["mape"])
+    assert result.accuracy.mae == pytest.approx(err.abs().mean())
+
+
 def test_a_window_without_labels_has_no_accuracy(v1: Champion, spec: FeatureSpec) -> None:
     window = make_window(v1, spec, rows=1500)
     window[spec.target] = np.nan
@@ -254,6 +276,23 @@ def test_html_report_is_written(v1: Champion, spec: FeatureSpec, tmp_path: Path)
         assert name in page
 
 
+def test_the_page_fails_no_test_on_a_window_within_policy(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """A stable window whose MAE is within the policy's ratio of the validation MAE: Evidently's accuracy
+    tests held each figure to the reference's within 10 %, the champion's fit on its own training rows, and
+    the page showed four failed tests (MAE, RMSE, MAPE, mean error) for a window the policy found ok."""
+    path = tmp_path / "r.html"
+    result = drift(v1, spec, make_window(v1, spec), html_path=path)
+
+    assert result.drifted() == [] and result.accuracy is not None
+    assert result.accuracy.mae < 1.25 * v1.val_mae
+    page = path.read_text(encoding="utf-8")
+    assert '"state": "fail"' not in page
+    assert json.dumps({"value": "0", "label": "FAIL"}) in page
+    assert "Value Drift for column area_m2" in page and "Mean Absolute Error" in page
+
+
 def test_to_json_is_plain_json(v1: Champion, spec: FeatureSpec) -> None:
     result = drift(v1, spec, make_window(v1, spec, scenario="unit_bug", rows=1500))
 
@@ -313,6 +352,28 @@ def test_a_column_with_no_values_on_one_side_has_drifted_and_stops_nothing(
     assert result.accuracy is not None and page.stat().st_size > 0
 
 
+def test_the_page_s_tests_count_a_column_with_no_values(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """The page's tests were Evidently's alone, so a sensor that died (drifted in the report) was missing from
+    them and the page counted every test passed."""
+    window = make_window(v1, spec)
+    window["subway_distance_m"] = np.nan
+    reference = v1.reference.copy()
+    reference["floor"], window["floor"] = np.nan, np.nan
+    page = tmp_path / "report.html"
+    result = compute_drift(reference, window, spec, importance=v1.importance, html_path=page)
+
+    assert result.drifted() == ["subway_distance_m"]
+    assert result.prediction is not None and not result.prediction.detected
+    html = page.read_text(encoding="utf-8")
+    tests = len(spec.feature_names) + 1
+    assert json.dumps({"value": "1", "label": "FAIL"}) in html
+    assert json.dumps({"value": str(tests - 1), "label": "SUCCESS"}) in html
+    assert html.count('"state": "fail"') == 1
+    assert "Value Drift for column subway_distance_m" in html and "Value Drift for column floor" in html
+
+
 def test_the_page_shows_a_rate_s_errors_in_its_units(v1: Champion, spec: FeatureSpec, tmp_path: Path) -> None:
     """A target in [0, 1] (here the prices scaled down to one): the page's MAE and RMSE had one decimal, so
     an on-time rate's MAE of 0.0834 read 0.1 and 0.177 read 0.2."""
@@ -341,3 +402,16 @@ def test_a_category_the_reference_lacks_has_drifted_without_a_warning(
     window.loc[:100, "district"] = "Gangnam-gu"
     result = compute_drift(reference, window, spec, importance=v1.importance)
     assert "district" in result.drifted()
+
+
+def test_a_small_reference_s_categories_are_compared_as_a_sample(v1: Champion, spec: FeatureSpec) -> None:
+    """Reference and window split at random from the same 3,000 rows: no district can have drifted. With a
+    reference of 1,000 rows Evidently picks chi-square, which took the reference's shares as exact and
+    flagged the district in all ten of these splits; the two-sample test, about 1 in 20."""
+    districts = []
+    for seed in range(10):
+        shuffled = v1.reference.sample(frac=1, random_state=seed).reset_index(drop=True)
+        result = compute_drift(shuffled.iloc[:1000], shuffled.iloc[1000:], spec, importance=v1.importance)
+        districts.append(result.features[spec.feature_names.index("district")])
+    assert sum(d.detected for d in districts) <= 2
+    assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.05)}
