@@ -34,7 +34,23 @@ RESERVED_NAMES = frozenset(
     {"prediction", "prediction_id", "created_at", "model_version", "event_time", "source"}
 )
 SPEC_KEYS = ("dataset", "description", "target", "target_min", "target_max", "time_column", "features")
-FEATURE_KEYS = ("name", "type", "description", "min", "max", "categories", "nullable")
+FEATURE_KEYS = (
+    "name", "type", "description", "min", "max", "categories", "nullable", "drift_method", "drift_threshold"
+)  # fmt: skip
+# Evidently's drift methods (stattests) by the column type they take; a test checks this against Evidently's
+# registry, which the spec does not import (Evidently takes seconds to, and API replicas never monitor).
+NUMERIC_DRIFT_METHODS = (
+    "anderson", "cramer_von_mises", "ed", "empirical_mmd", "es", "hellinger", "jensenshannon", "kl_div",
+    "ks", "mannw", "psi", "t_test", "wasserstein",
+)  # fmt: skip
+CATEGORICAL_DRIFT_METHODS = (
+    "chisquare", "fisher_exact", "g_test", "hellinger", "jensenshannon", "kl_div", "psi", "TVD", "z",
+)  # fmt: skip
+# Those whose score is a p-value, drift below the threshold; the others' is a distance, drift at or above it.
+P_VALUE_DRIFT_METHODS = frozenset(
+    {"anderson", "chisquare", "cramer_von_mises", "empirical_mmd", "es", "fisher_exact", "g_test", "ks",
+     "mannw", "t_test", "TVD", "z"}
+)  # fmt: skip
 
 
 class FeatureType(StrEnum):
@@ -81,6 +97,10 @@ class Feature:
     categories: tuple[str, ...] = ()
     nullable: bool = False
     description: str = ""
+    # The monitor's drift test for this feature (an Evidently stattest) and its threshold; None: Evidently's
+    # choice for the column and the window, and DRIFTLOOP_DRIFT_STATTEST_THRESHOLD (or the method's default).
+    drift_method: str | None = None
+    drift_threshold: float | None = None
 
     def check(self, value: Any) -> str | None:
         """Return why `value` violates this feature, or None when it is acceptable."""
@@ -343,6 +363,7 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
         nullable = item.get("nullable", False)
         if not isinstance(nullable, bool):
             raise SpecError(f"{source}: {where} ({name}) nullable must be true or false, not {nullable!r}")
+        method, threshold = _drift_test(item, ftype, f"{source}: {where} ({name})")
         features.append(
             Feature(
                 name=name,
@@ -352,6 +373,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
                 categories=categories,
                 nullable=nullable,
                 description=str(item.get("description", "")),
+                drift_method=method,
+                drift_threshold=threshold,
             )
         )
     names = [f.name for f in features]
@@ -382,6 +405,31 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
         target_max=target_max,
         sha256=sha256,
     )
+
+
+def _drift_test(item: dict[str, Any], ftype: FeatureType, where: str) -> tuple[str | None, float | None]:
+    """A feature's `drift_method` (one of Evidently's for its type) and `drift_threshold` (above 0)."""
+    method = item.get("drift_method")
+    if method is not None:
+        methods = CATEGORICAL_DRIFT_METHODS if ftype is FeatureType.categorical else NUMERIC_DRIFT_METHODS
+        if method not in methods:
+            close = difflib.get_close_matches(str(method), methods, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise SpecError(
+                f"{where} drift_method {method!r} is not one of Evidently's for a {ftype.value} column"
+                f"{hint}: {', '.join(methods)}"
+            )
+    threshold = _number(item.get("drift_threshold"), f"{where} drift_threshold")
+    if threshold is not None and not 0 < threshold < math.inf:
+        raise SpecError(f"{where} drift_threshold must be above 0, not {threshold:g}")
+    if threshold is not None and threshold >= 1 and (method is None or method in P_VALUE_DRIFT_METHODS):
+        named = f"{method}'s score is" if method else "the score of Evidently's choice may be"
+        raise SpecError(
+            f"{where} drift_threshold {threshold:g}: {named} a p-value (drift below the threshold), so 1 or "
+            "more would find drift in every window; give one below 1"
+            + ("" if method else ", or name a distance as drift_method")
+        )
+    return method, threshold
 
 
 def _known_keys(mapping: dict[str, Any], known: tuple[str, ...], where: str) -> None:

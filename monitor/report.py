@@ -27,7 +27,12 @@ from evidently import DataDefinition, Dataset, Regression, Report
 from evidently.core.metric_types import MetricConfig, MetricTestResult, metric_tests_widget, render_widgets
 from evidently.core.report import Snapshot, metric_tests_stats
 from evidently.legacy.calculations.stattests import chi_stat_test
-from evidently.legacy.calculations.stattests.registry import StatTest, get_stattest, register_stattest
+from evidently.legacy.calculations.stattests.registry import (
+    StatTest,
+    _registered_stat_tests,
+    get_stattest,
+    register_stattest,
+)
 from evidently.legacy.core import ColumnType
 from evidently.legacy.renderers.html_widgets import (
     CounterData,
@@ -42,7 +47,7 @@ from scipy.stats import chi2_contingency
 from sklearn.exceptions import UndefinedMetricWarning
 
 from core.figures import figure
-from core.spec import MAX_MAGNITUDE, FeatureSpec
+from core.spec import MAX_MAGNITUDE, FeatureSpec, FeatureType
 from retrain.train import PREDICTION, regression_metrics
 
 DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
@@ -234,15 +239,7 @@ def _drift(
         if (side := _empty_side(reference[name], current[name])) is not None
     }
     columns = [*(c for c in spec.feature_names if c not in empty), PREDICTION]
-    categorical = set(spec.categorical_features)
-    metrics = {
-        c: ValueDrift(
-            column=c,
-            method=_method(reference[c], current[c], categorical=c in categorical),
-            threshold=threshold,
-        )
-        for c in columns
-    }
+    metrics = {c: _value_drift(c, reference, current, spec, threshold) for c in columns}
     definition = DataDefinition(
         numerical_columns=[c for c in [*spec.numeric_features, PREDICTION] if c not in empty],
         categorical_columns=spec.categorical_features,
@@ -258,6 +255,21 @@ def _drift(
         for name in spec.feature_names
     )
     return features, _feature_drift(snapshot, metrics[PREDICTION], PREDICTION, 0.0), snapshot
+
+
+def _value_drift(
+    column: str, reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, threshold: float | None
+) -> ValueDrift:
+    """The column's drift test: the spec's `drift_method` and `drift_threshold` where it names them, else
+    `_method`'s choice and the configured threshold (None: the method's default)."""
+    feature = spec.feature(column) if column != PREDICTION else None
+    method = feature.drift_method if feature else None
+    if method is None:
+        categorical = feature is not None and feature.type is FeatureType.categorical
+        method = _method(reference[column], current[column], categorical=categorical)
+    if feature is not None and feature.drift_threshold is not None:
+        threshold = feature.drift_threshold
+    return ValueDrift(column=column, method=method, threshold=threshold)
 
 
 def _method(reference: pd.Series, current: pd.Series, *, categorical: bool) -> str | None:
@@ -325,9 +337,12 @@ def _feature_drift(snapshot: Snapshot, metric: ValueDrift, name: str, importance
     tests = {t.id: t for t in result.tests}
     if DRIFT_TEST_ID not in tests:
         raise RuntimeError(f"Evidently returned no drift test for column {name!r}")
+    method = str(config["method"])
+    if method in _registered_stat_tests:  # a method the spec names is configured by name ("psi"), not "PSI"
+        method = next(iter(_registered_stat_tests[method].values())).display_name
     return FeatureDrift(
         feature=name,
-        method=str(config["method"]),
+        method=method,
         score=float(result.value),
         threshold=float(config["threshold"]),
         detected=tests[DRIFT_TEST_ID].status is TestStatus.FAIL,

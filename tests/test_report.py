@@ -415,3 +415,58 @@ def test_a_small_reference_s_categories_are_compared_as_a_sample(v1: Champion, s
         districts.append(result.features[spec.feature_names.index("district")])
     assert sum(d.detected for d in districts) <= 2
     assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.05)}
+
+
+def test_a_feature_s_drift_test_is_the_one_its_spec_names(v1: Champion, spec: FeatureSpec) -> None:
+    """drift_method and drift_threshold for one feature; every other keeps Evidently's choice and the
+    configured threshold (here Evidently's default, 0.1)."""
+    from dataclasses import replace
+
+    named = {"district": ("psi", 0.5), "area_m2": (None, 0.3)}
+    features = tuple(
+        replace(f, drift_method=named[f.name][0], drift_threshold=named[f.name][1]) if f.name in named else f
+        for f in spec.features
+    )
+    result = drift(v1, replace(spec, features=features, _by_name={}), make_window(v1, spec, rows=1500))
+
+    tests = {f.feature: (f.method, f.threshold) for f in result.features}
+    assert tests.pop("district") == ("PSI", 0.5)
+    assert tests.pop("area_m2") == (WASSERSTEIN, 0.3)
+    assert {threshold for _, threshold in tests.values()} == {0.1}
+    assert result.prediction is not None and (result.prediction.method, result.prediction.threshold) == (
+        WASSERSTEIN,
+        0.1,
+    )
+
+
+def test_a_categorical_of_many_levels_needs_its_own_threshold() -> None:
+    """Sampling alone puts the Jensen-Shannon distance of 1,000 equally likely stores near 0.2 on a stable
+    5,000-row window (README: Bring your own model): over the default 0.1 in every window. Its own
+    drift_threshold keeps the stable window quiet and still flags a window half of whose sales moved to ten
+    stores."""
+    from core.spec import Feature, FeatureType
+
+    rng = np.random.default_rng(3)
+    stores = tuple(f"s{i:04d}" for i in range(1000))
+
+    def frame(rows: int, *, moved: float = 0.0) -> pd.DataFrame:
+        store = rng.choice(stores, rows)
+        store[: int(rows * moved)] = rng.choice(stores[:10], int(rows * moved))
+        x = rng.normal(size=rows)
+        return pd.DataFrame({"store": store, "x": x, "y": 2 * x, PREDICTION: 2 * x})
+
+    def spec_with(threshold: float | None) -> FeatureSpec:
+        store = Feature("store", FeatureType.categorical, categories=stores, drift_threshold=threshold)
+        return FeatureSpec("shops", "y", (store, Feature("x", FeatureType.numeric)))
+
+    reference, stable, moved = frame(10_000), frame(5_000), frame(5_000, moved=0.5)
+
+    def store_drift(threshold: float | None, window: pd.DataFrame) -> tuple[str, bool, float]:
+        result = compute_drift(reference, window, spec_with(threshold), importance={})
+        store = result.features[0]
+        return store.method, store.detected, store.score
+
+    method, detected, score = store_drift(None, stable)
+    assert (method, detected) == (JS, True) and 0.15 < score < 0.25
+    assert store_drift(0.3, stable)[1] is False
+    assert store_drift(0.3, moved)[1] is True

@@ -247,6 +247,40 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric}, {name: a, type: integer}]\n",
             "feature names must be unique; repeated: a",
         ),
+        (
+            "dataset: x\ntarget: y\n"
+            "features: [{name: a, type: categorical, categories: [b], drift_method: ks}]\n",
+            "(a) drift_method 'ks' is not one of Evidently's for a categorical column: chisquare, "
+            "fisher_exact",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_method: wasserstien}]\n",
+            "drift_method 'wasserstien' is not one of Evidently's for a numeric column (did you mean "
+            "'wasserstein'?)",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_threshold: 0}]\n",
+            "(a) drift_threshold must be above 0, not 0",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_threshold: high}]\n",
+            "(a) drift_threshold must be a number, not 'high'",
+        ),
+        (
+            "dataset: x\ntarget: y\n"
+            "features: [{name: a, type: integer, drift_method: ks, drift_threshold: 5}]\n",
+            "(a) drift_threshold 5: ks's score is a p-value (drift below the threshold), so 1 or more would "
+            "find drift in every window; give one below 1",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_threshold: 1}]\n",
+            "the score of Evidently's choice may be a p-value (drift below the threshold), so 1 or more "
+            "would find drift in every window; give one below 1, or name a distance as drift_method",
+        ),
+        (
+            "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_treshold: 0.2}]\n",
+            "unknown key 'drift_treshold' (did you mean 'drift_threshold'?)",
+        ),
     ],
 )
 def test_bad_spec_files_name_the_problem(tmp_path: Path, text: str, message: str) -> None:
@@ -310,3 +344,40 @@ def test_any_other_feature_name_is_served(tmp_path: Path, name: str) -> None:
         model.model_validate({name: -1})
     assert info.value.errors()[0]["loc"] == (name,)
     assert list(model.model_json_schema()["properties"]) == [name]
+
+
+def test_a_feature_names_its_own_drift_test(tmp_path: Path) -> None:
+    """A distance may take a threshold above 1 (PSI, Kullback-Leibler); the rest keep Evidently's choice."""
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "dataset: x\ntarget: y\nfeatures:\n"
+        "  - {name: store, type: categorical, categories: [a, b], drift_method: psi, drift_threshold: 1.5}\n"
+        "  - {name: km, type: numeric, drift_threshold: 0.2}\n"
+        "  - {name: n, type: integer}\n"
+    )
+    spec = load_spec(path)
+    tests = [(f.drift_method, f.drift_threshold) for f in spec.features]
+    assert tests == [("psi", 1.5), (None, 0.2), (None, None)]
+
+
+def test_the_spec_knows_evidently_s_drift_methods_by_column_type() -> None:
+    """core.spec lists them without importing Evidently: the lists must be the installed Evidently's."""
+    from evidently.legacy.calculations.stattests.registry import _registered_stat_tests
+    from evidently.legacy.core import ColumnType
+
+    from core.spec import CATEGORICAL_DRIFT_METHODS, NUMERIC_DRIFT_METHODS, P_VALUE_DRIFT_METHODS
+    from monitor.report import TWO_SAMPLE_CHI2
+
+    def taking(kind: ColumnType) -> set[str]:  # Evidently's own: not the one monitor.report registers
+        return {n for n, by_type in _registered_stat_tests.items() if kind in by_type} - {
+            TWO_SAMPLE_CHI2.name
+        }
+
+    assert set(NUMERIC_DRIFT_METHODS) == taking(ColumnType.Numerical)
+    assert set(CATEGORICAL_DRIFT_METHODS) == taking(ColumnType.Categorical)
+    p_values = {
+        name
+        for name, by_type in _registered_stat_tests.items()
+        if "p_value" in next(iter(by_type.values())).display_name or name in P_VALUE_DRIFT_METHODS
+    }
+    assert p_values <= P_VALUE_DRIFT_METHODS | {"perc_text_content_drift", TWO_SAMPLE_CHI2.name}
