@@ -51,7 +51,13 @@ from core.spec import MAX_MAGNITUDE, FeatureSpec, FeatureType
 from retrain.train import PREDICTION, regression_metrics
 
 DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
-NO_VALUES = "no values in"  # how a column judged here, not by Evidently, names its method (`_empty_drift`)
+# How a column judged here, not by Evidently, names its method: `_empty_drift`, `_missing_share_drift`.
+NO_VALUES = "no values in"
+MISSING_SHARE = "missing share"
+# A numeric feature whose share of missing values moved this far (absolute) has drifted, whatever its values
+# do: Evidently compares the values alone, so a sensor failing for half the rows went unflagged. Sampling
+# moves a share of 500 rows by ~0.02, so 0.1 is a change, not noise.
+MISSING_SHARE_SHIFT = 0.1
 
 
 def _two_sample_chi2(
@@ -232,7 +238,8 @@ def _drift(
     its chi-square (see `_method`).
 
     A (nullable) column with no value at all on one side or both cannot be compared by Evidently, which
-    refuses an empty column; it is judged here instead (see `_empty_drift`)."""
+    refuses an empty column; it is judged here instead (see `_empty_drift`), and so is a numeric one whose
+    share of missing values moved (`_missing_share_drift`), which Evidently drops before it compares."""
     empty = {
         name: side
         for name in spec.numeric_features
@@ -248,12 +255,16 @@ def _drift(
         Dataset.from_pandas(current[columns], data_definition=definition),
         Dataset.from_pandas(reference[columns], data_definition=definition),
     )
-    features = tuple(
-        _empty_drift(name, empty[name], float(importance.get(name, 0.0)))
-        if name in empty
-        else _feature_drift(snapshot, metrics[name], name, float(importance.get(name, 0.0)))
-        for name in spec.feature_names
-    )
+    numeric = set(spec.numeric_features)
+
+    def judged(name: str) -> FeatureDrift:
+        weight = float(importance.get(name, 0.0))
+        if name in empty:
+            return _empty_drift(name, empty[name], weight)
+        drift = _feature_drift(snapshot, metrics[name], name, weight)
+        return _missing_share_drift(drift, reference[name], current[name]) if name in numeric else drift
+
+    features = tuple(judged(name) for name in spec.feature_names)
     return features, _feature_drift(snapshot, metrics[PREDICTION], PREDICTION, 0.0), snapshot
 
 
@@ -298,6 +309,22 @@ def _empty_drift(name: str, side: str, importance: float) -> FeatureDrift:
         threshold=math.nan,
         detected=drifted,
         importance=importance,
+    )
+
+
+def _missing_share_drift(drift: FeatureDrift, reference: pd.Series, current: pd.Series) -> FeatureDrift:
+    """`drift` (Evidently's, on the values), unless the column's share of missing values moved by
+    MISSING_SHARE_SHIFT or more while its values did not: then drifted, scored by that move."""
+    before, now = float(reference.isna().mean()), float(current.isna().mean())
+    if drift.detected or abs(now - before) < MISSING_SHARE_SHIFT:
+        return drift
+    return FeatureDrift(
+        feature=drift.feature,
+        method=f"{MISSING_SHARE} {before:.0%} to {now:.0%}",
+        score=abs(now - before),
+        threshold=MISSING_SHARE_SHIFT,
+        detected=True,
+        importance=drift.importance,
     )
 
 
@@ -400,7 +427,7 @@ def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snaps
     """One page: summary, drift table, per-column distributions, accuracy figures, the drift tests."""
     snapshots = [s for s in (drift, accuracy) if s is not None]
     tests: list[MetricTestResult] = [t for s in snapshots for t in s.tests_results]
-    tests += [_empty_test(f) for f in result.features if f.method.startswith(NO_VALUES)]
+    tests += [_judged_here(f) for f in result.features if f.method.startswith((NO_VALUES, MISSING_SHARE))]
     widgets = [
         group_widget(title="Summary", widgets=[_summary_widget(result), _drift_table(result)]),
         group_widget(title="Drift by column", widgets=_widgets(drift)),
@@ -412,9 +439,9 @@ def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snaps
     path.write_text(render_widgets(widgets, as_iframe=False), encoding="utf-8")
 
 
-def _empty_test(feature: FeatureDrift) -> MetricTestResult:
-    """The drift test of a column judged here (`_empty_drift`), which Evidently never saw, so the page's
-    tests count it as the report does."""
+def _judged_here(feature: FeatureDrift) -> MetricTestResult:
+    """The drift test of a column judged here (`_empty_drift`, `_missing_share_drift`), which Evidently
+    never ran, so the page's tests count it as the report does."""
     metric = ValueDrift(column=feature.feature)
     return MetricTestResult(
         id=DRIFT_TEST_ID,

@@ -470,3 +470,32 @@ def test_a_categorical_of_many_levels_needs_its_own_threshold() -> None:
     assert (method, detected) == (JS, True) and 0.15 < score < 0.25
     assert store_drift(0.3, stable)[1] is False
     assert store_drift(0.3, moved)[1] is True
+
+
+def test_a_numeric_feature_whose_missing_share_moved_has_drifted(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """Evidently drops missing values before it compares a numeric column, so a sensor failing for half the
+    window (its other values as before) scored as unchanged. A move of MISSING_SHARE_SHIFT (0.1) or more in
+    the share of missing values is drift; less is not. Categorical columns count a missing value as a
+    category of its own already."""
+    from monitor.report import MISSING_SHARE_SHIFT
+
+    window = make_window(v1, spec)
+    rows = np.arange(len(window))
+    window.loc[rows % 2 == 0, "subway_distance_m"] = np.nan  # half the window: 0 % to 50 %
+    window.loc[rows % 20 == 1, "households"] = np.nan  # one row in twenty: 0 % to 5 %, within noise
+    page = tmp_path / "report.html"
+    result = compute_drift(v1.reference, window, spec, importance=v1.importance, html_path=page)
+
+    by_name = {f.feature: f for f in result.features}
+    subway, households = by_name["subway_distance_m"], by_name["households"]
+    assert (subway.method, subway.score, subway.threshold, subway.detected) == (
+        "missing share 0% to 50%",
+        0.5,
+        MISSING_SHARE_SHIFT,
+        True,
+    )
+    assert households.method == WASSERSTEIN and not households.detected
+    assert result.drifted() == ["subway_distance_m"]
+    assert "Missing share 0% to 50%: drifted." in page.read_text(encoding="utf-8")
