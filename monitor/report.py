@@ -271,11 +271,14 @@ def _drift(
 def _value_drift(
     column: str, reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, threshold: float | None
 ) -> ValueDrift:
-    """The column's drift test: the spec's `drift_method` and `drift_threshold` where it names them, else
-    `_method`'s choice and the configured threshold (None: the method's default)."""
+    """The column's drift test: the spec's `drift_method` (`chisquare`: `TWO_SAMPLE_CHI2`) and
+    `drift_threshold` where it names them, else `_method`'s choice and the configured threshold (None: the
+    method's default)."""
     feature = spec.feature(column) if column != PREDICTION else None
     method = feature.drift_method if feature else None
-    if method is None:
+    if method == "chisquare":  # named, it is the two-sample one too: Evidently's flags stable windows
+        method = TWO_SAMPLE_CHI2.name
+    elif method is None:
         categorical = feature is not None and feature.type is FeatureType.categorical
         method = _method(reference[column], current[column], categorical=categorical)
     if feature is not None and feature.drift_threshold is not None:

@@ -417,6 +417,25 @@ def test_a_small_reference_s_categories_are_compared_as_a_sample(v1: Champion, s
     assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.05)}
 
 
+def test_a_spec_naming_chisquare_gets_the_two_sample_one(v1: Champion, spec: FeatureSpec) -> None:
+    """`drift_method: chisquare` ran Evidently's, which takes the reference's shares as exact: the district
+    of a reference and a window split at random from the same rows was flagged in every split."""
+    from dataclasses import replace
+
+    features = tuple(
+        replace(f, drift_method="chisquare", drift_threshold=0.01) if f.name == "district" else f
+        for f in spec.features
+    )
+    named = replace(spec, features=features, _by_name={})
+    districts = []
+    for seed in range(5):
+        shuffled = v1.reference.sample(frac=1, random_state=seed).reset_index(drop=True)
+        result = compute_drift(shuffled.iloc[:1000], shuffled.iloc[1000:], named, importance=v1.importance)
+        districts.append(result.features[spec.feature_names.index("district")])
+    assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.01)}
+    assert not any(d.detected for d in districts)
+
+
 def test_a_feature_s_drift_test_is_the_one_its_spec_names(v1: Champion, spec: FeatureSpec) -> None:
     """drift_method and drift_threshold for one feature; every other keeps Evidently's choice and the
     configured threshold (here Evidently's default, 0.1)."""
