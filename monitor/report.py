@@ -14,6 +14,7 @@ rows or more against a reference of 1,000.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -76,7 +77,13 @@ TWO_SAMPLE_CHI2 = StatTest(
     display_name="chi-square p_value (two-sample)",
     allowed_feature_types=[ColumnType.Categorical, ColumnType.Numerical],
 )
-register_stattest(TWO_SAMPLE_CHI2, default_impl=_two_sample_chi2)
+
+
+@functools.cache
+def _register_two_sample_chi2() -> None:
+    """Evidently finds a method by name in its process-wide registry: registered there when a report first
+    needs it, not at import (nothing happens at import time)."""
+    register_stattest(TWO_SAMPLE_CHI2, default_impl=_two_sample_chi2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +247,7 @@ def _drift(
     A (nullable) column with no value at all on one side or both cannot be compared by Evidently, which
     refuses an empty column; it is judged here instead (see `_empty_drift`), and so is a numeric one whose
     share of missing values moved (`_missing_share_drift`), which Evidently drops before it compares."""
+    _register_two_sample_chi2()
     empty = {
         name: side
         for name in spec.numeric_features

@@ -518,3 +518,19 @@ def test_a_numeric_feature_whose_missing_share_moved_has_drifted(
     assert households.method == WASSERSTEIN and not households.detected
     assert result.drifted() == ["subway_distance_m"]
     assert "Missing share 0% to 50%: drifted." in page.read_text(encoding="utf-8")
+
+
+def test_importing_the_report_registers_nothing_with_evidently() -> None:
+    """Nothing happens at import time (STYLE.md): the two-sample chi-square joins Evidently's process-wide
+    registry of methods when a report first needs it, not when monitor.report is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import monitor.report as report\n"
+        "from evidently.legacy.calculations.stattests.registry import _registered_stat_tests\n"
+        "assert report.TWO_SAMPLE_CHI2.name not in _registered_stat_tests\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
