@@ -51,6 +51,9 @@ P_VALUE_DRIFT_METHODS = frozenset(
     {"anderson", "chisquare", "cramer_von_mises", "empirical_mmd", "es", "fisher_exact", "g_test", "ks",
      "mannw", "t_test", "TVD", "z"}
 )  # fmt: skip
+# Distances that cannot exceed a bound (Jensen-Shannon's with the natural logarithm, as Evidently takes it): a
+# threshold above it would never find drift, silently turning the feature's test off.
+BOUNDED_DRIFT_METHODS = {"hellinger": 1.0, "jensenshannon": math.sqrt(math.log(2))}
 
 
 class FeatureType(StrEnum):
@@ -428,6 +431,12 @@ def _drift_test(item: dict[str, Any], ftype: FeatureType, where: str) -> tuple[s
             f"{where} drift_threshold {threshold:g}: {named} a p-value (drift below the threshold), so 1 or "
             "more would find drift in every window; give one below 1"
             + ("" if method else ", or name a distance as drift_method")
+        )
+    bound = BOUNDED_DRIFT_METHODS.get(method) if method else None
+    if threshold is not None and bound is not None and threshold > bound:
+        raise SpecError(
+            f"{where} drift_threshold {threshold:g}: {method}'s distance is at most {bound:.4g}, so it would "
+            "never find drift; give a lower one"
         )
     return method, threshold
 

@@ -14,6 +14,7 @@ rows or more against a reference of 1,000.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -76,7 +77,13 @@ TWO_SAMPLE_CHI2 = StatTest(
     display_name="chi-square p_value (two-sample)",
     allowed_feature_types=[ColumnType.Categorical, ColumnType.Numerical],
 )
-register_stattest(TWO_SAMPLE_CHI2, default_impl=_two_sample_chi2)
+
+
+@functools.cache
+def _register_two_sample_chi2() -> None:
+    """Evidently finds a method by name in its process-wide registry: registered there when a report first
+    needs it, not at import (nothing happens at import time)."""
+    register_stattest(TWO_SAMPLE_CHI2, default_impl=_two_sample_chi2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +247,7 @@ def _drift(
     A (nullable) column with no value at all on one side or both cannot be compared by Evidently, which
     refuses an empty column; it is judged here instead (see `_empty_drift`), and so is a numeric one whose
     share of missing values moved (`_missing_share_drift`), which Evidently drops before it compares."""
+    _register_two_sample_chi2()
     empty = {
         name: side
         for name in spec.numeric_features
@@ -271,11 +279,14 @@ def _drift(
 def _value_drift(
     column: str, reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, threshold: float | None
 ) -> ValueDrift:
-    """The column's drift test: the spec's `drift_method` and `drift_threshold` where it names them, else
-    `_method`'s choice and the configured threshold (None: the method's default)."""
+    """The column's drift test: the spec's `drift_method` (`chisquare`: `TWO_SAMPLE_CHI2`) and
+    `drift_threshold` where it names them, else `_method`'s choice and the configured threshold (None: the
+    method's default)."""
     feature = spec.feature(column) if column != PREDICTION else None
     method = feature.drift_method if feature else None
-    if method is None:
+    if method == "chisquare":  # named, it is the two-sample one too: Evidently's flags stable windows
+        method = TWO_SAMPLE_CHI2.name
+    elif method is None:
         categorical = feature is not None and feature.type is FeatureType.categorical
         method = _method(reference[column], current[column], categorical=categorical)
     if feature is not None and feature.drift_threshold is not None:

@@ -417,6 +417,25 @@ def test_a_small_reference_s_categories_are_compared_as_a_sample(v1: Champion, s
     assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.05)}
 
 
+def test_a_spec_naming_chisquare_gets_the_two_sample_one(v1: Champion, spec: FeatureSpec) -> None:
+    """`drift_method: chisquare` ran Evidently's, which takes the reference's shares as exact: the district
+    of a reference and a window split at random from the same rows was flagged in every split."""
+    from dataclasses import replace
+
+    features = tuple(
+        replace(f, drift_method="chisquare", drift_threshold=0.01) if f.name == "district" else f
+        for f in spec.features
+    )
+    named = replace(spec, features=features, _by_name={})
+    districts = []
+    for seed in range(5):
+        shuffled = v1.reference.sample(frac=1, random_state=seed).reset_index(drop=True)
+        result = compute_drift(shuffled.iloc[:1000], shuffled.iloc[1000:], named, importance=v1.importance)
+        districts.append(result.features[spec.feature_names.index("district")])
+    assert {(d.method, d.threshold) for d in districts} == {("chi-square p_value (two-sample)", 0.01)}
+    assert not any(d.detected for d in districts)
+
+
 def test_a_feature_s_drift_test_is_the_one_its_spec_names(v1: Champion, spec: FeatureSpec) -> None:
     """drift_method and drift_threshold for one feature; every other keeps Evidently's choice and the
     configured threshold (here Evidently's default, 0.1)."""
@@ -499,3 +518,19 @@ def test_a_numeric_feature_whose_missing_share_moved_has_drifted(
     assert households.method == WASSERSTEIN and not households.detected
     assert result.drifted() == ["subway_distance_m"]
     assert "Missing share 0% to 50%: drifted." in page.read_text(encoding="utf-8")
+
+
+def test_importing_the_report_registers_nothing_with_evidently() -> None:
+    """Nothing happens at import time (STYLE.md): the two-sample chi-square joins Evidently's process-wide
+    registry of methods when a report first needs it, not when monitor.report is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import monitor.report as report\n"
+        "from evidently.legacy.calculations.stattests.registry import _registered_stat_tests\n"
+        "assert report.TWO_SAMPLE_CHI2.name not in _registered_stat_tests\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

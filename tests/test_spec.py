@@ -273,6 +273,19 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
             "find drift in every window; give one below 1",
         ),
         (
+            "dataset: x\ntarget: y\n"
+            "features: [{name: a, type: numeric, drift_method: hellinger, drift_threshold: 1.5}]\n",
+            "(a) drift_threshold 1.5: hellinger's distance is at most 1, so it would never find drift; "
+            "give a lower one",
+        ),
+        (
+            "dataset: x\ntarget: y\n"
+            "features: [{name: a, type: categorical, categories: [b], drift_method: jensenshannon, "
+            "drift_threshold: 0.9}]\n",
+            "(a) drift_threshold 0.9: jensenshannon's distance is at most 0.8326, so it would never find "
+            "drift; give a lower one",
+        ),
+        (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_threshold: 1}]\n",
             "the score of Evidently's choice may be a p-value (drift below the threshold), so 1 or more "
             "would find drift in every window; give one below 1, or name a distance as drift_method",
