@@ -398,7 +398,7 @@ def _weighted_score(features: tuple[FeatureDrift, ...]) -> float:
 
 def _accuracy(
     reference: pd.DataFrame, labelled: pd.DataFrame, spec: FeatureSpec
-) -> tuple[Accuracy, Snapshot]:
+) -> tuple[Accuracy, Snapshot | None]:
     """Evidently's MAE, RMSE and mean error (the model's bias) on the labelled rows; the reference is shown
     alongside in the report. MAPE is the champion's validation MAPE's (retrain.train.regression_metrics:
     each error over its actual's size, zero actuals skipped), not Evidently's, which divides by
@@ -408,7 +408,16 @@ def _accuracy(
     Without Evidently's tests: with a reference they ask each figure to equal the reference's within 10 %,
     and the reference's predictions are the champion's on its own training rows, so a window within
     policy (an MAE within `mae_degradation_ratio` of the validation MAE, a bias near 0) failed them on the
-    page. The policy judges accuracy (monitor.policy); the page's tests are the drift verdicts alone."""
+    page. The policy judges accuracy (monitor.policy); the page's tests are the drift verdicts alone.
+
+    Where either side has no actual but 0 (a count or a delay that came out 0 for every label so far),
+    Evidently's regression figures raise IndexError looking for one: the figures are then numpy's, as
+    Evidently's equal them, and the page has no accuracy section."""
+    figures = regression_metrics(labelled[spec.target], labelled[PREDICTION])
+    if not all((side[spec.target] != 0).any() for side in (reference, labelled)):
+        errors = labelled[PREDICTION].to_numpy(dtype=float) - labelled[spec.target].to_numpy(dtype=float)
+        mean_error = float(errors.mean())
+        return Accuracy(figures["mae"], figures["rmse"], figures["mape"], len(labelled), mean_error), None
     columns = [spec.target, PREDICTION]
     definition = DataDefinition(
         numerical_columns=columns, regression=[Regression(target=spec.target, prediction=PREDICTION)]
@@ -427,7 +436,7 @@ def _accuracy(
     accuracy = Accuracy(
         mae=float(results[mae.metric_id].mean.value),
         rmse=float(results[rmse.metric_id].value),
-        mape=regression_metrics(labelled[spec.target], labelled[PREDICTION])["mape"],
+        mape=figures["mape"],
         rows=len(labelled),
         mean_error=float(results[bias.metric_id].mean.value),
     )

@@ -218,6 +218,7 @@ class Monitor:
             measures.result, measures.accuracy, measures.window, measures.html_path
         )  # fmt: skip
         payload = result.to_json() if result else {}
+        figures = accuracy.to_json() if accuracy else {}
         row = DriftReport(
             created_at=now,
             champion_version=champion.version,
@@ -230,10 +231,12 @@ class Monitor:
             drift_share=result.drift_share if result else None,
             weighted_drift_score=result.weighted_score if result else None,
             prediction_drift=payload.get("prediction") or {},
-            mae=accuracy.mae if accuracy else None,
-            rmse=accuracy.rmse if accuracy else None,
-            mape=accuracy.mape if accuracy else None,
-            mean_error=accuracy.mean_error if accuracy else None,
+            # NaN (a MAPE with no non-zero actual) is stored as null: PostgreSQL keeps a NaN, and the report's
+            # JSON could not carry it
+            mae=figures.get("mae"),
+            rmse=figures.get("rmse"),
+            mape=figures.get("mape"),
+            mean_error=figures.get("mean_error"),
             champion_mae=obs.champion_mae,
             breach=decision.breach,
             reasons=list(decision.reasons),

@@ -16,7 +16,7 @@ from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.registry import Registry
 from core.schema import ModelVersion
 from core.spec import FeatureSpec
-from monitor.report import DriftResult, compute_drift
+from monitor.report import DriftResult, compute_accuracy, compute_drift
 from retrain.train import PREDICTION, predict, regression_metrics
 
 JS = "Jensen-Shannon distance"
@@ -534,3 +534,28 @@ def test_importing_the_report_registers_nothing_with_evidently() -> None:
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_window_whose_labels_are_all_zero_is_measured(
+    v1: Champion, spec: FeatureSpec, tmp_path: Path
+) -> None:
+    """A count or a delay that came out 0 for every labelled row (the first label is often one): Evidently's
+    regression figures look for a non-zero actual and raised IndexError, which failed the monitor run. The
+    figures are numpy's then, MAPE (over non-zero actuals) has none to measure and is stored as null."""
+    window = make_window(v1, spec, rows=600, labelled_every=3)
+    window.loc[window[spec.target].notna(), spec.target] = 0.0
+    page = tmp_path / "report.html"
+    result = drift(v1, spec, window, html_path=page)
+
+    labelled = window[window[spec.target].notna()]
+    assert result.accuracy is not None
+    assert result.accuracy.to_json() == {
+        "mae": pytest.approx(float(labelled[PREDICTION].abs().mean())),
+        "rmse": pytest.approx(float(np.sqrt((labelled[PREDICTION] ** 2).mean()))),
+        "mape": None,
+        "mean_error": pytest.approx(float(labelled[PREDICTION].mean())),
+        "rows": 200,
+    }
+    assert page.stat().st_size > 0
+    accuracy = compute_accuracy(v1.reference, window, spec)
+    assert accuracy is not None and accuracy.to_json() == result.accuracy.to_json()

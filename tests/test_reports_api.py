@@ -425,3 +425,25 @@ def test_the_admin_token_never_reaches_the_server_log(sqlite_url, tmp_path) -> N
         assert line in log  # the requests did reach the log
     assert token not in log
     assert wrong not in log
+
+
+def test_a_window_labelled_all_zero_is_reported_with_no_mape(champion, db_url, tmp_path, spec) -> None:
+    """Every label so far 0 (the spec's target_min): the monitor run failed with Evidently's IndexError, and
+    the MAPE it has nothing to measure, NaN, was stored on PostgreSQL and made GET /reports/{id} a 500."""
+    settings = make_settings(db_url, tmp_path, auto_retrain=False)
+    frame = generate_transactions(600, start="2022-07-01", end="2022-12-31", scenario="none", seed=41)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        response = client.post(
+            "/predict/batch", json={"instances": frame[spec.feature_names].to_dict("records")}
+        )
+        assert client.app.state.ctx.logger.flush(timeout=30)
+        labels = [
+            {"prediction_id": p["prediction_id"], "actual": 0} for p in response.json()["predictions"][:300]
+        ]
+        assert client.post("/feedback", json=labels).json()["accepted"] == 300
+        outcome = run_monitor(client)
+        report = client.get(f"/reports/{outcome['report_id']}")
+    assert report.status_code == 200
+    figures = report.json()
+    assert (figures["mape"], figures["labelled_rows"]) == (None, 300)
+    assert figures["mae"] > 0 and figures["mean_error"] == pytest.approx(figures["mae"])
