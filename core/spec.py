@@ -46,7 +46,8 @@ NUMERIC_DRIFT_METHODS = (
 CATEGORICAL_DRIFT_METHODS = (
     "chisquare", "fisher_exact", "g_test", "hellinger", "jensenshannon", "kl_div", "psi", "TVD", "z",
 )  # fmt: skip
-# Those whose score is a p-value, drift below the threshold; the others' is a distance, drift at or above it.
+# Those whose score is a p-value, drift below the threshold; the others' is a distance, drift at or above it
+# (energy distance, `ed`: above it).
 P_VALUE_DRIFT_METHODS = frozenset(
     {"anderson", "chisquare", "cramer_von_mises", "empirical_mmd", "es", "fisher_exact", "g_test", "ks",
      "mannw", "t_test", "TVD", "z"}
