@@ -280,8 +280,9 @@ def _value_drift(
     column: str, reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, threshold: float | None
 ) -> ValueDrift:
     """The column's drift test: the spec's `drift_method` (`chisquare`: `TWO_SAMPLE_CHI2`) and
-    `drift_threshold` where it names them, else `_method`'s choice and the configured threshold (None: the
-    method's default)."""
+    `drift_threshold` where it names them, else `_method`'s choice. A feature that names either is judged by
+    its own threshold, or the method's default: `threshold` (DRIFTLOOP_DRIFT_STATTEST_THRESHOLD, set for
+    Evidently's choices) may mean nothing for the method named (0.05 set for p-values, taken by a PSI)."""
     feature = spec.feature(column) if column != PREDICTION else None
     method = feature.drift_method if feature else None
     if method == "chisquare":  # named, it is the two-sample one too: Evidently's flags stable windows
@@ -289,7 +290,7 @@ def _value_drift(
     elif method is None:
         categorical = feature is not None and feature.type is FeatureType.categorical
         method = _method(reference[column], current[column], categorical=categorical)
-    if feature is not None and feature.drift_threshold is not None:
+    if feature is not None and (feature.drift_method is not None or feature.drift_threshold is not None):
         threshold = feature.drift_threshold
     return ValueDrift(column=column, method=method, threshold=threshold)
 

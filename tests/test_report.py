@@ -438,23 +438,26 @@ def test_a_spec_naming_chisquare_gets_the_two_sample_one(v1: Champion, spec: Fea
 
 def test_a_feature_s_drift_test_is_the_one_its_spec_names(v1: Champion, spec: FeatureSpec) -> None:
     """drift_method and drift_threshold for one feature; every other keeps Evidently's choice and the
-    configured threshold (here Evidently's default, 0.1)."""
+    configured threshold (DRIFTLOOP_DRIFT_STATTEST_THRESHOLD, here 0.2). A method named without a threshold
+    takes its own default (KS: a p-value of 0.05), not the one configured for Evidently's choices."""
     from dataclasses import replace
 
-    named = {"district": ("psi", 0.5), "area_m2": (None, 0.3)}
+    named = {"district": ("psi", 0.5), "area_m2": (None, 0.3), "floor": ("ks", None)}
     features = tuple(
         replace(f, drift_method=named[f.name][0], drift_threshold=named[f.name][1]) if f.name in named else f
         for f in spec.features
     )
-    result = drift(v1, replace(spec, features=features, _by_name={}), make_window(v1, spec, rows=1500))
+    window = make_window(v1, spec, rows=1500)
+    result = drift(v1, replace(spec, features=features, _by_name={}), window, stattest_threshold=0.2)
 
     tests = {f.feature: (f.method, f.threshold) for f in result.features}
     assert tests.pop("district") == ("PSI", 0.5)
     assert tests.pop("area_m2") == (WASSERSTEIN, 0.3)
-    assert {threshold for _, threshold in tests.values()} == {0.1}
+    assert tests.pop("floor") == ("K-S p_value", 0.05)
+    assert {threshold for _, threshold in tests.values()} == {0.2}
     assert result.prediction is not None and (result.prediction.method, result.prediction.threshold) == (
         WASSERSTEIN,
-        0.1,
+        0.2,
     )
 
 
