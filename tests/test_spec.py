@@ -376,9 +376,10 @@ def test_a_feature_names_its_own_drift_test(tmp_path: Path) -> None:
 
 
 # Evidently's Anderson-Darling calls scipy's anderson_ksamp as scipy 1.17 deprecates, and scipy says its
-# p-value is capped: not ours to change.
+# p-value is capped; its empirical MMD calls numpy's percentile as numpy 1.22–1.x deprecates: not ours.
 @pytest.mark.filterwarnings("ignore:Parameter `variant` has been introduced:UserWarning")
 @pytest.mark.filterwarnings("ignore:p-value capped:UserWarning")
+@pytest.mark.filterwarnings("ignore:the `interpolation=` argument to percentile:DeprecationWarning")
 def test_the_spec_knows_evidently_s_drift_methods_by_column_type() -> None:
     """core.spec lists them without importing Evidently: the lists must be the installed Evidently's."""
     from evidently.legacy.calculations.stattests.registry import _registered_stat_tests, get_stattest
