@@ -27,9 +27,10 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, text
 from starlette.requests import ClientDisconnect
 
+from core.db import utcnow
 from core.metrics import VALUE_BUCKETS, build_metrics, prediction_buckets
 from core.registry import sha256_file
-from core.schema import GroundTruth, PredictionLog
+from core.schema import DriftReport, GroundTruth, ModelVersion, PredictionLog, RetrainRun
 from core.settings import Settings
 from core.spec import FeatureSpec, parse_spec
 from monitor.jobs import Loop
@@ -39,7 +40,18 @@ from service.errors import describe
 from service.lean import LeanRoute, StrictJsonRoute
 from service.middleware import Faults
 from service.process import free_port
+from service.responses import (
+    Lineage,
+    ModelDetail,
+    ModelSummary,
+    MonitorRun,
+    ReportDetail,
+    ReportSummary,
+    RetrainRunView,
+    TrainingWindow,
+)
 from service.routes.feedback import FeedbackResult
+from service.views import model_lineage, model_summary, report_detail, report_summary, row_dict
 from tests.conftest import make_settings, register_copy
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -706,6 +718,65 @@ def test_models_list_and_lineage(client, champion) -> None:
     assert (v1["sha256"], v1["reference_sha256"]) == (champion.sha256, champion.reference_sha256)
     missing = client.get("/models/7")
     assert (missing.status_code, missing.json()["message"]) == (404, "model version 7 does not exist")
+
+
+def documented_fields(document: dict[str, Any], schema: dict[str, Any]) -> set[str]:
+    """The property names an OpenAPI response schema gives, following a $ref and a list's items."""
+    while "$ref" in schema or "items" in schema:
+        schema = schema["items"] if "items" in schema else _component(document, schema["$ref"])
+    return set(schema["properties"])
+
+
+def _component(document: dict[str, Any], ref: str) -> dict[str, Any]:
+    return document["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+
+
+def test_every_read_body_is_what_openapi_documents(client, champion) -> None:
+    """The views build dicts and FastAPI keeps only what a response model declares: a column added to a
+    view but not to its model would be dropped without a word, so the views' keys are held to the models,
+    and each route's body to what /openapi.json says of it."""
+    ctx = client.app.state.ctx
+    outcome = ctx.loop.run_monitor()  # a real report: an empty window is judged insufficient
+    assert set(outcome.to_json()) == set(MonitorRun.model_fields)
+    with ctx.sessions.begin() as session:
+        run = RetrainRun(
+            trigger="manual", status="rejected", reason="why", report_id=outcome.report_id,
+            champion_version=1, candidate_version=2, metrics={"candidate_mae": 9.0}, steps={},
+            error=None, pid=1, started_at=utcnow(), finished_at=utcnow(), heartbeat_at=utcnow(),
+        )  # fmt: skip
+        session.add(run)
+    v2 = register_copy(ctx.registry, champion)
+    with ctx.sessions.begin() as session:
+        row = session.get(ModelVersion, v2.version)
+        row.report_id, row.retrain_run_id = outcome.report_id, run.id
+    with ctx.sessions() as session:
+        report = session.get(DriftReport, outcome.report_id)
+        run = session.get(RetrainRun, run.id)
+        v2 = session.get(ModelVersion, v2.version)
+    detail = model_lineage(v2, report=report, run=run)
+    lineage = detail["lineage"]
+    for view, model in [
+        (model_summary(v2), ModelSummary), (detail, ModelDetail), (lineage, Lineage),
+        (lineage["training_window"], TrainingWindow), (lineage["report"], ReportSummary),
+        (lineage["retrain_run"], RetrainRunView), (report_detail(report), ReportDetail),
+        (report_summary(report), ReportSummary), (row_dict(run), RetrainRunView),
+    ]:  # fmt: skip
+        assert set(view) == set(model.model_fields), model.__name__
+
+    document = client.get("/openapi.json").json()
+    paths = {"/models": "/models", "/models/2": "/models/{version}", "/reports": "/reports",
+             f"/reports/{report.id}": "/reports/{report_id}", "/reports/latest": "/reports/latest",
+             "/retrain/runs": "/retrain/runs", f"/retrain/runs/{run.id}": "/retrain/runs/{run_id}",
+             "/health": "/health", "/ready": "/ready"}  # fmt: skip
+    for path, template in paths.items():
+        answer = client.get(path)
+        assert answer.status_code == 200, path
+        body = answer.json()
+        body = body[0] if isinstance(body, list) else body
+        schema = document["paths"][template]["get"]["responses"]["200"]["content"]["application/json"]
+        assert set(body) == documented_fields(document, schema["schema"]), path
+    lineage_schema = _component(document, "ModelDetail")["properties"]["lineage"]
+    assert set(client.get("/models/2").json()["lineage"]) == documented_fields(document, lineage_schema)
 
 
 def test_a_rejected_version_is_promoted_only_with_a_reason(client, champion) -> None:

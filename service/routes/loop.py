@@ -16,6 +16,7 @@ from monitor.verdict import MonitorOutcome
 from retrain.runs import NoChampion, RunInProgress
 from service.auth import Admin
 from service.lean import StrictJsonRoute
+from service.responses import MonitorRun, ReportDetail, ReportSummary, RetrainRunView, RetrainStarted
 from service.routes.params import MAX_LIST, Limit, RowId, Text
 from service.views import report_detail, report_summary, row_dict
 
@@ -27,7 +28,9 @@ class RetrainRequest(BaseModel):
     reason: Text = Field(default="manual trigger", max_length=500)
 
 
-@router.post("/retrain", status_code=202, summary="Start a retrain run now (admin)")
+@router.post(
+    "/retrain", status_code=202, response_model=RetrainStarted, summary="Start a retrain run now (admin)"
+)
 def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(default=None)) -> JSONResponse:
     ctx = request.app.state.ctx
     try:
@@ -45,14 +48,16 @@ def retrain(request: Request, _: Admin, body: RetrainRequest | None = Body(defau
     )
 
 
-@router.get("/retrain/runs", summary="Retrain runs, newest first")
+@router.get("/retrain/runs", response_model=list[RetrainRunView], summary="Retrain runs, newest first")
 def list_runs(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
         rows = session.scalars(select(RetrainRun).order_by(RetrainRun.id.desc()).limit(min(limit, MAX_LIST)))
         return [row_dict(r) for r in rows]
 
 
-@router.get("/retrain/runs/{run_id}", summary="One retrain run with step timings")
+@router.get(
+    "/retrain/runs/{run_id}", response_model=RetrainRunView, summary="One retrain run with step timings"
+)
 def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
     with request.app.state.ctx.sessions() as session:
         row = session.get(RetrainRun, run_id)
@@ -61,7 +66,9 @@ def get_run(request: Request, run_id: RowId) -> dict[str, Any]:
     return row_dict(row)
 
 
-@router.post("/monitor/run", summary="Run the monitor now and return its report (admin)")
+@router.post(
+    "/monitor/run", response_model=MonitorRun, summary="Run the monitor now and return its report (admin)"
+)
 async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
     try:
@@ -74,7 +81,7 @@ async def run_monitor(request: Request, _: Admin) -> dict[str, Any]:
     return outcome.to_json()
 
 
-@router.get("/reports", summary="Drift reports, newest first")
+@router.get("/reports", response_model=list[ReportSummary], summary="Drift reports, newest first")
 def list_reports(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
     with request.app.state.ctx.sessions() as session:
         rows = session.scalars(
@@ -83,7 +90,7 @@ def list_reports(request: Request, limit: Limit = 50) -> list[dict[str, Any]]:
         return [report_summary(r) for r in rows]
 
 
-@router.get("/reports/latest", summary="The newest drift report")
+@router.get("/reports/latest", response_model=ReportDetail, summary="The newest drift report")
 def latest_report(request: Request) -> dict[str, Any]:
     with request.app.state.ctx.sessions() as session:
         row = session.scalar(select(DriftReport).order_by(DriftReport.id.desc()).limit(1))
@@ -92,7 +99,7 @@ def latest_report(request: Request) -> dict[str, Any]:
     return report_detail(row)
 
 
-@router.get("/reports/{report_id}", summary="One drift report (JSON)")
+@router.get("/reports/{report_id}", response_model=ReportDetail, summary="One drift report (JSON)")
 def get_report(request: Request, report_id: RowId) -> dict[str, Any]:
     return report_detail(_report(request, report_id))
 

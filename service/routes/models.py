@@ -9,6 +9,7 @@ from core.registry import ReasonRequired, RegistryError, UnknownVersion
 from core.schema import DriftReport, RetrainRun
 from service.auth import Admin
 from service.lean import StrictJsonRoute
+from service.responses import ModelDetail, ModelSummary
 from service.routes.params import RowId, Text
 from service.views import model_lineage, model_summary
 
@@ -22,7 +23,7 @@ class PromoteRequest(BaseModel):
     )
 
 
-@router.get("/models", summary="All model versions, newest first")
+@router.get("/models", response_model=list[ModelSummary], summary="All model versions, newest first")
 def list_models(request: Request) -> list[dict[str, Any]]:
     return [model_summary(row) for row in request.app.state.ctx.registry.list()]
 
@@ -35,7 +36,7 @@ def rollback_takes_post() -> None:
     raise HTTPException(405, headers={"Allow": "POST"})
 
 
-@router.get("/models/{version}", summary="One version with its lineage")
+@router.get("/models/{version}", response_model=ModelDetail, summary="One version with its lineage")
 def get_model(request: Request, version: RowId) -> dict[str, Any]:
     ctx = request.app.state.ctx
     row = ctx.registry.get(version)
@@ -47,7 +48,9 @@ def get_model(request: Request, version: RowId) -> dict[str, Any]:
     return model_lineage(row, report=report, run=run)
 
 
-@router.post("/models/{version}/promote", summary="Make a version the champion (admin)")
+@router.post(
+    "/models/{version}/promote", response_model=ModelSummary, summary="Make a version the champion (admin)"
+)
 def promote(
     request: Request, version: RowId, _: Admin, body: PromoteRequest | None = Body(default=None)
 ) -> dict[str, Any]:
@@ -65,7 +68,9 @@ def promote(
     return model_summary(row)
 
 
-@router.post("/models/rollback", summary="Re-promote the previous champion (admin)")
+@router.post(
+    "/models/rollback", response_model=ModelSummary, summary="Re-promote the previous champion (admin)"
+)
 def rollback(request: Request, _: Admin) -> dict[str, Any]:
     ctx = request.app.state.ctx
     try:

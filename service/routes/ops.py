@@ -4,15 +4,22 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.responses import Health, Readiness
+
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/health", summary="Liveness: the process answers")
+@router.get("/health", response_model=Health, summary="Liveness: the process answers")
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="Readiness: a champion is loaded and every answer is logged or spooled")
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "Not ready: `problems` says why"}},
+    summary="Readiness: a champion is loaded and every answer is logged or spooled",
+)
 async def ready(request: Request) -> JSONResponse:
     """503 only when this replica cannot answer, or would lose what it answers. A database outage alone is
     a problem to name, not a reason to leave the load balancer: answers go to the spool and are replayed,
