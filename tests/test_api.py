@@ -624,7 +624,33 @@ def test_a_newline_in_the_path_cannot_write_a_log_line(fault, line, caplog) -> N
     }  # fmt: skip
     with caplog.at_level(logging.INFO, logger="driftloop.service"):
         asyncio.run(Faults(app)(scope, None, send))
-    assert caplog.messages == [f"{line} /models/1%0A{forged.replace(' ', '%20')}/promote"]
+    logged = f"{line} /models/1%0A{forged.replace(' ', '%20')}/promote"
+    assert [re.sub(r" \(request [0-9a-f]{32}\)$", "", m) for m in caplog.messages] == [logged]
+
+
+def test_every_answer_carries_a_request_id_and_a_sane_one_sent_is_kept(client, make_features) -> None:
+    """A load balancer's or client's X-Request-ID comes back as sent, so its logs and ours name the same
+    request; without one, or with one that could write into a log (a space, a newline, 129 characters, a
+    non-ASCII byte), each answer gets an id of its own. Errors answered before routing carry it too."""
+    fresh = re.compile(r"[0-9a-f]{32}")
+    refused = ["a b", "x" * 129, "", "café".encode()]
+    for sent in [
+        "3f9c2a1e-6b7d-4e0f-9a8b-1c2d3e4f5a6b",
+        "00-4bf92f3577b34da6-00f067aa0ba902b7-01",
+        "x" * 128,
+    ]:
+        assert client.get("/health", headers={"X-Request-ID": sent}).headers["x-request-id"] == sent
+    answers = [
+        client.get("/health"), client.head("/health"), client.get("/models/7"), client.get("/nope"),
+        client.post("/predict", json={}), client.post("/predict", json=make_features()),
+        post_raw(client, "/feedback", "x" * 5000),  # 413 from BodyLimit, before any route
+        *(client.get("/health", headers={"X-Request-ID": bad}) for bad in refused),
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [200, 200, 404, 404, 422, 200, 413, 200, 200, 200, 200]
+    ids = [a.headers["x-request-id"] for a in answers]
+    assert all(fresh.fullmatch(i) for i in ids), ids
+    assert len(set(ids)) == len(ids)
+    assert all(len(a.headers.get_list("x-request-id")) == 1 for a in answers)
 
 
 def test_every_feedback_outcome_is_exported_before_the_first_label(client) -> None:
@@ -989,11 +1015,13 @@ def test_a_fault_of_ours_is_a_json_500_and_the_service_goes_on(
 
     with TestClient(app, raise_server_exceptions=False) as client:
         response = client.get("/fault")
+        logged_as = response.headers["x-request-id"]
         assert (response.status_code, response.json()) == (
             500,
             {
                 "error": "internal",
-                "message": "internal error (RuntimeError); the service log has the details",
+                "message": "internal error (RuntimeError); the service log has the details, "
+                f"under request {logged_as}",
             },
         )
         assert client.post("/predict", json=make_features()).status_code == 200

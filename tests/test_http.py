@@ -361,18 +361,20 @@ def test_a_fault_of_ours_answers_500_and_keeps_the_connection_for_the_next_reque
         engine.dispose()
         host, port = server.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as sock:
-            get = b"GET %s HTTP/1.1\r\nHost: test\r\n\r\n"
+            get = b"GET %s HTTP/1.1\r\nHost: test\r\nX-Request-ID: lb-7f3a\r\n\r\n"
             status, body = http_exchange(sock, get % b"/reports")
             assert (status, json.loads(body)) == (
                 500,
                 {
                     "error": "internal",
-                    "message": "internal error (OperationalError); the service log has the details",
+                    "message": "internal error (OperationalError); the service log has the details, "
+                    "under request lb-7f3a",
                 },
             )
             assert http_exchange(sock, get % b"/health") == (200, b'{"status":"ok"}')
         assert server.metric('driftloop_http_errors_total{endpoint="/reports",status="500"}') == 1
-        assert "internal error on GET /reports" in server.log()
+        # the id the client was given names the traceback in the log
+        assert "internal error on GET /reports (request lb-7f3a)\nTraceback" in server.log()
     finally:
         assert server.terminate()
 
