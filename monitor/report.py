@@ -94,6 +94,8 @@ class FeatureDrift:
     threshold: float
     detected: bool
     importance: float
+    # Judged here (no values on a side, a moved missing share), not by Evidently: the page adds its test.
+    judged_here: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -321,6 +323,7 @@ def _empty_drift(name: str, side: str, importance: float) -> FeatureDrift:
         threshold=math.nan,
         detected=drifted,
         importance=importance,
+        judged_here=True,
     )
 
 
@@ -337,6 +340,7 @@ def _missing_share_drift(drift: FeatureDrift, reference: pd.Series, current: pd.
         threshold=MISSING_SHARE_SHIFT,
         detected=True,
         importance=drift.importance,
+        judged_here=True,
     )
 
 
@@ -448,7 +452,7 @@ def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snaps
     """One page: summary, drift table, per-column distributions, accuracy figures, the drift tests."""
     snapshots = [s for s in (drift, accuracy) if s is not None]
     tests: list[MetricTestResult] = [t for s in snapshots for t in s.tests_results]
-    tests += [_judged_here(f) for f in result.features if f.method.startswith((NO_VALUES, MISSING_SHARE))]
+    tests += [_page_test(f) for f in result.features if f.judged_here]
     widgets = [
         group_widget(title="Summary", widgets=[_summary_widget(result), _drift_table(result)]),
         group_widget(title="Drift by column", widgets=_widgets(drift)),
@@ -460,7 +464,7 @@ def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snaps
     path.write_text(render_widgets(widgets, as_iframe=False), encoding="utf-8")
 
 
-def _judged_here(feature: FeatureDrift) -> MetricTestResult:
+def _page_test(feature: FeatureDrift) -> MetricTestResult:
     """The drift test of a column judged here (`_empty_drift`, `_missing_share_drift`), which Evidently
     never ran, so the page's tests count it as the report does."""
     metric = ValueDrift(column=feature.feature)
@@ -487,7 +491,7 @@ def _summary_widget(result: DriftResult) -> Any:
         CounterData("weighted drift score", f"{result.weighted_score:.3f}"),
         CounterData("MAE", figure(acc.mae) if acc else "n/a"),
         CounterData("RMSE", figure(acc.rmse) if acc else "n/a"),
-        CounterData("MAPE %", f"{acc.mape:.2f}" if acc else "n/a"),
+        CounterData("MAPE %", f"{acc.mape:.2f}" if acc and math.isfinite(acc.mape) else "n/a"),
     ]
     return counter(title="Window", counters=counters, size=WidgetSize.FULL)
 

@@ -443,7 +443,9 @@ def test_a_window_labelled_all_zero_is_reported_with_no_mape(champion, db_url, t
         assert client.post("/feedback", json=labels).json()["accepted"] == 300
         outcome = run_monitor(client)
         report = client.get(f"/reports/{outcome['report_id']}")
+        page = client.get(f"/reports/{outcome['report_id']}/html").text
     assert report.status_code == 200
     figures = report.json()
     assert (figures["mape"], figures["labelled_rows"]) == (None, 300)
+    assert '{"value": "n/a", "label": "MAPE %"}' in page  # the page's counter said "nan"
     assert figures["mae"] > 0 and figures["mean_error"] == pytest.approx(figures["mae"])
