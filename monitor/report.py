@@ -7,14 +7,12 @@ Jensen-Shannon), which a large sample estimates closely, so verdicts match `Data
 `RegressionPreset` on the whole window at a fraction of the time and memory (bench/monitor.py checks this).
 A reference of 1,000 rows or fewer gets p-value tests (KS, chi²), whose verdicts do depend on the number of
 rows. Where Evidently would pick its chi-square (a categorical column, or a numeric one of 3 to 5 values),
-the two-sample chi-square of both sides' counts is run instead: Evidently's tests the window against the
-reference's shares as if they were exact, and on stable data it flagged about half the windows of 2,000
-rows or more against a reference of 1,000.
+the two-sample chi-square of both sides' counts is run instead (`monitor.drift_tests`). The page is
+`monitor.page`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Mapping
@@ -25,33 +23,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from evidently import DataDefinition, Dataset, Regression, Report
-from evidently.core.metric_types import MetricConfig, MetricTestResult, metric_tests_widget, render_widgets
-from evidently.core.report import Snapshot, metric_tests_stats
-from evidently.legacy.calculations.stattests import chi_stat_test
-from evidently.legacy.calculations.stattests.registry import (
-    StatTest,
-    _registered_stat_tests,
-    get_stattest,
-    register_stattest,
-)
-from evidently.legacy.core import ColumnType
-from evidently.legacy.renderers.html_widgets import (
-    CounterData,
-    WidgetSize,
-    counter,
-    group_widget,
-    table_data,
-)
+from evidently.core.report import Snapshot
 from evidently.legacy.tests.base_test import TestStatus
 from evidently.metrics import MAE, RMSE, MeanError, ValueDrift
-from scipy.stats import chi2_contingency
 from sklearn.exceptions import UndefinedMetricWarning
 
-from core.figures import figure
-from core.spec import MAX_MAGNITUDE, FeatureSpec, FeatureType
+from core.spec import MAX_MAGNITUDE, FeatureSpec
+from monitor.drift_tests import display_name, register_two_sample_chi2, value_drift
+from monitor.page import DRIFT_TEST_ID, save_page
 from retrain.train import PREDICTION, regression_metrics
 
-DRIFT_TEST_ID = "drift"  # the test Evidently attaches to ValueDrift when include_tests=True
 # How a column judged here, not by Evidently, names its method: `_empty_drift`, `_missing_share_drift`.
 NO_VALUES = "no values in"
 MISSING_SHARE = "missing share"
@@ -59,31 +40,6 @@ MISSING_SHARE = "missing share"
 # do: Evidently compares the values alone, so a sensor failing for half the rows went unflagged. Sampling
 # moves a share of 500 rows by ~0.02, so 0.1 is a change, not noise.
 MISSING_SHARE_SHIFT = 0.1
-
-
-def _two_sample_chi2(
-    reference: pd.Series, current: pd.Series, feature_type: ColumnType, threshold: float
-) -> tuple[float, bool]:
-    """p-value of the chi-square test of independence on the 2 × k table of both sides' counts: the
-    reference is a sample too. Evidently's chi-square takes the reference's shares as the truth, so its
-    p-values shrink with the window's size alone."""
-    counts = pd.concat([reference.value_counts(), current.value_counts()], axis=1).fillna(0)
-    p_value = float(chi2_contingency(counts.to_numpy().T, correction=False)[1])
-    return p_value, p_value < threshold
-
-
-TWO_SAMPLE_CHI2 = StatTest(
-    name="chi-square p_value (two-sample)",  # the name is what a report shows as the method
-    display_name="chi-square p_value (two-sample)",
-    allowed_feature_types=[ColumnType.Categorical, ColumnType.Numerical],
-)
-
-
-@functools.cache
-def _register_two_sample_chi2() -> None:
-    """Evidently finds a method by name in its process-wide registry: registered there when a report first
-    needs it, not at import (nothing happens at import time)."""
-    register_stattest(TWO_SAMPLE_CHI2, default_impl=_two_sample_chi2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +161,7 @@ def compute_drift(
         labelled_rows=int(source[spec.target].notna().sum()),
     )
     if html_path is not None:
-        _save_html(html_path, result, drift, accuracy_snapshot)
+        save_page(html_path, result, drift, accuracy_snapshot)
     return result
 
 
@@ -244,19 +200,19 @@ def _drift(
     threshold: float | None,
 ) -> tuple[tuple[FeatureDrift, ...], FeatureDrift, Snapshot]:
     """One Evidently `ValueDrift` per feature and for the prediction; Evidently picks each method, but for
-    its chi-square (see `_method`).
+    its chi-square (see `monitor.drift_tests`).
 
     A (nullable) column with no value at all on one side or both cannot be compared by Evidently, which
     refuses an empty column; it is judged here instead (see `_empty_drift`), and so is a numeric one whose
     share of missing values moved (`_missing_share_drift`), which Evidently drops before it compares."""
-    _register_two_sample_chi2()
+    register_two_sample_chi2()
     empty = {
         name: side
         for name in spec.numeric_features
         if (side := _empty_side(reference[name], current[name])) is not None
     }
     columns = [*(c for c in spec.feature_names if c not in empty), PREDICTION]
-    metrics = {c: _value_drift(c, reference, current, spec, threshold) for c in columns}
+    metrics = {c: value_drift(c, reference, current, spec, threshold) for c in columns}
     definition = DataDefinition(
         numerical_columns=[c for c in [*spec.numeric_features, PREDICTION] if c not in empty],
         categorical_columns=spec.categorical_features,
@@ -276,33 +232,6 @@ def _drift(
 
     features = tuple(judged(name) for name in spec.feature_names)
     return features, _feature_drift(snapshot, metrics[PREDICTION], PREDICTION, 0.0), snapshot
-
-
-def _value_drift(
-    column: str, reference: pd.DataFrame, current: pd.DataFrame, spec: FeatureSpec, threshold: float | None
-) -> ValueDrift:
-    """The column's drift test: the spec's `drift_method` (`chisquare`: `TWO_SAMPLE_CHI2`) and
-    `drift_threshold` where it names them, else `_method`'s choice. A feature that names either is judged by
-    its own threshold, or the method's default: `threshold` (DRIFTLOOP_DRIFT_STATTEST_THRESHOLD, set for
-    Evidently's choices) may mean nothing for the method named (0.05 set for p-values, taken by a PSI)."""
-    feature = spec.feature(column) if column != PREDICTION else None
-    method = feature.drift_method if feature else None
-    if method == "chisquare":  # named, it is the two-sample one too: Evidently's flags stable windows
-        method = TWO_SAMPLE_CHI2.name
-    elif method is None:
-        categorical = feature is not None and feature.type is FeatureType.categorical
-        method = _method(reference[column], current[column], categorical=categorical)
-    if feature is not None and (feature.drift_method is not None or feature.drift_threshold is not None):
-        threshold = feature.drift_threshold
-    return ValueDrift(column=column, method=method, threshold=threshold)
-
-
-def _method(reference: pd.Series, current: pd.Series, *, categorical: bool) -> str | None:
-    """None (Evidently's own choice for the column, on its values as Evidently cleans them) unless that is
-    its chi-square: then the two-sample one (`TWO_SAMPLE_CHI2`)."""
-    kind = ColumnType.Categorical if categorical else ColumnType.Numerical
-    ref, cur = (side.replace([-np.inf, np.inf], np.nan).dropna() for side in (reference, current))
-    return TWO_SAMPLE_CHI2.name if get_stattest(ref, cur, kind, None) is chi_stat_test else None
 
 
 def _empty_side(reference: pd.Series, current: pd.Series) -> str | None:
@@ -380,9 +309,7 @@ def _feature_drift(snapshot: Snapshot, metric: ValueDrift, name: str, importance
     tests = {t.id: t for t in result.tests}
     if DRIFT_TEST_ID not in tests:
         raise RuntimeError(f"Evidently returned no drift test for column {name!r}")
-    method = str(config["method"])
-    if method in _registered_stat_tests:  # a method the spec names is configured by name ("psi"), not "PSI"
-        method = next(iter(_registered_stat_tests[method].values())).display_name
+    method = display_name(str(config["method"]))
     return FeatureDrift(
         feature=name,
         method=method,
@@ -446,67 +373,6 @@ def _accuracy(
         mean_error=float(results[bias.metric_id].mean.value),
     )
     return accuracy, snapshot
-
-
-def _save_html(path: Path, result: DriftResult, drift: Snapshot, accuracy: Snapshot | None) -> None:
-    """One page: summary, drift table, per-column distributions, accuracy figures, the drift tests."""
-    snapshots = [s for s in (drift, accuracy) if s is not None]
-    tests: list[MetricTestResult] = [t for s in snapshots for t in s.tests_results]
-    tests += [_page_test(f) for f in result.features if f.judged_here]
-    widgets = [
-        group_widget(title="Summary", widgets=[_summary_widget(result), _drift_table(result)]),
-        group_widget(title="Drift by column", widgets=_widgets(drift)),
-    ]
-    if accuracy is not None:
-        widgets.append(group_widget(title="Accuracy on labelled rows", widgets=_widgets(accuracy)))
-    widgets += [metric_tests_stats(tests), metric_tests_widget(tests)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_widgets(widgets, as_iframe=False), encoding="utf-8")
-
-
-def _page_test(feature: FeatureDrift) -> MetricTestResult:
-    """The drift test of a column judged here (`_empty_drift`, `_missing_share_drift`), which Evidently
-    never ran, so the page's tests count it as the report does."""
-    metric = ValueDrift(column=feature.feature)
-    return MetricTestResult(
-        id=DRIFT_TEST_ID,
-        name=f"Value Drift for column {feature.feature}",
-        description=f"{feature.method.capitalize()}: {'drifted' if feature.detected else 'unchanged'}.",
-        metric_config=MetricConfig(metric_id=metric.metric_id, params=metric.dict(exclude_none=True)),
-        test_config={},
-        status=TestStatus.FAIL if feature.detected else TestStatus.SUCCESS,
-    )
-
-
-def _widgets(snapshot: Snapshot) -> list[Any]:
-    return [w for result in snapshot.metric_results.values() for w in result.get_widgets()]
-
-
-def _summary_widget(result: DriftResult) -> Any:
-    acc = result.accuracy
-    counters = [
-        CounterData("rows (sampled)", f"{result.rows:,} ({result.sampled_rows:,})"),
-        CounterData("labelled rows", f"{result.labelled_rows:,}"),
-        CounterData("drift share", f"{result.drift_share:.2f}"),
-        CounterData("weighted drift score", f"{result.weighted_score:.3f}"),
-        CounterData("MAE", figure(acc.mae) if acc else "n/a"),
-        CounterData("RMSE", figure(acc.rmse) if acc else "n/a"),
-        CounterData("MAPE %", f"{acc.mape:.2f}" if acc and math.isfinite(acc.mape) else "n/a"),
-    ]
-    return counter(title="Window", counters=counters, size=WidgetSize.FULL)
-
-
-def _drift_table(result: DriftResult) -> Any:
-    rows = [*result.features, *([result.prediction] if result.prediction else [])]
-    return table_data(
-        title="Drift by feature",
-        column_names=["column", "method", "score", "threshold", "drift", "importance"],
-        data=[
-            [f.feature, f.method, f"{f.score:.4f}", f"{f.threshold:g}", "DRIFT" if f.detected else "ok",
-             f"{f.importance:.3f}" if f is not result.prediction else "-"]
-            for f in rows
-        ],
-    )  # fmt: skip
 
 
 def _finite(value: float) -> float | None:

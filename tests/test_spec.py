@@ -386,9 +386,9 @@ def test_the_spec_knows_evidently_s_drift_methods_by_column_type() -> None:
     from evidently.legacy.core import ColumnType
 
     from core.spec import CATEGORICAL_DRIFT_METHODS, NUMERIC_DRIFT_METHODS, P_VALUE_DRIFT_METHODS
-    from monitor.report import TWO_SAMPLE_CHI2
+    from monitor.drift_tests import TWO_SAMPLE_CHI2
 
-    def taking(kind: ColumnType) -> set[str]:  # Evidently's own: not the one monitor.report registers
+    def taking(kind: ColumnType) -> set[str]:  # Evidently's own: not the one monitor.drift_tests registers
         return {n for n, by_type in _registered_stat_tests.items() if kind in by_type} - {
             TWO_SAMPLE_CHI2.name
         }
