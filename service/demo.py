@@ -421,7 +421,7 @@ def _plot(served: list[Served], reports: list[dict[str, Any]], path: Path) -> No
         twin.set_ylabel("window MAE")
         for r in rows:
             if r["breach"]:
-                bottom.axvline(r["id"], color="tab:red", alpha=0.15)
+                bottom.axvspan(r["id"] - 0.5, r["id"] + 0.5, color="tab:red", alpha=0.12, lw=0)
         bottom.legend(loc="upper left")
         twin.legend(loc="upper right")
     bottom.set_title("Monitor reports (shaded: breach)")
