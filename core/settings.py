@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # Evidently pages kept on disk (the newest; each run prunes the rest, whose report rows stay); 0: none
     # are written. 288 is one day at the default interval.
     report_html_keep: int = Field(default=288, ge=0)
+    # A local Evidently workspace each judged run's snapshots go to, for `evidently ui --workspace DIR`;
+    # None: none. It keeps the newest `evidently_workspace_keep` snapshots (two a run with labels: drift
+    # and accuracy; 4032 is a week at the default interval).
+    evidently_workspace: Path | None = None
+    evidently_workspace_keep: int = Field(default=4032, ge=1)
 
     # --- policy ------------------------------------------------------------------------
     drift_share_threshold: float = Field(default=0.5, gt=0, le=1)
@@ -131,11 +136,13 @@ class Settings(BaseSettings):
             return value
         return None
 
-    @field_validator("artifact_dir", "spool_dir", "report_dir")
+    @field_validator("artifact_dir", "spool_dir", "report_dir", "evidently_workspace")
     @classmethod
-    def _directory(cls, value: Path) -> Path:
+    def _directory(cls, value: Path | None) -> Path | None:
         """A directory that is a file, or lies under one, is refused here by name: the spool's would
         otherwise fail only in a database outage, dropping the answers it was there to keep."""
+        if value is None:
+            return None
         try:
             blocked = file_in_the_way(value)
         except OSError as exc:  # a name too long for the file system, say: named, not a traceback

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,9 @@ class DriftResult:
     rows: int
     sampled_rows: int
     labelled_rows: int
+    # Evidently's own results, the drift one, then the accuracy one when labels were measured: for the
+    # Evidently workspace (monitor.workspace). Not part of the report's JSON.
+    snapshots: tuple[Snapshot, ...] = field(default=(), repr=False, compare=False)
 
     def drifted(self) -> list[str]:
         """Names of the drifted features, in spec order."""
@@ -159,6 +162,7 @@ def compute_drift(
         rows=len(current),
         sampled_rows=len(cur),
         labelled_rows=int(source[spec.target].notna().sum()),
+        snapshots=(drift,) if accuracy_snapshot is None else (drift, accuracy_snapshot),
     )
     if html_path is not None:
         save_page(html_path, result, drift, accuracy_snapshot)

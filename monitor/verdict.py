@@ -25,6 +25,7 @@ from monitor import LOOP_LOGGER
 from monitor.pages import prune_pages
 from monitor.policy import Decision, History, Observation, PolicyConfig, decide, load_history
 from monitor.window import Window, load_unseen_labelled, load_window
+from monitor.workspace import EvidentlyWorkspace
 from retrain.train import PREDICTION, predict
 
 if TYPE_CHECKING:
@@ -117,10 +118,18 @@ class Monitor:
     sessions: sessionmaker[Session]
     registry: Registry
     metrics: Metrics
-    # The Evidently page of each report, and pruning old ones (DRIFTLOOP_REPORT_HTML_KEEP); the backtest
-    # skips both.
+    # The Evidently page of each report, pruning old ones (DRIFTLOOP_REPORT_HTML_KEEP), and the Evidently
+    # workspace (DRIFTLOOP_EVIDENTLY_WORKSPACE); the backtest, whose time is simulated, skips all three.
     write_html: bool = True
     _artifacts: tuple[int, CatBoostRegressor, pd.DataFrame] | None = field(default=None, init=False)
+    _workspace: EvidentlyWorkspace | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        if self.write_html and s.evidently_workspace is not None:
+            self._workspace = EvidentlyWorkspace(
+                s.evidently_workspace, self.spec, keep=s.evidently_workspace_keep
+            )
 
     def judge(self, champion: ModelVersion, now: datetime) -> Verdict:
         started = time.perf_counter()
@@ -144,6 +153,13 @@ class Monitor:
             champion, measures, observation, decision, now, seconds=time.perf_counter() - started
         )
         self._prune_pages()
+        if self._workspace is not None and result is not None:
+            self._workspace.add(
+                result.snapshots,
+                report_id=report_id,
+                champion_version=champion.version,
+                verdict=decision.verdict,
+            )
         self._publish(result, accuracy, observation)
         return Verdict(champion, report_id, observation, decision, measures.history, result, accuracy)
 

@@ -98,6 +98,7 @@ def _demo_settings(state: Path, webhook_url: str) -> Settings:
         artifact_dir=state / "artifacts",
         spool_dir=state / "spool",
         report_dir=state / "reports",
+        evidently_workspace=state / "evidently",
         admin_token=SecretStr("demo-admin-token"),
         feedback_token=SecretStr(DEMO_FEEDBACK_TOKEN),  # labels steer retraining: the demo guards them too
         webhook_url=webhook_url,
@@ -387,6 +388,12 @@ def _finish(
         console.print(
             f"latest Evidently report: [bold]{saved}[/] (report {latest['id']}: a copy of the page the "
             f"demo's service, stopped now, served at GET {latest['html_url']})"
+        )
+    workspace = state / "evidently"
+    if workspace.is_dir():
+        console.print(
+            f"every judged monitor run in Evidently's own UI: [bold]DO_NOT_TRACK=1 .venv/bin/evidently ui "
+            f"--workspace {workspace}[/] (then http://127.0.0.1:8000)"
         )
     console.print(f"alerts delivered to the webhook receiver: {len(_Receiver.alerts)}")
 

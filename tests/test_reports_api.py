@@ -1,5 +1,8 @@
 """Monitor runs and drift reports over HTTP: the admin gate, verdicts, report views, no token in logs."""
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -8,6 +11,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -20,8 +24,9 @@ from core.registry import sha256_file
 from core.schema import DriftReport, ModelVersion
 from core.spec import FeatureSpec
 from service.app import create_app
+from service.process import free_port
 from tests.conftest import make_settings
-from tests.live import start_server
+from tests.live import start_server, wait_until
 
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 MISSING_TOKEN = "missing bearer token: send 'Authorization: Bearer <DRIFTLOOP_ADMIN_TOKEN>'"
@@ -449,3 +454,126 @@ def test_a_window_labelled_all_zero_is_reported_with_no_mape(champion, db_url, t
     assert (figures["mape"], figures["labelled_rows"]) == (None, 300)
     assert '{"value": "n/a", "label": "MAPE %"}' in page  # the page's counter said "nan"
     assert figures["mae"] > 0 and figures["mean_error"] == pytest.approx(figures["mae"])
+
+
+def workspace_runs(path: Path) -> dict[str, list[str]]:
+    """The Evidently workspace at `path`: each project's name → its snapshots' names, oldest first."""
+    from evidently.ui.workspace import Workspace
+
+    workspace = Workspace(str(path))
+    return {
+        project.name: [
+            workspace.get_run(project.id, run).name for run in sorted(workspace.list_runs(project.id))
+        ]
+        for project in workspace.list_projects()
+    }
+
+
+def test_each_judged_run_adds_its_snapshots_to_the_evidently_workspace(
+    champion, db_url, tmp_path, spec
+) -> None:
+    """Evidently's snapshots of a run that judged drift (and, with labels, accuracy) go to the workspace,
+    one project per spec, named after the report; a run without a verdict adds none; the newest `keep`
+    stay."""
+    workspace = tmp_path / "evidently"
+    settings = make_settings(
+        db_url, tmp_path, auto_retrain=False, accuracy_window_rows=1000, evidently_workspace=workspace,
+        evidently_workspace_keep=3,
+    )  # fmt: skip
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        assert run_monitor(client)["verdict"] == "insufficient"  # no answers yet
+        assert not workspace.exists()
+        serve_traffic(client, spec, "unit_bug", 600, seed=7, labelled=True)
+        first = run_monitor(client)["report_id"]
+        assert workspace_runs(workspace) == {
+            f"driftloop: {spec.dataset}": [
+                f"report {first} · v1 · breach: drift",
+                f"report {first} · v1 · breach: accuracy",
+            ]
+        }
+        second = run_monitor(client)["report_id"]
+    assert workspace_runs(workspace) == {
+        f"driftloop: {spec.dataset}": [
+            f"report {first} · v1 · breach: accuracy",
+            f"report {second} · v1 · breach: drift",
+            f"report {second} · v1 · breach: accuracy",
+        ]
+    }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_workspace_that_cannot_be_written_is_logged_and_the_run_goes_on(
+    champion, db_url, tmp_path, spec, caplog
+) -> None:
+    workspace = tmp_path / "evidently"
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, evidently_workspace=workspace)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "none", 600, seed=8, labelled=False)
+        run_monitor(client)
+        (snapshots,) = workspace.glob("*/snapshots")
+        for run in snapshots.iterdir():
+            run.unlink()
+        snapshots.rmdir()
+        snapshots.write_text("in the way")  # the project's snapshot directory is now a file
+        with caplog.at_level("WARNING", logger="driftloop.loop"):
+            outcome = run_monitor(client)
+        stored = client.get(f"/reports/{outcome['report_id']}")
+    assert (outcome["verdict"], stored.status_code) == ("ok", 200)
+    problem = [r.getMessage() for r in caplog.records if "Evidently workspace" in r.getMessage()]
+    assert len(problem) == 1
+    assert problem[0].startswith(
+        f"could not add report {outcome['report_id']} to the Evidently workspace {workspace}: "
+    )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_evidentlys_own_ui_lists_the_runs_and_plots_the_dashboard(champion, db_url, tmp_path, spec) -> None:
+    """`evidently ui --workspace DIR` (a real one, over HTTP) finds the project, and every series of the
+    dashboard driftloop gave it has one point per run: the panels name metrics and labels the snapshots
+    hold. DO_NOT_TRACK keeps Evidently's UI from sending its usage telemetry."""
+    workspace = tmp_path / "evidently"
+    settings = make_settings(db_url, tmp_path, auto_retrain=False, evidently_workspace=workspace)
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "new_town", 600, seed=9, labelled=True)
+        runs = [run_monitor(client) for _ in range(2)]
+    assert all(r["verdict"] != "insufficient" for r in runs)
+    port = free_port()
+    ui = tmp_path / "evidently-ui.log"
+    command = [str(Path(sys.executable).with_name("evidently")), "ui", "--workspace", str(workspace),
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with ui.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DO_NOT_TRACK": "1"}
+        )
+    base = f"http://127.0.0.1:{port}/api"
+    try:
+        projects = wait_until(lambda: _get_json(f"{base}/projects"), timeout=120, what="evidently ui")
+        assert [p["name"] for p in projects] == [f"driftloop: {spec.dataset}"]
+        project = projects[0]["id"]
+        snapshots = httpx.get(f"{base}/projects/{project}/snapshots", timeout=30).json()
+        assert len(snapshots) == 4  # drift and accuracy, twice
+        panels = httpx.get(f"{base}/v2/dashboards/{project}", timeout=30).json()["panels"]
+        assert [len(p["values"]) for p in panels] == [len(spec.feature_names), 1, 2]
+        for panel in panels:
+            filters = [
+                {k: v[k] for k in ("tags", "metadata", "metric", "metric_labels")} for v in panel["values"]
+            ]
+            answer = httpx.post(
+                f"{base}/v2/snapshots/{project}/data_series_batch",
+                json={"series_filter": filters},
+                timeout=30,
+            )
+            series = answer.json()["series"]
+            assert sorted(s["filter_index"] for s in series) == list(range(len(filters))), panel["title"]
+            assert all(sum(v is not None for v in s["values"]) == 2 for s in series), panel["title"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _get_json(url: str) -> Any:
+    try:
+        answer = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return None
+    return answer.json() if answer.status_code == 200 else None

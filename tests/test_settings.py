@@ -73,17 +73,20 @@ def test_a_directory_that_is_a_file_is_refused_by_name(
     (tmp_path / "history.csv").write_text("a,b\n")
     monkeypatch.setenv("DRIFTLOOP_SPOOL_DIR", "history.csv")
     monkeypatch.setenv("DRIFTLOOP_REPORT_DIR", "history.csv/reports")
+    monkeypatch.setenv("DRIFTLOOP_EVIDENTLY_WORKSPACE", "history.csv")
     with pytest.raises(SettingsError) as caught:
         load_settings()
     assert str(caught.value).splitlines() == [
         "DRIFTLOOP_SPOOL_DIR='history.csv': history.csv is a file, not a directory",
         "DRIFTLOOP_REPORT_DIR='history.csv/reports': history.csv is a file, not a directory",
+        "DRIFTLOOP_EVIDENTLY_WORKSPACE='history.csv': history.csv is a file, not a directory",
     ]
     result = CliRunner().invoke(cli, ["serve"])
     assert result.exit_code == 2 and "DRIFTLOOP_SPOOL_DIR='history.csv'" in result.output
     monkeypatch.setenv("DRIFTLOOP_SPOOL_DIR", "not/yet/made")  # made when first needed, as before
     monkeypatch.delenv("DRIFTLOOP_REPORT_DIR")
-    assert load_settings().spool_dir == Path("not/yet/made")
+    monkeypatch.setenv("DRIFTLOOP_EVIDENTLY_WORKSPACE", "")  # empty: none, as for the other optional paths
+    assert (load_settings().spool_dir, load_settings().evidently_workspace) == (Path("not/yet/made"), None)
 
 
 @pytest.mark.parametrize(
