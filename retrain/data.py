@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.csvcheck import FUTURE_SLACK
 from core.files import missing_columns, read_errors
-from core.ingest import FUTURE_SLACK
 from core.spec import MAX_MAGNITUDE, Feature, FeatureSpec, FeatureType, lookalike_hint
 from core.times import (
     ISO_EXAMPLE,

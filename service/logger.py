@@ -13,6 +13,9 @@ killed then loses the batch the writer holds and at most `stall_s` of answers.
 Counters: each submitted row is counted once as `logged` (inserted directly) or `spooled`; a spooled
 row is later counted `replayed` once it is confirmed in the database. `dropped` counts rows the spool
 could not store, torn spool lines, and rows the database refuses (kept in the spool's rejected/ folder).
+
+The rows and their idempotent inserts are in service.logtable; the spool hand-off, the replay and the
+database's outage state in service.handoff.
 """
 
 from __future__ import annotations
@@ -22,37 +25,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
-from sqlalchemy import Engine, Insert, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, StatementError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import error_line
 from core.metrics import Metrics
-from core.schema import PredictionLog
+from service.handoff import SpoolHandoff
+from service.logtable import LogRow, LogTable, params, to_doc
 from service.spool import Spool
 
 log = logging.getLogger("driftloop.logger")
 
-Row = dict[str, Any]
-
 # A database call running this long is taken as hung: the queue goes to the spool meanwhile. Well above a
 # healthy batch insert (milliseconds), so a slow moment only costs a replay.
 STALL_S = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class LogRow:
-    id: str
-    created_at: datetime
-    model_version: int
-    features: dict[str, Any]
-    prediction: float
-    latency_ms: float
 
 
 class PredictionLogger:
@@ -76,8 +62,7 @@ class PredictionLogger:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`clock` (monotonic seconds) times the database retries, the batch-fill deadline and stalls."""
-        self._engine = _engine_of(engine_or_sessions)
-        self._upsert = _idempotent_insert(self._engine)
+        self._table = LogTable(engine_or_sessions, clock=clock)
         self._spool = spool
         # A deque, not queue.Queue: append is one atomic C call and wakes nobody. The writer wakes on its
         # flush interval or when a full batch is waiting, not once per row (that GIL ping-pong cost ~12 %).
@@ -86,7 +71,6 @@ class PredictionLogger:
         self._wake = threading.Event()
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
-        self._replay_interval_s = replay_interval_s
         self._clock = clock
         self._cond = threading.Condition()
         self._pending: set[str] = set()  # submitted, not yet in the database
@@ -97,16 +81,12 @@ class PredictionLogger:
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Thread | None = None
         self._stall_s = stall_s
-        self._db_call_since: float | None = None  # when the writer's current database call began
         self._inflight: list[LogRow] = []
-        self._next_db_attempt = float("-inf")
-        self._degraded = False
-        self._spool_failing = False  # the last spool write failed: rows are being dropped
         self._last_spill_warning = float("-inf")
         self._logged = metrics.logger_rows.labels(outcome="logged")
-        self._spooled = metrics.logger_rows.labels(outcome="spooled")
-        self._replayed = metrics.logger_rows.labels(outcome="replayed")
-        self._dropped = metrics.logger_rows.labels(outcome="dropped")
+        self._handoff = SpoolHandoff(
+            spool, self._table, metrics, replay_interval_s=replay_interval_s, clock=clock, finish=self._finish
+        )
         metrics.logger_queue_depth.set_function(self.__len__)
         metrics.logger_spool_rows.set_function(spool.pending_rows)
 
@@ -125,7 +105,7 @@ class PredictionLogger:
     def losing_rows(self) -> bool:
         """The database was unreachable and the last spool write failed: answered rows are being dropped.
         Clears when a batch reaches the database or the spool again."""
-        return self._degraded and self._spool_failing
+        return self._handoff.degraded and self._handoff.failing
 
     def start(self) -> None:
         """Start the writer; it first replays any segments a previous process left on the spool."""
@@ -154,7 +134,7 @@ class PredictionLogger:
         if now - self._last_spill_warning > 10:
             self._last_spill_warning = now
             log.warning("prediction log queue full (%d rows): spilling to the spool", self._queue_size)
-        self._finish(0, self._to_spool([_to_doc(_params(row))]))
+        self._finish(0, self._handoff.to_spool([to_doc(params(row))]))
 
     def flush(self, timeout: float) -> bool:
         """Wait until every row submitted before this call is in the database or on the spool."""
@@ -192,12 +172,12 @@ class PredictionLogger:
                     "prediction logger did not drain (%s); spooling what it holds",
                     "a database write hung" if self._stalled() else f"within {timeout:.1f} s",
                 )
-                self._settle_on_spool(self._inflight)
+                self._handoff.settle_on_spool(self._inflight)
         if self._watchdog is not None:
             self._watchdog.join(timeout)
         with self._cond:
             self._closed = True  # from here on, submit() spills straight to the spool
-        self._settle_on_spool(_drain(self._queue))
+        self._handoff.settle_on_spool(_drain(self._queue))
         if left := self._spool.pending_rows():
             # Only a process started on this directory replays them: a replica whose disk goes with it
             # (a deleted pod's emptyDir) loses them.
@@ -214,8 +194,8 @@ class PredictionLogger:
             try:
                 stopping = self._stopping.is_set()
                 progressed = False
-                if not stopping and self._db_due() and self._spool.pending_rows() > 0:
-                    progressed = self._replay_one()
+                if not stopping and self._handoff.db_due() and self._spool.pending_rows() > 0:
+                    progressed = self._handoff.replay_one()
                 batch = self._take(0 if stopping or progressed else self._idle_wait())
                 if batch:
                     self._write(batch)
@@ -224,20 +204,20 @@ class PredictionLogger:
                     return
             except Exception:  # never let the writer die; count what it held instead of losing it silently
                 lost, self._inflight = self._inflight, []
-                self._dropped.inc(len(lost))
+                self._handoff.dropped.inc(len(lost))
                 self._finish(len(lost), [str(getattr(r, "id", "")) for r in lost])
                 log.exception("prediction logger: unexpected error; DROPPED %d rows", len(lost))
                 self._stopping.wait(self._flush_interval_s)
 
     def _stalled(self) -> bool:
-        since = self._db_call_since
+        since = self._table.call_since
         return since is not None and self._clock() - since >= self._stall_s
 
     def _watch(self) -> None:
         """While a database call hangs, move the queue to the spool every flush interval."""
         warned_for: float | None = None
         while not self._stopping.wait(self._flush_interval_s):
-            since = self._db_call_since
+            since = self._table.call_since
             if since is None or not self._stalled():
                 continue
             if warned_for != since:
@@ -247,13 +227,13 @@ class PredictionLogger:
                     "meanwhile", self._clock() - since, self._spool.directory,
                 )  # fmt: skip
             try:
-                self._settle_on_spool(_drain(self._queue))
+                self._handoff.settle_on_spool(_drain(self._queue))
             except Exception:  # never let the watchdog die; the writer still holds the queue's rows
                 log.exception("prediction logger watchdog: unexpected error")
 
     def _idle_wait(self) -> float:
-        if self._degraded and self._spool.pending_rows() > 0:
-            return max(0.0, min(self._flush_interval_s, self._next_db_attempt - self._clock()))
+        if self._handoff.degraded and self._spool.pending_rows() > 0:
+            return max(0.0, min(self._flush_interval_s, self._handoff.next_db_attempt - self._clock()))
         return self._flush_interval_s
 
     def _take(self, wait: float) -> list[LogRow]:
@@ -271,148 +251,21 @@ class PredictionLogger:
         return batch
 
     def _write(self, batch: list[LogRow]) -> None:
-        rows = [_params(r) for r in batch]
-        if self._db_due():
+        rows = [params(r) for r in batch]
+        if self._handoff.db_due():
             try:
-                refused = self._insert_or_isolate(rows)
+                refused = self._table.insert_or_isolate(rows)
             except Exception as exc:
-                self._degrade(exc)
+                self._handoff.degrade(exc)
             else:
-                self._recovered()
-                self._reject(refused)
+                self._handoff.recovered()
+                self._handoff.reject(refused)
                 self._logged.inc(len(rows) - len(refused))
                 self._finish(len(batch), [r["id"] for r in rows])
                 return
-        self._settle_on_spool(batch)
+        self._handoff.settle_on_spool(batch)
 
-    def _replay_one(self) -> bool:
-        """Replay the oldest segment in one transaction; True when it is gone from the spool."""
-        segments = self._spool.segments()
-        if not segments:
-            return False
-        segment = segments[0]
-        try:
-            docs = self._spool.read(segment)
-        except OSError as exc:
-            log.error("spool segment %s unreadable: %s", segment, exc)
-            self._next_db_attempt = self._clock() + self._replay_interval_s
-            return False
-        rows: list[Row] = []
-        refused: list[tuple[Any, Exception]] = []
-        for doc in docs:
-            try:
-                rows.append(_from_doc(doc))
-            except (KeyError, TypeError, ValueError) as exc:
-                refused.append((doc, exc))
-        try:
-            refused += self._insert_or_isolate(rows)
-        except Exception as exc:
-            self._degrade(exc)
-            return False
-        self._recovered()
-        self._reject(refused)
-        torn = self._spool.rows(segment) - len(docs)  # lines that never became rows; read() logged them
-        self._spool.remove(segment)
-        self._replayed.inc(len(docs) - len(refused))
-        self._dropped.inc(max(0, torn))
-        self._finish(0, [str(d.get("id")) for d in docs])
-        return True
-
-    # --- database ----------------------------------------------------------------------------
-
-    def _insert_or_isolate(self, rows: list[Row]) -> list[tuple[Any, Exception]]:
-        """Insert rows in one transaction; if the database refuses some, insert one by one and return those.
-
-        Raises on an unreachable database; rows already inserted then are harmless, inserts being idempotent.
-        """
-        try:
-            self._insert(rows)
-            return []
-        except Exception as exc:
-            if not _is_refusal(exc):
-                raise
-        refused: list[tuple[Any, Exception]] = []
-        for row in rows:
-            try:
-                self._insert([row])
-            except Exception as exc:
-                if not _is_refusal(exc):
-                    raise
-                refused.append((row, exc))
-        return refused
-
-    def _insert(self, rows: list[Row]) -> None:
-        if not rows:
-            return
-        self._db_call_since = self._clock()
-        try:
-            with self._engine.begin() as conn:
-                if self._upsert is not None:
-                    conn.execute(self._upsert, rows)
-                    return
-                ids = [r["id"] for r in rows]  # a dialect without ON CONFLICT: skip ids already present
-                present = set(conn.scalars(select(PredictionLog.id).where(PredictionLog.id.in_(ids))))
-                fresh = [r for r in rows if r["id"] not in present]
-                if fresh:
-                    conn.execute(insert(PredictionLog), fresh)
-        finally:
-            self._db_call_since = None
-
-    def _db_due(self) -> bool:
-        return self._clock() >= self._next_db_attempt
-
-    def _degrade(self, exc: Exception) -> None:
-        self._next_db_attempt = self._clock() + self._replay_interval_s
-        if not self._degraded:
-            self._degraded = True
-            log.warning(
-                "prediction log: database unavailable (%s); spooling to %s, retrying every %g s",
-                error_line(exc),
-                self._spool.directory,
-                self._replay_interval_s,
-            )
-
-    def _recovered(self) -> None:
-        if self._degraded:
-            self._degraded = False
-            self._next_db_attempt = float("-inf")
-            log.info("prediction log: database reachable; %d rows to replay", self._spool.pending_rows())
-
-    # --- spool and bookkeeping ------------------------------------------------------------------
-
-    def _settle_on_spool(self, batch: list[LogRow]) -> None:
-        self._finish(len(batch), self._to_spool([_to_doc(_params(r)) for r in batch]))
-
-    def _to_spool(self, docs: list[Row]) -> list[str]:
-        """Store rows on the spool; returns the ids that could not be kept (counted dropped)."""
-        if not docs:
-            return []
-        try:
-            self._spool.append(docs)
-        except (TypeError, ValueError) as exc:  # a row that is not JSON: keep the others
-            if len(docs) > 1:
-                return [pid for doc in docs for pid in self._to_spool([doc])]
-            self._reject([(docs[0], exc)])
-            return [str(docs[0].get("id"))]
-        except Exception as exc:
-            self._spool_failing = True
-            self._dropped.inc(len(docs))
-            log.error("prediction log: DROPPED %d rows, the spool write failed: %s", len(docs), exc)
-            return [str(d.get("id")) for d in docs]
-        self._spool_failing = False
-        self._spooled.inc(len(docs))
-        return []
-
-    def _reject(self, refused: list[tuple[Any, Exception]]) -> None:
-        if not refused:
-            return
-        self._dropped.inc(len(refused))
-        reason = f"{refused[0][1].__class__.__name__}: {refused[0][1]}"
-        try:
-            kept = str(self._spool.reject([row for row, _ in refused], reason))
-        except Exception as exc:
-            kept = f"nowhere ({exc})"
-        log.error("prediction log: database refused %d rows, kept in %s: %s", len(refused), kept, reason)
+    # --- bookkeeping ------------------------------------------------------------------
 
     def _finish(self, settled: int, gone: list[str]) -> None:
         """`settled` queued rows are written or spooled; ids in `gone` are in the database or lost."""
@@ -420,61 +273,6 @@ class PredictionLogger:
             self._settled += settled
             self._pending.difference_update(gone)
             self._cond.notify_all()
-
-
-def _is_refusal(exc: Exception) -> bool:
-    """The database refused the rows, or they could not be encoded for it: retrying them cannot help.
-
-    Encoding fails inside SQLAlchemy's bind step (StatementError) on SQLite, but inside the driver
-    (a bare TypeError/ValueError from psycopg's JSON dump) on PostgreSQL.
-    """
-    if isinstance(exc, IntegrityError | DataError | TypeError | ValueError):
-        return True
-    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
-
-
-def _engine_of(target: Engine | sessionmaker[Session]) -> Engine:
-    if isinstance(target, Engine):
-        return target
-    bind = target.kw.get("bind")
-    if not isinstance(bind, Engine):
-        raise TypeError("PredictionLogger needs an Engine or a sessionmaker bound to one")
-    return bind
-
-
-def _idempotent_insert(engine: Engine) -> Insert | None:
-    if engine.dialect.name == "sqlite":
-        return sqlite.insert(PredictionLog).on_conflict_do_nothing(index_elements=["id"])
-    if engine.dialect.name == "postgresql":
-        return postgresql.insert(PredictionLog).on_conflict_do_nothing(index_elements=["id"])
-    return None
-
-
-def _params(row: LogRow) -> Row:
-    return {
-        "id": row.id,
-        "created_at": row.created_at,
-        "model_version": row.model_version,
-        "features": row.features,
-        "prediction": row.prediction,
-        "latency_ms": row.latency_ms,
-    }
-
-
-def _to_doc(row: Row) -> Row:
-    created = row["created_at"]
-    return {**row, "created_at": created.isoformat() if isinstance(created, datetime) else created}
-
-
-def _from_doc(doc: Row) -> Row:
-    return {
-        "id": str(doc["id"]),
-        "created_at": datetime.fromisoformat(doc["created_at"]),
-        "model_version": int(doc["model_version"]),
-        "features": dict(doc["features"]),
-        "prediction": float(doc["prediction"]),
-        "latency_ms": float(doc["latency_ms"]),
-    }
 
 
 def _drain(q: deque[LogRow]) -> list[LogRow]:

@@ -11,9 +11,10 @@ import pytest
 from sqlalchemy import delete, event, func, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.csvcheck import IngestError, inspect_file
 from core.db import make_engine, make_sessions
 from core.generator import generate_transactions
-from core.ingest import IngestError, ingest_csv, inspect_file
+from core.ingest import ingest_csv
 from core.lease import try_acquire
 from core.schema import IngestedFile, LabelledRow
 from core.spec import FeatureSpec, parse_spec

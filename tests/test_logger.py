@@ -20,7 +20,8 @@ from sqlalchemy import Connection, Engine, event, select
 from core.db import make_engine, utcnow
 from core.metrics import LOGGER_OUTCOMES, build_metrics
 from core.schema import PredictionLog
-from service.logger import LogRow, PredictionLogger
+from service.logger import PredictionLogger
+from service.logtable import LogRow
 from service.spool import Spool, SpoolInUse
 
 Outage = Callable[[], AbstractContextManager[None]]

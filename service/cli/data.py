@@ -96,7 +96,8 @@ def ingest(
     """Load labelled transactions from a CSV into labelled_row, all or nothing: if any line violates the
     spec, nothing is loaded and the bad lines are listed (unless --skip-bad). A file already loaded is not
     loaded again, nor a row an earlier file loaded (same time, features and target), unless --force."""
-    from core.ingest import IngestError, ingest_csv, inspect_file
+    from core.csvcheck import IngestError, inspect_file
+    from core.ingest import ingest_csv
 
     settings = read_settings()
     spec = read_spec(settings)

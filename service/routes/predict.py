@@ -16,7 +16,7 @@ from core.spec import FeatureSpec, FeatureType, few_unknown_keys
 from service.errors import INVALID_REQUEST
 from service.holder import NO_CHAMPION_IN_REGISTRY, ModelHolder
 from service.lean import LeanRoute, StrictJsonRoute, json_body, read_json
-from service.logger import LogRow
+from service.logtable import LogRow
 
 NO_CHAMPION = "no champion model is loaded yet: run `driftloop bootstrap` (or promote a version)"
 
