@@ -86,11 +86,6 @@ def inspect_file(path: Path) -> CsvFile:
     return CsvFile(path=path, sha256=digest.hexdigest(), lines=max(lines - 1, 0))
 
 
-def count_rows(path: Path) -> int:
-    """Lines after the header (an upper bound on the rows, for a progress bar)."""
-    return inspect_file(path).lines
-
-
 def checked_batches(
     csv_file: CsvFile, spec: FeatureSpec, chunk_size: int, now: datetime, ignored_columns: list[str]
 ) -> Iterator[tuple[int, list[dict[str, Any]], list[tuple[int, list[str]]]]]:
