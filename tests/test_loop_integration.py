@@ -686,6 +686,30 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     assert f"retrain:{alive}" not in outcomes(registry)
 
 
+def test_the_leader_counts_the_runs_it_announces_for_a_launcher_that_is_gone(
+    make_loop, registry, champion, metrics
+) -> None:
+    """Seen live on PostgreSQL: a replica SIGKILLed with its retrain child left run 9 `running`; the worker
+    marked it failed and announced it, but no process counted it in driftloop_retrain_runs_total, so the
+    RetrainFailed alert (which reads that counter) never fired. The same for a run whose child finished it
+    after its launcher exited: announced by the leader, counted by nobody."""
+    now = utcnow()
+    dead = add_run(registry, "running", started=timedelta(minutes=10), finished=None, now=now)
+    orphan = add_run(
+        registry, "promoted", started=timedelta(minutes=5), finished=timedelta(minutes=2), trigger="drift",
+        now=now,
+    )  # fmt: skip
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    assert set(outcomes(registry)) == {f"retrain:{dead}", f"retrain:{orphan}"}
+    sample = metrics_value(metrics)
+    assert sample("driftloop_retrain_runs_total", trigger="manual", status="failed") == 1
+    assert sample("driftloop_retrain_runs_total", trigger="drift", status="promoted") == 1
+    assert loop.renew_lease() is True  # each is announced, and counted, once
+    assert sample("driftloop_retrain_runs_total", trigger="manual", status="failed") == 1
+    assert sample("driftloop_retrain_runs_total", trigger="drift", status="promoted") == 1
+
+
 def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:
     """A replica's run ends: between its row's finish and the replica's announcement lie the child's exit
     and the announcer's poll. A leader renewing its lease then must not announce it in its stead."""
