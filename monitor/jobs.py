@@ -275,12 +275,15 @@ class Loop:
             return
         try:
             if self._ran_lately():
+                self._database_up("monitor run")
                 return
             self.run_monitor()
+            self._database_up("monitor run")
         except MonitorBusy as exc:
             log.info("scheduled monitor run skipped: %s", exc)
-        except Exception:
-            log.exception("monitor run failed")
+        except Exception as exc:
+            if not self._database_down("monitor run", exc, every_s=self.settings.monitor_interval_s):
+                log.exception("monitor run failed")
 
     def _ran_lately(self) -> bool:
         """A report younger than half the interval: a leader that just took over (its timer started with its

@@ -536,6 +536,35 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion, 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_scheduled_monitor_run_in_a_database_outage_is_one_line_not_a_traceback(
+    make_loop, registry, champion, pg_cluster, caplog
+) -> None:
+    """Seen live: pg_ctl stop while the worker led gave `ERROR monitor run failed` with a ~60-line
+    traceback, at every interval the outage lasted, where the lease and delivery jobs beside it said one
+    line each."""
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
+    pg_cluster.stop()
+    try:
+        loop._scheduled_monitor()
+        loop._scheduled_monitor()
+    finally:
+        pg_cluster.start()
+    during = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOOP_LOGGER]
+    assert not [r for r in caplog.records if r.exc_info], "an outage is not a bug: no traceback"
+    assert len(during) == 1, during
+    assert during[0][0] == "WARNING"
+    assert during[0][1].startswith("monitor run: database unavailable (OperationalError: ")
+    caplog.clear()
+    loop._scheduled_monitor()
+    assert "monitor run: database reachable again" in [
+        r.getMessage() for r in caplog.records if r.name == LOOP_LOGGER
+    ]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_database_outage_is_logged_once_per_job_not_at_every_attempt(
     make_loop, registry, pg_cluster, caplog
 ) -> None:
