@@ -155,11 +155,10 @@ def _watch(
         deadline = time.monotonic() + retry_s
         while True:  # a child that died on a database outage exits while it lasts: wait it out, bounded
             try:
-                fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op when the child finished it
+                fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op if the child finished it
                 with sessions() as session:
-                    status = (
-                        session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id)) or status
-                    )
+                    recorded = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id))
+                status = recorded or status
                 break
             except Exception as exc:
                 if not unreachable(exc) or time.monotonic() >= deadline:
