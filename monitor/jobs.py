@@ -21,7 +21,7 @@ from core.db import SQLITE_BUSY_TIMEOUT_S, Clock, error_line, unreachable, utcno
 from core.lease import current_holder, release, try_acquire
 from core.metrics import Metrics
 from core.registry import Registry
-from core.schema import DriftReport
+from core.schema import DriftReport, RetrainRun
 from core.settings import Settings
 from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
@@ -35,7 +35,7 @@ from monitor.notify import (
 )
 from monitor.verdict import Monitor, MonitorOutcome, Verdict, log_outcome
 from retrain.process import RunHandle, launch
-from retrain.runs import NoChampion, RunInProgress, recover_stale, started_since
+from retrain.runs import NoChampion, RunInProgress, count_run, recover_stale, started_since
 
 log = logging.getLogger(LOOP_LOGGER)
 LEASE_NAME = "driftloop.scheduler"
@@ -208,8 +208,10 @@ class Loop:
             try:
                 with self.sessions.begin() as session:
                     enqueue_retrain_outcome(session, run_id, now=self.clock(), metrics=self.metrics)
-            except Exception:
+            except Exception:  # the sweep below announces (and counts) it later
                 log.exception("could not announce the failure of retrain run %s", run_id)
+            else:
+                self._count_runs([run_id])
 
     def _announce_finished_runs(self) -> None:
         """Announce runs that ended a lease TTL ago or more and are still unannounced: a launcher that is
@@ -224,6 +226,18 @@ class Loop:
             return
         if announced:
             log.info("announced retrain run(s) %s, whose launcher did not", announced)
+            self._count_runs(announced)
+
+    def _count_runs(self, run_ids: list[int]) -> None:
+        """Count runs whose launcher is gone in driftloop_retrain_runs_total: no other process will."""
+        try:
+            with self.sessions() as session:
+                for run_id in run_ids:
+                    run = session.get(RetrainRun, run_id)
+                    if run is not None:
+                        count_run(self.metrics, run)
+        except Exception:
+            log.exception("could not count retrain run(s) %s", run_ids)
 
     def scheduled_retrain(self) -> int | None:
         """The periodic retrain (DRIFTLOOP_SCHEDULED_RETRAIN_S), by the leader only, once that long has passed
@@ -261,12 +275,15 @@ class Loop:
             return
         try:
             if self._ran_lately():
+                self._database_up("monitor run")
                 return
             self.run_monitor()
+            self._database_up("monitor run")
         except MonitorBusy as exc:
             log.info("scheduled monitor run skipped: %s", exc)
-        except Exception:
-            log.exception("monitor run failed")
+        except Exception as exc:
+            if not self._database_down("monitor run", exc, every_s=self.settings.monitor_interval_s):
+                log.exception("monitor run failed")
 
     def _ran_lately(self) -> bool:
         """A report younger than half the interval: a leader that just took over (its timer started with its

@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from pydantic import SecretStr
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Clock, make_engine, make_sessions, utcnow
+from core.db import Clock, make_engine, make_sessions, unreachable, utcnow
 from core.metrics import Metrics
 from core.schema import RetrainRun, RunStatus
 from core.settings import Settings
@@ -31,6 +32,7 @@ log = logging.getLogger(RETRAIN_LOGGER)
 
 CHILD_MODULE = "retrain.child"
 SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
+UNREACHABLE_RETRY_S = 1.0  # how often the watcher tries again to record a run while the database is away
 SPEC_SHA256_ENV = "DRIFTLOOP_RETRAIN_SPEC_SHA256"  # the spec file as the parent read it, for the child
 
 
@@ -116,6 +118,9 @@ def launch(
             "process": process,
             "sessions": sessions,
             "timeout_s": settings.retrain_timeout_s,
+            # The leader fails a run with no heartbeat for 3 lease TTLs: until then, recording the child's
+            # exit is this process's to do, and worth waiting out a database outage for.
+            "retry_s": 3 * settings.lease_ttl_s,
             "metrics": metrics,
             "clock": clock,
             "on_done": engine.dispose if engine is not None else None,
@@ -136,6 +141,7 @@ def _watch(
     metrics: Metrics | None,
     clock: Clock,
     on_done: Callable[[], None] | None,
+    retry_s: float = 0.0,
 ) -> None:
     status = RunStatus.failed.value
     try:
@@ -146,9 +152,18 @@ def _watch(
             process.kill()
             process.wait()
             error = f"timed out after {timeout_s:g} s; child process {process.pid} killed"
-        fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op when the child finished it
-        with sessions() as session:
-            status = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id)) or status
+        deadline = time.monotonic() + retry_s
+        while True:  # a child that died on a database outage exits while it lasts: wait it out, bounded
+            try:
+                fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op if the child finished it
+                with sessions() as session:
+                    recorded = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id))
+                status = recorded or status
+                break
+            except Exception as exc:
+                if not unreachable(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(UNREACHABLE_RETRY_S)
         if metrics is not None:
             observe_run(metrics, sessions, handle.run_id)
     except Exception:

@@ -177,7 +177,14 @@ def observe_run(metrics: Metrics, sessions: sessionmaker[Session], run_id: int) 
     with sessions() as session:
         run = session.get(RetrainRun, run_id)
     metrics.retrain_running.set(0)
-    if run is None or run.status == RunStatus.running:
+    if run is not None:
+        count_run(metrics, run)
+
+
+def count_run(metrics: Metrics, run: RetrainRun) -> None:
+    """Count a finished run in driftloop_retrain_runs_total: by its launcher, or by the scheduler leader
+    that announces it when the launcher is gone (else no process counts it, and RetrainFailed never fires)."""
+    if run.status == RunStatus.running:
         return
     metrics.retrain_runs.labels(trigger=run.trigger, status=run.status).inc()
     metrics.retrain_last_finished.set((run.finished_at or utcnow()).timestamp())

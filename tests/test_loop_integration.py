@@ -536,6 +536,35 @@ def test_scheduler_lease_one_leader_and_takeover(make_loop, registry, champion, 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_scheduled_monitor_run_in_a_database_outage_is_one_line_not_a_traceback(
+    make_loop, registry, champion, pg_cluster, caplog
+) -> None:
+    """Seen live: pg_ctl stop while the worker led gave `ERROR monitor run failed` with a ~60-line
+    traceback, at every interval the outage lasted, where the lease and delivery jobs beside it said one
+    line each."""
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    caplog.set_level(logging.INFO, logger=LOOP_LOGGER)
+    pg_cluster.stop()
+    try:
+        loop._scheduled_monitor()
+        loop._scheduled_monitor()
+    finally:
+        pg_cluster.start()
+    during = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == LOOP_LOGGER]
+    assert not [r for r in caplog.records if r.exc_info], "an outage is not a bug: no traceback"
+    assert len(during) == 1, during
+    assert during[0][0] == "WARNING"
+    assert during[0][1].startswith("monitor run: database unavailable (OperationalError: ")
+    caplog.clear()
+    loop._scheduled_monitor()
+    assert "monitor run: database reachable again" in [
+        r.getMessage() for r in caplog.records if r.name == LOOP_LOGGER
+    ]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_database_outage_is_logged_once_per_job_not_at_every_attempt(
     make_loop, registry, pg_cluster, caplog
 ) -> None:
@@ -684,6 +713,30 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     loop.deliver()
     assert len(receiver.bodies) == 3  # each announced once; the live run is not yet news
     assert f"retrain:{alive}" not in outcomes(registry)
+
+
+def test_the_leader_counts_the_runs_it_announces_for_a_launcher_that_is_gone(
+    make_loop, registry, champion, metrics
+) -> None:
+    """Seen live on PostgreSQL: a replica SIGKILLed with its retrain child left run 9 `running`; the worker
+    marked it failed and announced it, but no process counted it in driftloop_retrain_runs_total, so the
+    RetrainFailed alert (which reads that counter) never fired. The same for a run whose child finished it
+    after its launcher exited: announced by the leader, counted by nobody."""
+    now = utcnow()
+    dead = add_run(registry, "running", started=timedelta(minutes=10), finished=None, now=now)
+    orphan = add_run(
+        registry, "promoted", started=timedelta(minutes=5), finished=timedelta(minutes=2), trigger="drift",
+        now=now,
+    )  # fmt: skip
+    loop = make_loop()
+    assert loop.renew_lease() is True
+    assert set(outcomes(registry)) == {f"retrain:{dead}", f"retrain:{orphan}"}
+    sample = metrics_value(metrics)
+    assert sample("driftloop_retrain_runs_total", trigger="manual", status="failed") == 1
+    assert sample("driftloop_retrain_runs_total", trigger="drift", status="promoted") == 1
+    assert loop.renew_lease() is True  # each is announced, and counted, once
+    assert sample("driftloop_retrain_runs_total", trigger="manual", status="failed") == 1
+    assert sample("driftloop_retrain_runs_total", trigger="drift", status="promoted") == 1
 
 
 def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:

@@ -346,3 +346,46 @@ def test_a_heartbeat_in_a_database_outage_logs_once_when_it_fails_and_once_when_
         ),
         ("INFO", f"retrain run {run_id}: heartbeat renewed again", None),
     ]
+
+
+def test_a_child_that_dies_while_the_database_is_away_gets_its_run_failed_once_it_is_back(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    prometheus: CollectorRegistry,
+    metrics: Metrics,
+    shocked: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen live on PostgreSQL: a 12 s outage (pg_ctl stop, start) during a manual run's training made the
+    child exit 1; its launcher's one attempt to mark the run failed met the database still away and gave up,
+    so the run stayed `running` (holding the single-flight slot, counted by nobody) until the leader failed it
+    as "no heartbeat: its process died", which is not what happened."""
+    import retrain.process
+
+    slow = make_settings(
+        db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=CHILD_TIMEOUT_S, lease_ttl_s=0.6
+    )
+    handle = launch(settings=slow, trigger="drift", sessions=sessions, metrics=metrics)
+    _wait_for_step(sessions, handle.run_id, "train")
+    away = [2]  # the database refuses the launcher's first two attempts
+
+    def flaky_fail_run(*args: Any, **kwargs: Any) -> bool:
+        if away[0]:
+            away[0] -= 1
+            raise OperationalError("UPDATE retrain_run", {}, ConnectionRefusedError("connection refused"))
+        return fail_run(*args, **kwargs)
+
+    monkeypatch.setattr(retrain.process, "fail_run", flaky_fail_run)
+    monkeypatch.setattr(retrain.process, "UNREACHABLE_RETRY_S", 0.05)
+    os.kill(handle.pid, signal.SIGKILL)
+
+    assert handle.wait(CHILD_TIMEOUT_S) == "failed"
+    assert away == [0]
+    run = run_row(sessions, handle.run_id)
+    assert run.status == "failed"
+    assert run.error == f"child process {handle.pid} was killed by SIGKILL before finishing the run"
+    sample = prometheus.get_sample_value
+    assert sample("driftloop_retrain_runs_total", {"trigger": "drift", "status": "failed"}) == 1
+    assert running_count(sessions) == 0
