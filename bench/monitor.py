@@ -1,7 +1,7 @@
 """Benchmark: compute_drift (sampled, per-column Evidently metrics) against the full Evidently presets.
 
     .venv/bin/python bench/monitor.py [--sizes 10000,100000,1000000] [--scenarios none,new_town]
-                                      [--max-rows 50000] [--skip-full-above N]
+                                      [--max-rows 50000] [--skip-full-above N] [--workspace]
 
 For each window size and scenario, a window of 2022 traffic is generated (every row labelled, so the
 full RegressionPreset can run on it) and scored by a champion trained on 2019–2021. Each measurement runs
@@ -11,6 +11,8 @@ first 2,000 rows (a long-running monitor pays Evidently's first-call set-up once
 that call (getrusage ru_maxrss after the reset), so it includes the interpreter, the libraries and the input
 frames; the RSS just before the call is shown in brackets.
 The full run is Report([DataDriftPreset(), RegressionPreset()]) on the whole window and reference.
+With --workspace, the sampled child then adds the call's snapshots to a fresh Evidently workspace as a
+monitor run does (DRIFTLOOP_EVIDENTLY_WORKSPACE), timed apart, with the bytes it wrote.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class Measurement:
     before_mb: float
     drifted: list[str]
     mae: float | None
+    workspace_s: float | None = None  # adding the snapshots to an Evidently workspace (--workspace)
+    workspace_mb: float | None = None  # what that wrote
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,7 +62,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-rows", type=int, default=50_000, help="compute_drift's sample size")
     p.add_argument("--reference-rows", type=int, default=20_000, help="rows the champion is trained on")
     p.add_argument("--skip-full-above", type=int, default=None, help="skip the full presets above N rows")
-    p.add_argument("--child", choices=["sampled", "full"], help=argparse.SUPPRESS)
+    p.add_argument("--workspace", action="store_true", help="also time adding the snapshots to a workspace")
+    p.add_argument("--child", choices=["sampled", "sampled+workspace", "full"], help=argparse.SUPPRESS)
     p.add_argument("--reference", help=argparse.SUPPRESS)
     p.add_argument("--window", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -85,7 +90,8 @@ def _parent(args: argparse.Namespace) -> None:
                 window_path = _window(Path(tmp), model, size, scenario)
                 progress.advance(task)
                 progress.update(task, description=f"{size:,} rows {scenario}: compute_drift")
-                sampled = _run_child("sampled", reference_path, window_path, args.max_rows)
+                mode = "sampled+workspace" if args.workspace else "sampled"
+                sampled = _run_child(mode, reference_path, window_path, args.max_rows)
                 progress.advance(task)
                 full = None
                 if args.skip_full_above is None or size <= args.skip_full_above:
@@ -158,6 +164,9 @@ def _table(rows: list[tuple[int, str, Measurement, Measurement | None]], max_row
     table.add_column("drifted (sampled)")
     table.add_column("verdicts agree")
     table.add_column("MAE sampled / full", justify="right")
+    workspace = any(s.workspace_s is not None for _, _, s, _ in rows)
+    if workspace:
+        table.add_column("workspace s (MB)", justify="right")
     for size, scenario, sampled, full in rows:
         table.add_row(
             f"{size:,}",
@@ -171,6 +180,7 @@ def _table(rows: list[tuple[int, str, Measurement, Measurement | None]], max_row
             if full
             else "-",
             f"{sampled.mae:,.0f} / {full.mae:,.0f}" if full and sampled.mae and full.mae else "-",
+            *([f"{sampled.workspace_s:.2f} ({sampled.workspace_mb:.2f})"] if workspace else []),
         )
     return table
 
@@ -189,9 +199,11 @@ def _child(mode: str, reference_path: Path, window_path: Path, max_rows: int) ->
     window = pd.read_parquet(window_path)
     importance = json.loads((reference_path.parent / "importance.json").read_text(encoding="utf-8"))
 
+    results: list[Any] = []
+
     def run(frame: pd.DataFrame) -> tuple[list[str], float | None]:
-        if mode == "sampled":
-            return _sampled(reference, frame, spec, importance, max_rows)
+        if mode.startswith("sampled"):
+            return _sampled(reference, frame, spec, importance, max_rows, keep=results)
         return _full(reference, frame, spec)
 
     run(window.iloc[:WARM_UP_ROWS])
@@ -199,15 +211,38 @@ def _child(mode: str, reference_path: Path, window_path: Path, max_rows: int) ->
     started = time.perf_counter()
     drifted, mae = run(window)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "before_mb": before_mb, "drifted": drifted, "mae": mae}
+    measured = {
+        "seconds": seconds,
+        "peak_mb": _peak_mb(),
+        "before_mb": before_mb,
+        "drifted": drifted,
+        "mae": mae,
+    }
+    if mode == "sampled+workspace":
+        measured["workspace_s"], measured["workspace_mb"] = _workspace(results[-1], spec)
+    return measured
+
+
+def _workspace(result: Any, spec: Any) -> tuple[float, float]:
+    """Seconds to add `result`'s snapshots to a fresh workspace, as a monitor run does, and the MB written."""
+    from monitor.workspace import EvidentlyWorkspace
+
+    with tempfile.TemporaryDirectory(prefix="driftloop-bench-workspace-") as tmp:
+        workspace = EvidentlyWorkspace(Path(tmp), spec, keep=10)
+        started = time.perf_counter()
+        workspace.add(result.snapshots, report_id=1, champion_version=1, verdict="ok")
+        seconds = time.perf_counter() - started
+        written = sum(f.stat().st_size for f in Path(tmp).rglob("*.json"))
+    return seconds, written / 1e6
 
 
 def _sampled(
-    reference: Any, window: Any, spec: Any, importance: dict[str, float], max_rows: int
+    reference: Any, window: Any, spec: Any, importance: dict[str, float], max_rows: int, *, keep: list[Any]
 ) -> tuple[list[str], float | None]:
     from monitor.report import compute_drift
 
     result = compute_drift(reference, window, spec, importance=importance, max_rows=max_rows)
+    keep[:] = [result]
     prediction = [PREDICTION_COLUMN] if result.prediction and result.prediction.detected else []
     return result.drifted() + prediction, result.accuracy.mae if result.accuracy else None
 
