@@ -31,6 +31,7 @@ FROM python:3.11-slim
 RUN groupadd --system --gid 10001 driftloop \
     && useradd --system --uid 10001 --gid driftloop --home-dir /var/lib/driftloop --shell /usr/sbin/nologin driftloop \
     && mkdir -p /var/lib/driftloop/artifacts /var/lib/driftloop/spool /var/lib/driftloop/reports \
+        /var/lib/driftloop/evidently \
     && chown -R driftloop:driftloop /var/lib/driftloop
 
 COPY --from=builder /opt/venv /opt/venv

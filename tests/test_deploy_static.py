@@ -180,6 +180,22 @@ def test_api_and_worker_share_artifacts_but_not_spools() -> None:
     assert spool_dir in svc["api"]["volumes"]  # an anonymous volume per replica
 
 
+def test_evidentlys_ui_reads_the_workspace_the_monitor_writes_and_sends_no_telemetry() -> None:
+    svc = services()
+    workspace = environment(svc["worker"])["DRIFTLOOP_EVIDENTLY_WORKSPACE"]
+    assert environment(svc["api"])["DRIFTLOOP_EVIDENTLY_WORKSPACE"] == workspace
+    mount = f"evidently:{workspace}"
+    assert mount in svc["worker"]["volumes"] and mount in svc["api"]["volumes"]
+    ui = svc["evidently-ui"]
+    assert ui["entrypoint"] == ["evidently"] and ui["command"][:3] == ["ui", "--workspace", workspace]
+    assert ui["volumes"] == [mount]
+    assert environment(ui)["DO_NOT_TRACK"] == "1"
+    assert "DRIFTLOOP_ADMIN_TOKEN" not in environment(ui)  # it needs no secret of driftloop's
+    assert ui["ports"] == ["127.0.0.1:8010:8010"]  # no login of its own: loopback only
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert workspace in dockerfile  # made in the image, so the named volume starts owned by driftloop
+
+
 def test_compose_topology() -> None:
     svc = services()
     assert svc["api"]["deploy"]["replicas"] == 2
