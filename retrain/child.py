@@ -2,13 +2,15 @@
 
 Settings come from the parent as JSON in DRIFTLOOP_RETRAIN_SETTINGS, so the child sees exactly the
 parent's configuration (not whatever .env or DRIFTLOOP_CONFIG its working directory happens to hold).
-Exit code 0 when the run's row was finished (promoted, rejected or failed), 1 when it could not be, 2 on
-bad usage; the parent marks an unfinished run failed from the exit code.
+Exit code 0 when the run's row was finished (promoted, rejected or failed; by this process or, found by its
+heartbeat, another), 1 when it could not be, 2 on bad usage; the parent marks an unfinished run failed from
+the exit code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -17,9 +19,12 @@ from core.db import make_engine, make_sessions, utcnow
 from core.registry import ArtifactStore, Registry
 from core.settings import Settings
 from core.spec import FeatureSpec, SpecError, load_spec
+from retrain import RETRAIN_LOGGER
 from retrain.process import SETTINGS_ENV, SPEC_SHA256_ENV
 from retrain.runner import execute_run
 from retrain.runs import Heartbeat, fail_run
+
+log = logging.getLogger(RETRAIN_LOGGER)
 
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
@@ -56,11 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             fail_run(registry.sessions, run_id, error=f"{type(exc).__name__}: {exc}", now=utcnow())
             return 0
-        with Heartbeat(registry.sessions, run_id, interval_s=settings.lease_ttl_s / 3):
+        with Heartbeat(
+            registry.sessions, run_id, interval_s=settings.lease_ttl_s / 3, on_lost=lambda: _stop(run_id)
+        ):
             execute_run(run_id, settings=settings, spec=spec, registry=registry)
         return 0
     finally:
         engine.dispose()
+
+
+def _stop(run_id: int) -> None:
+    """Another process ended this run (the leader, past any timeout, once its launcher was gone): nothing this
+    process does can be recorded now, and training holds the main thread in CatBoost, so exit from here."""
+    log.warning(
+        "retrain run %s was ended by another process; stopping its child process %s", run_id, os.getpid()
+    )
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -108,13 +109,28 @@ def recover_stale(
 
 class Heartbeat:
     """Renews a run's heartbeat at once and then every `interval_s` from a daemon thread, while the `with`
-    block runs."""
+    block runs.
 
-    def __init__(self, sessions: sessionmaker[Session], run_id: int, *, interval_s: float) -> None:
+    `on_lost` is called (from that thread) when two beats in a row find the run no longer `running`: another
+    process ended it, as the scheduler leader does a run that outlived any timeout once its launcher, the one
+    enforcing the timeout, is gone. Its work can no longer be recorded, so the child stops rather than train
+    on for nothing. One such beat may follow the run's own finish before the `with` block ends; two cannot.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        run_id: int,
+        *,
+        interval_s: float,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
         self._sessions, self._run_id, self._interval_s = sessions, run_id, interval_s
+        self._on_lost = on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"retrain-heartbeat-{run_id}", daemon=True)
         self._failing = False  # the last beat failed; logged once, when it began
+        self._lost_beats = 0  # beats in a row that found the run no longer running
 
     def __enter__(self) -> Heartbeat:
         self._beat()
@@ -132,11 +148,11 @@ class Heartbeat:
     def _beat(self) -> None:
         try:
             with self._sessions.begin() as session:
-                session.execute(
+                renewed = session.execute(
                     update(RetrainRun)
                     .where(RetrainRun.id == self._run_id, RetrainRun.status == RunStatus.running)
                     .values(heartbeat_at=utcnow())
-                )
+                ).rowcount  # type: ignore[attr-defined]
         except Exception as exc:  # the database may be briefly away; the next beat tries again
             if not self._failing:  # once per outage: a traceback every beat buried the run's own log
                 log.warning(
@@ -148,6 +164,9 @@ class Heartbeat:
             if self._failing:
                 log.info("retrain run %s: heartbeat renewed again", self._run_id)
             self._failing = False
+            self._lost_beats = 0 if renewed else self._lost_beats + 1
+            if self._lost_beats == 2 and self._on_lost is not None and not self._stop.is_set():
+                self._on_lost()
 
 
 def started_since(sessions: sessionmaker[Session], *, trigger: str, since: datetime) -> bool:

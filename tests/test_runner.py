@@ -389,3 +389,29 @@ def test_a_child_that_dies_while_the_database_is_away_gets_its_run_failed_once_i
     sample = prometheus.get_sample_value
     assert sample("driftloop_retrain_runs_total", {"trigger": "drift", "status": "failed"}) == 1
     assert running_count(sessions) == 0
+
+
+def test_a_child_whose_run_another_process_ended_stops_training(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    shocked: None,
+) -> None:
+    """Seen live: a replica killed mid-run left its child training (for as long as 1M iterations take); the
+    leader failed the run once it outlived any timeout, but nothing stopped the child, whose work could no
+    longer be recorded. Its heartbeat now finds the run ended, and the child exits."""
+    slow = make_settings(
+        db_url, tmp_path, train_iterations=1_000_000, retrain_timeout_s=2 * CHILD_TIMEOUT_S, lease_ttl_s=0.6
+    )
+    handle = launch(settings=slow, trigger="drift", sessions=sessions)
+    _wait_for_step(sessions, handle.run_id, "train")
+    # the leader's sweep, as if the launcher were gone and the run past any timeout
+    assert recover_stale(sessions, now=utcnow(), stale_after_s=3600, max_run_s=0) == [handle.run_id]
+
+    # ended by the child itself: the launcher's own timeout is twice this wait
+    assert handle.wait(CHILD_TIMEOUT_S) == "failed"
+    run = run_row(sessions, handle.run_id)
+    assert run.error == "still running after 0 s, past any timeout: its process hung"
+    assert run.candidate_version is None
+    assert versions(registry) == {1: ModelStatus.champion}
