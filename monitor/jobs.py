@@ -207,11 +207,12 @@ class Loop:
             log.warning("retrain run %s marked failed: its process died or hung (see its error)", run_id)
             try:
                 with self.sessions.begin() as session:
-                    enqueue_retrain_outcome(session, run_id, now=self.clock(), metrics=self.metrics)
+                    row = enqueue_retrain_outcome(session, run_id, now=self.clock(), metrics=self.metrics)
             except Exception:  # the sweep below announces (and counts) it later
                 log.exception("could not announce the failure of retrain run %s", run_id)
             else:
-                self._count_runs([run_id])
+                if row is not None:
+                    self._count_runs([run_id])
 
     def _announce_finished_runs(self) -> None:
         """Announce runs that ended a lease TTL ago or more and are still unannounced: a launcher that is
@@ -229,7 +230,10 @@ class Loop:
             self._count_runs(announced)
 
     def _count_runs(self, run_ids: list[int]) -> None:
-        """Count runs whose launcher is gone in driftloop_retrain_runs_total: no other process will."""
+        """Count runs this process announced in driftloop_retrain_runs_total. A run's outcome is enqueued
+        once, by whichever process gets there first (its launcher, or the leader failing or sweeping it),
+        so counted here it is counted once: a launcher's watcher counting too counted twice a run the
+        leader failed while its child lived on through a database outage."""
         try:
             with self.sessions() as session:
                 for run_id in run_ids:
@@ -406,6 +410,7 @@ class Loop:
         handle = launch(
             settings=self.settings, trigger=trigger, reason=reason, report_id=report_id,
             sessions=self.sessions, metrics=self.metrics, clock=self.clock, spec_sha256=self.spec.sha256,
+            count=False,  # counted when announced (_announce), by this process or the leader
         )  # fmt: skip
         watcher = threading.Thread(
             target=self._announce, args=(handle,), name=f"retrain-announce-{handle.run_id}", daemon=True
@@ -427,7 +432,9 @@ class Loop:
             handle.wait(ANNOUNCE_POLL_S)
         try:
             with self.sessions.begin() as session:
-                enqueue_retrain_outcome(session, handle.run_id, now=self.clock(), metrics=self.metrics)
+                row = enqueue_retrain_outcome(session, handle.run_id, now=self.clock(), metrics=self.metrics)
+            if row is not None:
+                self._count_runs([handle.run_id])
             self.deliver()
         except Exception:
             log.exception("could not announce the outcome (%s) of retrain run %s", status, handle.run_id)

@@ -56,10 +56,17 @@ class EvidentlyWorkspace:
             )  # fmt: skip
 
     def _open(self) -> Workspace:
-        from evidently.ui.workspace import Workspace  # Evidently's UI modules: imported when first used
+        """Evidently's local workspace, reading no snapshot: `Workspace(dir)` also builds the UI's project
+        manager, which reads and parses every snapshot kept (11 s and 1.1 GB for 600) and fails on one a full
+        disk left half-written. What this adds, lists and prunes goes through `state`, which reads none."""
+        from evidently.ui.storage.local.base import LocalState  # Evidently's UI: imported when first used
+        from evidently.ui.workspace import Workspace
 
         self.path.mkdir(parents=True, exist_ok=True)
-        return Workspace(str(self.path))
+        workspace = Workspace.__new__(Workspace)
+        workspace.path = str(self.path)
+        workspace.state = LocalState(str(self.path))
+        return workspace
 
     def _project(self, workspace: Workspace) -> str:
         """The spec's project, created with its dashboard when the workspace has none of that name."""

@@ -81,11 +81,13 @@ def launch(
     metrics: Metrics | None = None,
     clock: Clock = utcnow,
     spec_sha256: str = "",
+    count: bool = True,
 ) -> RunHandle:
     """Claim the single-flight slot here (RunInProgress at once if taken), then run it in a child process.
 
     A daemon thread waits on the child: past settings.retrain_timeout_s it kills it; a child that exits
-    without finishing its row gets the run marked failed with its exit code or signal.
+    without finishing its row gets the run marked failed with its exit code or signal. With `count`, it then
+    counts the run in `metrics`; the loop passes False and counts the runs it announces, once each.
     """
     engine = None
     if sessions is None:
@@ -122,6 +124,7 @@ def launch(
             # exit is this process's to do, and worth waiting out a database outage for.
             "retry_s": 3 * settings.lease_ttl_s,
             "metrics": metrics,
+            "count": count,
             "clock": clock,
             "on_done": engine.dispose if engine is not None else None,
         },
@@ -142,6 +145,7 @@ def _watch(
     clock: Clock,
     on_done: Callable[[], None] | None,
     retry_s: float = 0.0,
+    count: bool = True,
 ) -> None:
     status = RunStatus.failed.value
     try:
@@ -164,8 +168,10 @@ def _watch(
                 if not unreachable(exc) or time.monotonic() >= deadline:
                     raise
                 time.sleep(UNREACHABLE_RETRY_S)
-        if metrics is not None:
+        if metrics is not None and count:
             observe_run(metrics, sessions, handle.run_id)
+        elif metrics is not None:
+            metrics.retrain_running.set(0)
     except Exception:
         log.exception("watching retrain run %s failed", handle.run_id)
     finally:

@@ -3,6 +3,8 @@
 import json
 import logging
 import math
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -739,6 +741,28 @@ def test_the_leader_counts_the_runs_it_announces_for_a_launcher_that_is_gone(
     assert sample("driftloop_retrain_runs_total", trigger="drift", status="promoted") == 1
 
 
+@pytest.mark.slow
+def test_a_run_the_leader_fails_while_its_launcher_lives_is_counted_once(
+    make_loop, registry, champion, metrics
+) -> None:
+    """A database outage longer than three lease TTLs: the child trains on, but no heartbeat lands, so the
+    leader, back, fails the run and counts it. The launcher (this same process, as in `driftloop serve`)
+    counted it again when its child exited: 2 failures in driftloop_retrain_runs_total for one run."""
+    loop = make_loop(train_iterations=1_000_000, retrain_timeout_s=120)
+    handle = loop.launch_retrain(trigger="drift", reason="outage")
+    wait_until(lambda: "train" in run_row(registry, handle.run_id).steps, timeout=60, what="training")
+    later = utcnow() + timedelta(seconds=4 * loop.settings.lease_ttl_s)
+    loop.clock = lambda: later  # the leader's first renewal once the outage is over
+    assert loop.renew_lease() is True
+    assert run_row(registry, handle.run_id).status == "failed"
+    os.kill(handle.pid, signal.SIGKILL)  # the child's end, however it comes
+    assert handle.wait(60) == "failed"
+    loop.stop()  # its announcer has finished
+    assert set(outcomes(registry)) == {f"retrain:{handle.run_id}"}
+    sample = metrics_value(metrics)
+    assert sample("driftloop_retrain_runs_total", trigger="drift", status="failed") == 1
+
+
 def test_the_leader_leaves_a_run_that_just_ended_to_its_launcher(make_loop, registry, champion) -> None:
     """A replica's run ends: between its row's finish and the replica's announcement lie the child's exit
     and the announcer's poll. A leader renewing its lease then must not announce it in its stead."""
@@ -834,6 +858,11 @@ def test_drift_is_detected_retrained_and_swapped_under_load_without_a_failed_req
 
 def served_version(result: LoadResult) -> int | None:
     return json.loads(result.bodies[-1])["model_version"] if result.bodies else None
+
+
+def run_row(registry: Registry, run_id: int) -> RetrainRun:
+    with registry.sessions() as session:
+        return session.get_one(RetrainRun, run_id)
 
 
 def finished(registry: Registry, run_id: int) -> RetrainRun | None:

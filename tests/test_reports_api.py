@@ -527,6 +527,32 @@ def test_a_workspace_that_cannot_be_written_is_logged_and_the_run_goes_on(
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_run_adds_its_snapshots_without_reading_those_already_kept(
+    champion, db_url, tmp_path, spec, caplog
+) -> None:
+    """A run writes its snapshots and lists the files to prune; it parses none of the kept ones. Evidently's
+    `Workspace(dir)` reads and parses every snapshot there (0.28 s for 13, 11 s and 1.1 GB for 600; the
+    default keep is 4032), and fails on one a full disk left half-written, after which no run added any."""
+    workspace = tmp_path / "evidently"
+    settings = make_settings(
+        db_url, tmp_path, auto_retrain=False, evidently_workspace=workspace, evidently_workspace_keep=2
+    )
+    with TestClient(create_app(settings, scheduler=False)) as client:
+        serve_traffic(client, spec, "none", 600, seed=8, labelled=False)
+        run_monitor(client)
+        (kept,) = workspace.glob("*/snapshots/*.json")
+        kept.write_bytes(kept.read_bytes()[:1000])  # as a disk that filled mid-write leaves it
+        with caplog.at_level("WARNING", logger="driftloop.loop"):
+            second = run_monitor(client)["report_id"]
+            third = run_monitor(client)["report_id"]
+    assert [r.getMessage() for r in caplog.records if "Evidently workspace" in r.getMessage()] == []
+    assert not kept.exists()  # pruned, as the oldest
+    assert workspace_runs(workspace) == {
+        f"driftloop: {spec.dataset}": [f"report {n} · v1 · ok: drift" for n in (second, third)]
+    }
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_evidentlys_own_ui_lists_the_runs_and_plots_the_dashboard(champion, db_url, tmp_path, spec) -> None:
     """`evidently ui --workspace DIR` (a real one, over HTTP) finds the project, and every series of the
     dashboard driftloop gave it has one point per run: the panels name metrics and labels the snapshots
