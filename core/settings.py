@@ -68,9 +68,9 @@ class Settings(BaseSettings):
     report_html_keep: int = Field(default=288, ge=0)
     # A local Evidently workspace each judged run's snapshots go to, for `evidently ui --workspace DIR`;
     # None: none. It keeps the newest `evidently_workspace_keep` snapshots (two a run with labels: drift
-    # and accuracy; 4032 is a week at the default interval).
+    # and accuracy; 576 is a day at the default interval: Evidently's UI holds every one in memory).
     evidently_workspace: Path | None = None
-    evidently_workspace_keep: int = Field(default=4032, ge=1)
+    evidently_workspace_keep: int = Field(default=576, ge=1)
 
     # --- policy ------------------------------------------------------------------------
     drift_share_threshold: float = Field(default=0.5, gt=0, le=1)

@@ -532,7 +532,7 @@ def test_a_run_adds_its_snapshots_without_reading_those_already_kept(
 ) -> None:
     """A run writes its snapshots and lists the files to prune; it parses none of the kept ones. Evidently's
     `Workspace(dir)` reads and parses every snapshot there (0.28 s for 13, 11 s and 1.1 GB for 600; the
-    default keep is 4032), and fails on one a full disk left half-written, after which no run added any."""
+    default keep is 576), and fails on one a full disk left half-written, after which no run added any."""
     workspace = tmp_path / "evidently"
     settings = make_settings(
         db_url, tmp_path, auto_retrain=False, evidently_workspace=workspace, evidently_workspace_keep=2
