@@ -900,3 +900,57 @@ def test_a_promotion_landing_just_before_the_runs_own_is_kept(
         "rejected: champion changed during the run: model version 3 not promoted: it was to replace v1, "
         "but the champion is now v2"
     )
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_run_waits_out_a_database_outage_at_the_end_of_a_step(
+    db_url: str,
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    registry: Registry,
+    champion: ModelVersion,
+    spec: FeatureSpec,
+    shocked: pd.DataFrame,
+    pg_cluster: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Seen live on PostgreSQL: a 12 s outage failed a run whose training was done, at the step's bookkeeping
+    (its row's update is not retried). The database now goes away, for real, as training ends and comes back
+    2 s later; the run waits for it and is decided as usual."""
+    import threading
+
+    import retrain.runner
+
+    back: list[threading.Timer] = []
+
+    def train_then_outage(*args: Any, **kwargs: Any) -> CatBoostRegressor:
+        model = train_model(*args, **kwargs)
+        if not back:  # the first training only, not the refit
+            pg_cluster.stop()
+            back.append(threading.Timer(2.0, pg_cluster.start))
+            back[0].start()
+        return model
+
+    monkeypatch.setattr(retrain.runner, "train_model", train_then_outage)
+    now = datetime(2023, 1, 1, tzinfo=UTC)
+    run_id = start_run(sessions, trigger="manual", now=now)
+    try:
+        with caplog.at_level("WARNING", logger="driftloop.retrain"):
+            outcome = execute_run(
+                run_id,
+                settings=make_settings(db_url, tmp_path),
+                spec=spec,
+                registry=registry,
+                clock=lambda: now,
+            )
+    finally:
+        back[0].join()
+        pg_cluster.start()  # whatever happened, the next test has its database
+    assert (outcome.status, outcome.error) == ("promoted", None)
+    run = run_row(sessions, run_id)
+    assert (run.status, run.error) == ("promoted", None)
+    assert run.steps["train"]["seconds"] is not None
+    waited = [m for m in caplog.messages if m.startswith(f"retrain run {run_id}: database unavailable (")]
+    assert waited, caplog.messages
