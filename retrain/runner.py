@@ -297,6 +297,7 @@ class _Run:
         A database that is away is waited for, as long as the scheduler leader would wait for a heartbeat
         (3 lease TTLs): a short outage at a step's end must not fail a run that trained for an hour."""
         deadline = time.monotonic() + 3 * self.settings.lease_ttl_s
+        waited = False
         while True:
             try:
                 with self.sessions.begin() as session:
@@ -309,11 +310,15 @@ class _Run:
             except Exception as exc:
                 if not unreachable(exc) or time.monotonic() >= deadline:
                     raise
-                log.warning(
-                    "retrain run %s: database unavailable (%s); trying again for up to %.0f s",
-                    self.run_id, error_line(exc), deadline - time.monotonic(),
-                )  # fmt: skip
+                if not waited:  # once per outage, not every second of it
+                    log.warning(
+                        "retrain run %s: database unavailable (%s); trying again for up to %.0f s",
+                        self.run_id, error_line(exc), deadline - time.monotonic(),
+                    )  # fmt: skip
+                waited = True
                 time.sleep(OUTAGE_RETRY_S)
+        if waited:
+            log.info("retrain run %s: database reachable again", self.run_id)
         if not result.rowcount:  # type: ignore[attr-defined]
             raise RunAborted(f"retrain run {self.run_id} is no longer running")
 

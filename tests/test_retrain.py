@@ -953,4 +953,4 @@ def test_a_run_waits_out_a_database_outage_at_the_end_of_a_step(
     assert (run.status, run.error) == ("promoted", None)
     assert run.steps["train"]["seconds"] is not None
     waited = [m for m in caplog.messages if m.startswith(f"retrain run {run_id}: database unavailable (")]
-    assert waited, caplog.messages
+    assert len(waited) == 1, caplog.messages  # once for the outage, not once a second
