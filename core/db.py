@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -140,3 +142,34 @@ def unreachable(exc: BaseException) -> bool:
     # exceeds), which retrying cannot cure.
     sqlstate = getattr(exc.orig, "sqlstate", None)
     return sqlstate is None or str(sqlstate)[:2] in _POSTGRES_UNAVAILABLE
+
+
+T = TypeVar("T")
+OUTAGE_RETRY_S = 1.0  # how often a call waiting out a database outage tries again
+
+
+def wait_out_outage(
+    call: Callable[[], T], *, patience_s: float, log: logging.Logger | None = None, what: str = ""
+) -> T:
+    """`call()`, tried again every OUTAGE_RETRY_S while it fails because the database is unreachable, for up
+    to `patience_s`; with `log`, the outage is logged once as `what` meets it and once when it is over. Any
+    other error, or the outage past the patience, is raised."""
+    deadline = time.monotonic() + patience_s
+    waited = False
+    while True:
+        try:
+            result = call()
+        except Exception as exc:
+            if not unreachable(exc) or time.monotonic() >= deadline:
+                raise
+            if log is not None and not waited:  # once per outage, not every second of it
+                log.warning(
+                    "%s: database unavailable (%s); trying again for up to %.0f s",
+                    what, error_line(exc), deadline - time.monotonic(),
+                )  # fmt: skip
+            waited = True
+            time.sleep(OUTAGE_RETRY_S)
+        else:
+            if log is not None and waited:
+                log.info("%s: database reachable again", what)
+            return result

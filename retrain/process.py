@@ -14,14 +14,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 from pydantic import SecretStr
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Clock, make_engine, make_sessions, unreachable, utcnow
+from core.db import Clock, make_engine, make_sessions, utcnow, wait_out_outage
 from core.metrics import Metrics
 from core.schema import RetrainRun, RunStatus
 from core.settings import Settings
@@ -32,7 +31,6 @@ log = logging.getLogger(RETRAIN_LOGGER)
 
 CHILD_MODULE = "retrain.child"
 SETTINGS_ENV = "DRIFTLOOP_RETRAIN_SETTINGS"  # the parent's Settings as JSON, for the child
-UNREACHABLE_RETRY_S = 1.0  # how often the watcher tries again to record a run while the database is away
 SPEC_SHA256_ENV = "DRIFTLOOP_RETRAIN_SPEC_SHA256"  # the spec file as the parent read it, for the child
 
 
@@ -156,18 +154,14 @@ def _watch(
             process.kill()
             process.wait()
             error = f"timed out after {timeout_s:g} s; child process {process.pid} killed"
-        deadline = time.monotonic() + retry_s
-        while True:  # a child that died on a database outage exits while it lasts: wait it out, bounded
-            try:
-                fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op if the child finished it
-                with sessions() as session:
-                    recorded = session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id))
-                status = recorded or status
-                break
-            except Exception as exc:
-                if not unreachable(exc) or time.monotonic() >= deadline:
-                    raise
-                time.sleep(UNREACHABLE_RETRY_S)
+
+        def record() -> str | None:
+            fail_run(sessions, handle.run_id, error=error, now=clock())  # no-op if the child finished it
+            with sessions() as session:
+                return session.scalar(select(RetrainRun.status).where(RetrainRun.id == handle.run_id))
+
+        # a child that died on a database outage exits while it lasts: wait it out, bounded
+        status = wait_out_outage(record, patience_s=retry_s) or status
         if metrics is not None and count:
             observe_run(metrics, sessions, handle.run_id)
         elif metrics is not None:

@@ -21,7 +21,7 @@ import pandas as pd
 from catboost import CatBoostRegressor
 from sqlalchemy import update
 
-from core.db import Clock, error_line, make_engine, make_sessions, unreachable, utcnow
+from core.db import Clock, make_engine, make_sessions, utcnow, wait_out_outage
 from core.metrics import Metrics
 from core.registry import ArtifactStore, ChampionChanged, NewVersion, Registry, baseline_mae
 from core.schema import ModelStatus, ModelVersion, RetrainRun, RunStatus
@@ -42,7 +42,6 @@ from retrain.runs import NoChampion, observe_run, start_run
 from retrain.train import MIN_TRAIN_ROWS, TrainParams, feature_importance, predict, train_model
 
 log = logging.getLogger(RETRAIN_LOGGER)
-OUTAGE_RETRY_S = 1.0  # how often a run tries its row again while the database is away
 
 
 class RunAborted(RuntimeError):
@@ -296,30 +295,18 @@ class _Run:
 
         A database that is away is waited for, as long as the scheduler leader would wait for a heartbeat
         (3 lease TTLs): a short outage at a step's end must not fail a run that trained for an hour."""
-        deadline = time.monotonic() + 3 * self.settings.lease_ttl_s
-        waited = False
-        while True:
-            try:
-                with self.sessions.begin() as session:
-                    result = session.execute(
-                        update(RetrainRun)
-                        .where(RetrainRun.id == self.run_id, RetrainRun.status == RunStatus.running)
-                        .values(**values)
-                    )
-                break
-            except Exception as exc:
-                if not unreachable(exc) or time.monotonic() >= deadline:
-                    raise
-                if not waited:  # once per outage, not every second of it
-                    log.warning(
-                        "retrain run %s: database unavailable (%s); trying again for up to %.0f s",
-                        self.run_id, error_line(exc), deadline - time.monotonic(),
-                    )  # fmt: skip
-                waited = True
-                time.sleep(OUTAGE_RETRY_S)
-        if waited:
-            log.info("retrain run %s: database reachable again", self.run_id)
-        if not result.rowcount:  # type: ignore[attr-defined]
+
+        def update_row() -> int:
+            with self.sessions.begin() as session:
+                result = session.execute(
+                    update(RetrainRun)
+                    .where(RetrainRun.id == self.run_id, RetrainRun.status == RunStatus.running)
+                    .values(**values)
+                )
+                return int(result.rowcount)  # type: ignore[attr-defined]
+
+        patience = 3 * self.settings.lease_ttl_s
+        if not wait_out_outage(update_row, patience_s=patience, log=log, what=f"retrain run {self.run_id}"):
             raise RunAborted(f"retrain run {self.run_id} is no longer running")
 
     def _finish(self, *, status: RunStatus, **values: Any) -> None:

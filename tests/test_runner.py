@@ -362,6 +362,7 @@ def test_a_child_that_dies_while_the_database_is_away_gets_its_run_failed_once_i
     child exit 1; its launcher's one attempt to mark the run failed met the database still away and gave up,
     so the run stayed `running` (holding the single-flight slot, counted by nobody) until the leader failed it
     as "no heartbeat: its process died", which is not what happened."""
+    import core.db
     import retrain.process
 
     slow = make_settings(
@@ -378,7 +379,7 @@ def test_a_child_that_dies_while_the_database_is_away_gets_its_run_failed_once_i
         return fail_run(*args, **kwargs)
 
     monkeypatch.setattr(retrain.process, "fail_run", flaky_fail_run)
-    monkeypatch.setattr(retrain.process, "UNREACHABLE_RETRY_S", 0.05)
+    monkeypatch.setattr(core.db, "OUTAGE_RETRY_S", 0.05)
     os.kill(handle.pid, signal.SIGKILL)
 
     assert handle.wait(CHILD_TIMEOUT_S) == "failed"
