@@ -47,15 +47,6 @@ class ReportSummary(BaseModel):
     reasons: list[Any]
 
 
-class Lineage(BaseModel):
-    replaced_version: int | None
-    trigger: str
-    training_window: TrainingWindow
-    report: ReportSummary | None = Field(description="The drift report that triggered it.")
-    retrain_run: RetrainRunView | None
-    gate_metrics: dict[str, Any]
-
-
 class RetrainRunView(BaseModel):
     id: int
     trigger: str
@@ -75,6 +66,15 @@ class RetrainRunView(BaseModel):
     started_at: Timestamp
     finished_at: Timestamp | None
     heartbeat_at: Timestamp | None = Field(description="Renewed while the run's process is alive.")
+
+
+class Lineage(BaseModel):
+    replaced_version: int | None
+    trigger: str
+    training_window: TrainingWindow
+    report: ReportSummary | None = Field(description="The drift report that triggered it.")
+    retrain_run: RetrainRunView | None
+    gate_metrics: dict[str, Any]
 
 
 class ModelDetail(BaseModel):
@@ -164,6 +164,3 @@ class Readiness(BaseModel):
     model_version: int | None
     problems: list[str]
     logger: LoggerState
-
-
-Lineage.model_rebuild()
