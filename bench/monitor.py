@@ -199,17 +199,17 @@ def _child(mode: str, reference_path: Path, window_path: Path, max_rows: int) ->
     window = pd.read_parquet(window_path)
     importance = json.loads((reference_path.parent / "importance.json").read_text(encoding="utf-8"))
 
-    results: list[Any] = []
-
-    def run(frame: pd.DataFrame) -> tuple[list[str], float | None]:
+    def run(frame: pd.DataFrame) -> tuple[list[str], float | None, Any]:
+        """Drifted columns and MAE, and compute_drift's result (None for the full presets)."""
         if mode.startswith("sampled"):
-            return _sampled(reference, frame, spec, importance, max_rows, keep=results)
-        return _full(reference, frame, spec)
+            result = _sampled(reference, frame, spec, importance, max_rows)
+            return *_verdict(result), result
+        return *_full(reference, frame, spec), None
 
     run(window.iloc[:WARM_UP_ROWS])
     before_mb = _reset_peak()
     started = time.perf_counter()
-    drifted, mae = run(window)
+    drifted, mae, result = run(window)
     seconds = time.perf_counter() - started
     measured = {
         "seconds": seconds,
@@ -219,7 +219,7 @@ def _child(mode: str, reference_path: Path, window_path: Path, max_rows: int) ->
         "mae": mae,
     }
     if mode == "sampled+workspace":
-        measured["workspace_s"], measured["workspace_mb"] = _workspace(results[-1], spec)
+        measured["workspace_s"], measured["workspace_mb"] = _workspace(result, spec)
     return measured
 
 
@@ -236,13 +236,13 @@ def _workspace(result: Any, spec: Any) -> tuple[float, float]:
     return seconds, written / 1e6
 
 
-def _sampled(
-    reference: Any, window: Any, spec: Any, importance: dict[str, float], max_rows: int, *, keep: list[Any]
-) -> tuple[list[str], float | None]:
+def _sampled(reference: Any, window: Any, spec: Any, importance: dict[str, float], max_rows: int) -> Any:
     from monitor.report import compute_drift
 
-    result = compute_drift(reference, window, spec, importance=importance, max_rows=max_rows)
-    keep[:] = [result]
+    return compute_drift(reference, window, spec, importance=importance, max_rows=max_rows)
+
+
+def _verdict(result: Any) -> tuple[list[str], float | None]:
     prediction = [PREDICTION_COLUMN] if result.prediction and result.prediction.detected else []
     return result.drifted() + prediction, result.accuracy.mae if result.accuracy else None
 
