@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
@@ -29,6 +30,8 @@ REQUEST_ID = b"x-request-id"
 # A caller's id is kept when it could be nobody's trick: a load balancer's or a client's UUID, a trace id.
 # Anything else (too long, a space, a quote, a control character) is replaced, never refused.
 _CALLERS_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
+# The id of the request being answered, for log lines that do not name it themselves (uvicorn's access log)
+_current_id: ContextVar[str] = ContextVar("request_id", default="-")
 
 
 class Faults:
@@ -58,6 +61,8 @@ class Faults:
             scope = {**scope, "method": "GET"}
         rid = request_id(scope)
         tag = (REQUEST_ID, rid.encode("ascii"))
+        # uvicorn writes its access-log line as the answer starts, in this task: RequestIdFilter reads it
+        current = _current_id.set(rid)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal started
@@ -90,6 +95,17 @@ class Faults:
                 return
             log.exception("internal error on %s %s (request %s)", method, path, rid)
             await _send_json(send, 500, internal_error_body(exc, request_id=rid), headers=[tag])
+        finally:
+            _current_id.reset(current)
+
+
+class RequestIdFilter(logging.Filter):
+    """Gives a log record `request_id`: the X-Request-ID of the answer it is written for, "-" outside one.
+    `driftloop serve --access-log` and `worker --access-log` put it on uvicorn's access-log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = _current_id.get()
+        return True
 
 
 def request_id(scope: Scope) -> str:

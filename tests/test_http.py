@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import re
 import shutil
 import signal
 import socket
@@ -353,7 +354,8 @@ def test_a_fault_of_ours_answers_500_and_keeps_the_connection_for_the_next_reque
     champion, db_url, tmp_path
 ) -> None:
     # Without Faults, uvicorn drops a connection after a 500 and a client's next request on it is reset.
-    server = start_server(make_settings(db_url, tmp_path, scheduler=False), tmp_path)
+    settings = make_settings(db_url, tmp_path, scheduler=False)
+    server = start_server(settings, tmp_path, command=("serve", "--access-log"))
     try:
         engine = make_engine(db_url)
         with engine.begin() as conn:
@@ -375,8 +377,24 @@ def test_a_fault_of_ours_answers_500_and_keeps_the_connection_for_the_next_reque
         assert server.metric('driftloop_http_errors_total{endpoint="/reports",status="500"}') == 1
         # the id the client was given names the traceback in the log
         assert "internal error on GET /reports (request lb-7f3a)\nTraceback" in server.log()
+        given = server.get("/health").headers["x-request-id"]  # none sent: the one made for it
     finally:
         assert server.terminate()
+    # and the access log's lines: every request's own id, the one made for a request that sent none too
+    access = [
+        re.sub(r'" (\d+) [^(]*\(', r'" \1 (', line.split(" - ", 1)[1])  # uvicorn ≥ 0.32 adds the phrase
+        for line in server.log().splitlines()
+        if '"GET /' in line
+    ]
+    assert access[-4:] == [
+        '"GET /reports HTTP/1.1" 500 (request lb-7f3a)',
+        '"GET /health HTTP/1.1" 200 (request lb-7f3a)',
+        access[-2],  # server.metric's scrape
+        f'"GET /health HTTP/1.1" 200 (request {given})',
+    ]
+    # start_server's probes and the scrape: ids made here, each its own
+    made = [re.fullmatch(r'"GET /\w+ HTTP/1.1" 200 \(request ([0-9a-f]{32})\)', line) for line in access]
+    assert all(made[:-4]) and made[-2] and len({m[1] for m in made if m}) == len(access) - 2
 
 
 INSTANCE = {

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -36,6 +37,18 @@ LogLevel = Annotated[
         parser=_log_level, metavar="LEVEL", help=", ".join(_LOG_LEVELS) + ": uvicorn's and driftloop's logs."
     ),
 ]
+
+
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, its access-log lines ending in the answer's X-Request-ID (`(request 9f…)`), so a
+    line there and a client's or a load balancer's record of the request find each other."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["request_id"] = {"()": "service.middleware.RequestIdFilter"}
+    config["handlers"]["access"]["filters"] = ["request_id"]
+    config["formatters"]["access"]["fmt"] += " (request %(request_id)s)"
+    return config
 
 
 # uvicorn would bind 70000 as 70000 mod 65536, its log still saying :70000
@@ -91,8 +104,9 @@ def serve(
     _spool_free(settings)
     app = create_app(settings, scheduler=False if no_scheduler else None)  # None: DRIFTLOOP_SCHEDULER decides
     uvicorn.run(
-        app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=30
-    )
+        app, host=host, port=port, log_level=log_level, access_log=access_log, log_config=_log_config(),
+        timeout_graceful_shutdown=30,
+    )  # fmt: skip
 
 
 def worker(
@@ -112,4 +126,7 @@ def worker(
     settings = read_settings()
     read_spec(settings)
     open_database(settings, migrate=settings.auto_migrate)
-    uvicorn.run(create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log)
+    uvicorn.run(
+        create_worker_app(settings), host=host, port=port, log_level=log_level, access_log=access_log,
+        log_config=_log_config(),
+    )  # fmt: skip
