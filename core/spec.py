@@ -7,7 +7,7 @@ import functools
 import hashlib
 import math
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from importlib import resources
@@ -355,6 +355,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
         if len(set(categories)) < len(categories):
             twice = next(c for i, c in enumerate(categories) if c in categories[:i])
             raise SpecError(f"{source}: {where} ({name}) categories: {twice!r} is listed twice")
+        if twin := _twice_in_two_forms(categories, "category"):
+            raise SpecError(f"{source}: {where} ({name}) categories: {twin[0]!r} is listed twice {twin[1]}")
         if ftype is not FeatureType.categorical and categories:
             raise SpecError(f"{source}: {where} ({name}) is {ftype.value}: 'categories' are for categorical")
         low, high = _bounds(item.get("min"), item.get("max"), f"{source}: {where} ({name})")
@@ -385,9 +387,13 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
     if len(set(names)) != len(names):
         repeated = sorted({n for n in names if names.count(n) > 1})
         raise SpecError(f"{source}: feature names must be unique; repeated: {', '.join(repeated)}")
+    if twin := _twice_in_two_forms(names, "feature"):
+        raise SpecError(f"{source}: feature names must be unique; repeated: {twin[0]!r} {twin[1]}")
     target = _name(need(raw, "target", "spec"), f"{source}: target")
     if target in names:
         raise SpecError(f"{source}: target '{target}' is also listed as a feature")
+    if twin := _twice_in_two_forms([*names, target], "feature"):
+        raise SpecError(f"{source}: target '{target}' is also listed as a feature {twin[1]}")
     time_column = raw.get("time_column")
     if time_column is not None:
         time_column = _name(time_column, f"{source}: time_column", reserved=False)
@@ -396,6 +402,9 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
             raise SpecError(
                 f"{source}: time_column '{time_column}' is also {role}: it must be a column of its own"
             )
+        for role, known in (("the target", [target]), ("a feature", names)):
+            if twin := _twice_in_two_forms([*known, time_column], role.split()[-1]):
+                raise SpecError(f"{source}: time_column '{time_column}' is also {role} {twin[1]}")
     target_min, target_max = _bounds(
         raw.get("target_min"), raw.get("target_max"), f"{source}:", ("target_min", "target_max")
     )
@@ -409,6 +418,16 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
         target_max=target_max,
         sha256=sha256,
     )
+
+
+def _twice_in_two_forms(names: Sequence[str], kind: str) -> tuple[str, str] | None:
+    """The first of `names` that an earlier one gives in another Unicode form (macOS writes 기온 decomposed,
+    NFD; most tools composed, NFC), and "(the feature '기온' in another Unicode form…)" naming that one, else
+    None: the two print alike, so a name listed twice that way passed the check of names listed twice."""
+    for i, name in enumerate(names):
+        if (twin := unicode_twin(name, names[:i])) is not None:
+            return name, f"(the {kind} {twin!r} in another Unicode form{FORMS})"
+    return None
 
 
 def _drift_test(item: dict[str, Any], ftype: FeatureType, where: str) -> tuple[str | None, float | None]:

@@ -34,6 +34,9 @@ def field_path(loc: Sequence[Any]) -> str:
 # many characters of a name or value the client sent. Listing them all made a 2 MB body a 9 MB answer.
 MAX_LISTED = 100
 MAX_ECHO = 100
+# An unknown category's refusal names this many of the feature's categories, as the backtest does, and
+# counts the rest.
+MAX_CATEGORIES = 10
 
 
 def clip(text: str) -> str:
@@ -75,6 +78,9 @@ def describe(error: dict[str, Any], spec: FeatureSpec | None = None) -> dict[str
         expected = error.get("ctx", {}).get("expected", "")
         name = loc[-1] if loc else None
         known = spec.feature(name).categories if spec and name in spec.feature_names else ()
+        if len(known) > MAX_CATEGORIES:  # a car model or a store can have thousands: each refusal listed all
+            shown = ", ".join(clip(repr(c)) for c in known[:MAX_CATEGORIES])
+            expected = f"{shown} or one of {len(known) - MAX_CATEGORIES:,} more (/openapi.json lists all)"
         hint = lookalike_hint(sent, known)
         return {"field": field, "message": f"unknown category {clip(repr(sent))}{hint}; expected {expected}"}
     return {"field": field, "message": error.get("msg", "invalid")}

@@ -1409,6 +1409,39 @@ def test_a_category_or_field_written_otherwise_says_which_it_resembles(client, m
     assert {"field": nfd[1], "message": f"unknown field (the feature '주택 유형' {form})"} in messages
 
 
+def test_an_unknown_category_of_many_levels_lists_ten_and_counts_the_rest(client, make_features) -> None:
+    """A categorical of many levels (a car model, a store) listed every one of them in each refusal: 300
+    levels made one unknown category a 2.6 kB message, 5,000 levels 45 kB, and a batch's 100 listed
+    errors 4.5 MB, where the backtest names ten. The OpenAPI document lists them all."""
+    response = client.post("/predict", json=make_features(district="Atlantis-gu"))
+    first = ", ".join(repr(c) for c in client.app.state.ctx.spec.feature("district").categories[:10])
+    assert (response.status_code, response.json()["message"]) == (
+        422,
+        f"district: unknown category 'Atlantis-gu'; expected {first} or one of 15 more "
+        "(/openapi.json lists all)",
+    )
+    stores = [f"s{i:04d}" for i in range(5000)]
+    spec = parse_spec({
+        "dataset": "shops", "target": "sales",
+        "features": [{"name": "store", "type": "categorical", "categories": stores}],
+    })  # fmt: skip
+    with pytest.raises(ValidationError) as caught:
+        spec.request_model().model_validate({"store": "S0001 "})
+    assert describe(caught.value.errors()[0], spec)["message"] == (
+        "unknown category 'S0001 ' (the category is written 's0001'); expected 's0000', 's0001', 's0002', "
+        "'s0003', 's0004', 's0005', 's0006', 's0007', 's0008', 's0009' or one of 4,990 more (/openapi.json "
+        "lists all)"
+    )
+    few = parse_spec({
+        "dataset": "shops", "target": "sales",
+        "features": [{"name": "region", "type": "categorical", "categories": ["NA", "01", "02"]}],
+    })  # fmt: skip
+    with pytest.raises(ValidationError) as caught:
+        few.request_model().model_validate({"region": "1"})
+    message = describe(caught.value.errors()[0], few)["message"]
+    assert message == "unknown category '1'; expected 'NA', '01' or '02'"
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_ready_answers_and_names_a_database_that_does_not_reply(client, pg_cluster) -> None:

@@ -606,6 +606,9 @@ def test_bad_data_is_refused_naming_the_problem_before_any_work(
             "--seed makes generated data (--data generated:SCENARIO); my.csv is",
         ),
         (["--data", "generated:none", "--time-column", "area_m2"], "is a feature or the target"),
+        # An empty name (an unset shell variable: --time-column "$TIME_COL") took the spec's in silence.
+        (["--data", "nowhere.csv", "--time-column", ""], "--time-column is empty: name the file's time"),
+        (["--data", "nowhere.csv", "--time-column", "  "], "--time-column is empty: name the file's time"),
         (
             ["--data", "generated:none", "--policies", "drift,never,drift"],
             "--policies: drift listed more than once",

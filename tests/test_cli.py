@@ -343,6 +343,21 @@ def test_bootstrap_from_a_csv_trains_on_it_and_records_where_it_came_from(env, t
     assert "`, then `driftloop retrain`." in said
 
 
+def test_bootstrap_from_a_csv_refuses_rows_and_seed_as_the_backtest_does(env, tmp_path: Path) -> None:
+    """--rows and --seed make generated data; with --csv they were dropped in silence, and `--rows 100`
+    trained v1 on every row of the file. Nothing is trained."""
+    path = tmp_path / "history.csv"
+    generate_transactions(800, start="2020-01-01", end="2021-12-31", seed=4).to_csv(path, index=False)
+    for option in ("--rows", "--seed"):
+        result = run("bootstrap", "--csv", str(path), option, "100")
+        assert result.exit_code == 2, result.output
+        assert (
+            f"bootstrap: {option} makes generated data (bootstrap without --csv); {path} is read as it is, "
+            "every row"
+        ) in " ".join(result.output.split())
+    assert "trained and promoted v1" in run("bootstrap", "--csv", str(path)).output  # none was before
+
+
 def test_bootstrap_from_a_csv_without_a_spec_column_is_refused(env, tmp_path: Path) -> None:
     path = tmp_path / "history.csv"
     generate_transactions(100, seed=4).drop(columns=["households"]).to_csv(path, index=False)

@@ -1,3 +1,4 @@
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,10 @@ from core.spec import RESERVED_NAMES, Feature, FeatureSpec, FeatureType, SpecErr
 from monitor.window import CREATED_AT, MODEL_VERSION, PREDICTION_ID
 from retrain.dataset import EVENT_TIME, SOURCE
 from retrain.train import PREDICTION
+
+# 기온 as macOS writes it (decomposed, NFD): it prints as the composed (NFC) 기온 the rest of the specs use.
+NFD_TEMP = unicodedata.normalize("NFD", "기온")
+FORMS = "in another Unicode form: NFD and NFC look alike but differ; write both in one"
 
 
 def test_default_spec_is_the_apartment_dataset(spec: FeatureSpec) -> None:
@@ -295,6 +300,29 @@ def test_numbers_without_bounds_are_still_bounded_by_the_largest_magnitude(tmp_p
         (
             "dataset: x\ntarget: y\nfeatures: [{name: a, type: numeric, drift_treshold: 0.2}]\n",
             "unknown key 'drift_treshold' (did you mean 'drift_threshold'?)",
+        ),
+        # One name in two Unicode forms prints as one: a column listed twice, or a category, slipped through.
+        (
+            f"dataset: x\ntarget: y\n"
+            f"features: [{{name: 기온, type: numeric}}, {{name: {NFD_TEMP}, type: numeric}}]\n",
+            f"feature names must be unique; repeated: '{NFD_TEMP}' (the feature '기온' {FORMS})",
+        ),
+        (
+            f"dataset: x\ntarget: {NFD_TEMP}\nfeatures: [{{name: 기온, type: numeric}}]\n",
+            f"target '{NFD_TEMP}' is also listed as a feature (the feature '기온' {FORMS})",
+        ),
+        (
+            f"dataset: x\ntarget: y\ntime_column: {NFD_TEMP}\nfeatures: [{{name: 기온, type: numeric}}]\n",
+            f"time_column '{NFD_TEMP}' is also a feature (the feature '기온' {FORMS})",
+        ),
+        (
+            f"dataset: x\ntarget: 기온\ntime_column: {NFD_TEMP}\nfeatures: [{{name: a, type: numeric}}]\n",
+            f"time_column '{NFD_TEMP}' is also the target (the target '기온' {FORMS})",
+        ),
+        (
+            f"dataset: x\ntarget: y\n"
+            f"features: [{{name: a, type: categorical, categories: [기온, b, {NFD_TEMP}]}}]\n",
+            f"(a) categories: '{NFD_TEMP}' is listed twice (the category '기온' {FORMS})",
         ),
     ],
 )

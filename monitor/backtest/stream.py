@@ -162,6 +162,10 @@ def load_stream(
     data: str, spec: FeatureSpec, *, time_column: str | None = None, rows: int = GENERATED_ROWS, seed: int = 0
 ) -> Stream:
     """`generated:SCENARIO` (the apartment generator, change points known) or a CSV path (unknown)."""
+    if time_column is not None and not time_column.strip():  # "$TIME_COL" unset: not the spec's, in silence
+        raise BacktestInputError(
+            "--time-column is empty: name the file's time column, or leave the option out for the spec's"
+        )
     column = time_column or spec.time_column
     if not column:
         raise BacktestInputError("no time column: pass --time-column, or set time_column in the spec")

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 
 def bootstrap(
+    context: typer.Context,
     csv: Annotated[
         Path | None, typer.Option(help="Labelled CSV to train v1 on (default: generated data).")
     ] = None,
@@ -37,6 +38,14 @@ def bootstrap(
     from retrain.data import DataError, MissingColumnsError
     from retrain.train import TrainParams
 
+    if csv is not None:  # as the backtest refuses them with a CSV: `--rows 100` trained on every row
+        for name in ("rows", "seed"):
+            if getattr(context.get_parameter_source(name), "name", None) != "DEFAULT":
+                console.print(
+                    f"[red]bootstrap: --{name} makes generated data (bootstrap without --csv); "
+                    f"{escape(str(csv))} is read as it is, every row[/]"
+                )
+                raise typer.Exit(2)
     settings = read_settings()
     try:
         with console.status("training v1…"), open_registry(settings) as registry:
