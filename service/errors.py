@@ -45,6 +45,7 @@ def clip(text: str) -> str:
 
 
 NOT_NULLABLE = "required (null is not allowed: the feature is not nullable)"
+NULL_LABEL = "required (null is not allowed: a label is the value that came true, a number)"
 
 
 def describe(error: dict[str, Any], spec: FeatureSpec | None = None) -> dict[str, str]:
@@ -67,7 +68,10 @@ def describe(error: dict[str, Any], spec: FeatureSpec | None = None) -> dict[str
     if kind == "finite_number":
         return {"field": field, "message": "must be a finite number (NaN/Infinity are not allowed)"}
     if kind in ("float_type", "int_type") and "input" in error and error["input"] is None:
-        return {"field": field, "message": NOT_NULLABLE}  # "Input should be a valid number" of a null
+        # "Input should be a valid number" of a null; /feedback's items are ('body', i, 'actual'), and a
+        # feature named actual is ('body', 'actual') or ('body', 'instances', i, 'actual')
+        label = len(loc) == 3 and isinstance(loc[1], int) and loc[2] == "actual"
+        return {"field": field, "message": NULL_LABEL if label else NOT_NULLABLE}
     if kind == "literal_error":  # a category: say what was sent, not only the (long) list of what may be
         sent = error.get("input")
         if sent is None:

@@ -1052,8 +1052,13 @@ def test_a_number_sent_as_null_is_named_as_such_as_a_category_is(client, make_fe
             "/predict/batch", json={"instances": [make_features(), make_features(**{field: None})]}
         )
         assert (batch.status_code, batch.json()["message"]) == (422, f"instances[1].{field}: {null}")
-    label = client.post("/feedback", json=[{"prediction_id": "x", "actual": None}])
-    assert (label.status_code, label.json()["message"]) == (422, f"[0].actual: {null}")
+    # a label is no feature: its message says what it is
+    label = client.post(
+        "/feedback", json=[{"prediction_id": "x", "actual": 1}, {"prediction_id": "y", "actual": None}]
+    )
+    assert (label.status_code, label.json()["message"]) == (
+        422, "[1].actual: required (null is not allowed: a label is the value that came true, a number)"
+    )  # fmt: skip
     assert logged_rows(client) == 0
 
 
