@@ -149,7 +149,7 @@ class IngestedFile(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(500))  # the path it was loaded from, the last time
     source: Mapped[str] = mapped_column(String(200))
-    rows: Mapped[int]  # rows loaded from it, over every load
+    rows: Mapped[int]  # its good rows, over every load (rows an earlier file loaded stay under that file's)
     skipped: Mapped[int]  # bad lines not loaded (--skip-bad), in its last load
     loads: Mapped[int]
     first_loaded_at: Mapped[datetime]

@@ -108,8 +108,12 @@ def test_ingest_of_a_file_already_loaded_loads_nothing_unless_forced(env, tmp_pa
     assert "10 row(s) loaded as source 'jan.csv'" in run("ingest", str(path)).output
     again = run("ingest", str(path), "--source", "other")
     assert again.exit_code == 0
-    assert f"{path} was already loaded: 10 row(s) as source 'jan.csv', last on " in again.output
-    assert "UTC. Nothing loaded now.\n--force loads it again: its rows then count twice" in again.output
+    assert f"{path} was already loaded as source 'jan.csv', last on " in again.output
+    assert (
+        ": 10 good row(s) in it (those an earlier file had loaded stay under that file's source)"
+        in again.output
+    )
+    assert "source). Nothing loaded now.\n--force loads it again: its rows then count twice" in again.output
     forced = run("ingest", str(path), "--force")
     assert (forced.exit_code, "10 row(s) loaded" in forced.output) == (0, True)
 

@@ -130,8 +130,9 @@ def ingest(
         before = report.already
         named = "" if before.name == str(file) else f" (from {before.name})"
         console.print(
-            f"[yellow]{file} was already loaded[/]{named}: {before.rows} row(s) as source {before.source!r}, "
-            f"last on {before.last_loaded_at:%Y-%m-%d %H:%M} UTC. Nothing loaded now."
+            f"[yellow]{file} was already loaded[/]{named} as source {before.source!r}, last on "
+            f"{before.last_loaded_at:%Y-%m-%d %H:%M} UTC: {before.rows} good row(s) in it (those an earlier "
+            "file had loaded stay under that file's source). Nothing loaded now."
         )
         console.print(
             "--force loads it again: its rows then count twice, in training and in the gate's holdout."
