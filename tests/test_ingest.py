@@ -404,6 +404,9 @@ def test_a_source_too_long_to_store_is_refused_before_any_check_and_a_long_path_
     generate_transactions(5).to_csv(path, index=False)
     with pytest.raises(IngestError, match=re.escape(f"source {'s' * 50!r}… is 201 characters, over the 200")):
         ingest_csv(path, spec=spec, sessions=sessions, source="s" * 201)
+    for blank in (" ", "\t  "):
+        with pytest.raises(IngestError, match=re.escape("source is blank: give --source a name, or leave")):
+            ingest_csv(path, spec=spec, sessions=sessions, source=blank)
     deep = tmp_path.joinpath(*["d" * 100] * 5)  # a path over ingested_file.name's 500 characters
     deep.mkdir(parents=True)
     generate_transactions(5).to_csv(deep / "jan.csv", index=False)
