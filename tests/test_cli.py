@@ -586,6 +586,35 @@ def test_a_bad_spec_is_named_by_every_command_that_reads_it(
 
 
 @pytest.mark.parametrize(
+    "command", [["bootstrap"], ["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]]
+)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "DRIFTLOOP_SPEC_PATH: spec file not found: "),
+        (
+            "dataset: b\ntarget: r\nfeatures: [{name: s, type: categorical, categories: 5}]\n",
+            "DRIFTLOOP_SPEC_PATH: {spec}: features[0] (s) categories must be a list (e.g. [a, b]), not 5",
+        ),
+    ],
+    ids=["missing", "brackets"],
+)
+def test_a_bad_spec_is_refused_naming_the_setting_and_its_message_whole(
+    env, tmp_path: Path, monkeypatch, command, text: str | None, expected: str
+) -> None:
+    """A live `serve` with a spec file that was not there said "spec file not found: …", naming no setting,
+    and one whose message holds brackets lost them to the console's markup ("(e.g. ), not 5")."""
+    spec = tmp_path / "bikes.yaml"
+    if text is not None:
+        spec.write_text(text)
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    result = CliRunner().invoke(cli, command)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert expected.format(spec=spec) in " ".join(result.output.split()), result.output
+
+
+@pytest.mark.parametrize(
     ("setting", "flags", "expected"),
     [(None, [], True), ("false", [], False), ("true", ["--no-scheduler"], False)],
 )

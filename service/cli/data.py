@@ -32,17 +32,18 @@ def bootstrap(
 ) -> None:
     """Train, register and promote v1 if there is no champion yet (idempotent)."""
     from core.registry import RegistryError
-    from core.spec import SpecError, load_spec
+    from core.spec import SpecError
     from retrain.bootstrap import bootstrap as do_bootstrap
     from retrain.data import DataError, MissingColumnsError
     from retrain.train import TrainParams
 
     settings = read_settings()
+    spec = read_spec(settings)
     try:
         with console.status("training v1…"), open_registry(settings) as registry:
             result = do_bootstrap(
                 registry=registry,
-                spec=load_spec(settings.spec_path),
+                spec=spec,
                 params=TrainParams.from_settings(settings),
                 holdout_fraction=settings.holdout_fraction,
                 csv_path=csv,
@@ -52,7 +53,7 @@ def bootstrap(
     except (DataError, SpecError, RegistryError) as exc:  # a champion that does not fit, or a damaged file
         shipped = isinstance(exc, MissingColumnsError) and settings.spec_path is None
         note = SHIPPED_SPEC.format(how="set DRIFTLOOP_SPEC_PATH to a spec") if shipped else ""
-        console.print(f"[red]bootstrap: {exc}{note}[/]")
+        console.print(f"[red]bootstrap: {escape(str(exc))}{note}[/]", highlight=False)
         raise typer.Exit(2) from None
     row = result.version
     verb = "trained and promoted" if result.created else "already the champion:"
@@ -115,7 +116,7 @@ def ingest(
                 on_progress=lambda n: progress.advance(task, n),
             )
     except IngestError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
     if report.already:
         before = report.already
