@@ -156,11 +156,8 @@ def _window_starts(session: Session, window_rows: int, champion: ModelVersion | 
     queries = [newest]
     if champion is not None:
         queries.append(newest.where(PredictionLog.model_version == champion.version))
-    starts = (
-        session.scalar(q.offset(window_rows - 1).limit(1))
-        or session.scalar(q.with_only_columns(func.min(PredictionLog.created_at)).order_by(None))
-        for q in queries
-    )
+    windows = (q.limit(window_rows).subquery() for q in queries)  # read newest first, by index, as before
+    starts = (session.scalar(select(func.min(window.c.created_at))) for window in windows)
     return [start for start in starts if start is not None]
 
 
