@@ -127,6 +127,27 @@ def test_ingest_names_the_columns_it_does_not_load(env, tmp_path: Path) -> None:
     assert "not loaded:" not in run("ingest", str(plain)).output
 
 
+def test_ingest_prints_the_file_s_own_text_as_written_brackets_included(env, tmp_path: Path) -> None:
+    """A live ingest of a line whose district was '[/]' ended in a rich MarkupError traceback, and one of
+    '[bold]Foo-gu' was listed as 'Foo-gu': values, column names and the source came from the file."""
+    frame = generate_transactions(5, seed=9).assign(**{"[/]note": "x"})
+    frame["district"] = frame["district"].astype(object)
+    frame.loc[1, "district"] = "[bold]Foo-gu"
+    frame.loc[3, "district"] = "[/]"
+    path = tmp_path / "[q1].csv"
+    frame.to_csv(path, index=False)
+    result = CliRunner().invoke(cli, ["ingest", str(path), "--skip-bad", "--source", "[red]crm"])
+    assert result.exception is None, result.output
+    text = " ".join(result.output.split())
+    assert "3 row(s) loaded as source '[red]crm', 2 bad line(s) skipped" in text
+    assert "column(s) the spec does not read, not loaded: '[/]note'" in text
+    assert "line 3: district: unknown category '[bold]Foo-gu'" in text
+    assert "line 5: district: unknown category '[/]'" in text
+    again = CliRunner().invoke(cli, ["ingest", str(path)])
+    assert again.exception is None, again.output
+    assert f"{path} was already loaded: 3 row(s) as source '[red]crm'" in " ".join(again.output.split())
+
+
 def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path) -> None:
     missing = run("ingest", str(tmp_path / "nope.csv"))
     assert (missing.exit_code, "file not found" in missing.output) == (2, True)

@@ -120,10 +120,11 @@ def ingest(
         raise typer.Exit(2) from None
     if report.already:
         before = report.already
-        named = "" if before.name == str(file) else f" (from {before.name})"
+        named = "" if before.name == str(file) else f" (from {escape(before.name)})"
         console.print(
-            f"[yellow]{file} was already loaded[/]{named}: {before.rows} row(s) as source {before.source!r}, "
-            f"last on {before.last_loaded_at:%Y-%m-%d %H:%M} UTC. Nothing loaded now."
+            f"[yellow]{escape(str(file))} was already loaded[/]{named}: {before.rows} row(s) as source "
+            f"{escape(repr(before.source))}, last on {before.last_loaded_at:%Y-%m-%d %H:%M} UTC. "
+            "Nothing loaded now."
         )
         console.print(
             "--force loads it again: its rows then count twice, in training and in the gate's holdout."
@@ -136,22 +137,23 @@ def ingest(
         )
     elif report.bad:
         console.print(
-            f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}, "
+            f"[green]{report.loaded} row(s) loaded[/] as source {escape(repr(source or file.name))}, "
             f"{report.bad} bad line(s) skipped (listed below). {_to_load_the_rest(spec, report.loaded)}"
         )
     else:
-        console.print(f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}")
+        console.print(
+            f"[green]{report.loaded} row(s) loaded[/] as source {escape(repr(source or file.name))}"
+        )
     if report.repeated:
         console.print(
             f"{report.repeated} row(s) an earlier file loaded (the same {spec.time_column}, features and "
             f"{spec.target}) were not loaded again; --force loads them a second time."
         )
     if report.ignored_columns:
-        console.print(
-            f"column(s) the spec does not read, not loaded: {', '.join(map(repr, report.ignored_columns))}"
-        )
+        ignored = ", ".join(map(repr, report.ignored_columns))
+        console.print(f"column(s) the spec does not read, not loaded: {escape(ignored)}")
     for line, problems in report.rejected[:show]:
-        console.print(f"  line {line}: " + "; ".join(problems))
+        console.print(f"  line {line}: " + escape("; ".join(problems)))
     if report.bad > min(show, len(report.rejected)):
         console.print(f"  … and {report.bad - min(show, len(report.rejected))} more")
     if report.bad and not skip_bad:
