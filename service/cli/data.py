@@ -60,7 +60,12 @@ def bootstrap(
     console.print(
         f"[green]{verb} v{row.version}[/] (validation MAE {figure(row.metrics.get('val_mae', float('nan')))})"
     )
-    if csv is not None and not result.created:
+    if result.rejected is not None:
+        console.print(
+            f"[yellow]this bootstrap trained v{result.rejected}, but another promoted v{row.version} first: "
+            f"v{result.rejected} stays as a rejected version[/]"
+        )
+    elif csv is not None and not result.created:
         console.print(
             f"[yellow]{csv} was not read: bootstrap only trains the first model. To learn from it, "
             f"`driftloop ingest {csv}`, then `driftloop retrain`.[/]"
