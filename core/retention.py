@@ -150,12 +150,14 @@ def _rejected_artifacts(
 
 
 def _window_starts(session: Session, window_rows: int, champion: ModelVersion | None) -> list[datetime]:
-    """The oldest of the newest `window_rows` predictions, of all and of the champion's (when as many)."""
+    """The oldest of the newest `window_rows` predictions, of all and of the champion's: the oldest of them
+    all when there are fewer (the window holds every one); none for a query with no rows."""
     newest = select(PredictionLog.created_at).order_by(PredictionLog.created_at.desc())
     queries = [newest]
     if champion is not None:
         queries.append(newest.where(PredictionLog.model_version == champion.version))
-    starts = (session.scalar(q.offset(window_rows - 1).limit(1)) for q in queries)
+    windows = (q.limit(window_rows).subquery() for q in queries)  # read newest first, by index, as before
+    starts = (session.scalar(select(func.min(window.c.created_at))) for window in windows)
     return [start for start in starts if start is not None]
 
 

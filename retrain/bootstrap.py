@@ -30,6 +30,8 @@ from retrain.train import (
 class BootstrapResult:
     version: ModelVersion
     created: bool
+    # The version this bootstrap trained and marked rejected, another's v1 promoted first; else None
+    rejected: int | None = None
 
 
 def bootstrap(
@@ -100,7 +102,7 @@ def bootstrap(
         registry.reject(
             version=row.version, reason=f"bootstrap: v{winner.version}, trained meanwhile, is champion"
         )
-        return BootstrapResult(winner, created=False)
+        return BootstrapResult(winner, created=False, rejected=row.version)
     return BootstrapResult(promoted, created=True)
 
 

@@ -131,6 +131,29 @@ def test_ingest_names_the_columns_it_does_not_load(env, tmp_path: Path) -> None:
     assert "not loaded:" not in run("ingest", str(plain)).output
 
 
+def test_ingest_prints_the_file_s_own_text_as_written_brackets_included(env, tmp_path: Path) -> None:
+    """A live ingest of a line whose district was '[/]' ended in a rich MarkupError traceback, and one of
+    '[bold]Foo-gu' was listed as 'Foo-gu': values, column names and the source came from the file."""
+    frame = generate_transactions(5, seed=9).assign(**{"[/]note": "x"})
+    frame["district"] = frame["district"].astype(object)
+    frame.loc[1, "district"] = "[bold]Foo-gu"
+    frame.loc[3, "district"] = "[/]"
+    path = tmp_path / "[q1].csv"
+    frame.to_csv(path, index=False)
+    result = CliRunner().invoke(cli, ["ingest", str(path), "--skip-bad", "--source", "[red]crm"])
+    assert result.exception is None, result.output
+    text = " ".join(result.output.split())
+    assert "3 row(s) loaded as source '[red]crm', 2 bad line(s) skipped" in text
+    assert "column(s) the spec does not read, not loaded: '[/]note'" in text
+    assert "line 3: district: unknown category '[bold]Foo-gu'" in text
+    assert "line 5: district: unknown category '[/]'" in text
+    again = CliRunner().invoke(cli, ["ingest", str(path)])
+    assert again.exception is None, again.output
+    said = " ".join(again.output.split())
+    assert f"{path} was already loaded as source '[red]crm', last on " in said
+    assert "UTC: 3 good row(s) in it" in said
+
+
 def test_ingest_of_a_missing_file_or_header_is_a_clear_error(env, tmp_path: Path) -> None:
     missing = run("ingest", str(tmp_path / "nope.csv"))
     assert (missing.exit_code, "file not found" in missing.output) == (2, True)
@@ -602,6 +625,35 @@ def test_a_bad_spec_is_named_by_every_command_that_reads_it(
     assert "features[0] (temp_c) has an unknown key 'nulable' (did you mean 'nullable'?)" in " ".join(
         result.output.split()
     )
+
+
+@pytest.mark.parametrize(
+    "command", [["bootstrap"], ["ingest", "rows.csv"], ["monitor"], ["retrain"], ["serve"], ["worker"]]
+)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (None, "DRIFTLOOP_SPEC_PATH: spec file not found: "),
+        (
+            "dataset: b\ntarget: r\nfeatures: [{name: s, type: categorical, categories: 5}]\n",
+            "DRIFTLOOP_SPEC_PATH: {spec}: features[0] (s) categories must be a list (e.g. [a, b]), not 5",
+        ),
+    ],
+    ids=["missing", "brackets"],
+)
+def test_a_bad_spec_is_refused_naming_the_setting_and_its_message_whole(
+    env, tmp_path: Path, monkeypatch, command, text: str | None, expected: str
+) -> None:
+    """A live `serve` with a spec file that was not there said "spec file not found: …", naming no setting,
+    and one whose message holds brackets lost them to the console's markup ("(e.g. ), not 5")."""
+    spec = tmp_path / "bikes.yaml"
+    if text is not None:
+        spec.write_text(text)
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    result = CliRunner().invoke(cli, command)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 2
+    assert expected.format(spec=spec) in " ".join(result.output.split()), result.output
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,8 @@ def test_two_bootstraps_at_once_promote_one_first_model(registry: Registry, spec
     assert sorted(r.created for r in results) == [False, True]
     assert [r.version.version for r in results] == [champion.version, champion.version]
     statuses = {row.version: row.status for row in registry.list()}
+    lost = next(r for r in results if not r.created)  # says which version of its own it left rejected
+    assert lost.rejected != champion.version and statuses[lost.rejected] == ModelStatus.rejected
     assert ModelStatus.archived not in statuses.values(), statuses  # the first champion was never replaced
     assert list(statuses.values()).count(ModelStatus.champion) == 1
 

@@ -137,6 +137,23 @@ def test_the_drift_windows_rows_are_kept_whatever_their_age_the_champions_too(se
     assert left(sessions)[0] == ["v1-30", "v1-40", "v1-50", "v2-100", "v2-200", "v2-300"]
 
 
+@pytest.mark.parametrize("served_by_champion", [2, 7])
+def test_a_log_shorter_than_the_drift_window_is_all_kept(sessions, served_by_champion: int) -> None:
+    """Fewer predictions than window_rows (of all, or of the champion's) are all in the window the monitor
+    reads: none of them goes, however old (a live prune at the default 5,000 deleted a 2,101-row log)."""
+    with sessions.begin() as session:
+        add_champion(session, train_end=None, version=2)
+        for n in range(7):
+            log(session, f"p{n}", age_days=400 - n, version=2 if n < served_by_champion else 1)
+
+    with sessions() as session:
+        retention = plan(session, cutoff=NOW - 10 * DAY, window_rows=8, labelled=True)
+    assert retention.predictions_before == NOW - 400 * DAY
+    assert retention.total == 0
+    prune(sessions, retention)
+    assert left(sessions)[0] == [f"p{n}" for n in range(7)]
+
+
 def test_deletes_go_in_batches_oldest_first_past_rows_kept_and_times_shared(
     sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:

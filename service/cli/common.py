@@ -43,13 +43,14 @@ def _warn_misspelt_variables() -> None:
 
 
 def read_spec(settings: Settings) -> Any:
-    """The configured spec; a bad one (missing, not YAML, a slip in it) is a message and exit 2."""
+    """The configured spec; a bad one (missing, not YAML, a slip in it) is a message naming
+    DRIFTLOOP_SPEC_PATH, and exit 2."""
     from core.spec import SpecError, load_spec
 
     try:
         return load_spec(settings.spec_path)
     except SpecError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]bad setting: DRIFTLOOP_SPEC_PATH: {escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
 
 

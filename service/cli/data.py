@@ -33,7 +33,7 @@ def bootstrap(
 ) -> None:
     """Train, register and promote v1 if there is no champion yet (idempotent)."""
     from core.registry import RegistryError
-    from core.spec import SpecError, load_spec
+    from core.spec import SpecError
     from retrain.bootstrap import bootstrap as do_bootstrap
     from retrain.data import DataError, MissingColumnsError
     from retrain.train import TrainParams
@@ -47,11 +47,12 @@ def bootstrap(
                 )
                 raise typer.Exit(2)
     settings = read_settings()
+    spec = read_spec(settings)
     try:
         with console.status("training v1…"), open_registry(settings) as registry:
             result = do_bootstrap(
                 registry=registry,
-                spec=load_spec(settings.spec_path),
+                spec=spec,
                 params=TrainParams.from_settings(settings),
                 holdout_fraction=settings.holdout_fraction,
                 csv_path=csv,
@@ -61,14 +62,19 @@ def bootstrap(
     except (DataError, SpecError, RegistryError) as exc:  # a champion that does not fit, or a damaged file
         shipped = isinstance(exc, MissingColumnsError) and settings.spec_path is None
         note = SHIPPED_SPEC.format(how="set DRIFTLOOP_SPEC_PATH to a spec") if shipped else ""
-        console.print(f"[red]bootstrap: {exc}{note}[/]")
+        console.print(f"[red]bootstrap: {escape(str(exc))}{note}[/]", highlight=False)
         raise typer.Exit(2) from None
     row = result.version
     verb = "trained and promoted" if result.created else "already the champion:"
     console.print(
         f"[green]{verb} v{row.version}[/] (validation MAE {figure(row.metrics.get('val_mae', float('nan')))})"
     )
-    if csv is not None and not result.created:
+    if result.rejected is not None:
+        console.print(
+            f"[yellow]this bootstrap trained v{result.rejected}, but another promoted v{row.version} first: "
+            f"v{result.rejected} stays as a rejected version[/]"
+        )
+    elif csv is not None and not result.created:
         console.print(
             f"[yellow]{csv} was not read: bootstrap only trains the first model. To learn from it, "
             f"`driftloop ingest {csv}`, then `driftloop retrain`.[/]"
@@ -124,15 +130,16 @@ def ingest(
                 on_progress=lambda n: progress.advance(task, n),
             )
     except IngestError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(2) from None
     if report.already:
         before = report.already
-        named = "" if before.name == str(file) else f" (from {before.name})"
+        named = "" if before.name == str(file) else f" (from {escape(before.name)})"
         console.print(
-            f"[yellow]{file} was already loaded[/]{named} as source {before.source!r}, last on "
-            f"{before.last_loaded_at:%Y-%m-%d %H:%M} UTC: {before.rows} good row(s) in it (those an earlier "
-            "file had loaded stay under that file's source). Nothing loaded now."
+            f"[yellow]{escape(str(file))} was already loaded[/]{named} as source "
+            f"{escape(repr(before.source))}, last on {before.last_loaded_at:%Y-%m-%d %H:%M} UTC: "
+            f"{before.rows} good row(s) in it (those an earlier file had loaded stay under that file's "
+            "source). Nothing loaded now."
         )
         console.print(
             "--force loads it again: its rows then count twice, in training and in the gate's holdout."
@@ -145,22 +152,23 @@ def ingest(
         )
     elif report.bad:
         console.print(
-            f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}, "
+            f"[green]{report.loaded} row(s) loaded[/] as source {escape(repr(source or file.name))}, "
             f"{report.bad} bad line(s) skipped (listed below). {_to_load_the_rest(spec, report.loaded)}"
         )
     else:
-        console.print(f"[green]{report.loaded} row(s) loaded[/] as source {source or file.name!r}")
+        console.print(
+            f"[green]{report.loaded} row(s) loaded[/] as source {escape(repr(source or file.name))}"
+        )
     if report.repeated:
         console.print(
             f"{report.repeated} row(s) an earlier file loaded (the same {spec.time_column}, features and "
             f"{spec.target}) were not loaded again; --force loads them a second time."
         )
     if report.ignored_columns:
-        console.print(
-            f"column(s) the spec does not read, not loaded: {', '.join(map(repr, report.ignored_columns))}"
-        )
+        ignored = ", ".join(map(repr, report.ignored_columns))
+        console.print(f"column(s) the spec does not read, not loaded: {escape(ignored)}")
     for line, problems in report.rejected[:show]:
-        console.print(f"  line {line}: " + "; ".join(problems))
+        console.print(f"  line {line}: " + escape("; ".join(problems)))
     if report.bad > min(show, len(report.rejected)):
         console.print(f"  … and {report.bad - min(show, len(report.rejected))} more")
     if report.bad and not skip_bad:

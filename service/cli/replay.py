@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from service.cli.common import SHIPPED_SPEC, console, progress_bar, read_settings
@@ -117,7 +118,7 @@ def backtest(
         check_workdir(out / "work")
     except MissingColumnsError as exc:
         shipped = "" if spec or settings.spec_path else SHIPPED_SPEC.format(how="pass --spec FILE")
-        console.print(f"[red]backtest: {exc}{shipped}[/]")
+        console.print(f"[red]backtest: {escape(str(exc))}{shipped}[/]", highlight=False)
         raise typer.Exit(2) from None
     except (BacktestInputError, SpecError, ValueError) as exc:
         chosen_by_env = data.startswith(GENERATED_PREFIX) and spec is None and settings.spec_path
@@ -127,7 +128,7 @@ def backtest(
             if chosen_by_env and "makes the apartment columns" in str(exc)
             else ""
         )
-        console.print(f"[red]backtest: {exc}{hint}[/]")
+        console.print(f"[red]backtest: {escape(str(exc))}{hint}[/]", highlight=False)
         raise typer.Exit(2) from None
 
     workdir = out / "work"

@@ -25,7 +25,7 @@ def retrain(wait: bool = True) -> None:
             console.print(f"[yellow]retrain run {exc.run_id} is already running[/]")
             raise typer.Exit(1) from None
         except NoChampion as exc:
-            console.print(f"[red]{exc}[/]")
+            console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(1) from None
         console.print(f"retrain run {handle.run_id} started (pid {handle.pid})")
         if wait:
@@ -53,7 +53,7 @@ def monitor() -> None:
         try:
             outcome = loop.run_monitor()
         except (ArtifactIntegrityError, FeatureMismatchError) as exc:
-            console.print(f"[red]the monitor cannot run: {exc}[/]")
+            console.print(f"[red]the monitor cannot run: {escape(str(exc))}[/]", highlight=False)
             raise typer.Exit(2) from None
         except MonitorBusy as exc:
             console.print(f"[yellow]{exc}: try again when it has finished[/]")

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from core.figures import figure
@@ -49,10 +50,10 @@ def promote(
         with open_registry(read_settings()) as registry:
             row = registry.promote(version=version, reason=reason, default_reason="manual promote via CLI")
     except ReasonRequired as exc:
-        console.print(f"[red]{exc}: pass --reason TEXT[/]")
+        console.print(f"[red]{escape(str(exc))}: pass --reason TEXT[/]", highlight=False)
         raise typer.Exit(1) from None
     except RegistryError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"[green]v{row.version} is the champion[/]")
 
@@ -65,6 +66,6 @@ def rollback() -> None:
         with open_registry(read_settings()) as registry:
             row = registry.rollback(reason="rollback via CLI")
     except RegistryError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]", highlight=False)
         raise typer.Exit(1) from None
     console.print(f"[green]rolled back: v{row.version} is the champion[/]")
