@@ -377,6 +377,23 @@ def test_cli_artifacts_leaves_a_symlinked_version_directory_and_prunes_the_rows(
     assert (tmp_path / "disk" / "v2" / "model.cbm").is_file() and (store / "v2").is_symlink()
 
 
+def test_cli_artifacts_with_no_artifact_directory_says_so_and_prunes_the_rows(
+    env: str, tmp_path: Path
+) -> None:
+    """Run where the artifact volume is not mounted, it said "none", as if nothing were there to prune."""
+    with open_sessions(Settings()) as sessions, sessions.begin() as session:
+        add_champion(session, train_end=None, version=2, status="rejected", age_days=200)
+    result, output = run("--older-than", "90", "--artifacts")
+    assert result.exit_code == 0, output
+    assert "artifacts of gate-rejected versions: none" in output and "deleted 3" in output
+    assert (
+        f"warning: DRIFTLOOP_ARTIFACT_DIR {tmp_path / 'artifacts'} is not a directory here, so no artifacts "
+        "were looked at: is the artifact volume mounted?" in output
+    )
+    (tmp_path / "artifacts").mkdir()
+    assert "DRIFTLOOP_ARTIFACT_DIR" not in run("--older-than", "90", "--artifacts")[1]
+
+
 def test_cli_artifacts_counts_then_deletes_and_the_version_cannot_be_promoted(
     env: str, tmp_path: Path
 ) -> None:

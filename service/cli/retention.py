@@ -58,6 +58,12 @@ def prune(
                 artifact_dir=settings.artifact_dir if artifacts else None,
             )  # fmt: skip
         _print_retention(retention, artifacts=artifacts)
+        if artifacts and not settings.artifact_dir.is_dir():  # "none" alone read as nothing to prune
+            console.print(
+                f"[yellow]warning: DRIFTLOOP_ARTIFACT_DIR {escape(str(settings.artifact_dir))} is not a "
+                "directory here, so no artifacts were looked at: is the artifact volume mounted?[/]",
+                highlight=False,
+            )
         _warn_of_training_data(retention, older_than=older_than, train_window_days=settings.train_window_days)
         if dry_run:
             return
