@@ -87,6 +87,9 @@ class Loop:
     # The Evidently page of each report, and pruning old ones (DRIFTLOOP_REPORT_HTML_KEEP); the backtest
     # skips both.
     write_html: bool = True
+    # Nobody scrapes this process's metrics (a CLI command): a run it launched is left to the scheduler
+    # leader to announce and count, while one holds the lease, so RetrainFailed sees it.
+    unscraped: bool = False
     _scheduler: BackgroundScheduler | None = None
     _monitor: Monitor = field(init=False)  # measures, decides and stores each run's report
     _notifier: WebhookNotifier | None = None
@@ -430,6 +433,14 @@ class Loop:
                 log.info("retrain run %s still running; the scheduler leader announces it", handle.run_id)
                 return
             handle.wait(ANNOUNCE_POLL_S)
+        if self.unscraped and (leader := self._leader_elsewhere()):
+            log.info(
+                "retrain run %s ended (%s); the scheduler leader %s announces it",
+                handle.run_id,
+                status,
+                leader,
+            )
+            return
         try:
             with self.sessions.begin() as session:
                 row = enqueue_retrain_outcome(session, handle.run_id, now=self.clock(), metrics=self.metrics)
@@ -438,6 +449,17 @@ class Loop:
             self.deliver()
         except Exception:
             log.exception("could not announce the outcome (%s) of retrain run %s", status, handle.run_id)
+
+    def _leader_elsewhere(self) -> str | None:
+        """The scheduler leader's holder id while another process holds the lease, else None (and None when
+        the database cannot say: the run is then announced here rather than perhaps by nobody)."""
+        try:
+            lease = current_holder(self.sessions, name=LEASE_NAME)
+        except Exception:
+            log.exception("could not read the scheduler lease")
+            return None
+        alive = lease is not None and lease.holder != self.holder_id and lease.expires_at > self.clock()
+        return lease.holder if alive and lease is not None else None
 
     def deliver(self) -> None:
         if self._notifier is None:

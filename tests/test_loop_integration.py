@@ -16,6 +16,7 @@ from uuid import uuid4
 import httpx
 import pandas as pd
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import func, insert, select
 
 from bench.loadgen import LoadResult, json_payloads, run_load
@@ -23,6 +24,7 @@ from core.db import utcnow
 from core.figures import figure
 from core.generator import DRIFTED_FEATURES, generate_transactions
 from core.lease import current_holder, try_acquire
+from core.metrics import build_metrics
 from core.registry import NewVersion, Registry
 from core.schema import (
     DriftReport,
@@ -715,6 +717,45 @@ def test_the_leader_announces_recent_runs_nobody_announced_and_only_those(
     loop.deliver()
     assert len(receiver.bodies) == 3  # each announced once; the live run is not yet news
     assert f"retrain:{alive}" not in outcomes(registry)
+
+
+@pytest.mark.slow
+def test_a_run_a_cli_waited_for_is_the_leader_s_to_announce_and_count(
+    make_loop, registry, champion, spec, metrics, db_url, tmp_path
+) -> None:
+    """Seen live: `driftloop retrain` counted its failed run in its own process's metrics, which nobody
+    scrapes, so RetrainFailed never fired. While a leader holds the lease, the command leaves the run to it;
+    with none, it announces the run itself (else nobody would)."""
+    settings = make_settings(db_url, tmp_path)
+    cli_metrics = build_metrics(CollectorRegistry())
+    cli = Loop(
+        settings=settings, spec=spec, sessions=registry.sessions, registry=registry, metrics=cli_metrics,
+        unscraped=True,
+    )  # fmt: skip
+    try:
+        alone = cli.launch_retrain(trigger="manual", reason="no worker running")
+        alone_status = alone.wait(120)
+        assert alone_status in ("promoted", "rejected")
+        wait_until(lambda: f"retrain:{alone.run_id}" in outcomes(registry), timeout=30, what="announced")
+        own = metrics_value(cli_metrics)
+        assert own("driftloop_retrain_runs_total", trigger="manual", status=alone_status) == 1
+
+        leader = make_loop()
+        assert leader.renew_lease() is True
+        waited = cli.launch_retrain(trigger="manual", reason="a worker leads")
+        status = waited.wait(120)
+        assert status in ("promoted", "rejected")
+    finally:
+        cli.stop()
+    assert f"retrain:{waited.run_id}" not in outcomes(registry)  # not the command's to announce
+    assert own("driftloop_retrain_runs_total", trigger="manual", status=status) == (
+        1 if status == alone_status else None
+    )
+    leader.clock = lambda: utcnow() + timedelta(seconds=leader.settings.lease_ttl_s)  # past the grace
+    assert leader.renew_lease() is True
+    assert f"retrain:{waited.run_id}" in outcomes(registry)
+    scraped = metrics_value(metrics)
+    assert scraped("driftloop_retrain_runs_total", trigger="manual", status=status) == 1
 
 
 def test_the_leader_counts_the_runs_it_announces_for_a_launcher_that_is_gone(

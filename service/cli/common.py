@@ -137,6 +137,7 @@ def open_loop(settings: Settings) -> Iterator[Any]:
             sessions=registry.sessions,
             registry=registry,
             metrics=build_metrics(CollectorRegistry()),
+            unscraped=True,  # its counters die with it: a run's outcome is the leader's to count
         )
         try:
             yield loop
