@@ -458,8 +458,9 @@ class Loop:
         except Exception:
             log.exception("could not read the scheduler lease")
             return None
-        alive = lease is not None and lease.holder != self.holder_id and lease.expires_at > self.clock()
-        return lease.holder if alive and lease is not None else None
+        if lease is None or lease.holder == self.holder_id or lease.expires_at <= self.clock():
+            return None
+        return lease.holder
 
     def deliver(self) -> None:
         if self._notifier is None:
