@@ -736,11 +736,12 @@ def test_a_run_a_cli_waited_for_is_the_leader_s_to_announce_and_count(
         alone = cli.launch_retrain(trigger="manual", reason="no worker running")
         alone_status = alone.wait(120)
         assert alone_status in ("promoted", "rejected")
-        wait_until(lambda: f"retrain:{alone.run_id}" in outcomes(registry), timeout=30, what="announced")
         own = metrics_value(cli_metrics)
-        assert own("driftloop_retrain_runs_total", trigger="manual", status=alone_status) == 1
+        counted = partial(own, "driftloop_retrain_runs_total", trigger="manual", status=alone_status)
+        wait_until(lambda: counted() == 1, timeout=30, what="the run announced and counted by the command")
+        assert f"retrain:{alone.run_id}" in outcomes(registry)
 
-        leader = make_loop()
+        leader = make_loop(lease_ttl_s=600)  # not renewed here: held through the run however slow
         assert leader.renew_lease() is True
         waited = cli.launch_retrain(trigger="manual", reason="a worker leads")
         status = waited.wait(120)
