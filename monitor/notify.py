@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -320,11 +321,22 @@ async def _post_within(url: str, body: dict[str, Any], *, key: str, timeout_s: f
     except TimeoutError:
         return f"timeout after {timeout_s:g} s (the answer took over {bound:g} s in all)"
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {_os_error(exc) or exc}"
     if response.is_success:
         return None
     snippet = " ".join(response.text.split())[:200]
     return f"HTTP {response.status_code} {response.reason_phrase}" + (f": {snippet}" if snippet else "")
+
+
+def _os_error(exc: BaseException) -> str | None:
+    """The system's word for a failed connection ("[Errno 111] Connection refused"), which the async client
+    wraps in "All connection attempts failed"; None when no cause has an error number."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+            return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 # --- payloads ------------------------------------------------------------------------------------

@@ -297,6 +297,7 @@ def test_unreachable_webhook_is_a_failed_attempt(
     assert webhook.deliver_due() == DeliveryStats(retried=1, pending=1)
     [row] = outbox(sessions)
     assert row.last_error is not None and row.last_error.startswith("ConnectError: ")
+    assert row.last_error == "ConnectError: [Errno 111] Connection refused"
 
 
 def test_without_a_webhook_rows_are_skipped(
