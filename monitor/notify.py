@@ -315,7 +315,6 @@ async def _post_within(url: str, body: dict[str, Any], *, key: str, timeout_s: f
         async with httpx.AsyncClient(timeout=timeout_s) as client:
             async with asyncio.timeout(bound):
                 response = await client.post(url, json=body, headers={"Idempotency-Key": key})
-                await response.aread()
     except httpx.TimeoutException as exc:
         return f"timeout after {timeout_s:g} s ({type(exc).__name__})"
     except TimeoutError:
