@@ -282,7 +282,9 @@ class _YamlSource(PydanticBaseSettingsSource):
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise SettingsError(f"DRIFTLOOP_CONFIG={path}: cannot be read as YAML: {exc}") from None
+            raise SettingsError(
+                f"DRIFTLOOP_CONFIG={path}: cannot be read as YAML: {_yaml_problem(exc)}"
+            ) from None
         if not isinstance(data, dict):
             raise SettingsError(f"DRIFTLOOP_CONFIG={path}: expected a mapping of setting names to values")
         values = {str(k).lower(): v for k, v in data.items()}
@@ -292,6 +294,19 @@ class _YamlSource(PydanticBaseSettingsSource):
                 f"DRIFTLOOP_CONFIG={path}: unknown setting(s) " + ", ".join(map(_near, unknown))
             )
         return values
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """What is wrong with a config file, and where, without PyYAML's quote of the line at fault: that line
+    may hold the admin token or the database password, and the message goes to stderr (a container's log)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    parts = []
+    for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if what:
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            parts.append(f"{what}{where}")
+    return ": ".join(parts) or type(exc).__name__
 
 
 def _near(key: str) -> str:

@@ -13,8 +13,10 @@ Outbox row statuses: pending → delivered | failed | skipped.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -137,11 +139,10 @@ class WebhookNotifier:
         if self._url is None:
             outcomes = [self._skip(row_id, kind, attempts) for row_id, kind, attempts in due]
         else:
-            with httpx.Client(timeout=self._timeout_s) as client:
-                outcomes = []
-                for row_id, _, attempts in due:
-                    claimed = self._claim(row_id, attempts, now)
-                    outcomes.append(self._attempt(client, self._url, claimed) if claimed else None)
+            outcomes = []
+            for row_id, _, attempts in due:
+                claimed = self._claim(row_id, attempts, now)
+                outcomes.append(self._attempt(self._url, claimed) if claimed else None)
         for outcome in outcomes:
             if outcome is not None:
                 counts[outcome] += 1
@@ -199,8 +200,8 @@ class WebhookNotifier:
             row = session.get_one(Notification, row_id)
             return _Claimed(row.id, row.kind, row.dedup_key, dict(row.payload), row.created_at, row.attempts)
 
-    def _attempt(self, client: httpx.Client, url: str, claimed: _Claimed) -> str:
-        error = _post(client, url, _body(claimed), key=claimed.dedup_key, timeout_s=self._timeout_s)
+    def _attempt(self, url: str, claimed: _Claimed) -> str:
+        error = _post(url, _body(claimed), key=claimed.dedup_key, timeout_s=self._timeout_s)
         now = self._clock()
         which = f"notification #{claimed.id} ({claimed.kind}, {claimed.dedup_key})"
         attempt = f"attempt {claimed.attempts} of {self._max_attempts} failed"
@@ -294,18 +295,47 @@ def _body(claimed: _Claimed) -> dict[str, Any]:
     }
 
 
-def _post(client: httpx.Client, url: str, body: dict[str, Any], *, key: str, timeout_s: float) -> str | None:
-    """POST once; None on a 2xx answer, else a one-line description of what went wrong."""
+# An attempt is given up after this many times the timeout in all. httpx's timeout bounds each step (connect,
+# each write, each read), not the attempt: a receiver that sent its answer a byte at a time, each well
+# within it, held the attempt, and the delivery job with every alert queued behind it, for as long as it
+# trickled; past the claim's lapse, another process posted the same notification again.
+ATTEMPT_BOUND = 2
+
+
+def _post(url: str, body: dict[str, Any], *, key: str, timeout_s: float) -> str | None:
+    """POST once; None on a 2xx answer, else a one-line description of what went wrong. Run in a thread
+    with no event loop of its own (the scheduler's, a route's thread pool, the CLI): the deadline on the
+    whole attempt is asyncio's, which can cancel a read that httpx's sync client could only wait out."""
+    return asyncio.run(_post_within(url, body, key=key, timeout_s=timeout_s))
+
+
+async def _post_within(url: str, body: dict[str, Any], *, key: str, timeout_s: float) -> str | None:
+    bound = ATTEMPT_BOUND * timeout_s
     try:
-        response = client.post(url, json=body, headers={"Idempotency-Key": key})
+        async with httpx.AsyncClient(timeout=timeout_s) as client:
+            async with asyncio.timeout(bound):
+                response = await client.post(url, json=body, headers={"Idempotency-Key": key})
     except httpx.TimeoutException as exc:
         return f"timeout after {timeout_s:g} s ({type(exc).__name__})"
+    except TimeoutError:
+        return f"timeout after {timeout_s:g} s (the answer took over {bound:g} s in all)"
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return f"{type(exc).__name__}: {_os_error(exc) or exc}"
     if response.is_success:
         return None
     snippet = " ".join(response.text.split())[:200]
     return f"HTTP {response.status_code} {response.reason_phrase}" + (f": {snippet}" if snippet else "")
+
+
+def _os_error(exc: BaseException) -> str | None:
+    """The system's word for a failed connection ("[Errno 111] Connection refused"), which the async client
+    wraps in "All connection attempts failed"; None when no cause has an error number."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
+            return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 # --- payloads ------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
         allowed = [method.strip() for method in headers["Allow"].split(",")]
         if "GET" in allowed and "HEAD" not in allowed:  # middleware.Faults answers HEAD wherever GET is
             headers = {**headers, "Allow": ", ".join([*allowed, "HEAD"])}
-        message = f"{request.method} is not allowed on {request.url.path}; it takes {headers['Allow']}"
+        message = f"{request.method} is not allowed on {clip(request.url.path)}; it takes {headers['Allow']}"
     return JSONResponse(
         {"error": error_name(exc.status_code), "message": message},
         status_code=exc.status_code,

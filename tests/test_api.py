@@ -1339,6 +1339,13 @@ def test_a_method_a_route_does_not_take_is_named_with_the_ones_it_does(client) -
         "message": "GET is not allowed on /predict; it takes POST",
     }
     assert response.headers["allow"] == "POST"
+    # The path is echoed cut, as a 404's is: a 20,000-character one came back whole.
+    long = "/models/" + "9" * 20_000
+    response = client.delete(long)
+    assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD")
+    assert response.json()["message"] == (
+        f"DELETE is not allowed on {long[:100]}… (20,008 characters); it takes GET, HEAD"
+    )
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "PUT", "DELETE", "OPTIONS"])

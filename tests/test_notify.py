@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -264,6 +265,26 @@ def test_timeout_is_a_failed_attempt(
     assert receiver.keys == ["breach:v3:episode-17", "breach:v3:episode-17"]
 
 
+def test_a_trickled_answer_is_a_timeout(
+    sessions: sessionmaker[Session], receiver: Receiver, prom: Prom, clock: Clock
+) -> None:
+    """httpx's timeout bounds each read, not the answer: a receiver sending a byte every 0.1 s held an
+    attempt with a 0.3 s timeout for the 30 s its 300 bytes took (the delivery job, and every alert queued
+    behind it, with it). An attempt is given up after twice the timeout in all."""
+    receiver.trickle = 1
+    add(sessions)
+    webhook = notifier(sessions, receiver.url, prom, clock, timeout_s=0.3, backoff_s=5.0)
+
+    started = time.monotonic()
+    assert webhook.deliver_due() == DeliveryStats(retried=1, pending=1)
+    assert time.monotonic() - started < 3
+    [row] = outbox(sessions)
+    assert (row.attempts, row.last_error) == (1, "timeout after 0.3 s (the answer took over 0.6 s in all)")
+
+    clock.advance(5)
+    assert webhook.deliver_due() == DeliveryStats(delivered=1)
+
+
 def test_unreachable_webhook_is_a_failed_attempt(
     sessions: sessionmaker[Session], prom: Prom, clock: Clock
 ) -> None:
@@ -276,6 +297,7 @@ def test_unreachable_webhook_is_a_failed_attempt(
     assert webhook.deliver_due() == DeliveryStats(retried=1, pending=1)
     [row] = outbox(sessions)
     assert row.last_error is not None and row.last_error.startswith("ConnectError: ")
+    assert row.last_error == "ConnectError: [Errno 111] Connection refused"
 
 
 def test_without_a_webhook_rows_are_skipped(

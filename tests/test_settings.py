@@ -194,6 +194,31 @@ def test_a_bad_value_in_the_config_file_is_named(tmp_path: Path, monkeypatch: py
         load_settings()
 
 
+def test_a_config_file_that_is_not_yaml_is_refused_without_echoing_its_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyYAML's message quotes the line at fault: a colon too many after the admin token, or an unclosed
+    quote around the database URL, printed the token or the password to stderr (a container's log). The
+    problem and its line and column are said, as for every other secret setting, not its text."""
+    config = tmp_path / "driftloop.yaml"
+    monkeypatch.setenv("DRIFTLOOP_CONFIG", str(config))
+    config.write_text("window_rows: 900\nadmin_token: s3cr3t: oops\n", encoding="utf-8")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"DRIFTLOOP_CONFIG={config}: cannot be read as YAML: mapping values are not allowed here "
+        "(line 2, column 20)"
+    )
+    config.write_text('database_url: "postgresql+psycopg://u:pa55w0rd@db/x\nx: 1\n', encoding="utf-8")
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    assert "pa55w0rd" not in str(caught.value)
+    assert str(caught.value) == (
+        f"DRIFTLOOP_CONFIG={config}: cannot be read as YAML: while scanning a quoted scalar (line 1, "
+        "column 15): found unexpected end of stream (line 3, column 1)"
+    )
+
+
 def test_the_cli_exits_2_naming_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DRIFTLOOP_WINDOW_ROWS", "-5")
     result = CliRunner().invoke(cli, ["models"], catch_exceptions=False)

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+TRICKLE = -1  # next_answer's status for a trickled answer
+TRICKLE_BYTES = 300
+TRICKLE_EVERY_S = 0.1
+
 
 @dataclass
 class Receiver:
-    """Answers POSTs with the scripted statuses (then 200); `hang` requests get no answer until released.
+    """Answers POSTs with the scripted statuses (then 200); `hang` requests get no answer until released,
+    and `trickle` requests a 200 whose body comes a byte every TRICKLE_EVERY_S, for TRICKLE_BYTES bytes.
 
     `bodies` and `keys` hold every POST received, answered or not; `kinds()` only the delivered ones.
     """
@@ -21,6 +26,7 @@ class Receiver:
     url: str = ""
     statuses: list[int] = field(default_factory=list)
     hang: int = 0
+    trickle: int = 0
     bodies: list[dict[str, Any]] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
     answers: list[int | None] = field(default_factory=list)
@@ -39,7 +45,10 @@ class Receiver:
 
     def next_answer(self, body: dict[str, Any], key: str) -> int | None:
         with self.lock:
-            if self.hang:
+            if self.trickle:
+                self.trickle -= 1
+                status = TRICKLE
+            elif self.hang:
                 self.hang -= 1
                 status = None
             else:
@@ -58,6 +67,20 @@ class _Handler(BaseHTTPRequestHandler):
         status = self.server.receiver.next_answer(body, self.headers.get("Idempotency-Key", ""))
         if status is None:
             self.server.receiver.release.wait(10)
+            self.close_connection = True
+            return
+        if status == TRICKLE:  # every byte well within a read timeout, the whole answer far beyond it
+            self.send_response(200)
+            self.send_header("Content-Length", str(TRICKLE_BYTES))
+            self.end_headers()
+            for _ in range(TRICKLE_BYTES):
+                if self.server.receiver.release.wait(TRICKLE_EVERY_S):
+                    break
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:  # the client gave up on it
+                    break
             self.close_connection = True
             return
         text = b"ok" if status < 300 else b"boom"
