@@ -814,3 +814,14 @@ def test_a_variable_that_nearly_spells_a_setting_is_named_not_silently_ignored(
             f"DRIFTLOOP_{right}?"
         ) in output
     assert "API_SERVICE_HOST" not in output
+
+
+def test_generate_prints_the_path_it_wrote_as_given(env, tmp_path: Path) -> None:
+    """The path is the user's text: '[/]' in it ended a written file's command in a rich MarkupError
+    traceback (exit 1), and '[b]jan[/b].csv' was reported as 'jan.csv'."""
+    for name in ("[b]jan[/b].csv", "[/]feb.csv"):
+        out = tmp_path / name
+        result = run("generate", str(out), "--rows", "5")
+        assert result.exit_code == 0, result.output
+        assert result.output == f"wrote 5 rows to {out}\n"
+        assert out.is_file()

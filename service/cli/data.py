@@ -206,4 +206,4 @@ def generate(
         reason = exc.strerror or str(exc)
         console.print(f"[red]generate: cannot write {escape(str(out))}: {escape(reason)}[/]", highlight=False)
         raise typer.Exit(2) from None
-    console.print(f"wrote {len(frame)} rows to {out}")
+    console.print(f"wrote {len(frame)} rows to {escape(str(out))}", highlight=False)

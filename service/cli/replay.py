@@ -159,9 +159,9 @@ def backtest(
             failed_retrain_warning(summary),
         ):
             if warning:
-                console.print(f"[yellow]warning: {warning}[/]")
+                console.print(f"[yellow]warning: {escape(warning)}[/]", highlight=False)
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {escape(str(path))}", highlight=False)  # under --out, the user's text
 
 
 def _backtest_table(summaries: list[Any]) -> Table:
