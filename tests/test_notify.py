@@ -486,3 +486,25 @@ def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
         "metrics": {"val_mae": 1234.5},
         "finished_at": (T0 + timedelta(minutes=4)).isoformat(),
     }
+
+
+def test_a_refused_connection_to_a_name_of_two_addresses_is_named_as_the_systems_error() -> None:
+    """A name that resolves to two addresses (localhost as ::1 and 127.0.0.1, on most hosts) fails as anyio
+    raises it: one OSError without an errno, from an ExceptionGroup of each address's refusal. The sync
+    client said '[Errno 111] Connection refused' of it; the async one 'All connection attempts failed'."""
+    import errno
+    import os
+
+    import httpx
+
+    from monitor.notify import _os_error
+
+    refusals = [ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)) for _ in "ab"]
+    with pytest.raises(httpx.ConnectError) as raised:
+        try:
+            raise OSError("All connection attempts failed") from ExceptionGroup(
+                "multiple connection attempts failed", refusals
+            )
+        except OSError as exc:  # as httpcore's map_exceptions wraps it
+            raise httpx.ConnectError(str(exc)) from exc
+    assert _os_error(raised.value) == f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
