@@ -825,3 +825,17 @@ def test_generate_prints_the_path_it_wrote_as_given(env, tmp_path: Path) -> None
         assert result.exit_code == 0, result.output
         assert result.output == f"wrote 5 rows to {out}\n"
         assert out.is_file()
+
+
+def test_bootstrap_names_a_csv_it_did_not_read_as_given(env, tmp_path: Path) -> None:
+    """The path is the user's text: '[/]' in it ended the command, v1 being the champion already, in a rich
+    MarkupError traceback (exit 1) instead of saying the file was not read."""
+    assert run("bootstrap").exit_code == 0
+    csv = tmp_path / "[/]" / "[b]cars[/b].csv"
+    csv.parent.mkdir(parents=True)
+    generate_transactions(50).to_csv(csv, index=False)
+    result = run("bootstrap", "--csv", str(csv))
+    assert result.exit_code == 0, result.output
+    said = "".join(result.output.splitlines())
+    assert f"{csv} was not read: bootstrap only trains the first model" in said
+    assert f"`driftloop ingest {csv}`, then `driftloop retrain`." in said

@@ -75,9 +75,11 @@ def bootstrap(
             f"v{result.rejected} stays as a rejected version[/]"
         )
     elif csv is not None and not result.created:
+        named = escape(str(csv))
         console.print(
-            f"[yellow]{csv} was not read: bootstrap only trains the first model. To learn from it, "
-            f"`driftloop ingest {csv}`, then `driftloop retrain`.[/]"
+            f"[yellow]{named} was not read: bootstrap only trains the first model. To learn from it, "
+            f"`driftloop ingest {named}`, then `driftloop retrain`.[/]",
+            highlight=False,
         )
 
 
