@@ -839,3 +839,28 @@ def test_bootstrap_names_a_csv_it_did_not_read_as_given(env, tmp_path: Path) -> 
     said = "".join(result.output.splitlines())
     assert f"{csv} was not read: bootstrap only trains the first model" in said
     assert f"`driftloop ingest {csv}`, then `driftloop retrain`." in said
+
+
+def test_ingest_names_the_spec_s_columns_as_written(env, tmp_path: Path, monkeypatch) -> None:
+    """A spec's names are the user's text: a target 'price[krw]' was said as 'price ' (rich took '[krw]' for
+    a style), and a time column 'sold[/]' ended the ingest, its rows loaded, in a MarkupError traceback."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "dataset: x\ntarget: price[krw]\ntime_column: sold[/]\nfeatures: [{name: a, type: numeric}]\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    assert run("migrate").exit_code == 0
+    rows = [f"2024-01-{d:02d},{d},{d * 10}" for d in range(1, 6)]
+    jan = tmp_path / "jan.csv"
+    jan.write_text("sold[/],a,price[krw]\n" + "\n".join([*rows, "2024-01-09,x,90"]) + "\n", encoding="utf-8")
+    result = run("ingest", str(jan), "--skip-bad")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "known by their sold[/], features and price[krw], and are not loaded a second time" in said
+    feb = tmp_path / "feb.csv"
+    feb.write_text("sold[/],a,price[krw]\n" + "\n".join([*rows, "2024-02-01,7,70"]) + "\n", encoding="utf-8")
+    result = run("ingest", str(feb))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "5 row(s) an earlier file loaded (the same sold[/], features and price[krw]) were not" in said
