@@ -141,7 +141,9 @@ class WebhookNotifier:
         else:
             outcomes = []
             for row_id, _, attempts in due:
-                claimed = self._claim(row_id, attempts, now)
+                # as of now, not the pass's start: after slow attempts (each up to ATTEMPT_BOUND × the
+                # timeout), a claim dated from the start had lapsed before its POST began
+                claimed = self._claim(row_id, attempts, self._clock())
                 outcomes.append(self._attempt(self._url, claimed) if claimed else None)
         for outcome in outcomes:
             if outcome is not None:
