@@ -520,8 +520,8 @@ def test_a_row_claimed_late_in_a_slow_pass_is_not_claimed_again_by_another_proce
     receiver.hang = 3
     add(sessions, "breach:v3:episode-1")
     add(sessions, "breach:v3:episode-2")
-    first = notifier(sessions, receiver.url, prom, clock, timeout_s=1.0)
-    claim_s = 60 + 4 * 1.0  # WebhookNotifier's claim on a row, for a 1 s timeout
+    first = notifier(sessions, receiver.url, prom, clock, timeout_s=3.0)
+    claim_s = 60 + 4 * 3.0  # WebhookNotifier's claim on a row, for a 3 s timeout
 
     passing = threading.Thread(target=first.deliver_due)
     passing.start()
@@ -529,7 +529,7 @@ def test_a_row_claimed_late_in_a_slow_pass_is_not_claimed_again_by_another_proce
         wait_for(lambda: len(receiver.keys) == 1)  # the first row's attempt, hung
         clock.advance(claim_s + 1)  # a slow pass: the second row is claimed after what its claim lasts
         wait_for(lambda: len(receiver.keys) == 2)  # the second row's attempt, hung
-        other = notifier(sessions, receiver.url, prom, clock, timeout_s=1.0)
+        other = notifier(sessions, receiver.url, prom, clock, timeout_s=3.0)
         other.deliver_due()  # another process's delivery job, meanwhile
     finally:
         passing.join(30)
