@@ -100,7 +100,7 @@ def ingest_csv(
     claims the file and copies them into labelled_row, so other writers wait for the copy, not the checks."""
     csv_file = file if isinstance(file, CsvFile) else inspect_file(file)
     report = IngestReport(sha256=csv_file.sha256)
-    if source and not source.strip():  # stored, it would name no source in /models/{v}'s lineage
+    if source is not None and not source.strip():  # stored, it would name no source in /models/{v}'s lineage
         raise IngestError("source is blank: give --source a name, or leave it out for the file's name")
     source = source or csv_file.path.name
     if len(source) > MAX_SOURCE:  # PostgreSQL refused it after every line was checked (a traceback)

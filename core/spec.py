@@ -424,8 +424,10 @@ def _twice_in_two_forms(names: Sequence[str], kind: str) -> tuple[str, str] | No
     """The first of `names` that an earlier one gives in another Unicode form (macOS writes 기온 decomposed,
     NFD; most tools composed, NFC), and "(the feature '기온' in another Unicode form…)" naming that one, else
     None: the two print alike, so a name listed twice that way passed the check of names listed twice."""
-    for i, name in enumerate(names):
-        if (twin := unicode_twin(name, names[:i])) is not None:
+    first: dict[str, str] = {}  # each name's NFC form: the first name of that form (one pass, not n²)
+    for name in names:
+        twin = first.setdefault(unicodedata.normalize("NFC", name), name)
+        if twin != name:
             return name, f"(the {kind} {twin!r} in another Unicode form{FORMS})"
     return None
 

@@ -141,7 +141,9 @@ class WebhookNotifier:
         else:
             outcomes = []
             for row_id, _, attempts in due:
-                claimed = self._claim(row_id, attempts, now)
+                # as of now, not the pass's start: after slow attempts (each up to ATTEMPT_BOUND × the
+                # timeout), a claim dated from the start had lapsed before its POST began
+                claimed = self._claim(row_id, attempts, self._clock())
                 outcomes.append(self._attempt(self._url, claimed) if claimed else None)
         for outcome in outcomes:
             if outcome is not None:
@@ -329,11 +331,14 @@ async def _post_within(url: str, body: dict[str, Any], *, key: str, timeout_s: f
 
 def _os_error(exc: BaseException) -> str | None:
     """The system's word for a failed connection ("[Errno 111] Connection refused"), which the async client
-    wraps in "All connection attempts failed"; None when no cause has an error number."""
+    wraps in "All connection attempts failed" (from an ExceptionGroup of each address's, for a name of two
+    addresses: localhost as ::1 and 127.0.0.1); None when no cause has an error number."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno is not None and cause.errno > 0:
             return f"[Errno {cause.errno}] {os.strerror(cause.errno)}"
+        if isinstance(cause, BaseExceptionGroup):
+            return next(filter(None, map(_os_error, cause.exceptions)), None)
         cause = cause.__cause__ or cause.__context__
     return None
 

@@ -1194,3 +1194,24 @@ def test_the_error_axis_names_the_step_in_its_own_unit() -> None:
     assert error_axis_label(timedelta(hours=12)) == "MAE per step (12 hours)"
     assert error_axis_label(timedelta(hours=36)) == "MAE per step (36 hours)"
     assert error_axis_label(timedelta(days=7)) == "MAE per step (7 days)"
+
+
+def test_the_output_paths_are_printed_as_given(tmp_path: Path) -> None:
+    """--out is the user's text: '[/]' in it ended a finished backtest in a rich MarkupError traceback."""
+    out = tmp_path / "[/]bt"
+    result = backtest(out, "--data", "generated:none", "--rows", "2000", "--policies", "never")
+    assert result.exit_code == 0, result.output
+    printed = "".join(result.output.splitlines())  # rich wraps the long paths at the terminal's width
+    for kind, name in (("summary", "summary.json"), ("periods", "periods.csv"), ("plot", "backtest.png")):
+        assert f"{kind}: {out / name}" in printed
+
+
+def test_a_csv_is_named_as_given(tmp_path: Path) -> None:
+    """The --data path is the user's text: '[/]' in it ended the backtest in a rich MarkupError traceback
+    before its first step."""
+    history = tmp_path / "d[/]" / "history.csv"
+    history.parent.mkdir(parents=True)
+    generate_transactions(3000).to_csv(history, index=False)
+    result = backtest(tmp_path / "out", "--data", str(history), "--policies", "never")
+    assert result.exit_code == 0, result.output
+    assert f"{history}: 3,000 rows; v1 trains before" in "".join(result.output.splitlines())

@@ -814,3 +814,53 @@ def test_a_variable_that_nearly_spells_a_setting_is_named_not_silently_ignored(
             f"DRIFTLOOP_{right}?"
         ) in output
     assert "API_SERVICE_HOST" not in output
+
+
+def test_generate_prints_the_path_it_wrote_as_given(env, tmp_path: Path) -> None:
+    """The path is the user's text: '[/]' in it ended a written file's command in a rich MarkupError
+    traceback (exit 1), and '[b]jan[/b].csv' was reported as 'jan.csv'."""
+    for name in ("[b]jan[/b].csv", "[/]feb.csv"):
+        out = tmp_path / name
+        result = run("generate", str(out), "--rows", "5")
+        assert result.exit_code == 0, result.output
+        assert result.output == f"wrote 5 rows to {out}\n"
+        assert out.is_file()
+
+
+def test_bootstrap_names_a_csv_it_did_not_read_as_given(env, tmp_path: Path) -> None:
+    """The path is the user's text: '[/]' in it ended the command, v1 being the champion already, in a rich
+    MarkupError traceback (exit 1) instead of saying the file was not read."""
+    assert run("bootstrap").exit_code == 0
+    csv = tmp_path / "[/]" / "[b]cars[/b].csv"
+    csv.parent.mkdir(parents=True)
+    generate_transactions(50).to_csv(csv, index=False)
+    result = run("bootstrap", "--csv", str(csv))
+    assert result.exit_code == 0, result.output
+    said = "".join(result.output.splitlines())
+    assert f"{csv} was not read: bootstrap only trains the first model" in said
+    assert f"`driftloop ingest {csv}`, then `driftloop retrain`." in said
+
+
+def test_ingest_names_the_spec_s_columns_as_written(env, tmp_path: Path, monkeypatch) -> None:
+    """A spec's names are the user's text: a target 'price[krw]' was said as 'price ' (rich took '[krw]' for
+    a style), and a time column 'sold[/]' ended the ingest, its rows loaded, in a MarkupError traceback."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "dataset: x\ntarget: price[krw]\ntime_column: sold[/]\nfeatures: [{name: a, type: numeric}]\n",
+        encoding="utf-8",
+    )
+    monkeypatch.setenv("DRIFTLOOP_SPEC_PATH", str(spec))
+    assert run("migrate").exit_code == 0
+    rows = [f"2024-01-{d:02d},{d},{d * 10}" for d in range(1, 6)]
+    jan = tmp_path / "jan.csv"
+    jan.write_text("sold[/],a,price[krw]\n" + "\n".join([*rows, "2024-01-09,x,90"]) + "\n", encoding="utf-8")
+    result = run("ingest", str(jan), "--skip-bad")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "known by their sold[/], features and price[krw], and are not loaded a second time" in said
+    feb = tmp_path / "feb.csv"
+    feb.write_text("sold[/],a,price[krw]\n" + "\n".join([*rows, "2024-02-01,7,70"]) + "\n", encoding="utf-8")
+    result = run("ingest", str(feb))
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "5 row(s) an earlier file loaded (the same sold[/], features and price[krw]) were not" in said

@@ -809,3 +809,13 @@ def test_a_file_of_bad_lines_only_is_not_recorded_even_when_skipping_them(tmp_pa
     assert (report.loaded, report.bad, report.already) == (0, 1, None)
     with sessions() as s:
         assert s.scalar(select(func.count()).select_from(IngestedFile)) == 0
+
+
+def test_an_empty_source_is_refused_as_a_blank_one(tmp_path: Path, sessions, spec: FeatureSpec) -> None:
+    """`--source "$SRC"` with SRC unset gives '', which was stored as the file's name in silence, while
+    '  ' was refused (as the backtest refuses an empty --time-column)."""
+    path = tmp_path / "jan.csv"
+    generate_transactions(5).to_csv(path, index=False)
+    with pytest.raises(IngestError, match=re.escape("source is blank: give --source a name, or leave")):
+        ingest_csv(path, spec=spec, sessions=sessions, source="")
+    assert ingest_csv(path, spec=spec, sessions=sessions).loaded == 5  # no source given: the file's name

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -486,3 +486,59 @@ def test_format_retrain_outcome(sessions: sessionmaker[Session]) -> None:
         "metrics": {"val_mae": 1234.5},
         "finished_at": (T0 + timedelta(minutes=4)).isoformat(),
     }
+
+
+def test_a_refused_connection_to_a_name_of_two_addresses_is_named_as_the_systems_error() -> None:
+    """A name that resolves to two addresses (localhost as ::1 and 127.0.0.1, on most hosts) fails as anyio
+    raises it: one OSError without an errno, from an ExceptionGroup of each address's refusal. The sync
+    client said '[Errno 111] Connection refused' of it; the async one 'All connection attempts failed'."""
+    import errno
+    import os
+
+    import httpx
+
+    from monitor.notify import _os_error
+
+    refusals = [ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)) for _ in "ab"]
+    with pytest.raises(httpx.ConnectError) as raised:
+        try:
+            raise OSError("All connection attempts failed") from ExceptionGroup(
+                "multiple connection attempts failed", refusals
+            )
+        except OSError as exc:  # as httpcore's map_exceptions wraps it
+            raise httpx.ConnectError(str(exc)) from exc
+    assert _os_error(raised.value) == f"[Errno {errno.ECONNREFUSED}] {os.strerror(errno.ECONNREFUSED)}"
+
+
+def test_a_row_claimed_late_in_a_slow_pass_is_not_claimed_again_by_another_process(
+    sessions: sessionmaker[Session], receiver: Receiver, prom: Prom, clock: Clock
+) -> None:
+    """A pass claimed each row as of the pass's start: a row reached after slow attempts (a receiver that
+    hangs, each attempt up to twice the timeout, a hundred rows a pass) was claimed with its claim already
+    lapsed, and another process's delivery job posted it at the same time. A claim runs from when it is
+    made."""
+    receiver.hang = 3
+    add(sessions, "breach:v3:episode-1")
+    add(sessions, "breach:v3:episode-2")
+    first = notifier(sessions, receiver.url, prom, clock, timeout_s=3.0)
+    claim_s = 60 + 4 * 3.0  # WebhookNotifier's claim on a row, for a 3 s timeout
+
+    passing = threading.Thread(target=first.deliver_due)
+    passing.start()
+    try:
+        wait_for(lambda: len(receiver.keys) == 1)  # the first row's attempt, hung
+        clock.advance(claim_s + 1)  # a slow pass: the second row is claimed after what its claim lasts
+        wait_for(lambda: len(receiver.keys) == 2)  # the second row's attempt, hung
+        other = notifier(sessions, receiver.url, prom, clock, timeout_s=3.0)
+        other.deliver_due()  # another process's delivery job, meanwhile
+    finally:
+        passing.join(30)
+    assert receiver.keys == ["breach:v3:episode-1", "breach:v3:episode-2"]
+    assert [row.attempts for row in outbox(sessions)] == [1, 1]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

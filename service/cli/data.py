@@ -75,9 +75,11 @@ def bootstrap(
             f"v{result.rejected} stays as a rejected version[/]"
         )
     elif csv is not None and not result.created:
+        named = escape(str(csv))
         console.print(
-            f"[yellow]{csv} was not read: bootstrap only trains the first model. To learn from it, "
-            f"`driftloop ingest {csv}`, then `driftloop retrain`.[/]"
+            f"[yellow]{named} was not read: bootstrap only trains the first model. To learn from it, "
+            f"`driftloop ingest {named}`, then `driftloop retrain`.[/]",
+            highlight=False,
         )
 
 
@@ -85,7 +87,8 @@ def _to_load_the_rest(spec: FeatureSpec, loaded: int) -> str:
     if spec.time_column:  # rows carry their own time: a second ingest knows the rows it loaded
         return (
             "To load those, fix them and ingest the file again: the rows loaded now are known by their "
-            f"{spec.time_column}, features and {spec.target}, and are not loaded a second time."
+            f"{escape(spec.time_column)}, features and {escape(spec.target)}, and are not loaded a second "
+            "time."
         )
     return (
         "To load those, put them, fixed, in a new file under the same header and ingest that: with no time "
@@ -161,8 +164,8 @@ def ingest(
         )
     if report.repeated:
         console.print(
-            f"{report.repeated} row(s) an earlier file loaded (the same {spec.time_column}, features and "
-            f"{spec.target}) were not loaded again; --force loads them a second time."
+            f"{report.repeated} row(s) an earlier file loaded (the same {escape(str(spec.time_column))}, "
+            f"features and {escape(spec.target)}) were not loaded again; --force loads them a second time."
         )
     if report.ignored_columns:
         ignored = ", ".join(map(repr, report.ignored_columns))
@@ -206,4 +209,4 @@ def generate(
         reason = exc.strerror or str(exc)
         console.print(f"[red]generate: cannot write {escape(str(out))}: {escape(reason)}[/]", highlight=False)
         raise typer.Exit(2) from None
-    console.print(f"wrote {len(frame)} rows to {out}")
+    console.print(f"wrote {len(frame)} rows to {escape(str(out))}", highlight=False)

@@ -134,7 +134,7 @@ def backtest(
     workdir = out / "work"
     clear_outputs(out)  # checked; an earlier run's outputs must not outlive this one cut short
     console.print(
-        f"{stream.source}: {len(stream.frame):,} rows; v1 trains before {_instant(until)}; "
+        f"{escape(stream.source)}: {len(stream.frame):,} rows; v1 trains before {_instant(until)}; "
         f"policies {', '.join(chosen)}; steps of {duration_words(config.step)}, labels "
         f"{duration_words(config.label_delay)} after their predictions"
     )
@@ -159,9 +159,9 @@ def backtest(
             failed_retrain_warning(summary),
         ):
             if warning:
-                console.print(f"[yellow]warning: {warning}[/]")
+                console.print(f"[yellow]warning: {escape(warning)}[/]", highlight=False)
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {escape(str(path))}", highlight=False)  # under --out, the user's text
 
 
 def _backtest_table(summaries: list[Any]) -> Table:
