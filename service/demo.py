@@ -381,19 +381,19 @@ def _finish(
         )
     plot = state / "demo.png"
     _plot(served, reports, plot)
-    console.print(f"plot of error and drift over time: [bold]{plot}[/]")
+    console.print(f"plot of error and drift over time: [bold]{escape(str(plot))}[/]")
     if page is not None:
         saved = state / "latest_report.html"
         saved.write_text(page, encoding="utf-8")
         console.print(
-            f"latest Evidently report: [bold]{saved}[/] (report {latest['id']}: a copy of the page the "
-            f"demo's service, stopped now, served at GET {latest['html_url']})"
+            f"latest Evidently report: [bold]{escape(str(saved))}[/] (report {latest['id']}: a copy of "
+            f"the page the demo's service, stopped now, served at GET {latest['html_url']})"
         )
     workspace = state / "evidently"
     if workspace.is_dir():
         console.print(
             f"every judged monitor run in Evidently's own UI: [bold]DO_NOT_TRACK=1 .venv/bin/evidently ui "
-            f"--workspace {workspace}[/] (then http://127.0.0.1:8000)"
+            f"--workspace {escape(str(workspace))}[/] (then http://127.0.0.1:8000)"
         )
     console.print(f"alerts delivered to the webhook receiver: {len(_Receiver.alerts)}")
 
