@@ -26,6 +26,7 @@ from core.settings import Settings
 from core.spec import FeatureSpec
 from monitor import LOOP_LOGGER
 from monitor.notify import (
+    ATTEMPT_BOUND,
     WebhookNotifier,
     announce_finished_runs,
     breach_key,
@@ -141,8 +142,9 @@ class Loop:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
         for watcher in self._watchers:
-            # Its outbox write may wait out another writer's lock, then its delivery one webhook timeout.
-            watcher.join(timeout=SQLITE_BUSY_TIMEOUT_S + self.settings.webhook_timeout_s + 5)
+            # Its outbox write may wait out another writer's lock, then its delivery one webhook attempt.
+            attempt_s = ATTEMPT_BOUND * self.settings.webhook_timeout_s
+            watcher.join(timeout=SQLITE_BUSY_TIMEOUT_S + attempt_s + 5)
             if watcher.is_alive():
                 log.warning("%s still delivering at stop; the outbox keeps its message", watcher.name)
         self._watchers.clear()
