@@ -54,6 +54,12 @@ def read_spec(settings: Settings) -> Any:
         raise typer.Exit(2) from None
 
 
+def given(context: typer.Context, *names: str) -> list[str]:
+    """Those of the options `names` given (on the command line or by an environment variable), not left
+    at their defaults, in the order named."""
+    return [name for name in names if getattr(context.get_parameter_source(name), "name", None) != "DEFAULT"]
+
+
 @contextmanager
 def database_errors() -> Iterator[None]:
     """A database that cannot be opened (refused, unreachable, a file that is not SQLite's) is a message and

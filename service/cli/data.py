@@ -12,6 +12,7 @@ from core.figures import figure
 from service.cli.common import (
     SHIPPED_SPEC,
     console,
+    given,
     open_registry,
     open_sessions,
     progress_bar,
@@ -38,14 +39,13 @@ def bootstrap(
     from retrain.data import DataError, MissingColumnsError
     from retrain.train import TrainParams
 
-    if csv is not None:  # as the backtest refuses them with a CSV: `--rows 100` trained on every row
-        for name in ("rows", "seed"):
-            if getattr(context.get_parameter_source(name), "name", None) != "DEFAULT":
-                console.print(
-                    f"[red]bootstrap: --{name} makes generated data (bootstrap without --csv); "
-                    f"{escape(str(csv))} is read as it is, every row[/]"
-                )
-                raise typer.Exit(2)
+    # as the backtest refuses them with a CSV: `--rows 100` trained on every row
+    if csv is not None and (extra := given(context, "rows", "seed")):
+        console.print(
+            f"[red]bootstrap: --{extra[0]} makes generated data (bootstrap without --csv); "
+            f"{escape(str(csv))} is read as it is, every row[/]"
+        )
+        raise typer.Exit(2)
     settings = read_settings()
     spec = read_spec(settings)
     try:

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from service.cli.common import SHIPPED_SPEC, console, progress_bar, read_settings
+from service.cli.common import SHIPPED_SPEC, console, given, progress_bar, read_settings
 
 BACKTEST_TABLE_WIDTH = 180  # every column of the backtest table, unabridged
 
@@ -82,13 +82,11 @@ def backtest(
     chosen = tuple(p.strip() for p in policies.split(",") if p.strip())
     try:
         check_policies(chosen)
-        if not data.startswith(GENERATED_PREFIX):
-            for name in ("rows", "seed"):
-                if getattr(context.get_parameter_source(name), "name", None) != "DEFAULT":
-                    raise BacktestInputError(
-                        f"--{name} makes generated data (--data generated:SCENARIO); {data} is replayed as "
-                        "it is, every row"
-                    )
+        if not data.startswith(GENERATED_PREFIX) and (extra := given(context, "rows", "seed")):
+            raise BacktestInputError(
+                f"--{extra[0]} makes generated data (--data generated:SCENARIO); {data} is replayed as it "
+                "is, every row"
+            )
         config = ReplayConfig(
             step=parse_duration(step, option="--step"),
             label_delay=parse_duration(label_delay, option="--label-delay"),
@@ -108,11 +106,8 @@ def backtest(
         _, replayed = stream.split(until, cut=cut)
         if change_at is not None:
             stream = stream.with_change_points(change_at, until=until, cut=cut)
-        defaulted = frozenset(
-            name
-            for name in ("step", "label_delay", "monitor_every", "period")
-            if getattr(context.get_parameter_source(name), "name", None) == "DEFAULT"
-        )
+        timing = ("step", "label_delay", "monitor_every", "period")
+        defaulted = frozenset(timing) - set(given(context, *timing))
         last = replayed[stream.time_column].iloc[-1]
         check_timing(config, until=until, last=last, policies=chosen, defaulted=defaulted)
         check_workdir(out / "work")
