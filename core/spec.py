@@ -402,8 +402,8 @@ def parse_spec(raw: dict[str, Any], *, source: str = "<spec>", sha256: str = "")
             raise SpecError(
                 f"{source}: time_column '{time_column}' is also {role}: it must be a column of its own"
             )
-        for role, known in (("the target", [target]), ("a feature", names)):
-            if twin := _twice_in_two_forms([*known, time_column], role.split()[-1]):
+        for role, kind, known in (("the target", "target", [target]), ("a feature", "feature", names)):
+            if twin := _twice_in_two_forms([*known, time_column], kind):
                 raise SpecError(f"{source}: time_column '{time_column}' is also {role} {twin[1]}")
     target_min, target_max = _bounds(
         raw.get("target_min"), raw.get("target_max"), f"{source}:", ("target_min", "target_max")
